@@ -1,0 +1,541 @@
+//! The arena IR passes work on: nodes and values with typed ids, the producer and users
+//! of every value, fresh unique names, splicing and removal with compaction.
+//!
+//! Everything a pass does not touch is kept verbatim: a node keeps its whole
+//! `NodeProto` (attributes, domain, metadata, doc string) and the graph keeps every
+//! `GraphProto` field other than nodes, initializers, inputs and outputs.
+
+pub mod dump;
+mod proto;
+pub mod validate;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::proto::{NodeProto, TensorProto, ValueInfoProto};
+
+/// Index of a node in the arena.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub u32);
+
+/// Index of a value (a named tensor edge) in the arena.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ValueId(pub u32);
+
+/// Where a value comes from.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Def {
+    /// Nothing defines it (an error unless a pass is about to define it).
+    Undefined,
+    /// A graph input that is not an initializer.
+    Input,
+    /// An initializer.
+    Initializer,
+    /// Output `slot` of a node.
+    Node(NodeId, usize),
+}
+
+/// A named tensor of the graph.
+#[derive(Clone, Debug)]
+pub struct Value {
+    /// Unique name in the graph.
+    pub name: String,
+    /// Its producer.
+    pub def: Def,
+    /// Nodes reading it, once per input slot or capture (order of insertion).
+    pub users: Vec<NodeId>,
+    /// The initializer, when `def` is [`Def::Initializer`].
+    pub init: Option<Initializer>,
+}
+
+/// An initializer: the tensor proto as stored, plus where its external bytes are.
+#[derive(Clone, Debug)]
+pub struct Initializer {
+    /// The proto (name, dims, type, embedded data or external-data entries).
+    pub proto: TensorProto,
+    /// Resolved external bytes, when the proto says `data_location = EXTERNAL`.
+    pub external: Option<ExternalBytes>,
+    /// Made by a pass rather than read from the input model.
+    pub new: bool,
+}
+
+/// A memory-mapped external data file.
+#[derive(Debug)]
+pub struct DataFile {
+    /// The file on disk.
+    pub path: std::path::PathBuf,
+    /// Its mapping (mapping reads nothing until a page is touched).
+    pub map: memmap2::Mmap,
+}
+
+/// A byte range of an external data file.
+#[derive(Clone, Debug)]
+pub struct ExternalBytes {
+    /// The mapped file.
+    pub file: Arc<DataFile>,
+    /// Start of the tensor's bytes.
+    pub offset: usize,
+    /// Number of bytes.
+    pub length: usize,
+}
+
+impl Initializer {
+    /// A new embedded initializer made by a pass.
+    pub fn new(proto: TensorProto) -> Initializer {
+        Initializer {
+            proto,
+            external: None,
+            new: true,
+        }
+    }
+
+    /// The raw little-endian bytes when the data is in `raw_data` or external;
+    /// `None` when the tensor keeps its values in the typed fields.
+    pub fn raw_bytes(&self) -> Option<&[u8]> {
+        match &self.external {
+            Some(ext) => Some(&ext.file.map[ext.offset..ext.offset + ext.length]),
+            None if self.proto.raw_data.is_some() => self.proto.raw_data.as_deref(),
+            None => None,
+        }
+    }
+
+    /// The tensor's dims.
+    pub fn dims(&self) -> &[i64] {
+        &self.proto.dims
+    }
+
+    /// The tensor's ONNX element type.
+    pub fn elem_type(&self) -> i32 {
+        self.proto.data_type()
+    }
+}
+
+/// A node: the proto it came from (inputs and outputs cleared) and its edges.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Everything but the input and output names.
+    pub proto: NodeProto,
+    /// Input values; `None` for an omitted optional input (`""`).
+    pub inputs: Vec<Option<ValueId>>,
+    /// Output values; `None` for an omitted optional output.
+    pub outputs: Vec<Option<ValueId>>,
+    /// Outer values read by the node's subgraph attributes (If, Loop, Scan).
+    pub captures: Vec<ValueId>,
+}
+
+impl Node {
+    /// The op type, e.g. `MatMul`.
+    pub fn op(&self) -> &str {
+        self.proto.op_type()
+    }
+
+    /// The node's name (may be empty).
+    pub fn name(&self) -> &str {
+        self.proto.name()
+    }
+
+    /// The node's domain (`""` is the default ONNX domain).
+    pub fn domain(&self) -> &str {
+        self.proto.domain()
+    }
+
+    /// The attribute called `name`, if present.
+    pub fn attr(&self, name: &str) -> Option<&crate::proto::AttributeProto> {
+        self.proto.attribute.iter().find(|a| a.name() == name)
+    }
+
+    /// An integer attribute, or `default`.
+    pub fn attr_int(&self, name: &str, default: i64) -> i64 {
+        self.attr(name).and_then(|a| a.i).unwrap_or(default)
+    }
+
+    /// A float attribute, or `default`.
+    pub fn attr_float(&self, name: &str, default: f32) -> f32 {
+        self.attr(name).and_then(|a| a.f).unwrap_or(default)
+    }
+
+    /// An integer-list attribute, if present.
+    pub fn attr_ints(&self, name: &str) -> Option<&[i64]> {
+        self.attr(name).map(|a| a.ints.as_slice())
+    }
+
+    /// Every defined input value and capture, in order.
+    pub fn reads(&self) -> impl Iterator<Item = ValueId> + '_ {
+        self.inputs.iter().flatten().copied().chain(self.captures.iter().copied())
+    }
+}
+
+/// A graph input or output: its value and the declared type.
+#[derive(Clone, Debug)]
+pub struct GraphIo {
+    /// The value.
+    pub value: ValueId,
+    /// The declared name, type and shape, kept verbatim.
+    pub info: ValueInfoProto,
+}
+
+/// The arena graph.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    nodes: Vec<Option<Node>>,
+    values: Vec<Value>,
+    /// Graph inputs, in order (may name initializers, as IR < 4 models do).
+    pub inputs: Vec<GraphIo>,
+    /// Graph outputs, in order.
+    pub outputs: Vec<GraphIo>,
+    /// Initializers in storage order.
+    initializer_order: Vec<ValueId>,
+    names: HashMap<String, ValueId>,
+    /// Every `GraphProto` field the IR does not model, kept verbatim.
+    pub rest: crate::proto::GraphProto,
+}
+
+impl Graph {
+    /// The node `id`. Panics if it was removed: ids of removed nodes must not be kept.
+    pub fn node(&self, id: NodeId) -> &Node {
+        self.nodes[id.0 as usize]
+            .as_ref()
+            .expect("node id of a removed node")
+    }
+
+    /// The node `id`, mutably (edges must be changed through the graph's methods).
+    pub fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        self.nodes[id.0 as usize]
+            .as_mut()
+            .expect("node id of a removed node")
+    }
+
+    /// Whether `id` names a live node.
+    pub fn is_live(&self, id: NodeId) -> bool {
+        self.nodes.get(id.0 as usize).is_some_and(Option::is_some)
+    }
+
+    /// Ids of all live nodes, in arena order.
+    pub fn node_ids(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.is_some())
+            .map(|(i, _)| NodeId(i as u32))
+    }
+
+    /// Number of live nodes.
+    pub fn node_count(&self) -> usize {
+        self.nodes.iter().filter(|n| n.is_some()).count()
+    }
+
+    /// The value `id`.
+    pub fn value(&self, id: ValueId) -> &Value {
+        &self.values[id.0 as usize]
+    }
+
+    /// Ids of all values.
+    pub fn value_ids(&self) -> impl Iterator<Item = ValueId> {
+        (0..self.values.len() as u32).map(ValueId)
+    }
+
+    /// The value called `name`.
+    pub fn value_by_name(&self, name: &str) -> Option<ValueId> {
+        self.names.get(name).copied()
+    }
+
+    /// The initializer of `id`, if it is one.
+    pub fn initializer(&self, id: ValueId) -> Option<&Initializer> {
+        self.value(id).init.as_ref()
+    }
+
+    /// Initializers in storage order.
+    pub fn initializers(&self) -> impl Iterator<Item = (ValueId, &Initializer)> + '_ {
+        self.initializer_order
+            .iter()
+            .map(|&v| (v, self.values[v.0 as usize].init.as_ref().expect("initializer")))
+    }
+
+    /// The node producing `id`, if a node does.
+    pub fn producer(&self, id: ValueId) -> Option<NodeId> {
+        match self.value(id).def {
+            Def::Node(n, _) => Some(n),
+            _ => None,
+        }
+    }
+
+    /// Whether `id` is one of the graph outputs.
+    pub fn is_output(&self, id: ValueId) -> bool {
+        self.outputs.iter().any(|o| o.value == id)
+    }
+
+    /// A name not used by any value, derived from `base`.
+    pub fn fresh_name(&self, base: &str) -> String {
+        if !self.names.contains_key(base) {
+            return base.to_string();
+        }
+        (1..)
+            .map(|i| format!("{base}_{i}"))
+            .find(|n| !self.names.contains_key(n))
+            .expect("some suffix is free")
+    }
+
+    /// A node name not used by any live node, derived from `base`.
+    pub fn fresh_node_name(&self, base: &str) -> String {
+        let used: HashSet<&str> = self.node_ids().map(|id| self.node(id).name()).collect();
+        if !used.contains(base) {
+            return base.to_string();
+        }
+        (1..)
+            .map(|i| format!("{base}_{i}"))
+            .find(|n| !used.contains(n.as_str()))
+            .expect("some suffix is free")
+    }
+
+    fn intern(&mut self, name: &str) -> ValueId {
+        if let Some(&id) = self.names.get(name) {
+            return id;
+        }
+        let id = ValueId(self.values.len() as u32);
+        self.values.push(Value {
+            name: name.to_string(),
+            def: Def::Undefined,
+            users: Vec::new(),
+            init: None,
+        });
+        self.names.insert(name.to_string(), id);
+        id
+    }
+
+    /// A new value named `name` (made unique), defined by nothing yet.
+    pub fn new_value(&mut self, name: &str) -> ValueId {
+        let name = self.fresh_name(name);
+        self.intern(&name)
+    }
+
+    /// Adds an initializer called `name` (made unique; the proto's name is set to it).
+    pub fn add_initializer(&mut self, name: &str, mut init: Initializer) -> ValueId {
+        let id = self.new_value(name);
+        init.proto.name = Some(self.values[id.0 as usize].name.clone());
+        self.define_initializer(id, init);
+        id
+    }
+
+    fn define_initializer(&mut self, id: ValueId, init: Initializer) {
+        let value = &mut self.values[id.0 as usize];
+        value.def = Def::Initializer;
+        value.init = Some(init);
+        self.initializer_order.push(id);
+    }
+
+    /// Turns the value `id` (a node output) into an initializer holding `init`:
+    /// detaches it from its producer. Used by constant folding.
+    pub fn make_initializer(&mut self, id: ValueId, mut init: Initializer) {
+        if let Def::Node(n, slot) = self.value(id).def {
+            self.node_mut(n).outputs[slot] = None;
+        }
+        init.proto.name = Some(self.value(id).name.clone());
+        self.define_initializer(id, init);
+    }
+
+    /// Appends a node reading `inputs` and defining `outputs` (which must be undefined).
+    pub fn add_node(
+        &mut self,
+        proto: NodeProto,
+        inputs: Vec<Option<ValueId>>,
+        outputs: Vec<Option<ValueId>>,
+    ) -> Result<NodeId> {
+        let id = NodeId(self.nodes.len() as u32);
+        for (slot, out) in outputs.iter().enumerate() {
+            if let Some(v) = *out {
+                let value = &mut self.values[v.0 as usize];
+                if value.def != Def::Undefined {
+                    return Err(Error::Graph(format!(
+                        "value '{}' is defined twice (again by node '{}' ({}))",
+                        value.name,
+                        proto.name(),
+                        proto.op_type()
+                    )));
+                }
+                value.def = Def::Node(id, slot);
+            }
+        }
+        for v in inputs.iter().flatten() {
+            self.values[v.0 as usize].users.push(id);
+        }
+        self.nodes.push(Some(Node {
+            proto,
+            inputs,
+            outputs,
+            captures: Vec::new(),
+        }));
+        Ok(id)
+    }
+
+    /// Builds and appends a default-domain node `op(inputs) -> n_outputs fresh values`,
+    /// named after `name`; returns the node and its outputs.
+    pub fn add_op(
+        &mut self,
+        op: &str,
+        name: &str,
+        inputs: &[ValueId],
+        attributes: Vec<crate::proto::AttributeProto>,
+        n_outputs: usize,
+    ) -> Result<(NodeId, Vec<ValueId>)> {
+        let name = self.fresh_node_name(name);
+        let outputs: Vec<ValueId> = (0..n_outputs)
+            .map(|i| self.new_value(&format!("{name}.out{i}")))
+            .collect();
+        let proto = NodeProto {
+            name: Some(name),
+            op_type: Some(op.to_string()),
+            attribute: attributes,
+            ..Default::default()
+        };
+        let node = self.add_node(
+            proto,
+            inputs.iter().map(|&v| Some(v)).collect(),
+            outputs.iter().map(|&v| Some(v)).collect(),
+        )?;
+        Ok((node, outputs))
+    }
+
+    /// Makes every reader of `old` except `keep` read `new` instead; a graph output
+    /// `old` keeps its name by swapping names with `new`, so the model's interface
+    /// never changes.
+    pub fn replace_uses(&mut self, old: ValueId, new: ValueId, keep: &[NodeId]) {
+        let users = std::mem::take(&mut self.values[old.0 as usize].users);
+        let (stay, moved): (Vec<NodeId>, Vec<NodeId>) =
+            users.into_iter().partition(|u| keep.contains(u));
+        self.values[old.0 as usize].users = stay;
+        for &user in &moved {
+            let node = self.nodes[user.0 as usize].as_mut().expect("live user");
+            for input in node.inputs.iter_mut().flatten() {
+                if *input == old {
+                    *input = new;
+                }
+            }
+            for capture in node.captures.iter_mut() {
+                if *capture == old {
+                    *capture = new;
+                }
+            }
+        }
+        self.values[new.0 as usize].users.extend(moved);
+        if self.is_output(old) {
+            self.swap_names(old, new);
+            for out in &mut self.outputs {
+                if out.value == old {
+                    out.value = new;
+                }
+            }
+        }
+    }
+
+    fn swap_names(&mut self, a: ValueId, b: ValueId) {
+        let (ia, ib) = (a.0 as usize, b.0 as usize);
+        let name_a = std::mem::take(&mut self.values[ia].name);
+        let name_b = std::mem::replace(&mut self.values[ib].name, name_a.clone());
+        self.values[ia].name = name_b.clone();
+        self.names.insert(name_a, b);
+        self.names.insert(name_b, a);
+        for id in [a, b] {
+            let name = self.values[id.0 as usize].name.clone();
+            if let Some(init) = self.values[id.0 as usize].init.as_mut() {
+                init.proto.name = Some(name);
+            }
+        }
+    }
+
+    /// Removes node `id`: its outputs become undefined, its reads are dropped.
+    /// Values keep their ids until [`Graph::compact`].
+    pub fn remove_node(&mut self, id: NodeId) {
+        let node = self.nodes[id.0 as usize].take().expect("remove a live node");
+        for v in node.reads() {
+            let users = &mut self.values[v.0 as usize].users;
+            if let Some(pos) = users.iter().position(|&u| u == id) {
+                users.remove(pos);
+            }
+        }
+        for v in node.outputs.iter().flatten() {
+            self.values[v.0 as usize].def = Def::Undefined;
+        }
+    }
+
+    /// Removes the initializer `id` (it must have no users left).
+    pub fn remove_initializer(&mut self, id: ValueId) {
+        let value = &mut self.values[id.0 as usize];
+        debug_assert!(value.users.is_empty());
+        value.init = None;
+        value.def = Def::Undefined;
+        self.initializer_order.retain(|&v| v != id);
+    }
+
+    /// Drops removed nodes and values nothing defines, reads or exports, and renumbers
+    /// the arena. All ids held before are invalid afterwards.
+    pub fn compact(&mut self) {
+        let io: HashSet<ValueId> = self
+            .inputs
+            .iter()
+            .chain(&self.outputs)
+            .map(|io| io.value)
+            .collect();
+        let keep_value: Vec<bool> = self
+            .values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                v.def != Def::Undefined || !v.users.is_empty() || io.contains(&ValueId(i as u32))
+            })
+            .collect();
+        let mut value_map = vec![None; self.values.len()];
+        let mut next = 0u32;
+        for (i, keep) in keep_value.iter().enumerate() {
+            if *keep {
+                value_map[i] = Some(ValueId(next));
+                next += 1;
+            }
+        }
+        let mut node_map = vec![None; self.nodes.len()];
+        let mut next = 0u32;
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.is_some() {
+                node_map[i] = Some(NodeId(next));
+                next += 1;
+            }
+        }
+        let vmap = |v: ValueId| value_map[v.0 as usize].expect("kept value");
+        let nmap = |n: NodeId| node_map[n.0 as usize].expect("kept node");
+
+        let old_values = std::mem::take(&mut self.values);
+        self.values = old_values
+            .into_iter()
+            .zip(&keep_value)
+            .filter(|(_, k)| **k)
+            .map(|(mut v, _)| {
+                v.users = v.users.iter().map(|&u| nmap(u)).collect();
+                if let Def::Node(n, slot) = v.def {
+                    v.def = Def::Node(nmap(n), slot);
+                }
+                v
+            })
+            .collect();
+        let old_nodes = std::mem::take(&mut self.nodes);
+        self.nodes = old_nodes
+            .into_iter()
+            .flatten()
+            .map(|mut n| {
+                n.inputs = n.inputs.iter().map(|v| v.map(vmap)).collect();
+                n.outputs = n.outputs.iter().map(|v| v.map(vmap)).collect();
+                n.captures = n.captures.iter().map(|&v| vmap(v)).collect();
+                Some(n)
+            })
+            .collect();
+        for io in self.inputs.iter_mut().chain(self.outputs.iter_mut()) {
+            io.value = vmap(io.value);
+        }
+        self.initializer_order = self.initializer_order.iter().map(|&v| vmap(v)).collect();
+        self.names = self
+            .values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (v.name.clone(), ValueId(i as u32)))
+            .collect();
+    }
+}

@@ -1,0 +1,27 @@
+//! lora-graft: a model-graph rewriting compiler that grafts LoRA-family adapters into
+//! ONNX models, trains them with tract, and merges them back.
+//!
+//! ```text
+//! model.onnx -> model::Model::load -> ir::Graph -> passes::* -> Model::save
+//! ```
+
+pub mod dtype;
+pub mod error;
+pub mod eval;
+pub mod inspect;
+pub mod ir;
+pub mod model;
+pub mod runtime;
+pub mod tensor;
+
+#[path = "../passes/mod.rs"]
+pub mod passes;
+
+/// ONNX protobuf types generated from `src/onnx/onnx.proto` (prost, at build time).
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
+}
+
+pub use error::{Error, Result};
+pub use model::Model;

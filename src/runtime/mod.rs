@@ -1,0 +1,184 @@
+//! The tract bridge: hands an in-memory model to tract (folded for concrete input
+//! shapes), runs it, and reports the type and shape of every value.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use prost::Message;
+use tract_onnx::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::ir::Def;
+use crate::model::Model;
+use crate::tensor::Array;
+
+/// A model optimised by tract for fixed input shapes, ready to run many times.
+pub struct Runner {
+    plan: Arc<TypedRunnableModel>,
+    /// Input names, in the order [`Runner::run`] takes them.
+    pub inputs: Vec<String>,
+    /// Output names, in the order [`Runner::run`] returns them.
+    pub outputs: Vec<String>,
+}
+
+/// The element type and shape tract infers for one value.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ValueFact {
+    /// tract's datum type name (`F32`, `I64`, ...).
+    pub dtype: String,
+    /// Dims as text (concrete numbers once input shapes are fixed).
+    pub shape: Vec<String>,
+}
+
+fn tract_err(e: impl std::fmt::Display) -> Error {
+    Error::Runtime(format!("{e:#}"))
+}
+
+/// The model's real inputs (graph inputs that are not initializers), in order.
+pub fn input_names(model: &Model) -> Vec<String> {
+    let g = &model.graph;
+    g.inputs
+        .iter()
+        .filter(|io| g.value(io.value).def == Def::Input)
+        .map(|io| g.value(io.value).name.clone())
+        .collect()
+}
+
+/// Folds a copy of the model for `shapes` and parses it into a tract model with
+/// concrete input facts.
+fn parse(model: &Model, shapes: &HashMap<String, Vec<usize>>) -> Result<InferenceModel> {
+    let names = input_names(model);
+    for name in &names {
+        if !shapes.contains_key(name) {
+            return Err(Error::Usage(format!("no shape given for model input '{name}'")));
+        }
+    }
+    let mut graph = model.graph.clone();
+    crate::passes::fold::run(&mut graph, shapes).map_err(|e| e.context("fold"))?;
+    let mut proto = model.proto.clone();
+    let mut g = graph.to_proto(|init| init.proto.clone())?;
+    // Declared shapes (symbolic in dynamic exports) clash with concrete facts.
+    g.value_info.clear();
+    for out in &mut g.output {
+        out.r#type = None;
+    }
+    proto.graph = Some(g);
+    let pb = tract_onnx::pb::ModelProto::decode(proto.encode_to_vec().as_slice()).map_err(tract_err)?;
+    let dir = model.dir.to_string_lossy().into_owned();
+    let parsed = tract_onnx::onnx().parse(&pb, Some(&dir)).map_err(tract_err)?;
+    if !parsed.unresolved_inputs.is_empty() {
+        return Err(Error::Runtime(format!("unresolved inputs: {:?}", parsed.unresolved_inputs)));
+    }
+    let mut m = parsed.model;
+    for (i, name) in names.iter().enumerate() {
+        let io = model.graph.inputs.iter().find(|io| &model.graph.value(io.value).name == name).expect("input");
+        let elem = match &io.info.r#type.as_ref().and_then(|t| t.value.clone()) {
+            Some(crate::proto::type_proto::Value::TensorType(t)) => t.elem_type(),
+            _ => return Err(Error::Usage(format!("model input '{name}' is not a tensor"))),
+        };
+        let dt = datum_type(elem).ok_or_else(|| {
+            Error::Runtime(format!("input '{name}' has type {} which tract cannot take", crate::dtype::name(elem)))
+        })?;
+        let fact = InferenceFact::dt_shape(dt, shapes[name].clone());
+        m.set_input_fact(i, fact).map_err(tract_err)?;
+    }
+    Ok(m)
+}
+
+fn datum_type(elem: i32) -> Option<DatumType> {
+    use crate::proto::tensor_proto::DataType as D;
+    Some(match D::try_from(elem).ok()? {
+        D::Float => f32::datum_type(),
+        D::Double => f64::datum_type(),
+        D::Float16 => f16::datum_type(),
+        D::Int64 => i64::datum_type(),
+        D::Int32 => i32::datum_type(),
+        D::Int8 => i8::datum_type(),
+        D::Uint8 => u8::datum_type(),
+        D::Bool => bool::datum_type(),
+        _ => return None,
+    })
+}
+
+impl Runner {
+    /// Prepares `model` for inputs of the given shapes (`name -> dims`).
+    pub fn new(model: &Model, shapes: &HashMap<String, Vec<usize>>) -> Result<Runner> {
+        let m = parse(model, shapes)?;
+        let outputs = model.graph.outputs.iter().map(|o| model.graph.value(o.value).name.clone()).collect();
+        let typed = m.into_optimized().map_err(tract_err)?;
+        let plan = typed.into_runnable().map_err(tract_err)?;
+        Ok(Runner {
+            plan,
+            inputs: input_names(model),
+            outputs,
+        })
+    }
+
+    /// Runs on `inputs` (in [`Runner::inputs`] order).
+    pub fn run(&self, inputs: Vec<Array>) -> Result<Vec<Array>> {
+        let values: TVec<TValue> = inputs.into_iter().map(|a| to_tract(a).into()).collect();
+        let outputs = self.plan.run(values).map_err(tract_err)?;
+        outputs.into_iter().map(|t| from_tract(t.into_tensor())).collect()
+    }
+}
+
+/// The type and shape tract infers for every named value, for the given input shapes.
+pub fn value_facts(model: &Model, shapes: &HashMap<String, Vec<usize>>) -> Result<BTreeMap<String, ValueFact>> {
+    let typed = parse(model, shapes)?.into_typed().map_err(tract_err)?;
+    let mut facts = BTreeMap::new();
+    for node in typed.nodes() {
+        for (slot, out) in node.outputs.iter().enumerate() {
+            let outlet = OutletId::new(node.id, slot);
+            let name = typed
+                .outlet_label(outlet)
+                .map(str::to_string)
+                .unwrap_or_else(|| if slot == 0 { node.name.clone() } else { format!("{}:{slot}", node.name) });
+            facts.insert(
+                name,
+                ValueFact {
+                    dtype: format!("{:?}", out.fact.datum_type),
+                    shape: out.fact.shape.iter().map(|d| d.to_string()).collect(),
+                },
+            );
+        }
+    }
+    Ok(facts)
+}
+
+/// Converts an [`Array`] to a tract tensor.
+pub fn to_tract(a: Array) -> Tensor {
+    match a {
+        Array::F32(x) => x.into(),
+        Array::F64(x) => x.into(),
+        Array::F16(x) => x.into(),
+        Array::I64(x) => x.into(),
+        Array::I32(x) => x.into(),
+        Array::I8(x) => x.into(),
+        Array::U8(x) => x.into(),
+        Array::Bool(x) => x.into(),
+    }
+}
+
+/// Converts a tract tensor to an [`Array`].
+pub fn from_tract(t: Tensor) -> Result<Array> {
+    let dt = t.datum_type();
+    Ok(if dt == f32::datum_type() {
+        Array::F32(t.into_array::<f32>().map_err(tract_err)?)
+    } else if dt == f64::datum_type() {
+        Array::F64(t.into_array::<f64>().map_err(tract_err)?)
+    } else if dt == f16::datum_type() {
+        Array::F16(t.into_array::<f16>().map_err(tract_err)?)
+    } else if dt == i64::datum_type() {
+        Array::I64(t.into_array::<i64>().map_err(tract_err)?)
+    } else if dt == i32::datum_type() {
+        Array::I32(t.into_array::<i32>().map_err(tract_err)?)
+    } else if dt == i8::datum_type() {
+        Array::I8(t.into_array::<i8>().map_err(tract_err)?)
+    } else if dt == u8::datum_type() {
+        Array::U8(t.into_array::<u8>().map_err(tract_err)?)
+    } else if dt == bool::datum_type() {
+        Array::Bool(t.into_array::<bool>().map_err(tract_err)?)
+    } else {
+        return Err(Error::Runtime(format!("output of type {dt:?} is not supported")));
+    })
+}

@@ -1,0 +1,181 @@
+//! Dense host tensors (`Array`) and their conversion from and to ONNX `TensorProto`.
+
+use half::f16;
+use tract_core::ndarray::{ArrayD, IxDyn};
+
+use crate::dtype;
+use crate::proto::{tensor_proto::DataType, TensorProto};
+
+/// A dense tensor of one of the element types lora-graft computes with.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Array {
+    /// float32
+    F32(ArrayD<f32>),
+    /// float64
+    F64(ArrayD<f64>),
+    /// float16
+    F16(ArrayD<f16>),
+    /// int64
+    I64(ArrayD<i64>),
+    /// int32
+    I32(ArrayD<i32>),
+    /// int8
+    I8(ArrayD<i8>),
+    /// uint8
+    U8(ArrayD<u8>),
+    /// bool
+    Bool(ArrayD<bool>),
+}
+
+/// Applies `$body` to the inner `ArrayD` of any [`Array`] variant.
+#[macro_export]
+macro_rules! for_each_array {
+    ($value:expr, $a:ident => $body:expr) => {
+        match $value {
+            $crate::tensor::Array::F32($a) => $body,
+            $crate::tensor::Array::F64($a) => $body,
+            $crate::tensor::Array::F16($a) => $body,
+            $crate::tensor::Array::I64($a) => $body,
+            $crate::tensor::Array::I32($a) => $body,
+            $crate::tensor::Array::I8($a) => $body,
+            $crate::tensor::Array::U8($a) => $body,
+            $crate::tensor::Array::Bool($a) => $body,
+        }
+    };
+}
+
+/// Why a tensor proto could not be decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DecodeError {
+    /// The element type is not one [`Array`] holds.
+    Unsupported(&'static str),
+    /// The stored bytes or values disagree with the dims.
+    Inconsistent(String),
+}
+
+impl Array {
+    /// The shape.
+    pub fn shape(&self) -> &[usize] {
+        for_each_array!(self, a => a.shape())
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        for_each_array!(self, a => a.len())
+    }
+
+    /// Whether it has no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The ONNX element type.
+    pub fn elem_type(&self) -> i32 {
+        (match self {
+            Array::F32(_) => DataType::Float,
+            Array::F64(_) => DataType::Double,
+            Array::F16(_) => DataType::Float16,
+            Array::I64(_) => DataType::Int64,
+            Array::I32(_) => DataType::Int32,
+            Array::I8(_) => DataType::Int8,
+            Array::U8(_) => DataType::Uint8,
+            Array::Bool(_) => DataType::Bool,
+        }) as i32
+    }
+
+    /// Decodes a tensor proto whose bytes, if stored raw or externally, are `raw`.
+    pub fn from_proto(t: &TensorProto, raw: Option<&[u8]>) -> Result<Array, DecodeError> {
+        let shape: Vec<usize> = t
+            .dims
+            .iter()
+            .map(|&d| usize::try_from(d))
+            .collect::<Result<_, _>>()
+            .map_err(|_| DecodeError::Inconsistent(format!("negative dim in {:?}", t.dims)))?;
+        let n: usize = shape.iter().product();
+        let raw = raw.or(t.raw_data.as_deref());
+        let ty = t.data_type();
+        macro_rules! build {
+            ($variant:ident, $ty:ty, $size:expr, $from_le:expr, $typed:expr) => {{
+                let values: Vec<$ty> = match raw {
+                    Some(bytes) => {
+                        if bytes.len() != n * $size {
+                            return Err(DecodeError::Inconsistent(format!(
+                                "{} bytes of data for {} elements of {}",
+                                bytes.len(),
+                                n,
+                                dtype::name(ty)
+                            )));
+                        }
+                        bytes.chunks_exact($size).map($from_le).collect()
+                    }
+                    None => $typed,
+                };
+                if values.len() != n {
+                    return Err(DecodeError::Inconsistent(format!(
+                        "{} values for dims {:?}",
+                        values.len(),
+                        t.dims
+                    )));
+                }
+                Array::$variant(ArrayD::from_shape_vec(IxDyn(&shape), values).expect("length checked"))
+            }};
+        }
+        Ok(match DataType::try_from(ty) {
+            Ok(DataType::Float) => build!(F32, f32, 4, |b| f32::from_le_bytes(b.try_into().unwrap()), t.float_data.clone()),
+            Ok(DataType::Double) => build!(F64, f64, 8, |b| f64::from_le_bytes(b.try_into().unwrap()), t.double_data.clone()),
+            Ok(DataType::Float16) => build!(F16, f16, 2, |b| f16::from_le_bytes(b.try_into().unwrap()),
+                t.int32_data.iter().map(|&v| f16::from_bits(v as u16)).collect()),
+            Ok(DataType::Int64) => build!(I64, i64, 8, |b| i64::from_le_bytes(b.try_into().unwrap()), t.int64_data.clone()),
+            Ok(DataType::Int32) => build!(I32, i32, 4, |b| i32::from_le_bytes(b.try_into().unwrap()), t.int32_data.clone()),
+            Ok(DataType::Int8) => build!(I8, i8, 1, |b| b[0] as i8, t.int32_data.iter().map(|&v| v as i8).collect()),
+            Ok(DataType::Uint8) => build!(U8, u8, 1, |b| b[0], t.int32_data.iter().map(|&v| v as u8).collect()),
+            Ok(DataType::Bool) => build!(Bool, bool, 1, |b| b[0] != 0, t.int32_data.iter().map(|&v| v != 0).collect()),
+            _ => return Err(DecodeError::Unsupported(dtype::name(ty))),
+        })
+    }
+
+    /// Encodes as a tensor proto called `name` with little-endian `raw_data`.
+    pub fn to_proto(&self, name: &str) -> TensorProto {
+        let raw: Vec<u8> = match self {
+            Array::F32(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Array::F64(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Array::F16(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Array::I64(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Array::I32(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Array::I8(a) => a.iter().map(|&v| v as u8).collect(),
+            Array::U8(a) => a.iter().copied().collect(),
+            Array::Bool(a) => a.iter().map(|&v| v as u8).collect(),
+        };
+        TensorProto {
+            name: Some(name.to_string()),
+            dims: self.shape().iter().map(|&d| d as i64).collect(),
+            data_type: Some(self.elem_type()),
+            raw_data: Some(raw),
+            ..Default::default()
+        }
+    }
+
+    /// The values as f64 (for printing and comparisons).
+    pub fn to_f64(&self) -> ArrayD<f64> {
+        match self {
+            Array::F32(a) => a.mapv(f64::from),
+            Array::F64(a) => a.clone(),
+            Array::F16(a) => a.mapv(f64::from),
+            Array::I64(a) => a.mapv(|v| v as f64),
+            Array::I32(a) => a.mapv(f64::from),
+            Array::I8(a) => a.mapv(f64::from),
+            Array::U8(a) => a.mapv(f64::from),
+            Array::Bool(a) => a.mapv(|v| v as u8 as f64),
+        }
+    }
+}
+
+/// The values of a small embedded tensor as text (`[1, 2, 3]`), or `None` when it has
+/// more than `max` elements or cannot be decoded.
+pub fn small_values_text(t: &TensorProto, max: u64) -> Option<String> {
+    if dtype::numel(&t.dims)? > max {
+        return None;
+    }
+    let a = Array::from_proto(t, None).ok()?;
+    Some(for_each_array!(&a, x => format!("{:?}", x.iter().collect::<Vec<_>>())))
+}

@@ -1,0 +1,132 @@
+//! Helpers shared by the integration tests: fixtures, references, golden files.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use lora_graft::tensor::Array;
+use tract_core::ndarray::{ArrayD, IxDyn};
+
+/// Every fixture model, by folder name under `fixtures/`.
+pub const FIXTURES: &[&str] = &["llama", "gpt2", "bert", "handmade", "handmade_fp16", "genai_int4"];
+
+/// Fixtures tract can run (genai int4 uses GroupQueryAttention, which tract refuses).
+pub const TRACT_FIXTURES: &[&str] = &["llama", "gpt2", "bert", "handmade", "handmade_fp16"];
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `fixtures/<name>/model.onnx`.
+pub fn fixture(name: &str) -> PathBuf {
+    root().join("fixtures").join(name).join("model.onnx")
+}
+
+/// The reference inputs and outputs stored by `fixtures/make.py`:
+/// `(inputs by name, outputs by name)`.
+pub fn reference(name: &str) -> (Vec<(String, Array)>, Vec<(String, Array)>) {
+    let path = root().join("fixtures").join(name).join("reference.safetensors");
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("reference file");
+    let mut inputs = Vec::new();
+    let mut outputs = Vec::new();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    for key in names {
+        let view = st.tensor(&key).unwrap();
+        let array = safetensor_to_array(&view);
+        if let Some(n) = key.strip_prefix("input.") {
+            inputs.push((n.to_string(), array));
+        } else if let Some(n) = key.strip_prefix("output.") {
+            outputs.push((n.to_string(), array));
+        }
+    }
+    (inputs, outputs)
+}
+
+fn safetensor_to_array(view: &safetensors::tensor::TensorView) -> Array {
+    use safetensors::Dtype;
+    let shape = IxDyn(view.shape());
+    let data = view.data();
+    macro_rules! arr {
+        ($ty:ty, $size:expr, $variant:ident) => {
+            Array::$variant(
+                ArrayD::from_shape_vec(
+                    shape,
+                    data.chunks_exact($size).map(|b| <$ty>::from_le_bytes(b.try_into().unwrap())).collect(),
+                )
+                .unwrap(),
+            )
+        };
+    }
+    match view.dtype() {
+        Dtype::F32 => arr!(f32, 4, F32),
+        Dtype::F64 => arr!(f64, 8, F64),
+        Dtype::F16 => arr!(half::f16, 2, F16),
+        Dtype::I64 => arr!(i64, 8, I64),
+        Dtype::I32 => arr!(i32, 4, I32),
+        Dtype::BOOL => Array::Bool(ArrayD::from_shape_vec(shape, data.iter().map(|&b| b != 0).collect()).unwrap()),
+        other => panic!("reference dtype {other:?} not handled"),
+    }
+}
+
+/// Largest absolute difference between two arrays of the same shape.
+pub fn max_abs_diff(a: &Array, b: &Array) -> f64 {
+    assert_eq!(a.shape(), b.shape(), "shapes differ");
+    let (a, b) = (a.to_f64(), b.to_f64());
+    a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+}
+
+/// Input shapes of a reference input set, by name.
+pub fn shapes(inputs: &[(String, Array)]) -> HashMap<String, Vec<usize>> {
+    inputs.iter().map(|(n, a)| (n.clone(), a.shape().to_vec())).collect()
+}
+
+/// Compares `actual` with the golden file `fixtures/<rel>`; with `LORA_GRAFT_BLESS=1`
+/// rewrites it instead. Fails with a line diff.
+pub fn check_golden(rel: &str, actual: &str) {
+    let path = root().join("fixtures").join(rel);
+    if std::env::var("LORA_GRAFT_BLESS").is_ok_and(|v| v == "1") {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        panic!("golden file {} is missing; run `LORA_GRAFT_BLESS=1 cargo test` and review it", path.display())
+    });
+    if expected != actual {
+        panic!(
+            "golden file {} differs (run `LORA_GRAFT_BLESS=1 cargo test` to accept, after review):\n{}",
+            path.display(),
+            line_diff(&expected, actual)
+        );
+    }
+}
+
+/// A minimal unified-style diff: lines only in `expected` with `-`, only in `actual` with `+`.
+pub fn line_diff(expected: &str, actual: &str) -> String {
+    let a: Vec<&str> = expected.lines().collect();
+    let b: Vec<&str> = actual.lines().collect();
+    // Longest common subsequence table (golden files are small).
+    let mut lcs = vec![vec![0u32; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            lcs[i][j] = if a[i] == b[j] { lcs[i + 1][j + 1] + 1 } else { lcs[i + 1][j].max(lcs[i][j + 1]) };
+        }
+    }
+    let (mut i, mut j, mut out) = (0, 0, String::new());
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            i += 1;
+            j += 1;
+        } else if j < b.len() && (i == a.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            out.push_str(&format!("+{}\n", b[j]));
+            j += 1;
+        } else {
+            out.push_str(&format!("-{}\n", a[i]));
+            i += 1;
+        }
+    }
+    out
+}

@@ -1,0 +1,126 @@
+//! Load + save with no pass in between is lossless, and external data is referenced,
+//! never copied.
+
+mod common;
+
+use common::{fixture, FIXTURES};
+use lora_graft::model::{Model, SaveOptions};
+use lora_graft::proto::ModelProto;
+use prost::Message;
+
+fn decode(path: &std::path::Path) -> ModelProto {
+    ModelProto::decode(std::fs::read(path).unwrap().as_slice()).unwrap()
+}
+
+#[test]
+fn round_trip_is_lossless_on_every_fixture() {
+    for name in FIXTURES {
+        let input = fixture(name);
+        let model = Model::load(&input).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let out_dir = tempfile::tempdir().unwrap();
+        let out = out_dir.path().join("model.onnx");
+        model.save(&out, &SaveOptions::default()).unwrap();
+        let (a, b) = (decode(&input), decode(&out));
+        // Field by field, so a failure names what changed.
+        assert_eq!(a.ir_version, b.ir_version, "{name}: ir_version");
+        assert_eq!(a.opset_import, b.opset_import, "{name}: opset_import");
+        assert_eq!(a.metadata_props, b.metadata_props, "{name}: metadata_props");
+        assert_eq!(a.functions, b.functions, "{name}: functions");
+        let (ga, gb) = (a.graph.clone().unwrap(), b.graph.clone().unwrap());
+        assert_eq!(ga.input, gb.input, "{name}: graph inputs");
+        assert_eq!(ga.output, gb.output, "{name}: graph outputs");
+        assert_eq!(ga.value_info, gb.value_info, "{name}: value_info");
+        assert_eq!(ga.metadata_props, gb.metadata_props, "{name}: graph metadata_props");
+        assert_eq!(ga.initializer, gb.initializer, "{name}: initializers");
+        assert_eq!(ga.node.len(), gb.node.len(), "{name}: node count");
+        for (x, y) in ga.node.iter().zip(&gb.node) {
+            assert_eq!(x, y, "{name}: node '{}'", x.name());
+        }
+        assert_eq!(a, b, "{name}: whole model");
+        // And the saved model loads again.
+        Model::load(&out).unwrap();
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn external_data_is_linked_not_copied() {
+    use std::os::unix::fs::MetadataExt;
+    let input = fixture("llama");
+    let model = Model::load(&input).unwrap();
+    let files = model.external_files().unwrap();
+    assert_eq!(files.iter().collect::<Vec<_>>(), ["model.onnx.data"]);
+    let out_dir = tempfile::tempdir().unwrap();
+    let out = out_dir.path().join("adapted.onnx");
+    let report = model.save(&out, &SaveOptions::default()).unwrap();
+    assert!(report.copied.is_empty(), "nothing copied: {report:?}");
+    assert!(report.own_data.is_none());
+    let src = std::fs::metadata(input.with_file_name("model.onnx.data")).unwrap();
+    let dst = std::fs::metadata(out_dir.path().join("model.onnx.data")).unwrap();
+    assert_eq!((src.dev(), src.ino()), (dst.dev(), dst.ino()), "a hard link to the same data");
+    // Every initializer of the output still points at the original file name.
+    let saved = decode(&out);
+    let graph = saved.graph.unwrap();
+    let external: Vec<_> = graph
+        .initializer
+        .iter()
+        .filter(|t| !t.external_data.is_empty())
+        .collect();
+    assert!(!external.is_empty());
+    for t in external {
+        let loc = t.external_data.iter().find(|e| e.key() == "location").unwrap();
+        assert_eq!(loc.value(), "model.onnx.data");
+    }
+    // The output folder holds the model and the link, nothing else.
+    let mut names: Vec<String> = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["adapted.onnx", "model.onnx.data"]);
+}
+
+#[test]
+fn saving_beside_the_input_writes_only_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["model.onnx", "model.onnx.data"] {
+        std::fs::copy(fixture("llama").with_file_name(f), dir.path().join(f)).unwrap();
+    }
+    let model = Model::load(&dir.path().join("model.onnx")).unwrap();
+    let report = model.save(&dir.path().join("out.onnx"), &SaveOptions::default()).unwrap();
+    assert!(report.linked.is_empty() && report.copied.is_empty());
+    let mut names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["model.onnx", "model.onnx.data", "out.onnx"]);
+}
+
+#[test]
+fn copy_flag_copies_the_data_file() {
+    let model = Model::load(&fixture("llama")).unwrap();
+    let out_dir = tempfile::tempdir().unwrap();
+    let opts = SaveOptions {
+        copy_external: true,
+        ..SaveOptions::default()
+    };
+    let report = model.save(&out_dir.path().join("m.onnx"), &opts).unwrap();
+    assert_eq!(report.copied, [out_dir.path().join("model.onnx.data")]);
+    assert_eq!(
+        std::fs::read(out_dir.path().join("model.onnx.data")).unwrap(),
+        std::fs::read(fixture("llama").with_file_name("model.onnx.data")).unwrap()
+    );
+}
+
+#[test]
+fn saving_over_the_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.onnx");
+    std::fs::copy(fixture("handmade"), &path).unwrap();
+    let before = std::fs::read(&path).unwrap();
+    let model = Model::load(&path).unwrap();
+    let err = model.save(&path, &SaveOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("refusing to overwrite the input"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+}
