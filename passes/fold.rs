@@ -33,16 +33,20 @@ pub fn run(graph: &mut Graph, input_shapes: &HashMap<String, Vec<usize>>) -> Res
     let mut folded: Vec<NodeId> = Vec::new();
     for id in graph.topological_order()? {
         let node = graph.node(id);
-        if !matches!(node.domain(), "" | "ai.onnx") || !eval::supports(node) || !node.captures.is_empty() {
+        if !matches!(node.domain(), "" | "ai.onnx")
+            || !eval::supports(node)
+            || !node.captures.is_empty()
+        {
             continue;
         }
         let outputs = if matches!(node.op(), "Shape" | "Size") {
             // Shape and Size only need the input's shape.
             let Some(shape) = node.inputs.first().copied().flatten().and_then(|v| {
-                shapes
-                    .get(&v)
-                    .cloned()
-                    .or_else(|| graph.initializer(v).map(|i| i.dims().iter().map(|&d| d as usize).collect()))
+                shapes.get(&v).cloned().or_else(|| {
+                    graph
+                        .initializer(v)
+                        .map(|i| i.dims().iter().map(|&d| d as usize).collect())
+                })
             }) else {
                 continue;
             };
@@ -74,7 +78,9 @@ pub fn run(graph: &mut Graph, input_shapes: &HashMap<String, Vec<usize>>) -> Res
                 Err(_) => continue, // left for the runtime, which may know better
             }
         };
-        if outputs.len() != node.outputs.len() || outputs.iter().any(|o| o.len() > MAX_FOLD_ELEMENTS) {
+        if outputs.len() != node.outputs.len()
+            || outputs.iter().any(|o| o.len() > MAX_FOLD_ELEMENTS)
+        {
             continue;
         }
         for (v, a) in node.outputs.clone().into_iter().zip(outputs) {
@@ -97,7 +103,12 @@ pub fn run(graph: &mut Graph, input_shapes: &HashMap<String, Vec<usize>>) -> Res
             }
         }
         for v in node.outputs.iter().flatten() {
-            let needed = graph.is_output(*v) || graph.value(*v).users.iter().any(|u| !folded_set.contains(u));
+            let needed = graph.is_output(*v)
+                || graph
+                    .value(*v)
+                    .users
+                    .iter()
+                    .any(|u| !folded_set.contains(u));
             if needed {
                 materialise.push((*v, known.remove(v).expect("folded value")));
             }
@@ -123,7 +134,11 @@ pub fn run(graph: &mut Graph, input_shapes: &HashMap<String, Vec<usize>>) -> Res
 }
 
 /// The value of `v` when it is a known folded value or a small decodable initializer.
-fn constant_value(graph: &Graph, v: ValueId, known: &HashMap<ValueId, Array>) -> Result<Option<Array>> {
+fn constant_value(
+    graph: &Graph,
+    v: ValueId,
+    known: &HashMap<ValueId, Array>,
+) -> Result<Option<Array>> {
     if let Some(a) = known.get(&v) {
         return Ok(Some(a.clone()));
     }

@@ -61,7 +61,9 @@ pub fn bits(elem_type: i32) -> Option<u64> {
 
 /// Bytes that `numel` elements take in `raw_data` (sub-byte types are packed, rounded up).
 pub fn storage_bytes(elem_type: i32, numel: u64) -> Option<u64> {
-    bits(elem_type).and_then(|b| b.checked_mul(numel)).map(|b| b.div_ceil(8))
+    bits(elem_type)
+        .and_then(|b| b.checked_mul(numel))
+        .map(|b| b.div_ceil(8))
 }
 
 /// Number of elements of a shape, or `None` on a negative dim or overflow.

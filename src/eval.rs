@@ -17,14 +17,28 @@ const OPS: &[(&str, OpFn)] = &[
     ("Cast", cast),
     ("Shape", |n, i| shape_of(n, arg(i, 0)?.shape())),
     ("Size", |_, i| Ok(vec![scalar_i64(arg(i, 0)?.len() as i64)])),
-    ("Add", |_, i| arith(i, |a, b| a + b, |a, b| a.wrapping_add(b))),
-    ("Sub", |_, i| arith(i, |a, b| a - b, |a, b| a.wrapping_sub(b))),
-    ("Mul", |_, i| arith(i, |a, b| a * b, |a, b| a.wrapping_mul(b))),
+    ("Add", |_, i| {
+        arith(i, |a, b| a + b, |a, b| a.wrapping_add(b))
+    }),
+    ("Sub", |_, i| {
+        arith(i, |a, b| a - b, |a, b| a.wrapping_sub(b))
+    }),
+    ("Mul", |_, i| {
+        arith(i, |a, b| a * b, |a, b| a.wrapping_mul(b))
+    }),
     ("Div", |_, i| arith(i, |a, b| a / b, int_div)),
     ("Mod", |_, i| arith(i, |a, b| a % b, int_mod)),
-    ("Max", |_, i| fold_variadic(i, |a, b| a.max(b), |a, b| a.max(b))),
-    ("Min", |_, i| fold_variadic(i, |a, b| a.min(b), |a, b| a.min(b))),
-    ("Pow", |_, i| arith(i, f64::powf, |a, b| a.pow(b.clamp(0, u32::MAX as i64) as u32))),
+    ("Max", |_, i| {
+        fold_variadic(i, |a, b| a.max(b), |a, b| a.max(b))
+    }),
+    ("Min", |_, i| {
+        fold_variadic(i, |a, b| a.min(b), |a, b| a.min(b))
+    }),
+    ("Pow", |_, i| {
+        arith(i, f64::powf, |a, b| {
+            a.pow(b.clamp(0, u32::MAX as i64) as u32)
+        })
+    }),
     ("Neg", |_, i| unary(i, |a| -a, |a| a.wrapping_neg())),
     ("Abs", |_, i| unary(i, f64::abs, i64::wrapping_abs)),
     ("Sqrt", |_, i| float_unary(i, f64::sqrt)),
@@ -35,12 +49,22 @@ const OPS: &[(&str, OpFn)] = &[
     ("Sin", |_, i| float_unary(i, f64::sin)),
     ("Floor", |_, i| float_unary(i, f64::floor)),
     ("Ceil", |_, i| float_unary(i, f64::ceil)),
-    ("Equal", |_, i| compare(i, |o| o == std::cmp::Ordering::Equal)),
+    ("Equal", |_, i| {
+        compare(i, |o| o == std::cmp::Ordering::Equal)
+    }),
     ("Less", |_, i| compare(i, |o| o == std::cmp::Ordering::Less)),
-    ("LessOrEqual", |_, i| compare(i, |o| o != std::cmp::Ordering::Greater)),
-    ("Greater", |_, i| compare(i, |o| o == std::cmp::Ordering::Greater)),
-    ("GreaterOrEqual", |_, i| compare(i, |o| o != std::cmp::Ordering::Less)),
-    ("Not", |_, i| Ok(vec![Array::Bool(bools(arg(i, 0)?)?.mapv(|v| !v))])),
+    ("LessOrEqual", |_, i| {
+        compare(i, |o| o != std::cmp::Ordering::Greater)
+    }),
+    ("Greater", |_, i| {
+        compare(i, |o| o == std::cmp::Ordering::Greater)
+    }),
+    ("GreaterOrEqual", |_, i| {
+        compare(i, |o| o != std::cmp::Ordering::Less)
+    }),
+    ("Not", |_, i| {
+        Ok(vec![Array::Bool(bools(arg(i, 0)?)?.mapv(|v| !v))])
+    }),
     ("And", |_, i| logic(i, |a, b| a & b)),
     ("Or", |_, i| logic(i, |a, b| a | b)),
     ("Xor", |_, i| logic(i, |a, b| a ^ b)),
@@ -91,14 +115,20 @@ fn ints(a: &Array) -> Result<Vec<i64>, String> {
     match a {
         Array::I64(x) => Ok(x.iter().copied().collect()),
         Array::I32(x) => Ok(x.iter().map(|&v| v as i64).collect()),
-        other => Err(format!("expected integers, got {}", crate::dtype::name(other.elem_type()))),
+        other => Err(format!(
+            "expected integers, got {}",
+            crate::dtype::name(other.elem_type())
+        )),
     }
 }
 
 fn bools(a: &Array) -> Result<ArrayD<bool>, String> {
     match a {
         Array::Bool(x) => Ok(x.clone()),
-        other => Err(format!("expected bool, got {}", crate::dtype::name(other.elem_type()))),
+        other => Err(format!(
+            "expected bool, got {}",
+            crate::dtype::name(other.elem_type())
+        )),
     }
 }
 
@@ -123,8 +153,16 @@ fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
     let n = a.len().max(b.len());
     (0..n)
         .map(|i| {
-            let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
-            let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
+            let da = if i + a.len() >= n {
+                a[i + a.len() - n]
+            } else {
+                1
+            };
+            let db = if i + b.len() >= n {
+                b[i + b.len() - n]
+            } else {
+                1
+            };
             match (da, db) {
                 (x, y) if x == y => Ok(x),
                 (1, y) => Ok(y),
@@ -143,7 +181,11 @@ fn zip_with<A: Clone, B: Clone, C>(
     let shape = broadcast_shape(a.shape(), b.shape())?;
     let av = a.broadcast(IxDyn(&shape)).ok_or("broadcast")?;
     let bv = b.broadcast(IxDyn(&shape)).ok_or("broadcast")?;
-    let values: Vec<C> = av.iter().zip(bv.iter()).map(|(x, y)| f(x.clone(), y.clone())).collect();
+    let values: Vec<C> = av
+        .iter()
+        .zip(bv.iter())
+        .map(|(x, y)| f(x.clone(), y.clone()))
+        .collect();
     ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| e.to_string())
 }
 
@@ -155,14 +197,25 @@ fn arith(
     Ok(vec![binary(arg(inputs, 0)?, arg(inputs, 1)?, float, int)?])
 }
 
-fn binary(a: &Array, b: &Array, float: fn(f64, f64) -> f64, int: fn(i64, i64) -> i64) -> Result<Array, String> {
+fn binary(
+    a: &Array,
+    b: &Array,
+    float: fn(f64, f64) -> f64,
+    int: fn(i64, i64) -> i64,
+) -> Result<Array, String> {
     Ok(match (a, b) {
-        (Array::F32(x), Array::F32(y)) => Array::F32(zip_with(x, y, |p, q| float(p as f64, q as f64) as f32)?),
+        (Array::F32(x), Array::F32(y)) => {
+            Array::F32(zip_with(x, y, |p, q| float(p as f64, q as f64) as f32)?)
+        }
         (Array::F64(x), Array::F64(y)) => Array::F64(zip_with(x, y, float)?),
         (Array::I64(x), Array::I64(y)) => Array::I64(zip_with(x, y, int)?),
-        (Array::I32(x), Array::I32(y)) => Array::I32(zip_with(x, y, |p, q| int(p as i64, q as i64) as i32)?),
+        (Array::I32(x), Array::I32(y)) => {
+            Array::I32(zip_with(x, y, |p, q| int(p as i64, q as i64) as i32)?)
+        }
         // Pow may mix a float base with an integer exponent.
-        (Array::F32(x), Array::I64(y)) => Array::F32(zip_with(x, y, |p, q| float(p as f64, q as f64) as f32)?),
+        (Array::F32(x), Array::I64(y)) => {
+            Array::F32(zip_with(x, y, |p, q| float(p as f64, q as f64) as f32)?)
+        }
         _ => return Err("unsupported operand types".into()),
     })
 }
@@ -179,7 +232,11 @@ fn fold_variadic(
     Ok(vec![acc])
 }
 
-fn unary(inputs: &[Option<&Array>], float: fn(f64) -> f64, int: fn(i64) -> i64) -> Result<Vec<Array>, String> {
+fn unary(
+    inputs: &[Option<&Array>],
+    float: fn(f64) -> f64,
+    int: fn(i64) -> i64,
+) -> Result<Vec<Array>, String> {
     Ok(vec![match arg(inputs, 0)? {
         Array::F32(x) => Array::F32(x.mapv(|v| float(v as f64) as f32)),
         Array::F64(x) => Array::F64(x.mapv(float)),
@@ -197,7 +254,10 @@ fn float_unary(inputs: &[Option<&Array>], f: fn(f64) -> f64) -> Result<Vec<Array
     }])
 }
 
-fn compare(inputs: &[Option<&Array>], test: fn(std::cmp::Ordering) -> bool) -> Result<Vec<Array>, String> {
+fn compare(
+    inputs: &[Option<&Array>],
+    test: fn(std::cmp::Ordering) -> bool,
+) -> Result<Vec<Array>, String> {
     let (a, b) = (arg(inputs, 0)?, arg(inputs, 1)?);
     let cmp = |x: f64, y: f64| x.partial_cmp(&y).is_some_and(test);
     Ok(vec![Array::Bool(match (a, b) {
@@ -240,7 +300,11 @@ fn where_(_: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, String> {
         ($a:expr, $b:expr) => {{
             let a = $a.broadcast(IxDyn(&shape)).ok_or("broadcast")?;
             let b = $b.broadcast(IxDyn(&shape)).ok_or("broadcast")?;
-            let v: Vec<_> = c.iter().zip(a.iter().zip(b.iter())).map(|(&c, (p, q))| if c { *p } else { *q }).collect();
+            let v: Vec<_> = c
+                .iter()
+                .zip(a.iter().zip(b.iter()))
+                .map(|(&c, (p, q))| if c { *p } else { *q })
+                .collect();
             ArrayD::from_shape_vec(IxDyn(&shape), v).map_err(|e| e.to_string())?
         }};
     }
@@ -256,13 +320,22 @@ fn where_(_: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, String> {
 }
 
 fn constant(node: &Node, _: &[Option<&Array>]) -> Result<Vec<Array>, String> {
-    let a = node.proto.attribute.first().ok_or("Constant without a value")?;
+    let a = node
+        .proto
+        .attribute
+        .first()
+        .ok_or("Constant without a value")?;
     let value = match a.name() {
-        "value" => Array::from_proto(a.t.as_ref().ok_or("no tensor")?, None).map_err(|e| format!("{e:?}"))?,
+        "value" => Array::from_proto(a.t.as_ref().ok_or("no tensor")?, None)
+            .map_err(|e| format!("{e:?}"))?,
         "value_int" => scalar_i64(a.i()),
-        "value_ints" => Array::I64(ArrayD::from_shape_vec(IxDyn(&[a.ints.len()]), a.ints.clone()).unwrap()),
+        "value_ints" => {
+            Array::I64(ArrayD::from_shape_vec(IxDyn(&[a.ints.len()]), a.ints.clone()).unwrap())
+        }
         "value_float" => Array::F32(ArrayD::from_elem(IxDyn(&[]), a.f())),
-        "value_floats" => Array::F32(ArrayD::from_shape_vec(IxDyn(&[a.floats.len()]), a.floats.clone()).unwrap()),
+        "value_floats" => {
+            Array::F32(ArrayD::from_shape_vec(IxDyn(&[a.floats.len()]), a.floats.clone()).unwrap())
+        }
         other => return Err(format!("Constant attribute '{other}' is not supported")),
     };
     Ok(vec![value])
@@ -301,8 +374,13 @@ fn shape_of(node: &Node, shape: &[usize]) -> Result<Vec<Array>, String> {
     let clamp = |v: i64| (if v < 0 { v + rank } else { v }).clamp(0, rank) as usize;
     let start = clamp(node.attr_int("start", 0));
     let end = clamp(node.attr_int("end", rank));
-    let dims: Vec<i64> = shape[start..end.max(start)].iter().map(|&d| d as i64).collect();
-    Ok(vec![Array::I64(ArrayD::from_shape_vec(IxDyn(&[dims.len()]), dims).unwrap())])
+    let dims: Vec<i64> = shape[start..end.max(start)]
+        .iter()
+        .map(|&d| d as i64)
+        .collect();
+    Ok(vec![Array::I64(
+        ArrayD::from_shape_vec(IxDyn(&[dims.len()]), dims).unwrap(),
+    )])
 }
 
 /// The output of a `Shape` or `Size` node whose input has the known `shape`.
@@ -317,7 +395,10 @@ pub fn eval_shape_op(node: &Node, shape: &[usize]) -> Result<Array, String> {
 fn axes_of(node: &Node, inputs: &[Option<&Array>], slot: usize) -> Result<Vec<i64>, String> {
     match inputs.get(slot).copied().flatten() {
         Some(a) => ints(a),
-        None => Ok(node.attr_ints("axes").map(<[i64]>::to_vec).unwrap_or_default()),
+        None => Ok(node
+            .attr_ints("axes")
+            .map(<[i64]>::to_vec)
+            .unwrap_or_default()),
     }
 }
 
@@ -337,7 +418,10 @@ fn unsqueeze(node: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, Strin
     let x = arg(inputs, 0)?;
     let axes = axes_of(node, inputs, 1)?;
     let rank = x.shape().len() + axes.len();
-    let mut axes: Vec<usize> = axes.iter().map(|&a| norm_axis(a, rank)).collect::<Result<_, _>>()?;
+    let mut axes: Vec<usize> = axes
+        .iter()
+        .map(|&a| norm_axis(a, rank))
+        .collect::<Result<_, _>>()?;
     axes.sort_unstable();
     let mut shape = x.shape().to_vec();
     for a in axes {
@@ -351,9 +435,18 @@ fn squeeze(node: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, String>
     let rank = x.shape().len();
     let axes: Vec<usize> = match axes_of(node, inputs, 1)? {
         a if a.is_empty() => (0..rank).filter(|&i| x.shape()[i] == 1).collect(),
-        a => a.iter().map(|&a| norm_axis(a, rank)).collect::<Result<_, _>>()?,
+        a => a
+            .iter()
+            .map(|&a| norm_axis(a, rank))
+            .collect::<Result<_, _>>()?,
     };
-    let shape: Vec<usize> = x.shape().iter().enumerate().filter(|(i, _)| !axes.contains(i)).map(|(_, &d)| d).collect();
+    let shape: Vec<usize> = x
+        .shape()
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !axes.contains(i))
+        .map(|(_, &d)| d)
+        .collect();
     Ok(vec![reshaped(x, &shape)?])
 }
 
@@ -488,21 +581,34 @@ fn transpose(node: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, Strin
     let x = arg(inputs, 0)?;
     let rank = x.shape().len();
     let perm: Vec<usize> = match node.attr_ints("perm") {
-        Some(p) => p.iter().map(|&a| norm_axis(a, rank)).collect::<Result<_, _>>()?,
+        Some(p) => p
+            .iter()
+            .map(|&a| norm_axis(a, rank))
+            .collect::<Result<_, _>>()?,
         None => (0..rank).rev().collect(),
     };
-    Ok(vec![same_variant!(x, a => a.clone().permuted_axes(IxDyn(&perm)).as_standard_layout().to_owned())])
+    Ok(vec![
+        same_variant!(x, a => a.clone().permuted_axes(IxDyn(&perm)).as_standard_layout().to_owned()),
+    ])
 }
 
 fn expand(_: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, String> {
     let x = arg(inputs, 0)?;
-    let target: Vec<usize> = ints(arg(inputs, 1)?)?.iter().map(|&d| d.max(0) as usize).collect();
+    let target: Vec<usize> = ints(arg(inputs, 1)?)?
+        .iter()
+        .map(|&d| d.max(0) as usize)
+        .collect();
     let shape = broadcast_shape(x.shape(), &target)?;
-    Ok(vec![same_variant!(x, a => a.broadcast(IxDyn(&shape)).ok_or("broadcast")?.to_owned())])
+    Ok(vec![
+        same_variant!(x, a => a.broadcast(IxDyn(&shape)).ok_or("broadcast")?.to_owned()),
+    ])
 }
 
 fn constant_of_shape(node: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, String> {
-    let shape: Vec<usize> = ints(arg(inputs, 0)?)?.iter().map(|&d| d.max(0) as usize).collect();
+    let shape: Vec<usize> = ints(arg(inputs, 0)?)?
+        .iter()
+        .map(|&d| d.max(0) as usize)
+        .collect();
     let value = match node.attr("value").and_then(|a| a.t.as_ref()) {
         Some(t) => Array::from_proto(t, None).map_err(|e| format!("{e:?}"))?,
         None => Array::F32(ArrayD::zeros(IxDyn(&[1]))),
@@ -515,7 +621,8 @@ fn constant_of_shape(node: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array
 
 fn range(_: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, String> {
     let (s, l, d) = (arg(inputs, 0)?, arg(inputs, 1)?, arg(inputs, 2)?);
-    let count = |start: f64, limit: f64, delta: f64| ((limit - start) / delta).ceil().max(0.0) as usize;
+    let count =
+        |start: f64, limit: f64, delta: f64| ((limit - start) / delta).ceil().max(0.0) as usize;
     Ok(vec![match (s, l, d) {
         (Array::I64(_), _, _) | (Array::I32(_), _, _) => {
             let (a, b, c) = (ints(s)?[0], ints(l)?[0], ints(d)?[0]);

@@ -47,7 +47,12 @@ impl Report {
         let io = |list: &[crate::ir::GraphIo], skip_inits: bool| {
             list.iter()
                 .filter(|io| !skip_inits || g.value(io.value).def != crate::ir::Def::Initializer)
-                .map(|io| (io.info.name().to_string(), type_text(io.info.r#type.as_ref())))
+                .map(|io| {
+                    (
+                        io.info.name().to_string(),
+                        type_text(io.info.r#type.as_ref()),
+                    )
+                })
                 .collect()
         };
         let mut ops = BTreeMap::new();
@@ -69,7 +74,9 @@ impl Report {
             let bytes = dtype::numel(init.dims())
                 .and_then(|n| dtype::storage_bytes(init.elem_type(), n))
                 .unwrap_or(0);
-            *initializer_bytes.entry(dtype::name(init.elem_type()).to_string()).or_insert(0) += bytes;
+            *initializer_bytes
+                .entry(dtype::name(init.elem_type()).to_string())
+                .or_insert(0) += bytes;
             if let Some(ext) = &init.external {
                 let loc = init
                     .proto
@@ -92,9 +99,13 @@ impl Report {
                 .iter()
                 .map(|o| (o.domain().to_string(), o.version()))
                 .collect(),
-            producer: format!("{} {}", model.proto.producer_name(), model.proto.producer_version())
-                .trim()
-                .to_string(),
+            producer: format!(
+                "{} {}",
+                model.proto.producer_name(),
+                model.proto.producer_version()
+            )
+            .trim()
+            .to_string(),
             inputs: io(&g.inputs, true),
             outputs: io(&g.outputs, false),
             nodes: g.node_count(),
@@ -102,7 +113,12 @@ impl Report {
             initializers: g.initializers().count(),
             initializer_bytes,
             external_data,
-            metadata_keys: model.proto.metadata_props.iter().map(|m| m.key().to_string()).collect(),
+            metadata_keys: model
+                .proto
+                .metadata_props
+                .iter()
+                .map(|m| m.key().to_string())
+                .collect(),
             node_metadata_keys,
         }
     }
@@ -131,7 +147,12 @@ impl fmt::Display for Report {
             .iter()
             .map(|(d, v)| format!("{}={v}", if d.is_empty() { "ai.onnx" } else { d }))
             .collect();
-        writeln!(f, "ir         {}   opsets {}", self.ir_version, opsets.join(" "))?;
+        writeln!(
+            f,
+            "ir         {}   opsets {}",
+            self.ir_version,
+            opsets.join(" ")
+        )?;
         if !self.producer.is_empty() {
             writeln!(f, "producer   {}", self.producer)?;
         }
@@ -148,8 +169,18 @@ impl fmt::Display for Report {
         };
         writeln!(f, "nodes      {}: {}", self.nodes, ops.join(", "))?;
         let total: u64 = self.initializer_bytes.values().sum();
-        let by_type: Vec<String> = self.initializer_bytes.iter().map(|(t, b)| format!("{t} {}", human(*b))).collect();
-        writeln!(f, "weights    {} initializers, {} ({})", self.initializers, human(total), by_type.join(", "))?;
+        let by_type: Vec<String> = self
+            .initializer_bytes
+            .iter()
+            .map(|(t, b)| format!("{t} {}", human(*b)))
+            .collect();
+        writeln!(
+            f,
+            "weights    {} initializers, {} ({})",
+            self.initializers,
+            human(total),
+            by_type.join(", ")
+        )?;
         for (loc, (n, bytes)) in &self.external_data {
             writeln!(f, "external   {loc}: {n} tensors, {}", human(*bytes))?;
         }

@@ -43,7 +43,10 @@ fn run(cli: Cli) -> lora_graft::Result<()> {
             let model = Model::load(&model)?;
             let report = inspect::Report::new(&model);
             if json {
-                println!("{}", serde_json::to_string_pretty(&report).expect("serialisable"));
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("serialisable")
+                );
             } else {
                 print!("{report}");
             }

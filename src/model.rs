@@ -78,7 +78,12 @@ impl DataFiles {
 
     /// Checks an external tensor's location, range and size, and maps its file.
     fn resolve(&mut self, t: &TensorProto) -> Result<ExternalBytes> {
-        let entry = |key: &str| t.external_data.iter().find(|e| e.key() == key).map(|e| e.value());
+        let entry = |key: &str| {
+            t.external_data
+                .iter()
+                .find(|e| e.key() == key)
+                .map(|e| e.value())
+        };
         let location = entry("location")
             .filter(|l| !l.is_empty())
             .ok_or_else(|| self.tensor_error(t, "external data without a 'location' entry".into()))?
@@ -87,7 +92,10 @@ impl DataFiles {
             entry(key)
                 .map(|v| {
                     v.trim().parse::<u64>().map_err(|_| {
-                        self.tensor_error(t, format!("external data '{key}' = {v:?} is not a byte count"))
+                        self.tensor_error(
+                            t,
+                            format!("external data '{key}' = {v:?} is not a byte count"),
+                        )
                     })
                 })
                 .transpose()
@@ -106,7 +114,9 @@ impl DataFiles {
                 ),
             ));
         }
-        if let Some(expected) = dtype::numel(&t.dims).and_then(|n| dtype::storage_bytes(t.data_type(), n)) {
+        if let Some(expected) =
+            dtype::numel(&t.dims).and_then(|n| dtype::storage_bytes(t.data_type(), n))
+        {
             if expected != length {
                 return Err(self.tensor_error(
                     t,
@@ -130,13 +140,20 @@ impl DataFiles {
             return Ok(f.clone());
         }
         let rel = Path::new(location);
-        if rel.is_absolute() || location.starts_with('/') || location.starts_with('\\') || rel.has_root() {
+        if rel.is_absolute()
+            || location.starts_with('/')
+            || location.starts_with('\\')
+            || rel.has_root()
+        {
             return Err(self.tensor_error(
                 t,
                 format!("external data location '{location}' is absolute; runtimes only accept paths inside the model's folder: move the file beside the model and make the location relative"),
             ));
         }
-        if rel.components().any(|c| matches!(c, Component::ParentDir | Component::Prefix(_))) {
+        if rel
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::Prefix(_)))
+        {
             return Err(self.tensor_error(
                 t,
                 format!("external data location '{location}' leaves the model's folder ('..'); move the file beside the model"),
@@ -144,7 +161,13 @@ impl DataFiles {
         }
         let path = self.dir.join(rel);
         let canonical = fs::canonicalize(&path).map_err(|e| {
-            self.tensor_error(t, format!("external data file '{}' cannot be opened: {e}", path.display()))
+            self.tensor_error(
+                t,
+                format!(
+                    "external data file '{}' cannot be opened: {e}",
+                    path.display()
+                ),
+            )
         })?;
         if !canonical.starts_with(&self.dir_canonical) {
             return Err(self.tensor_error(
@@ -153,8 +176,15 @@ impl DataFiles {
             ));
         }
         let handle = fs::File::open(&canonical).map_err(|e| Error::io(&path, e))?;
-        if !handle.metadata().map_err(|e| Error::io(&path, e))?.is_file() {
-            return Err(self.tensor_error(t, format!("external data location '{location}' is not a regular file")));
+        if !handle
+            .metadata()
+            .map_err(|e| Error::io(&path, e))?
+            .is_file()
+        {
+            return Err(self.tensor_error(
+                t,
+                format!("external data location '{location}' is not a regular file"),
+            ));
         }
         // SAFETY: the mapping is read-only; lora-graft never writes its inputs, and a
         // file truncated by another process while mapped is outside what we guard.
@@ -195,9 +225,16 @@ fn check_embedded(model: &Path, t: &TensorProto) -> Result<()> {
         Ok(D::Int64) => ("int64_data", t.int64_data.len() as u64, 1),
         Ok(D::Uint32 | D::Uint64) => ("uint64_data", t.uint64_data.len() as u64, 1),
         Ok(D::String) => ("string_data", t.string_data.len() as u64, 1),
-        Ok(D::Int32 | D::Int16 | D::Int8 | D::Uint8 | D::Uint16 | D::Bool | D::Float16 | D::Bfloat16) => {
-            ("int32_data", t.int32_data.len() as u64, 1)
-        }
+        Ok(
+            D::Int32
+            | D::Int16
+            | D::Int8
+            | D::Uint8
+            | D::Uint16
+            | D::Bool
+            | D::Float16
+            | D::Bfloat16,
+        ) => ("int32_data", t.int32_data.len() as u64, 1),
         _ => return Ok(()), // packed and 8-bit float types: layout varies by IR version
     };
     if count != n * per {
@@ -233,7 +270,10 @@ fn is_external(t: &TensorProto) -> bool {
 }
 
 fn location(t: &TensorProto) -> Option<&str> {
-    t.external_data.iter().find(|e| e.key() == "location").map(|e| e.value())
+    t.external_data
+        .iter()
+        .find(|e| e.key() == "location")
+        .map(|e| e.value())
 }
 
 impl Model {
@@ -295,7 +335,9 @@ impl Model {
             }
         })
         .map_err(|e| e.context(path.display().to_string()))?;
-        graph.validate().map_err(|e| e.context(path.display().to_string()))?;
+        graph
+            .validate()
+            .map_err(|e| e.context(path.display().to_string()))?;
         Ok(Model {
             proto,
             graph,
@@ -413,14 +455,16 @@ impl Model {
         let uses_external = self.graph.initializers().any(|(_, i)| i.external.is_some());
         let own_name = format!(
             "{}.data",
-            out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+            out.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
         );
         let mut own_data: Vec<u8> = Vec::new();
         let proto = self.to_proto_with(|init| {
             let mut t = init.proto.clone();
             if init.new && uses_external {
                 if let Some(raw) = t.raw_data.take_if(|r| r.len() >= opts.new_data_threshold) {
-                    while own_data.len() % 64 != 0 {
+                    while !own_data.len().is_multiple_of(64) {
                         own_data.push(0);
                     }
                     let entry = |k: &str, v: String| crate::proto::StringStringEntryProto {

@@ -117,19 +117,71 @@ impl Array {
                         t.dims
                     )));
                 }
-                Array::$variant(ArrayD::from_shape_vec(IxDyn(&shape), values).expect("length checked"))
+                Array::$variant(
+                    ArrayD::from_shape_vec(IxDyn(&shape), values).expect("length checked"),
+                )
             }};
         }
         Ok(match DataType::try_from(ty) {
-            Ok(DataType::Float) => build!(F32, f32, 4, |b| f32::from_le_bytes(b.try_into().unwrap()), t.float_data.clone()),
-            Ok(DataType::Double) => build!(F64, f64, 8, |b| f64::from_le_bytes(b.try_into().unwrap()), t.double_data.clone()),
-            Ok(DataType::Float16) => build!(F16, f16, 2, |b| f16::from_le_bytes(b.try_into().unwrap()),
-                t.int32_data.iter().map(|&v| f16::from_bits(v as u16)).collect()),
-            Ok(DataType::Int64) => build!(I64, i64, 8, |b| i64::from_le_bytes(b.try_into().unwrap()), t.int64_data.clone()),
-            Ok(DataType::Int32) => build!(I32, i32, 4, |b| i32::from_le_bytes(b.try_into().unwrap()), t.int32_data.clone()),
-            Ok(DataType::Int8) => build!(I8, i8, 1, |b| b[0] as i8, t.int32_data.iter().map(|&v| v as i8).collect()),
-            Ok(DataType::Uint8) => build!(U8, u8, 1, |b| b[0], t.int32_data.iter().map(|&v| v as u8).collect()),
-            Ok(DataType::Bool) => build!(Bool, bool, 1, |b| b[0] != 0, t.int32_data.iter().map(|&v| v != 0).collect()),
+            Ok(DataType::Float) => build!(
+                F32,
+                f32,
+                4,
+                |b| f32::from_le_bytes(b.try_into().unwrap()),
+                t.float_data.clone()
+            ),
+            Ok(DataType::Double) => build!(
+                F64,
+                f64,
+                8,
+                |b| f64::from_le_bytes(b.try_into().unwrap()),
+                t.double_data.clone()
+            ),
+            Ok(DataType::Float16) => build!(
+                F16,
+                f16,
+                2,
+                |b| f16::from_le_bytes(b.try_into().unwrap()),
+                t.int32_data
+                    .iter()
+                    .map(|&v| f16::from_bits(v as u16))
+                    .collect()
+            ),
+            Ok(DataType::Int64) => build!(
+                I64,
+                i64,
+                8,
+                |b| i64::from_le_bytes(b.try_into().unwrap()),
+                t.int64_data.clone()
+            ),
+            Ok(DataType::Int32) => build!(
+                I32,
+                i32,
+                4,
+                |b| i32::from_le_bytes(b.try_into().unwrap()),
+                t.int32_data.clone()
+            ),
+            Ok(DataType::Int8) => build!(
+                I8,
+                i8,
+                1,
+                |b| b[0] as i8,
+                t.int32_data.iter().map(|&v| v as i8).collect()
+            ),
+            Ok(DataType::Uint8) => build!(
+                U8,
+                u8,
+                1,
+                |b| b[0],
+                t.int32_data.iter().map(|&v| v as u8).collect()
+            ),
+            Ok(DataType::Bool) => build!(
+                Bool,
+                bool,
+                1,
+                |b| b[0] != 0,
+                t.int32_data.iter().map(|&v| v != 0).collect()
+            ),
             _ => return Err(DecodeError::Unsupported(dtype::name(ty))),
         })
     }

@@ -19,7 +19,11 @@ fn inspect_fails(path: &Path, needles: &[&str]) -> String {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "exit code 1 (not a panic); stderr: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit code 1 (not a panic); stderr: {stderr}"
+    );
     assert_eq!(stderr.trim_end().lines().count(), 1, "one line: {stderr}");
     assert!(stderr.starts_with("error: "), "{stderr}");
     for n in needles {
@@ -52,10 +56,12 @@ fn set_external(proto: &mut ModelProto, key: &str, value: &str) -> String {
     let entry = t.external_data.iter_mut().find(|e| e.key() == key);
     match entry {
         Some(e) => e.value = Some(value.into()),
-        None => t.external_data.push(lora_graft::proto::StringStringEntryProto {
-            key: Some(key.into()),
-            value: Some(value.into()),
-        }),
+        None => t
+            .external_data
+            .push(lora_graft::proto::StringStringEntryProto {
+                key: Some(key.into()),
+                value: Some(value.into()),
+            }),
     }
     t.name().to_string()
 }
@@ -113,7 +119,9 @@ fn external_location_symlink_out_of_folder() {
 #[test]
 fn external_range_past_end_of_file() {
     let (dir, path, mut proto) = llama_copy();
-    let size = std::fs::metadata(dir.path().join("model.onnx.data")).unwrap().len();
+    let size = std::fs::metadata(dir.path().join("model.onnx.data"))
+        .unwrap()
+        .len();
     let tensor = set_external(&mut proto, "offset", &size.to_string());
     write(&path, &proto);
     inspect_fails(&path, &[&tensor, "past the end"]);
@@ -123,7 +131,8 @@ fn external_range_past_end_of_file() {
 fn raw_data_length_disagrees_with_dims() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.onnx");
-    let mut proto = ModelProto::decode(std::fs::read(fixture("handmade")).unwrap().as_slice()).unwrap();
+    let mut proto =
+        ModelProto::decode(std::fs::read(fixture("handmade")).unwrap().as_slice()).unwrap();
     let t = proto
         .graph
         .as_mut()
@@ -189,13 +198,19 @@ fn graph_with_a_cycle() {
 fn node_input_nothing_defines() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dangling.onnx");
-    write(&path, &tiny_model(vec![node("mm", "MatMul", &["x", "missing_weight"], &["y"])]));
+    write(
+        &path,
+        &tiny_model(vec![node("mm", "MatMul", &["x", "missing_weight"], &["y"])]),
+    );
     inspect_fails(&path, &["'mm' (MatMul)", "missing_weight"]);
 }
 
 #[test]
 fn missing_file() {
-    inspect_fails(Path::new("/nonexistent/model.onnx"), &["/nonexistent/model.onnx"]);
+    inspect_fails(
+        Path::new("/nonexistent/model.onnx"),
+        &["/nonexistent/model.onnx"],
+    );
 }
 
 #[test]
@@ -205,10 +220,19 @@ fn inspect_summarises_a_fixture() {
         .arg(fixture("llama"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["inputs"][0][0], "input_ids");
     assert_eq!(report["outputs"][0][0], "logits");
     assert!(report["ops"]["MatMul"].as_u64().unwrap() >= 14);
-    assert_eq!(report["external_data"]["model.onnx.data"][0].as_u64().unwrap() > 0, true);
+    assert!(
+        report["external_data"]["model.onnx.data"][0]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 }

@@ -24,7 +24,10 @@ fn node(name: &str, op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
 fn chain() -> Graph {
     let proto = GraphProto {
         name: Some("g".into()),
-        node: vec![node("relu", "Relu", &["x"], &["h"]), node("neg", "Neg", &["h"], &["y"])],
+        node: vec![
+            node("relu", "Relu", &["x"], &["h"]),
+            node("neg", "Neg", &["h"], &["y"]),
+        ],
         input: vec![vi("x")],
         output: vec![vi("y")],
         ..Default::default()
@@ -76,7 +79,12 @@ fn removal_and_compaction_renumber_the_arena() {
     g.compact();
     g.validate().unwrap();
     assert_eq!(g.node_count(), 2);
-    let ops: Vec<&str> = g.topological_order().unwrap().into_iter().map(|n| g.node(n).op()).collect();
+    let ops: Vec<&str> = g
+        .topological_order()
+        .unwrap()
+        .into_iter()
+        .map(|n| g.node(n).op())
+        .collect();
     assert_eq!(ops, ["Relu", "Identity"]);
 }
 
@@ -93,13 +101,20 @@ fn fresh_names_never_collide() {
 #[test]
 fn validate_names_the_offender() {
     let proto = GraphProto {
-        node: vec![node("a", "Relu", &["x"], &["y"]), node("a", "Relu", &["x"], &["z"])],
+        node: vec![
+            node("a", "Relu", &["x"], &["y"]),
+            node("a", "Relu", &["x"], &["z"]),
+        ],
         input: vec![vi("x")],
         output: vec![vi("y")],
         ..Default::default()
     };
     let g = Graph::from_proto(proto, |_| Ok(None)).unwrap();
-    assert!(g.validate().unwrap_err().to_string().contains("two nodes are named 'a'"));
+    assert!(g
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("two nodes are named 'a'"));
 
     let proto = GraphProto {
         node: vec![node("a", "Relu", &["x"], &["y"])],
@@ -108,10 +123,17 @@ fn validate_names_the_offender() {
         ..Default::default()
     };
     let g = Graph::from_proto(proto, |_| Ok(None)).unwrap();
-    assert!(g.validate().unwrap_err().to_string().contains("graph output 'nowhere'"));
+    assert!(g
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("graph output 'nowhere'"));
 
     let proto = GraphProto {
-        node: vec![node("a", "Relu", &["x"], &["y"]), node("b", "Relu", &["x"], &["y"])],
+        node: vec![
+            node("a", "Relu", &["x"], &["y"]),
+            node("b", "Relu", &["x"], &["y"]),
+        ],
         input: vec![vi("x")],
         output: vec![vi("y")],
         ..Default::default()
@@ -123,13 +145,21 @@ fn validate_names_the_offender() {
 #[test]
 fn topological_order_sorts_an_unsorted_graph() {
     let proto = GraphProto {
-        node: vec![node("second", "Neg", &["h"], &["y"]), node("first", "Relu", &["x"], &["h"])],
+        node: vec![
+            node("second", "Neg", &["h"], &["y"]),
+            node("first", "Relu", &["x"], &["h"]),
+        ],
         input: vec![vi("x")],
         output: vec![vi("y")],
         ..Default::default()
     };
     let g = Graph::from_proto(proto, |_| Ok(None)).unwrap();
     g.validate().unwrap();
-    let names: Vec<&str> = g.topological_order().unwrap().into_iter().map(|n| g.node(n).name()).collect();
+    let names: Vec<&str> = g
+        .topological_order()
+        .unwrap()
+        .into_iter()
+        .map(|n| g.node(n).name())
+        .collect();
     assert_eq!(names, ["first", "second"]);
 }

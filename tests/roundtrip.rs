@@ -30,7 +30,10 @@ fn round_trip_is_lossless_on_every_fixture() {
         assert_eq!(ga.input, gb.input, "{name}: graph inputs");
         assert_eq!(ga.output, gb.output, "{name}: graph outputs");
         assert_eq!(ga.value_info, gb.value_info, "{name}: value_info");
-        assert_eq!(ga.metadata_props, gb.metadata_props, "{name}: graph metadata_props");
+        assert_eq!(
+            ga.metadata_props, gb.metadata_props,
+            "{name}: graph metadata_props"
+        );
         assert_eq!(ga.initializer, gb.initializer, "{name}: initializers");
         assert_eq!(ga.node.len(), gb.node.len(), "{name}: node count");
         for (x, y) in ga.node.iter().zip(&gb.node) {
@@ -57,7 +60,11 @@ fn external_data_is_linked_not_copied() {
     assert!(report.own_data.is_none());
     let src = std::fs::metadata(input.with_file_name("model.onnx.data")).unwrap();
     let dst = std::fs::metadata(out_dir.path().join("model.onnx.data")).unwrap();
-    assert_eq!((src.dev(), src.ino()), (dst.dev(), dst.ino()), "a hard link to the same data");
+    assert_eq!(
+        (src.dev(), src.ino()),
+        (dst.dev(), dst.ino()),
+        "a hard link to the same data"
+    );
     // Every initializer of the output still points at the original file name.
     let saved = decode(&out);
     let graph = saved.graph.unwrap();
@@ -68,7 +75,11 @@ fn external_data_is_linked_not_copied() {
         .collect();
     assert!(!external.is_empty());
     for t in external {
-        let loc = t.external_data.iter().find(|e| e.key() == "location").unwrap();
+        let loc = t
+            .external_data
+            .iter()
+            .find(|e| e.key() == "location")
+            .unwrap();
         assert_eq!(loc.value(), "model.onnx.data");
     }
     // The output folder holds the model and the link, nothing else.
@@ -87,7 +98,9 @@ fn saving_beside_the_input_writes_only_the_model() {
         std::fs::copy(fixture("llama").with_file_name(f), dir.path().join(f)).unwrap();
     }
     let model = Model::load(&dir.path().join("model.onnx")).unwrap();
-    let report = model.save(&dir.path().join("out.onnx"), &SaveOptions::default()).unwrap();
+    let report = model
+        .save(&dir.path().join("out.onnx"), &SaveOptions::default())
+        .unwrap();
     assert!(report.linked.is_empty() && report.copied.is_empty());
     let mut names: Vec<String> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -121,6 +134,9 @@ fn saving_over_the_input_is_refused() {
     let before = std::fs::read(&path).unwrap();
     let model = Model::load(&path).unwrap();
     let err = model.save(&path, &SaveOptions::default()).unwrap_err();
-    assert!(err.to_string().contains("refusing to overwrite the input"), "{err}");
+    assert!(
+        err.to_string().contains("refusing to overwrite the input"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(&path).unwrap(), before);
 }

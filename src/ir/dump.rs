@@ -26,10 +26,20 @@ impl Graph {
         };
         let mut s = String::new();
         for io in &self.inputs {
-            let _ = writeln!(s, "input {}: {}", name(io.value), type_text(io.info.r#type.as_ref()));
+            let _ = writeln!(
+                s,
+                "input {}: {}",
+                name(io.value),
+                type_text(io.info.r#type.as_ref())
+            );
         }
         for (_, init) in self.initializers() {
-            let _ = writeln!(s, "init {}: {}", init.proto.name(), tensor_type(&init.proto));
+            let _ = writeln!(
+                s,
+                "init {}: {}",
+                init.proto.name(),
+                tensor_type(&init.proto)
+            );
         }
         for &id in &order {
             let node = self.node(id);
@@ -61,7 +71,13 @@ impl Graph {
             s.push('\n');
         }
         for io in &self.outputs {
-            let _ = writeln!(s, "output {}: {} = {}", io.info.name(), type_text(io.info.r#type.as_ref()), name(io.value));
+            let _ = writeln!(
+                s,
+                "output {}: {} = {}",
+                io.info.name(),
+                type_text(io.info.r#type.as_ref()),
+                name(io.value)
+            );
         }
         Ok(s)
     }
@@ -104,11 +120,11 @@ fn attr_text(a: &AttributeProto) -> String {
         AttributeType::Int => a.i().to_string(),
         AttributeType::String => format!("{:?}", String::from_utf8_lossy(a.s())),
         AttributeType::Tensor => a.t.as_ref().map(tensor_text).unwrap_or_default(),
-        AttributeType::Graph => a
-            .g
-            .as_ref()
-            .map(|g| format!("<graph {} nodes>", g.node.len()))
-            .unwrap_or_default(),
+        AttributeType::Graph => {
+            a.g.as_ref()
+                .map(|g| format!("<graph {} nodes>", g.node.len()))
+                .unwrap_or_default()
+        }
         AttributeType::Floats => format!("{:?}", a.floats),
         AttributeType::Ints => format!("{:?}", a.ints),
         AttributeType::Strings => format!(

@@ -162,7 +162,11 @@ impl Node {
 
     /// Every defined input value and capture, in order.
     pub fn reads(&self) -> impl Iterator<Item = ValueId> + '_ {
-        self.inputs.iter().flatten().copied().chain(self.captures.iter().copied())
+        self.inputs
+            .iter()
+            .flatten()
+            .copied()
+            .chain(self.captures.iter().copied())
     }
 }
 
@@ -247,9 +251,15 @@ impl Graph {
 
     /// Initializers in storage order.
     pub fn initializers(&self) -> impl Iterator<Item = (ValueId, &Initializer)> + '_ {
-        self.initializer_order
-            .iter()
-            .map(|&v| (v, self.values[v.0 as usize].init.as_ref().expect("initializer")))
+        self.initializer_order.iter().map(|&v| {
+            (
+                v,
+                self.values[v.0 as usize]
+                    .init
+                    .as_ref()
+                    .expect("initializer"),
+            )
+        })
     }
 
     /// The node producing `id`, if a node does.
@@ -446,7 +456,9 @@ impl Graph {
     /// Removes node `id`: its outputs become undefined, its reads are dropped.
     /// Values keep their ids until [`Graph::compact`].
     pub fn remove_node(&mut self, id: NodeId) {
-        let node = self.nodes[id.0 as usize].take().expect("remove a live node");
+        let node = self.nodes[id.0 as usize]
+            .take()
+            .expect("remove a live node");
         for v in node.reads() {
             let users = &mut self.values[v.0 as usize].users;
             if let Some(pos) = users.iter().position(|&u| u == id) {

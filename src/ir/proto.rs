@@ -81,7 +81,10 @@ impl Graph {
 
     /// The graph as a proto: nodes in a stable topological order (the arena order
     /// wherever that is already topological), initializers through `tensor`.
-    pub fn to_proto(&self, mut tensor: impl FnMut(&Initializer) -> TensorProto) -> Result<GraphProto> {
+    pub fn to_proto(
+        &self,
+        mut tensor: impl FnMut(&Initializer) -> TensorProto,
+    ) -> Result<GraphProto> {
         let mut proto = self.rest.clone();
         proto.node = self
             .topological_order()?
@@ -167,7 +170,13 @@ fn collect_outer(graph: &GraphProto, outer_defined: &mut HashSet<String>, out: &
     let mut defined: HashSet<String> = outer_defined.clone();
     defined.extend(graph.input.iter().map(|i| i.name().to_string()));
     defined.extend(graph.initializer.iter().map(|i| i.name().to_string()));
-    defined.extend(graph.sparse_initializer.iter().filter_map(|s| s.values.as_ref()).map(|v| v.name().to_string()));
+    defined.extend(
+        graph
+            .sparse_initializer
+            .iter()
+            .filter_map(|s| s.values.as_ref())
+            .map(|v| v.name().to_string()),
+    );
     for node in &graph.node {
         for input in &node.input {
             if !input.is_empty() && !defined.contains(input) {

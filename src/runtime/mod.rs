@@ -50,11 +50,13 @@ fn parse(model: &Model, shapes: &HashMap<String, Vec<usize>>) -> Result<Inferenc
     let names = input_names(model);
     for name in &names {
         if !shapes.contains_key(name) {
-            return Err(Error::Usage(format!("no shape given for model input '{name}'")));
+            return Err(Error::Usage(format!(
+                "no shape given for model input '{name}'"
+            )));
         }
     }
     let mut graph = model.graph.clone();
-    crate::passes::fold::run(&mut graph, shapes).map_err(|e| e.context("fold"))?;
+    crate::passes::prepare_for_tract(&mut graph, shapes)?;
     let mut proto = model.proto.clone();
     let mut g = graph.to_proto(|init| init.proto.clone())?;
     // Declared shapes (symbolic in dynamic exports) clash with concrete facts.
@@ -63,21 +65,39 @@ fn parse(model: &Model, shapes: &HashMap<String, Vec<usize>>) -> Result<Inferenc
         out.r#type = None;
     }
     proto.graph = Some(g);
-    let pb = tract_onnx::pb::ModelProto::decode(proto.encode_to_vec().as_slice()).map_err(tract_err)?;
+    let pb =
+        tract_onnx::pb::ModelProto::decode(proto.encode_to_vec().as_slice()).map_err(tract_err)?;
     let dir = model.dir.to_string_lossy().into_owned();
-    let parsed = tract_onnx::onnx().parse(&pb, Some(&dir)).map_err(tract_err)?;
+    let parsed = tract_onnx::onnx()
+        .parse(&pb, Some(&dir))
+        .map_err(tract_err)?;
     if !parsed.unresolved_inputs.is_empty() {
-        return Err(Error::Runtime(format!("unresolved inputs: {:?}", parsed.unresolved_inputs)));
+        return Err(Error::Runtime(format!(
+            "unresolved inputs: {:?}",
+            parsed.unresolved_inputs
+        )));
     }
     let mut m = parsed.model;
     for (i, name) in names.iter().enumerate() {
-        let io = model.graph.inputs.iter().find(|io| &model.graph.value(io.value).name == name).expect("input");
+        let io = model
+            .graph
+            .inputs
+            .iter()
+            .find(|io| &model.graph.value(io.value).name == name)
+            .expect("input");
         let elem = match &io.info.r#type.as_ref().and_then(|t| t.value.clone()) {
             Some(crate::proto::type_proto::Value::TensorType(t)) => t.elem_type(),
-            _ => return Err(Error::Usage(format!("model input '{name}' is not a tensor"))),
+            _ => {
+                return Err(Error::Usage(format!(
+                    "model input '{name}' is not a tensor"
+                )))
+            }
         };
         let dt = datum_type(elem).ok_or_else(|| {
-            Error::Runtime(format!("input '{name}' has type {} which tract cannot take", crate::dtype::name(elem)))
+            Error::Runtime(format!(
+                "input '{name}' has type {} which tract cannot take",
+                crate::dtype::name(elem)
+            ))
         })?;
         let fact = InferenceFact::dt_shape(dt, shapes[name].clone());
         m.set_input_fact(i, fact).map_err(tract_err)?;
@@ -104,7 +124,12 @@ impl Runner {
     /// Prepares `model` for inputs of the given shapes (`name -> dims`).
     pub fn new(model: &Model, shapes: &HashMap<String, Vec<usize>>) -> Result<Runner> {
         let m = parse(model, shapes)?;
-        let outputs = model.graph.outputs.iter().map(|o| model.graph.value(o.value).name.clone()).collect();
+        let outputs = model
+            .graph
+            .outputs
+            .iter()
+            .map(|o| model.graph.value(o.value).name.clone())
+            .collect();
         let typed = m.into_optimized().map_err(tract_err)?;
         let plan = typed.into_runnable().map_err(tract_err)?;
         Ok(Runner {
@@ -118,12 +143,18 @@ impl Runner {
     pub fn run(&self, inputs: Vec<Array>) -> Result<Vec<Array>> {
         let values: TVec<TValue> = inputs.into_iter().map(|a| to_tract(a).into()).collect();
         let outputs = self.plan.run(values).map_err(tract_err)?;
-        outputs.into_iter().map(|t| from_tract(t.into_tensor())).collect()
+        outputs
+            .into_iter()
+            .map(|t| from_tract(t.into_tensor()))
+            .collect()
     }
 }
 
 /// The type and shape tract infers for every named value, for the given input shapes.
-pub fn value_facts(model: &Model, shapes: &HashMap<String, Vec<usize>>) -> Result<BTreeMap<String, ValueFact>> {
+pub fn value_facts(
+    model: &Model,
+    shapes: &HashMap<String, Vec<usize>>,
+) -> Result<BTreeMap<String, ValueFact>> {
     let typed = parse(model, shapes)?.into_typed().map_err(tract_err)?;
     let mut facts = BTreeMap::new();
     for node in typed.nodes() {
@@ -132,7 +163,13 @@ pub fn value_facts(model: &Model, shapes: &HashMap<String, Vec<usize>>) -> Resul
             let name = typed
                 .outlet_label(outlet)
                 .map(str::to_string)
-                .unwrap_or_else(|| if slot == 0 { node.name.clone() } else { format!("{}:{slot}", node.name) });
+                .unwrap_or_else(|| {
+                    if slot == 0 {
+                        node.name.clone()
+                    } else {
+                        format!("{}:{slot}", node.name)
+                    }
+                });
             facts.insert(
                 name,
                 ValueFact {
@@ -163,22 +200,24 @@ pub fn to_tract(a: Array) -> Tensor {
 pub fn from_tract(t: Tensor) -> Result<Array> {
     let dt = t.datum_type();
     Ok(if dt == f32::datum_type() {
-        Array::F32(t.into_array::<f32>().map_err(tract_err)?)
+        Array::F32(t.into_plain_array::<f32>().map_err(tract_err)?)
     } else if dt == f64::datum_type() {
-        Array::F64(t.into_array::<f64>().map_err(tract_err)?)
+        Array::F64(t.into_plain_array::<f64>().map_err(tract_err)?)
     } else if dt == f16::datum_type() {
-        Array::F16(t.into_array::<f16>().map_err(tract_err)?)
+        Array::F16(t.into_plain_array::<f16>().map_err(tract_err)?)
     } else if dt == i64::datum_type() {
-        Array::I64(t.into_array::<i64>().map_err(tract_err)?)
+        Array::I64(t.into_plain_array::<i64>().map_err(tract_err)?)
     } else if dt == i32::datum_type() {
-        Array::I32(t.into_array::<i32>().map_err(tract_err)?)
+        Array::I32(t.into_plain_array::<i32>().map_err(tract_err)?)
     } else if dt == i8::datum_type() {
-        Array::I8(t.into_array::<i8>().map_err(tract_err)?)
+        Array::I8(t.into_plain_array::<i8>().map_err(tract_err)?)
     } else if dt == u8::datum_type() {
-        Array::U8(t.into_array::<u8>().map_err(tract_err)?)
+        Array::U8(t.into_plain_array::<u8>().map_err(tract_err)?)
     } else if dt == bool::datum_type() {
-        Array::Bool(t.into_array::<bool>().map_err(tract_err)?)
+        Array::Bool(t.into_plain_array::<bool>().map_err(tract_err)?)
     } else {
-        return Err(Error::Runtime(format!("output of type {dt:?} is not supported")));
+        return Err(Error::Runtime(format!(
+            "output of type {dt:?} is not supported"
+        )));
     })
 }

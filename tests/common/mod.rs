@@ -2,13 +2,20 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use lora_graft::tensor::Array;
 use tract_core::ndarray::{ArrayD, IxDyn};
 
 /// Every fixture model, by folder name under `fixtures/`.
-pub const FIXTURES: &[&str] = &["llama", "gpt2", "bert", "handmade", "handmade_fp16", "genai_int4"];
+pub const FIXTURES: &[&str] = &[
+    "llama",
+    "gpt2",
+    "bert",
+    "handmade",
+    "handmade_fp16",
+    "genai_int4",
+];
 
 /// Fixtures tract can run (genai int4 uses GroupQueryAttention, which tract refuses).
 pub const TRACT_FIXTURES: &[&str] = &["llama", "gpt2", "bert", "handmade", "handmade_fp16"];
@@ -23,10 +30,16 @@ pub fn fixture(name: &str) -> PathBuf {
     root().join("fixtures").join(name).join("model.onnx")
 }
 
+/// Named tensors, in a stable order.
+pub type Named = Vec<(String, Array)>;
+
 /// The reference inputs and outputs stored by `fixtures/make.py`:
 /// `(inputs by name, outputs by name)`.
-pub fn reference(name: &str) -> (Vec<(String, Array)>, Vec<(String, Array)>) {
-    let path = root().join("fixtures").join(name).join("reference.safetensors");
+pub fn reference(name: &str) -> (Named, Named) {
+    let path = root()
+        .join("fixtures")
+        .join(name)
+        .join("reference.safetensors");
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("reference file");
     let mut inputs = Vec::new();
@@ -54,7 +67,9 @@ fn safetensor_to_array(view: &safetensors::tensor::TensorView) -> Array {
             Array::$variant(
                 ArrayD::from_shape_vec(
                     shape,
-                    data.chunks_exact($size).map(|b| <$ty>::from_le_bytes(b.try_into().unwrap())).collect(),
+                    data.chunks_exact($size)
+                        .map(|b| <$ty>::from_le_bytes(b.try_into().unwrap()))
+                        .collect(),
                 )
                 .unwrap(),
             )
@@ -66,7 +81,9 @@ fn safetensor_to_array(view: &safetensors::tensor::TensorView) -> Array {
         Dtype::F16 => arr!(half::f16, 2, F16),
         Dtype::I64 => arr!(i64, 8, I64),
         Dtype::I32 => arr!(i32, 4, I32),
-        Dtype::BOOL => Array::Bool(ArrayD::from_shape_vec(shape, data.iter().map(|&b| b != 0).collect()).unwrap()),
+        Dtype::BOOL => Array::Bool(
+            ArrayD::from_shape_vec(shape, data.iter().map(|&b| b != 0).collect()).unwrap(),
+        ),
         other => panic!("reference dtype {other:?} not handled"),
     }
 }
@@ -75,12 +92,18 @@ fn safetensor_to_array(view: &safetensors::tensor::TensorView) -> Array {
 pub fn max_abs_diff(a: &Array, b: &Array) -> f64 {
     assert_eq!(a.shape(), b.shape(), "shapes differ");
     let (a, b) = (a.to_f64(), b.to_f64());
-    a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b.iter())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 /// Input shapes of a reference input set, by name.
 pub fn shapes(inputs: &[(String, Array)]) -> HashMap<String, Vec<usize>> {
-    inputs.iter().map(|(n, a)| (n.clone(), a.shape().to_vec())).collect()
+    inputs
+        .iter()
+        .map(|(n, a)| (n.clone(), a.shape().to_vec()))
+        .collect()
 }
 
 /// Compares `actual` with the golden file `fixtures/<rel>`; with `LORA_GRAFT_BLESS=1`
@@ -93,7 +116,10 @@ pub fn check_golden(rel: &str, actual: &str) {
         return;
     }
     let expected = std::fs::read_to_string(&path).unwrap_or_else(|_| {
-        panic!("golden file {} is missing; run `LORA_GRAFT_BLESS=1 cargo test` and review it", path.display())
+        panic!(
+            "golden file {} is missing; run `LORA_GRAFT_BLESS=1 cargo test` and review it",
+            path.display()
+        )
     });
     if expected != actual {
         panic!(
@@ -112,7 +138,11 @@ pub fn line_diff(expected: &str, actual: &str) -> String {
     let mut lcs = vec![vec![0u32; b.len() + 1]; a.len() + 1];
     for i in (0..a.len()).rev() {
         for j in (0..b.len()).rev() {
-            lcs[i][j] = if a[i] == b[j] { lcs[i + 1][j + 1] + 1 } else { lcs[i + 1][j].max(lcs[i][j + 1]) };
+            lcs[i][j] = if a[i] == b[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
         }
     }
     let (mut i, mut j, mut out) = (0, 0, String::new());
