@@ -1,10 +1,15 @@
 //! The rewriting passes, one per file. This is the one place that lists them.
 //!
 //! Pipelines:
+//! - analysis: [`target`] finds the linear layers to adapt.
+//! - grafting: [`target`], then [`graft`] with a variant of [`variants::VARIANTS`].
 //! - runtime preparation (before handing a model to tract): [`prepare_for_tract`].
 
 pub mod fold;
 pub mod gemm_scalars;
+pub mod graft;
+pub mod target;
+pub mod variants;
 
 use std::collections::HashMap;
 

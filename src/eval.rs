@@ -82,6 +82,7 @@ const OPS: &[(&str, OpFn)] = &[
     ("Range", range),
     ("CumSum", cumsum),
     ("Trilu", trilu),
+    ("DequantizeLinear", dequantize_linear),
 ];
 
 /// Whether the evaluator knows `node`'s op.
@@ -282,6 +283,7 @@ macro_rules! same_variant {
             Array::F32($a) => Array::F32($body),
             Array::F64($a) => Array::F64($body),
             Array::F16($a) => Array::F16($body),
+            Array::BF16($a) => Array::BF16($body),
             Array::I64($a) => Array::I64($body),
             Array::I32($a) => Array::I32($body),
             Array::I8($a) => Array::I8($body),
@@ -312,6 +314,7 @@ fn where_(_: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, String> {
         (Array::F32(a), Array::F32(b)) => Array::F32(pick!(a, b)),
         (Array::F64(a), Array::F64(b)) => Array::F64(pick!(a, b)),
         (Array::F16(a), Array::F16(b)) => Array::F16(pick!(a, b)),
+        (Array::BF16(a), Array::BF16(b)) => Array::BF16(pick!(a, b)),
         (Array::I64(a), Array::I64(b)) => Array::I64(pick!(a, b)),
         (Array::I32(a), Array::I32(b)) => Array::I32(pick!(a, b)),
         (Array::Bool(a), Array::Bool(b)) => Array::Bool(pick!(a, b)),
@@ -360,6 +363,7 @@ fn cast(node: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, String> {
         D::Float => Array::F32(f.mapv(|v| v as f32)),
         D::Double => Array::F64(f),
         D::Float16 => Array::F16(f.mapv(half::f16::from_f64)),
+        D::Bfloat16 => Array::BF16(f.mapv(half::bf16::from_f64)),
         D::Int64 => Array::I64(ints()),
         D::Int32 => Array::I32(ints().mapv(|v| v as i32)),
         D::Int8 => Array::I8(ints().mapv(|v| v as i8)),
@@ -505,6 +509,7 @@ fn concat(node: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, String> 
         Array::F32(_) => cat!(F32),
         Array::F64(_) => cat!(F64),
         Array::F16(_) => cat!(F16),
+        Array::BF16(_) => cat!(BF16),
         Array::I64(_) => cat!(I64),
         Array::I32(_) => cat!(I32),
         Array::I8(_) => cat!(I8),
@@ -714,4 +719,70 @@ fn trilu(node: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, String> {
         }
         out
     })])
+}
+
+/// The value of `v`, computed from initializers alone (a weight through its chain of
+/// Transpose, Cast, DequantizeLinear, ... nodes). Reads whole initializers: use it for
+/// one weight at a time.
+pub fn evaluate(graph: &crate::ir::Graph, v: crate::ir::ValueId) -> Result<Array, String> {
+    if let Some(init) = graph.initializer(v) {
+        return Array::from_proto(&init.proto, init.raw_bytes()).map_err(|e| match e {
+            crate::tensor::DecodeError::Unsupported(t) => {
+                format!("tensor '{}' of type {t} cannot be read", init.proto.name())
+            }
+            crate::tensor::DecodeError::Inconsistent(r) => {
+                format!("tensor '{}': {r}", init.proto.name())
+            }
+        });
+    }
+    let n = graph.producer(v).ok_or_else(|| {
+        format!(
+            "'{}' is not computed from initializers",
+            graph.value(v).name
+        )
+    })?;
+    let node = graph.node(n);
+    let inputs: Vec<Option<Array>> = node
+        .inputs
+        .iter()
+        .map(|i| i.map(|i| evaluate(graph, i)).transpose())
+        .collect::<Result<_, _>>()?;
+    let refs: Vec<Option<&Array>> = inputs.iter().map(Option::as_ref).collect();
+    let slot = node.outputs.iter().position(|o| *o == Some(v)).unwrap_or(0);
+    let mut outs =
+        eval(node, &refs).map_err(|e| format!("node '{}' ({}): {e}", node.name(), node.op()))?;
+    Ok(outs.swap_remove(slot))
+}
+
+/// `(x - zero_point) * scale`, per tensor or along `axis` (no block quantization).
+fn dequantize_linear(node: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, String> {
+    let x = arg(inputs, 0)?;
+    let scale = arg(inputs, 1)?;
+    let rank = x.shape().len();
+    let xf = x.to_f64();
+    let sf = scale.to_f64();
+    let zf = match inputs.get(2).copied().flatten() {
+        Some(z) => z.to_f64(),
+        None => ArrayD::zeros(sf.raw_dim()),
+    };
+    let (sf, zf) = if sf.ndim() == 1 && rank > 0 {
+        let axis = norm_axis(node.attr_int("axis", 1), rank)?;
+        let mut shape = vec![1; rank];
+        shape[axis] = sf.len();
+        (
+            sf.into_shape_with_order(IxDyn(&shape))
+                .map_err(|e| e.to_string())?,
+            zf.into_shape_with_order(IxDyn(&shape))
+                .map_err(|e| e.to_string())?,
+        )
+    } else {
+        (sf, zf)
+    };
+    let y = zip_with(&zip_with(&xf, &zf, |a, b| a - b)?, &sf, |a, b| a * b)?;
+    Ok(vec![match scale {
+        Array::F16(_) => Array::F16(y.mapv(half::f16::from_f64)),
+        Array::BF16(_) => Array::BF16(y.mapv(half::bf16::from_f64)),
+        Array::F64(_) => Array::F64(y),
+        _ => Array::F32(y.mapv(|v| v as f32)),
+    }])
 }

@@ -5,12 +5,16 @@
 //! model.onnx -> model::Model::load -> ir::Graph -> passes::* -> Model::save
 //! ```
 
+pub mod adapter;
 pub mod dtype;
 pub mod error;
 pub mod eval;
 pub mod inspect;
 pub mod ir;
+pub mod linalg;
 pub mod model;
+pub mod pipeline;
+pub mod rng;
 pub mod runtime;
 pub mod tensor;
 

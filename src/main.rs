@@ -3,15 +3,68 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use lora_graft::{inspect, Model};
+use clap::{Args, Parser, Subcommand};
+use lora_graft::passes::target::{self, Filters, Role};
+use lora_graft::passes::variants::Config;
+use lora_graft::pipeline::{self, FilterText, GraftRequest};
+use lora_graft::{inspect, Error, Model, Result};
+use regex::Regex;
 
 /// Graft LoRA-family adapters into ONNX models.
+///
+/// `lora-graft model.onnx --variant lora|pissa|delora` writes `model.<variant>.onnx`
+/// and `model.<variant>.safetensors` beside the input.
 #[derive(Parser)]
-#[command(name = "lora-graft", version, about)]
+#[command(
+    name = "lora-graft",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    graft: GraftArgs,
+}
+
+/// The main job's options.
+#[derive(Args, Debug)]
+struct GraftArgs {
+    /// The .onnx model to adapt.
+    model: Option<PathBuf>,
+    /// The adapter variant: lora, pissa or delora.
+    #[arg(long)]
+    variant: Option<String>,
+    /// Rank.
+    #[arg(short, long, default_value_t = 8)]
+    r: usize,
+    /// LoRA alpha (the scale is alpha / r); kept as given in the adapter's cfg.
+    #[arg(long, default_value = "16.0")]
+    alpha: String,
+    /// rsLoRA scale alpha / sqrt(r).
+    #[arg(long)]
+    rslora: bool,
+    /// DeLoRA's initial lambda.
+    #[arg(long, default_value_t = 15.0)]
+    lambda0: f64,
+    /// PiSSA: randomized SVD with N power iterations (PEFT's pissa_niter_N) instead of the exact SVD.
+    #[arg(long, value_name = "N")]
+    pissa_niter: Option<usize>,
+    /// Seed of the random inits (the same seed gives byte-identical outputs).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Adapter dtype: float32 (default), float16 or bfloat16.
+    #[arg(long, default_value = "float32")]
+    adapter_dtype: String,
+    #[command(flatten)]
+    filters: TargetArgs,
+    /// Output model (default: <stem>.<variant>.onnx beside the input).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Output adapter file (default: the output model's path with .safetensors).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -24,6 +77,92 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the linear layers adapters would be grafted onto.
+    Targets {
+        /// The .onnx file.
+        model: PathBuf,
+        #[command(flatten)]
+        filters: TargetArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// lora-lite's targeting knobs.
+#[derive(Args, Clone, Debug)]
+struct TargetArgs {
+    /// Roles to adapt, comma-separated: reader, writer, inner.
+    #[arg(long, value_delimiter = ',', default_value = "reader,writer")]
+    target_roles: Vec<String>,
+    /// Adapt only modules matching this regex (repeatable).
+    #[arg(long = "target-names", value_name = "REGEX")]
+    target_names: Vec<String>,
+    /// Skip modules matching this regex (repeatable; default: lm_head, embed_tokens).
+    #[arg(long = "exclude-names", value_name = "REGEX", default_values = ["lm_head", "embed_tokens"])]
+    exclude_names: Vec<String>,
+    /// Adapt only these layer indices, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    layers: Option<Vec<usize>>,
+    /// Remove this prefix from module names (e.g. a wrapper's `m.`).
+    #[arg(long)]
+    strip_prefix: Option<String>,
+    /// The residual width, when the model has no token embedding to tell it.
+    #[arg(long)]
+    d_model: Option<usize>,
+    /// Role of square layers matching REGEX: `REGEX=reader` or `REGEX=writer` (repeatable).
+    #[arg(long = "role", value_name = "REGEX=ROLE")]
+    roles: Vec<String>,
+}
+
+fn regex(s: &str, flag: &str) -> Result<Regex> {
+    Regex::new(s).map_err(|e| Error::Usage(format!("{flag} '{s}' is not a valid regex: {e}")))
+}
+
+impl TargetArgs {
+    fn text(&self) -> FilterText {
+        FilterText {
+            roles: self.target_roles.clone(),
+            names: self.target_names.clone(),
+            excludes: self.exclude_names.clone(),
+            layers: self.layers.clone(),
+        }
+    }
+
+    fn filters(&self) -> Result<Filters> {
+        Ok(Filters {
+            roles: self
+                .target_roles
+                .iter()
+                .map(|r| Role::parse(r))
+                .collect::<Result<_>>()?,
+            names: self
+                .target_names
+                .iter()
+                .map(|s| regex(s, "--target-names"))
+                .collect::<Result<_>>()?,
+            excludes: self
+                .exclude_names
+                .iter()
+                .map(|s| regex(s, "--exclude-names"))
+                .collect::<Result<_>>()?,
+            layers: self.layers.clone(),
+            strip_prefix: self.strip_prefix.clone(),
+            d_model: self.d_model,
+            role_overrides: self
+                .roles
+                .iter()
+                .map(|s| {
+                    let (re, role) = s.rsplit_once('=').ok_or_else(|| {
+                        Error::Usage(format!(
+                            "--role '{s}' should be REGEX=reader or REGEX=writer"
+                        ))
+                    })?;
+                    Ok((regex(re, "--role")?, Role::parse(role)?))
+                })
+                .collect::<Result<_>>()?,
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -37,8 +176,11 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> lora_graft::Result<()> {
-    match cli.command {
+fn run(cli: Cli) -> Result<()> {
+    let Some(command) = cli.command else {
+        return graft(cli.graft);
+    };
+    match command {
         Command::Inspect { model, json } => {
             let model = Model::load(&model)?;
             let report = inspect::Report::new(&model);
@@ -51,6 +193,114 @@ fn run(cli: Cli) -> lora_graft::Result<()> {
                 print!("{report}");
             }
         }
+        Command::Targets {
+            model,
+            filters,
+            json,
+        } => {
+            let path = model;
+            let model = Model::load(&path)?;
+            let targeting = target::run(&model.graph, &filters.filters()?)
+                .map_err(|e| e.context(format!("{}: targeting", path.display())))?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&targeting).expect("serialisable")
+                );
+            } else {
+                print!("{targeting}");
+            }
+        }
     }
+    Ok(())
+}
+
+fn graft(args: GraftArgs) -> Result<()> {
+    let Some(input) = args.model else {
+        return Err(Error::Usage(
+            "no model given; usage: lora-graft model.onnx --variant lora|pissa|delora (see --help)"
+                .into(),
+        ));
+    };
+    let Some(variant) = args.variant else {
+        return Err(Error::Usage(format!(
+            "{}: no --variant given; choose lora, pissa or delora",
+            input.display()
+        )));
+    };
+    let alpha: f64 = args
+        .alpha
+        .parse()
+        .map_err(|_| Error::Usage(format!("--alpha '{}' is not a number", args.alpha)))?;
+    let alpha_json = if args.alpha.parse::<i64>().is_ok() {
+        args.alpha.clone()
+    } else {
+        lora_graft::passes::variants::delora::py_float(alpha)
+    };
+    let req = GraftRequest {
+        variant: variant.clone(),
+        cfg: Config {
+            r: args.r,
+            alpha,
+            alpha_json,
+            rslora: args.rslora,
+            lambda0: args.lambda0,
+            pissa_niter: args.pissa_niter,
+            seed: args.seed,
+        },
+        adapter_dtype: pipeline::parse_dtype(&args.adapter_dtype)?,
+        filters: args.filters.filters()?,
+        filter_text: args.filters.text(),
+    };
+    lora_graft::passes::variants::variant(&variant)?;
+    let (out, adapter_path) = pipeline::default_paths(
+        &input,
+        &variant,
+        args.output.as_deref(),
+        args.adapter.as_deref(),
+    );
+    let mut model = Model::load(&input)?;
+    let outcome = pipeline::graft(&mut model, &req)?;
+    let adapter = outcome.adapter_file(&req);
+    let report = pipeline::write(&model, &adapter, &out, &adapter_path)?;
+    println!(
+        "{} targets adapted with {} (r = {}):",
+        outcome.targeting.targets.len(),
+        variant,
+        req.cfg.r
+    );
+    for m in &outcome.grafted.modules {
+        let roles: Vec<&str> = m.sites.iter().map(|s| s.role.as_str()).collect();
+        println!(
+            "  {:<48} {} -> {}  {}",
+            m.module,
+            m.dims.d_in,
+            m.dims.d_out,
+            roles.join(",")
+        );
+    }
+    let trainable = outcome.grafted.trainable_params();
+    let base = outcome.targeting.model_params.max(1);
+    println!(
+        "trainable parameters: {trainable} ({:.3}% of the base model's {base})",
+        100.0 * trainable as f64 / base as f64
+    );
+    println!("wrote {}", report.model.display());
+    for p in &report.linked {
+        println!(
+            "  linked external data {} (the input's, not copied)",
+            p.display()
+        );
+    }
+    for p in &report.copied {
+        println!(
+            "  copied external data {} (a hard link was not possible)",
+            p.display()
+        );
+    }
+    if let Some(p) = &report.own_data {
+        println!("  new tensors in {}", p.display());
+    }
+    println!("wrote {}", adapter_path.display());
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Dense host tensors (`Array`) and their conversion from and to ONNX `TensorProto`.
 
-use half::f16;
+use half::{bf16, f16};
 use tract_core::ndarray::{ArrayD, IxDyn};
 
 use crate::dtype;
@@ -15,6 +15,8 @@ pub enum Array {
     F64(ArrayD<f64>),
     /// float16
     F16(ArrayD<f16>),
+    /// bfloat16
+    BF16(ArrayD<bf16>),
     /// int64
     I64(ArrayD<i64>),
     /// int32
@@ -35,6 +37,7 @@ macro_rules! for_each_array {
             $crate::tensor::Array::F32($a) => $body,
             $crate::tensor::Array::F64($a) => $body,
             $crate::tensor::Array::F16($a) => $body,
+            $crate::tensor::Array::BF16($a) => $body,
             $crate::tensor::Array::I64($a) => $body,
             $crate::tensor::Array::I32($a) => $body,
             $crate::tensor::Array::I8($a) => $body,
@@ -75,6 +78,7 @@ impl Array {
             Array::F32(_) => DataType::Float,
             Array::F64(_) => DataType::Double,
             Array::F16(_) => DataType::Float16,
+            Array::BF16(_) => DataType::Bfloat16,
             Array::I64(_) => DataType::Int64,
             Array::I32(_) => DataType::Int32,
             Array::I8(_) => DataType::Int8,
@@ -192,6 +196,7 @@ impl Array {
             Array::F32(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
             Array::F64(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
             Array::F16(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            Array::BF16(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
             Array::I64(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
             Array::I32(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
             Array::I8(a) => a.iter().map(|&v| v as u8).collect(),
@@ -213,6 +218,7 @@ impl Array {
             Array::F32(a) => a.mapv(f64::from),
             Array::F64(a) => a.clone(),
             Array::F16(a) => a.mapv(f64::from),
+            Array::BF16(a) => a.mapv(f64::from),
             Array::I64(a) => a.mapv(|v| v as f64),
             Array::I32(a) => a.mapv(f64::from),
             Array::I8(a) => a.mapv(f64::from),
@@ -230,4 +236,26 @@ pub fn small_values_text(t: &TensorProto, max: u64) -> Option<String> {
     }
     let a = Array::from_proto(t, None).ok()?;
     Some(for_each_array!(&a, x => format!("{:?}", x.iter().collect::<Vec<_>>())))
+}
+
+impl Array {
+    /// The values as f32 (weights are read this way for SVDs and norms).
+    pub fn to_f32(&self) -> ArrayD<f32> {
+        match self {
+            Array::F32(a) => a.clone(),
+            other => other.to_f64().mapv(|v| v as f32),
+        }
+    }
+
+    /// `values` (f32) converted to the float element type `elem_type`
+    /// (float32, float16, bfloat16 or float64).
+    pub fn from_f32(values: ArrayD<f32>, elem_type: i32) -> Option<Array> {
+        Some(match DataType::try_from(elem_type).ok()? {
+            DataType::Float => Array::F32(values),
+            DataType::Float16 => Array::F16(values.mapv(f16::from_f32)),
+            DataType::Bfloat16 => Array::BF16(values.mapv(bf16::from_f32)),
+            DataType::Double => Array::F64(values.mapv(f64::from)),
+            _ => return None,
+        })
+    }
 }

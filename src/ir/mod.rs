@@ -344,6 +344,54 @@ impl Graph {
         self.define_initializer(id, init);
     }
 
+    /// Replaces the initializer `v`'s tensor (name kept).
+    pub fn replace_initializer(&mut self, v: ValueId, mut init: Initializer) {
+        init.proto.name = Some(self.value(v).name.clone());
+        let value = &mut self.values[v.0 as usize];
+        debug_assert_eq!(value.def, Def::Initializer);
+        value.init = Some(init);
+    }
+
+    /// Makes input `slot` of `node` read `value`.
+    pub fn set_input(&mut self, node: NodeId, slot: usize, value: Option<ValueId>) {
+        let old = std::mem::replace(&mut self.node_mut(node).inputs[slot], value);
+        if let Some(old) = old {
+            let users = &mut self.values[old.0 as usize].users;
+            if let Some(pos) = users.iter().position(|&u| u == node) {
+                users.remove(pos);
+            }
+        }
+        if let Some(v) = value {
+            self.values[v.0 as usize].users.push(node);
+        }
+    }
+
+    /// Removes the nodes and initializers that only fed `v` (now unread), walking back.
+    pub fn remove_if_dead(&mut self, v: ValueId) {
+        if !self.value(v).users.is_empty() || self.is_output(v) {
+            return;
+        }
+        match self.value(v).def {
+            Def::Initializer => self.remove_initializer(v),
+            Def::Node(n, _) => {
+                let node = self.node(n);
+                let all_dead = node
+                    .outputs
+                    .iter()
+                    .flatten()
+                    .all(|&o| self.value(o).users.is_empty() && !self.is_output(o));
+                if all_dead {
+                    let reads: Vec<ValueId> = node.reads().collect();
+                    self.remove_node(n);
+                    for r in reads {
+                        self.remove_if_dead(r);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// Appends a node reading `inputs` and defining `outputs` (which must be undefined).
     pub fn add_node(
         &mut self,

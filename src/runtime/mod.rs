@@ -121,8 +121,19 @@ fn datum_type(elem: i32) -> Option<DatumType> {
 }
 
 impl Runner {
-    /// Prepares `model` for inputs of the given shapes (`name -> dims`).
+    /// Prepares `model` for inputs of the given shapes (`name -> dims`), optimised.
     pub fn new(model: &Model, shapes: &HashMap<String, Vec<usize>>) -> Result<Runner> {
+        Runner::with_optimisation(model, shapes, true)
+    }
+
+    /// Like [`Runner::new`]; with `optimise = false` tract only declutters, so every op
+    /// runs as written (no kernel choice that depends on the rest of the graph: the
+    /// numerics of a subgraph do not change when other branches are added).
+    pub fn with_optimisation(
+        model: &Model,
+        shapes: &HashMap<String, Vec<usize>>,
+        optimise: bool,
+    ) -> Result<Runner> {
         let m = parse(model, shapes)?;
         let outputs = model
             .graph
@@ -130,7 +141,13 @@ impl Runner {
             .iter()
             .map(|o| model.graph.value(o.value).name.clone())
             .collect();
-        let typed = m.into_optimized().map_err(tract_err)?;
+        let typed = m.into_typed().map_err(tract_err)?;
+        let typed = if optimise {
+            typed.into_optimized()
+        } else {
+            typed.into_decluttered()
+        }
+        .map_err(tract_err)?;
         let plan = typed.into_runnable().map_err(tract_err)?;
         Ok(Runner {
             plan,
@@ -141,7 +158,10 @@ impl Runner {
 
     /// Runs on `inputs` (in [`Runner::inputs`] order).
     pub fn run(&self, inputs: Vec<Array>) -> Result<Vec<Array>> {
-        let values: TVec<TValue> = inputs.into_iter().map(|a| to_tract(a).into()).collect();
+        let values: TVec<TValue> = inputs
+            .into_iter()
+            .map(|a| to_tract(a).map(TValue::from))
+            .collect::<Result<_>>()?;
         let outputs = self.plan.run(values).map_err(tract_err)?;
         outputs
             .into_iter()
@@ -183,17 +203,22 @@ pub fn value_facts(
 }
 
 /// Converts an [`Array`] to a tract tensor.
-pub fn to_tract(a: Array) -> Tensor {
-    match a {
+pub fn to_tract(a: Array) -> Result<Tensor> {
+    Ok(match a {
         Array::F32(x) => x.into(),
         Array::F64(x) => x.into(),
         Array::F16(x) => x.into(),
+        Array::BF16(_) => {
+            return Err(Error::Runtime(
+                "tract has no bfloat16; give float32 inputs".into(),
+            ))
+        }
         Array::I64(x) => x.into(),
         Array::I32(x) => x.into(),
         Array::I8(x) => x.into(),
         Array::U8(x) => x.into(),
         Array::Bool(x) => x.into(),
-    }
+    })
 }
 
 /// Converts a tract tensor to an [`Array`].

@@ -1,0 +1,363 @@
+//! Grafting: creates a variant's adapter tensors for every target module and splices
+//! its branch around every target node (`y' = y + Δ(x)`); PiSSA also rewrites the
+//! weight to `W_res`.
+
+use std::collections::BTreeMap;
+
+use tract_core::ndarray::{Array2, ArrayD};
+
+use super::target::{Layout, Role, Target};
+use super::variants::{init_params, int_attr, Branch, Config, Dims, Params, Variant};
+use crate::error::{Error, Result};
+use crate::ir::{Def, Graph, Initializer, ValueId};
+use crate::proto::tensor_proto::DataType;
+use crate::rng::Rng;
+use crate::tensor::Array;
+
+/// What to graft.
+pub struct GraftOptions<'a> {
+    /// The variant.
+    pub variant: &'a dyn Variant,
+    /// Its settings.
+    pub cfg: Config,
+    /// Element type the adapter tensors are stored and computed in (default float32).
+    pub adapter_dtype: i32,
+}
+
+/// One linear node a module's adapter was spliced around.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Site {
+    /// The ONNX node.
+    pub node: String,
+    /// Its role.
+    pub role: Role,
+}
+
+/// The adapter of one module.
+#[derive(Debug, Clone)]
+pub struct ModuleAdapter {
+    /// Module path (the key prefix).
+    pub module: String,
+    /// Layer widths.
+    pub dims: Dims,
+    /// Tensors in torch layout, rounded to the adapter dtype, as f32.
+    pub params: Params,
+    /// Which tensors are trained.
+    pub trainable: Vec<&'static str>,
+    /// The nodes it was spliced around (two for a module called twice).
+    pub sites: Vec<Site>,
+}
+
+/// The result of grafting.
+#[derive(Debug, Clone, Default)]
+pub struct Grafted {
+    /// Per module, in graph order.
+    pub modules: Vec<ModuleAdapter>,
+}
+
+impl Grafted {
+    /// Number of trainable adapter parameters.
+    pub fn trainable_params(&self) -> u64 {
+        self.modules
+            .iter()
+            .flat_map(|m| m.trainable.iter().map(|n| m.params[n].len() as u64))
+            .sum()
+    }
+}
+
+/// The default-domain opset of a model.
+pub fn default_opset(proto: &crate::proto::ModelProto) -> i64 {
+    proto
+        .opset_import
+        .iter()
+        .find(|o| matches!(o.domain(), "" | "ai.onnx"))
+        .map(|o| o.version())
+        .unwrap_or(1)
+}
+
+/// Grafts `opts.variant` onto `targets` of `graph`.
+pub fn run(
+    graph: &mut Graph,
+    opset: i64,
+    targets: &[Target],
+    opts: &GraftOptions,
+) -> Result<Grafted> {
+    let mut groups: Vec<(String, Vec<&Target>)> = Vec::new();
+    for t in targets {
+        match groups.iter_mut().find(|(m, _)| *m == t.module) {
+            Some((_, g)) => g.push(t),
+            None => groups.push((t.module.clone(), vec![t])),
+        }
+    }
+    let mut grafted = Grafted::default();
+    for (module, group) in groups {
+        let m = graft_module(graph, opset, &module, &group, opts)
+            .map_err(|e| e.context(format!("grafting '{module}'")))?;
+        grafted.modules.push(m);
+    }
+    graph.compact();
+    graph.validate().map_err(|e| e.context("graft"))?;
+    Ok(grafted)
+}
+
+fn graft_module(
+    graph: &mut Graph,
+    opset: i64,
+    module: &str,
+    group: &[&Target],
+    opts: &GraftOptions,
+) -> Result<ModuleAdapter> {
+    let t0 = group[0];
+    let dims = Dims {
+        d_in: t0.d_in,
+        d_out: t0.d_out,
+    };
+    let cfg = &opts.cfg;
+    if cfg.r == 0 || cfg.r > dims.d_in.min(dims.d_out) {
+        return Err(Error::Usage(format!(
+            "r = {} does not fit layer '{module}' ({} -> {}): r must be between 1 and {}",
+            cfg.r,
+            dims.d_in,
+            dims.d_out,
+            dims.d_in.min(dims.d_out)
+        )));
+    }
+    let variant = opts.variant;
+    if variant.reads_weight() && t0.quantized {
+        return Err(Error::Usage(format!(
+            "{} needs the float weight of '{module}', which is quantized ({}); use lora, or a float model",
+            variant.name(),
+            t0.op
+        )));
+    }
+    let specs = variant.param_specs(dims, cfg);
+    let mut rng = Rng::for_name(cfg.seed, module);
+    let mut params = init_params(&specs, &mut rng);
+    let adapter_dtype = opts.adapter_dtype;
+    let round = move |a: &mut ArrayD<f32>| {
+        if let Some(r) = Array::from_f32(a.clone(), adapter_dtype) {
+            *a = r.to_f32();
+        }
+    };
+    let w_res = if variant.reads_weight() {
+        let w = effective_weight(graph, t0)?;
+        variant.init(&w, &mut params, cfg, &mut rng, &round)?
+    } else {
+        None
+    };
+    for p in params.values_mut() {
+        round(p);
+    }
+    // The tensors, named after their adapter-file keys, in ONNX layout.
+    let mut ids: BTreeMap<&'static str, ValueId> = BTreeMap::new();
+    for spec in &specs {
+        let key = format!("{module}.{}", spec.name);
+        if graph.value_by_name(&key).is_some() {
+            return Err(Error::Usage(format!(
+                "the model already has a tensor named '{key}'; was it grafted already?"
+            )));
+        }
+        let onnx = onnx_layout(&params[spec.name]);
+        let array = Array::from_f32(onnx, adapter_dtype).expect("float adapter dtype");
+        ids.insert(
+            spec.name,
+            graph.add_initializer(&key, Initializer::new(array.to_proto(""))),
+        );
+    }
+    let mut sites = Vec::new();
+    for t in group {
+        splice(graph, opset, module, t, &ids, opts)?;
+        sites.push(Site {
+            node: t.node_name.clone(),
+            role: t.role,
+        });
+    }
+    if let Some(w_res) = w_res {
+        set_weight(graph, module, group, &w_res)?;
+    }
+    Ok(ModuleAdapter {
+        module: module.to_string(),
+        dims,
+        trainable: specs
+            .iter()
+            .filter(|s| s.trainable)
+            .map(|s| s.name)
+            .collect(),
+        params,
+        sites,
+    })
+}
+
+/// A torch-layout tensor in ONNX layout: every 2-D tensor transposed.
+pub fn onnx_layout(a: &ArrayD<f32>) -> ArrayD<f32> {
+    if a.ndim() == 2 {
+        a.t().as_standard_layout().to_owned()
+    } else {
+        a.clone()
+    }
+}
+
+/// The element type the linear node computes in.
+fn compute_dtype(graph: &Graph, t: &Target) -> i32 {
+    let node = graph.node(t.node);
+    if t.op == "MatMulNBits" {
+        return node
+            .inputs
+            .get(2)
+            .copied()
+            .flatten()
+            .map(|s| value_dtype(graph, s))
+            .unwrap_or(DataType::Float as i32);
+    }
+    value_dtype(graph, node.inputs[1].expect("weight input"))
+}
+
+fn value_dtype(graph: &Graph, v: ValueId) -> i32 {
+    if let Some(init) = graph.initializer(v) {
+        return init.elem_type();
+    }
+    let Some(n) = graph.producer(v) else {
+        return DataType::Float as i32;
+    };
+    let node = graph.node(n);
+    match node.op() {
+        "Cast" => node.attr_int("to", 1) as i32,
+        "DequantizeLinear" => node
+            .inputs
+            .get(1)
+            .copied()
+            .flatten()
+            .map(|s| value_dtype(graph, s))
+            .unwrap_or(1),
+        _ => node
+            .inputs
+            .iter()
+            .flatten()
+            .next()
+            .map(|&i| value_dtype(graph, i))
+            .unwrap_or(1),
+    }
+}
+
+/// `y' = y + Cast(branch(Cast(x)))` around target `t`.
+fn splice(
+    graph: &mut Graph,
+    opset: i64,
+    module: &str,
+    t: &Target,
+    ids: &BTreeMap<&'static str, ValueId>,
+    opts: &GraftOptions,
+) -> Result<()> {
+    let model_dtype = compute_dtype(graph, t);
+    let prefix = format!("{module}.lora");
+    let mut b = Branch {
+        graph,
+        prefix,
+        opset,
+        dtype: opts.adapter_dtype,
+    };
+    let x = if model_dtype != opts.adapter_dtype {
+        b.op(
+            "Cast",
+            &[t.input],
+            vec![int_attr("to", opts.adapter_dtype as i64)],
+        )?
+    } else {
+        t.input
+    };
+    let mut delta = opts.variant.branch(&mut b, x, ids, &opts.cfg)?;
+    if model_dtype != opts.adapter_dtype {
+        delta = b.op("Cast", &[delta], vec![int_attr("to", model_dtype as i64)])?;
+    }
+    let (add, outs) = b.graph.add_op(
+        "Add",
+        &format!("{module}.lora.Add"),
+        &[t.output, delta],
+        vec![],
+        1,
+    )?;
+    b.graph.replace_uses(t.output, outs[0], &[add]);
+    Ok(())
+}
+
+/// The effective weight of `t` in torch layout `[d_out, d_in]`, f32, Gemm's alpha folded in.
+pub fn effective_weight(graph: &Graph, t: &Target) -> Result<Array2<f32>> {
+    let node = graph.node(t.node);
+    let w = node.inputs[1].expect("weight input");
+    let a = crate::eval::evaluate(graph, w).map_err(|e| Error::Node {
+        node: t.node_name.clone(),
+        op: t.op.clone(),
+        reason: format!("cannot read the weight: {e}"),
+    })?;
+    let m: Array2<f32> = a.to_f32().into_dimensionality().map_err(|_| Error::Node {
+        node: t.node_name.clone(),
+        op: t.op.clone(),
+        reason: "the weight is not 2-D".into(),
+    })?;
+    let torch = match t.layout {
+        Layout::OutIn if t.op == "Gemm" => m,
+        // MatMul sees [d_in, d_out] whatever the chain did; Gemm transB=0 too.
+        _ => m.reversed_axes().as_standard_layout().to_owned(),
+    };
+    Ok(if t.alpha != 1.0 {
+        torch * t.alpha
+    } else {
+        torch
+    })
+}
+
+/// Writes `w_res` (torch layout, alpha folded in) as the weight of every node of `group`:
+/// in place when nothing else reads the initializer, else as a new initializer of the
+/// module's own that the nodes read directly (a tied weight gets its own copy).
+pub fn set_weight(
+    graph: &mut Graph,
+    module: &str,
+    group: &[&Target],
+    w_res: &Array2<f32>,
+) -> Result<()> {
+    let t0 = group[0];
+    let stored = |t: &Target| -> ArrayD<f32> {
+        let w = if t.alpha != 1.0 {
+            w_res / t.alpha
+        } else {
+            w_res.clone()
+        };
+        let seen = if t.op == "Gemm" && t.layout == Layout::OutIn {
+            w
+        } else {
+            w.reversed_axes().as_standard_layout().to_owned()
+        };
+        seen.into_dyn()
+    };
+    let root = t0.weight;
+    let only_group = graph
+        .value(root)
+        .users
+        .iter()
+        .all(|u| group.iter().any(|t| t.node == *u));
+    if t0.chain.is_empty() && only_group {
+        let dtype = graph
+            .initializer(root)
+            .expect("weight initializer")
+            .elem_type();
+        let array = Array::from_f32(stored(t0), dtype).ok_or_else(|| {
+            Error::Usage(format!("the weight of '{module}' is not a float tensor"))
+        })?;
+        graph.replace_initializer(root, Initializer::new(array.to_proto("")));
+        return Ok(());
+    }
+    let dtype = compute_dtype(graph, t0);
+    let array = Array::from_f32(stored(t0), dtype)
+        .ok_or_else(|| Error::Usage(format!("the weight of '{module}' is not a float tensor")))?;
+    let res = graph.add_initializer(
+        &format!("{module}.weight_res"),
+        Initializer::new(array.to_proto("")),
+    );
+    for t in group {
+        let old = graph.node(t.node).inputs[1].expect("weight input");
+        graph.set_input(t.node, 1, Some(res));
+        graph.remove_if_dead(old);
+    }
+    debug_assert!(graph.value(res).def == Def::Initializer);
+    Ok(())
+}

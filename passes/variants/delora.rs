@@ -1,0 +1,151 @@
+//! DeLoRA (Bini et al. 2025): per-rank normalised LoRA scaled by a trainable lambda,
+//! with the base weight's per-input-channel norms applied on the input side.
+
+use std::collections::BTreeMap;
+
+use tract_core::ndarray::{Array1, Array2, ArrayD, Axis};
+
+use super::{mat, Branch, Config, Dims, Init, ParamSpec, Params, Variant};
+use crate::error::Result;
+use crate::ir::ValueId;
+use crate::rng::Rng;
+
+/// The norm clamp: `max(‖v‖, 1e-4)`, computed NaN-safe as `sqrt(max(Σv², 1e-8))`.
+const NORM_EPS: f64 = 1e-4;
+
+/// DeLoRA: kaiming A, zero B, `lambda = lambda0`, frozen `wnorm = ‖W[:, j]‖`.
+pub struct Delora;
+
+impl Variant for Delora {
+    fn name(&self) -> &'static str {
+        "delora"
+    }
+
+    fn param_specs(&self, d: Dims, cfg: &Config) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec {
+                name: "lora_A",
+                shape: vec![cfg.r, d.d_in],
+                init: Init::Kaiming,
+                trainable: true,
+            },
+            ParamSpec {
+                name: "lora_B",
+                shape: vec![d.d_out, cfg.r],
+                init: Init::Zeros,
+                trainable: true,
+            },
+            ParamSpec {
+                name: "lora_lambda",
+                shape: vec![],
+                init: Init::Constant(cfg.lambda0),
+                trainable: true,
+            },
+            ParamSpec {
+                name: "lora_wnorm",
+                shape: vec![d.d_in],
+                init: Init::Zeros,
+                trainable: false,
+            },
+        ]
+    }
+
+    fn reads_weight(&self) -> bool {
+        true
+    }
+
+    // wnorm_j = ‖W[:, j]‖₂, one per input channel (torch W.norm(dim=0)), in f32.
+    fn init(
+        &self,
+        w: &Array2<f32>,
+        p: &mut Params,
+        _: &Config,
+        _: &mut Rng,
+        round: &dyn Fn(&mut ArrayD<f32>),
+    ) -> Result<Option<Array2<f32>>> {
+        let mut wnorm = w
+            .map_axis(Axis(0), |col| {
+                col.iter()
+                    .map(|&v| (v as f64) * (v as f64))
+                    .sum::<f64>()
+                    .sqrt() as f32
+            })
+            .into_dyn();
+        round(&mut wnorm);
+        p.insert("lora_wnorm", wnorm);
+        Ok(None)
+    }
+
+    fn cfg_fields(&self, cfg: &Config) -> Vec<(&'static str, String)> {
+        vec![("lambda0", py_float(cfg.lambda0))]
+    }
+
+    fn branch(
+        &self,
+        b: &mut Branch,
+        x: ValueId,
+        p: &BTreeMap<&'static str, ValueId>,
+        cfg: &Config,
+    ) -> Result<ValueId> {
+        let (a, bm) = (p["lora_A"], p["lora_B"]);
+        // (x ⊙ wnorm) A_m = x (diag(wnorm) A_m): scaling A's rows keeps x's readers
+        // MatMuls only (as in the base graph) and costs d_in·r, not tokens·d_in.
+        let wnorm_col = b.unsqueeze(p["lora_wnorm"], &[1])?; // [d_in, 1]
+        let a_scaled = b.op("Mul", &[wnorm_col, a], vec![])?;
+        let h = b.op("MatMul", &[x, a_scaled], vec![])?; // [..., r]
+        let eps2 = b.scalar("eps2", NORM_EPS * NORM_EPS);
+        let a_ss = b.reduce_sum_square(a, &[0])?; // A_m [d_in, r]: per-rank norm over axis 0
+        let a_max = b.op("Max", &[a_ss, eps2], vec![])?;
+        let an = b.op("Sqrt", &[a_max], vec![])?;
+        let b_ss = b.reduce_sum_square(bm, &[1])?; // B_m [r, d_out]: per-rank norm over axis 1
+        let b_max = b.op("Max", &[b_ss, eps2], vec![])?;
+        let bn = b.op("Sqrt", &[b_max], vec![])?;
+        let r = b.scalar("r", cfg.r as f64);
+        let lambda_r = b.op("Div", &[p["lora_lambda"], r], vec![])?;
+        let norms = b.op("Mul", &[an, bn], vec![])?;
+        let sigma = b.op("Div", &[lambda_r, norms], vec![])?; // [r]
+        let hs = b.op("Mul", &[h, sigma], vec![])?;
+        b.op("MatMul", &[hs, bm], vec![])
+    }
+
+    // ΔW = B diag(σ) A diag(wnorm), σ_i = (λ/r) / (max(‖A[i,:]‖, ε)·max(‖B[:,i]‖, ε))
+    fn delta_w(&self, p: &Params, cfg: &Config) -> Array2<f32> {
+        let (a, b) = (mat(p, "lora_A"), mat(p, "lora_B"));
+        let lambda = p["lora_lambda"].iter().next().copied().unwrap_or(0.0) as f64;
+        let wnorm: Array1<f32> = p["lora_wnorm"]
+            .clone()
+            .into_dimensionality()
+            .expect("1-D wnorm");
+        let norm = |v: tract_core::ndarray::ArrayView1<f32>| {
+            v.iter()
+                .map(|&x| (x as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+                .max(NORM_EPS)
+        };
+        let sigma: Vec<f64> = (0..cfg.r)
+            .map(|i| (lambda / cfg.r as f64) / (norm(a.row(i)) * norm(b.column(i))))
+            .collect();
+        let mut b_sigma = b.clone();
+        for (i, mut col) in b_sigma.columns_mut().into_iter().enumerate() {
+            col.mapv_inplace(|v| (v as f64 * sigma[i]) as f32);
+        }
+        let mut a_w = a.clone();
+        for mut row in a_w.rows_mut() {
+            row.zip_mut_with(&wnorm, |v, &n| *v *= n);
+        }
+        b_sigma.dot(&a_w)
+    }
+}
+
+/// A float as Python's `json.dumps` writes it (`15.0`, `0.1`).
+pub fn py_float(v: f64) -> String {
+    let s = format!("{v:?}");
+    match s.split_once('e') {
+        Some((m, e)) => {
+            let (sign, digits) = e.strip_prefix('-').map(|d| ("-", d)).unwrap_or(("+", e));
+            format!("{m}e{sign}{digits:0>2}")
+        }
+        None => s,
+    }
+}

@@ -1,0 +1,53 @@
+//! LoRA (Hu et al. 2021), with PEFT's rsLoRA option: `y' = y + s·(x A^T) B^T`.
+
+use std::collections::BTreeMap;
+
+use tract_core::ndarray::Array2;
+
+use super::{mat, Branch, Config, Dims, Init, ParamSpec, Params, Variant};
+use crate::error::Result;
+use crate::ir::ValueId;
+
+/// LoRA: kaiming-uniform A, zero B, scale `alpha/r` (rsLoRA: `alpha/sqrt(r)`).
+pub struct Lora;
+
+impl Variant for Lora {
+    fn name(&self) -> &'static str {
+        "lora"
+    }
+
+    fn param_specs(&self, d: Dims, cfg: &Config) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec {
+                name: "lora_A",
+                shape: vec![cfg.r, d.d_in],
+                init: Init::Kaiming,
+                trainable: true,
+            },
+            ParamSpec {
+                name: "lora_B",
+                shape: vec![d.d_out, cfg.r],
+                init: Init::Zeros,
+                trainable: true,
+            },
+        ]
+    }
+
+    fn branch(
+        &self,
+        b: &mut Branch,
+        x: ValueId,
+        p: &BTreeMap<&'static str, ValueId>,
+        cfg: &Config,
+    ) -> Result<ValueId> {
+        let h = b.op("MatMul", &[x, p["lora_A"]], vec![])?; // [..., r]
+        let d = b.op("MatMul", &[h, p["lora_B"]], vec![])?; // [..., d_out]
+        let s = b.scalar("scale", cfg.scale());
+        b.op("Mul", &[d, s], vec![])
+    }
+
+    // ΔW = s·B A
+    fn delta_w(&self, p: &Params, cfg: &Config) -> Array2<f32> {
+        mat(p, "lora_B").dot(&mat(p, "lora_A")) * cfg.scale() as f32
+    }
+}

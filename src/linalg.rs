@@ -1,0 +1,87 @@
+//! SVDs for PiSSA, on faer: exact (thin) SVD, and torch's `svd_lowrank`
+//! (Halko et al. Alg. 4.4 + 5.1, `q = r`, no oversampling) with an injectable sketch.
+
+use faer::Mat;
+use tract_core::ndarray::{Array1, Array2};
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// `W ≈ U diag(S) Vᵀ` truncated to `q` singular triplets, largest first:
+/// `U [m, q]`, `S [q]`, `V [n, q]`.
+#[derive(Debug, Clone)]
+pub struct Svd {
+    /// Left singular vectors.
+    pub u: Array2<f64>,
+    /// Singular values, non-increasing.
+    pub s: Array1<f64>,
+    /// Right singular vectors.
+    pub v: Array2<f64>,
+}
+
+fn to_faer(a: &Array2<f64>) -> Mat<f64> {
+    Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[[i, j]])
+}
+
+fn from_faer(m: faer::MatRef<'_, f64>) -> Array2<f64> {
+    Array2::from_shape_fn((m.nrows(), m.ncols()), |(i, j)| m[(i, j)])
+}
+
+fn thin_svd(a: &Mat<f64>) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>)> {
+    let svd = a
+        .thin_svd()
+        .map_err(|e| Error::Usage(format!("the SVD did not converge ({e:?})")))?;
+    let s: Vec<f64> = (0..svd.S().dim()).map(|i| svd.S()[i]).collect();
+    Ok((svd.U().to_owned(), s, svd.V().to_owned()))
+}
+
+/// The exact SVD of `w`, truncated to `q`.
+pub fn svd_exact(w: &Array2<f64>, q: usize) -> Result<Svd> {
+    let (u, s, v) = thin_svd(&to_faer(w))?;
+    Ok(Svd {
+        u: from_faer(u.as_ref()).slice_move(tract_core::ndarray::s![.., ..q]),
+        s: Array1::from(s[..q].to_vec()),
+        v: from_faer(v.as_ref()).slice_move(tract_core::ndarray::s![.., ..q]),
+    })
+}
+
+fn thin_q(a: &Mat<f64>) -> Mat<f64> {
+    a.qr().compute_thin_Q()
+}
+
+/// torch's `svd_lowrank(w, q, niter)` with sketch `omega [min(m, n), q]` (Gaussian from
+/// `rng` when `None`).
+pub fn svd_lowrank(
+    w: &Array2<f64>,
+    q: usize,
+    niter: usize,
+    omega: Option<&Array2<f64>>,
+    rng: &mut Rng,
+) -> Result<Svd> {
+    let (m, n) = w.dim();
+    let tall = m >= n;
+    let a0 = if tall {
+        to_faer(w)
+    } else {
+        to_faer(&w.t().to_owned())
+    }; // [p, k]
+    let k = a0.ncols();
+    let omega = match omega {
+        Some(o) => to_faer(o),
+        None => Mat::from_fn(k, q, |_, _| rng.normal()),
+    };
+    let mut qm = thin_q(&(&a0 * &omega));
+    for _ in 0..niter {
+        qm = thin_q(&(a0.transpose() * &qm));
+        qm = thin_q(&(&a0 * &qm));
+    }
+    let bk = qm.transpose() * &a0; // [q, k]
+    let (ub, s, vb) = thin_svd(&bk)?;
+    let u = &qm * &ub; // [p, q]
+    let (u, v) = if tall { (u, vb) } else { (vb, u) };
+    Ok(Svd {
+        u: from_faer(u.as_ref()),
+        s: Array1::from(s),
+        v: from_faer(v.as_ref()),
+    })
+}

@@ -1,0 +1,408 @@
+//! The test vectors of variants.md §13 (TV-1 to TV-4), through the real graft pass and
+//! tract: every printed number to 1e-6 (relative to max(1, |value|): f32 arithmetic on
+//! values up to ~20 carries ~1e-7 relative error).
+
+use lora_graft::ir::{Graph, Initializer};
+use lora_graft::linalg;
+use lora_graft::passes::graft::onnx_layout;
+use lora_graft::passes::variants::{pissa, Config};
+use lora_graft::pipeline::{self, GraftRequest, Outcome};
+use lora_graft::proto::{
+    tensor_proto::DataType, type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+    TypeProto, ValueInfoProto,
+};
+use lora_graft::rng::Rng;
+use lora_graft::runtime::Runner;
+use lora_graft::tensor::Array;
+use lora_graft::Model;
+use tract_core::ndarray::{arr2, Array2, ArrayD};
+
+/// Wm = [[1, 4], [2, 5], [3, 6]] (W = [[1, 2, 3], [4, 5, 6]]).
+fn wm() -> Array2<f32> {
+    arr2(&[[1.0, 4.0], [2.0, 5.0], [3.0, 6.0]])
+}
+
+fn x() -> Array {
+    Array::F32(arr2(&[[1.0f32, 0.0, -1.0], [2.0, 1.0, 0.0]]).into_dyn())
+}
+
+/// y = MatMul(x [N, 3], layer.weight [3, 2]).
+fn tv_model() -> Model {
+    let vi = |n: &str, dims: &[i64]| ValueInfoProto {
+        name: Some(n.into()),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: Some(DataType::Float as i32),
+                shape: Some(lora_graft::proto::TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| lora_graft::proto::tensor_shape_proto::Dimension {
+                            value: Some(
+                                lora_graft::proto::tensor_shape_proto::dimension::Value::DimValue(
+                                    d,
+                                ),
+                            ),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let graph = GraphProto {
+        node: vec![NodeProto {
+            name: Some("/layer/MatMul".into()),
+            op_type: Some("MatMul".into()),
+            input: vec!["x".into(), "layer.weight".into()],
+            output: vec!["y".into()],
+            ..Default::default()
+        }],
+        initializer: vec![Array::F32(wm().into_dyn()).to_proto("layer.weight")],
+        input: vec![vi("x", &[2, 3])],
+        output: vec![vi("y", &[2, 2])],
+        ..Default::default()
+    };
+    let proto = ModelProto {
+        ir_version: Some(10),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(18),
+        }],
+        ..Default::default()
+    };
+    Model {
+        proto,
+        graph: Graph::from_proto(graph, |_| Ok(None)).unwrap(),
+        path: "tv.onnx".into(),
+        dir: ".".into(),
+    }
+}
+
+fn graft(variant: &str, cfg: Config) -> (Model, Outcome) {
+    let mut model = tv_model();
+    let req = GraftRequest {
+        variant: variant.into(),
+        cfg,
+        ..GraftRequest::default()
+    };
+    let outcome = pipeline::graft(&mut model, &req).unwrap();
+    (model, outcome)
+}
+
+/// Sets `layer.<name>` to `torch` (torch layout) in the graph and in `outcome`.
+fn set(model: &mut Model, outcome: &mut Outcome, name: &'static str, torch: ArrayD<f32>) {
+    let v = model.graph.value_by_name(&format!("layer.{name}")).unwrap();
+    model.graph.replace_initializer(
+        v,
+        Initializer::new(Array::F32(onnx_layout(&torch)).to_proto("")),
+    );
+    outcome.grafted.modules[0].params.insert(name, torch);
+}
+
+fn forward(model: &Model) -> Array2<f64> {
+    let runner = Runner::new(model, &[("x".to_string(), vec![2, 3])].into()).unwrap();
+    runner.run(vec![x()]).unwrap()[0]
+        .to_f64()
+        .into_dimensionality()
+        .unwrap()
+}
+
+fn close(got: &Array2<f64>, want: &[[f64; 3]]) {
+    close_flat(
+        got.iter().copied().collect(),
+        want.iter().flatten().copied().collect(),
+        "",
+    );
+}
+
+fn close_flat(got: Vec<f64>, want: Vec<f64>, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+            "{what}: got {got:?}, want {want:?}"
+        );
+    }
+}
+
+fn close2(got: &Array2<f64>, want: &[[f64; 2]], what: &str) {
+    close_flat(
+        got.iter().copied().collect(),
+        want.iter().flatten().copied().collect(),
+        what,
+    );
+}
+
+fn tv1(rslora: bool) -> (Array2<f64>, Array2<f64>) {
+    let cfg = Config {
+        r: 2,
+        alpha: 4.0,
+        alpha_json: "4".into(),
+        rslora,
+        ..Config::default()
+    };
+    let (mut model, mut outcome) = graft("lora", cfg.clone());
+    assert_eq!(
+        forward(&model),
+        arr2(&[[-2.0, -2.0], [4.0, 13.0]]),
+        "identity at init (B = 0), exactly"
+    );
+    set(
+        &mut model,
+        &mut outcome,
+        "lora_A",
+        arr2(&[[1.0f32, 0.0, -1.0], [0.0, 1.0, 1.0]]).into_dyn(),
+    );
+    set(
+        &mut model,
+        &mut outcome,
+        "lora_B",
+        arr2(&[[1.0f32, 0.0], [2.0, -1.0]]).into_dyn(),
+    );
+    let merged = wm().mapv(f64::from)
+        + outcome
+            .variant
+            .delta_w(&outcome.grafted.modules[0].params, &cfg)
+            .t()
+            .mapv(f64::from);
+    (forward(&model), merged)
+}
+
+#[test]
+fn tv1_lora() {
+    let (y, merged) = tv1(false);
+    close2(&y, &[[2.0, 8.0], [8.0, 19.0]], "Y'");
+    close2(&merged, &[[3.0, 8.0], [2.0, 3.0], [1.0, 0.0]], "merged Wm'");
+}
+
+#[test]
+fn tv1_rslora() {
+    let (y, merged) = tv1(true);
+    close2(
+        &y,
+        &[[3.656854249, 12.14213562], [9.656854249, 21.48528137]],
+        "Y'",
+    );
+    close2(
+        &merged,
+        &[
+            [3.828427125, 9.656854249],
+            [2.0, 2.171572875],
+            [0.1715728753, -2.485281374],
+        ],
+        "merged Wm'",
+    );
+}
+
+#[test]
+fn tv2_pissa_exact() {
+    let cfg = Config {
+        r: 1,
+        alpha: 2.0,
+        alpha_json: "2".into(),
+        ..Config::default()
+    };
+    let (model, outcome) = graft("pissa", cfg.clone());
+    let w_res = model
+        .graph
+        .initializer(model.graph.value_by_name("layer.weight").unwrap())
+        .unwrap();
+    let w_res = Array::from_proto(&w_res.proto, None).unwrap().to_f64();
+    let want = [
+        [-0.5745462861, 0.2406392414],
+        [-0.08011388346, 0.03355437953],
+        [0.4143185192, -0.1735304823],
+    ];
+    close_flat(
+        w_res.iter().copied().collect(),
+        want.iter().flatten().copied().collect(),
+        "W_res (ONNX layout)",
+    );
+    let ba = outcome
+        .variant
+        .delta_w(&outcome.grafted.modules[0].params, &cfg)
+        .mapv(f64::from);
+    close(
+        &ba,
+        &[
+            [1.574546286, 2.080113883, 2.585681481],
+            [3.759360759, 4.96644562, 6.173530482],
+        ],
+    );
+    close2(&forward(&model), &[[-2.0, -2.0], [4.0, 13.0]], "Y' = Y");
+    // The negative cases: a W_res that forgot the /s, or A and B not divided by s.
+    let bug = [
+        [-2.149092572, -3.518721517],
+        [-2.160227767, -4.932891241],
+        [-2.171362962, -6.347060965],
+    ];
+    let dist: f64 = w_res
+        .iter()
+        .zip(bug.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(
+        dist > 1.0,
+        "W_res is the minor component, not W - s·BA with undivided A, B"
+    );
+    let params = &outcome.grafted.modules[0].params;
+    let a_norm: f64 = params["lora_A"]
+        .iter()
+        .map(|&v| (v as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    // sqrt(S1/s) = sqrt(4.754016): with the bug (no /s), ‖A‖ would be sqrt(9.508).
+    assert!((a_norm - 4.754016f64.sqrt()).abs() < 1e-5, "‖A‖ = {a_norm}");
+}
+
+#[test]
+fn tv3_pissa_fast_with_injected_sketch() {
+    let w = arr2(&[[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]);
+    let omega = arr2(&[[1.0], [0.0]]);
+    let cases: [(usize, f64, [[f64; 3]; 2]); 4] = [
+        (
+            0,
+            9.335033859,
+            [
+                [8.881784197e-16, 8.881784197e-16, 1.33226763e-15],
+                [1.714285714, 0.4285714286, -0.8571428571],
+            ],
+        ),
+        (
+            1,
+            9.508024235,
+            [
+                [-0.5711383588, -0.08009867228, 0.4109410143],
+                [0.249873032, 0.03504316912, -0.1797866938],
+            ],
+        ),
+        (
+            2,
+            9.508032,
+            [
+                [-0.5745237917, -0.08011380627, 0.4142961792],
+                [0.2407002149, 0.03356416334, -0.1735718883],
+            ],
+        ),
+        (
+            4,
+            9.508032001,
+            [
+                [-0.5745462851, -0.08011388346, 0.4143185182],
+                [0.240639244, 0.03355437995, -0.1735304841],
+            ],
+        ),
+    ];
+    for (niter, s1, w_res) in cases {
+        let svd = linalg::svd_lowrank(&w, 1, niter, Some(&omega), &mut Rng::new(0)).unwrap();
+        assert!(
+            (svd.s[0] - s1).abs() < 1e-6 * s1,
+            "niter {niter}: S {} vs {s1}",
+            svd.s[0]
+        );
+        let (a, b) = pissa::factors(&svd, 2.0);
+        let got = &w - &(b.dot(&a) * 2.0);
+        close(&got, &w_res);
+    }
+}
+
+#[test]
+fn tv4_delora() {
+    let cfg = Config {
+        r: 2,
+        lambda0: 3.0,
+        ..Config::default()
+    };
+    let (mut model, mut outcome) = graft("delora", cfg.clone());
+    let wnorm = &outcome.grafted.modules[0].params["lora_wnorm"];
+    close_flat(
+        wnorm.iter().map(|&v| v as f64).collect(),
+        vec![4.123105626, 5.385164807, 6.708203932],
+        "wnorm",
+    );
+    assert_eq!(
+        forward(&model),
+        arr2(&[[-2.0, -2.0], [4.0, 13.0]]),
+        "identity at init, exactly"
+    );
+    set(
+        &mut model,
+        &mut outcome,
+        "lora_A",
+        arr2(&[[1.0f32, 0.0, -1.0], [0.0, 1.0, 1.0]]).into_dyn(),
+    );
+    set(
+        &mut model,
+        &mut outcome,
+        "lora_B",
+        arr2(&[[1.0f32, 0.0], [2.0, -1.0]]).into_dyn(),
+    );
+    close2(
+        &forward(&model),
+        &[[3.137741237, 15.39060721], [7.911521443, 15.11121306]],
+        "Y'",
+    );
+    let dw = outcome
+        .variant
+        .delta_w(&outcome.grafted.modules[0].params, &cfg)
+        .mapv(f64::from);
+    close(
+        &dw,
+        &[
+            [1.955760722, 0.0, -3.181980515],
+            [3.911521443, -5.711829829, -13.47908577],
+        ],
+    );
+    let merged = wm().mapv(f64::from) + dw.t();
+    close2(
+        &merged,
+        &[
+            [2.955760722, 7.911521443],
+            [2.0, -0.7118298294],
+            [-0.1819805153, -7.479085766],
+        ],
+        "merged Wm'",
+    );
+}
+
+#[test]
+fn tv4_delora_identity_case_r1_lambda15() {
+    let cfg = Config {
+        r: 1,
+        lambda0: 15.0,
+        ..Config::default()
+    };
+    let (mut model, mut outcome) = graft("delora", cfg);
+    set(
+        &mut model,
+        &mut outcome,
+        "lora_A",
+        arr2(&[[1.0f32, -1.0, 2.0]]).into_dyn(),
+    );
+    assert_eq!(
+        forward(&model),
+        arr2(&[[-2.0, -2.0], [4.0, 13.0]]),
+        "B = 0: Y' == Y exactly"
+    );
+}
+
+#[test]
+fn kaiming_init_bounds_and_seeds() {
+    let cfg = Config {
+        r: 2,
+        ..Config::default()
+    };
+    let (_, a) = graft("lora", cfg.clone());
+    let (_, b) = graft("lora", cfg.clone());
+    let (_, c) = graft("lora", Config { seed: 1, ..cfg });
+    let p = |o: &Outcome| o.grafted.modules[0].params["lora_A"].clone();
+    assert_eq!(p(&a), p(&b), "same seed, same init");
+    assert_ne!(p(&a), p(&c), "another seed, another init");
+    let bound = 1.0 / 3f32.sqrt();
+    assert!(p(&a).iter().all(|v| v.abs() <= bound), "U(±1/sqrt(d_in))");
+    assert!(a.grafted.modules[0].params["lora_B"]
+        .iter()
+        .all(|&v| v == 0.0));
+}
