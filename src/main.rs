@@ -292,9 +292,12 @@ fn graft(args: GraftArgs) -> Result<()> {
             p.display()
         );
     }
+    for p in &report.cloned {
+        println!("  cloned external data {} (copy-on-write)", p.display());
+    }
     for p in &report.copied {
         println!(
-            "  copied external data {} (a hard link was not possible)",
+            "  copied external data {} (runtimes need it in the model's folder)",
             p.display()
         );
     }

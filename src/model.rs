@@ -30,8 +30,8 @@ pub struct Model {
 /// How [`Model::save`] treats external data.
 #[derive(Debug, Clone)]
 pub struct SaveOptions {
-    /// Copy external data files into the output folder instead of hard-linking them.
-    pub copy_external: bool,
+    /// How the input's external data files reach an output in another folder.
+    pub placement: DataPlacement,
     /// New tensors (made by passes) of at least this many bytes go to the output's own
     /// data file when the model keeps data externally.
     pub new_data_threshold: usize,
@@ -40,10 +40,22 @@ pub struct SaveOptions {
 impl Default for SaveOptions {
     fn default() -> Self {
         SaveOptions {
-            copy_external: false,
+            placement: DataPlacement::Clone,
             new_data_threshold: 1024,
         }
     }
+}
+
+/// How an output in another folder gets the input's external data files (runtimes
+/// refuse data paths that leave the model's folder).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPlacement {
+    /// A copy-on-write clone where the filesystem can (btrfs, xfs), else a copy. Safe
+    /// everywhere: the `onnx` Python package refuses data files with several hard links.
+    Clone,
+    /// A hard link where possible (no copy, no space; ONNX Runtime and tract accept
+    /// it, `onnx.load` and `onnx.checker` refuse it as a "hardlink attack"), else a copy.
+    HardLink,
 }
 
 /// What [`Model::save`] wrote.
@@ -53,7 +65,9 @@ pub struct SaveReport {
     pub model: PathBuf,
     /// External data files hard-linked beside the output.
     pub linked: Vec<PathBuf>,
-    /// External data files copied beside the output (links impossible, or asked for).
+    /// External data files cloned beside the output (copy-on-write: no space used).
+    pub cloned: Vec<PathBuf>,
+    /// External data files copied beside the output (no copy-on-write clone possible).
     pub copied: Vec<PathBuf>,
     /// The output's own data file for new tensors, if one was written.
     pub own_data: Option<PathBuf>,
@@ -425,7 +439,7 @@ impl Model {
                 let src = self.dir.join(&loc);
                 let dst = out_dir.join(&loc);
                 if dst.exists() {
-                    if same_file(&src, &dst) {
+                    if same_file(&src, &dst) || same_content(&src, &dst) {
                         continue;
                     }
                     return Err(Error::Usage(format!(
@@ -437,15 +451,19 @@ impl Model {
                 if let Some(parent) = dst.parent() {
                     fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
                 }
-                if !opts.copy_external && fs::hard_link(&src, &dst).is_ok() {
+                if opts.placement == DataPlacement::HardLink && fs::hard_link(&src, &dst).is_ok() {
                     created.push(dst.clone());
                     report.linked.push(dst);
+                    continue;
+                }
+                let tmp = temp_path(&dst);
+                created.push(tmp.clone());
+                let cloned = clone_file(&src, &tmp).map_err(|e| Error::io(&dst, e))?;
+                fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+                created.push(dst.clone());
+                if cloned {
+                    report.cloned.push(dst);
                 } else {
-                    let tmp = temp_path(&dst);
-                    created.push(tmp.clone());
-                    fs::copy(&src, &tmp).map_err(|e| Error::io(&dst, e))?;
-                    fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
-                    created.push(dst.clone());
                     report.copied.push(dst);
                 }
             }
@@ -515,6 +533,57 @@ fn temp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".{}.tmp", std::process::id()));
     path.with_file_name(name)
+}
+
+/// Whether two files hold the same bytes (an earlier run's copy of the same data).
+fn same_content(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (Ok(fa), Ok(fb)) = (fs::File::open(a), fs::File::open(b)) else {
+        return false;
+    };
+    if fa.metadata().map(|m| m.len()).ok() != fb.metadata().map(|m| m.len()).ok() {
+        return false;
+    }
+    let (mut ra, mut rb) = (fa, fb);
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let fill = |r: &mut fs::File, buf: &mut [u8]| -> Option<usize> {
+        let mut n = 0;
+        while n < buf.len() {
+            match r.read(&mut buf[n..]).ok()? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        Some(n)
+    };
+    loop {
+        let (Some(na), Some(nb)) = (fill(&mut ra, &mut ba), fill(&mut rb, &mut bb)) else {
+            return false;
+        };
+        if na != nb || ba[..na] != bb[..nb] {
+            return false;
+        }
+        if na == 0 {
+            return true;
+        }
+    }
+}
+
+/// Copies `src` to `dst`: a copy-on-write clone where the filesystem supports one
+/// (returns true), else a plain copy (false).
+fn clone_file(src: &Path, dst: &Path) -> std::io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        const FICLONE: libc::c_ulong = 0x4004_9409;
+        let from = fs::File::open(src)?;
+        let to = fs::File::create(dst)?;
+        // SAFETY: both descriptors are open for the duration of the call.
+        if unsafe { libc::ioctl(to.as_raw_fd(), FICLONE as _, from.as_raw_fd()) } == 0 {
+            return Ok(true);
+        }
+    }
+    fs::copy(src, dst).map(|_| false)
 }
 
 #[cfg(unix)]

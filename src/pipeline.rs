@@ -243,6 +243,7 @@ pub fn write(
         for p in report
             .linked
             .iter()
+            .chain(&report.cloned)
             .chain(&report.copied)
             .chain(&report.own_data)
         {

@@ -5,14 +5,11 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{check_golden, fixture, max_abs_diff, reference, shapes, Named, TRACT_FIXTURES};
-use lora_graft::ir::Initializer;
+use common::{check_golden, fixture, max_abs_diff, perturb, reference, Named, TRACT_FIXTURES};
 use lora_graft::passes::graft::{effective_weight, onnx_layout, set_weight};
 use lora_graft::passes::target::{self, Filters, Role};
 use lora_graft::passes::variants::{self, Config};
-use lora_graft::pipeline::{self, GraftRequest, Outcome};
-use lora_graft::rng::Rng;
-use lora_graft::runtime::Runner;
+use lora_graft::pipeline::{self, GraftRequest};
 use lora_graft::tensor::Array;
 use lora_graft::Model;
 
@@ -32,13 +29,7 @@ fn request(variant: &str) -> GraftRequest {
 }
 
 fn run(model: &Model, inputs: &Named) -> Vec<Array> {
-    let runner = Runner::new(model, &shapes(inputs)).unwrap();
-    let ordered = runner
-        .inputs
-        .iter()
-        .map(|n| inputs.iter().find(|(k, _)| k == n).unwrap().1.clone())
-        .collect();
-    runner.run(ordered).unwrap()
+    common::run_tract(model, inputs)
 }
 
 fn max_abs(a: &Array) -> f64 {
@@ -77,28 +68,6 @@ fn identity_at_init_on_every_fixture_and_variant() {
                 what <= tol,
                 "{name} {variant}: identity off by {what:e} (tolerance {tol:e})"
             );
-        }
-    }
-}
-
-/// Sets every module's `lora_B` (and DeLoRA's lambda) to non-zero values, in the graph
-/// and in `outcome`'s torch-layout copies.
-fn perturb(model: &mut Model, outcome: &mut Outcome, seed: u64) {
-    let mut rng = Rng::new(seed);
-    for m in &mut outcome.grafted.modules {
-        let b = m.params.get_mut("lora_B").unwrap();
-        b.mapv_inplace(|_| rng.uniform_in(-0.2, 0.2) as f32);
-        if let Some(l) = m.params.get_mut("lora_lambda") {
-            l.fill(3.0);
-        }
-        for (name, values) in &m.params {
-            let key = format!("{}.{name}", m.module);
-            let v = model.graph.value_by_name(&key).unwrap();
-            let dtype = model.graph.initializer(v).unwrap().elem_type();
-            let a = Array::from_f32(onnx_layout(values), dtype).unwrap();
-            model
-                .graph
-                .replace_initializer(v, Initializer::new(a.to_proto("")));
         }
     }
 }
@@ -352,8 +321,8 @@ fn cli_writes_model_and_adapter_beside_the_input_deterministically() {
         std::fs::read(&path).unwrap(),
         std::fs::read(fixture("llama")).unwrap()
     );
-    // The base data is the input's file (linked), the adapter tensors of 1 KiB and more
-    // are in the output's own data file.
+    // The base data beside the output (cloned or copied: another folder), the adapter
+    // tensors of 1 KiB and more in the output's own data file.
     assert_eq!(
         listing(other.path()),
         [

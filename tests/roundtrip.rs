@@ -4,7 +4,7 @@
 mod common;
 
 use common::{fixture, FIXTURES};
-use lora_graft::model::{Model, SaveOptions};
+use lora_graft::model::{DataPlacement, Model, SaveOptions};
 use lora_graft::proto::ModelProto;
 use prost::Message;
 
@@ -47,7 +47,7 @@ fn round_trip_is_lossless_on_every_fixture() {
 
 #[cfg(unix)]
 #[test]
-fn external_data_is_linked_not_copied() {
+fn external_data_can_be_hard_linked_not_copied() {
     use std::os::unix::fs::MetadataExt;
     let input = fixture("llama");
     let model = Model::load(&input).unwrap();
@@ -55,7 +55,11 @@ fn external_data_is_linked_not_copied() {
     assert_eq!(files.iter().collect::<Vec<_>>(), ["model.onnx.data"]);
     let out_dir = tempfile::tempdir().unwrap();
     let out = out_dir.path().join("adapted.onnx");
-    let report = model.save(&out, &SaveOptions::default()).unwrap();
+    let opts = SaveOptions {
+        placement: DataPlacement::HardLink,
+        ..SaveOptions::default()
+    };
+    let report = model.save(&out, &opts).unwrap();
     assert!(report.copied.is_empty(), "nothing copied: {report:?}");
     assert!(report.own_data.is_none());
     let src = std::fs::metadata(input.with_file_name("model.onnx.data")).unwrap();
@@ -111,15 +115,20 @@ fn saving_beside_the_input_writes_only_the_model() {
 }
 
 #[test]
-fn copy_flag_copies_the_data_file() {
+fn another_folder_gets_a_clone_or_copy_by_default() {
     let model = Model::load(&fixture("llama")).unwrap();
     let out_dir = tempfile::tempdir().unwrap();
-    let opts = SaveOptions {
-        copy_external: true,
-        ..SaveOptions::default()
-    };
-    let report = model.save(&out_dir.path().join("m.onnx"), &opts).unwrap();
-    assert_eq!(report.copied, [out_dir.path().join("model.onnx.data")]);
+    let report = model
+        .save(&out_dir.path().join("m.onnx"), &SaveOptions::default())
+        .unwrap();
+    let placed: Vec<_> = report.cloned.iter().chain(&report.copied).collect();
+    assert_eq!(placed, [&out_dir.path().join("model.onnx.data")]);
+    assert!(report.linked.is_empty());
+    // Saving again to the same folder reuses the identical file.
+    let again = model
+        .save(&out_dir.path().join("m2.onnx"), &SaveOptions::default())
+        .unwrap();
+    assert!(again.cloned.is_empty() && again.copied.is_empty());
     assert_eq!(
         std::fs::read(out_dir.path().join("model.onnx.data")).unwrap(),
         std::fs::read(fixture("llama").with_file_name("model.onnx.data")).unwrap()

@@ -160,3 +160,42 @@ pub fn line_diff(expected: &str, actual: &str) -> String {
     }
     out
 }
+
+/// Sets every module's `lora_B` (and DeLoRA's lambda) to non-zero values, in the graph
+/// and in `outcome`'s torch-layout copies, so an adapter visibly acts.
+pub fn perturb(
+    model: &mut lora_graft::Model,
+    outcome: &mut lora_graft::pipeline::Outcome,
+    seed: u64,
+) {
+    use lora_graft::ir::Initializer;
+    use lora_graft::passes::graft::onnx_layout;
+    let mut rng = lora_graft::rng::Rng::new(seed);
+    for m in &mut outcome.grafted.modules {
+        let b = m.params.get_mut("lora_B").unwrap();
+        b.mapv_inplace(|_| rng.uniform_in(-0.2, 0.2) as f32);
+        if let Some(l) = m.params.get_mut("lora_lambda") {
+            l.fill(3.0);
+        }
+        for (name, values) in &m.params {
+            let key = format!("{}.{name}", m.module);
+            let v = model.graph.value_by_name(&key).unwrap();
+            let dtype = model.graph.initializer(v).unwrap().elem_type();
+            let a = Array::from_f32(onnx_layout(values), dtype).unwrap();
+            model
+                .graph
+                .replace_initializer(v, Initializer::new(a.to_proto("")));
+        }
+    }
+}
+
+/// Runs `model` in tract (optimised) on named inputs.
+pub fn run_tract(model: &lora_graft::Model, inputs: &Named) -> Vec<Array> {
+    let runner = lora_graft::runtime::Runner::new(model, &shapes(inputs)).unwrap();
+    let ordered = runner
+        .inputs
+        .iter()
+        .map(|n| inputs.iter().find(|(k, _)| k == n).unwrap().1.clone())
+        .collect();
+    runner.run(ordered).unwrap()
+}
