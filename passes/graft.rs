@@ -343,7 +343,7 @@ pub fn set_weight(
         let array = Array::from_f32(stored(t0), dtype).ok_or_else(|| {
             Error::Usage(format!("the weight of '{module}' is not a float tensor"))
         })?;
-        graph.replace_initializer(root, Initializer::new(array.to_proto("")));
+        graph.replace_initializer(root, Initializer::from_array(&array)?);
         return Ok(());
     }
     let dtype = compute_dtype(graph, t0);
@@ -351,7 +351,7 @@ pub fn set_weight(
         .ok_or_else(|| Error::Usage(format!("the weight of '{module}' is not a float tensor")))?;
     let res = graph.add_initializer(
         &format!("{module}.weight_res"),
-        Initializer::new(array.to_proto("")),
+        Initializer::from_array(&array)?,
     );
     for t in group {
         let old = graph.node(t.node).inputs[1].expect("weight input");

@@ -16,6 +16,7 @@ pub mod model;
 pub mod pipeline;
 pub mod rng;
 pub mod runtime;
+pub mod spill;
 pub mod tensor;
 
 #[path = "../passes/mod.rs"]

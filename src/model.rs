@@ -470,40 +470,74 @@ impl Model {
         }
         // 2. New large tensors go to the output's own data file when the model keeps
         //    its data externally.
-        let uses_external = self.graph.initializers().any(|(_, i)| i.external.is_some());
+        let uses_external = self
+            .graph
+            .initializers()
+            .any(|(_, i)| i.external.is_some() && !i.new);
         let own_name = format!(
             "{}.data",
             out.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         );
-        let mut own_data: Vec<u8> = Vec::new();
+        let own_path = out_dir.join(&own_name);
+        // Streamed: a PiSSA W_res of a large model never sits in memory whole.
+        let mut own: Option<(std::io::BufWriter<fs::File>, u64)> = None;
+        let mut write_error: Option<Error> = None;
         let proto = self.to_proto_with(|init| {
             let mut t = init.proto.clone();
-            if init.new && uses_external {
-                if let Some(raw) = t.raw_data.take_if(|r| r.len() >= opts.new_data_threshold) {
-                    while !own_data.len().is_multiple_of(64) {
-                        own_data.push(0);
-                    }
+            let Some(raw) = init.new.then(|| init.raw_bytes()).flatten() else {
+                return t;
+            };
+            t.raw_data = None;
+            if !uses_external || raw.len() < opts.new_data_threshold || write_error.is_some() {
+                t.raw_data = Some(raw.to_vec());
+                return t;
+            }
+            let appended = (|| -> Result<u64> {
+                if own.is_none() {
+                    let tmp = temp_path(&own_path);
+                    created.push(tmp.clone());
+                    let f = fs::File::create(&tmp).map_err(|e| Error::io(&own_path, e))?;
+                    own = Some((std::io::BufWriter::new(f), 0));
+                }
+                let (w, len) = own.as_mut().expect("opened");
+                let pad = len.next_multiple_of(64) - *len;
+                w.write_all(&vec![0u8; pad as usize])
+                    .map_err(|e| Error::io(&own_path, e))?;
+                let offset = *len + pad;
+                w.write_all(raw).map_err(|e| Error::io(&own_path, e))?;
+                *len = offset + raw.len() as u64;
+                Ok(offset)
+            })();
+            match appended {
+                Ok(offset) => {
                     let entry = |k: &str, v: String| crate::proto::StringStringEntryProto {
                         key: Some(k.into()),
                         value: Some(v),
                     };
                     t.external_data = vec![
                         entry("location", own_name.clone()),
-                        entry("offset", own_data.len().to_string()),
+                        entry("offset", offset.to_string()),
                         entry("length", raw.len().to_string()),
                     ];
                     t.data_location = Some(DataLocation::External as i32);
-                    own_data.extend_from_slice(&raw);
                 }
+                Err(e) => write_error = Some(e),
             }
             t
         })?;
-        if !own_data.is_empty() {
-            let path = out_dir.join(&own_name);
-            write_atomic(&path, &own_data, created)?;
-            report.own_data = Some(path);
+        if let Some(e) = write_error {
+            return Err(e);
+        }
+        if let Some((w, _)) = own {
+            let f = w
+                .into_inner()
+                .map_err(|e| Error::io(&own_path, e.into_error()))?;
+            f.sync_all().map_err(|e| Error::io(&own_path, e))?;
+            fs::rename(temp_path(&own_path), &own_path).map_err(|e| Error::io(&own_path, e))?;
+            created.push(own_path.clone());
+            report.own_data = Some(own_path);
         }
         // 3. The model itself, last, so it never points at missing data.
         let bytes = proto.encode_to_vec();

@@ -149,3 +149,30 @@ fn saving_over_the_input_is_refused() {
     );
     assert_eq!(std::fs::read(&path).unwrap(), before);
 }
+
+#[test]
+fn large_new_tensors_are_spilled_and_streamed_to_the_output_data_file() {
+    use lora_graft::ir::{Initializer, SPILL_BYTES};
+    use lora_graft::tensor::Array;
+    use tract_core::ndarray::{ArrayD, IxDyn};
+    let mut model = Model::load(&fixture("llama")).unwrap();
+    let n = SPILL_BYTES / 4 + 3;
+    let values = ArrayD::from_shape_fn(IxDyn(&[n]), |i| i[0] as f32 * 0.5);
+    let init = Initializer::from_array(&Array::F32(values.clone())).unwrap();
+    assert!(
+        init.proto.raw_data.is_none() && init.external.is_some(),
+        "spilled, not in memory"
+    );
+    model.graph.add_initializer("extra.big", init);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("big.onnx");
+    let report = model.save(&out, &SaveOptions::default()).unwrap();
+    assert_eq!(report.own_data, Some(dir.path().join("big.onnx.data")));
+    let back = Model::load(&out).unwrap();
+    let v = back.graph.value_by_name("extra.big").unwrap();
+    let init = back.graph.initializer(v).unwrap();
+    assert_eq!(
+        Array::from_proto(&init.proto, init.raw_bytes()).unwrap(),
+        Array::F32(values)
+    );
+}

@@ -60,6 +60,9 @@ pub struct Initializer {
     pub new: bool,
 }
 
+/// New tensors of at least this many bytes are spilled to scratch storage.
+pub const SPILL_BYTES: usize = 1 << 20;
+
 /// A memory-mapped external data file.
 #[derive(Debug)]
 pub struct DataFile {
@@ -88,6 +91,39 @@ impl Initializer {
             external: None,
             new: true,
         }
+    }
+
+    /// A new initializer holding `array`: in memory when small, spilled to the scratch
+    /// file from [`SPILL_BYTES`] on.
+    pub fn from_array(array: &crate::tensor::Array) -> Result<Initializer> {
+        let mut proto = array.to_proto("");
+        match proto.raw_data.take_if(|r| r.len() >= SPILL_BYTES) {
+            None => Ok(Initializer::new(proto)),
+            Some(raw) => {
+                Initializer::spilled(proto, &raw).map_err(|e| Error::io(std::env::temp_dir(), e))
+            }
+        }
+    }
+
+    /// A new initializer whose bytes go to a scratch file (memory-mapped back) rather
+    /// than memory: large rewritten weights, so grafting a large model streams.
+    pub fn spilled(proto: TensorProto, bytes: &[u8]) -> std::io::Result<Initializer> {
+        let external = crate::spill::write(bytes)?;
+        Ok(Initializer {
+            proto,
+            external: Some(external),
+            new: true,
+        })
+    }
+
+    /// The proto with its bytes embedded when they live in a scratch file (for handing
+    /// the model to a runtime in memory); input external data stays referenced.
+    pub fn runtime_proto(&self) -> TensorProto {
+        let mut t = self.proto.clone();
+        if self.new && t.raw_data.is_none() {
+            t.raw_data = self.raw_bytes().map(<[u8]>::to_vec);
+        }
+        t
     }
 
     /// The raw little-endian bytes when the data is in `raw_data` or external;

@@ -58,7 +58,7 @@ fn parse(model: &Model, shapes: &HashMap<String, Vec<usize>>) -> Result<Inferenc
     let mut graph = model.graph.clone();
     crate::passes::prepare_for_tract(&mut graph, shapes)?;
     let mut proto = model.proto.clone();
-    let mut g = graph.to_proto(|init| init.proto.clone())?;
+    let mut g = graph.to_proto(|init| init.runtime_proto())?;
     // Declared shapes (symbolic in dynamic exports) clash with concrete facts.
     g.value_info.clear();
     for out in &mut g.output {
