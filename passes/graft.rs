@@ -134,11 +134,7 @@ fn graft_module(
     let mut rng = Rng::for_name(cfg.seed, module);
     let mut params = init_params(&specs, &mut rng);
     let adapter_dtype = opts.adapter_dtype;
-    let round = move |a: &mut ArrayD<f32>| {
-        if let Some(r) = Array::from_f32(a.clone(), adapter_dtype) {
-            *a = r.to_f32();
-        }
-    };
+    let round = rounding(adapter_dtype);
     let w_res = if variant.reads_weight() {
         let w = effective_weight(graph, t0)?;
         variant.init(&w, &mut params, cfg, &mut rng, &round)?
@@ -186,6 +182,17 @@ fn graft_module(
         params,
         sites,
     })
+}
+
+/// Rounds f32 values to the precision of `dtype` (identity for float32).
+pub fn rounding(dtype: i32) -> impl Fn(&mut ArrayD<f32>) {
+    move |a: &mut ArrayD<f32>| {
+        if dtype != DataType::Float as i32 {
+            if let Some(r) = Array::from_f32(a.clone(), dtype) {
+                *a = r.to_f32();
+            }
+        }
+    }
 }
 
 /// A torch-layout tensor in ONNX layout: every 2-D tensor transposed.
@@ -306,6 +313,42 @@ pub fn effective_weight(graph: &Graph, t: &Target) -> Result<Array2<f32>> {
     })
 }
 
+/// When the weight of `group` reaches its nodes through Transpose and float Cast nodes
+/// only, each read by nothing else, the number of Transposes on the way.
+fn private_chain(graph: &Graph, group: &[&Target]) -> Option<usize> {
+    let in_group = |n: &crate::ir::NodeId| group.iter().any(|t| t.node == *n);
+    let w = graph.node(group[0].node).inputs[1]?;
+    if group
+        .iter()
+        .any(|t| graph.node(t.node).inputs[1] != Some(w))
+    {
+        return None;
+    }
+    if !graph.value(w).users.iter().all(in_group) {
+        return None;
+    }
+    let (mut v, mut transposes) = (w, 0);
+    loop {
+        match graph.value(v).def {
+            Def::Initializer => return Some(transposes),
+            Def::Node(n, _) => {
+                let node = graph.node(n);
+                match node.op() {
+                    "Transpose" => transposes += 1,
+                    "Cast" => {}
+                    _ => return None,
+                }
+                let input = node.inputs.first().copied().flatten()?;
+                if graph.value(input).users.len() != 1 {
+                    return None;
+                }
+                v = input;
+            }
+            _ => return None,
+        }
+    }
+}
+
 /// Writes `w_res` (torch layout, alpha folded in) as the weight of every node of `group`:
 /// in place when nothing else reads the initializer, else as a new initializer of the
 /// module's own that the nodes read directly (a tied weight gets its own copy).
@@ -330,17 +373,18 @@ pub fn set_weight(
         seen.into_dyn()
     };
     let root = t0.weight;
-    let only_group = graph
-        .value(root)
-        .users
-        .iter()
-        .all(|u| group.iter().any(|t| t.node == *u));
-    if t0.chain.is_empty() && only_group {
+    if let Some(transposes) = private_chain(graph, group) {
+        // The weight and its Transpose/Cast chain belong to this module alone: rewrite
+        // the initializer itself, in its own layout and dtype (the graph keeps its shape).
         let dtype = graph
             .initializer(root)
             .expect("weight initializer")
             .elem_type();
-        let array = Array::from_f32(stored(t0), dtype).ok_or_else(|| {
+        let mut values = stored(t0);
+        if transposes % 2 == 1 {
+            values = values.t().as_standard_layout().to_owned();
+        }
+        let array = Array::from_f32(values, dtype).ok_or_else(|| {
             Error::Usage(format!("the weight of '{module}' is not a float tensor"))
         })?;
         graph.replace_initializer(root, Initializer::from_array(&array)?);

@@ -3,11 +3,14 @@
 //! Pipelines:
 //! - analysis: [`target`] finds the linear layers to adapt.
 //! - grafting: [`target`], then [`graft`] with a variant of [`variants::VARIANTS`].
+//! - applying a trained adapter: [`target`] (the file's modules), [`graft`], then its values.
+//! - merging: [`target`] (the file's modules), then [`merge`].
 //! - runtime preparation (before handing a model to tract): [`prepare_for_tract`].
 
 pub mod fold;
 pub mod gemm_scalars;
 pub mod graft;
+pub mod merge;
 pub mod target;
 pub mod variants;
 

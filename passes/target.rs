@@ -134,6 +134,8 @@ pub struct Filters {
     pub d_model: Option<usize>,
     /// Roles of square layers, by module regex (`--role REGEX=reader`).
     pub role_overrides: Vec<(Regex, Role)>,
+    /// Exactly these modules (an adapter file's), whatever their role.
+    pub modules: Option<std::collections::BTreeSet<String>>,
 }
 
 impl Default for Filters {
@@ -149,6 +151,7 @@ impl Default for Filters {
             strip_prefix: None,
             d_model: None,
             role_overrides: Vec::new(),
+            modules: None,
         }
     }
 }
@@ -206,6 +209,11 @@ pub fn run(graph: &Graph, filters: &Filters) -> Result<Targeting> {
             ));
         }
     };
+    if let Some(modules) = &filters.modules {
+        keep(&mut linears, "the adapter's module list", &|t| {
+            modules.contains(&t.module)
+        });
+    }
     keep(&mut linears, "--exclude-names", &|t| {
         !filters.excludes.iter().any(|r| r.is_match(&t.module))
     });

@@ -4,9 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use lora_graft::model::{SaveOptions, SaveReport};
+use lora_graft::passes::merge::PissaBase;
 use lora_graft::passes::target::{self, Filters, Role};
 use lora_graft::passes::variants::Config;
-use lora_graft::pipeline::{self, FilterText, GraftRequest};
+use lora_graft::pipeline::{self, AdapterOverrides, FilterText, GraftRequest, LoadedAdapter};
 use lora_graft::{inspect, Error, Model, Result};
 use regex::Regex;
 
@@ -65,6 +67,10 @@ struct GraftArgs {
     /// Output adapter file (default: the output model's path with .safetensors).
     #[arg(long)]
     adapter: Option<PathBuf>,
+    /// Graft this trained adapter (lora-graft's, lora-lite's or PEFT's safetensors)
+    /// instead of new tensors: variant, r, alpha and targets come from the file.
+    #[arg(long, value_name = "ADAPTER")]
+    adapter_in: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -76,6 +82,29 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Fold a trained adapter into the base weights: the original graph, no adapter node.
+    Merge {
+        /// The base .onnx model.
+        model: PathBuf,
+        /// The adapter file (safetensors).
+        adapter: PathBuf,
+        /// Output model (default: <stem>.merged.onnx beside the input).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// PiSSA only: whether the base holds the original W (W_res is recomputed from
+        /// the same SVD init) or already W_res (a model grafted by lora-graft).
+        #[arg(long, default_value = "original", value_parser = ["original", "residual"])]
+        pissa_base: String,
+        /// Variant of a file without lora-lite's cfg (a PEFT adapter).
+        #[arg(long)]
+        variant: Option<String>,
+        /// alpha of a file without cfg.
+        #[arg(long)]
+        alpha: Option<String>,
+        /// Remove this prefix from the model's module names.
+        #[arg(long)]
+        strip_prefix: Option<String>,
     },
     /// List the linear layers adapters would be grafted onto.
     Targets {
@@ -161,6 +190,7 @@ impl TargetArgs {
                     Ok((regex(re, "--role")?, Role::parse(role)?))
                 })
                 .collect::<Result<_>>()?,
+            modules: None,
         })
     }
 }
@@ -193,6 +223,39 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{report}");
             }
         }
+        Command::Merge {
+            model,
+            adapter,
+            output,
+            pissa_base,
+            variant,
+            alpha,
+            strip_prefix,
+        } => {
+            let overrides = AdapterOverrides {
+                variant,
+                alpha: alpha.as_deref().map(parse_alpha).transpose()?,
+                strip_prefix,
+                ..Default::default()
+            };
+            let adapter = LoadedAdapter::read(&adapter, &overrides)?;
+            let out =
+                output.unwrap_or_else(|| pipeline::default_paths(&model, "merged", None, None).0);
+            let mut m = Model::load(&model)?;
+            let base = if pissa_base == "residual" {
+                PissaBase::Residual
+            } else {
+                PissaBase::Original
+            };
+            let merged = pipeline::merge(&mut m, &adapter, base)?;
+            let report = m.save(&out, &SaveOptions::default())?;
+            println!(
+                "merged {merged} modules of {} ({}) into their weights",
+                adapter.path.display(),
+                adapter.req.variant
+            );
+            print_saved(&report);
+        }
         Command::Targets {
             model,
             filters,
@@ -222,21 +285,36 @@ fn graft(args: GraftArgs) -> Result<()> {
                 .into(),
         ));
     };
+    if let Some(adapter_in) = &args.adapter_in {
+        let overrides = AdapterOverrides {
+            variant: args.variant.clone(),
+            alpha: Some(parse_alpha(&args.alpha)?),
+            strip_prefix: args.filters.strip_prefix.clone(),
+            role_overrides: args.filters.filters()?.role_overrides,
+        };
+        let adapter = LoadedAdapter::read(adapter_in, &overrides)?;
+        let out = args
+            .output
+            .unwrap_or_else(|| pipeline::default_paths(&input, &adapter.req.variant, None, None).0);
+        let mut model = Model::load(&input)?;
+        let outcome = pipeline::apply(&mut model, &adapter)?;
+        let report = model.save(&out, &SaveOptions::default())?;
+        println!(
+            "{} modules adapted with {} from {}",
+            outcome.grafted.modules.len(),
+            adapter.req.variant,
+            adapter_in.display()
+        );
+        print_saved(&report);
+        return Ok(());
+    }
     let Some(variant) = args.variant else {
         return Err(Error::Usage(format!(
             "{}: no --variant given; choose lora, pissa or delora",
             input.display()
         )));
     };
-    let alpha: f64 = args
-        .alpha
-        .parse()
-        .map_err(|_| Error::Usage(format!("--alpha '{}' is not a number", args.alpha)))?;
-    let alpha_json = if args.alpha.parse::<i64>().is_ok() {
-        args.alpha.clone()
-    } else {
-        lora_graft::passes::variants::delora::py_float(alpha)
-    };
+    let (alpha, alpha_json) = parse_alpha(&args.alpha)?;
     let req = GraftRequest {
         variant: variant.clone(),
         cfg: Config {
@@ -285,6 +363,26 @@ fn graft(args: GraftArgs) -> Result<()> {
         "trainable parameters: {trainable} ({:.3}% of the base model's {base})",
         100.0 * trainable as f64 / base as f64
     );
+    print_saved(&report);
+    println!("wrote {}", adapter_path.display());
+    Ok(())
+}
+
+/// alpha and its JSON text (`16` stays an integer, `16.0` a float).
+fn parse_alpha(text: &str) -> Result<(f64, String)> {
+    let alpha: f64 = text
+        .parse()
+        .map_err(|_| Error::Usage(format!("--alpha '{text}' is not a number")))?;
+    let json = if text.parse::<i64>().is_ok() {
+        text.to_string()
+    } else {
+        lora_graft::passes::variants::delora::py_float(alpha)
+    };
+    Ok((alpha, json))
+}
+
+/// Says what a save wrote.
+fn print_saved(report: &SaveReport) {
     println!("wrote {}", report.model.display());
     for p in &report.linked {
         println!(
@@ -304,6 +402,4 @@ fn graft(args: GraftArgs) -> Result<()> {
     if let Some(p) = &report.own_data {
         println!("  new tensors in {}", p.display());
     }
-    println!("wrote {}", adapter_path.display());
-    Ok(())
 }

@@ -7,10 +7,11 @@ use crate::adapter::{AdapterFile, CFG_KEY, GRAFT_KEY};
 use crate::error::{Error, Result};
 use crate::model::{Model, SaveOptions, SaveReport};
 use crate::passes::graft::{self, GraftOptions, Grafted};
-use crate::passes::target::{self, Filters, Targeting};
+use crate::passes::target::{self, Filters, Role, Targeting};
 use crate::passes::variants::{self, Config, Variant};
 use crate::proto::tensor_proto::DataType;
 use crate::tensor::Array;
+use tract_core::ndarray::ArrayD;
 
 /// Everything `lora-graft model.onnx --variant ...` was asked for.
 #[derive(Debug, Clone)]
@@ -255,4 +256,353 @@ pub fn write(
         return Err(e);
     }
     Ok(report)
+}
+
+/// An adapter file read for applying or merging: the request it implies and its tensors
+/// by module and parameter, torch layout.
+#[derive(Debug, Clone)]
+pub struct LoadedAdapter {
+    /// The file.
+    pub path: PathBuf,
+    /// Variant, r, alpha, dtype (from `cfg`, else from the overrides).
+    pub req: GraftRequest,
+    /// module -> parameter (`lora_A`, ...) -> values.
+    pub tensors: BTreeMap<String, BTreeMap<String, ArrayD<f32>>>,
+}
+
+/// What the user says about a file that has no `cfg` (a PEFT adapter): the variant
+/// and alpha; and targeting help for any file.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterOverrides {
+    /// Variant when the file does not say (default lora).
+    pub variant: Option<String>,
+    /// alpha and its JSON text, when the file does not say.
+    pub alpha: Option<(f64, String)>,
+    /// Prefix removed from the model's module names.
+    pub strip_prefix: Option<String>,
+    /// Roles of square layers.
+    pub role_overrides: Vec<(regex::Regex, crate::passes::target::Role)>,
+}
+
+/// `(module, parameter)` of an adapter key: lora-lite's `<module>.lora_A`, or PEFT's
+/// `base_model.model.<module>.lora_A[.default].weight`.
+pub fn split_key(key: &str) -> Option<(String, String)> {
+    let key = key.strip_prefix("base_model.model.").unwrap_or(key);
+    let at = key.find(".lora_")?;
+    let param = key[at + 1..].split('.').next()?.to_string();
+    Some((key[..at].to_string(), param))
+}
+
+impl LoadedAdapter {
+    /// Reads `path` and works out the request it implies.
+    pub fn read(path: &Path, overrides: &AdapterOverrides) -> Result<LoadedAdapter> {
+        let file = AdapterFile::read(path)?;
+        let bad = |reason: String| Error::Usage(format!("{}: {reason}", path.display()));
+        let mut tensors: BTreeMap<String, BTreeMap<String, ArrayD<f32>>> = BTreeMap::new();
+        for (key, a) in &file.tensors {
+            let (module, param) = split_key(key).ok_or_else(|| {
+                bad(format!(
+                    "key '{key}' is not an adapter key (<module>.lora_*)"
+                ))
+            })?;
+            tensors.entry(module).or_default().insert(param, a.to_f32());
+        }
+        if tensors.is_empty() {
+            return Err(bad("the file holds no adapter tensor".into()));
+        }
+        let mut req = GraftRequest::default();
+        let graft_meta: serde_json::Value = file
+            .metadata
+            .get(GRAFT_KEY)
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or(serde_json::Value::Null);
+        match file.metadata.get(CFG_KEY) {
+            Some(cfg) => {
+                let cfg: serde_json::Value = serde_json::from_str(cfg)
+                    .map_err(|e| bad(format!("metadata 'cfg' is not JSON: {e}")))?;
+                let field = |k: &str| {
+                    cfg.get(k)
+                        .ok_or_else(|| bad(format!("metadata 'cfg' has no '{k}'")))
+                };
+                req.variant = field("variant")?
+                    .as_str()
+                    .ok_or_else(|| bad("cfg.variant is not a string".into()))?
+                    .to_string();
+                req.cfg.r = field("r")?
+                    .as_u64()
+                    .ok_or_else(|| bad("cfg.r is not an integer".into()))?
+                    as usize;
+                let alpha = field("alpha")?;
+                req.cfg.alpha = alpha
+                    .as_f64()
+                    .ok_or_else(|| bad("cfg.alpha is not a number".into()))?;
+                req.cfg.alpha_json = alpha.to_string();
+                if let Some(d) = cfg.get("dtype").and_then(|d| d.as_str()) {
+                    req.adapter_dtype = parse_dtype(d)?;
+                }
+                if let Some(l) = cfg.get("lambda0").and_then(|l| l.as_f64()) {
+                    req.cfg.lambda0 = l;
+                }
+                let strings = |k: &str| -> Vec<String> {
+                    cfg.get(k)
+                        .and_then(|v| v.as_array())
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|s| s.as_str().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                };
+                req.filter_text = FilterText {
+                    roles: strings("target_roles"),
+                    names: strings("target_names"),
+                    excludes: strings("exclude_names"),
+                    layers: cfg.get("layers").and_then(|v| v.as_array()).map(|a| {
+                        a.iter()
+                            .filter_map(|i| i.as_u64().map(|i| i as usize))
+                            .collect()
+                    }),
+                };
+            }
+            None => {
+                req.variant = overrides.variant.clone().unwrap_or_else(|| "lora".into());
+                let first = tensors.values().next().expect("non-empty");
+                let a = first
+                    .get("lora_A")
+                    .ok_or_else(|| bad("no lora_A tensor to read r from".into()))?;
+                req.cfg.r = a.shape()[0];
+                if let Some((alpha, text)) = &overrides.alpha {
+                    req.cfg.alpha = *alpha;
+                    req.cfg.alpha_json = text.clone();
+                }
+            }
+        }
+        req.cfg.rslora = graft_meta
+            .get("rslora")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        req.cfg.pissa_niter = graft_meta
+            .get("pissa_niter")
+            .and_then(|v| v.as_u64())
+            .map(|n| n as usize);
+        req.cfg.seed = graft_meta.get("seed").and_then(|v| v.as_u64()).unwrap_or(0);
+        req.filters = Filters {
+            roles: vec![Role::Reader, Role::Writer, Role::Inner],
+            names: vec![],
+            excludes: vec![],
+            layers: None,
+            strip_prefix: overrides.strip_prefix.clone(),
+            d_model: None,
+            role_overrides: overrides.role_overrides.clone(),
+            modules: Some(tensors.keys().cloned().collect()),
+        };
+        variants::variant(&req.variant)?;
+        Ok(LoadedAdapter {
+            path: path.to_path_buf(),
+            req,
+            tensors,
+        })
+    }
+
+    /// Targets the file's modules in `model`; checks every key against them.
+    fn targets(&self, model: &Model) -> Result<Targeting> {
+        let targeting = target::run(&model.graph, &self.req.filters).map_err(|e| match e {
+            Error::Usage(m) if m.starts_with("no target left") => Error::Usage(format!(
+                "{} does not fit {}: none of its {} modules is a linear layer of the model (e.g. '{}'); was it made for another model? (--strip-prefix may help)",
+                self.path.display(),
+                model.path.display(),
+                self.tensors.len(),
+                self.tensors.keys().next().expect("non-empty")
+            )),
+            other => other,
+        })?;
+        Ok(targeting)
+    }
+
+    /// Checks keys and shapes against `specs` of every targeted module, in one error.
+    fn check(&self, model: &Model, targeting: &Targeting, variant: &dyn Variant) -> Result<()> {
+        let found: std::collections::BTreeSet<&str> = targeting
+            .targets
+            .iter()
+            .map(|t| t.module.as_str())
+            .collect();
+        let mut missing = Vec::new();
+        let mut unexpected: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|m| !found.contains(m.as_str()))
+            .map(|m| format!("{m}.*"))
+            .collect();
+        let mut mismatched = Vec::new();
+        for t in &targeting.targets {
+            let dims = variants::Dims {
+                d_in: t.d_in,
+                d_out: t.d_out,
+            };
+            let specs = variant.param_specs(dims, &self.req.cfg);
+            let given = self.tensors.get(&t.module);
+            for spec in &specs {
+                match given.and_then(|g| g.get(spec.name)) {
+                    None => missing.push(format!("{}.{}", t.module, spec.name)),
+                    Some(a) if a.shape() != spec.shape.as_slice() => mismatched.push(format!(
+                        "{}.{} is {:?} in the file, the model needs {:?}",
+                        t.module,
+                        spec.name,
+                        a.shape(),
+                        spec.shape
+                    )),
+                    Some(_) => {}
+                }
+            }
+            if let Some(g) = given {
+                unexpected.extend(
+                    g.keys()
+                        .filter(|k| !specs.iter().any(|s| s.name == k.as_str()))
+                        .map(|k| format!("{}.{k}", t.module)),
+                );
+            }
+        }
+        missing.dedup();
+        unexpected.dedup();
+        mismatched.dedup();
+        if missing.is_empty() && unexpected.is_empty() && mismatched.is_empty() {
+            return Ok(());
+        }
+        let list = |v: &[String]| {
+            let shown: Vec<&str> = v.iter().take(5).map(String::as_str).collect();
+            format!(
+                "{}{}",
+                shown.join(", "),
+                if v.len() > 5 {
+                    format!(" and {} more", v.len() - 5)
+                } else {
+                    String::new()
+                }
+            )
+        };
+        let mut parts = Vec::new();
+        if !missing.is_empty() {
+            parts.push(format!("missing keys: {}", list(&missing)));
+        }
+        if !unexpected.is_empty() {
+            parts.push(format!("unexpected keys: {}", list(&unexpected)));
+        }
+        if !mismatched.is_empty() {
+            parts.push(format!("shape mismatches: {}", list(&mismatched)));
+        }
+        Err(Error::Usage(format!(
+            "{} does not fit {} ({}): {}",
+            self.path.display(),
+            model.path.display(),
+            variant.name(),
+            parts.join("; ")
+        )))
+    }
+
+    /// The file's tensors of every module, as variant parameters.
+    fn params(
+        &self,
+        outcome_modules: &[String],
+        variant: &dyn Variant,
+        targeting: &Targeting,
+    ) -> BTreeMap<String, variants::Params> {
+        let mut out = BTreeMap::new();
+        for module in outcome_modules {
+            let t = targeting
+                .targets
+                .iter()
+                .find(|t| &t.module == module)
+                .expect("target");
+            let specs = variant.param_specs(
+                variants::Dims {
+                    d_in: t.d_in,
+                    d_out: t.d_out,
+                },
+                &self.req.cfg,
+            );
+            let params: variants::Params = specs
+                .iter()
+                .map(|s| (s.name, self.tensors[module][s.name].clone()))
+                .collect();
+            out.insert(module.clone(), params);
+        }
+        out
+    }
+}
+
+/// Sets adapter tensor `name` of `module` to `values` (torch layout), in the graph
+/// (ONNX layout, its dtype) and in `outcome`.
+pub fn set_param(
+    model: &mut Model,
+    outcome: &mut Outcome,
+    module: &str,
+    name: &'static str,
+    values: ArrayD<f32>,
+) -> Result<()> {
+    let key = format!("{module}.{name}");
+    let v = model
+        .graph
+        .value_by_name(&key)
+        .ok_or_else(|| Error::Usage(format!("the model has no adapter tensor '{key}'")))?;
+    let dtype = model
+        .graph
+        .initializer(v)
+        .map(|i| i.elem_type())
+        .unwrap_or(DataType::Float as i32);
+    let a = Array::from_f32(graft::onnx_layout(&values), dtype).expect("float dtype");
+    model
+        .graph
+        .replace_initializer(v, crate::ir::Initializer::from_array(&a)?);
+    if let Some(m) = outcome
+        .grafted
+        .modules
+        .iter_mut()
+        .find(|m| m.module == module)
+    {
+        m.params.insert(name, values);
+    }
+    Ok(())
+}
+
+/// Grafts a trained adapter file onto `model` (its values instead of fresh inits).
+pub fn apply(model: &mut Model, adapter: &LoadedAdapter) -> Result<Outcome> {
+    let variant = variants::variant(&adapter.req.variant)?;
+    let targeting = adapter.targets(model)?;
+    adapter.check(model, &targeting, variant)?;
+    let mut outcome = graft(model, &adapter.req)?;
+    let modules: Vec<String> = outcome
+        .grafted
+        .modules
+        .iter()
+        .map(|m| m.module.clone())
+        .collect();
+    for (module, params) in adapter.params(&modules, variant, &targeting) {
+        for (name, values) in params {
+            set_param(model, &mut outcome, &module, name, values)?;
+        }
+    }
+    Ok(outcome)
+}
+
+/// Folds a trained adapter file into `model`'s weights; returns the modules merged.
+pub fn merge(
+    model: &mut Model,
+    adapter: &LoadedAdapter,
+    base: crate::passes::merge::PissaBase,
+) -> Result<usize> {
+    let variant = variants::variant(&adapter.req.variant)?;
+    let targeting = adapter.targets(model)?;
+    adapter.check(model, &targeting, variant)?;
+    let modules: Vec<String> = adapter.tensors.keys().cloned().collect();
+    let params = adapter.params(&modules, variant, &targeting);
+    crate::passes::merge::run(
+        &mut model.graph,
+        &targeting.targets,
+        variant,
+        &adapter.req.cfg,
+        &params,
+        adapter.req.adapter_dtype,
+        base,
+    )
+    .map_err(|e| e.context(model.path.display().to_string()))
 }

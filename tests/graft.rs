@@ -244,15 +244,49 @@ fn pissa_on_a_tied_weight_gets_its_own_copy_and_the_rest_keeps_w() {
         after.proto.raw_data, before.raw_data,
         "W_res written in place: only the module reads it"
     );
-    // The weight behind a Transpose gets a new initializer of the module's own.
-    assert!(model
+    // The weight behind a Transpose read by nothing else is rewritten in its own layout.
+    let down = model.graph.value_by_name("blocks.0.down.weight").unwrap();
+    assert_eq!(model.graph.initializer(down).unwrap().dims(), [16, 32]);
+    assert!(model.graph.initializer(down).unwrap().new);
+}
+
+#[test]
+fn pissa_on_a_weight_another_node_reads_gets_its_own_copy() {
+    use lora_graft::proto::{NodeProto, ValueInfoProto};
+    // handmade + a second output `w_out = Identity(blocks.1.up.weight)`.
+    let mut model = Model::load(&fixture("handmade")).unwrap();
+    let w = model.graph.value_by_name("blocks.1.up.weight").unwrap();
+    let out = model.graph.new_value("w_out");
+    let proto = NodeProto {
+        name: Some("peek".into()),
+        op_type: Some("Identity".into()),
+        ..Default::default()
+    };
+    model
         .graph
-        .value_by_name("blocks.0.down.weight_res")
-        .is_some());
-    assert!(
-        model.graph.value_by_name("blocks.0.down.weight").is_none(),
-        "the old weight and its Transpose are gone"
+        .add_node(proto, vec![Some(w)], vec![Some(out)])
+        .unwrap();
+    model.graph.outputs.push(lora_graft::ir::GraphIo {
+        value: out,
+        info: ValueInfoProto {
+            name: Some("w_out".into()),
+            ..Default::default()
+        },
+    });
+    let before = model.graph.initializer(w).unwrap().proto.clone();
+    pipeline::graft(&mut model, &request("pissa")).unwrap();
+    let w = model.graph.value_by_name("blocks.1.up.weight").unwrap();
+    assert_eq!(
+        model.graph.initializer(w).unwrap().proto,
+        before,
+        "the shared weight is untouched"
     );
+    let res = model
+        .graph
+        .value_by_name("blocks.1.up.weight_res")
+        .expect("a copy of the module's own");
+    let reader = model.graph.value(res).users[0];
+    assert_eq!(model.graph.node(reader).name(), "/blocks.1/up/MatMul");
 }
 
 fn cli(args: &[&str]) -> std::process::Output {

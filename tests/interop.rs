@@ -9,8 +9,9 @@ use std::collections::BTreeMap;
 use common::{fixture, perturb, reference, run_tract, FIXTURES};
 use lora_graft::adapter::AdapterFile;
 use lora_graft::model::SaveOptions;
+use lora_graft::passes::merge::PissaBase;
 use lora_graft::passes::variants::Config;
-use lora_graft::pipeline::{self, GraftRequest};
+use lora_graft::pipeline::{self, AdapterOverrides, GraftRequest, LoadedAdapter};
 use lora_graft::Model;
 
 #[test]
@@ -81,18 +82,63 @@ fn grafted_models_run_in_onnx_runtime_as_in_tract() {
             )
             .unwrap();
             let fp16 = name.ends_with("fp16");
-            manifest.push(serde_json::json!({
-                "model": format!("{stem}.onnx"),
-                "base": fixture(name),
-                "io": format!("{stem}.io.safetensors"),
-                // The onnxruntime-genai builder's own model fails the full check (an op
-                // in the wrong domain); the grafted model gets the check the base passes.
-                "full_check": !quantized,
-                // fp32: 1e-5 absolute (the bound). fp16: 1e-2 relative, one or two
-                // f16 ulps where the two runtimes accumulate in another order.
-                "tol": if fp16 { 1e-2 } else { 1e-5 },
-                "relative": fp16,
-            }));
+            let entry = |model: String, io: &str, tol: f64, relative: bool| {
+                serde_json::json!({
+                    "model": model,
+                    "base": fixture(name),
+                    "io": io,
+                    // The onnxruntime-genai builder's own model fails the full check (an op
+                    // in the wrong domain); the grafted model gets the check the base passes.
+                    "full_check": !quantized,
+                    "tol": tol,
+                    "relative": relative,
+                })
+            };
+            let io_name = format!("{stem}.io.safetensors");
+            // fp32: 1e-5 absolute (the bound). fp16: 1e-2 relative, one or two f16
+            // ulps where the two runtimes accumulate in another order.
+            let (tol, relative) = if fp16 { (1e-2, true) } else { (1e-5, false) };
+            manifest.push(entry(format!("{stem}.onnx"), &io_name, tol, relative));
+            if quantized {
+                continue;
+            }
+            // The same adapter applied from its file to the base, and merged into it.
+            let adapter_path = dir.path().join(format!("{stem}.safetensors"));
+            std::fs::write(
+                &adapter_path,
+                outcome.adapter_file(&req).to_bytes().unwrap(),
+            )
+            .unwrap();
+            let adapter = LoadedAdapter::read(&adapter_path, &AdapterOverrides::default()).unwrap();
+            let mut applied = Model::load(&fixture(name)).unwrap();
+            pipeline::apply(&mut applied, &adapter).unwrap();
+            applied
+                .save(
+                    &dir.path().join(format!("{stem}.applied.onnx")),
+                    &SaveOptions::default(),
+                )
+                .unwrap();
+            manifest.push(entry(
+                format!("{stem}.applied.onnx"),
+                &io_name,
+                tol,
+                relative,
+            ));
+            let mut merged = Model::load(&fixture(name)).unwrap();
+            pipeline::merge(&mut merged, &adapter, PissaBase::Original).unwrap();
+            merged
+                .save(
+                    &dir.path().join(format!("{stem}.merged.onnx")),
+                    &SaveOptions::default(),
+                )
+                .unwrap();
+            // Merged vs adapted: 1e-4 relative (the bound; other summation order).
+            manifest.push(entry(
+                format!("{stem}.merged.onnx"),
+                &io_name,
+                if fp16 { 1e-2 } else { 1e-4 },
+                true,
+            ));
         }
     }
     std::fs::write(

@@ -1,0 +1,69 @@
+//! Merging: folds each module's adapter into its base weight (`W' = W + ΔW`; PiSSA:
+//! `W_res + s·BA`), leaving the original graph with no adapter node.
+
+use std::collections::BTreeMap;
+
+use super::graft::{effective_weight, rounding, set_weight};
+use super::target::Target;
+use super::variants::{init_params, Config, Dims, Params, Variant};
+use crate::error::{Error, Result};
+use crate::ir::Graph;
+use crate::rng::Rng;
+
+/// What the base model of a PiSSA merge holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PissaBase {
+    /// The original W: `W_res` is recomputed from the same (deterministic) SVD init,
+    /// so `W' = W − s·B₀A₀ + s·BA` (PEFT's rank-2r conversion, folded).
+    Original,
+    /// Already `W_res` (the grafted model's weights): `W' = W_res + s·BA`.
+    Residual,
+}
+
+/// Folds `adapters` (module -> torch-layout tensors) into the weights of `targets`.
+/// `adapter_dtype` is the dtype the adapter was made in (it rounds the recomputed init).
+pub fn run(
+    graph: &mut Graph,
+    targets: &[Target],
+    variant: &dyn Variant,
+    cfg: &Config,
+    adapters: &BTreeMap<String, Params>,
+    adapter_dtype: i32,
+    base: PissaBase,
+) -> Result<usize> {
+    let mut merged = 0;
+    for (module, params) in adapters {
+        let group: Vec<&Target> = targets.iter().filter(|t| &t.module == module).collect();
+        let t0 = group
+            .first()
+            .ok_or_else(|| Error::Usage(format!("no target '{module}' in the model")))?;
+        if t0.quantized {
+            return Err(Error::Usage(format!(
+                "cannot merge into '{module}': its weight is quantized ({}); use the grafted model, or merge into a float model and quantize after",
+                t0.op
+            )));
+        }
+        let w = effective_weight(graph, t0)?;
+        let base_w = if base == PissaBase::Original && variant.reads_weight() {
+            let dims = Dims {
+                d_in: t0.d_in,
+                d_out: t0.d_out,
+            };
+            let mut rng = Rng::for_name(cfg.seed, module);
+            let mut init = init_params(&variant.param_specs(dims, cfg), &mut rng);
+            let round = rounding(adapter_dtype);
+            variant
+                .init(&w, &mut init, cfg, &mut rng, &round)?
+                .unwrap_or(w)
+        } else {
+            w
+        };
+        let merged_w = base_w + variant.delta_w(params, cfg);
+        set_weight(graph, module, &group, &merged_w)
+            .map_err(|e| e.context(format!("merging '{module}'")))?;
+        merged += 1;
+    }
+    graph.compact();
+    graph.validate().map_err(|e| e.context("merge"))?;
+    Ok(merged)
+}
