@@ -160,6 +160,15 @@ fn graft_module(
             graph.add_initializer(&key, Initializer::new(array.to_proto(""))),
         );
     }
+    let mut branch = Branch {
+        graph: &mut *graph,
+        prefix: format!("{module}.lora"),
+        opset,
+        dtype: opts.adapter_dtype,
+    };
+    for (name, v) in variant.module_values(&mut branch, &ids, cfg)? {
+        ids.insert(name, v);
+    }
     let mut sites = Vec::new();
     for t in group {
         splice(graph, opset, module, t, &ids, opts)?;

@@ -5,10 +5,12 @@
 //! - grafting: [`target`], then [`graft`] with a variant of [`variants::VARIANTS`].
 //! - applying a trained adapter: [`target`] (the file's modules), [`graft`], then its values.
 //! - merging: [`target`] (the file's modules), then [`merge`].
+//! - training graph: grafting, then [`grad::loss`] and [`grad`].
 //! - runtime preparation (before handing a model to tract): [`prepare_for_tract`].
 
 pub mod fold;
 pub mod gemm_scalars;
+pub mod grad;
 pub mod graft;
 pub mod merge;
 pub mod target;

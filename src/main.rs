@@ -5,10 +5,13 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use lora_graft::model::{SaveOptions, SaveReport};
+use lora_graft::passes::grad::loss::Loss;
 use lora_graft::passes::merge::PissaBase;
 use lora_graft::passes::target::{self, Filters, Role};
 use lora_graft::passes::variants::Config;
-use lora_graft::pipeline::{self, AdapterOverrides, FilterText, GraftRequest, LoadedAdapter};
+use lora_graft::pipeline::{
+    self, AdapterOverrides, FilterText, GraftRequest, LoadedAdapter, TrainingRequest,
+};
 use lora_graft::{inspect, Error, Model, Result};
 use regex::Regex;
 
@@ -30,11 +33,9 @@ struct Cli {
     graft: GraftArgs,
 }
 
-/// The main job's options.
-#[derive(Args, Debug)]
-struct GraftArgs {
-    /// The .onnx model to adapt.
-    model: Option<PathBuf>,
+/// The variant and its settings (shared by grafting and `grad`).
+#[derive(Args, Debug, Clone)]
+struct VariantArgs {
     /// The adapter variant: lora, pissa or delora.
     #[arg(long)]
     variant: Option<String>,
@@ -59,6 +60,43 @@ struct GraftArgs {
     /// Adapter dtype: float32 (default), float16 or bfloat16.
     #[arg(long, default_value = "float32")]
     adapter_dtype: String,
+}
+
+impl VariantArgs {
+    /// The graft request these options and `filters` make.
+    fn request(&self, filters: &TargetArgs) -> Result<GraftRequest> {
+        let Some(variant) = self.variant.clone() else {
+            return Err(Error::Usage(
+                "no --variant given; choose lora, pissa or delora".into(),
+            ));
+        };
+        lora_graft::passes::variants::variant(&variant)?;
+        let (alpha, alpha_json) = parse_alpha(&self.alpha)?;
+        Ok(GraftRequest {
+            variant,
+            cfg: Config {
+                r: self.r,
+                alpha,
+                alpha_json,
+                rslora: self.rslora,
+                lambda0: self.lambda0,
+                pissa_niter: self.pissa_niter,
+                seed: self.seed,
+            },
+            adapter_dtype: pipeline::parse_dtype(&self.adapter_dtype)?,
+            filters: filters.filters()?,
+            filter_text: filters.text(),
+        })
+    }
+}
+
+/// The main job's options.
+#[derive(Args, Debug)]
+struct GraftArgs {
+    /// The .onnx model to adapt.
+    model: Option<PathBuf>,
+    #[command(flatten)]
+    variant: VariantArgs,
     #[command(flatten)]
     filters: TargetArgs,
     /// Output model (default: <stem>.<variant>.onnx beside the input).
@@ -105,6 +143,31 @@ enum Command {
         /// Remove this prefix from the model's module names.
         #[arg(long)]
         strip_prefix: Option<String>,
+    },
+    /// Write the training graph: the adapted model, a loss, and one gradient per adapter
+    /// tensor, in plain ONNX ops (runs on tract and ONNX Runtime).
+    Grad {
+        /// The .onnx model.
+        model: PathBuf,
+        #[command(flatten)]
+        variant: VariantArgs,
+        #[command(flatten)]
+        filters: TargetArgs,
+        /// The loss: causal-lm (logits [B, S, V], labels [B, S]), class, or mse.
+        #[arg(long, default_value = "causal-lm")]
+        loss: String,
+        /// Training batch size (the first symbolic input dim).
+        #[arg(long)]
+        batch: usize,
+        /// Training sequence length (the second symbolic input dim).
+        #[arg(long, default_value_t = 1)]
+        seq: usize,
+        /// Also output the model's outputs.
+        #[arg(long)]
+        keep_outputs: bool,
+        /// The training graph (default: <stem>.<variant>.train.onnx beside the input).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
     },
     /// List the linear layers adapters would be grafted onto.
     Targets {
@@ -223,6 +286,38 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{report}");
             }
         }
+        Command::Grad {
+            model,
+            variant,
+            filters,
+            loss,
+            batch,
+            seq,
+            keep_outputs,
+            output,
+        } => {
+            let req = TrainingRequest {
+                graft: variant.request(&filters)?,
+                loss: Loss::parse(&loss)?,
+                batch,
+                seq,
+                output: None,
+                keep_outputs,
+            };
+            let name = format!("{}.train", req.graft.variant);
+            let (out, adapter_path) =
+                pipeline::default_paths(&model, &name, output.as_deref(), None);
+            let training = pipeline::training_graph(Model::load(&model)?, &req)?;
+            let adapter = training.outcome.adapter_file(&req.graft);
+            let report = pipeline::write(&training.model, &adapter, &out, &adapter_path)?;
+            println!(
+                "training graph: loss ({loss}) and {} gradients, {} forward nodes differentiated",
+                training.graph.gradients.len(),
+                training.graph.differentiated
+            );
+            print_saved(&report);
+            println!("wrote {} (initial adapter values)", adapter_path.display());
+        }
         Command::Merge {
             model,
             adapter,
@@ -287,8 +382,8 @@ fn graft(args: GraftArgs) -> Result<()> {
     };
     if let Some(adapter_in) = &args.adapter_in {
         let overrides = AdapterOverrides {
-            variant: args.variant.clone(),
-            alpha: Some(parse_alpha(&args.alpha)?),
+            variant: args.variant.variant.clone(),
+            alpha: Some(parse_alpha(&args.variant.alpha)?),
             strip_prefix: args.filters.strip_prefix.clone(),
             role_overrides: args.filters.filters()?.role_overrides,
         };
@@ -308,29 +403,11 @@ fn graft(args: GraftArgs) -> Result<()> {
         print_saved(&report);
         return Ok(());
     }
-    let Some(variant) = args.variant else {
-        return Err(Error::Usage(format!(
-            "{}: no --variant given; choose lora, pissa or delora",
-            input.display()
-        )));
-    };
-    let (alpha, alpha_json) = parse_alpha(&args.alpha)?;
-    let req = GraftRequest {
-        variant: variant.clone(),
-        cfg: Config {
-            r: args.r,
-            alpha,
-            alpha_json,
-            rslora: args.rslora,
-            lambda0: args.lambda0,
-            pissa_niter: args.pissa_niter,
-            seed: args.seed,
-        },
-        adapter_dtype: pipeline::parse_dtype(&args.adapter_dtype)?,
-        filters: args.filters.filters()?,
-        filter_text: args.filters.text(),
-    };
-    lora_graft::passes::variants::variant(&variant)?;
+    let req = args
+        .variant
+        .request(&args.filters)
+        .map_err(|e| e.context(input.display().to_string()))?;
+    let variant = req.variant.clone();
     let (out, adapter_path) = pipeline::default_paths(
         &input,
         &variant,

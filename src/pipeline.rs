@@ -606,3 +606,198 @@ pub fn merge(
     )
     .map_err(|e| e.context(model.path.display().to_string()))
 }
+
+/// What `lora-graft grad` (and training) asks for.
+#[derive(Debug, Clone)]
+pub struct TrainingRequest {
+    /// The graft (variant, r, filters...).
+    pub graft: GraftRequest,
+    /// The loss.
+    pub loss: crate::passes::grad::loss::Loss,
+    /// Training batch size (the first symbolic input dim).
+    pub batch: usize,
+    /// Training sequence length (the second symbolic input dim).
+    pub seq: usize,
+    /// The model output the loss reads (default: the first).
+    pub output: Option<String>,
+    /// Also expose the model's outputs.
+    pub keep_outputs: bool,
+}
+
+/// A training graph, made.
+pub struct Training {
+    /// The training model (trainable tensors are inputs).
+    pub model: Model,
+    /// The graft it was made from (initial adapter values).
+    pub outcome: Outcome,
+    /// Loss and gradient outputs.
+    pub graph: crate::passes::grad::TrainingGraph,
+    /// Concrete shapes of every input (model inputs, labels, trainable tensors).
+    pub input_shapes: std::collections::HashMap<String, Vec<usize>>,
+}
+
+/// Concrete shapes of the model's inputs: symbolic dims become `batch`, then `seq`.
+pub fn input_shapes(
+    model: &Model,
+    batch: usize,
+    seq: usize,
+) -> Result<std::collections::HashMap<String, Vec<usize>>> {
+    use crate::proto::tensor_shape_proto::dimension::Value as Dim;
+    let mut symbols: Vec<String> = Vec::new();
+    let mut shapes = std::collections::HashMap::new();
+    for name in crate::runtime::input_names(model) {
+        let io = model
+            .graph
+            .inputs
+            .iter()
+            .find(|io| model.graph.value(io.value).name == name)
+            .expect("input");
+        let Some(crate::proto::type_proto::Value::TensorType(t)) =
+            io.info.r#type.as_ref().and_then(|t| t.value.as_ref())
+        else {
+            return Err(Error::Usage(format!("input '{name}' is not a tensor")));
+        };
+        let dims = t
+            .shape
+            .as_ref()
+            .map(|s| s.dim.as_slice())
+            .unwrap_or_default();
+        let mut shape = Vec::new();
+        for d in dims {
+            shape.push(match &d.value {
+                Some(Dim::DimValue(v)) => *v as usize,
+                Some(Dim::DimParam(p)) => {
+                    if !symbols.contains(p) {
+                        symbols.push(p.clone());
+                    }
+                    match symbols.iter().position(|s| s == p) {
+                        Some(0) => batch,
+                        Some(1) => seq,
+                        _ => return Err(Error::Usage(format!("input '{name}' has a third symbolic dim '{p}'; only batch and sequence are supported"))),
+                    }
+                }
+                None => return Err(Error::Usage(format!("input '{name}' has a dim of unknown size"))),
+            });
+        }
+        shapes.insert(name, shape);
+    }
+    Ok(shapes)
+}
+
+/// Grafts `req.graft` onto `model` and builds its training graph.
+pub fn training_graph(mut model: Model, req: &TrainingRequest) -> Result<Training> {
+    use crate::passes::grad;
+    let mut outcome = graft(&mut model, &req.graft)?;
+    let mut shapes = input_shapes(&model, req.batch, req.seq)?;
+    let trainable_names: Vec<String> = outcome
+        .grafted
+        .modules
+        .iter()
+        .flat_map(|m| m.trainable.iter().map(move |p| format!("{}.{p}", m.module)))
+        .collect();
+    // Shapes from tract, with the trainable tensors as inputs (as constants tract would
+    // fold what is computed from them alone, and forget those values' names).
+    let mut probe = model.clone();
+    let mut probe_shapes = shapes.clone();
+    for name in &trainable_names {
+        let t = probe.graph.value_by_name(name).expect("adapter tensor");
+        let init = probe.graph.initializer(t).cloned();
+        probe_shapes.insert(
+            name.clone(),
+            init.as_ref()
+                .map(|i| i.dims().iter().map(|&d| d as usize).collect())
+                .unwrap_or_default(),
+        );
+        grad::make_input(&mut probe.graph, t, init, req.graft.adapter_dtype);
+    }
+    let facts = crate::runtime::value_facts(&probe, &probe_shapes)
+        .map_err(|e| e.context("shapes for the gradient pass"))?;
+    drop(probe);
+    let mut by_name: grad::Shapes = facts
+        .into_iter()
+        .filter_map(|(name, f)| {
+            f.shape
+                .iter()
+                .map(|d| d.parse::<usize>().ok())
+                .collect::<Option<Vec<_>>>()
+                .map(|s| (name, s))
+        })
+        .collect();
+    let output = match &req.output {
+        Some(o) => model
+            .graph
+            .value_by_name(o)
+            .filter(|v| model.graph.is_output(*v))
+            .ok_or_else(|| Error::Usage(format!("the model has no output '{o}'")))?,
+        None => model
+            .graph
+            .outputs
+            .first()
+            .map(|o| o.value)
+            .ok_or_else(|| Error::Usage("the model has no output".into()))?,
+    };
+    let opset = crate::passes::graft::default_opset(&model.proto);
+    let dtype = req.graft.adapter_dtype;
+    let model_outputs: Vec<GraphIoSnapshot> = model
+        .graph
+        .outputs
+        .iter()
+        .map(|o| (o.value, o.info.clone()))
+        .collect();
+    let loss = {
+        let mut e = grad::Emit {
+            graph: &mut model.graph,
+            opset,
+            shapes: Default::default(),
+            dtype,
+            prefix: "loss".into(),
+        };
+        for v in e.graph.value_ids().collect::<Vec<_>>() {
+            if let Some(s) = by_name.get(&e.graph.value(v).name) {
+                e.shapes.insert(v, s.clone());
+            }
+        }
+        let loss = grad::loss::build(&mut e, req.loss, output)?;
+        for (v, s) in &e.shapes {
+            by_name.insert(e.graph.value(*v).name.clone(), s.clone());
+        }
+        loss
+    };
+    if !req.keep_outputs {
+        model.graph.outputs.clear();
+    }
+    let trainable: Vec<crate::ir::ValueId> = trainable_names
+        .iter()
+        .map(|k| model.graph.value_by_name(k).expect("adapter tensor"))
+        .collect();
+    for &t in &trainable {
+        let init = model.graph.initializer(t).expect("initializer");
+        shapes.insert(
+            model.graph.value(t).name.clone(),
+            init.dims().iter().map(|&d| d as usize).collect(),
+        );
+    }
+    let label_shape = by_name
+        .get(req.loss.label_name())
+        .cloned()
+        .unwrap_or_default();
+    shapes.insert(req.loss.label_name().to_string(), label_shape);
+    let tg = grad::run(&mut model.graph, opset, loss, &trainable, &by_name)
+        .map_err(|e| e.context("gradient pass"))?;
+    // The training graph's model outputs go after loss and gradients.
+    if req.keep_outputs {
+        let n = model_outputs.len();
+        let outs: Vec<_> = model.graph.outputs.drain(..n).collect();
+        model.graph.outputs.extend(outs);
+    }
+    model.graph.compact();
+    let _ = &mut outcome;
+    Ok(Training {
+        model,
+        outcome,
+        graph: tg,
+        input_shapes: shapes,
+    })
+}
+
+type GraphIoSnapshot = (crate::ir::ValueId, crate::proto::ValueInfoProto);

@@ -85,14 +85,26 @@ impl Variant for Delora {
         b: &mut Branch,
         x: ValueId,
         p: &BTreeMap<&'static str, ValueId>,
-        cfg: &Config,
+        _cfg: &Config,
     ) -> Result<ValueId> {
+        let h = b.op("MatMul", &[x, p["a_scaled"]], vec![])?; // [..., r]
+        let hs = b.op("Mul", &[h, p["sigma"]], vec![])?;
+        b.op("MatMul", &[hs, p["lora_B"]], vec![])
+    }
+
+    // Once per module (shared by every site of a module called twice):
+    // a_scaled = diag(wnorm) A_m, since (x ⊙ wnorm) A_m = x (diag(wnorm) A_m): x keeps
+    // MatMul readers only (as in the base graph) and the cost is d_in·r, not tokens·d_in;
+    // σ = (λ/r) / (an·bn) with an, bn = sqrt(max(Σ(.)², ε²)) (NaN-safe at B = 0).
+    fn module_values(
+        &self,
+        b: &mut Branch,
+        p: &BTreeMap<&'static str, ValueId>,
+        cfg: &Config,
+    ) -> Result<Vec<(&'static str, ValueId)>> {
         let (a, bm) = (p["lora_A"], p["lora_B"]);
-        // (x ⊙ wnorm) A_m = x (diag(wnorm) A_m): scaling A's rows keeps x's readers
-        // MatMuls only (as in the base graph) and costs d_in·r, not tokens·d_in.
         let wnorm_col = b.unsqueeze(p["lora_wnorm"], &[1])?; // [d_in, 1]
         let a_scaled = b.op("Mul", &[wnorm_col, a], vec![])?;
-        let h = b.op("MatMul", &[x, a_scaled], vec![])?; // [..., r]
         let eps2 = b.scalar("eps2", NORM_EPS * NORM_EPS);
         let a_ss = b.reduce_sum_square(a, &[0])?; // A_m [d_in, r]: per-rank norm over axis 0
         let a_max = b.op("Max", &[a_ss, eps2], vec![])?;
@@ -104,8 +116,7 @@ impl Variant for Delora {
         let lambda_r = b.op("Div", &[p["lora_lambda"], r], vec![])?;
         let norms = b.op("Mul", &[an, bn], vec![])?;
         let sigma = b.op("Div", &[lambda_r, norms], vec![])?; // [r]
-        let hs = b.op("Mul", &[h, sigma], vec![])?;
-        b.op("MatMul", &[hs, bm], vec![])
+        Ok(vec![("a_scaled", a_scaled), ("sigma", sigma)])
     }
 
     // ΔW = B diag(σ) A diag(wnorm), σ_i = (λ/r) / (max(‖A[i,:]‖, ε)·max(‖B[:,i]‖, ε))

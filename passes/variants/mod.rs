@@ -171,6 +171,17 @@ pub trait Variant: Sync {
         Vec::new()
     }
 
+    /// Values computed from the parameters alone, once per module (a module called
+    /// twice shares them); [`Variant::branch`] finds them in `p` under their names.
+    fn module_values(
+        &self,
+        _b: &mut Branch,
+        _p: &BTreeMap<&'static str, ValueId>,
+        _cfg: &Config,
+    ) -> Result<Vec<(&'static str, ValueId)>> {
+        Ok(Vec::new())
+    }
+
     /// Builds the branch from the layer input `x` (adapter dtype) to the delta added to
     /// the layer output. `p` maps key suffixes to the parameter initializers (ONNX
     /// layout: every 2-D tensor transposed).

@@ -554,6 +554,22 @@ impl Graph {
         }
     }
 
+    /// Turns the initializer `id` into a value defined as a graph input (the caller
+    /// adds the `GraphIo`).
+    pub fn initializer_to_input(&mut self, id: ValueId) {
+        let value = &mut self.values[id.0 as usize];
+        value.init = None;
+        value.def = Def::Input;
+        self.initializer_order.retain(|&v| v != id);
+    }
+
+    /// Marks the undefined value `id` as a graph input (the caller adds the `GraphIo`).
+    pub fn set_input_def(&mut self, id: ValueId) {
+        let value = &mut self.values[id.0 as usize];
+        debug_assert_eq!(value.def, Def::Undefined);
+        value.def = Def::Input;
+    }
+
     /// Removes the initializer `id` (it must have no users left).
     pub fn remove_initializer(&mut self, id: ValueId) {
         let value = &mut self.values[id.0 as usize];

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use prost::Message;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::Factoid;
 
 use crate::error::{Error, Result};
 use crate::ir::Def;
@@ -46,7 +47,10 @@ pub fn input_names(model: &Model) -> Vec<String> {
 
 /// Folds a copy of the model for `shapes` and parses it into a tract model with
 /// concrete input facts.
-fn parse(model: &Model, shapes: &HashMap<String, Vec<usize>>) -> Result<InferenceModel> {
+fn parse(
+    model: &Model,
+    shapes: &HashMap<String, Vec<usize>>,
+) -> Result<(InferenceModel, HashMap<String, OutletId>)> {
     let names = input_names(model);
     for name in &names {
         if !shapes.contains_key(name) {
@@ -102,7 +106,7 @@ fn parse(model: &Model, shapes: &HashMap<String, Vec<usize>>) -> Result<Inferenc
         let fact = InferenceFact::dt_shape(dt, shapes[name].clone());
         m.set_input_fact(i, fact).map_err(tract_err)?;
     }
-    Ok(m)
+    Ok((m, parsed.outlets_by_name))
 }
 
 fn datum_type(elem: i32) -> Option<DatumType> {
@@ -134,7 +138,7 @@ impl Runner {
         shapes: &HashMap<String, Vec<usize>>,
         optimise: bool,
     ) -> Result<Runner> {
-        let m = parse(model, shapes)?;
+        let (m, _) = parse(model, shapes)?;
         let outputs = model
             .graph
             .outputs
@@ -175,29 +179,24 @@ pub fn value_facts(
     model: &Model,
     shapes: &HashMap<String, Vec<usize>>,
 ) -> Result<BTreeMap<String, ValueFact>> {
-    let typed = parse(model, shapes)?.into_typed().map_err(tract_err)?;
+    // tract's inference facts by ONNX value name: every value, including the ones an
+    // expansion (LayerNormalization) or a folded constant leaves unlabelled later.
+    let (mut m, by_name) = parse(model, shapes)?;
+    m.analyse(false).map_err(tract_err)?;
     let mut facts = BTreeMap::new();
-    for node in typed.nodes() {
-        for (slot, out) in node.outputs.iter().enumerate() {
-            let outlet = OutletId::new(node.id, slot);
-            let name = typed
-                .outlet_label(outlet)
-                .map(str::to_string)
-                .unwrap_or_else(|| {
-                    if slot == 0 {
-                        node.name.clone()
-                    } else {
-                        format!("{}:{slot}", node.name)
-                    }
-                });
-            facts.insert(
-                name,
-                ValueFact {
-                    dtype: format!("{:?}", out.fact.datum_type),
-                    shape: out.fact.shape.iter().map(|d| d.to_string()).collect(),
-                },
-            );
-        }
+    for (name, outlet) in by_name {
+        let fact = m.outlet_fact(outlet).map_err(tract_err)?;
+        let (Some(dt), Some(shape)) = (fact.datum_type.concretize(), fact.shape.concretize())
+        else {
+            continue;
+        };
+        facts.insert(
+            name,
+            ValueFact {
+                dtype: format!("{dt:?}"),
+                shape: shape.iter().map(|d| d.to_string()).collect(),
+            },
+        );
     }
     Ok(facts)
 }

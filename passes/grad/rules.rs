@@ -1,0 +1,742 @@
+//! Gradient rules: one table line per op type, each with its formula. `g` is the
+//! gradient of the output, `x` (`a`, `b`) the inputs, `y` the output; `unb` sums a
+//! gradient down to its input's shape (undoes broadcasting).
+
+use super::{int_attr, Emit};
+use crate::error::{Error, Result};
+use crate::ir::{Node, ValueId};
+
+/// A rule: the gradients of the inputs (`None` where not wanted or not defined).
+pub type Rule = fn(&mut Emit, &Node, &[Option<ValueId>], &[bool]) -> Result<Vec<Option<ValueId>>>;
+
+/// Ops whose outputs carry no gradient (integer, boolean or shape results): a path
+/// from a trainable tensor stops there.
+pub const NO_GRADIENT: &[&str] = &[
+    "Shape",
+    "Size",
+    "Equal",
+    "Less",
+    "LessOrEqual",
+    "Greater",
+    "GreaterOrEqual",
+    "Not",
+    "And",
+    "Or",
+    "Xor",
+    "Range",
+    "ConstantOfShape",
+    "ArgMax",
+    "ArgMin",
+    "NonZero",
+    "IsNaN",
+    "IsInf",
+    "Sign",
+    "Floor",
+    "Ceil",
+    "Round",
+];
+
+/// The gradient rules.
+pub const RULES: &[(&str, Rule)] = &[
+    // dx = g
+    ("Identity", |_, _, g, _| Ok(vec![g[0]])),
+    // dx = g (inference mode: Dropout is the identity)
+    ("Dropout", |_, _, g, _| Ok(vec![g[0], None, None])),
+    // da = unb(g), db = unb(g)
+    ("Add", |e, n, g, w| add_sub(e, n, g[0].unwrap(), w, 1.0)),
+    // da = unb(g), db = -unb(g)
+    ("Sub", |e, n, g, w| add_sub(e, n, g[0].unwrap(), w, -1.0)),
+    // da = unb(g·b), db = unb(g·a)
+    ("Mul", mul),
+    // da = unb(g / b), db = unb(-g·y / b)
+    ("Div", div),
+    // dx = -g
+    ("Neg", |e, _, g, _| {
+        Ok(vec![Some(e.un("Neg", g[0].unwrap())?)])
+    }),
+    // da = g·p·a^(p-1) (exponent constant)
+    ("Pow", pow),
+    // dx = g / (2y)
+    ("Sqrt", |e, n, g, _| {
+        let y = n.outputs[0].unwrap();
+        let two = e.scalar(2.0);
+        let d = e.bin("Mul", y, two)?;
+        Ok(vec![Some(e.bin("Div", g[0].unwrap(), d)?)])
+    }),
+    // dx = -g·y²
+    ("Reciprocal", |e, n, g, _| {
+        let y = n.outputs[0].unwrap();
+        let y2 = e.bin("Mul", y, y)?;
+        let gy2 = e.bin("Mul", g[0].unwrap(), y2)?;
+        Ok(vec![Some(e.un("Neg", gy2)?)])
+    }),
+    // dx = g·y
+    ("Exp", |e, n, g, _| {
+        Ok(vec![Some(e.bin(
+            "Mul",
+            g[0].unwrap(),
+            n.outputs[0].unwrap(),
+        )?)])
+    }),
+    // dx = g / x
+    ("Log", |e, n, g, _| {
+        Ok(vec![Some(e.bin(
+            "Div",
+            g[0].unwrap(),
+            n.inputs[0].unwrap(),
+        )?)])
+    }),
+    // dx = g·(1 - y²)
+    ("Tanh", |e, n, g, _| {
+        let y = n.outputs[0].unwrap();
+        let y2 = e.bin("Mul", y, y)?;
+        let one = e.scalar(1.0);
+        let d = e.bin("Sub", one, y2)?;
+        Ok(vec![Some(e.bin("Mul", g[0].unwrap(), d)?)])
+    }),
+    // dx = g·y·(1 - y)
+    ("Sigmoid", |e, n, g, _| {
+        let y = n.outputs[0].unwrap();
+        let one = e.scalar(1.0);
+        let d = e.bin("Sub", one, y)?;
+        let yd = e.bin("Mul", y, d)?;
+        Ok(vec![Some(e.bin("Mul", g[0].unwrap(), yd)?)])
+    }),
+    // dx = g·(2/√π)·exp(-x²)
+    ("Erf", |e, n, g, _| {
+        let x = n.inputs[0].unwrap();
+        let x2 = e.bin("Mul", x, x)?;
+        let nx2 = e.un("Neg", x2)?;
+        let ex = e.un("Exp", nx2)?;
+        let k = e.scalar(2.0 / std::f64::consts::PI.sqrt());
+        let d = e.bin("Mul", ex, k)?;
+        Ok(vec![Some(e.bin("Mul", g[0].unwrap(), d)?)])
+    }),
+    // dx = g·[x > 0]
+    ("Relu", |e, n, g, _| {
+        let x = n.inputs[0].unwrap();
+        let zero = e.scalar(0.0);
+        let pos = e.bin("Greater", x, zero)?;
+        let m = e.mask(pos)?;
+        Ok(vec![Some(e.bin("Mul", g[0].unwrap(), m)?)])
+    }),
+    // dx = y·(g - Σ_axis g·y)
+    ("Softmax", |e, n, g, _| {
+        let (y, g) = (n.outputs[0].unwrap(), g[0].unwrap());
+        let axis = norm_axis(n.attr_int("axis", -1), e.shape(y)?.len());
+        let gy = e.bin("Mul", g, y)?;
+        let s = e.reduce_sum(gy, &[axis], true)?;
+        let d = e.bin("Sub", g, s)?;
+        Ok(vec![Some(e.bin("Mul", y, d)?)])
+    }),
+    // dx = g - exp(y)·Σ_axis g
+    ("LogSoftmax", |e, n, g, _| {
+        let (y, g) = (n.outputs[0].unwrap(), g[0].unwrap());
+        let axis = norm_axis(n.attr_int("axis", -1), e.shape(y)?.len());
+        let s = e.reduce_sum(g, &[axis], true)?;
+        let p = e.un("Exp", y)?;
+        let ps = e.bin("Mul", p, s)?;
+        Ok(vec![Some(e.bin("Sub", g, ps)?)])
+    }),
+    // da = g·bᵀ, db = aᵀ·g (last two axes), each summed over broadcast batch axes
+    ("MatMul", matmul),
+    // Y = α·A'B' + β·C: dA' = α·g·B'ᵀ, dB' = α·A'ᵀ·g, dC = unb(β·g)
+    ("Gemm", gemm),
+    // dx = Transpose(g, perm⁻¹)
+    ("Transpose", |e, n, g, _| {
+        let rank = e.shape(n.inputs[0].unwrap())?.len();
+        let perm: Vec<usize> = n
+            .attr_ints("perm")
+            .map(|p| p.iter().map(|&a| a as usize).collect())
+            .unwrap_or_else(|| (0..rank).rev().collect());
+        let mut inv = vec![0; rank];
+        for (i, &p) in perm.iter().enumerate() {
+            inv[p] = i;
+        }
+        Ok(vec![Some(e.transpose(g[0].unwrap(), &inv)?)])
+    }),
+    // dx = Reshape(g, shape(x))
+    ("Reshape", reshape_back),
+    ("Flatten", reshape_back),
+    ("Squeeze", reshape_back),
+    ("Unsqueeze", reshape_back),
+    // dx = unb(g)
+    ("Expand", |e, n, g, _| {
+        let s = e.shape(n.inputs[0].unwrap())?;
+        Ok(vec![Some(e.unbroadcast(g[0].unwrap(), &s)?), None])
+    }),
+    // dx_i = Slice(g, the i-th input's range on axis)
+    ("Concat", concat),
+    // dx = Concat(g_i, axis) (zeros for outputs without gradient)
+    ("Split", split),
+    // dx = Pad(g) with zeros outside the sliced range (steps of 1)
+    ("Slice", slice),
+    // dx = ScatterElements(0, indices, g, axis)
+    ("GatherElements", gather_elements),
+    // dx = Expand(g, shape(x)) (Unsqueezed where keepdims = 0)
+    ("ReduceSum", |e, n, g, _| {
+        reduce(e, n, g[0].unwrap(), Reduce::Sum)
+    }),
+    // dx = Expand(g, shape(x)) / N
+    ("ReduceMean", |e, n, g, _| {
+        reduce(e, n, g[0].unwrap(), Reduce::Mean)
+    }),
+    // dx = Expand(g)·2x
+    ("ReduceSumSquare", |e, n, g, _| {
+        reduce(e, n, g[0].unwrap(), Reduce::SumSquare)
+    }),
+    // dx = Expand(g)·x / Expand(y)
+    ("ReduceL2", |e, n, g, _| {
+        reduce(e, n, g[0].unwrap(), Reduce::L2)
+    }),
+    // dx = Expand(g)·[x == Expand(y)]
+    ("ReduceMax", |e, n, g, _| {
+        reduce(e, n, g[0].unwrap(), Reduce::Max)
+    }),
+    // da = unb(g·[a >= b]), db = unb(g·[a < b])
+    ("Max", |e, n, g, w| min_max(e, n, g[0].unwrap(), w, "Less")),
+    // da = unb(g·[a <= b]), db = unb(g·[a > b])
+    ("Min", |e, n, g, w| {
+        min_max(e, n, g[0].unwrap(), w, "Greater")
+    }),
+    // dx = g·[min <= x <= max]
+    ("Clip", clip),
+    // dx = unb(Where(c, g, 0)), dy = unb(Where(c, 0, g))
+    ("Where", where_),
+    // dx = Cast(g, to = type of x) (float to float)
+    ("Cast", |e, n, g, _| {
+        let x = n.inputs[0].unwrap();
+        let to = value_dtype(e, x);
+        let s = e.shape(x)?;
+        Ok(vec![Some(e.op(
+            "Cast",
+            &[g[0].unwrap()],
+            vec![int_attr("to", to as i64)],
+            s,
+        )?)])
+    }),
+    // x̂ = (x-μ)·r over the normalised axes: dx = r·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)),
+    // ĝ = g·scale; dscale = unb(g·x̂), dbias = unb(g)
+    ("LayerNormalization", layer_norm),
+];
+
+/// The rule of `node`'s op (default domain only).
+pub fn rule(node: &Node) -> Option<Rule> {
+    if !matches!(node.domain(), "" | "ai.onnx") {
+        return None;
+    }
+    RULES
+        .iter()
+        .find(|(op, _)| *op == node.op())
+        .map(|(_, r)| *r)
+}
+
+fn norm_axis(axis: i64, rank: usize) -> usize {
+    if axis < 0 {
+        (axis + rank as i64) as usize
+    } else {
+        axis as usize
+    }
+}
+
+fn value_dtype(e: &Emit, v: ValueId) -> i32 {
+    e.graph
+        .initializer(v)
+        .map(|i| i.elem_type())
+        .unwrap_or(e.dtype)
+}
+
+/// The int64 values of a constant input.
+fn const_ints(e: &Emit, v: ValueId) -> Result<Vec<i64>> {
+    let a = crate::eval::evaluate(e.graph, v).map_err(Error::Graph)?;
+    Ok(a.to_f64().iter().map(|&x| x as i64).collect())
+}
+
+fn add_sub(
+    e: &mut Emit,
+    n: &Node,
+    g: ValueId,
+    w: &[bool],
+    sign: f64,
+) -> Result<Vec<Option<ValueId>>> {
+    let mut out = vec![None, None];
+    for i in 0..2 {
+        if w[i] {
+            let s = e.shape(n.inputs[i].unwrap())?;
+            let mut gi = e.unbroadcast(g, &s)?;
+            if i == 1 && sign < 0.0 {
+                gi = e.un("Neg", gi)?;
+            }
+            out[i] = Some(gi);
+        }
+    }
+    Ok(out)
+}
+
+fn mul(e: &mut Emit, n: &Node, g: &[Option<ValueId>], w: &[bool]) -> Result<Vec<Option<ValueId>>> {
+    let (a, b, g) = (n.inputs[0].unwrap(), n.inputs[1].unwrap(), g[0].unwrap());
+    let mut out = vec![None, None];
+    for (i, (me, other)) in [(a, b), (b, a)].into_iter().enumerate() {
+        if w[i] {
+            let go = e.bin("Mul", g, other)?;
+            let s = e.shape(me)?;
+            out[i] = Some(e.unbroadcast(go, &s)?);
+        }
+    }
+    Ok(out)
+}
+
+fn div(e: &mut Emit, n: &Node, g: &[Option<ValueId>], w: &[bool]) -> Result<Vec<Option<ValueId>>> {
+    let (a, b, y, g) = (
+        n.inputs[0].unwrap(),
+        n.inputs[1].unwrap(),
+        n.outputs[0].unwrap(),
+        g[0].unwrap(),
+    );
+    let mut out = vec![None, None];
+    if w[0] {
+        let d = e.bin("Div", g, b)?;
+        let s = e.shape(a)?;
+        out[0] = Some(e.unbroadcast(d, &s)?);
+    }
+    if w[1] {
+        let gy = e.bin("Mul", g, y)?;
+        let d = e.bin("Div", gy, b)?;
+        let nd = e.un("Neg", d)?;
+        let s = e.shape(b)?;
+        out[1] = Some(e.unbroadcast(nd, &s)?);
+    }
+    Ok(out)
+}
+
+fn pow(e: &mut Emit, n: &Node, g: &[Option<ValueId>], w: &[bool]) -> Result<Vec<Option<ValueId>>> {
+    if w[1] {
+        return Err(Error::Graph(
+            "a gradient through a Pow exponent is not supported".into(),
+        ));
+    }
+    let (a, p, g) = (n.inputs[0].unwrap(), n.inputs[1].unwrap(), g[0].unwrap());
+    let one = e.scalar(1.0);
+    let pf = if value_dtype(e, p) == e.dtype {
+        p
+    } else {
+        let s = e.shape(p)?;
+        e.op("Cast", &[p], vec![int_attr("to", e.dtype as i64)], s)?
+    };
+    let pm1 = e.bin("Sub", pf, one)?;
+    let ap = e.bin("Pow", a, pm1)?;
+    let d = e.bin("Mul", ap, pf)?;
+    let gd = e.bin("Mul", g, d)?;
+    let s = e.shape(a)?;
+    Ok(vec![Some(e.unbroadcast(gd, &s)?), None])
+}
+
+/// Swaps the last two axes.
+fn t_last(e: &mut Emit, x: ValueId) -> Result<ValueId> {
+    let r = e.shape(x)?.len();
+    let mut perm: Vec<usize> = (0..r).collect();
+    perm.swap(r - 2, r - 1);
+    e.transpose(x, &perm)
+}
+
+fn matmul(
+    e: &mut Emit,
+    n: &Node,
+    g: &[Option<ValueId>],
+    w: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
+    let (a, b, g) = (n.inputs[0].unwrap(), n.inputs[1].unwrap(), g[0].unwrap());
+    let (sa, sb, sg) = (e.shape(a)?, e.shape(b)?, e.shape(g)?);
+    if sa.len() < 2 || sb.len() < 2 {
+        return Err(Error::Graph(
+            "MatMul with a 1-D operand is not supported".into(),
+        ));
+    }
+    let mut out = vec![None, None];
+    if w[0] {
+        let bt = t_last(e, b)?;
+        let mut shape = sg.clone();
+        *shape.last_mut().unwrap() = sa[sa.len() - 1];
+        let ga = e.op("MatMul", &[g, bt], vec![], super::broadcast(&shape, &shape))?;
+        out[0] = Some(e.unbroadcast(ga, &sa)?);
+    }
+    if w[1] {
+        let gb = if sb.len() == 2 {
+            // Σ over every leading axis: flatten tokens, then aᵀ·g.
+            let k = sa[sa.len() - 1];
+            let m = sg[sg.len() - 1];
+            let rows: usize = sa[..sa.len() - 1].iter().product();
+            let a2 = e.reshape(a, &[rows, k])?;
+            let g2 = e.reshape(g, &[rows, m])?;
+            let a2t = e.transpose(a2, &[1, 0])?;
+            e.op("MatMul", &[a2t, g2], vec![], vec![k, m])?
+        } else {
+            let at = t_last(e, a)?;
+            let mut shape = sg.clone();
+            let r = shape.len();
+            shape[r - 2] = sb[sb.len() - 2];
+            let gb = e.op("MatMul", &[at, g], vec![], shape)?;
+            e.unbroadcast(gb, &sb)?
+        };
+        out[1] = Some(gb);
+    }
+    Ok(out)
+}
+
+fn gemm(e: &mut Emit, n: &Node, g: &[Option<ValueId>], w: &[bool]) -> Result<Vec<Option<ValueId>>> {
+    let (a, b, g) = (n.inputs[0].unwrap(), n.inputs[1].unwrap(), g[0].unwrap());
+    let (alpha, beta) = (
+        n.attr_float("alpha", 1.0) as f64,
+        n.attr_float("beta", 1.0) as f64,
+    );
+    let (ta, tb) = (n.attr_int("transA", 0) != 0, n.attr_int("transB", 0) != 0);
+    let scaled = |e: &mut Emit, x: ValueId, k: f64| -> Result<ValueId> {
+        if k == 1.0 {
+            Ok(x)
+        } else {
+            let c = e.scalar(k);
+            e.bin("Mul", x, c)
+        }
+    };
+    let mut out = vec![None, None, None];
+    let (sa, sb) = (e.shape(a)?, e.shape(b)?);
+    if w[0] {
+        // dA' = g·B'ᵀ; dA = dA'ᵀ when transA.
+        let gs = e.shape(g)?;
+        let k = if ta { sa[0] } else { sa[1] };
+        let bt = if tb { b } else { e.transpose(b, &[1, 0])? };
+        let d = e.op("MatMul", &[g, bt], vec![], vec![gs[0], k])?;
+        let d = if ta { e.transpose(d, &[1, 0])? } else { d };
+        out[0] = Some(scaled(e, d, alpha)?);
+    }
+    if w[1] {
+        // dB' = A'ᵀ·g; dB = dB'ᵀ when transB.
+        let gs = e.shape(g)?;
+        let k = if tb { sb[1] } else { sb[0] };
+        let at = if ta { a } else { e.transpose(a, &[1, 0])? };
+        let d = e.op("MatMul", &[at, g], vec![], vec![k, gs[1]])?;
+        let d = if tb { e.transpose(d, &[1, 0])? } else { d };
+        out[1] = Some(scaled(e, d, alpha)?);
+    }
+    if w.get(2).copied().unwrap_or(false) {
+        let c = n.inputs[2].unwrap();
+        let s = e.shape(c)?;
+        let gc = e.unbroadcast(g, &s)?;
+        out[2] = Some(scaled(e, gc, beta)?);
+    }
+    Ok(out)
+}
+
+fn reshape_back(
+    e: &mut Emit,
+    n: &Node,
+    g: &[Option<ValueId>],
+    _: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
+    let s = e.shape(n.inputs[0].unwrap())?;
+    Ok(vec![Some(e.reshape(g[0].unwrap(), &s)?), None])
+}
+
+fn concat(
+    e: &mut Emit,
+    n: &Node,
+    g: &[Option<ValueId>],
+    w: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
+    let g = g[0].unwrap();
+    let gs = e.shape(g)?;
+    let axis = norm_axis(n.attr_int("axis", 0), gs.len());
+    let mut start = 0usize;
+    let mut out = Vec::new();
+    for (i, input) in n.inputs.iter().enumerate() {
+        let s = e.shape(input.unwrap())?;
+        let len = s[axis];
+        if w[i] {
+            out.push(Some(slice_axis(e, g, axis, start, start + len)?));
+        } else {
+            out.push(None);
+        }
+        start += len;
+    }
+    Ok(out)
+}
+
+/// `g[..., start:end, ...]` on `axis`.
+fn slice_axis(e: &mut Emit, g: ValueId, axis: usize, start: usize, end: usize) -> Result<ValueId> {
+    let mut shape = e.shape(g)?;
+    shape[axis] = end - start;
+    let (s, t, a) = (
+        e.ints(&[start as i64]),
+        e.ints(&[end as i64]),
+        e.ints(&[axis as i64]),
+    );
+    e.op("Slice", &[g, s, t, a], vec![], shape)
+}
+
+fn split(
+    e: &mut Emit,
+    n: &Node,
+    g: &[Option<ValueId>],
+    _: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
+    let x = n.inputs[0].unwrap();
+    let xs = e.shape(x)?;
+    let axis = norm_axis(n.attr_int("axis", 0), xs.len());
+    let mut parts = Vec::new();
+    for (slot, out) in n.outputs.iter().enumerate() {
+        let shape = e.shape(out.unwrap())?;
+        parts.push(match g[slot] {
+            Some(gi) => gi,
+            None => e.zeros(&shape)?,
+        });
+    }
+    let cat = e.op("Concat", &parts, vec![int_attr("axis", axis as i64)], xs)?;
+    Ok(vec![Some(cat), None])
+}
+
+fn slice(
+    e: &mut Emit,
+    n: &Node,
+    g: &[Option<ValueId>],
+    _: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
+    let x = n.inputs[0].unwrap();
+    let xs = e.shape(x)?;
+    let rank = xs.len();
+    let starts = const_ints(e, n.inputs[1].unwrap())?;
+    let ends = const_ints(e, n.inputs[2].unwrap())?;
+    let axes = match n.inputs.get(3).copied().flatten() {
+        Some(a) => const_ints(e, a)?,
+        None => (0..starts.len() as i64).collect(),
+    };
+    if let Some(steps) = n.inputs.get(4).copied().flatten() {
+        if const_ints(e, steps)?.iter().any(|&s| s != 1) {
+            return Err(Error::Graph(
+                "a gradient through a Slice with steps other than 1 is not supported".into(),
+            ));
+        }
+    }
+    let mut pads = vec![0i64; 2 * rank];
+    for (k, &axis) in axes.iter().enumerate() {
+        let axis = norm_axis(axis, rank);
+        let dim = xs[axis] as i64;
+        let fix = |v: i64| (if v < 0 { v + dim } else { v }).clamp(0, dim);
+        let (s, t) = (fix(starts[k]), fix(ends[k]));
+        pads[axis] = s;
+        pads[rank + axis] = dim - t.max(s);
+    }
+    let p = e.ints(&pads);
+    Ok(vec![
+        Some(e.op("Pad", &[g[0].unwrap(), p], vec![], xs)?),
+        None,
+        None,
+        None,
+        None,
+    ])
+}
+
+fn gather_elements(
+    e: &mut Emit,
+    n: &Node,
+    g: &[Option<ValueId>],
+    _: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
+    let (x, idx) = (n.inputs[0].unwrap(), n.inputs[1].unwrap());
+    let xs = e.shape(x)?;
+    let axis = n.attr_int("axis", 0);
+    let z = e.zeros(&xs)?;
+    let d = e.op(
+        "ScatterElements",
+        &[z, idx, g[0].unwrap()],
+        vec![int_attr("axis", axis)],
+        xs,
+    )?;
+    Ok(vec![Some(d), None])
+}
+
+enum Reduce {
+    Sum,
+    Mean,
+    SumSquare,
+    L2,
+    Max,
+}
+
+fn reduce(e: &mut Emit, n: &Node, g: ValueId, kind: Reduce) -> Result<Vec<Option<ValueId>>> {
+    let x = n.inputs[0].unwrap();
+    let y = n.outputs[0].unwrap();
+    let xs = e.shape(x)?;
+    let rank = xs.len();
+    let axes: Vec<usize> = match n.inputs.get(1).copied().flatten() {
+        Some(a) => const_ints(e, a)?,
+        None => n.attr_ints("axes").map(<[i64]>::to_vec).unwrap_or_default(),
+    }
+    .into_iter()
+    .map(|a| norm_axis(a, rank))
+    .collect();
+    let axes: Vec<usize> = if axes.is_empty() {
+        if n.attr_int("noop_with_empty_axes", 0) != 0 {
+            return Ok(vec![Some(g), None]);
+        }
+        (0..rank).collect()
+    } else {
+        axes
+    };
+    let kept: Vec<usize> = xs
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
+        .collect();
+    let keep = |e: &mut Emit, v: ValueId| e.reshape(v, &kept);
+    let gk = keep(e, g)?;
+    let ge = e.expand(gk, &xs)?;
+    let d = match kind {
+        Reduce::Sum => ge,
+        Reduce::Mean => {
+            let count: usize = axes.iter().map(|&a| xs[a]).product();
+            let c = e.scalar(count as f64);
+            e.bin("Div", ge, c)?
+        }
+        Reduce::SumSquare => {
+            let two = e.scalar(2.0);
+            let x2 = e.bin("Mul", x, two)?;
+            e.bin("Mul", ge, x2)?
+        }
+        Reduce::L2 => {
+            let yk = keep(e, y)?;
+            let gx = e.bin("Mul", ge, x)?;
+            e.bin("Div", gx, yk)?
+        }
+        Reduce::Max => {
+            let yk = keep(e, y)?;
+            let eq = e.bin("Equal", x, yk)?;
+            let m = e.mask(eq)?;
+            e.bin("Mul", ge, m)?
+        }
+    };
+    Ok(vec![Some(d), None])
+}
+
+/// `first_loses` is the comparison under which b wins (`Less` for Max): a gets the
+/// gradient where it does not hold. (tract evaluates Less and Greater, not the
+/// OrEqual forms.)
+fn min_max(
+    e: &mut Emit,
+    n: &Node,
+    g: ValueId,
+    w: &[bool],
+    first_loses: &str,
+) -> Result<Vec<Option<ValueId>>> {
+    if n.inputs.len() != 2 {
+        return Err(Error::Graph(format!(
+            "{} with {} inputs is not supported",
+            n.op(),
+            n.inputs.len()
+        )));
+    }
+    let (a, b) = (n.inputs[0].unwrap(), n.inputs[1].unwrap());
+    let loses = e.bin(first_loses, a, b)?;
+    let wins = e.un("Not", loses)?;
+    let ma = e.mask(wins)?;
+    let mut out = vec![None, None];
+    if w[0] {
+        let d = e.bin("Mul", g, ma)?;
+        let s = e.shape(a)?;
+        out[0] = Some(e.unbroadcast(d, &s)?);
+    }
+    if w[1] {
+        let one = e.scalar(1.0);
+        let mb = e.bin("Sub", one, ma)?;
+        let d = e.bin("Mul", g, mb)?;
+        let s = e.shape(b)?;
+        out[1] = Some(e.unbroadcast(d, &s)?);
+    }
+    Ok(out)
+}
+
+fn clip(e: &mut Emit, n: &Node, g: &[Option<ValueId>], _: &[bool]) -> Result<Vec<Option<ValueId>>> {
+    let x = n.inputs[0].unwrap();
+    let mut d = g[0].unwrap();
+    // [x >= min] = ¬[x < min], [x <= max] = ¬[x > max]
+    for (slot, op) in [(1, "Less"), (2, "Greater")] {
+        if let Some(bound) = n.inputs.get(slot).copied().flatten() {
+            let out = e.bin(op, x, bound)?;
+            let c = e.un("Not", out)?;
+            let m = e.mask(c)?;
+            d = e.bin("Mul", d, m)?;
+        }
+    }
+    Ok(vec![Some(d), None, None])
+}
+
+fn where_(
+    e: &mut Emit,
+    n: &Node,
+    g: &[Option<ValueId>],
+    w: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
+    let (c, g) = (n.inputs[0].unwrap(), g[0].unwrap());
+    let zero = e.scalar(0.0);
+    let mut out = vec![None, None, None];
+    for (slot, (t, f)) in [(1, (g, zero)), (2, (zero, g))] {
+        if w[slot] {
+            let gs = e.shape(g)?;
+            let d = e.op("Where", &[c, t, f], vec![], gs)?;
+            let s = e.shape(n.inputs[slot].unwrap())?;
+            out[slot] = Some(e.unbroadcast(d, &s)?);
+        }
+    }
+    Ok(out)
+}
+
+fn layer_norm(
+    e: &mut Emit,
+    n: &Node,
+    g: &[Option<ValueId>],
+    w: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
+    let (x, g) = (n.inputs[0].unwrap(), g[0].unwrap());
+    let xs = e.shape(x)?;
+    let rank = xs.len();
+    let axis = norm_axis(n.attr_int("axis", -1), rank);
+    let axes: Vec<usize> = (axis..rank).collect();
+    let count: usize = axes.iter().map(|&a| xs[a]).product();
+    let eps = n.attr_float("epsilon", 1e-5) as f64;
+    let inv_n = e.scalar(1.0 / count as f64);
+    // μ, σ² and r = 1/√(σ² + ε), recomputed.
+    let sum = e.reduce_sum(x, &axes, true)?;
+    let mu = e.bin("Mul", sum, inv_n)?;
+    let xc = e.bin("Sub", x, mu)?;
+    let sq = e.bin("Mul", xc, xc)?;
+    let var_sum = e.reduce_sum(sq, &axes, true)?;
+    let var = e.bin("Mul", var_sum, inv_n)?;
+    let epsv = e.scalar(eps);
+    let ve = e.bin("Add", var, epsv)?;
+    let sd = e.un("Sqrt", ve)?;
+    let r = e.un("Reciprocal", sd)?;
+    let xh = e.bin("Mul", xc, r)?;
+    let mut out = vec![None, None, None];
+    if w[0] {
+        let scale = n.inputs[1].unwrap();
+        let gh = e.bin("Mul", g, scale)?;
+        let m1s = e.reduce_sum(gh, &axes, true)?;
+        let m1 = e.bin("Mul", m1s, inv_n)?;
+        let ghx = e.bin("Mul", gh, xh)?;
+        let m2s = e.reduce_sum(ghx, &axes, true)?;
+        let m2 = e.bin("Mul", m2s, inv_n)?;
+        let a = e.bin("Sub", gh, m1)?;
+        let b = e.bin("Mul", xh, m2)?;
+        let ab = e.bin("Sub", a, b)?;
+        out[0] = Some(e.bin("Mul", ab, r)?);
+    }
+    if w.get(1).copied().unwrap_or(false) {
+        let gx = e.bin("Mul", g, xh)?;
+        let s = e.shape(n.inputs[1].unwrap())?;
+        out[1] = Some(e.unbroadcast(gx, &s)?);
+    }
+    if w.get(2).copied().unwrap_or(false) {
+        let s = e.shape(n.inputs[2].unwrap())?;
+        out[2] = Some(e.unbroadcast(g, &s)?);
+    }
+    Ok(out)
+}

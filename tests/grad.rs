@@ -1,0 +1,301 @@
+//! The gradient pass: end to end against central finite differences, DeLoRA's finite
+//! gradient at init, and the training graph's contract.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::{fixture, reference};
+use lora_graft::passes::grad::loss::Loss;
+use lora_graft::passes::variants::Config;
+use lora_graft::pipeline::{self, GraftRequest, Training, TrainingRequest};
+use lora_graft::rng::Rng;
+use lora_graft::runtime::Runner;
+use lora_graft::tensor::Array;
+use lora_graft::Model;
+use tract_core::ndarray::{ArrayD, IxDyn};
+
+fn training(name: &str, variant: &str, loss: Loss, batch: usize, seq: usize) -> Training {
+    let req = TrainingRequest {
+        graft: GraftRequest {
+            variant: variant.into(),
+            cfg: Config {
+                r: 2,
+                alpha: 4.0,
+                alpha_json: "4".into(),
+                ..Config::default()
+            },
+            ..GraftRequest::default()
+        },
+        loss,
+        batch,
+        seq,
+        output: None,
+        keep_outputs: false,
+    };
+    pipeline::training_graph(Model::load(&fixture(name)).unwrap(), &req)
+        .unwrap_or_else(|e| panic!("{name} {variant}: {e}"))
+}
+
+/// Inputs of a training graph: the reference model inputs, labels/targets, and the
+/// adapter tensors with B (and lambda) set non-zero so every gradient is non-trivial.
+fn feeds(t: &Training, name: &str, seed: u64) -> HashMap<String, Array> {
+    let (inputs, _) = reference(name);
+    let mut feeds: HashMap<String, Array> = inputs.into_iter().collect();
+    let mut rng = Rng::new(seed);
+    for (label, shape) in [
+        ("labels", t.input_shapes.get("labels")),
+        ("target", t.input_shapes.get("target")),
+    ] {
+        if let Some(shape) = shape {
+            let n: usize = shape.iter().product();
+            let a = if label == "labels" {
+                Array::I64(
+                    ArrayD::from_shape_vec(
+                        IxDyn(shape),
+                        (0..n).map(|i| (i * 37 % 500) as i64).collect(),
+                    )
+                    .unwrap(),
+                )
+            } else {
+                Array::F32(ArrayD::from_shape_fn(IxDyn(shape), |_| rng.normal() as f32))
+            };
+            feeds.insert(label.into(), a);
+        }
+    }
+    for m in &t.outcome.grafted.modules {
+        for (p, values) in m.params.iter().filter(|(p, _)| m.trainable.contains(p)) {
+            let mut v = lora_graft::passes::graft::onnx_layout(values);
+            if *p == "lora_B" {
+                v.mapv_inplace(|_| rng.uniform_in(-0.3, 0.3) as f32);
+            }
+            if *p == "lora_lambda" {
+                v.fill(2.0);
+            }
+            feeds.insert(format!("{}.{p}", m.module), Array::F32(v));
+        }
+    }
+    feeds
+}
+
+struct Session {
+    runner: Runner,
+}
+
+impl Session {
+    fn new(t: &Training) -> Session {
+        Session {
+            runner: Runner::new(&t.model, &t.input_shapes).unwrap(),
+        }
+    }
+    fn run(&self, feeds: &HashMap<String, Array>) -> HashMap<String, Array> {
+        let inputs = self
+            .runner
+            .inputs
+            .iter()
+            .map(|n| {
+                feeds
+                    .get(n)
+                    .unwrap_or_else(|| panic!("no feed {n}"))
+                    .clone()
+            })
+            .collect();
+        self.runner
+            .outputs
+            .iter()
+            .cloned()
+            .zip(self.runner.run(inputs).unwrap())
+            .collect()
+    }
+}
+
+fn scalar(a: &Array) -> f64 {
+    a.to_f64().iter().next().copied().unwrap()
+}
+
+/// Central differences on `samples` entries of every trainable tensor; returns the
+/// worst relative error of the sampled gradient vector per tensor.
+fn check_fd(name: &str, variant: &str, loss: Loss, batch: usize, seq: usize, h: f64, tol: f64) {
+    let t = training(name, variant, loss, batch, seq);
+    let s = Session::new(&t);
+    let base = feeds(&t, name, 3);
+    let out = s.run(&base);
+    assert!(scalar(&out["loss"]).is_finite());
+    let mut rng = Rng::new(9);
+    for (tensor, grad_name) in &t.graph.gradients {
+        let g = out[grad_name].to_f64();
+        let theta = base[tensor].to_f32();
+        let (mut num, mut ana) = (Vec::new(), Vec::new());
+        for _ in 0..4 {
+            let i = (rng.next_u64() as usize) % theta.len();
+            let mut plus = base.clone();
+            let mut minus = base.clone();
+            let mut tp = theta.clone();
+            tp.as_slice_mut().unwrap()[i] += h as f32;
+            plus.insert(tensor.clone(), Array::F32(tp));
+            let mut tm = theta.clone();
+            tm.as_slice_mut().unwrap()[i] -= h as f32;
+            minus.insert(tensor.clone(), Array::F32(tm));
+            let fd = (scalar(&s.run(&plus)["loss"]) - scalar(&s.run(&minus)["loss"])) / (2.0 * h);
+            num.push(fd);
+            ana.push(g.as_slice().unwrap()[i]);
+        }
+        let diff: f64 = num
+            .iter()
+            .zip(&ana)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let norm: f64 = ana.iter().map(|a| a * a).sum::<f64>().sqrt();
+        // The f32 loss is only known to ~1e-6 relative: its central difference carries
+        // ~1e-6·|L|/h of noise per entry, which bounds what FD can check on tiny
+        // gradients (the PyTorch references check those).
+        let noise = 1e-6 * scalar(&out["loss"]).abs() / h * (num.len() as f64).sqrt();
+        assert!(
+            diff <= tol * norm + noise,
+            "{name} {variant} {tensor}: fd {num:?} vs grad {ana:?}"
+        );
+    }
+}
+
+#[test]
+fn handmade_gradients_match_finite_differences() {
+    for variant in ["lora", "pissa", "delora"] {
+        // f32 model: h = 1e-2 keeps the rounding error of the loss (~1e-7·|L|/h) small
+        // against the truncation error (~h²); 2e-2 relative on the sampled vector.
+        check_fd("handmade", variant, Loss::Mse, 2, 1, 1e-2, 2e-2);
+    }
+}
+
+#[test]
+fn llama_causal_lm_gradients_match_finite_differences() {
+    for variant in ["lora", "pissa", "delora"] {
+        // 3e-2 relative on the sampled vector: f32 forward through 2 layers + softmax.
+        check_fd("llama", variant, Loss::CausalLm, 2, 7, 1e-2, 3e-2);
+    }
+}
+
+#[test]
+fn gpt2_and_bert_gradients_match_finite_differences() {
+    check_fd("gpt2", "lora", Loss::CausalLm, 2, 7, 1e-2, 3e-2);
+    check_fd("bert", "delora", Loss::Mse, 2, 7, 1e-2, 3e-2);
+}
+
+#[test]
+fn delora_gradient_at_init_is_finite() {
+    // B = 0 at init: the NaN trap of variants.md §0.6 (ReduceL2's backward at 0).
+    let t = training("llama", "delora", Loss::CausalLm, 2, 7);
+    let s = Session::new(&t);
+    let mut f = feeds(&t, "llama", 3);
+    for m in &t.outcome.grafted.modules {
+        for (p, values) in &m.params {
+            f.insert(
+                format!("{}.{p}", m.module),
+                Array::F32(lora_graft::passes::graft::onnx_layout(values)),
+            );
+        }
+    }
+    let out = s.run(&f);
+    for (tensor, g) in &t.graph.gradients {
+        let g = out[g].to_f64();
+        assert!(
+            g.iter().all(|v| v.is_finite()),
+            "{tensor}: non-finite gradient at init"
+        );
+        if tensor.ends_with("lora_B") {
+            assert!(
+                g.iter().any(|&v| v != 0.0),
+                "{tensor}: B gets a gradient at init"
+            );
+        } else {
+            assert!(
+                g.iter().all(|&v| v == 0.0),
+                "{tensor}: zero at init (B = 0)"
+            );
+        }
+    }
+}
+
+#[test]
+fn golden_training_graph_of_the_hand_built_fixture() {
+    let t = training("handmade", "lora", Loss::Mse, 2, 1);
+    common::check_golden("handmade/train.lora.txt", &t.model.graph.dump().unwrap());
+    let names: Vec<&str> = t
+        .model
+        .graph
+        .outputs
+        .iter()
+        .map(|o| o.info.name())
+        .collect();
+    assert_eq!(names[..2], ["loss", "grad.blocks.0.gemm.lora_A"]);
+}
+
+#[test]
+fn training_graphs_run_in_onnx_runtime_as_in_tract() {
+    use lora_graft::adapter::AdapterFile;
+    use lora_graft::model::SaveOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let mut manifest = Vec::new();
+    let cases = [
+        ("handmade", "lora", Loss::Mse, 2, 1),
+        ("handmade", "pissa", Loss::Mse, 2, 1),
+        ("llama", "delora", Loss::CausalLm, 2, 7),
+        ("gpt2", "lora", Loss::CausalLm, 2, 7),
+        ("bert", "pissa", Loss::Mse, 2, 7),
+    ];
+    for (name, variant, loss, batch, seq) in cases {
+        let t = training(name, variant, loss, batch, seq);
+        let f = feeds(&t, name, 3);
+        let out = Session::new(&t).run(&f);
+        std::fs::create_dir_all(dir.path().join(name)).unwrap();
+        let stem = format!("{name}/{variant}.train");
+        t.model
+            .save(
+                &dir.path().join(format!("{stem}.onnx")),
+                &SaveOptions::default(),
+            )
+            .unwrap();
+        let mut tensors = std::collections::BTreeMap::new();
+        for (k, v) in f {
+            tensors.insert(format!("input.{k}"), v);
+        }
+        for (k, v) in out {
+            tensors.insert(format!("output.{k}"), v);
+        }
+        let io = AdapterFile {
+            metadata: Default::default(),
+            tensors,
+        };
+        std::fs::write(
+            dir.path().join(format!("{stem}.io.safetensors")),
+            io.to_bytes().unwrap(),
+        )
+        .unwrap();
+        manifest.push(serde_json::json!({
+            "model": format!("{stem}.onnx"), "base": fixture(name), "io": format!("{stem}.io.safetensors"),
+            // 1e-5 relative to max(1, |value|): the bound, scaled for the large
+            // gradients DeLoRA's norm clamp gives.
+            "full_check": true, "tol": 1e-5, "relative": true, "training": true,
+        }));
+    }
+    std::fs::write(
+        dir.path().join("manifest.json"),
+        serde_json::to_string_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(common::root().join("tests/interop.py"))
+        .arg(dir.path())
+        .output()
+        .expect("python3 is needed for the ONNX Runtime interop test (see .ci/run)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "interop failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("{} passed, 0 failed", manifest.len())),
+        "{stdout}"
+    );
+}
