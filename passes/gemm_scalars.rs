@@ -25,8 +25,7 @@ pub fn run(graph: &mut Graph) -> Result<usize> {
             .get(1)
             .copied()
             .flatten()
-            .and_then(|b| graph.initializer(b))
-            .map(Initializer::elem_type)
+            .and_then(|b| declared_type(graph, b))
         else {
             continue;
         };
@@ -100,4 +99,16 @@ pub fn run(graph: &mut Graph) -> Result<usize> {
     }
     graph.compact();
     Ok(rewritten)
+}
+
+/// The element type of `v` when it is an initializer or a typed graph input.
+fn declared_type(graph: &Graph, v: ValueId) -> Option<i32> {
+    if let Some(init) = graph.initializer(v) {
+        return Some(init.elem_type());
+    }
+    let io = graph.inputs.iter().find(|io| io.value == v)?;
+    match io.info.r#type.as_ref()?.value.as_ref()? {
+        crate::proto::type_proto::Value::TensorType(t) => Some(t.elem_type()),
+        _ => None,
+    }
 }

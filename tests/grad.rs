@@ -299,3 +299,91 @@ fn training_graphs_run_in_onnx_runtime_as_in_tract() {
         "{stdout}"
     );
 }
+
+/// Gradients against PyTorch autograd on the same model, adapter values and batch
+/// (`fixtures/grad/*`, made by `make.py` with hooks implementing variants.md).
+#[test]
+fn gradients_match_pytorch_autograd() {
+    use lora_graft::adapter::AdapterFile;
+    for name in ["llama", "gpt2", "bert"] {
+        for variant in ["lora", "pissa", "delora"] {
+            let loss = if name == "bert" {
+                Loss::Mse
+            } else {
+                Loss::CausalLm
+            };
+            let req = TrainingRequest {
+                graft: GraftRequest {
+                    variant: variant.into(),
+                    cfg: Config {
+                        r: 4,
+                        alpha: 8.0,
+                        alpha_json: "8".into(),
+                        ..Config::default()
+                    },
+                    ..GraftRequest::default()
+                },
+                loss,
+                batch: 2,
+                seq: 7,
+                output: None,
+                keep_outputs: false,
+            };
+            let t = pipeline::training_graph(Model::load(&fixture(name)).unwrap(), &req).unwrap();
+            let dir = common::root().join("fixtures/grad");
+            let adapter =
+                AdapterFile::read(&dir.join(format!("{name}.{variant}.adapter.safetensors")))
+                    .unwrap();
+            let torch =
+                AdapterFile::read(&dir.join(format!("{name}.{variant}.grad.safetensors"))).unwrap();
+            let (inputs, _) = reference(name);
+            let mut feeds: HashMap<String, Array> = inputs.iter().cloned().collect();
+            match loss {
+                Loss::CausalLm => {
+                    feeds.insert("labels".into(), feeds["input_ids"].clone());
+                }
+                _ => {
+                    let shape = t.input_shapes["target"].clone();
+                    feeds.insert("target".into(), Array::F32(ArrayD::zeros(IxDyn(&shape))));
+                }
+            }
+            for (tensor, _) in &t.graph.gradients {
+                let values = adapter.tensors[tensor].to_f32();
+                // lambda may be stored [1] (PEFT's shape) where lora-lite has [].
+                let shape = &t.input_shapes[tensor];
+                let values = lora_graft::passes::graft::onnx_layout(&values)
+                    .into_shape_with_order(IxDyn(shape))
+                    .unwrap();
+                feeds.insert(tensor.clone(), Array::F32(values));
+            }
+            let out = Session::new(&t).run(&feeds);
+            let want_loss = torch.tensors["loss"].to_f64()[[]];
+            let got_loss = scalar(&out["loss"]);
+            assert!(
+                (got_loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0),
+                "{name} {variant}: loss {got_loss} vs PyTorch {want_loss}"
+            );
+            for (tensor, g) in &t.graph.gradients {
+                let want = torch.tensors[&format!("grad.{tensor}")].to_f32();
+                let got = out[g].to_f32();
+                let got = if got.ndim() == 2 {
+                    got.t().as_standard_layout().to_owned()
+                } else {
+                    got
+                }; // ONNX -> torch layout
+                let got = got.into_shape_with_order(want.raw_dim()).unwrap();
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+                let err = got
+                    .iter()
+                    .zip(want.iter())
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                // 1e-4 relative to the tensor's largest entry (the bound): fp32
+                // on both sides, summed in different orders.
+                assert!(
+                    err <= 1e-4 * scale,
+                    "{name} {variant} {tensor}: max error {err:e}, largest gradient {scale:e}"
+                );
+            }
+        }
+    }
+}

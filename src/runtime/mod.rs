@@ -31,6 +31,18 @@ pub struct ValueFact {
     pub shape: Vec<String>,
 }
 
+/// Runs `f`, turning a panic inside tract into an error (user models are untrusted).
+fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        Err(Error::Runtime(format!("tract failed while {what}: {msg}")))
+    })
+}
+
 fn tract_err(e: impl std::fmt::Display) -> Error {
     Error::Runtime(format!("{e:#}"))
 }
@@ -72,9 +84,9 @@ fn parse(
     let pb =
         tract_onnx::pb::ModelProto::decode(proto.encode_to_vec().as_slice()).map_err(tract_err)?;
     let dir = model.dir.to_string_lossy().into_owned();
-    let parsed = tract_onnx::onnx()
-        .parse(&pb, Some(&dir))
-        .map_err(tract_err)?;
+    let parsed = guarded("reading the model", || {
+        tract_onnx::onnx().parse(&pb, Some(&dir)).map_err(tract_err)
+    })?;
     if !parsed.unresolved_inputs.is_empty() {
         return Err(Error::Runtime(format!(
             "unresolved inputs: {:?}",
@@ -145,14 +157,16 @@ impl Runner {
             .iter()
             .map(|o| model.graph.value(o.value).name.clone())
             .collect();
-        let typed = m.into_typed().map_err(tract_err)?;
-        let typed = if optimise {
-            typed.into_optimized()
-        } else {
-            typed.into_decluttered()
-        }
-        .map_err(tract_err)?;
-        let plan = typed.into_runnable().map_err(tract_err)?;
+        let plan = guarded("optimising the model", || {
+            let typed = m.into_typed().map_err(tract_err)?;
+            let typed = if optimise {
+                typed.into_optimized()
+            } else {
+                typed.into_decluttered()
+            }
+            .map_err(tract_err)?;
+            typed.into_runnable().map_err(tract_err)
+        })?;
         Ok(Runner {
             plan,
             inputs: input_names(model),
@@ -166,7 +180,9 @@ impl Runner {
             .into_iter()
             .map(|a| to_tract(a).map(TValue::from))
             .collect::<Result<_>>()?;
-        let outputs = self.plan.run(values).map_err(tract_err)?;
+        let outputs = guarded("running the model", || {
+            self.plan.run(values).map_err(tract_err)
+        })?;
         outputs
             .into_iter()
             .map(|t| from_tract(t.into_tensor()))
@@ -182,7 +198,7 @@ pub fn value_facts(
     // tract's inference facts by ONNX value name: every value, including the ones an
     // expansion (LayerNormalization) or a folded constant leaves unlabelled later.
     let (mut m, by_name) = parse(model, shapes)?;
-    m.analyse(false).map_err(tract_err)?;
+    guarded("inferring shapes", || m.analyse(false).map_err(tract_err))?;
     let mut facts = BTreeMap::new();
     for (name, outlet) in by_name {
         let fact = m.outlet_fact(outlet).map_err(tract_err)?;

@@ -1,0 +1,362 @@
+//! Every gradient rule on a one-node graph against central finite differences, in
+//! float64 (tract runs these ops in f64), including broadcasting cases.
+
+use std::collections::HashMap;
+
+use lora_graft::ir::{Graph, Initializer, ValueId};
+use lora_graft::passes::grad::{self, int_attr, ints_attr};
+use lora_graft::proto::{
+    attribute_proto::AttributeType, AttributeProto, GraphProto, ModelProto, OperatorSetIdProto,
+    ValueInfoProto,
+};
+use lora_graft::rng::Rng;
+use lora_graft::runtime::{value_facts, Runner};
+use lora_graft::tensor::Array;
+use lora_graft::Model;
+use tract_core::ndarray::{ArrayD, IxDyn};
+
+/// An input of the node under test.
+enum In {
+    /// A differentiated float64 input of this shape (values in [lo, hi)).
+    Float(Vec<usize>, f64, f64),
+    /// A constant (axes, indices, shapes, conditions).
+    Const(Array),
+}
+
+fn f(shape: &[usize]) -> In {
+    In::Float(shape.to_vec(), -1.0, 1.0)
+}
+
+fn pos(shape: &[usize]) -> In {
+    In::Float(shape.to_vec(), 0.5, 2.0)
+}
+
+fn ints(v: &[i64]) -> In {
+    In::Const(Array::I64(
+        ArrayD::from_shape_vec(IxDyn(&[v.len()]), v.to_vec()).unwrap(),
+    ))
+}
+
+fn float_attr(name: &str, v: f32) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        f: Some(v),
+        r#type: Some(AttributeType::Float as i32),
+        ..Default::default()
+    }
+}
+
+const F64: i32 = 11;
+
+fn model(graph: Graph) -> Model {
+    let proto = ModelProto {
+        ir_version: Some(10),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(18),
+        }],
+        ..Default::default()
+    };
+    Model {
+        proto,
+        graph,
+        path: "rule.onnx".into(),
+        dir: ".".into(),
+    }
+}
+
+/// Checks the rule of `op` on one node: L = Σ G ⊙ op(inputs), G random.
+fn check(op: &str, attrs: Vec<AttributeProto>, inputs: Vec<In>) {
+    check_n(op, attrs, inputs, 1, F64)
+}
+
+/// Like [`check`] in float32 (for ops tract runs in f32 only), with a wider step.
+fn check_f32(op: &str, attrs: Vec<AttributeProto>, inputs: Vec<In>) {
+    check_n(op, attrs, inputs, 1, F32)
+}
+
+const F32: i32 = 1;
+
+/// The node has `n_outputs` outputs; the loss reads the first (the others get no
+/// gradient, which the rules must handle).
+fn check_n(op: &str, attrs: Vec<AttributeProto>, inputs: Vec<In>, n_outputs: usize, dtype: i32) {
+    let mut rng = Rng::new(42);
+    let mut g = Graph::from_proto(GraphProto::default(), |_| Ok(None)).unwrap();
+    let mut ids = Vec::new();
+    let mut trainable = Vec::new();
+    let mut values: HashMap<String, Array> = HashMap::new();
+    for (i, input) in inputs.iter().enumerate() {
+        let name = format!("in{i}");
+        let array = match input {
+            In::Float(shape, lo, hi) => {
+                let a = ArrayD::from_shape_fn(IxDyn(shape), |_| rng.uniform_in(*lo, *hi));
+                if dtype == F64 {
+                    Array::F64(a)
+                } else {
+                    Array::F32(a.mapv(|v| v as f32))
+                }
+            }
+            In::Const(a) => a.clone(),
+        };
+        let id = g.add_initializer(&name, Initializer::new(array.to_proto("")));
+        if matches!(input, In::Float(..)) {
+            trainable.push(id);
+            values.insert(name, array);
+        }
+        ids.push(id);
+    }
+    let (_, outs) = g.add_op(op, "node", &ids, attrs, n_outputs).unwrap();
+    let y = outs[0];
+    // y's shape, from tract, with the float inputs as graph inputs.
+    let mut probe = model(g.clone());
+    let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
+    for &t in &trainable {
+        let init = probe.graph.initializer(t).cloned();
+        shapes.insert(
+            probe.graph.value(t).name.clone(),
+            init.as_ref()
+                .unwrap()
+                .dims()
+                .iter()
+                .map(|&d| d as usize)
+                .collect(),
+        );
+        grad::make_input(&mut probe.graph, t, init, dtype);
+    }
+    probe.graph.outputs.push(lora_graft::ir::GraphIo {
+        value: y,
+        info: ValueInfoProto {
+            name: Some(probe.graph.value(y).name.clone()),
+            ..Default::default()
+        },
+    });
+    let facts = value_facts(&probe, &shapes).unwrap_or_else(|e| panic!("{op}: {e}"));
+    let mut by_name: grad::Shapes = facts
+        .into_iter()
+        .filter_map(|(n, f)| {
+            f.shape
+                .iter()
+                .map(|d| d.parse().ok())
+                .collect::<Option<Vec<usize>>>()
+                .map(|s| (n, s))
+        })
+        .collect();
+    let y_shape = by_name[&g.value(y).name].clone();
+    // L = ReduceSum(y ⊙ G)
+    let w = ArrayD::from_shape_fn(IxDyn(&y_shape), |_| rng.uniform_in(-1.0, 1.0));
+    let weights = if dtype == F64 {
+        Array::F64(w)
+    } else {
+        Array::F32(w.mapv(|v| v as f32))
+    };
+    let gw = g.add_initializer("G", Initializer::new(weights.to_proto("")));
+    let (_, p) = g.add_op("Mul", "weigh", &[y, gw], vec![], 1).unwrap();
+    let axes: Vec<i64> = (0..y_shape.len() as i64).collect();
+    let ax = g.add_initializer(
+        "axes",
+        Initializer::new(
+            Array::I64(ArrayD::from_shape_vec(IxDyn(&[axes.len()]), axes).unwrap()).to_proto(""),
+        ),
+    );
+    let (_, l) = g
+        .add_op(
+            "ReduceSum",
+            "sum",
+            &[p[0], ax],
+            vec![int_attr("keepdims", 0)],
+            1,
+        )
+        .unwrap();
+    by_name.insert(g.value(p[0]).name.clone(), y_shape.clone());
+    by_name.insert(g.value(l[0]).name.clone(), vec![]);
+    let loss: ValueId = l[0];
+    let mut training = model(g);
+    grad::run(&mut training.graph, 18, loss, &trainable, &by_name)
+        .unwrap_or_else(|e| panic!("{op}: {e}"));
+    let runner = Runner::new(&training, &shapes).unwrap_or_else(|e| panic!("{op}: {e}"));
+    let run = |values: &HashMap<String, Array>| -> HashMap<String, Array> {
+        let feed = runner.inputs.iter().map(|n| values[n].clone()).collect();
+        runner
+            .outputs
+            .iter()
+            .cloned()
+            .zip(runner.run(feed).unwrap_or_else(|e| panic!("{op}: {e}")))
+            .collect()
+    };
+    let out = run(&values);
+    // float64: h = 1e-6 (truncation ~1e-12, rounding ~1e-10), tolerance 1e-6.
+    // float32: h = 1e-2 (rounding ~1e-7·|L|/h ~ 1e-5), tolerance 2e-3.
+    let (h, tol) = if dtype == F64 {
+        (1e-6, 1e-6)
+    } else {
+        (1e-2, 2e-3)
+    };
+    for (name, array) in values.clone() {
+        let grad = out[&format!("grad.{name}")].to_f64();
+        let base = array.to_f64();
+        for i in 0..base.len() {
+            let mut plus = values.clone();
+            let mut minus = values.clone();
+            let (mut tp, mut tm) = (base.clone(), base.clone());
+            tp.as_slice_mut().unwrap()[i] += h;
+            tm.as_slice_mut().unwrap()[i] -= h;
+            let typed = |a: ArrayD<f64>| {
+                if dtype == F64 {
+                    Array::F64(a)
+                } else {
+                    Array::F32(a.mapv(|v| v as f32))
+                }
+            };
+            plus.insert(name.clone(), typed(tp));
+            minus.insert(name.clone(), typed(tm));
+            let lp = run(&plus)["loss"].to_f64()[[]];
+            let lm = run(&minus)["loss"].to_f64()[[]];
+            let fd = (lp - lm) / (2.0 * h);
+            let an = grad.as_slice().unwrap()[i];
+            assert!(
+                (fd - an).abs() <= tol * fd.abs().max(1.0),
+                "{op}: d/d{name}[{i}]: finite differences {fd}, gradient {an}"
+            );
+        }
+    }
+}
+
+#[test]
+fn elementwise_binary_with_broadcasting() {
+    for op in ["Add", "Sub", "Mul"] {
+        check(op, vec![], vec![f(&[2, 3, 4]), f(&[3, 1])]);
+        check(op, vec![], vec![f(&[4]), f(&[2, 3, 4])]);
+    }
+    check("Div", vec![], vec![f(&[2, 3]), pos(&[3])]);
+    check(
+        "Pow",
+        vec![],
+        vec![
+            pos(&[2, 3]),
+            In::Const(Array::F64(ArrayD::from_elem(IxDyn(&[]), 2.5))),
+        ],
+    );
+    check("Max", vec![], vec![f(&[2, 3]), f(&[3])]);
+    check("Min", vec![], vec![f(&[2, 3]), f(&[2, 1])]);
+}
+
+#[test]
+fn elementwise_unary() {
+    for op in ["Neg", "Exp", "Tanh", "Relu", "Identity"] {
+        check(op, vec![], vec![f(&[2, 5])]);
+    }
+    // tract has no f64 Sigmoid and Erf.
+    check_f32("Sigmoid", vec![], vec![f(&[2, 5])]);
+    check_f32("Erf", vec![], vec![f(&[2, 5])]);
+    for op in ["Sqrt", "Reciprocal", "Log"] {
+        check(op, vec![], vec![pos(&[2, 5])]);
+    }
+    check("Dropout", vec![], vec![f(&[3, 2])]);
+    let lo = In::Const(Array::F64(ArrayD::from_elem(IxDyn(&[]), -0.3)));
+    let hi = In::Const(Array::F64(ArrayD::from_elem(IxDyn(&[]), 0.4)));
+    check("Clip", vec![], vec![f(&[4, 5]), lo, hi]);
+}
+
+#[test]
+fn softmax_family() {
+    check("Softmax", vec![int_attr("axis", -1)], vec![f(&[2, 3, 5])]);
+    check("Softmax", vec![int_attr("axis", 1)], vec![f(&[2, 3, 5])]);
+    check("LogSoftmax", vec![int_attr("axis", -1)], vec![f(&[2, 6])]);
+}
+
+#[test]
+fn matmul_and_gemm() {
+    check("MatMul", vec![], vec![f(&[2, 3, 4]), f(&[4, 5])]);
+    check("MatMul", vec![], vec![f(&[2, 3, 4]), f(&[2, 4, 2])]);
+    check("MatMul", vec![], vec![f(&[2, 2, 3, 4]), f(&[1, 4, 2])]);
+    check(
+        "Gemm",
+        vec![
+            float_attr("alpha", 0.5),
+            float_attr("beta", 2.0),
+            int_attr("transB", 1),
+        ],
+        vec![f(&[3, 4]), f(&[5, 4]), f(&[5])],
+    );
+    check(
+        "Gemm",
+        vec![int_attr("transA", 1)],
+        vec![f(&[4, 3]), f(&[4, 2]), f(&[3, 2])],
+    );
+}
+
+#[test]
+fn layout_ops() {
+    check(
+        "Transpose",
+        vec![ints_attr("perm", &[2, 0, 1])],
+        vec![f(&[2, 3, 4])],
+    );
+    check("Reshape", vec![], vec![f(&[2, 3, 4]), ints(&[6, -1])]);
+    check("Flatten", vec![int_attr("axis", 2)], vec![f(&[2, 3, 4])]);
+    check("Squeeze", vec![], vec![f(&[2, 1, 4]), ints(&[1])]);
+    check("Unsqueeze", vec![], vec![f(&[2, 4]), ints(&[0, 2])]);
+    check("Expand", vec![], vec![f(&[3, 1]), ints(&[2, 3, 4])]);
+    check(
+        "Concat",
+        vec![int_attr("axis", 1)],
+        vec![f(&[2, 3]), f(&[2, 2])],
+    );
+    check_n(
+        "Split",
+        vec![int_attr("axis", 1)],
+        vec![f(&[2, 6]), ints(&[2, 4])],
+        2,
+        F64,
+    );
+    check(
+        "Slice",
+        vec![],
+        vec![f(&[4, 6]), ints(&[1, 0]), ints(&[3, -1]), ints(&[0, 1])],
+    );
+    let idx = In::Const(Array::I64(
+        ArrayD::from_shape_vec(IxDyn(&[2, 1]), vec![2, 0]).unwrap(),
+    ));
+    check(
+        "GatherElements",
+        vec![int_attr("axis", 1)],
+        vec![f(&[2, 4]), idx],
+    );
+}
+
+#[test]
+fn reductions() {
+    for op in ["ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceMax"] {
+        check(
+            op,
+            vec![int_attr("keepdims", 1)],
+            vec![f(&[2, 3, 4]), ints(&[1])],
+        );
+        check(
+            op,
+            vec![int_attr("keepdims", 0)],
+            vec![f(&[2, 3, 4]), ints(&[0, 2])],
+        );
+    }
+    check(
+        "ReduceL2",
+        vec![int_attr("keepdims", 0)],
+        vec![f(&[3, 4]), ints(&[1])],
+    );
+}
+
+#[test]
+fn where_cast_and_layer_norm() {
+    let cond = In::Const(Array::Bool(
+        ArrayD::from_shape_vec(IxDyn(&[2, 3]), vec![true, false, true, false, false, true])
+            .unwrap(),
+    ));
+    check("Where", vec![], vec![cond, f(&[2, 3]), f(&[3])]);
+    check("Cast", vec![int_attr("to", F64 as i64)], vec![f(&[2, 3])]);
+    // tract computes LayerNormalization in f32 whatever the input type (stash_type).
+    check_f32(
+        "LayerNormalization",
+        vec![int_attr("axis", -1), float_attr("epsilon", 1e-5)],
+        vec![f(&[2, 3, 5]), f(&[5]), f(&[5])],
+    );
+}
