@@ -18,6 +18,7 @@ pub mod rng;
 pub mod runtime;
 pub mod spill;
 pub mod tensor;
+pub mod train;
 
 #[path = "../passes/mod.rs"]
 pub mod passes;

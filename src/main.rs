@@ -12,8 +12,11 @@ use lora_graft::passes::variants::Config;
 use lora_graft::pipeline::{
     self, AdapterOverrides, FilterText, GraftRequest, LoadedAdapter, TrainingRequest,
 };
+use lora_graft::train::{self, Schedule, TrainOptions};
 use lora_graft::{inspect, Error, Model, Result};
 use regex::Regex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Graft LoRA-family adapters into ONNX models.
 ///
@@ -169,6 +172,63 @@ enum Command {
         #[arg(short, long)]
         output: Option<PathBuf>,
     },
+    /// Fine-tune adapter tensors on token data, in Rust, with tract.
+    Train {
+        /// The .onnx model.
+        model: PathBuf,
+        #[command(flatten)]
+        variant: VariantArgs,
+        #[command(flatten)]
+        filters: TargetArgs,
+        /// Training data: JSONL lines {"input_ids": [...], "labels": [...]?}, packed into rows of --seq.
+        #[arg(long)]
+        data: PathBuf,
+        /// Evaluation data (same format), evaluated every --save-every steps.
+        #[arg(long)]
+        eval: Option<PathBuf>,
+        /// Optimizer steps.
+        #[arg(long)]
+        steps: usize,
+        /// Rows per step.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Tokens per row.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Peak learning rate.
+        #[arg(long, default_value_t = 1e-4)]
+        lr: f64,
+        /// AdamW weight decay.
+        #[arg(long, default_value_t = 0.01)]
+        weight_decay: f64,
+        /// Linear warmup steps.
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
+        /// constant, linear or cosine.
+        #[arg(long, default_value = "constant")]
+        schedule: String,
+        /// Clip the global gradient norm (0: no clipping).
+        #[arg(long, default_value_t = 1.0)]
+        grad_clip: f64,
+        /// Checkpoint (and evaluate) every K steps.
+        #[arg(long, default_value_t = 0)]
+        save_every: usize,
+        /// Resume from a checkpoint written by an earlier run.
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// The adapter file to write (lora-lite's format).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Also write the adapted model holding the trained values.
+        #[arg(long)]
+        emit_model: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// List the linear layers adapters would be grafted onto.
     Targets {
         /// The .onnx file.
@@ -317,6 +377,74 @@ fn run(cli: Cli) -> Result<()> {
             );
             print_saved(&report);
             println!("wrote {} (initial adapter values)", adapter_path.display());
+        }
+        Command::Train {
+            model,
+            variant,
+            filters,
+            data,
+            eval,
+            steps,
+            batch,
+            seq,
+            lr,
+            weight_decay,
+            warmup,
+            schedule,
+            grad_clip,
+            save_every,
+            resume,
+            threads,
+            output,
+            emit_model,
+            quiet,
+        } => {
+            let graft = variant.request(&filters)?;
+            let opts = TrainOptions {
+                training: TrainingRequest {
+                    graft,
+                    loss: Loss::CausalLm,
+                    batch,
+                    seq,
+                    output: None,
+                    keep_outputs: false,
+                },
+                data,
+                eval,
+                steps,
+                lr,
+                weight_decay,
+                warmup,
+                schedule: Schedule::parse(&schedule)?,
+                grad_clip,
+                seed: variant.seed,
+                save_every,
+                resume,
+                output,
+                emit_model,
+                threads: threads.unwrap_or_else(|| {
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(1)
+                }),
+                quiet,
+            };
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+            let report = train::run(&model, &opts, stop)?;
+            let (first, last) = (
+                report.losses.first().copied().unwrap_or(f64::NAN),
+                report.losses.last().copied().unwrap_or(f64::NAN),
+            );
+            if report.interrupted {
+                println!("interrupted at step {}; checkpoint saved", report.steps);
+            }
+            println!("{} steps: loss {first:.4} -> {last:.4}", report.steps);
+            println!("wrote {}", opts.output.display());
+            if let Some(p) = &opts.emit_model {
+                println!("wrote {}", p.display());
+            }
         }
         Command::Merge {
             model,

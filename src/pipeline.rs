@@ -634,6 +634,8 @@ pub struct Training {
     pub graph: crate::passes::grad::TrainingGraph,
     /// Concrete shapes of every input (model inputs, labels, trainable tensors).
     pub input_shapes: std::collections::HashMap<String, Vec<usize>>,
+    /// The graft request it was made with.
+    pub request: GraftRequest,
 }
 
 /// Concrete shapes of the model's inputs: symbolic dims become `batch`, then `seq`.
@@ -797,6 +799,7 @@ pub fn training_graph(mut model: Model, req: &TrainingRequest) -> Result<Trainin
         outcome,
         graph: tg,
         input_shapes: shapes,
+        request: req.graft.clone(),
     })
 }
 
