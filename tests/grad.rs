@@ -232,7 +232,6 @@ fn golden_training_graph_of_the_hand_built_fixture() {
 
 #[test]
 fn training_graphs_run_in_onnx_runtime_as_in_tract() {
-    use lora_graft::adapter::AdapterFile;
     use lora_graft::model::SaveOptions;
     let dir = tempfile::tempdir().unwrap();
     let mut manifest = Vec::new();
@@ -255,22 +254,7 @@ fn training_graphs_run_in_onnx_runtime_as_in_tract() {
                 &SaveOptions::default(),
             )
             .unwrap();
-        let mut tensors = std::collections::BTreeMap::new();
-        for (k, v) in f {
-            tensors.insert(format!("input.{k}"), v);
-        }
-        for (k, v) in out {
-            tensors.insert(format!("output.{k}"), v);
-        }
-        let io = AdapterFile {
-            metadata: Default::default(),
-            tensors,
-        };
-        std::fs::write(
-            dir.path().join(format!("{stem}.io.safetensors")),
-            io.to_bytes().unwrap(),
-        )
-        .unwrap();
+        common::write_io(&dir.path().join(format!("{stem}.io.safetensors")), f, out);
         manifest.push(serde_json::json!({
             "model": format!("{stem}.onnx"), "base": fixture(name), "io": format!("{stem}.io.safetensors"),
             // 1e-5 relative to max(1, |value|): the bound, scaled for the large
@@ -278,26 +262,7 @@ fn training_graphs_run_in_onnx_runtime_as_in_tract() {
             "full_check": true, "tol": 1e-5, "relative": true, "training": true,
         }));
     }
-    std::fs::write(
-        dir.path().join("manifest.json"),
-        serde_json::to_string_pretty(&manifest).unwrap(),
-    )
-    .unwrap();
-    let out = std::process::Command::new("python3")
-        .arg(common::root().join("tests/interop.py"))
-        .arg(dir.path())
-        .output()
-        .expect("python3 is needed for the ONNX Runtime interop test (see .ci/run)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "interop failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        stdout.contains(&format!("{} passed, 0 failed", manifest.len())),
-        "{stdout}"
-    );
+    common::run_interop(dir.path(), &manifest);
 }
 
 /// Gradients against PyTorch autograd on the same model, adapter values and batch

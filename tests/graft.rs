@@ -8,25 +8,14 @@ use std::collections::HashMap;
 use common::{check_golden, fixture, max_abs_diff, perturb, reference, Named, TRACT_FIXTURES};
 use lora_graft::passes::graft::{effective_weight, onnx_layout, set_weight};
 use lora_graft::passes::target::{self, Filters, Role};
-use lora_graft::passes::variants::{self, Config};
-use lora_graft::pipeline::{self, GraftRequest};
+use lora_graft::passes::variants;
+use lora_graft::pipeline;
 use lora_graft::tensor::Array;
 use lora_graft::Model;
 
 const VARIANTS: &[&str] = &["lora", "pissa", "delora"];
 
-fn request(variant: &str) -> GraftRequest {
-    GraftRequest {
-        variant: variant.into(),
-        cfg: Config {
-            r: 4,
-            alpha: 8.0,
-            alpha_json: "8".into(),
-            ..Config::default()
-        },
-        ..GraftRequest::default()
-    }
-}
+use common::request;
 
 fn run(model: &Model, inputs: &Named) -> Vec<Array> {
     common::run_tract(model, inputs)

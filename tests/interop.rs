@@ -4,10 +4,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-
 use common::{fixture, perturb, reference, run_tract, FIXTURES};
-use lora_graft::adapter::AdapterFile;
 use lora_graft::model::SaveOptions;
 use lora_graft::passes::merge::PissaBase;
 use lora_graft::passes::variants::Config;
@@ -65,22 +62,11 @@ fn grafted_models_run_in_onnx_runtime_as_in_tract() {
                     &SaveOptions::default(),
                 )
                 .unwrap();
-            let mut tensors = BTreeMap::new();
-            for (n, a) in inputs.iter() {
-                tensors.insert(format!("input.{n}"), a.clone());
-            }
-            for (n, a) in outputs {
-                tensors.insert(format!("output.{n}"), a);
-            }
-            let io = AdapterFile {
-                metadata: BTreeMap::new(),
-                tensors,
-            };
-            std::fs::write(
-                dir.path().join(format!("{stem}.io.safetensors")),
-                io.to_bytes().unwrap(),
-            )
-            .unwrap();
+            common::write_io(
+                &dir.path().join(format!("{stem}.io.safetensors")),
+                inputs.iter().cloned(),
+                outputs,
+            );
             let fp16 = name.ends_with("fp16");
             let entry = |model: String, io: &str, tol: f64, relative: bool| {
                 serde_json::json!({
@@ -141,21 +127,5 @@ fn grafted_models_run_in_onnx_runtime_as_in_tract() {
             ));
         }
     }
-    std::fs::write(
-        dir.path().join("manifest.json"),
-        serde_json::to_string_pretty(&manifest).unwrap(),
-    )
-    .unwrap();
-    let out = std::process::Command::new("python3")
-        .arg(common::root().join("tests/interop.py"))
-        .arg(dir.path())
-        .output()
-        .expect("python3 is needed for the ONNX Runtime interop test (see .ci/run)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "interop failed:\n{stdout}\n{stderr}");
-    assert!(
-        stdout.contains(&format!("{} passed, 0 failed", manifest.len())),
-        "{stdout}"
-    );
+    common::run_interop(dir.path(), &manifest);
 }

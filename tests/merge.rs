@@ -5,25 +5,13 @@ mod common;
 use common::{fixture, max_abs_diff, perturb, reference, run_tract};
 use lora_graft::adapter::AdapterFile;
 use lora_graft::passes::merge::PissaBase;
-use lora_graft::passes::variants::Config;
-use lora_graft::pipeline::{self, AdapterOverrides, GraftRequest, LoadedAdapter};
+use lora_graft::pipeline::{self, AdapterOverrides, LoadedAdapter};
 use lora_graft::tensor::Array;
 use lora_graft::Model;
 
 const VARIANTS: &[&str] = &["lora", "pissa", "delora"];
 
-fn request(variant: &str) -> GraftRequest {
-    GraftRequest {
-        variant: variant.into(),
-        cfg: Config {
-            r: 4,
-            alpha: 8.0,
-            alpha_json: "8".into(),
-            ..Config::default()
-        },
-        ..GraftRequest::default()
-    }
-}
+use common::request;
 
 fn max_abs(a: &Array) -> f64 {
     a.to_f64().iter().fold(0.0f64, |m, v| m.max(v.abs()))

@@ -199,3 +199,62 @@ pub fn run_tract(model: &lora_graft::Model, inputs: &Named) -> Vec<Array> {
         .collect();
     runner.run(ordered).unwrap()
 }
+
+/// Writes named inputs and outputs as `path` (keys `input.<name>`, `output.<name>`), the
+/// expectations `tests/interop.py` checks ONNX Runtime against.
+pub fn write_io(
+    path: &std::path::Path,
+    inputs: impl IntoIterator<Item = (String, Array)>,
+    outputs: impl IntoIterator<Item = (String, Array)>,
+) {
+    let mut tensors = std::collections::BTreeMap::new();
+    for (n, a) in inputs {
+        tensors.insert(format!("input.{n}"), a);
+    }
+    for (n, a) in outputs {
+        tensors.insert(format!("output.{n}"), a);
+    }
+    let io = lora_graft::adapter::AdapterFile {
+        metadata: Default::default(),
+        tensors,
+    };
+    std::fs::write(path, io.to_bytes().unwrap()).unwrap();
+}
+
+/// Runs `tests/interop.py` on `dir` with `manifest`; fails unless every entry passes.
+pub fn run_interop(dir: &std::path::Path, manifest: &[serde_json::Value]) {
+    std::fs::write(
+        dir.join("manifest.json"),
+        serde_json::to_string_pretty(manifest).unwrap(),
+    )
+    .unwrap();
+    let out = std::process::Command::new("python3")
+        .arg(root().join("tests/interop.py"))
+        .arg(dir)
+        .output()
+        .expect("python3 is needed for the ONNX Runtime interop tests (see .ci/run)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "interop failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("{} passed, 0 failed", manifest.len())),
+        "{stdout}"
+    );
+}
+
+/// The request the graft tests use: r = 4, alpha = 8 (s = 2).
+pub fn request(variant: &str) -> lora_graft::pipeline::GraftRequest {
+    lora_graft::pipeline::GraftRequest {
+        variant: variant.into(),
+        cfg: lora_graft::passes::variants::Config {
+            r: 4,
+            alpha: 8.0,
+            alpha_json: "8".into(),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
