@@ -150,7 +150,7 @@ fn int_mod(a: i64, b: i64) -> i64 {
 }
 
 /// Numpy broadcasting of two shapes.
-fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
+pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Result<Vec<usize>, String> {
     let n = a.len().max(b.len());
     (0..n)
         .map(|i| {

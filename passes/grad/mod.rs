@@ -203,24 +203,20 @@ impl Emit<'_> {
     }
 }
 
-/// Numpy broadcast of two shapes (assumed compatible: the forward graph ran).
+/// Numpy broadcast of two shapes (compatible: the forward graph ran; if not, the
+/// larger per axis, and tract reports the mismatch when it loads the graph).
 pub fn broadcast(a: &[usize], b: &[usize]) -> Vec<usize> {
-    let n = a.len().max(b.len());
-    (0..n)
-        .map(|i| {
-            let da = if i + a.len() >= n {
-                a[i + a.len() - n]
+    crate::eval::broadcast_shape(a, b).unwrap_or_else(|_| {
+        let n = a.len().max(b.len());
+        let dim = |s: &[usize], i: usize| {
+            if i + s.len() >= n {
+                s[i + s.len() - n]
             } else {
                 1
-            };
-            let db = if i + b.len() >= n {
-                b[i + b.len() - n]
-            } else {
-                1
-            };
-            da.max(db)
-        })
-        .collect()
+            }
+        };
+        (0..n).map(|i| dim(a, i).max(dim(b, i))).collect()
+    })
 }
 
 /// Differentiates `loss` (a scalar value of `graph`) with respect to the initializers
