@@ -75,13 +75,8 @@ pub fn default_opset(proto: &crate::proto::ModelProto) -> i64 {
         .unwrap_or(1)
 }
 
-/// Grafts `opts.variant` onto `targets` of `graph`.
-pub fn run(
-    graph: &mut Graph,
-    opset: i64,
-    targets: &[Target],
-    opts: &GraftOptions,
-) -> Result<Grafted> {
+/// Groups `targets` by module, in graph order (a module called twice has two nodes).
+pub fn by_module(targets: &[Target]) -> Vec<(String, Vec<&Target>)> {
     let mut groups: Vec<(String, Vec<&Target>)> = Vec::new();
     for t in targets {
         match groups.iter_mut().find(|(m, _)| *m == t.module) {
@@ -89,9 +84,111 @@ pub fn run(
             None => groups.push((t.module.clone(), vec![t])),
         }
     }
+    groups
+}
+
+/// How much memory layers being initialised at once may hold (see
+/// [`Variant::working_set`]); a layer needing more runs alone.
+pub const PARALLEL_MEMORY_BUDGET: usize = 512 << 20;
+
+/// `f` on every item, on every core (items are handed out in order), with at most
+/// `budget` bytes of `cost` in flight; the results in item order. Reading weights and
+/// SVDs are independent per module, so a large model is grafted in parallel while the
+/// graph itself is only edited afterwards, in order.
+pub fn par_map<T: Sync, R: Send>(
+    items: &[T],
+    cost: impl Fn(&T) -> usize + Sync,
+    budget: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Condvar, Mutex};
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(items.len());
+    if threads <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let in_flight = Mutex::new(0usize);
+    let freed = Condvar::new();
+    /// Gives an item's bytes back when it is done (or panicked).
+    struct Release<'a>(&'a Mutex<usize>, &'a Condvar, usize);
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            *self.0.lock().unwrap_or_else(|e| e.into_inner()) -= self.2;
+            self.1.notify_all();
+        }
+    }
+    let done: Vec<Vec<(usize, R)>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break out };
+                        let c = cost(item);
+                        let mut used = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                        while *used > 0 && *used + c > budget {
+                            used = freed.wait(used).unwrap_or_else(|e| e.into_inner());
+                        }
+                        *used += c;
+                        drop(used);
+                        let _release = Release(&in_flight, &freed, c);
+                        out.push((i, f(item)));
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut slots: Vec<Option<R>> = std::iter::repeat_with(|| None).take(items.len()).collect();
+    for (i, r) in done.into_iter().flatten() {
+        slots[i] = Some(r);
+    }
+    slots
+        .into_iter()
+        .map(|r| r.expect("every item mapped"))
+        .collect()
+}
+
+/// The memory [`prepare_module`] of `group` holds at once.
+fn module_cost(group: &[&Target], opts: &GraftOptions) -> usize {
+    let t = group[0];
+    let dims = Dims {
+        d_in: t.d_in,
+        d_out: t.d_out,
+    };
+    opts.variant.working_set(dims, &opts.cfg)
+}
+
+/// Grafts `opts.variant` onto `targets` of `graph`.
+pub fn run(
+    graph: &mut Graph,
+    opset: i64,
+    targets: &[Target],
+    opts: &GraftOptions,
+) -> Result<Grafted> {
+    let groups = by_module(targets);
+    // 1. Adapter tensors and rewritten weights, read-only on the graph, in parallel.
+    let prepared = par_map(
+        &groups,
+        |(_, group)| module_cost(group, opts),
+        PARALLEL_MEMORY_BUDGET,
+        |(module, group)| {
+            prepare_module(graph, module, group, opts)
+                .map_err(|e| e.context(format!("grafting '{module}'")))
+        },
+    );
+    // 2. The edits, in graph order.
     let mut grafted = Grafted::default();
-    for (module, group) in groups {
-        let m = graft_module(graph, opset, &module, &group, opts)
+    for ((module, group), prepared) in groups.iter().zip(prepared) {
+        let m = apply_module(graph, opset, module, group, prepared?, opts)
             .map_err(|e| e.context(format!("grafting '{module}'")))?;
         grafted.modules.push(m);
     }
@@ -100,13 +197,20 @@ pub fn run(
     Ok(grafted)
 }
 
-fn graft_module(
-    graph: &mut Graph,
-    opset: i64,
+/// A module's adapter, computed before the graph is edited.
+struct Prepared {
+    dims: Dims,
+    specs: Vec<super::variants::ParamSpec>,
+    params: Params,
+    weight: Option<WeightPatch>,
+}
+
+fn prepare_module(
+    graph: &Graph,
     module: &str,
     group: &[&Target],
     opts: &GraftOptions,
-) -> Result<ModuleAdapter> {
+) -> Result<Prepared> {
     let t0 = group[0];
     let dims = Dims {
         d_in: t0.d_in,
@@ -133,8 +237,7 @@ fn graft_module(
     let specs = variant.param_specs(dims, cfg);
     let mut rng = Rng::for_name(cfg.seed, module);
     let mut params = init_params(&specs, &mut rng);
-    let adapter_dtype = opts.adapter_dtype;
-    let round = rounding(adapter_dtype);
+    let round = rounding(opts.adapter_dtype);
     let w_res = if variant.reads_weight() {
         let w = effective_weight(graph, t0)?;
         variant.init(&w, &mut params, cfg, &mut rng, &round)?
@@ -144,6 +247,34 @@ fn graft_module(
     for p in params.values_mut() {
         round(p);
     }
+    let weight = match w_res {
+        Some(w_res) => Some(weight_patch(graph, module, group, w_res)?),
+        None => None,
+    };
+    Ok(Prepared {
+        dims,
+        specs,
+        params,
+        weight,
+    })
+}
+
+fn apply_module(
+    graph: &mut Graph,
+    opset: i64,
+    module: &str,
+    group: &[&Target],
+    prepared: Prepared,
+    opts: &GraftOptions,
+) -> Result<ModuleAdapter> {
+    let Prepared {
+        dims,
+        specs,
+        params,
+        weight,
+    } = prepared;
+    let cfg = &opts.cfg;
+    let adapter_dtype = opts.adapter_dtype;
     // The tensors, named after their adapter-file keys, in ONNX layout.
     let mut ids: BTreeMap<&'static str, ValueId> = BTreeMap::new();
     for spec in &specs {
@@ -166,7 +297,7 @@ fn graft_module(
         opset,
         dtype: opts.adapter_dtype,
     };
-    for (name, v) in variant.module_values(&mut branch, &ids, cfg)? {
+    for (name, v) in opts.variant.module_values(&mut branch, &ids, cfg)? {
         ids.insert(name, v);
     }
     let mut sites = Vec::new();
@@ -177,8 +308,8 @@ fn graft_module(
             role: t.role,
         });
     }
-    if let Some(w_res) = w_res {
-        set_weight(graph, module, group, &w_res)?;
+    if let Some(patch) = weight {
+        apply_weight(graph, module, group, patch);
     }
     Ok(ModuleAdapter {
         module: module.to_string(),
@@ -305,15 +436,23 @@ pub fn effective_weight(graph: &Graph, t: &Target) -> Result<Array2<f32>> {
         op: t.op.clone(),
         reason: format!("cannot read the weight: {e}"),
     })?;
-    let m: Array2<f32> = a.to_f32().into_dimensionality().map_err(|_| Error::Node {
-        node: t.node_name.clone(),
-        op: t.op.clone(),
-        reason: "the weight is not 2-D".into(),
-    })?;
+    if let Some(init) = graph.initializer(t.weight) {
+        init.release_pages();
+    }
+    let m: Array2<f32> = a
+        .into_f32()
+        .into_dimensionality()
+        .map_err(|_| Error::Node {
+            node: t.node_name.clone(),
+            op: t.op.clone(),
+            reason: "the weight is not 2-D".into(),
+        })?;
     let torch = match t.layout {
         Layout::OutIn if t.op == "Gemm" => m,
         // MatMul sees [d_in, d_out] whatever the chain did; Gemm transB=0 too.
-        _ => m.reversed_axes().as_standard_layout().to_owned(),
+        // A transposed view of the same buffer: no copy, and the stored layout's
+        // contiguous rows stay contiguous for whoever reads them.
+        _ => m.reversed_axes(),
     };
     Ok(if t.alpha != 1.0 {
         torch * t.alpha
@@ -358,6 +497,14 @@ fn private_chain(graph: &Graph, group: &[&Target]) -> Option<usize> {
     }
 }
 
+/// A rewritten weight, made before the graph is edited.
+pub enum WeightPatch {
+    /// The initializer's new contents (its Transpose/Cast chain is the module's own).
+    InPlace(ValueId, Initializer),
+    /// A new initializer the module's nodes read directly (a tied weight's own copy).
+    Own(Initializer),
+}
+
 /// Writes `w_res` (torch layout, alpha folded in) as the weight of every node of `group`:
 /// in place when nothing else reads the initializer, else as a new initializer of the
 /// module's own that the nodes read directly (a tied weight gets its own copy).
@@ -365,52 +512,67 @@ pub fn set_weight(
     graph: &mut Graph,
     module: &str,
     group: &[&Target],
-    w_res: &Array2<f32>,
+    w_res: Array2<f32>,
 ) -> Result<()> {
+    let patch = weight_patch(graph, module, group, w_res)?;
+    apply_weight(graph, module, group, patch);
+    Ok(())
+}
+
+/// The patch that [`set_weight`] applies.
+pub fn weight_patch(
+    graph: &Graph,
+    module: &str,
+    group: &[&Target],
+    w_res: Array2<f32>,
+) -> Result<WeightPatch> {
     let t0 = group[0];
-    let stored = |t: &Target| -> ArrayD<f32> {
-        let w = if t.alpha != 1.0 {
-            w_res / t.alpha
-        } else {
-            w_res.clone()
-        };
-        let seen = if t.op == "Gemm" && t.layout == Layout::OutIn {
-            w
-        } else {
-            w.reversed_axes().as_standard_layout().to_owned()
-        };
-        seen.into_dyn()
+    // What the node sees: torch layout for Gemm transB=1, else [d_in, d_out]; Gemm's
+    // alpha divided back out. (Views: the bytes are laid out once, when written.)
+    let w = if t0.alpha != 1.0 {
+        w_res / t0.alpha
+    } else {
+        w_res
     };
-    let root = t0.weight;
+    let seen = if t0.op == "Gemm" && t0.layout == Layout::OutIn {
+        w
+    } else {
+        w.reversed_axes()
+    };
+    let not_float = || Error::Usage(format!("the weight of '{module}' is not a float tensor"));
     if let Some(transposes) = private_chain(graph, group) {
         // The weight and its Transpose/Cast chain belong to this module alone: rewrite
         // the initializer itself, in its own layout and dtype (the graph keeps its shape).
+        let root = t0.weight;
         let dtype = graph
             .initializer(root)
             .expect("weight initializer")
             .elem_type();
-        let mut values = stored(t0);
-        if transposes % 2 == 1 {
-            values = values.t().as_standard_layout().to_owned();
-        }
-        let array = Array::from_f32(values, dtype).ok_or_else(|| {
-            Error::Usage(format!("the weight of '{module}' is not a float tensor"))
-        })?;
-        graph.replace_initializer(root, Initializer::from_array(&array)?);
-        return Ok(());
+        let values = if transposes % 2 == 1 {
+            seen.reversed_axes()
+        } else {
+            seen
+        };
+        let array = Array::from_f32(values.into_dyn(), dtype).ok_or_else(not_float)?;
+        return Ok(WeightPatch::InPlace(root, Initializer::from_array(&array)?));
     }
     let dtype = compute_dtype(graph, t0);
-    let array = Array::from_f32(stored(t0), dtype)
-        .ok_or_else(|| Error::Usage(format!("the weight of '{module}' is not a float tensor")))?;
-    let res = graph.add_initializer(
-        &format!("{module}.weight_res"),
-        Initializer::from_array(&array)?,
-    );
-    for t in group {
-        let old = graph.node(t.node).inputs[1].expect("weight input");
-        graph.set_input(t.node, 1, Some(res));
-        graph.remove_if_dead(old);
+    let array = Array::from_f32(seen.into_dyn(), dtype).ok_or_else(not_float)?;
+    Ok(WeightPatch::Own(Initializer::from_array(&array)?))
+}
+
+/// Applies a [`WeightPatch`] of `module`.
+pub fn apply_weight(graph: &mut Graph, module: &str, group: &[&Target], patch: WeightPatch) {
+    match patch {
+        WeightPatch::InPlace(root, init) => graph.replace_initializer(root, init),
+        WeightPatch::Own(init) => {
+            let res = graph.add_initializer(&format!("{module}.weight_res"), init);
+            for t in group {
+                let old = graph.node(t.node).inputs[1].expect("weight input");
+                graph.set_input(t.node, 1, Some(res));
+                graph.remove_if_dead(old);
+            }
+            debug_assert!(graph.value(res).def == Def::Initializer);
+        }
     }
-    debug_assert!(graph.value(res).def == Def::Initializer);
-    Ok(())
 }

@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use super::graft::{effective_weight, rounding, set_weight};
+use super::graft::{
+    apply_weight, effective_weight, par_map, rounding, weight_patch, WeightPatch,
+    PARALLEL_MEMORY_BUDGET,
+};
 use super::target::Target;
 use super::variants::{init_params, Config, Dims, Params, Variant};
 use crate::error::{Error, Result};
@@ -31,39 +34,89 @@ pub fn run(
     adapter_dtype: i32,
     base: PissaBase,
 ) -> Result<usize> {
-    let mut merged = 0;
-    for (module, params) in adapters {
-        let group: Vec<&Target> = targets.iter().filter(|t| &t.module == module).collect();
-        let t0 = group
-            .first()
-            .ok_or_else(|| Error::Usage(format!("no target '{module}' in the model")))?;
-        if t0.quantized {
-            return Err(Error::Usage(format!(
-                "cannot merge into '{module}': its weight is quantized ({}); use the grafted model, or merge into a float model and quantize after",
-                t0.op
-            )));
-        }
-        let w = effective_weight(graph, t0)?;
-        let base_w = if base == PissaBase::Original && variant.reads_weight() {
-            let dims = Dims {
-                d_in: t0.d_in,
-                d_out: t0.d_out,
-            };
-            let mut rng = Rng::for_name(cfg.seed, module);
-            let mut init = init_params(&variant.param_specs(dims, cfg), &mut rng);
-            let round = rounding(adapter_dtype);
-            variant
-                .init(&w, &mut init, cfg, &mut rng, &round)?
-                .unwrap_or(w)
-        } else {
-            w
-        };
-        let merged_w = base_w + variant.delta_w(params, cfg);
-        set_weight(graph, module, &group, &merged_w)
+    let modules: Vec<(&String, &Params)> = adapters.iter().collect();
+    // New weights are computed in parallel, read-only; the graph is edited afterwards.
+    let cost = |&(module, _): &(&String, &Params)| {
+        targets
+            .iter()
+            .find(|t| &t.module == module)
+            .map(|t| {
+                let dims = Dims {
+                    d_in: t.d_in,
+                    d_out: t.d_out,
+                };
+                // The weight, its merged copy, and PiSSA's recomputed init.
+                8 * t.d_in * t.d_out + variant.working_set(dims, cfg)
+            })
+            .unwrap_or(0)
+    };
+    let patches = par_map(
+        &modules,
+        cost,
+        PARALLEL_MEMORY_BUDGET,
+        |&(module, params)| {
+            let group: Vec<&Target> = targets.iter().filter(|t| &t.module == module).collect();
+            let patch = merged_weight(
+                graph,
+                module,
+                &group,
+                variant,
+                cfg,
+                params,
+                adapter_dtype,
+                base,
+            )
             .map_err(|e| e.context(format!("merging '{module}'")))?;
+            Ok::<_, Error>((group, patch))
+        },
+    );
+    let mut merged = 0;
+    for (&(module, _), patch) in modules.iter().zip(patches) {
+        let (group, patch) = patch?;
+        apply_weight(graph, module, &group, patch);
         merged += 1;
     }
     graph.compact();
     graph.validate().map_err(|e| e.context("merge"))?;
     Ok(merged)
+}
+
+/// The patch that writes `module`'s merged weight.
+#[allow(clippy::too_many_arguments)]
+fn merged_weight(
+    graph: &Graph,
+    module: &str,
+    group: &[&Target],
+    variant: &dyn Variant,
+    cfg: &Config,
+    params: &Params,
+    adapter_dtype: i32,
+    base: PissaBase,
+) -> Result<WeightPatch> {
+    let t0 = group
+        .first()
+        .ok_or_else(|| Error::Usage(format!("no target '{module}' in the model")))?;
+    if t0.quantized {
+        return Err(Error::Usage(format!(
+            "cannot merge into '{module}': its weight is quantized ({}); use the grafted model, or merge into a float model and quantize after",
+            t0.op
+        )));
+    }
+    let w = effective_weight(graph, t0)?;
+    let base_w = if base == PissaBase::Original && variant.reads_weight() {
+        let dims = Dims {
+            d_in: t0.d_in,
+            d_out: t0.d_out,
+        };
+        let mut rng = Rng::for_name(cfg.seed, module);
+        let mut init = init_params(&variant.param_specs(dims, cfg), &mut rng);
+        let round = rounding(adapter_dtype);
+        variant
+            .init(&w, &mut init, cfg, &mut rng, &round)?
+            .unwrap_or(w)
+    } else {
+        w
+    };
+    let merged_w = base_w + variant.delta_w(params, cfg);
+    weight_patch(graph, module, group, merged_w)
 }

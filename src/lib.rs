@@ -6,6 +6,7 @@
 //! ```
 
 pub mod adapter;
+pub mod data;
 pub mod dtype;
 pub mod error;
 pub mod eval;
@@ -14,6 +15,7 @@ pub mod ir;
 pub mod linalg;
 pub mod model;
 pub mod pipeline;
+pub mod quant;
 pub mod rng;
 pub mod runtime;
 pub mod spill;

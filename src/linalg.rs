@@ -19,8 +19,8 @@ pub struct Svd {
     pub v: Array2<f64>,
 }
 
-fn to_faer(a: &Array2<f64>) -> Mat<f64> {
-    Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[[i, j]])
+fn to_faer<T: Copy + Into<f64>>(a: &Array2<T>) -> Mat<f64> {
+    Mat::from_fn(a.nrows(), a.ncols(), |i, j| a[[i, j]].into())
 }
 
 fn from_faer(m: faer::MatRef<'_, f64>) -> Array2<f64> {
@@ -35,13 +35,16 @@ fn thin_svd(a: &Mat<f64>) -> Result<(Mat<f64>, Vec<f64>, Mat<f64>)> {
     Ok((svd.U().to_owned(), s, svd.V().to_owned()))
 }
 
-/// The exact SVD of `w`, truncated to `q`.
-pub fn svd_exact(w: &Array2<f64>, q: usize) -> Result<Svd> {
+/// The exact SVD of `w` (in f64), truncated to `q`.
+pub fn svd_exact<T: Copy + Into<f64>>(w: &Array2<T>, q: usize) -> Result<Svd> {
+    // f64, not f32 as torch would for an f32 weight: W_res then agrees with PEFT's to
+    // 1e-6 where an f32 SVD is off by 2e-5. Only the f64 copy, the factors and faer's
+    // workspace are alive at once (about 4·m·n·8 bytes, see `Variant::working_set`).
     let (u, s, v) = thin_svd(&to_faer(w))?;
     Ok(Svd {
-        u: from_faer(u.as_ref()).slice_move(tract_core::ndarray::s![.., ..q]),
+        u: from_faer(u.as_ref().subcols(0, q)),
         s: Array1::from(s[..q].to_vec()),
-        v: from_faer(v.as_ref()).slice_move(tract_core::ndarray::s![.., ..q]),
+        v: from_faer(v.as_ref().subcols(0, q)),
     })
 }
 
@@ -51,8 +54,8 @@ fn thin_q(a: &Mat<f64>) -> Mat<f64> {
 
 /// torch's `svd_lowrank(w, q, niter)` with sketch `omega [min(m, n), q]` (Gaussian from
 /// `rng` when `None`).
-pub fn svd_lowrank(
-    w: &Array2<f64>,
+pub fn svd_lowrank<T: Copy + Into<f64>>(
+    w: &Array2<T>,
     q: usize,
     niter: usize,
     omega: Option<&Array2<f64>>,

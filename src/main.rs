@@ -114,6 +114,8 @@ struct GraftArgs {
     adapter_in: Option<PathBuf>,
 }
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Summarise a model: versions, inputs and outputs, ops, weights, external data.
@@ -180,12 +182,23 @@ enum Command {
         variant: VariantArgs,
         #[command(flatten)]
         filters: TargetArgs,
-        /// Training data: JSONL lines {"input_ids": [...], "labels": [...]?}, packed into rows of --seq.
+        /// Training data. causal-lm: JSONL lines {"input_ids": [...], "labels": [...]?} (or
+        /// {"text": ...}), or plain text with --tokenizer, packed into rows of --seq.
+        /// class / mse: JSONL lines with the model's inputs by name and "label" / "target".
         #[arg(long)]
         data: PathBuf,
         /// Evaluation data (same format), evaluated every --save-every steps.
         #[arg(long)]
         eval: Option<PathBuf>,
+        /// A Hugging Face tokenizer.json, for text data.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// causal-lm, class (cross-entropy over [B, C] logits) or mse.
+        #[arg(long, default_value = "causal-lm")]
+        loss: String,
+        /// The model output the loss reads (default: the first).
+        #[arg(long = "loss-output", value_name = "NAME")]
+        loss_output: Option<String>,
         /// Optimizer steps.
         #[arg(long)]
         steps: usize,
@@ -384,6 +397,9 @@ fn run(cli: Cli) -> Result<()> {
             filters,
             data,
             eval,
+            tokenizer,
+            loss,
+            loss_output,
             steps,
             batch,
             seq,
@@ -403,13 +419,14 @@ fn run(cli: Cli) -> Result<()> {
             let opts = TrainOptions {
                 training: TrainingRequest {
                     graft,
-                    loss: Loss::CausalLm,
+                    loss: Loss::parse(&loss)?,
                     batch,
                     seq,
-                    output: None,
+                    output: loss_output,
                     keep_outputs: false,
                 },
                 data,
+                tokenizer,
                 eval,
                 steps,
                 lr,
@@ -542,6 +559,8 @@ fn graft(args: GraftArgs) -> Result<()> {
         args.output.as_deref(),
         args.adapter.as_deref(),
     );
+    // Before the (long, for PiSSA on a large model) graft.
+    pipeline::check_output_paths(&input, &out, &adapter_path)?;
     let mut model = Model::load(&input)?;
     let outcome = pipeline::graft(&mut model, &req)?;
     let adapter = outcome.adapter_file(&req);

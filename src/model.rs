@@ -492,6 +492,7 @@ impl Model {
             t.raw_data = None;
             if !uses_external || raw.len() < opts.new_data_threshold || write_error.is_some() {
                 t.raw_data = Some(raw.to_vec());
+                init.release_pages();
                 return t;
             }
             let appended = (|| -> Result<u64> {
@@ -507,6 +508,7 @@ impl Model {
                     .map_err(|e| Error::io(&own_path, e))?;
                 let offset = *len + pad;
                 w.write_all(raw).map_err(|e| Error::io(&own_path, e))?;
+                init.release_pages();
                 *len = offset + raw.len() as u64;
                 Ok(offset)
             })();

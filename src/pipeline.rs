@@ -213,21 +213,33 @@ pub fn default_paths(
     (out, adapter)
 }
 
-/// Writes the grafted model and its adapter file; on any failure neither is left behind.
-pub fn write(
-    model: &Model,
-    adapter: &AdapterFile,
-    out: &Path,
-    adapter_path: &Path,
-) -> Result<SaveReport> {
+/// Checks, before any work, that the model `out` and the adapter file can be written
+/// without touching the input: neither is the input, they differ, and their folders
+/// exist and are writable.
+pub fn check_output_paths(input: &Path, out: &Path, adapter_path: &Path) -> Result<()> {
     for (what, p) in [("output model", out), ("adapter file", adapter_path)] {
-        if let (Ok(a), Ok(b)) = (std::fs::canonicalize(p), std::fs::canonicalize(&model.path)) {
+        if let (Ok(a), Ok(b)) = (std::fs::canonicalize(p), std::fs::canonicalize(input)) {
             if a == b {
                 return Err(Error::Usage(format!(
                     "{}: the {what} would overwrite the input model; choose another path",
                     p.display()
                 )));
             }
+        }
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let writable = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+            // SAFETY: a valid NUL-terminated path; access() only reads it.
+            .map(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0)
+            .unwrap_or(false);
+        if !dir.is_dir() || !writable {
+            return Err(Error::Usage(format!(
+                "{}: the {what}'s folder '{}' does not exist or is not writable",
+                p.display(),
+                dir.display()
+            )));
         }
     }
     if out == adapter_path {
@@ -236,6 +248,17 @@ pub fn write(
             out.display()
         )));
     }
+    Ok(())
+}
+
+/// Writes the grafted model and its adapter file; on any failure neither is left behind.
+pub fn write(
+    model: &Model,
+    adapter: &AdapterFile,
+    out: &Path,
+    adapter_path: &Path,
+) -> Result<SaveReport> {
+    check_output_paths(&model.path, out, adapter_path)?;
     let bytes = adapter.to_bytes()?;
     let report = model.save(out, &SaveOptions::default())?;
     let mut created = Vec::new();
@@ -636,6 +659,8 @@ pub struct Training {
     pub input_shapes: std::collections::HashMap<String, Vec<usize>>,
     /// The graft request it was made with.
     pub request: GraftRequest,
+    /// The number of classes the loss reads (classification).
+    pub classes: Option<usize>,
 }
 
 /// Concrete shapes of the model's inputs: symbolic dims become `batch`, then `seq`.
@@ -784,6 +809,12 @@ pub fn training_graph(mut model: Model, req: &TrainingRequest) -> Result<Trainin
         .cloned()
         .unwrap_or_default();
     shapes.insert(req.loss.label_name().to_string(), label_shape);
+    let classes = match req.loss {
+        grad::loss::Loss::Class => by_name
+            .get(&model.graph.value(output).name)
+            .and_then(|s| s.get(1).copied()),
+        _ => None,
+    };
     let tg = grad::run(&mut model.graph, opset, loss, &trainable, &by_name)
         .map_err(|e| e.context("gradient pass"))?;
     // The training graph's model outputs go after loss and gradients.
@@ -800,6 +831,7 @@ pub fn training_graph(mut model: Model, req: &TrainingRequest) -> Result<Trainin
         graph: tg,
         input_shapes: shapes,
         request: req.graft.clone(),
+        classes,
     })
 }
 

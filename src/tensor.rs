@@ -193,15 +193,15 @@ impl Array {
     /// Encodes as a tensor proto called `name` with little-endian `raw_data`.
     pub fn to_proto(&self, name: &str) -> TensorProto {
         let raw: Vec<u8> = match self {
-            Array::F32(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Array::F64(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Array::F16(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Array::BF16(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Array::I64(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Array::I32(a) => a.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            Array::I8(a) => a.iter().map(|&v| v as u8).collect(),
-            Array::U8(a) => a.iter().copied().collect(),
-            Array::Bool(a) => a.iter().map(|&v| v as u8).collect(),
+            Array::F32(a) => le_bytes(a, f32::to_le_bytes),
+            Array::F64(a) => le_bytes(a, f64::to_le_bytes),
+            Array::F16(a) => le_bytes(a, f16::to_le_bytes),
+            Array::BF16(a) => le_bytes(a, bf16::to_le_bytes),
+            Array::I64(a) => le_bytes(a, i64::to_le_bytes),
+            Array::I32(a) => le_bytes(a, i32::to_le_bytes),
+            Array::I8(a) => le_bytes(a, i8::to_le_bytes),
+            Array::U8(a) => le_bytes(a, u8::to_le_bytes),
+            Array::Bool(a) => le_bytes(a, |v| [v as u8]),
         };
         TensorProto {
             name: Some(name.to_string()),
@@ -228,6 +228,15 @@ impl Array {
     }
 }
 
+/// The little-endian bytes of `a`'s elements in logical (row-major) order.
+fn le_bytes<T: Copy, const N: usize>(a: &ArrayD<T>, bytes: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(a.len() * N);
+    for &v in a.iter() {
+        out.extend_from_slice(&bytes(v));
+    }
+    out
+}
+
 /// The values of a small embedded tensor as text (`[1, 2, 3]`), or `None` when it has
 /// more than `max` elements or cannot be decoded.
 pub fn small_values_text(t: &TensorProto, max: u64) -> Option<String> {
@@ -245,6 +254,62 @@ impl Array {
             Array::F32(a) => a.clone(),
             other => other.to_f64().mapv(|v| v as f32),
         }
+    }
+
+    /// The values as f32, without a copy when they already are.
+    pub fn into_f32(self) -> ArrayD<f32> {
+        match self {
+            Array::F32(a) => a,
+            Array::F16(a) => a.mapv(f32::from),
+            Array::BF16(a) => a.mapv(f32::from),
+            other => other.to_f64().mapv(|v| v as f32),
+        }
+    }
+
+    /// `values` (f64, e.g. read from JSON) converted to `elem_type`: any float, int64,
+    /// int32, int8, uint8 or bool (non-zero is true).
+    pub fn from_f64(values: ArrayD<f64>, elem_type: i32) -> Option<Array> {
+        Some(match DataType::try_from(elem_type).ok()? {
+            DataType::Float => Array::F32(values.mapv(|v| v as f32)),
+            DataType::Double => Array::F64(values),
+            DataType::Float16 => Array::F16(values.mapv(f16::from_f64)),
+            DataType::Bfloat16 => Array::BF16(values.mapv(bf16::from_f64)),
+            DataType::Int64 => Array::I64(values.mapv(|v| v as i64)),
+            DataType::Int32 => Array::I32(values.mapv(|v| v as i32)),
+            DataType::Int8 => Array::I8(values.mapv(|v| v as i8)),
+            DataType::Uint8 => Array::U8(values.mapv(|v| v as u8)),
+            DataType::Bool => Array::Bool(values.mapv(|v| v != 0.0)),
+            _ => return None,
+        })
+    }
+
+    /// `parts` (one element type, one shape) stacked along a new first axis; `None` when
+    /// they differ in type or shape, or there is none.
+    pub fn stack(parts: &[&Array]) -> Option<Array> {
+        use tract_core::ndarray::{stack, Axis};
+        macro_rules! stacked {
+            ($variant:ident) => {{
+                let views = parts
+                    .iter()
+                    .map(|p| match p {
+                        Array::$variant(a) => Some(a.view()),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                Array::$variant(stack(Axis(0), &views).ok()?)
+            }};
+        }
+        Some(match parts.first()? {
+            Array::F32(_) => stacked!(F32),
+            Array::F64(_) => stacked!(F64),
+            Array::F16(_) => stacked!(F16),
+            Array::BF16(_) => stacked!(BF16),
+            Array::I64(_) => stacked!(I64),
+            Array::I32(_) => stacked!(I32),
+            Array::I8(_) => stacked!(I8),
+            Array::U8(_) => stacked!(U8),
+            Array::Bool(_) => stacked!(Bool),
+        })
     }
 
     /// `values` (f32) converted to the float element type `elem_type`

@@ -2,15 +2,16 @@
 //! training graph of the gradient pass, with AdamW (PyTorch's defaults and bias
 //! correction), data-parallel over threads (one plan per thread, gradients summed).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tract_core::ndarray::{ArrayD, IxDyn};
+use tract_core::ndarray::ArrayD;
 
 use crate::adapter::AdapterFile;
+use crate::data::Fields;
 use crate::error::{Error, Result};
 use crate::passes::grad::loss::Loss;
 use crate::pipeline::{self, Training, TrainingRequest};
@@ -62,8 +63,11 @@ impl Schedule {
 pub struct TrainOptions {
     /// Graft, loss, batch and sequence sizes.
     pub training: TrainingRequest,
-    /// Training data (JSONL token ids).
+    /// Training data: JSONL (token ids, or named inputs and a label for class/mse
+    /// losses), or plain text with `tokenizer`.
     pub data: PathBuf,
+    /// A Hugging Face `tokenizer.json` for text data.
+    pub tokenizer: Option<PathBuf>,
     /// Evaluation data.
     pub eval: Option<PathBuf>,
     /// Optimizer steps.
@@ -94,86 +98,7 @@ pub struct TrainOptions {
     pub quiet: bool,
 }
 
-/// One training row: token ids and labels (-100: not counted).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Row {
-    /// `input_ids`, length `seq`.
-    pub ids: Vec<i64>,
-    /// `labels`, length `seq`.
-    pub labels: Vec<i64>,
-}
-
-/// Reads JSONL lines `{"input_ids": [...], "labels": [...]?}` and packs them into rows
-/// of `seq` tokens (the last one padded with 0 and label -100). Token ids must be
-/// below `vocab`.
-pub fn read_jsonl(path: &Path, seq: usize, vocab: Option<usize>) -> Result<Vec<Row>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let bad =
-        |line: usize, reason: String| Error::Usage(format!("{}:{line}: {reason}", path.display()));
-    let (mut ids, mut labels) = (Vec::new(), Vec::new());
-    for (i, line) in text.lines().enumerate() {
-        let n = i + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| bad(n, format!("not JSON ({e})")))?;
-        let list = |key: &str| -> Result<Option<Vec<i64>>> {
-            match v.get(key) {
-                None => Ok(None),
-                Some(a) => a
-                    .as_array()
-                    .ok_or_else(|| bad(n, format!("'{key}' is not a list")))?
-                    .iter()
-                    .map(|x| {
-                        x.as_i64()
-                            .ok_or_else(|| bad(n, format!("'{key}' holds a non-integer {x}")))
-                    })
-                    .collect::<Result<Vec<i64>>>()
-                    .map(Some),
-            }
-        };
-        let line_ids = list("input_ids")?.ok_or_else(|| bad(n, "no 'input_ids'".into()))?;
-        if let Some(&t) = line_ids
-            .iter()
-            .find(|&&t| t < 0 || vocab.is_some_and(|v| t as usize >= v))
-        {
-            return Err(bad(
-                n,
-                format!(
-                    "token id {t} is outside the model's vocabulary (0..{})",
-                    vocab.unwrap_or(0)
-                ),
-            ));
-        }
-        let line_labels = list("labels")?.unwrap_or_else(|| line_ids.clone());
-        if line_labels.len() != line_ids.len() {
-            return Err(bad(n, "'labels' and 'input_ids' differ in length".into()));
-        }
-        ids.extend(line_ids);
-        labels.extend(line_labels);
-    }
-    if ids.is_empty() {
-        return Err(Error::Usage(format!(
-            "{}: no training tokens (the file is empty)",
-            path.display()
-        )));
-    }
-    let rows = ids
-        .chunks(seq)
-        .zip(labels.chunks(seq))
-        .map(|(i, l)| {
-            let mut row = Row {
-                ids: i.to_vec(),
-                labels: l.to_vec(),
-            };
-            row.ids.resize(seq, 0);
-            row.labels.resize(seq, -100);
-            row
-        })
-        .collect();
-    Ok(rows)
-}
+pub use crate::data::Row;
 
 /// The vocabulary size: rows of the token-embedding initializer, when there is one.
 pub fn vocab_size(model: &Model) -> Option<usize> {
@@ -330,10 +255,95 @@ impl Engine {
         &self.training
     }
 
+    /// The trainable tensors' values from the graft (ONNX layout), by name.
+    pub fn initial_params(&self) -> BTreeMap<String, ArrayD<f32>> {
+        let t = &self.training;
+        let mut params = BTreeMap::new();
+        for (tensor, _) in &t.graph.gradients {
+            let (module, name) = pipeline::split_key(tensor).expect("adapter key");
+            let m = t
+                .outcome
+                .grafted
+                .modules
+                .iter()
+                .find(|m| m.module == module)
+                .expect("module");
+            let torch = m.params.iter().find(|(k, _)| **k == name).expect("param").1;
+            params.insert(tensor.clone(), crate::passes::graft::onnx_layout(torch));
+        }
+        params
+    }
+
+    /// What one example must hold: the training graph's inputs other than the
+    /// trainable tensors, without the batch axis.
+    pub fn fields(&self) -> Fields {
+        let t = &self.training;
+        let trainable: Vec<&String> = t.graph.gradients.iter().map(|(k, _)| k).collect();
+        let label = self.loss.label_name();
+        let mut inputs = Vec::new();
+        let mut label_field = None;
+        for io in &t.model.graph.inputs {
+            let name = io.info.name().to_string();
+            if trainable.contains(&&name) {
+                continue;
+            }
+            let elem_type = match io.info.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+                Some(crate::proto::type_proto::Value::TensorType(tt)) => tt.elem_type(),
+                _ => crate::proto::tensor_proto::DataType::Float as i32,
+            };
+            let shape = t.input_shapes.get(&name).cloned().unwrap_or_default();
+            let field = (
+                name.clone(),
+                elem_type,
+                shape.get(1..).unwrap_or(&[]).to_vec(),
+            );
+            if name == label {
+                label_field = Some(field);
+            } else {
+                inputs.push(field);
+            }
+        }
+        Fields {
+            inputs,
+            label: label_field.unwrap_or((label.into(), 1, vec![])),
+            classes: t.classes,
+        }
+    }
+
+    /// Input `name` for the rows of one worker: stacked from the rows, or its default
+    /// (all-ones attention mask...).
+    fn batch_input(&self, name: &str, part: &[Row]) -> Result<Array> {
+        let given: Option<Vec<&Array>> = part.iter().map(|r| r.fields.get(name)).collect();
+        if let Some(given) = given {
+            return Array::stack(&given).ok_or_else(|| {
+                Error::Usage(format!(
+                    "the rows disagree in the type or shape of '{name}'"
+                ))
+            });
+        }
+        let shape = self
+            .training
+            .input_shapes
+            .get(name)
+            .cloned()
+            .unwrap_or_default();
+        let elem_type = self
+            .fields()
+            .inputs
+            .iter()
+            .find(|f| f.0 == name)
+            .map(|f| f.1)
+            .unwrap_or(crate::proto::tensor_proto::DataType::Int64 as i32);
+        crate::data::default_field(name, elem_type, &shape).ok_or_else(|| {
+            Error::Usage(format!(
+                "the training graph wants input '{name}', which the data does not give"
+            ))
+        })
+    }
+
     /// Loss and gradients on `rows` (a whole batch) at parameter values `params`.
     pub fn step(&self, rows: &[Row], params: &BTreeMap<String, ArrayD<f32>>) -> Result<StepResult> {
         let t = &self.training;
-        let seq = rows.first().map(|r| r.ids.len()).unwrap_or(0);
         let results: Vec<Result<(f64, usize, Vec<Array>)>> = std::thread::scope(|scope| {
             let handles: Vec<_> = self
                 .workers
@@ -342,25 +352,13 @@ impl Engine {
                 .map(|(w, runner)| {
                     let part = &rows[w * self.slice..(w + 1) * self.slice];
                     scope.spawn(move || -> Result<(f64, usize, Vec<Array>)> {
-                        let ids: Vec<i64> = part.iter().flat_map(|r| r.ids.iter().copied()).collect();
-                        let labels: Vec<i64> = part.iter().flat_map(|r| r.labels.iter().copied()).collect();
-                        let counted = match self.loss {
-                            Loss::CausalLm => part.iter().map(|r| r.labels[1..].iter().filter(|&&l| l != -100).count()).sum(),
-                            _ => part.len(),
-                        };
-                        let mut feeds: HashMap<&str, Array> = HashMap::new();
-                        let shape = IxDyn(&[part.len(), seq]);
-                        feeds.insert("input_ids", Array::I64(ArrayD::from_shape_vec(shape.clone(), ids).unwrap()));
-                        feeds.insert("labels", Array::I64(ArrayD::from_shape_vec(shape, labels).unwrap()));
+                        let counted = part.iter().map(|r| r.counted(self.loss)).sum();
                         let inputs = runner
                             .inputs
                             .iter()
-                            .map(|n| match feeds.get(n.as_str()) {
-                                Some(a) => Ok(a.clone()),
-                                None => params
-                                    .get(n)
-                                    .map(|p| Array::F32(p.clone()))
-                                    .ok_or_else(|| Error::Usage(format!("the training graph wants input '{n}', which JSONL token data cannot give"))),
+                            .map(|n| match params.get(n) {
+                                Some(p) => Ok(Array::F32(p.clone())),
+                                None => self.batch_input(n, part),
                             })
                             .collect::<Result<Vec<_>>>()?;
                         let out = runner.run(inputs)?;
@@ -439,29 +437,43 @@ pub fn batch_rows(rows: &[Row], batch: usize, step: usize, seed: u64) -> Vec<Row
 /// Trains; `stop` ends the run early (Ctrl-C) with a last checkpoint.
 pub fn run(model_path: &Path, opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<TrainReport> {
     let model = Model::load(model_path)?;
+    let tokenizer = opts
+        .tokenizer
+        .as_deref()
+        .map(crate::data::Tokenizer::load)
+        .transpose()?;
     let vocab = vocab_size(&model);
-    let rows = read_jsonl(&opts.data, opts.training.seq, vocab)?;
+    let read = |path: &Path, fields: Option<&Fields>| {
+        let src = crate::data::Source {
+            path,
+            seq: opts.training.seq,
+            vocab,
+            tokenizer: tokenizer.as_ref(),
+        };
+        match fields {
+            None => crate::data::read_tokens(&src),
+            Some(f) => crate::data::read_examples(&src, f),
+        }
+    };
+    // Token data is checked before the (slower) training graph is built.
+    let token_data = opts.training.loss == Loss::CausalLm;
+    let mut rows = if token_data {
+        read(&opts.data, None)?
+    } else {
+        Vec::new()
+    };
+    let engine = Engine::new(model.clone(), &opts.training, opts.threads)?;
+    let fields = (!token_data).then(|| engine.fields());
+    if !token_data {
+        rows = read(&opts.data, fields.as_ref())?;
+    }
     let eval_rows = opts
         .eval
-        .as_ref()
-        .map(|p| read_jsonl(p, opts.training.seq, vocab))
+        .as_deref()
+        .map(|p| read(p, fields.as_ref()))
         .transpose()?;
-    let engine = Engine::new(model.clone(), &opts.training, opts.threads)?;
-    let t = engine.training();
     // Parameters: the graft's initial values, or the checkpoint's.
-    let mut params: BTreeMap<String, ArrayD<f32>> = BTreeMap::new();
-    for (tensor, _) in &t.graph.gradients {
-        let (module, name) = pipeline::split_key(tensor).expect("adapter key");
-        let m = t
-            .outcome
-            .grafted
-            .modules
-            .iter()
-            .find(|m| m.module == module)
-            .expect("module");
-        let torch = m.params.iter().find(|(k, _)| **k == name).expect("param").1;
-        params.insert(tensor.clone(), crate::passes::graft::onnx_layout(torch));
-    }
+    let mut params = engine.initial_params();
     let mut opt = AdamW::new(opts.lr, opts.weight_decay);
     if let Some(resume) = &opts.resume {
         resume_from(resume, &mut params, &mut opt, &opts.training)?;
@@ -545,8 +557,10 @@ pub fn run(model_path: &Path, opts: &TrainOptions, stop: Arc<AtomicBool>) -> Res
     Ok(report)
 }
 
-/// Mean loss over `rows` in whole batches.
-fn evaluate(
+/// Mean loss over `rows`, a batch at a time. A short last batch is filled with copies
+/// of its first row: not counted (causal LM), or counted and then taken out again with
+/// that row's own loss (class, mse: the loss is a mean over rows).
+pub fn evaluate(
     engine: &Engine,
     rows: &[Row],
     params: &BTreeMap<String, ArrayD<f32>>,
@@ -555,15 +569,23 @@ fn evaluate(
     let mut total = 0.0;
     let mut count = 0usize;
     for chunk in rows.chunks(batch) {
+        let fill = batch - chunk.len();
         let mut padded = chunk.to_vec();
-        while padded.len() < batch {
-            let mut r = chunk[0].clone();
-            r.labels.fill(-100);
-            padded.push(r);
+        if engine.loss == Loss::CausalLm {
+            padded.extend(std::iter::repeat_n(chunk[0].clone().uncounted(), fill));
+            let res = engine.step(&padded, params)?;
+            total += res.loss * res.tokens as f64;
+            count += res.tokens;
+            continue;
         }
-        let res = engine.step(&padded, params)?;
-        total += res.loss * res.tokens as f64;
-        count += res.tokens;
+        padded.extend(std::iter::repeat_n(chunk[0].clone(), fill));
+        let mut sum = engine.step(&padded, params)?.loss * batch as f64;
+        if fill > 0 {
+            let first = engine.step(&vec![chunk[0].clone(); batch], params)?.loss;
+            sum -= first * fill as f64;
+        }
+        total += sum;
+        count += chunk.len();
     }
     Ok(total / count.max(1) as f64)
 }

@@ -177,8 +177,10 @@ fn llama_causal_lm_gradients_match_finite_differences() {
 
 #[test]
 fn gpt2_and_bert_gradients_match_finite_differences() {
-    check_fd("gpt2", "lora", Loss::CausalLm, 2, 7, 1e-2, 3e-2);
-    check_fd("bert", "delora", Loss::Mse, 2, 7, 1e-2, 3e-2);
+    for variant in ["lora", "pissa", "delora"] {
+        check_fd("gpt2", variant, Loss::CausalLm, 2, 7, 1e-2, 3e-2);
+        check_fd("bert", variant, Loss::Mse, 2, 7, 1e-2, 3e-2);
+    }
 }
 
 #[test]

@@ -51,10 +51,16 @@ const F64: i32 = 11;
 fn model(graph: Graph) -> Model {
     let proto = ModelProto {
         ir_version: Some(10),
-        opset_import: vec![OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(18),
-        }],
+        opset_import: vec![
+            OperatorSetIdProto {
+                domain: Some(String::new()),
+                version: Some(18),
+            },
+            OperatorSetIdProto {
+                domain: Some("com.microsoft".into()),
+                version: Some(1),
+            },
+        ],
         ..Default::default()
     };
     Model {
@@ -80,6 +86,20 @@ const F32: i32 = 1;
 /// The node has `n_outputs` outputs; the loss reads the first (the others get no
 /// gradient, which the rules must handle).
 fn check_n(op: &str, attrs: Vec<AttributeProto>, inputs: Vec<In>, n_outputs: usize, dtype: i32) {
+    check_outputs(op, attrs, inputs, n_outputs, &[0], dtype)
+}
+
+/// Like [`check_n`], with `op` as `domain:Op` when not in the default domain, and the
+/// loss reading the outputs `read` (L = Σ_k Σ G_k ⊙ y_k).
+fn check_outputs(
+    op: &str,
+    attrs: Vec<AttributeProto>,
+    inputs: Vec<In>,
+    n_outputs: usize,
+    read: &[usize],
+    dtype: i32,
+) {
+    let (domain, op) = op.rsplit_once(':').unwrap_or(("", op));
     let mut rng = Rng::new(42);
     let mut g = Graph::from_proto(GraphProto::default(), |_| Ok(None)).unwrap();
     let mut ids = Vec::new();
@@ -105,8 +125,16 @@ fn check_n(op: &str, attrs: Vec<AttributeProto>, inputs: Vec<In>, n_outputs: usi
         }
         ids.push(id);
     }
-    let (_, outs) = g.add_op(op, "node", &ids, attrs, n_outputs).unwrap();
-    let y = outs[0];
+    let (node, outs) = g.add_op(op, "node", &ids, attrs, n_outputs).unwrap();
+    g.node_mut(node).proto.domain = Some(domain.to_string());
+    if !domain.is_empty() {
+        // Outputs nobody reads stay unnamed, as exporters leave them (tract refuses
+        // some, e.g. SkipSimplifiedLayerNormalization's mean).
+        for k in (0..n_outputs).filter(|k| !read.contains(k)) {
+            g.node_mut(node).outputs[k] = None;
+        }
+    }
+    let ys: Vec<ValueId> = read.iter().map(|&k| outs[k]).collect();
     // y's shape, from tract, with the float inputs as graph inputs.
     let mut probe = model(g.clone());
     let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
@@ -123,13 +151,15 @@ fn check_n(op: &str, attrs: Vec<AttributeProto>, inputs: Vec<In>, n_outputs: usi
         );
         grad::make_input(&mut probe.graph, t, init, dtype);
     }
-    probe.graph.outputs.push(lora_graft::ir::GraphIo {
-        value: y,
-        info: ValueInfoProto {
-            name: Some(probe.graph.value(y).name.clone()),
-            ..Default::default()
-        },
-    });
+    for &y in &ys {
+        probe.graph.outputs.push(lora_graft::ir::GraphIo {
+            value: y,
+            info: ValueInfoProto {
+                name: Some(probe.graph.value(y).name.clone()),
+                ..Default::default()
+            },
+        });
+    }
     let facts = value_facts(&probe, &shapes).unwrap_or_else(|e| panic!("{op}: {e}"));
     let mut by_name: grad::Shapes = facts
         .into_iter()
@@ -141,34 +171,44 @@ fn check_n(op: &str, attrs: Vec<AttributeProto>, inputs: Vec<In>, n_outputs: usi
                 .map(|s| (n, s))
         })
         .collect();
-    let y_shape = by_name[&g.value(y).name].clone();
-    // L = ReduceSum(y ⊙ G)
-    let w = ArrayD::from_shape_fn(IxDyn(&y_shape), |_| rng.uniform_in(-1.0, 1.0));
-    let weights = if dtype == F64 {
-        Array::F64(w)
-    } else {
-        Array::F32(w.mapv(|v| v as f32))
-    };
-    let gw = g.add_initializer("G", Initializer::new(weights.to_proto("")));
-    let (_, p) = g.add_op("Mul", "weigh", &[y, gw], vec![], 1).unwrap();
-    let axes: Vec<i64> = (0..y_shape.len() as i64).collect();
-    let ax = g.add_initializer(
-        "axes",
-        Initializer::new(
-            Array::I64(ArrayD::from_shape_vec(IxDyn(&[axes.len()]), axes).unwrap()).to_proto(""),
-        ),
-    );
-    let (_, l) = g
-        .add_op(
-            "ReduceSum",
-            "sum",
-            &[p[0], ax],
-            vec![int_attr("keepdims", 0)],
-            1,
-        )
-        .unwrap();
-    by_name.insert(g.value(p[0]).name.clone(), y_shape.clone());
-    by_name.insert(g.value(l[0]).name.clone(), vec![]);
+    // L = Σ_k ReduceSum(y_k ⊙ G_k)
+    let mut terms = Vec::new();
+    for (k, &y) in ys.iter().enumerate() {
+        let y_shape = by_name[&g.value(y).name].clone();
+        let w = ArrayD::from_shape_fn(IxDyn(&y_shape), |_| rng.uniform_in(-1.0, 1.0));
+        let weights = if dtype == F64 {
+            Array::F64(w)
+        } else {
+            Array::F32(w.mapv(|v| v as f32))
+        };
+        let gw = g.add_initializer(&format!("G{k}"), Initializer::new(weights.to_proto("")));
+        let (_, p) = g.add_op("Mul", "weigh", &[y, gw], vec![], 1).unwrap();
+        let axes: Vec<i64> = (0..y_shape.len() as i64).collect();
+        let ax = g.add_initializer(
+            "axes",
+            Initializer::new(
+                Array::I64(ArrayD::from_shape_vec(IxDyn(&[axes.len()]), axes).unwrap())
+                    .to_proto(""),
+            ),
+        );
+        let (_, l) = g
+            .add_op(
+                "ReduceSum",
+                "sum",
+                &[p[0], ax],
+                vec![int_attr("keepdims", 0)],
+                1,
+            )
+            .unwrap();
+        by_name.insert(g.value(p[0]).name.clone(), y_shape.clone());
+        by_name.insert(g.value(l[0]).name.clone(), vec![]);
+        terms.push(l[0]);
+    }
+    let mut l = vec![terms[0]];
+    for &t in &terms[1..] {
+        l = g.add_op("Add", "total", &[l[0], t], vec![], 1).unwrap().1;
+        by_name.insert(g.value(l[0]).name.clone(), vec![]);
+    }
     let loss: ValueId = l[0];
     let mut training = model(g);
     grad::run(&mut training.graph, 18, loss, &trainable, &by_name)
@@ -358,5 +398,75 @@ fn where_cast_and_layer_norm() {
         "LayerNormalization",
         vec![int_attr("axis", -1), float_attr("epsilon", 1e-5)],
         vec![f(&[2, 3, 5]), f(&[5]), f(&[5])],
+    );
+}
+
+#[test]
+fn gather_with_repeated_and_negative_indices() {
+    let idx = |shape: &[usize], v: Vec<i64>| {
+        In::Const(Array::I64(ArrayD::from_shape_vec(IxDyn(shape), v).unwrap()))
+    };
+    // Rows 1 and -1 (= 3) twice: their gradients add up.
+    check(
+        "Gather",
+        vec![int_attr("axis", 0)],
+        vec![f(&[4, 3]), idx(&[2, 2], vec![1, -1, 3, 1])],
+    );
+    check(
+        "Gather",
+        vec![int_attr("axis", 1)],
+        vec![f(&[2, 5, 3]), idx(&[3], vec![4, 0, 4])],
+    );
+    // A scalar index (BERT's [CLS] pick): the axis goes away.
+    check(
+        "Gather",
+        vec![int_attr("axis", 1)],
+        vec![f(&[2, 4, 3]), idx(&[], vec![0])],
+    );
+}
+
+#[test]
+fn onnxruntime_rms_norms_and_matmul_nbits() {
+    // tract computes these in f32 (RMS norms whatever the type; MatMulNBits f32 only).
+    check_f32(
+        "SimplifiedLayerNormalization",
+        vec![int_attr("axis", -1), float_attr("epsilon", 1e-6)],
+        vec![f(&[2, 3, 8]), f(&[8])],
+    );
+    // The fused residual sum (output 3) is read too, as the genai exporter's next layer does.
+    check_outputs(
+        "com.microsoft:SkipSimplifiedLayerNormalization",
+        vec![float_attr("epsilon", 1e-6)],
+        vec![f(&[2, 3, 8]), f(&[2, 3, 8]), f(&[8])],
+        4,
+        &[0, 3],
+        F32,
+    );
+    // 4-bit weights, K = 16 in blocks of 8, N = 3, with packed zero points.
+    let mut rng = Rng::new(7);
+    let q: Vec<u8> = (0..3 * 2 * 4)
+        .map(|_| (rng.next_u64() % 256) as u8)
+        .collect();
+    let scales: Vec<f32> = (0..6).map(|i| 0.05 + 0.01 * i as f32).collect();
+    check_f32(
+        "com.microsoft:MatMulNBits",
+        vec![
+            int_attr("K", 16),
+            int_attr("N", 3),
+            int_attr("bits", 4),
+            int_attr("block_size", 8),
+        ],
+        vec![
+            f(&[2, 5, 16]),
+            In::Const(Array::U8(
+                ArrayD::from_shape_vec(IxDyn(&[3, 2, 4]), q).unwrap(),
+            )),
+            In::Const(Array::F32(
+                ArrayD::from_shape_vec(IxDyn(&[6]), scales).unwrap(),
+            )),
+            In::Const(Array::U8(
+                ArrayD::from_shape_vec(IxDyn(&[3]), vec![0x97, 0x88, 0x3c]).unwrap(),
+            )),
+        ],
     );
 }

@@ -91,7 +91,7 @@ fn the_adapter_really_acts_as_its_merged_weight() {
                 let group: Vec<_> = targets.iter().filter(|t| t.module == m.module).collect();
                 let w = effective_weight(&merged.graph, group[0]).unwrap();
                 let dw = outcome.variant.delta_w(&m.params, &req.cfg) - &init_delta[&m.module];
-                set_weight(&mut merged.graph, &m.module, &group, &(w + dw)).unwrap();
+                set_weight(&mut merged.graph, &m.module, &group, w + dw).unwrap();
             }
             let expected = run(&merged, &inputs);
             let moved = max_abs_diff(&adapted[0], &run(&base, &inputs)[0]);
@@ -386,6 +386,11 @@ fn bad_requests_are_clear_errors_and_write_nothing() {
     fails(
         &[p, "--variant", "lora", "-o", "/proc/adapted.onnx"],
         "/proc/",
+    );
+    // Checked before grafting (a PiSSA graft of a large model takes minutes).
+    fails(
+        &[p, "--variant", "pissa", "-o", "/nonexistent-lg/x.onnx"],
+        "the output model's folder '/nonexistent-lg' does not exist or is not writable",
     );
     assert_eq!(listing(dir.path()), before, "nothing written");
     let (dir, path) = copy_fixture("genai_int4");

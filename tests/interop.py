@@ -3,7 +3,8 @@
 For every entry of DIR/manifest.json: the grafted model passes onnx.checker (full check
 where the base model passes it), keeps the base model's opsets, metadata and input and
 output names, and ONNX Runtime's outputs equal the expected ones (tract's, or the base
-model's at init) within the entry's tolerance. Prints 'N passed, M failed'.
+model's at init) within the entry's tolerance; a trained model ("lm_data") has a lower
+causal-LM loss on its training data than the base. Prints 'N passed, M failed'.
 """
 import json
 import sys
@@ -39,6 +40,10 @@ def check(entry, root):
         domains = {n.domain for n in grafted.graph.node} - {"", "ai.onnx"}
         base_domains = {n.domain for n in base.graph.node} - {"", "ai.onnx"}
         assert domains <= base_domains, f"gradient code uses non-default domains {domains - base_domains}"
+    if "lm_data" in entry:
+        check_lower_loss(entry, model_path)
+    if "io" not in entry:
+        return
     io = load_file(str(root / entry["io"]))
     inputs = {k[len("input."):]: v for k, v in io.items() if k.startswith("input.")}
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
@@ -52,6 +57,36 @@ def check(entry, root):
         scale = max(1.0, float(np.max(np.abs(want))))
         tol = entry["tol"] * (scale if entry.get("relative") else 1.0)
         assert diff <= tol, f"output {name} differs from the expected by {diff:.3g} (tolerance {tol:.3g})"
+
+
+def lm_loss(model_path, rows):
+    """Mean next-token cross-entropy of a causal LM over rows [R, S] of token ids."""
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    total = count = 0.0
+    for ids, labels in rows:
+        logits = session.run(None, {"input_ids": ids[None, :]})[0][0].astype(np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        target = labels[1:]
+        keep = target != -100
+        total -= float(logp[:-1][keep, target[keep]].sum())
+        count += float(keep.sum())
+    return total / count
+
+
+def check_lower_loss(entry, model_path):
+    """A trained model's loss on its training text, in ONNX Runtime, is below the base's."""
+    ids = [t for line in Path(entry["lm_data"]).read_text().splitlines() if line.strip()
+           for t in json.loads(line)["input_ids"]]
+    seq = entry["seq"]
+    rows = []
+    for start in range(0, len(ids), seq):
+        chunk = ids[start:start + seq]
+        labels = chunk + [-100] * (seq - len(chunk))
+        rows.append((np.array(chunk + [0] * (seq - len(chunk)), dtype=np.int64), np.array(labels, dtype=np.int64)))
+    trained, base = lm_loss(model_path, rows), lm_loss(entry["base"], rows)
+    print(f"     {entry['model']}: loss {trained:.4f} (base {base:.4f})")
+    assert trained < base, f"trained loss {trained:.4f} is not below the base model's {base:.4f}"
 
 
 def main():

@@ -303,8 +303,12 @@ pub fn run(
         let rule = rules::rule(&node).ok_or_else(|| Error::Node {
             node: node.name().to_string(),
             op: node.op().to_string(),
-            reason: "no gradient rule for this op (it lies between the adapter and the loss)"
-                .into(),
+            reason: match rules::UNSUPPORTED.iter().find(|(op, _)| *op == node.op()) {
+                Some((_, why)) => format!("no gradient rule: {why}"),
+                None => {
+                    "no gradient rule for this op (it lies between the adapter and the loss)".into()
+                }
+            },
         })?;
         emit.prefix = format!(
             "grad/{}",

@@ -5,6 +5,7 @@
 use super::{int_attr, Emit};
 use crate::error::{Error, Result};
 use crate::ir::{Node, ValueId};
+use crate::proto::tensor_proto::DataType;
 
 /// A rule: the gradients of the inputs (`None` where not wanted or not defined).
 pub type Rule = fn(&mut Emit, &Node, &[Option<ValueId>], &[bool]) -> Result<Vec<Option<ValueId>>>;
@@ -173,6 +174,9 @@ pub const RULES: &[(&str, Rule)] = &[
     ("Slice", slice),
     // dx = ScatterElements(0, indices, g, axis)
     ("GatherElements", gather_elements),
+    // x [P, N, Q] (N on the axis), idx [M]: dx[p, n, q] = Σ_m [idx_m = n]·g[p, m, q]
+    // (a one-hot MatMul, so repeated indices add up)
+    ("Gather", gather),
     // dx = Expand(g, shape(x)) (Unsqueezed where keepdims = 0)
     ("ReduceSum", |e, n, g, _| {
         reduce(e, n, g[0].unwrap(), Reduce::Sum)
@@ -218,14 +222,39 @@ pub const RULES: &[(&str, Rule)] = &[
     // x̂ = (x-μ)·r over the normalised axes: dx = r·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)),
     // ĝ = g·scale; dscale = unb(g·x̂), dbias = unb(g)
     ("LayerNormalization", layer_norm),
+    // RMS norm (onnxruntime's, in the default domain): x̂ = x·r, r = 1/√(mean(x²) + ε):
+    // dx = r·(ĝ - x̂·mean(ĝ·x̂)), ĝ = g·scale; dscale = unb(g·x̂)
+    ("SimplifiedLayerNormalization", simplified_layer_norm),
 ];
 
-/// The rule of `node`'s op (default domain only).
+/// Gradient rules of com.microsoft ops (their gradient code is default-domain ops).
+pub const MICROSOFT_RULES: &[(&str, Rule)] = &[
+    // s = x + skip (+ bias), y = RMSNorm(s)·γ, output 3 = s:
+    // ds = RMSNorm'(g_y) + g_s; dx = unb(ds), dskip = unb(ds), dγ = unb(g_y·ŝ), dbias = unb(ds)
+    (
+        "SkipSimplifiedLayerNormalization",
+        skip_simplified_layer_norm,
+    ),
+    // Y = A·Wᵀ (+ bias), W [N, K] = (q - zero point)·scale per block of K:
+    // dA = g·W (W dequantized once, at build time, into a constant)
+    ("MatMulNBits", matmul_nbits),
+    ("SimplifiedLayerNormalization", simplified_layer_norm),
+];
+
+/// com.microsoft ops known to lie on adapter paths that have no rule yet, and why.
+pub const UNSUPPORTED: &[(&str, &str)] = &[(
+    "GroupQueryAttention",
+    "its gradient (fused rotary attention with a KV cache) is not written yet; adapt only layers after the last attention (e.g. --target-names 'mlp')",
+)];
+
+/// The rule of `node`'s op (default or com.microsoft domain).
 pub fn rule(node: &Node) -> Option<Rule> {
-    if !matches!(node.domain(), "" | "ai.onnx") {
-        return None;
-    }
-    RULES
+    let table = match node.domain() {
+        "" | "ai.onnx" => RULES,
+        "com.microsoft" => MICROSOFT_RULES,
+        _ => return None,
+    };
+    table
         .iter()
         .find(|(op, _)| *op == node.op())
         .map(|(_, r)| *r)
@@ -739,4 +768,161 @@ fn layer_norm(
         out[2] = Some(e.unbroadcast(g, &s)?);
     }
     Ok(out)
+}
+
+fn gather(
+    e: &mut Emit,
+    n: &Node,
+    g: &[Option<ValueId>],
+    _: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
+    let (x, idx, g) = (n.inputs[0].unwrap(), n.inputs[1].unwrap(), g[0].unwrap());
+    let xs = e.shape(x)?;
+    let axis = norm_axis(n.attr_int("axis", 0), xs.len());
+    let count: usize = e.shape(idx)?.iter().product();
+    let (p, len, q): (usize, usize, usize) = (
+        xs[..axis].iter().product(),
+        xs[axis],
+        xs[axis + 1..].iter().product(),
+    );
+    // Indices as int64 [1, M], negative ones wrapped.
+    let flat = e.reshape(idx, &[1, count])?;
+    let flat = e.op(
+        "Cast",
+        &[flat],
+        vec![int_attr("to", DataType::Int64 as i64)],
+        vec![1, count],
+    )?;
+    let zero = e.ints(&[0]);
+    let negative = e.op("Less", &[flat, zero], vec![], vec![1, count])?;
+    let size = e.ints(&[len as i64]);
+    let wrapped = e.op("Add", &[flat, size], vec![], vec![1, count])?;
+    let flat = e.op("Where", &[negative, wrapped, flat], vec![], vec![1, count])?;
+    // One-hot [N, M]: row n marks the positions that read x[.., n, ..].
+    let rows: Vec<i64> = (0..len as i64).collect();
+    let rows = e.ints(&rows);
+    let rows = e.reshape(rows, &[len, 1])?;
+    let hit = e.op("Equal", &[rows, flat], vec![], vec![len, count])?;
+    let one_hot = e.mask(hit)?;
+    let g3 = e.reshape(g, &[p, count, q])?;
+    let d = e.op("MatMul", &[one_hot, g3], vec![], vec![p, len, q])?;
+    Ok(vec![Some(e.reshape(d, &xs)?), None])
+}
+
+/// RMS norm backward over the trailing `axes` from `axis`: returns `(dx, x̂)`.
+fn rms_norm_back(
+    e: &mut Emit,
+    x: ValueId,
+    g: ValueId,
+    scale: ValueId,
+    axis: i64,
+    eps: f64,
+) -> Result<(ValueId, ValueId)> {
+    let xs = e.shape(x)?;
+    let rank = xs.len();
+    let axes: Vec<usize> = (norm_axis(axis, rank)..rank).collect();
+    let count: usize = axes.iter().map(|&a| xs[a]).product();
+    let inv_n = e.scalar(1.0 / count as f64);
+    // r = 1/√(mean(x²) + ε), recomputed.
+    let sq = e.bin("Mul", x, x)?;
+    let ss = e.reduce_sum(sq, &axes, true)?;
+    let ms = e.bin("Mul", ss, inv_n)?;
+    let epsv = e.scalar(eps);
+    let me = e.bin("Add", ms, epsv)?;
+    let sd = e.un("Sqrt", me)?;
+    let r = e.un("Reciprocal", sd)?;
+    let xh = e.bin("Mul", x, r)?;
+    let gh = e.bin("Mul", g, scale)?;
+    let ghx = e.bin("Mul", gh, xh)?;
+    let m2s = e.reduce_sum(ghx, &axes, true)?;
+    let m2 = e.bin("Mul", m2s, inv_n)?;
+    let b = e.bin("Mul", xh, m2)?;
+    let ab = e.bin("Sub", gh, b)?;
+    Ok((e.bin("Mul", ab, r)?, xh))
+}
+
+fn simplified_layer_norm(
+    e: &mut Emit,
+    n: &Node,
+    g: &[Option<ValueId>],
+    w: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
+    let (x, scale) = (n.inputs[0].unwrap(), n.inputs[1].unwrap());
+    let eps = n.attr_float("epsilon", 1e-5) as f64;
+    let (dx, xh) = rms_norm_back(e, x, g[0].unwrap(), scale, n.attr_int("axis", -1), eps)?;
+    let mut out = vec![w[0].then_some(dx), None];
+    if w.get(1).copied().unwrap_or(false) {
+        let gx = e.bin("Mul", g[0].unwrap(), xh)?;
+        let s = e.shape(scale)?;
+        out[1] = Some(e.unbroadcast(gx, &s)?);
+    }
+    Ok(out)
+}
+
+fn skip_simplified_layer_norm(
+    e: &mut Emit,
+    n: &Node,
+    g: &[Option<ValueId>],
+    w: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
+    let input = |i: usize| n.inputs.get(i).copied().flatten();
+    let (x, skip, gamma) = (input(0).unwrap(), input(1).unwrap(), input(2).unwrap());
+    let eps = n.attr_float("epsilon", 1e-5) as f64;
+    // s = x + skip (+ bias), recomputed.
+    let mut s = e.bin("Add", x, skip)?;
+    if let Some(bias) = input(3) {
+        s = e.bin("Add", s, bias)?;
+    }
+    let mut out = vec![None; n.inputs.len()];
+    let (mut ds, mut xh) = (None, None);
+    if let Some(gy) = g.first().copied().flatten() {
+        let (d, h) = rms_norm_back(e, s, gy, gamma, -1, eps)?;
+        (ds, xh) = (Some(d), Some(h));
+    }
+    if let Some(gs) = g.get(3).copied().flatten() {
+        ds = Some(match ds {
+            Some(d) => e.bin("Add", d, gs)?,
+            None => gs,
+        });
+    }
+    for (slot, v) in [(0, Some(x)), (1, Some(skip)), (3, input(3))] {
+        if let (Some(v), Some(ds), true) = (v, ds, w.get(slot).copied().unwrap_or(false)) {
+            let shape = e.shape(v)?;
+            out[slot] = Some(e.unbroadcast(ds, &shape)?);
+        }
+    }
+    if let (Some(xh), Some(gy), true) = (xh, g[0], w[2]) {
+        let gx = e.bin("Mul", gy, xh)?;
+        let shape = e.shape(gamma)?;
+        out[2] = Some(e.unbroadcast(gx, &shape)?);
+    }
+    Ok(out)
+}
+
+fn matmul_nbits(
+    e: &mut Emit,
+    n: &Node,
+    g: &[Option<ValueId>],
+    w: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
+    if w.iter().skip(1).any(|&w| w) {
+        return Err(Error::Graph(
+            "only the activation input of MatMulNBits gets a gradient (its weight is frozen)"
+                .into(),
+        ));
+    }
+    let a = n.inputs[0].unwrap();
+    let weight = crate::quant::dequantize_nbits(e.graph, n).map_err(Error::Graph)?;
+    let (big_n, k) = weight.dim();
+    let weight = crate::tensor::Array::from_f32(weight.into_dyn(), e.dtype)
+        .ok_or_else(|| Error::Graph("MatMulNBits: a non-float activation".into()))?;
+    let name = format!("{}/weight", e.prefix);
+    let wv = e
+        .graph
+        .add_initializer(&name, crate::ir::Initializer::from_array(&weight)?);
+    e.shapes.insert(wv, vec![big_n, k]);
+    let mut shape = e.shape(a)?;
+    *shape.last_mut().expect("rank >= 1") = k;
+    let d = e.op("MatMul", &[g[0].unwrap(), wv], vec![], shape)?;
+    Ok(vec![Some(d)])
 }

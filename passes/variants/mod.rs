@@ -152,6 +152,17 @@ pub trait Variant: Sync {
         false
     }
 
+    /// Bytes [`Variant::init`] holds at once for one layer (the weight and its copies),
+    /// so that initialising layers in parallel stays within a memory budget.
+    fn working_set(&self, dims: Dims, _cfg: &Config) -> usize {
+        if self.reads_weight() {
+            // The f32 weight as read, and its rewritten copy.
+            8 * dims.d_in * dims.d_out
+        } else {
+            0
+        }
+    }
+
     /// Weight-reading init, after [`init_params`]: `w` is the effective weight in torch
     /// layout `[d_out, d_in]`, f32. Returns the replacement weight when the variant
     /// rewrites it (PiSSA's `W_res`). `round` rounds a tensor to the adapter dtype.

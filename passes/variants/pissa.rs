@@ -41,6 +41,16 @@ impl Variant for Pissa {
         true
     }
 
+    // The f32 weight and W_res, plus the exact SVD's f64 copy, factors and workspace
+    // (about 4 matrices of f64), or the sketches of the randomized one (small).
+    fn working_set(&self, d: Dims, cfg: &Config) -> usize {
+        let n = d.d_in * d.d_out;
+        match cfg.pissa_niter {
+            None => 8 * n + 32 * n,
+            Some(_) => 8 * n + 8 * n,
+        }
+    }
+
     // S' = S_r / s;  B = U_r diag(√S');  A = diag(√S') V_rᵀ;  W_res = W − s·B A
     // (W_res from A and B as rounded to the adapter dtype, as lora-lite does).
     fn init(
@@ -51,10 +61,9 @@ impl Variant for Pissa {
         rng: &mut Rng,
         round: &dyn Fn(&mut ArrayD<f32>),
     ) -> Result<Option<Array2<f32>>> {
-        let w64 = w.mapv(f64::from);
         let svd = match cfg.pissa_niter {
-            None => linalg::svd_exact(&w64, cfg.r)?,
-            Some(niter) => linalg::svd_lowrank(&w64, cfg.r, niter, None, rng)?,
+            None => linalg::svd_exact(w, cfg.r)?,
+            Some(niter) => linalg::svd_lowrank(w, cfg.r, niter, None, rng)?,
         };
         let (a, b) = factors(&svd, cfg.scale());
         let (mut a, mut b) = (
@@ -65,7 +74,9 @@ impl Variant for Pissa {
         round(&mut b);
         p.insert("lora_A", a);
         p.insert("lora_B", b);
-        let w_res = w - &Lora.delta_w(p, cfg);
+        // In place on a copy of `w`, which keeps its memory layout (the stored one).
+        let mut w_res = w.clone();
+        w_res -= &Lora.delta_w(p, cfg);
         Ok(Some(w_res))
     }
 

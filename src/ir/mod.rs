@@ -136,6 +136,23 @@ impl Initializer {
         }
     }
 
+    /// Drops the pages of memory-mapped bytes from the resident set once a pass has
+    /// read them (the page cache keeps them; a later read faults them back in), so
+    /// reading every weight of a large model once costs one weight of memory.
+    pub fn release_pages(&self) {
+        if let Some(ext) = &self.external {
+            // SAFETY: the mapping is read-only and file-backed: DONTNEED only drops
+            // resident pages, and a later access re-reads the same bytes from the file.
+            let _ = unsafe {
+                ext.file.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    ext.offset,
+                    ext.length,
+                )
+            };
+        }
+    }
+
     /// The tensor's dims.
     pub fn dims(&self) -> &[i64] {
         &self.proto.dims

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Time `lora-graft train` against PyTorch eager + PEFT: LoRA r 16 alpha 32 on q/k/v/o_proj,
+# AdamW lr 1e-4, grad-norm clip 1.0, fp32, causal-LM loss, same model, data and threads.
+#
+#   benches/train_bench.sh [OUT_DIR]          (default /tmp/lora-graft-train-bench)
+#   LAYERS=1 HIDDEN=64 VOCAB=512 STEPS=3 SEQ=16 BATCH=2 benches/train_bench.sh /tmp/lg_tiny
+#
+# Model: a random Llama (LAYERS 4, HIDDEN 512, HEADS 8, INTERMEDIATE 1376, VOCAB 8192),
+# written to OUT_DIR by make_train_bench_model.py if OUT_DIR/model.onnx is absent (delete
+# OUT_DIR after changing these). Data (STEPS x BATCH rows of SEQ random ids) is rewritten
+# every run. Training: STEPS 20, BATCH 8, SEQ 128, THREADS (default nproc) for both tools;
+# ATTN (sdpa or eager) picks PyTorch's attention kernel. BIN is copied to OUT_DIR first
+# so a rebuild during the run does not matter. Each tool runs once.
+#
+# Columns: steps/s (steady) = steps 2..N (lora-graft: from the tokens_per_s of its
+# metrics file; PyTorch: timed per step); first step s; train s = the N steps; wall s and
+# peak RSS = the whole process (/usr/bin/time -v: imports, model load, graph build, save).
+set -uo pipefail
+
+HERE="$(cd "$(dirname "$0")" && pwd)"
+ROOT="$(dirname "$HERE")"
+BIN="${BIN:-$ROOT/target/release/lora-graft}"
+OUT="${1:-/tmp/lora-graft-train-bench}"
+STEPS="${STEPS:-20}" BATCH="${BATCH:-8}" SEQ="${SEQ:-128}" THREADS="${THREADS:-$(nproc)}"
+R=16 ALPHA=32 LR=1e-4 CLIP=1.0
+TIME=/usr/bin/time
+
+[ -x "$BIN" ] || { echo "missing $BIN (build it with cargo build --release)" >&2; exit 1; }
+[ -x "$TIME" ] || { echo "missing $TIME (apt-get install -y time)" >&2; exit 1; }
+
+MODEL="$OUT/model.onnx"
+if [ ! -f "$MODEL" ] || [ ! -f "$MODEL.data" ] || [ ! -d "$OUT/hf" ]; then
+    python3 "$HERE/make_train_bench_model.py" "$OUT" --seq "$SEQ" --rows $((STEPS * BATCH)) || exit 1
+else
+    python3 "$HERE/make_train_bench_model.py" "$OUT" --data-only --seq "$SEQ" --rows $((STEPS * BATCH)) || exit 1
+fi
+LOGS="$OUT/logs"
+mkdir -p "$LOGS"
+cp "$BIN" "$OUT/lora-graft"
+
+echo "machine: nproc $(nproc); $(free -m | awk '/^Mem:/ {print "mem total " $2 " MB, available " $7 " MB"}')"
+echo "model: $MODEL ($(du -m "$MODEL.data" | cut -f1) MB data); $(python3 -c "import json,sys; c=json.load(open(sys.argv[1]))
+print(f\"{c['num_hidden_layers']} layers, hidden {c['hidden_size']}, {c['num_attention_heads']} heads, intermediate {c['intermediate_size']}, vocab {c['vocab_size']}\")" "$OUT/hf/config.json")"
+echo "binary: $BIN ($(stat -c '%y' "$BIN" | cut -d. -f1))"
+echo "run: $STEPS steps x batch $BATCH x seq $SEQ, $THREADS threads, r $R alpha $ALPHA lr $LR grad-clip $CLIP"
+
+wall_s() {  # "Elapsed (wall clock) time (h:mm:ss or m:ss): 1:02.34" -> seconds
+    awk -F': ' '/Elapsed \(wall clock\)/ {
+        n = split($2, p, ":"); s = 0; for (i = 1; i <= n; i++) s = s * 60 + p[i]; printf "%.2f", s }' "$1"
+}
+rss_mb() { awk -F': ' '/Maximum resident set size/ { printf "%.0f", $2 / 1024 }' "$1"; }
+status() { awk -F': ' '/Exit status/ { print $2 }' "$1"; }
+
+# run NAME CMD...: time CMD with /usr/bin/time -v; stdout in $LOGS/NAME.out, the rest in NAME.log
+run() {
+    local name="$1"; shift
+    echo "== $name: $*" >&2
+    "$TIME" -v -o "$LOGS/$name.time" "$@" > "$LOGS/$name.out" 2> "$LOGS/$name.log"
+    if [ "$(status "$LOGS/$name.time")" != 0 ]; then
+        echo "   FAILED (exit $(status "$LOGS/$name.time")); last lines of $LOGS/$name.log:" >&2
+        tail -5 "$LOGS/$name.log" >&2
+        exit 1
+    fi
+    echo "   wall $(wall_s "$LOGS/$name.time") s, peak RSS $(rss_mb "$LOGS/$name.time") MB" >&2
+}
+
+ADAPTER="$OUT/adapter.safetensors"
+rm -f "$OUT"/adapter.*
+run lora_graft "$OUT/lora-graft" train "$MODEL" --variant lora -r $R --alpha $ALPHA \
+    --target-names 'q_proj|k_proj|v_proj|o_proj' --data "$OUT/data.jsonl" --steps "$STEPS" \
+    --batch "$BATCH" --seq "$SEQ" --lr $LR --grad-clip $CLIP --threads "$THREADS" -o "$ADAPTER" --quiet
+OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" \
+    run pytorch python3 "$HERE/train_bench_torch.py" "$OUT" --steps "$STEPS" --batch "$BATCH" \
+    --seq "$SEQ" --threads "$THREADS" --r $R --alpha $ALPHA --lr $LR --grad-clip $CLIP
+
+# lora-graft's metrics line k holds tokens_per_s = k * BATCH * (SEQ - 1) / (seconds since
+# the training loop began), so step k ended at k * BATCH * (SEQ - 1) / tokens_per_s.
+echo
+python3 - "$ADAPTER" "$LOGS/pytorch.out" "$BATCH" "$SEQ" \
+    "$(wall_s "$LOGS/lora_graft.time")" "$(rss_mb "$LOGS/lora_graft.time")" \
+    "$(wall_s "$LOGS/pytorch.time")" "$(rss_mb "$LOGS/pytorch.time")" <<'EOF'
+import json, sys
+adapter, torch_out, batch, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+lg_wall, lg_rss, pt_wall, pt_rss = map(float, sys.argv[5:9])
+lines = [json.loads(l) for l in open(adapter.removesuffix(".safetensors") + ".metrics.jsonl")]
+ends = [m["step"] * batch * (seq - 1) / m["tokens_per_s"] for m in lines]
+n = len(ends)
+lg = dict(steady=(n - 1) / (ends[-1] - ends[0]) if n > 1 else None, first=ends[0], train=ends[-1],
+          wall=lg_wall, rss=lg_rss, loss=lines[0]["loss"], last=lines[-1]["loss"])
+t = json.loads(open(torch_out).read().strip().splitlines()[-1])
+pt = dict(steady=t["steady_steps_per_s"], first=t["first_step_s"], train=t["train_s"],
+          wall=pt_wall, rss=pt_rss, loss=t["loss_first"], last=t["loss_last"])
+f = lambda v, fmt: "-" if v is None else format(v, fmt)
+print(f"{'tool':22s} {'steps/s':>8s} {'first s':>8s} {'train s':>8s} {'wall s':>8s} {'RSS MB':>7s}"
+      f" {'loss 1':>9s} {'loss N':>9s}")
+for name, r in ((f"lora-graft", lg), (f"pytorch+peft ({t['attn']})", pt)):
+    print(f"{name:22s} {f(r['steady'], '8.3f')} {r['first']:8.2f} {r['train']:8.2f} {r['wall']:8.2f}"
+          f" {r['rss']:7.0f} {r['loss']:9.5f} {r['last']:9.5f}")
+ratio = lambda k: None if lg[k] is None or not pt[k] else lg[k] / pt[k]
+print(f"{'lora-graft / pytorch':22s} {f(ratio('steady'), '8.3f')} {f(ratio('first'), '8.3f')}"
+      f" {f(ratio('train'), '8.3f')} {f(ratio('wall'), '8.3f')} {f(ratio('rss'), '7.3f')}")
+print(f"(torch {t['torch']}, {t['threads']} threads, {t['trainable_params']} trainable params;"
+      f" loss 1 should agree: same weights and batch, B = 0)")
+EOF
+echo "(logs: $LOGS)"
