@@ -10,7 +10,9 @@
 # OUT_DIR after changing these). Data (STEPS x BATCH rows of SEQ random ids) is rewritten
 # every run. Training: STEPS 20, BATCH 8, SEQ 128, THREADS (default nproc) for both tools;
 # ATTN (sdpa or eager) picks PyTorch's attention kernel. BIN is copied to OUT_DIR first
-# so a rebuild during the run does not matter. Each tool runs once.
+# so a rebuild during the run does not matter. Each tool runs once. lora-graft runs
+# data-parallel workers on a divisor of BATCH (THREADS 6, BATCH 8: 4 workers); PyTorch
+# uses THREADS intra-op threads.
 #
 # Columns: steps/s (steady) = steps 2..N (lora-graft: from the tokens_per_s of its
 # metrics file; PyTorch: timed per step); first step s; train s = the N steps; wall s and

@@ -663,7 +663,8 @@ pub struct Training {
     pub classes: Option<usize>,
 }
 
-/// Concrete shapes of the model's inputs: symbolic dims become `batch`, then `seq`.
+/// Concrete shapes of the model's inputs: symbolic dims become `batch`, then `seq`;
+/// a KV cache's `past_*` length is 0 and a `total_*` length is `seq`.
 pub fn input_shapes(
     model: &Model,
     batch: usize,
@@ -693,6 +694,9 @@ pub fn input_shapes(
         for d in dims {
             shape.push(match &d.value {
                 Some(Dim::DimValue(v)) => *v as usize,
+                // A KV cache is empty in training: past length 0, total = the sequence.
+                Some(Dim::DimParam(p)) if p.contains("past") => 0,
+                Some(Dim::DimParam(p)) if p.contains("total") => seq,
                 Some(Dim::DimParam(p)) => {
                     if !symbols.contains(p) {
                         symbols.push(p.clone());
@@ -772,11 +776,13 @@ pub fn training_graph(mut model: Model, req: &TrainingRequest) -> Result<Trainin
         .map(|o| (o.value, o.info.clone()))
         .collect();
     let loss = {
+        let dtypes = grad::value_dtypes(&model.graph)?;
         let mut e = grad::Emit {
             graph: &mut model.graph,
             opset,
             shapes: Default::default(),
             dtype,
+            dtypes,
             prefix: "loss".into(),
         };
         for v in e.graph.value_ids().collect::<Vec<_>>() {

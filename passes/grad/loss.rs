@@ -40,10 +40,31 @@ impl Loss {
     }
 }
 
-/// Adds the label input and the loss nodes over `output`; returns the scalar loss.
+/// Adds the label input and the loss nodes over `output`; returns the scalar loss,
+/// computed in float32 (float64 for a float64 output; a float16 or bfloat16 output is
+/// cast up first).
 pub fn build(e: &mut Emit, loss: Loss, output: ValueId) -> Result<ValueId> {
     let shape = e.shape(output)?;
     e.prefix = "loss".into();
+    let double = DataType::Double as i32;
+    let out_type = e.dtypes.get(&output).copied().unwrap_or(e.dtype);
+    e.dtype = if out_type == double {
+        double
+    } else {
+        DataType::Float as i32
+    };
+    let output = if out_type != e.dtype && e.dtypes.contains_key(&output) {
+        let cast = e.op(
+            "Cast",
+            &[output],
+            vec![int_attr("to", e.dtype as i64)],
+            shape.clone(),
+        )?;
+        e.dtypes.insert(cast, e.dtype);
+        cast
+    } else {
+        output
+    };
     let label_shape: Vec<usize> = match loss {
         Loss::CausalLm if shape.len() == 3 => shape[..2].to_vec(),
         Loss::Class if shape.len() == 2 => shape[..1].to_vec(),

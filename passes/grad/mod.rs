@@ -41,8 +41,11 @@ pub struct Emit<'g> {
     pub opset: i64,
     /// Static shapes, by value (forward values from tract, gradient values as made).
     pub shapes: HashMap<ValueId, Vec<usize>>,
-    /// Element type of gradients (the float type of the path).
+    /// Element type of the gradients being made (the float type of the node being
+    /// differentiated: a gradient has its value's type).
     pub dtype: i32,
+    /// Element types of the forward values (see [`value_dtypes`]).
+    pub dtypes: HashMap<ValueId, i32>,
     /// Node name prefix of the node being differentiated.
     pub prefix: String,
 }
@@ -275,11 +278,14 @@ pub fn run(
         .filter(|&id| graph.node(id).outputs.iter().flatten().any(|&o| on_path(o)))
         .collect();
 
+    let dtypes = value_dtypes(graph)?;
+    let loss_dtype = dtypes.get(&loss).copied().unwrap_or(dtype);
     let mut emit = Emit {
         graph,
         opset,
         shapes: by_id,
-        dtype,
+        dtype: loss_dtype,
+        dtypes,
         prefix: "grad".into(),
     };
     let mut grads: HashMap<ValueId, ValueId> = HashMap::new();
@@ -310,6 +316,10 @@ pub fn run(
                 }
             },
         })?;
+        // Gradients made for this node have its output's type.
+        if let Some(&t) = node.outputs[0].and_then(|o| emit.dtypes.get(&o)) {
+            emit.dtype = t;
+        }
         emit.prefix = format!(
             "grad/{}",
             if node.name().is_empty() {
@@ -343,7 +353,7 @@ pub fn run(
 
     // Trainable initializers become inputs; gradients and the loss become outputs.
     let graph = emit.graph;
-    graph_output(graph, loss, "loss", dtype, &[])?;
+    graph_output(graph, loss, "loss", loss_dtype, &[])?;
     let mut gradients = Vec::new();
     for &t in trainable {
         let name = graph.value(t).name.clone();
@@ -356,6 +366,7 @@ pub fn run(
                     opset,
                     shapes: HashMap::from([(t, shape.clone())]),
                     dtype,
+                    dtypes: HashMap::new(),
                     prefix: format!("grad/{name}"),
                 };
                 let z = e.zeros(&shape)?;
@@ -378,6 +389,47 @@ pub fn run(
         gradients,
         differentiated: path.len(),
     })
+}
+
+/// The element type of every value, propagated from the initializers and the graph
+/// inputs: a Cast gives its `to`, comparisons give bool, Shape and the like int64, and
+/// any other op the type of its first typed input (enough for the float values on a
+/// gradient path, whose types ONNX requires to agree).
+pub fn value_dtypes(graph: &Graph) -> Result<HashMap<ValueId, i32>> {
+    use crate::proto::tensor_proto::DataType as D;
+    let mut types: HashMap<ValueId, i32> = HashMap::new();
+    for (v, init) in graph.initializers() {
+        types.insert(v, init.elem_type());
+    }
+    for io in &graph.inputs {
+        if let Some(crate::proto::type_proto::Value::TensorType(t)) =
+            io.info.r#type.as_ref().and_then(|t| t.value.as_ref())
+        {
+            types.insert(io.value, t.elem_type());
+        }
+    }
+    for id in graph.topological_order()? {
+        let node = graph.node(id);
+        let first = node
+            .inputs
+            .iter()
+            .flatten()
+            .find_map(|i| types.get(i).copied());
+        let ty = match node.op() {
+            "Cast" => Some(node.attr_int("to", 1) as i32),
+            "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "Not" | "And"
+            | "Or" | "Xor" | "IsNaN" | "IsInf" => Some(D::Bool as i32),
+            "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" => Some(D::Int64 as i32),
+            "ConstantOfShape" | "Constant" => None,
+            _ => first,
+        };
+        for &o in node.outputs.iter().flatten() {
+            if let Some(t) = ty {
+                types.entry(o).or_insert(t);
+            }
+        }
+    }
+    Ok(types)
 }
 
 /// A tensor type proto of `dtype` and static `shape`.

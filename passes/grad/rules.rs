@@ -269,9 +269,10 @@ fn norm_axis(axis: i64, rank: usize) -> usize {
 }
 
 fn value_dtype(e: &Emit, v: ValueId) -> i32 {
-    e.graph
-        .initializer(v)
-        .map(|i| i.elem_type())
+    e.dtypes
+        .get(&v)
+        .copied()
+        .or_else(|| e.graph.initializer(v).map(|i| i.elem_type()))
         .unwrap_or(e.dtype)
 }
 
