@@ -647,6 +647,25 @@ pub struct TrainingRequest {
     pub keep_outputs: bool,
 }
 
+impl TrainingRequest {
+    /// A request for the loss over the model's first output, without the model outputs.
+    pub fn new(
+        graft: GraftRequest,
+        loss: crate::passes::grad::loss::Loss,
+        batch: usize,
+        seq: usize,
+    ) -> TrainingRequest {
+        TrainingRequest {
+            graft,
+            loss,
+            batch,
+            seq,
+            output: None,
+            keep_outputs: false,
+        }
+    }
+}
+
 /// A training graph, made.
 pub struct Training {
     /// The training model (trainable tensors are inputs).

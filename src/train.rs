@@ -98,6 +98,35 @@ pub struct TrainOptions {
     pub quiet: bool,
 }
 
+impl TrainOptions {
+    /// The CLI's defaults: 100 steps at lr 1e-4, AdamW weight decay 0.01, constant
+    /// schedule, no warmup, gradient norm clipped to 1, every core, checkpoints only at
+    /// the end.
+    pub fn new(training: TrainingRequest, data: PathBuf, output: PathBuf) -> TrainOptions {
+        TrainOptions {
+            training,
+            data,
+            tokenizer: None,
+            eval: None,
+            steps: 100,
+            lr: 1e-4,
+            weight_decay: 0.01,
+            warmup: 0,
+            schedule: Schedule::Constant,
+            grad_clip: 1.0,
+            seed: 0,
+            save_every: 0,
+            resume: None,
+            output,
+            emit_model: None,
+            threads: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            quiet: false,
+        }
+    }
+}
+
 pub use crate::data::Row;
 
 /// The vocabulary size: rows of the token-embedding initializer, when there is one.

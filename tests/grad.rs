@@ -16,23 +16,7 @@ use lora_graft::Model;
 use tract_core::ndarray::{ArrayD, IxDyn};
 
 fn training(name: &str, variant: &str, loss: Loss, batch: usize, seq: usize) -> Training {
-    let req = TrainingRequest {
-        graft: GraftRequest {
-            variant: variant.into(),
-            cfg: Config {
-                r: 2,
-                alpha: 4.0,
-                alpha_json: "4".into(),
-                ..Config::default()
-            },
-            ..GraftRequest::default()
-        },
-        loss,
-        batch,
-        seq,
-        output: None,
-        keep_outputs: false,
-    };
+    let req = TrainingRequest::new(common::request_r(variant, 2, 4.0), loss, batch, seq);
     pipeline::training_graph(Model::load(&fixture(name)).unwrap(), &req)
         .unwrap_or_else(|e| panic!("{name} {variant}: {e}"))
 }

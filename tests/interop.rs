@@ -7,8 +7,7 @@ mod common;
 use common::{fixture, perturb, reference, run_tract, FIXTURES};
 use lora_graft::model::SaveOptions;
 use lora_graft::passes::merge::PissaBase;
-use lora_graft::passes::variants::Config;
-use lora_graft::pipeline::{self, AdapterOverrides, GraftRequest, LoadedAdapter};
+use lora_graft::pipeline::{self, AdapterOverrides, LoadedAdapter};
 use lora_graft::Model;
 
 #[test]
@@ -19,16 +18,7 @@ fn grafted_models_run_in_onnx_runtime_as_in_tract() {
         let (inputs, reference_outputs) = reference(name);
         for variant in ["lora", "pissa", "delora"] {
             let mut model = Model::load(&fixture(name)).unwrap();
-            let req = GraftRequest {
-                variant: variant.into(),
-                cfg: Config {
-                    r: 4,
-                    alpha: 8.0,
-                    alpha_json: "8".into(),
-                    ..Config::default()
-                },
-                ..GraftRequest::default()
-            };
+            let req = common::request(variant);
             let quantized = *name == "genai_int4";
             let mut outcome = match pipeline::graft(&mut model, &req) {
                 Ok(o) => o,

@@ -9,50 +9,30 @@ use std::sync::Arc;
 use common::{fixture, reference};
 use lora_graft::adapter::AdapterFile;
 use lora_graft::passes::grad::loss::Loss;
-use lora_graft::passes::variants::Config;
-use lora_graft::pipeline::{GraftRequest, TrainingRequest};
-use lora_graft::train::{self, AdamW, Engine, Row, Schedule, TrainOptions};
+use lora_graft::pipeline::TrainingRequest;
+use lora_graft::train::{self, AdamW, Engine, Row, TrainOptions};
 use lora_graft::Model;
 
 fn request(variant: &str, r: usize, alpha: f64, batch: usize, seq: usize) -> TrainingRequest {
-    TrainingRequest {
-        graft: GraftRequest {
-            variant: variant.into(),
-            cfg: Config {
-                r,
-                alpha,
-                alpha_json: format!("{alpha}"),
-                ..Config::default()
-            },
-            ..GraftRequest::default()
-        },
-        loss: Loss::CausalLm,
+    TrainingRequest::new(
+        common::request_r(variant, r, alpha),
+        Loss::CausalLm,
         batch,
         seq,
-        output: None,
-        keep_outputs: false,
-    }
+    )
 }
 
 fn options(variant: &str, steps: usize, out: &std::path::Path) -> TrainOptions {
     TrainOptions {
-        training: request(variant, 8, 16.0, 8, 32),
-        data: common::root().join("fixtures/corpus.jsonl"),
-        tokenizer: None,
-        eval: None,
         steps,
         lr: 1e-2,
-        weight_decay: 0.01,
-        warmup: 0,
-        schedule: Schedule::Constant,
-        grad_clip: 1.0,
-        seed: 0,
-        save_every: 0,
-        resume: None,
-        output: out.to_path_buf(),
-        emit_model: None,
         threads: 2,
         quiet: true,
+        ..TrainOptions::new(
+            request(variant, 8, 16.0, 8, 32),
+            common::root().join("fixtures/corpus.jsonl"),
+            out.to_path_buf(),
+        )
     }
 }
 

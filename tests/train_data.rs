@@ -9,31 +9,14 @@ use std::sync::Arc;
 use common::fixture;
 use lora_graft::data::{self, Source, Tokenizer};
 use lora_graft::passes::grad::loss::Loss;
-use lora_graft::passes::variants::Config;
-use lora_graft::pipeline::{GraftRequest, TrainingRequest};
+use lora_graft::pipeline::TrainingRequest;
 use lora_graft::rng::Rng;
 use lora_graft::tensor::Array;
-use lora_graft::train::{self, Engine, Schedule, TrainOptions};
+use lora_graft::train::{self, Engine, TrainOptions};
 use lora_graft::Model;
 
 fn request(variant: &str, loss: Loss, batch: usize, seq: usize) -> TrainingRequest {
-    TrainingRequest {
-        graft: GraftRequest {
-            variant: variant.into(),
-            cfg: Config {
-                r: 4,
-                alpha: 8.0,
-                alpha_json: "8".into(),
-                ..Config::default()
-            },
-            ..GraftRequest::default()
-        },
-        loss,
-        batch,
-        seq,
-        output: None,
-        keep_outputs: false,
-    }
+    TrainingRequest::new(common::request(variant), loss, batch, seq)
 }
 
 fn source<'a>(path: &'a std::path::Path, tok: Option<&'a Tokenizer>) -> Source<'a> {
@@ -104,23 +87,12 @@ fn handmade_examples(n: usize, seed: u64) -> String {
 
 fn options(loss: Loss, data: std::path::PathBuf, out: std::path::PathBuf) -> TrainOptions {
     TrainOptions {
-        training: request("lora", loss, 8, 1),
-        data,
-        tokenizer: None,
-        eval: None,
         steps: 150,
         lr: 2e-2,
         weight_decay: 0.0,
-        warmup: 0,
-        schedule: Schedule::Constant,
-        grad_clip: 1.0,
-        seed: 0,
-        save_every: 0,
-        resume: None,
-        output: out,
-        emit_model: None,
         threads: 2,
         quiet: true,
+        ..TrainOptions::new(request("lora", loss, 8, 1), data, out)
     }
 }
 

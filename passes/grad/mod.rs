@@ -392,8 +392,8 @@ pub fn run(
 }
 
 /// The element type of every value, propagated from the initializers and the graph
-/// inputs: a Cast gives its `to`, comparisons give bool, Shape and the like int64, and
-/// any other op the type of its first typed input (enough for the float values on a
+/// inputs: a Cast gives its `to`, comparisons give bool, Shape and the like int64, Where
+/// its second input's type, and any other op the type of its first typed input (enough for the float values on a
 /// gradient path, whose types ONNX requires to agree).
 pub fn value_dtypes(graph: &Graph) -> Result<HashMap<ValueId, i32>> {
     use crate::proto::tensor_proto::DataType as D;
@@ -410,12 +410,16 @@ pub fn value_dtypes(graph: &Graph) -> Result<HashMap<ValueId, i32>> {
     }
     for id in graph.topological_order()? {
         let node = graph.node(id);
-        let first = node
-            .inputs
-            .iter()
-            .flatten()
-            .find_map(|i| types.get(i).copied());
+        let typed = |i: usize| {
+            node.inputs
+                .get(i)
+                .copied()
+                .flatten()
+                .and_then(|v| types.get(&v).copied())
+        };
+        let first = typed(0).or_else(|| (1..node.inputs.len()).find_map(typed));
         let ty = match node.op() {
+            "Where" => typed(1),
             "Cast" => Some(node.attr_int("to", 1) as i32),
             "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "Not" | "And"
             | "Or" | "Xor" | "IsNaN" | "IsInf" => Some(D::Bool as i32),

@@ -247,12 +247,17 @@ pub fn run_interop(dir: &std::path::Path, manifest: &[serde_json::Value]) {
 
 /// The request the graft tests use: r = 4, alpha = 8 (s = 2).
 pub fn request(variant: &str) -> lora_graft::pipeline::GraftRequest {
+    request_r(variant, 4, 8.0)
+}
+
+/// A graft request of rank `r` and `alpha`.
+pub fn request_r(variant: &str, r: usize, alpha: f64) -> lora_graft::pipeline::GraftRequest {
     lora_graft::pipeline::GraftRequest {
         variant: variant.into(),
         cfg: lora_graft::passes::variants::Config {
-            r: 4,
-            alpha: 8.0,
-            alpha_json: "8".into(),
+            r,
+            alpha,
+            alpha_json: format!("{alpha}"),
             ..Default::default()
         },
         ..Default::default()
