@@ -723,7 +723,7 @@ pub fn input_shapes(
                     match symbols.iter().position(|s| s == p) {
                         Some(0) => batch,
                         Some(1) => seq,
-                        _ => return Err(Error::Usage(format!("input '{name}' has a third symbolic dim '{p}'; only batch and sequence are supported"))),
+                        _ => return Err(Error::Usage(format!("input '{name}' has a third symbolic dim '{p}': only batch, sequence and a KV cache's past_*/total_* lengths get sizes; export the model with '{p}' fixed"))),
                     }
                 }
                 None => return Err(Error::Usage(format!("input '{name}' has a dim of unknown size"))),

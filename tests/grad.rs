@@ -370,3 +370,18 @@ fn gradients_match_pytorch_autograd() {
         }
     }
 }
+
+#[test]
+fn the_genai_int4_model_cannot_get_a_training_graph_yet() {
+    // Its KV cache has a symbolic head dim, and tract refuses its packed-QKV
+    // GroupQueryAttention; the error names the input and the dim.
+    let req = TrainingRequest::new(common::request("lora"), Loss::CausalLm, 1, 4);
+    let err = pipeline::training_graph(Model::load(&fixture("genai_int4")).unwrap(), &req)
+        .err()
+        .expect("an error")
+        .to_string();
+    assert!(
+        err.contains("input 'past_key_values.0.key' has a third symbolic dim 'kv_cache_dim'"),
+        "{err}"
+    );
+}
