@@ -35,7 +35,7 @@ pub fn dequantize_nbits(graph: &Graph, node: &Node) -> Result<Array2<f32>, Strin
     let blocks = k.div_ceil(block);
     let blob = block * bits / 8;
     let per_byte = 8 / bits;
-    let mask = (1u16 << bits) as u8 - 1;
+    let mask = ((1u16 << bits) - 1) as u8;
     let unpack = |bytes: &[u8], i: usize| (bytes[i / per_byte] >> ((i % per_byte) * bits)) & mask;
     let q = match input(1)?.ok_or("MatMulNBits: no B input")? {
         Array::U8(a) if a.len() == n * blocks * blob => a.iter().copied().collect::<Vec<u8>>(),

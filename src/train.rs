@@ -239,6 +239,7 @@ pub fn clip_grad_norm(grads: &mut BTreeMap<String, ArrayD<f32>>, max: f64) -> f6
 /// The training graph, one plan per worker, each on a slice of the batch.
 pub struct Engine {
     training: Training,
+    fields: Fields,
     workers: Vec<Runner>,
     slice: usize,
     loss: Loss,
@@ -272,6 +273,7 @@ impl Engine {
             .map(|_| Runner::new(&training.model, &training.input_shapes))
             .collect::<Result<Vec<_>>>()?;
         Ok(Engine {
+            fields: fields_of(&training, req.loss),
             training,
             workers,
             slice,
@@ -305,38 +307,8 @@ impl Engine {
 
     /// What one example must hold: the training graph's inputs other than the
     /// trainable tensors, without the batch axis.
-    pub fn fields(&self) -> Fields {
-        let t = &self.training;
-        let trainable: Vec<&String> = t.graph.gradients.iter().map(|(k, _)| k).collect();
-        let label = self.loss.label_name();
-        let mut inputs = Vec::new();
-        let mut label_field = None;
-        for io in &t.model.graph.inputs {
-            let name = io.info.name().to_string();
-            if trainable.contains(&&name) {
-                continue;
-            }
-            let elem_type = match io.info.r#type.as_ref().and_then(|t| t.value.as_ref()) {
-                Some(crate::proto::type_proto::Value::TensorType(tt)) => tt.elem_type(),
-                _ => crate::proto::tensor_proto::DataType::Float as i32,
-            };
-            let shape = t.input_shapes.get(&name).cloned().unwrap_or_default();
-            let field = (
-                name.clone(),
-                elem_type,
-                shape.get(1..).unwrap_or(&[]).to_vec(),
-            );
-            if name == label {
-                label_field = Some(field);
-            } else {
-                inputs.push(field);
-            }
-        }
-        Fields {
-            inputs,
-            label: label_field.unwrap_or((label.into(), 1, vec![])),
-            classes: t.classes,
-        }
+    pub fn fields(&self) -> &Fields {
+        &self.fields
     }
 
     /// Input `name` for the rows of one worker: stacked from the rows, or its default
@@ -357,7 +329,7 @@ impl Engine {
             .cloned()
             .unwrap_or_default();
         let elem_type = self
-            .fields()
+            .fields
             .inputs
             .iter()
             .find(|f| f.0 == name)
@@ -433,6 +405,41 @@ impl Engine {
     }
 }
 
+/// What one example must hold: the training graph's inputs other than the
+/// trainable tensors, without the batch axis.
+fn fields_of(t: &Training, loss: Loss) -> Fields {
+    let trainable: Vec<&String> = t.graph.gradients.iter().map(|(k, _)| k).collect();
+    let label = loss.label_name();
+    let mut inputs = Vec::new();
+    let mut label_field = None;
+    for io in &t.model.graph.inputs {
+        let name = io.info.name().to_string();
+        if trainable.contains(&&name) {
+            continue;
+        }
+        let elem_type = match io.info.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+            Some(crate::proto::type_proto::Value::TensorType(tt)) => tt.elem_type(),
+            _ => crate::proto::tensor_proto::DataType::Float as i32,
+        };
+        let shape = t.input_shapes.get(&name).cloned().unwrap_or_default();
+        let field = (
+            name.clone(),
+            elem_type,
+            shape.get(1..).unwrap_or(&[]).to_vec(),
+        );
+        if name == label {
+            label_field = Some(field);
+        } else {
+            inputs.push(field);
+        }
+    }
+    Fields {
+        inputs,
+        label: label_field.unwrap_or((label.into(), 1, vec![])),
+        classes: t.classes,
+    }
+}
+
 /// What a training run did.
 #[derive(Debug, Clone)]
 pub struct TrainReport {
@@ -470,7 +477,8 @@ fn reuse_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only tunes glibc's allocator; called before the workers start.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
+        // 32 MiB: glibc's largest mmap threshold on 64-bit (it refuses more).
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
@@ -507,13 +515,9 @@ pub fn run(model_path: &Path, opts: &TrainOptions, stop: Arc<AtomicBool>) -> Res
     let engine = Engine::new(model.clone(), &opts.training, opts.threads)?;
     let fields = (!token_data).then(|| engine.fields());
     if !token_data {
-        rows = read(&opts.data, fields.as_ref())?;
+        rows = read(&opts.data, fields)?;
     }
-    let eval_rows = opts
-        .eval
-        .as_deref()
-        .map(|p| read(p, fields.as_ref()))
-        .transpose()?;
+    let eval_rows = opts.eval.as_deref().map(|p| read(p, fields)).transpose()?;
     // Parameters: the graft's initial values, or the checkpoint's.
     let mut params = engine.initial_params();
     let mut opt = AdamW::new(opts.lr, opts.weight_decay);

@@ -469,4 +469,26 @@ fn onnxruntime_rms_norms_and_matmul_nbits() {
             )),
         ],
     );
+    // 2-bit weights (four to a byte), default zero point (2).
+    let q2: Vec<u8> = (0..3 * 2 * 2)
+        .map(|_| (rng.next_u64() % 256) as u8)
+        .collect();
+    check_f32(
+        "com.microsoft:MatMulNBits",
+        vec![
+            int_attr("K", 16),
+            int_attr("N", 3),
+            int_attr("bits", 2),
+            int_attr("block_size", 8),
+        ],
+        vec![
+            f(&[2, 16]),
+            In::Const(Array::U8(
+                ArrayD::from_shape_vec(IxDyn(&[3, 2, 2]), q2).unwrap(),
+            )),
+            In::Const(Array::F32(
+                ArrayD::from_shape_vec(IxDyn(&[6]), vec![0.01; 6]).unwrap(),
+            )),
+        ],
+    );
 }

@@ -20,9 +20,14 @@ fn request(variant: &str, loss: Loss, batch: usize, seq: usize) -> TrainingReque
 }
 
 fn source<'a>(path: &'a std::path::Path, tok: Option<&'a Tokenizer>) -> Source<'a> {
+    source_seq(path, 32, tok)
+}
+
+/// A source of sequences of `seq` tokens from a 512-token vocabulary.
+fn source_seq<'a>(path: &'a std::path::Path, seq: usize, tok: Option<&'a Tokenizer>) -> Source<'a> {
     Source {
         path,
-        seq: 32,
+        seq,
         vocab: Some(512),
         tokenizer: tok,
     }
@@ -133,7 +138,7 @@ fn a_short_eval_batch_is_counted_exactly() {
             1,
         )
         .unwrap();
-        let rows = data::read_examples(&source(&data, None), &engine.fields()).unwrap();
+        let rows = data::read_examples(&source(&data, None), engine.fields()).unwrap();
         assert_eq!(rows.len(), 3);
         let params = engine.initial_params();
         let got = train::evaluate(&engine, &rows, &params, 2).unwrap();
@@ -174,13 +179,8 @@ fn examples_are_padded_masked_and_checked() {
         p
     };
     let p = src("ok.jsonl", line("[5, 6, 7]", 8 * 64));
-    let s = Source {
-        path: &p,
-        seq: 8,
-        vocab: Some(512),
-        tokenizer: None,
-    };
-    let rows = data::read_examples(&s, &fields).unwrap();
+    let s = source_seq(&p, 8, None);
+    let rows = data::read_examples(&s, fields).unwrap();
     let f = &rows[0].fields;
     let ints = |a: &Array| a.to_f64().iter().map(|&v| v as i64).collect::<Vec<_>>();
     assert_eq!(ints(&f["input_ids"]), [5, 6, 7, 0, 0, 0, 0, 0]);
@@ -224,13 +224,8 @@ fn examples_are_padded_masked_and_checked() {
     for (text, want) in cases {
         let name = want.split(':').next().unwrap();
         let p = src(name, text);
-        let s = Source {
-            path: &p,
-            seq: 8,
-            vocab: Some(512),
-            tokenizer: None,
-        };
-        let err = data::read_examples(&s, &fields).unwrap_err().to_string();
+        let s = source_seq(&p, 8, None);
+        let err = data::read_examples(&s, fields).unwrap_err().to_string();
         assert!(err.contains(want), "expected {want:?} in: {err}");
     }
 }
@@ -247,7 +242,7 @@ fn a_class_label_outside_the_classes_is_an_error() {
     let p = dir.path().join("c.jsonl");
     let x = serde_json::to_string(&vec![0.0; 16]).unwrap();
     std::fs::write(&p, format!("{{\"x\": {x}, \"label\": 16}}\n")).unwrap();
-    let err = data::read_examples(&source(&p, None), &engine.fields())
+    let err = data::read_examples(&source(&p, None), engine.fields())
         .unwrap_err()
         .to_string();
     assert!(

@@ -726,17 +726,59 @@ fn layer_norm(
     w: &[bool],
 ) -> Result<Vec<Option<ValueId>>> {
     let (x, g) = (n.inputs[0].unwrap(), g[0].unwrap());
+    let scale = n.inputs[1].unwrap();
+    let eps = n.attr_float("epsilon", 1e-5) as f64;
+    let axis = n.attr_int("axis", -1);
+    let (dx, xh) = norm_back(e, x, g, scale, axis, eps, Norm::Layer, w[0])?;
+    let mut out = vec![dx, None, None];
+    if w.get(1).copied().unwrap_or(false) {
+        let gx = e.bin("Mul", g, xh)?;
+        let s = e.shape(scale)?;
+        out[1] = Some(e.unbroadcast(gx, &s)?);
+    }
+    if w.get(2).copied().unwrap_or(false) {
+        let s = e.shape(n.inputs[2].unwrap())?;
+        out[2] = Some(e.unbroadcast(g, &s)?);
+    }
+    Ok(out)
+}
+
+/// Which normalisation [`norm_back`] undoes.
+#[derive(Clone, Copy, PartialEq)]
+enum Norm {
+    /// LayerNormalization: centred, `x̂ = (x - μ)·r`, `r = 1/√(var + ε)`.
+    Layer,
+    /// RMS norm: `x̂ = x·r`, `r = 1/√(mean(x²) + ε)`.
+    Rms,
+}
+
+/// The backward pass of a normalisation over the axes from `axis` on, scaled by
+/// `scale`: `(dx, x̂)`, dx only when `want_dx`.
+#[allow(clippy::too_many_arguments)]
+fn norm_back(
+    e: &mut Emit,
+    x: ValueId,
+    g: ValueId,
+    scale: ValueId,
+    axis: i64,
+    eps: f64,
+    norm: Norm,
+    want_dx: bool,
+) -> Result<(Option<ValueId>, ValueId)> {
     let xs = e.shape(x)?;
     let rank = xs.len();
-    let axis = norm_axis(n.attr_int("axis", -1), rank);
-    let axes: Vec<usize> = (axis..rank).collect();
+    let axes: Vec<usize> = (norm_axis(axis, rank)..rank).collect();
     let count: usize = axes.iter().map(|&a| xs[a]).product();
-    let eps = n.attr_float("epsilon", 1e-5) as f64;
     let inv_n = e.scalar(1.0 / count as f64);
-    // μ, σ² and r = 1/√(σ² + ε), recomputed.
-    let sum = e.reduce_sum(x, &axes, true)?;
-    let mu = e.bin("Mul", sum, inv_n)?;
-    let xc = e.bin("Sub", x, mu)?;
+    // μ (layer norm), the variance or mean square, and r, recomputed.
+    let xc = match norm {
+        Norm::Layer => {
+            let sum = e.reduce_sum(x, &axes, true)?;
+            let mu = e.bin("Mul", sum, inv_n)?;
+            e.bin("Sub", x, mu)?
+        }
+        Norm::Rms => x,
+    };
     let sq = e.bin("Mul", xc, xc)?;
     let var_sum = e.reduce_sum(sq, &axes, true)?;
     let var = e.bin("Mul", var_sum, inv_n)?;
@@ -745,30 +787,28 @@ fn layer_norm(
     let sd = e.un("Sqrt", ve)?;
     let r = e.un("Reciprocal", sd)?;
     let xh = e.bin("Mul", xc, r)?;
-    let mut out = vec![None, None, None];
-    if w[0] {
-        let scale = n.inputs[1].unwrap();
-        let gh = e.bin("Mul", g, scale)?;
-        let m1s = e.reduce_sum(gh, &axes, true)?;
-        let m1 = e.bin("Mul", m1s, inv_n)?;
-        let ghx = e.bin("Mul", gh, xh)?;
-        let m2s = e.reduce_sum(ghx, &axes, true)?;
-        let m2 = e.bin("Mul", m2s, inv_n)?;
-        let a = e.bin("Sub", gh, m1)?;
-        let b = e.bin("Mul", xh, m2)?;
-        let ab = e.bin("Sub", a, b)?;
-        out[0] = Some(e.bin("Mul", ab, r)?);
+    if !want_dx {
+        return Ok((None, xh));
     }
-    if w.get(1).copied().unwrap_or(false) {
-        let gx = e.bin("Mul", g, xh)?;
-        let s = e.shape(n.inputs[1].unwrap())?;
-        out[1] = Some(e.unbroadcast(gx, &s)?);
-    }
-    if w.get(2).copied().unwrap_or(false) {
-        let s = e.shape(n.inputs[2].unwrap())?;
-        out[2] = Some(e.unbroadcast(g, &s)?);
-    }
-    Ok(out)
+    // dx = r·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)), ĝ = g·scale (no mean(ĝ) term for RMS)
+    let gh = e.bin("Mul", g, scale)?;
+    let m1 = match norm {
+        Norm::Layer => {
+            let m1s = e.reduce_sum(gh, &axes, true)?;
+            Some(e.bin("Mul", m1s, inv_n)?)
+        }
+        Norm::Rms => None,
+    };
+    let ghx = e.bin("Mul", gh, xh)?;
+    let m2s = e.reduce_sum(ghx, &axes, true)?;
+    let m2 = e.bin("Mul", m2s, inv_n)?;
+    let a = match m1 {
+        Some(m1) => e.bin("Sub", gh, m1)?,
+        None => gh,
+    };
+    let b = e.bin("Mul", xh, m2)?;
+    let ab = e.bin("Sub", a, b)?;
+    Ok((Some(e.bin("Mul", ab, r)?), xh))
 }
 
 fn gather(
@@ -810,38 +850,6 @@ fn gather(
     Ok(vec![Some(e.reshape(d, &xs)?), None])
 }
 
-/// RMS norm backward over the trailing `axes` from `axis`: returns `(dx, x̂)`.
-fn rms_norm_back(
-    e: &mut Emit,
-    x: ValueId,
-    g: ValueId,
-    scale: ValueId,
-    axis: i64,
-    eps: f64,
-) -> Result<(ValueId, ValueId)> {
-    let xs = e.shape(x)?;
-    let rank = xs.len();
-    let axes: Vec<usize> = (norm_axis(axis, rank)..rank).collect();
-    let count: usize = axes.iter().map(|&a| xs[a]).product();
-    let inv_n = e.scalar(1.0 / count as f64);
-    // r = 1/√(mean(x²) + ε), recomputed.
-    let sq = e.bin("Mul", x, x)?;
-    let ss = e.reduce_sum(sq, &axes, true)?;
-    let ms = e.bin("Mul", ss, inv_n)?;
-    let epsv = e.scalar(eps);
-    let me = e.bin("Add", ms, epsv)?;
-    let sd = e.un("Sqrt", me)?;
-    let r = e.un("Reciprocal", sd)?;
-    let xh = e.bin("Mul", x, r)?;
-    let gh = e.bin("Mul", g, scale)?;
-    let ghx = e.bin("Mul", gh, xh)?;
-    let m2s = e.reduce_sum(ghx, &axes, true)?;
-    let m2 = e.bin("Mul", m2s, inv_n)?;
-    let b = e.bin("Mul", xh, m2)?;
-    let ab = e.bin("Sub", gh, b)?;
-    Ok((e.bin("Mul", ab, r)?, xh))
-}
-
 fn simplified_layer_norm(
     e: &mut Emit,
     n: &Node,
@@ -850,8 +858,9 @@ fn simplified_layer_norm(
 ) -> Result<Vec<Option<ValueId>>> {
     let (x, scale) = (n.inputs[0].unwrap(), n.inputs[1].unwrap());
     let eps = n.attr_float("epsilon", 1e-5) as f64;
-    let (dx, xh) = rms_norm_back(e, x, g[0].unwrap(), scale, n.attr_int("axis", -1), eps)?;
-    let mut out = vec![w[0].then_some(dx), None];
+    let axis = n.attr_int("axis", -1);
+    let (dx, xh) = norm_back(e, x, g[0].unwrap(), scale, axis, eps, Norm::Rms, w[0])?;
+    let mut out = vec![dx, None];
     if w.get(1).copied().unwrap_or(false) {
         let gx = e.bin("Mul", g[0].unwrap(), xh)?;
         let s = e.shape(scale)?;
@@ -877,8 +886,8 @@ fn skip_simplified_layer_norm(
     let mut out = vec![None; n.inputs.len()];
     let (mut ds, mut xh) = (None, None);
     if let Some(gy) = g.first().copied().flatten() {
-        let (d, h) = rms_norm_back(e, s, gy, gamma, -1, eps)?;
-        (ds, xh) = (Some(d), Some(h));
+        let (d, h) = norm_back(e, s, gy, gamma, -1, eps, Norm::Rms, true)?;
+        (ds, xh) = (d, Some(h));
     }
     if let Some(gs) = g.get(3).copied().flatten() {
         ds = Some(match ds {

@@ -88,6 +88,14 @@ fn safetensor_to_array(view: &safetensors::tensor::TensorView) -> Array {
     }
 }
 
+/// `‖got − want‖ / ‖want‖` in the Frobenius norm (arrays of the same shape).
+pub fn relative_frobenius(got: &Array, want: &Array) -> f64 {
+    assert_eq!(got.shape(), want.shape(), "shapes differ");
+    let (got, want) = (got.to_f64(), want.to_f64());
+    let diff = (&got - &want).mapv(|v| v * v).sum().sqrt();
+    diff / want.mapv(|v| v * v).sum().sqrt()
+}
+
 /// Largest absolute difference between two arrays of the same shape.
 pub fn max_abs_diff(a: &Array, b: &Array) -> f64 {
     assert_eq!(a.shape(), b.shape(), "shapes differ");
