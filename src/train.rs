@@ -600,6 +600,7 @@ pub fn run(model_path: &Path, opts: &TrainOptions, stop: Arc<AtomicBool>) -> Res
     if let Some(path) = &opts.emit_model {
         emit(&model, &engine, &params, path)?;
     }
+    crate::runtime::profile::write();
     Ok(report)
 }
 

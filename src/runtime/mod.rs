@@ -13,6 +13,9 @@ use crate::ir::Def;
 use crate::model::Model;
 use crate::tensor::Array;
 
+mod matmul;
+pub mod profile;
+
 /// A model optimised by tract for fixed input shapes, ready to run many times.
 pub struct Runner {
     plan: Arc<TypedRunnableModel>,
@@ -159,12 +162,11 @@ impl Runner {
             .collect();
         let plan = guarded("optimising the model", || {
             let typed = m.into_typed().map_err(tract_err)?;
-            let typed = if optimise {
-                typed.into_optimized()
-            } else {
-                typed.into_decluttered()
+            let mut typed = typed.into_decluttered().map_err(tract_err)?;
+            if optimise {
+                matmul::use_faer_matmuls(&mut typed).map_err(tract_err)?;
+                typed = typed.into_optimized().map_err(tract_err)?;
             }
-            .map_err(tract_err)?;
             typed.into_runnable().map_err(tract_err)
         })?;
         Ok(Runner {
@@ -181,6 +183,9 @@ impl Runner {
             .map(|a| to_tract(a).map(TValue::from))
             .collect::<Result<_>>()?;
         let outputs = guarded("running the model", || {
+            if profile::enabled() {
+                return profile::run(&self.plan, values).map_err(tract_err);
+            }
             self.plan.run(values).map_err(tract_err)
         })?;
         outputs
