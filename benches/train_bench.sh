@@ -12,7 +12,8 @@
 # ATTN (sdpa or eager) picks PyTorch's attention kernel. BIN is copied to OUT_DIR first
 # so a rebuild during the run does not matter. Each tool runs once. lora-graft runs
 # data-parallel workers on a divisor of BATCH (THREADS 6, BATCH 8: 4 workers); PyTorch
-# uses THREADS intra-op threads.
+# uses THREADS intra-op threads. The tools take turns, REPEAT times each (default 3),
+# and the table gives each one's median run.
 #
 # Columns: steps/s (steady) = steps 2..N (lora-graft: from the tokens_per_s of its
 # metrics file; PyTorch: timed per step); first step s; train s = the N steps; wall s and
@@ -24,6 +25,7 @@ ROOT="$(dirname "$HERE")"
 BIN="${BIN:-$ROOT/target/release/lora-graft}"
 OUT="${1:-/tmp/lora-graft-train-bench}"
 STEPS="${STEPS:-20}" BATCH="${BATCH:-8}" SEQ="${SEQ:-128}" THREADS="${THREADS:-$(nproc)}"
+REPEAT="${REPEAT:-3}"
 R=16 ALPHA=32 LR=1e-4 CLIP=1.0
 TIME=/usr/bin/time
 
@@ -67,41 +69,70 @@ run() {
 }
 
 ADAPTER="$OUT/adapter.safetensors"
-rm -f "$OUT"/adapter.*
-run lora_graft "$OUT/lora-graft" train "$MODEL" --variant lora -r $R --alpha $ALPHA \
-    --target-names 'q_proj|k_proj|v_proj|o_proj' --data "$OUT/data.jsonl" --steps "$STEPS" \
-    --batch "$BATCH" --seq "$SEQ" --lr $LR --grad-clip $CLIP --threads "$THREADS" -o "$ADAPTER" --quiet
-OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" \
-    run pytorch python3 "$HERE/train_bench_torch.py" "$OUT" --steps "$STEPS" --batch "$BATCH" \
-    --seq "$SEQ" --threads "$THREADS" --r $R --alpha $ALPHA --lr $LR --grad-clip $CLIP
+# The two tools alternate, REPEAT times each, so that a slow spell of a shared machine
+# hits both; the table gives each tool's median run.
+for i in $(seq 1 "$REPEAT"); do
+    rm -f "$OUT"/adapter.*
+    run "lora_graft.$i" "$OUT/lora-graft" train "$MODEL" --variant lora -r $R --alpha $ALPHA \
+        --target-names 'q_proj|k_proj|v_proj|o_proj' --data "$OUT/data.jsonl" --steps "$STEPS" \
+        --batch "$BATCH" --seq "$SEQ" --lr $LR --grad-clip $CLIP --threads "$THREADS" -o "$ADAPTER" --quiet
+    cp "$OUT/adapter.metrics.jsonl" "$LOGS/lora_graft.$i.metrics.jsonl"
+    OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" \
+        run "pytorch.$i" python3 "$HERE/train_bench_torch.py" "$OUT" --steps "$STEPS" --batch "$BATCH" \
+        --seq "$SEQ" --threads "$THREADS" --r $R --alpha $ALPHA --lr $LR --grad-clip $CLIP
+done
 
 # lora-graft's metrics line k holds tokens_per_s = k * BATCH * (SEQ - 1) / (seconds since
 # the training loop began), so step k ended at k * BATCH * (SEQ - 1) / tokens_per_s.
 echo
-python3 - "$ADAPTER" "$LOGS/pytorch.out" "$BATCH" "$SEQ" \
-    "$(wall_s "$LOGS/lora_graft.time")" "$(rss_mb "$LOGS/lora_graft.time")" \
-    "$(wall_s "$LOGS/pytorch.time")" "$(rss_mb "$LOGS/pytorch.time")" <<'EOF'
-import json, sys
-adapter, torch_out, batch, seq = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-lg_wall, lg_rss, pt_wall, pt_rss = map(float, sys.argv[5:9])
-lines = [json.loads(l) for l in open(adapter.removesuffix(".safetensors") + ".metrics.jsonl")]
-ends = [m["step"] * batch * (seq - 1) / m["tokens_per_s"] for m in lines]
-n = len(ends)
-lg = dict(steady=(n - 1) / (ends[-1] - ends[0]) if n > 1 else None, first=ends[0], train=ends[-1],
-          wall=lg_wall, rss=lg_rss, loss=lines[0]["loss"], last=lines[-1]["loss"])
-t = json.loads(open(torch_out).read().strip().splitlines()[-1])
-pt = dict(steady=t["steady_steps_per_s"], first=t["first_step_s"], train=t["train_s"],
-          wall=pt_wall, rss=pt_rss, loss=t["loss_first"], last=t["loss_last"])
+python3 - "$LOGS" "$REPEAT" "$BATCH" "$SEQ" <<'EOF2'
+import json, re, statistics, sys
+logs, repeat, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+
+def time_v(path):  # wall seconds and peak RSS (MB) from /usr/bin/time -v
+    text = open(path).read()
+    wall = re.search(r"Elapsed \(wall clock\).*: (\S+)", text).group(1)
+    secs = 0.0
+    for part in wall.split(":"):
+        secs = secs * 60 + float(part)
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) / 1024
+    return secs, rss
+
+def lora_graft(i):
+    lines = [json.loads(l) for l in open(f"{logs}/lora_graft.{i}.metrics.jsonl")]
+    ends = [m["step"] * batch * (seq - 1) / m["tokens_per_s"] for m in lines]
+    n = len(ends)
+    wall, rss = time_v(f"{logs}/lora_graft.{i}.time")
+    return dict(steady=(n - 1) / (ends[-1] - ends[0]) if n > 1 else None, first=ends[0],
+                train=ends[-1], wall=wall, rss=rss, loss=lines[0]["loss"], last=lines[-1]["loss"])
+
+def pytorch(i):
+    t = json.loads(open(f"{logs}/pytorch.{i}.out").read().strip().splitlines()[-1])
+    wall, rss = time_v(f"{logs}/pytorch.{i}.time")
+    return t, dict(steady=t["steady_steps_per_s"], first=t["first_step_s"], train=t["train_s"],
+                   wall=wall, rss=rss, loss=t["loss_first"], last=t["loss_last"])
+
+lg_runs = [lora_graft(i) for i in range(1, repeat + 1)]
+pt_runs = [pytorch(i) for i in range(1, repeat + 1)]
+info = pt_runs[0][0]
+pt_runs = [r for _, r in pt_runs]
 f = lambda v, fmt: "-" if v is None else format(v, fmt)
+print("steady steps/s of each run:")
+print("  lora-graft  ", " ".join(f(r["steady"], ".3f") for r in lg_runs))
+print("  pytorch+peft", " ".join(f(r["steady"], ".3f") for r in pt_runs))
+med = lambda runs, k: statistics.median(r[k] for r in runs) if all(r[k] is not None for r in runs) else None
+lg = {k: med(lg_runs, k) for k in lg_runs[0]}
+pt = {k: med(pt_runs, k) for k in pt_runs[0]}
+print(f"\nmedians of {repeat} runs each:")
 print(f"{'tool':22s} {'steps/s':>8s} {'first s':>8s} {'train s':>8s} {'wall s':>8s} {'RSS MB':>7s}"
       f" {'loss 1':>9s} {'loss N':>9s}")
-for name, r in ((f"lora-graft", lg), (f"pytorch+peft ({t['attn']})", pt)):
+for name, r in (("lora-graft", lg), (f"pytorch+peft ({info['attn']})", pt)):
     print(f"{name:22s} {f(r['steady'], '8.3f')} {r['first']:8.2f} {r['train']:8.2f} {r['wall']:8.2f}"
           f" {r['rss']:7.0f} {r['loss']:9.5f} {r['last']:9.5f}")
 ratio = lambda k: None if lg[k] is None or not pt[k] else lg[k] / pt[k]
 print(f"{'lora-graft / pytorch':22s} {f(ratio('steady'), '8.3f')} {f(ratio('first'), '8.3f')}"
       f" {f(ratio('train'), '8.3f')} {f(ratio('wall'), '8.3f')} {f(ratio('rss'), '7.3f')}")
-print(f"(torch {t['torch']}, {t['threads']} threads, {t['trainable_params']} trainable params;"
+print(f"(torch {info['torch']}, {info['threads']} threads, {info['trainable_params']} trainable params;"
       f" loss 1 should agree: same weights and batch, B = 0)")
-EOF
+EOF2
 echo "(logs: $LOGS)"

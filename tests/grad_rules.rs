@@ -211,6 +211,7 @@ fn check_outputs(
     }
     let loss: ValueId = l[0];
     let mut training = model(g);
+    let loss = grad::loss::BuiltLoss { loss, seed: None };
     grad::run(&mut training.graph, 18, loss, &trainable, &by_name)
         .unwrap_or_else(|e| panic!("{op}: {e}"));
     let runner = Runner::new(&training, &shapes).unwrap_or_else(|e| panic!("{op}: {e}"));

@@ -1,5 +1,10 @@
 //! Losses built from basic ops (tract has no SoftmaxCrossEntropyLoss): causal-LM and
 //! classification cross-entropy (LogSoftmax + GatherElements), and mean squared error.
+//!
+//! Cross-entropy also brings its gradient with respect to the logits in closed form,
+//! `(softmax(x) − onehot(label)) · mask / count`: one Softmax, one Mul and a scatter
+//! over the logits, where differentiating LogSoftmax and GatherElements op by op costs
+//! five passes and a scatter into a fresh zero tensor. The gradient pass starts there.
 
 use super::{int_attr, tensor_type, Emit};
 use crate::error::{Error, Result};
@@ -40,10 +45,20 @@ impl Loss {
     }
 }
 
-/// Adds the label input and the loss nodes over `output`; returns the scalar loss,
-/// computed in float32 (float64 for a float64 output; a float16 or bfloat16 output is
-/// cast up first).
-pub fn build(e: &mut Emit, loss: Loss, output: ValueId) -> Result<ValueId> {
+/// The loss value, and where the gradient pass starts.
+#[derive(Debug, Clone, Copy)]
+pub struct BuiltLoss {
+    /// The scalar loss.
+    pub loss: ValueId,
+    /// `(x, dloss/dx)` when the loss gives its gradient with respect to its input `x`
+    /// in closed form; otherwise the pass differentiates the loss nodes too.
+    pub seed: Option<(ValueId, ValueId)>,
+}
+
+/// Adds the label input and the loss nodes over `output`; the loss is computed in
+/// float32 (float64 for a float64 output; a float16 or bfloat16 output is cast up
+/// first).
+pub fn build(e: &mut Emit, loss: Loss, output: ValueId) -> Result<BuiltLoss> {
     let shape = e.shape(output)?;
     e.prefix = "loss".into();
     let double = DataType::Double as i32;
@@ -105,80 +120,89 @@ pub fn build(e: &mut Emit, loss: Loss, output: ValueId) -> Result<ValueId> {
             let all: Vec<usize> = (0..shape.len()).collect();
             let total = e.reduce_sum(d2, &all, false)?;
             let inv = e.scalar(1.0 / shape.iter().product::<usize>() as f64);
-            e.bin("Mul", total, inv)
+            let loss = e.bin("Mul", total, inv)?;
+            Ok(BuiltLoss { loss, seed: None })
         }
-        Loss::Class => {
-            let b = shape[0];
-            let lsm = e.op(
-                "LogSoftmax",
-                &[output],
-                vec![int_attr("axis", 1)],
-                shape.clone(),
-            )?;
-            let idx = e.reshape(labels, &[b, 1])?;
-            let picked = e.op(
-                "GatherElements",
-                &[lsm, idx],
-                vec![int_attr("axis", 1)],
-                vec![b, 1],
-            )?;
-            let total = e.reduce_sum(picked, &[0, 1], false)?;
-            let inv = e.scalar(-1.0 / b as f64);
-            e.bin("Mul", total, inv)
-        }
+        Loss::Class => cross_entropy(e, output, labels),
         Loss::CausalLm => {
-            let (b, s, v) = (shape[0], shape[1], shape[2]);
+            let (b, s) = (shape[0], shape[1]);
             if s < 2 {
                 return Err(Error::Usage(
                     "the causal-LM loss needs sequences of at least 2 tokens".into(),
                 ));
             }
-            let (zero, last, one, axis1) = (
-                e.ints(&[0]),
-                e.ints(&[s as i64 - 1]),
-                e.ints(&[1]),
-                e.ints(&[1]),
-            );
-            let end = e.ints(&[s as i64]);
-            let logits = e.op(
-                "Slice",
-                &[output, zero, last, axis1],
-                vec![],
-                vec![b, s - 1, v],
+            // Position t predicts token t + 1; the last position predicts nothing.
+            // Shifting the labels rather than slicing the logits spares a copy of the
+            // logits (and a Pad in the gradient).
+            let (one, end, axis1) = (e.ints(&[1]), e.ints(&[s as i64]), e.ints(&[1]));
+            let next = e.op("Slice", &[labels, one, end, axis1], vec![], vec![b, s - 1])?;
+            let none = e.ints(&vec![IGNORED; b]);
+            let none = e.reshape(none, &[b, 1])?;
+            let targets = e.op(
+                "Concat",
+                &[next, none],
+                vec![int_attr("axis", 1)],
+                vec![b, s],
             )?;
-            let targets = e.op("Slice", &[labels, one, end, axis1], vec![], vec![b, s - 1])?;
-            let minus100 = e.ints(&[-100]);
-            let ignored = e.op("Equal", &[targets, minus100], vec![], vec![b, s - 1])?;
-            let counted = e.op("Not", &[ignored], vec![], vec![b, s - 1])?;
-            let zero_id = e.ints(&[0]);
-            let safe = e.op(
-                "Where",
-                &[ignored, zero_id, targets],
-                vec![],
-                vec![b, s - 1],
-            )?;
-            let idx = e.reshape(safe, &[b, s - 1, 1])?;
-            let lsm = e.op(
-                "LogSoftmax",
-                &[logits],
-                vec![int_attr("axis", 2)],
-                vec![b, s - 1, v],
-            )?;
-            let picked = e.op(
-                "GatherElements",
-                &[lsm, idx],
-                vec![int_attr("axis", 2)],
-                vec![b, s - 1, 1],
-            )?;
-            let picked = e.reshape(picked, &[b, s - 1])?;
-            let mask = e.mask(counted)?;
-            let kept = e.bin("Mul", picked, mask)?;
-            let total = e.reduce_sum(kept, &[0, 1], false)?;
-            let count = e.reduce_sum(mask, &[0, 1], false)?;
-            let one_f = e.scalar(1.0);
-            let count = e.bin("Max", count, one_f)?;
-            let mean = e.bin("Div", total, count)?;
-            e.un("Neg", mean)
+            cross_entropy(e, output, targets)
         }
     }
+}
+
+/// The label that counts for nothing (PyTorch's `ignore_index`).
+const IGNORED: i64 = -100;
+
+/// Mean cross-entropy of logits `x` (`[N.., V]`) against `targets` (`[N..]`, int64,
+/// [`IGNORED`] not counted), with its gradient with respect to `x`:
+///
+/// `loss = −Σ mask·log_softmax(x)[target] / max(Σ mask, 1)`
+/// `dloss/dx = (softmax(x) − onehot(target)) · w`, `w = mask / max(Σ mask, 1)`,
+/// built as `ScatterElements(p·w, target, (p·w)[target] − w)`.
+fn cross_entropy(e: &mut Emit, x: ValueId, targets: ValueId) -> Result<BuiltLoss> {
+    let shape = e.shape(x)?;
+    let (axis, rows) = (shape.len() - 1, shape[..shape.len() - 1].to_vec());
+    let mut column = rows.clone();
+    column.push(1);
+    let all: Vec<usize> = (0..rows.len()).collect();
+    let ignored_label = e.ints(&[IGNORED]);
+    let ignored = e.op("Equal", &[targets, ignored_label], vec![], rows.clone())?;
+    let counted = e.op("Not", &[ignored], vec![], rows.clone())?;
+    let zero = e.ints(&[0]);
+    let safe = e.op("Where", &[ignored, zero, targets], vec![], rows.clone())?;
+    let idx = e.reshape(safe, &column)?;
+    let on_axis = || int_attr("axis", axis as i64);
+    let lsm = e.op("LogSoftmax", &[x], vec![on_axis()], shape.clone())?;
+    let picked = e.op(
+        "GatherElements",
+        &[lsm, idx],
+        vec![on_axis()],
+        column.clone(),
+    )?;
+    let picked = e.reshape(picked, &rows)?;
+    let mask = e.mask(counted)?;
+    let kept = e.bin("Mul", picked, mask)?;
+    let total = e.reduce_sum(kept, &all, false)?;
+    let count = e.reduce_sum(mask, &all, false)?;
+    let one = e.scalar(1.0);
+    let count = e.bin("Max", count, one)?;
+    let mean = e.bin("Div", total, count)?;
+    let loss = e.un("Neg", mean)?;
+
+    e.prefix = "loss/grad".into();
+    let w = e.bin("Div", mask, count)?;
+    let w = e.reshape(w, &column)?;
+    let p = e.op("Softmax", &[x], vec![on_axis()], shape.clone())?;
+    let pw = e.bin("Mul", p, w)?;
+    let at_target = e.op("GatherElements", &[pw, idx], vec![on_axis()], column)?;
+    let update = e.bin("Sub", at_target, w)?;
+    let dx = e.op(
+        "ScatterElements",
+        &[pw, idx, update],
+        vec![on_axis()],
+        shape,
+    )?;
+    Ok(BuiltLoss {
+        loss,
+        seed: Some((x, dx)),
+    })
 }

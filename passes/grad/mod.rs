@@ -224,13 +224,20 @@ pub fn broadcast(a: &[usize], b: &[usize]) -> Vec<usize> {
 
 /// Differentiates `loss` (a scalar value of `graph`) with respect to the initializers
 /// `trainable`, which become graph inputs. Adds outputs `loss` and `grad.<name>`.
+/// When the loss brings its gradient with respect to its input (`loss.seed`), the pass
+/// starts from there.
 pub fn run(
     graph: &mut Graph,
     opset: i64,
-    loss: ValueId,
+    loss: loss::BuiltLoss,
     trainable: &[ValueId],
     shapes: &Shapes,
 ) -> Result<TrainingGraph> {
+    let (root, seed) = match loss.seed {
+        Some((x, dx)) => (x, Some(dx)),
+        None => (loss.loss, None),
+    };
+    let loss = loss.loss;
     // Shapes by value id.
     let mut by_id: HashMap<ValueId, Vec<usize>> = HashMap::new();
     for v in graph.value_ids() {
@@ -259,7 +266,7 @@ pub fn run(
             from_trainable.extend(node.outputs.iter().flatten().copied());
         }
     }
-    let mut to_loss: HashSet<ValueId> = HashSet::from([loss]);
+    let mut to_loss: HashSet<ValueId> = HashSet::from([root]);
     for &id in order.iter().rev() {
         let node = graph.node(id);
         if node.outputs.iter().flatten().any(|o| to_loss.contains(o)) {
@@ -267,7 +274,7 @@ pub fn run(
         }
     }
     let on_path = |v: ValueId| from_trainable.contains(&v) && to_loss.contains(&v);
-    if !on_path(loss) {
+    if !on_path(root) {
         return Err(Error::Usage(
             "the loss does not depend on any trainable tensor".into(),
         ));
@@ -290,8 +297,11 @@ pub fn run(
     };
     let mut grads: HashMap<ValueId, ValueId> = HashMap::new();
     emit.prefix = "grad/seed".into();
-    let one = emit.scalar(1.0);
-    grads.insert(loss, one);
+    let seed = match seed {
+        Some(dx) => dx,
+        None => emit.scalar(1.0),
+    };
+    grads.insert(root, seed);
     for &id in path.iter().rev() {
         let node = emit.graph.node(id).clone();
         let out_grads: Vec<Option<ValueId>> = node
