@@ -62,7 +62,7 @@ pub fn write() {
     };
     let t = table().lock().unwrap_or_else(|e| e.into_inner());
     let mut rows: Vec<_> = t.iter().collect();
-    rows.sort_by(|a, b| b.1 .0.cmp(&a.1 .0));
+    rows.sort_by_key(|r| std::cmp::Reverse(r.1 .0));
     let text: String = rows
         .iter()
         .map(|(k, (d, n))| format!("{:.4}\t{n}\t{k}\n", d.as_secs_f64()))
