@@ -1,5 +1,6 @@
 //! Losses built from basic ops (tract has no SoftmaxCrossEntropyLoss): causal-LM and
-//! classification cross-entropy (LogSoftmax + GatherElements), and mean squared error.
+//! classification cross-entropy (Softmax, ReduceMax and GatherElements), and mean
+//! squared error.
 //!
 //! Cross-entropy also brings its gradient with respect to the logits in closed form,
 //! `(softmax(x) − onehot(label)) · mask / count`: one Softmax, one Mul and a scatter
@@ -155,7 +156,8 @@ const IGNORED: i64 = -100;
 /// Mean cross-entropy of logits `x` (`[N.., V]`) against `targets` (`[N..]`, int64,
 /// [`IGNORED`] not counted), with its gradient with respect to `x`:
 ///
-/// `loss = −Σ mask·log_softmax(x)[target] / max(Σ mask, 1)`
+/// `loss = −Σ mask·log_softmax(x)[target] / max(Σ mask, 1)`, with
+/// `log_softmax(x)[t] = x[t] − max x + log max softmax(x)`;
 /// `dloss/dx = (softmax(x) − onehot(target)) · w`, `w = mask / max(Σ mask, 1)`,
 /// built as `ScatterElements(p·w, target, (p·w)[target] − w)`.
 fn cross_entropy(e: &mut Emit, x: ValueId, targets: ValueId) -> Result<BuiltLoss> {
@@ -171,13 +173,17 @@ fn cross_entropy(e: &mut Emit, x: ValueId, targets: ValueId) -> Result<BuiltLoss
     let safe = e.op("Where", &[ignored, zero, targets], vec![], rows.clone())?;
     let idx = e.reshape(safe, &column)?;
     let on_axis = || int_attr("axis", axis as i64);
-    let lsm = e.op("LogSoftmax", &[x], vec![on_axis()], shape.clone())?;
-    let picked = e.op(
-        "GatherElements",
-        &[lsm, idx],
-        vec![on_axis()],
-        column.clone(),
-    )?;
+    // log softmax(x)[t] = x[t] − max x − log Σ exp(x − max x), and the softmax at the
+    // argmax is exp(0) / Σ exp(x − max x): so log softmax(x)[t] = x[t] − max x +
+    // log max softmax(x). No log over the whole row (max softmax ≥ 1/V never
+    // underflows), and the softmax is the one the gradient needs.
+    let p = e.op("Softmax", &[x], vec![on_axis()], shape.clone())?;
+    let x_max = e.reduce("ReduceMax", x, &[axis], true)?;
+    let p_max = e.reduce("ReduceMax", p, &[axis], true)?;
+    let log_sum = e.un("Log", p_max)?;
+    let x_at = e.op("GatherElements", &[x, idx], vec![on_axis()], column.clone())?;
+    let shifted = e.bin("Sub", x_at, x_max)?;
+    let picked = e.bin("Add", shifted, log_sum)?;
     let picked = e.reshape(picked, &rows)?;
     let mask = e.mask(counted)?;
     let kept = e.bin("Mul", picked, mask)?;
@@ -191,7 +197,6 @@ fn cross_entropy(e: &mut Emit, x: ValueId, targets: ValueId) -> Result<BuiltLoss
     e.prefix = "loss/grad".into();
     let w = e.bin("Div", mask, count)?;
     let w = e.reshape(w, &column)?;
-    let p = e.op("Softmax", &[x], vec![on_axis()], shape.clone())?;
     let pw = e.bin("Mul", p, w)?;
     let at_target = e.op("GatherElements", &[pw, idx], vec![on_axis()], column)?;
     let update = e.bin("Sub", at_target, w)?;

@@ -146,6 +146,18 @@ impl Emit<'_> {
 
     /// `ReduceSum(x, axes, keepdims)` (axes as an input from opset 13).
     pub fn reduce_sum(&mut self, x: ValueId, axes: &[usize], keepdims: bool) -> Result<ValueId> {
+        self.reduce("ReduceSum", x, axes, keepdims)
+    }
+
+    /// `op(x, axes, keepdims)` for a Reduce op (axes as an input from opset 13 for
+    /// ReduceSum, from opset 18 for the others).
+    pub fn reduce(
+        &mut self,
+        op: &str,
+        x: ValueId,
+        axes: &[usize],
+        keepdims: bool,
+    ) -> Result<ValueId> {
         let s = self.shape(x)?;
         if axes.is_empty() {
             return Ok(x);
@@ -163,11 +175,12 @@ impl Emit<'_> {
             .collect();
         let ax: Vec<i64> = axes.iter().map(|&a| a as i64).collect();
         let keep = int_attr("keepdims", keepdims as i64);
-        if self.opset >= 13 {
+        let axes_as_input = if op == "ReduceSum" { 13 } else { 18 };
+        if self.opset >= axes_as_input {
             let a = self.ints(&ax);
-            self.op("ReduceSum", &[x, a], vec![keep], shape)
+            self.op(op, &[x, a], vec![keep], shape)
         } else {
-            self.op("ReduceSum", &[x], vec![keep, ints_attr("axes", &ax)], shape)
+            self.op(op, &[x], vec![keep, ints_attr("axes", &ax)], shape)
         }
     }
 

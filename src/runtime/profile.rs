@@ -1,5 +1,5 @@
 //! Per-op timing of tract runs, for benchmarks: with `LORA_GRAFT_PROFILE=FILE`, every
-//! run adds its node times to a table (op kind and output shape), written to FILE on exit.
+//! run adds its node times to a table (op, node, shapes, op details), written to FILE on exit.
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};
@@ -34,8 +34,9 @@ pub fn run(plan: &Arc<TypedRunnableModel>, inputs: TVec<TValue>) -> TractResult<
             Ok(o) => o.iter().map(|t| format!("{:?}", t.shape())).collect(),
             Err(_) => vec![],
         };
+        let info = node.op().info().unwrap_or_default().join(" ");
         let key = format!(
-            "{}\t{}\t{} -> {}",
+            "{}\t{}\t{} -> {}\t{info}",
             node.op().name(),
             node.name,
             shapes.join(" "),
