@@ -368,11 +368,14 @@ fn gradients_match_pytorch_autograd() {
                     got
                 }; // ONNX -> torch layout
                 let got = got.into_shape_with_order(want.raw_dim()).unwrap();
-                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
+                let scale = want
+                    .iter()
+                    .fold(0f64, |m, v| common::nan_max(m, v.abs() as f64))
+                    .max(1e-12);
                 let err = got
                     .iter()
                     .zip(want.iter())
-                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                    .fold(0f64, |m, (a, b)| common::nan_max(m, (a - b).abs() as f64));
                 // 1e-4 relative to the tensor's largest entry (the bound): fp32
                 // on both sides, summed in different orders.
                 assert!(

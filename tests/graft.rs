@@ -22,7 +22,9 @@ fn run(model: &Model, inputs: &Named) -> Vec<Array> {
 }
 
 fn max_abs(a: &Array) -> f64 {
-    a.to_f64().iter().fold(0.0f64, |m, v| m.max(v.abs()))
+    a.to_f64()
+        .iter()
+        .fold(0.0f64, |m, v| common::nan_max(m, v.abs()))
 }
 
 /// `(tolerance, measured)` for identity at init.

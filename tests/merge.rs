@@ -14,7 +14,9 @@ const VARIANTS: &[&str] = &["lora", "pissa", "delora"];
 use common::request;
 
 fn max_abs(a: &Array) -> f64 {
-    a.to_f64().iter().fold(0.0f64, |m, v| m.max(v.abs()))
+    a.to_f64()
+        .iter()
+        .fold(0.0f64, |m, v| common::nan_max(m, v.abs()))
 }
 
 /// A "trained" adapter: grafted, B and lambda set non-zero, written to `dir`.

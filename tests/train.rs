@@ -138,11 +138,13 @@ fn three_adamw_steps_match_pytorch() {
         for (tensor, got) in &fed {
             let want_t = want.tensors[tensor].to_f32();
             let got = torch_layout(tensor, got);
-            let scale = want_t.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+            let scale = want_t
+                .iter()
+                .fold(0f64, |m, v| common::nan_max(m, v.abs() as f64));
             let worst = got
                 .iter()
                 .zip(want_t.iter())
-                .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64));
+                .fold(0f64, |m, (a, b)| common::nan_max(m, (a - b).abs() as f64));
             assert!(
                 worst <= 1e-5 * scale,
                 "{variant} {tensor}: AdamW on torch's gradients is off by {worst:e} (scale {scale:e})"

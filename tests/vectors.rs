@@ -2,6 +2,8 @@
 //! tract: every printed number to 1e-6 (relative to max(1, |value|): f32 arithmetic on
 //! values up to ~20 carries ~1e-7 relative error).
 
+mod common;
+
 use lora_graft::ir::{Graph, Initializer};
 use lora_graft::linalg;
 use lora_graft::passes::graft::onnx_layout;
@@ -242,7 +244,7 @@ fn tv2_pissa_exact() {
         .iter()
         .zip(bug.iter().flatten())
         .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
+        .fold(0.0, common::nan_max);
     assert!(
         dist > 1.0,
         "W_res is the minor component, not W - s·BA with undivided A, B"
@@ -462,8 +464,8 @@ fn pissa_matches_peft_exact_and_fast_paths() {
         let peft_errs: Vec<f64> = peft_errs.iter().map(|&v| v as f64).collect();
         let (ours, theirs) = (mean(&errs), mean(&peft_errs));
         let (ours_max, theirs_max) = (
-            errs.iter().cloned().fold(0.0, f64::max),
-            peft_errs.iter().cloned().fold(0.0, f64::max),
+            errs.iter().cloned().fold(0.0, common::nan_max),
+            peft_errs.iter().cloned().fold(0.0, common::nan_max),
         );
         // Means over 20 sketches; 0.05 absolute is ~2.5 standard errors of such a mean
         // (per-sketch spread ~0.04). The max of 20 is too noisy to compare.

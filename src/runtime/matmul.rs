@@ -241,3 +241,89 @@ pub fn use_faer_matmuls(model: &mut TypedModel) -> TractResult<bool> {
     }
     Ok(true)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_core::ops::einsum::EinSum;
+
+    /// Runs `expr` on `a` and `b`, through tract's kernels and through faer's.
+    fn both(expr: &str, a: &Tensor, b: &Tensor) -> (Tensor, Tensor, bool) {
+        let mut model = TypedModel::default();
+        let sa = model.add_source("a", f32::fact(a.shape())).unwrap();
+        let sb = model.add_source("b", f32::fact(b.shape())).unwrap();
+        let op = EinSum::new(expr.parse().unwrap(), f32::datum_type());
+        let c = model.wire_node("c", op, &[sa, sb]).unwrap();
+        model.select_output_outlets(&c).unwrap();
+        let model = model.into_decluttered().unwrap();
+        let inputs = tvec!(a.clone().into_tvalue(), b.clone().into_tvalue());
+        let run = |m: TypedModel| {
+            let plan = m.into_optimized().unwrap().into_runnable().unwrap();
+            plan.run(inputs.clone()).unwrap().remove(0).into_tensor()
+        };
+        let mut faer = model.clone();
+        let used = use_faer_matmuls(&mut faer).unwrap();
+        // faer first: its output is uninitialised memory, which must not be a buffer
+        // that already held the answer.
+        let got = run(faer);
+        (run(model), got, used)
+    }
+
+    fn tensor(shape: &[usize], seed: usize) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 + seed * 104729) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        tract_ndarray::ArrayD::from_shape_vec(shape, v)
+            .unwrap()
+            .into_tensor()
+    }
+
+    #[test]
+    fn faer_products_equal_tracts() {
+        // Plain, transposed operands and output, batch prefixes (broadcast too), and a
+        // product wide enough to take several column blocks.
+        let cases: &[(&str, &[usize], &[usize])] = &[
+            ("mk,kn->mn", &[5, 7], &[7, 3]),
+            ("km,kn->mn", &[7, 5], &[7, 3]),
+            ("mk,nk->mn", &[5, 7], &[3, 7]),
+            ("mk,kn->nm", &[5, 7], &[7, 3]),
+            ("bmk,kn->bmn", &[2, 5, 7], &[7, 3]),
+            ("bmk,bkn->bmn", &[2, 5, 7], &[2, 7, 3]),
+            ("bmk,bnk->bnm", &[2, 5, 7], &[2, 3, 7]),
+            ("abmk,abkn->abmn", &[1, 2, 5, 7], &[3, 1, 7, 4]),
+            ("mk,kn->mn", &[9, 33], &[33, 1100]),
+            ("mk,kn->nm", &[9, 33], &[33, 1100]),
+        ];
+        for (i, (expr, sa, sb)) in cases.iter().enumerate() {
+            let (a, b) = (tensor(sa, i), tensor(sb, i + 100));
+            let (want, got, used) = both(expr, &a, &b);
+            assert!(used, "{expr}: faer was not used");
+            assert_eq!(want.shape(), got.shape(), "{expr}");
+            // f32 sums of at most 33 terms of size <= 1: the two kernels' orders of
+            // summation differ by far less than 1e-4.
+            let (w, g) = (
+                want.to_plain_array_view::<f32>().unwrap(),
+                got.to_plain_array_view::<f32>().unwrap(),
+            );
+            let bad = w
+                .iter()
+                .zip(g.iter())
+                .position(|(x, y)| (x - y).abs().is_nan() || (x - y).abs() >= 1e-4);
+            assert!(bad.is_none(), "{expr}: element {bad:?} differs");
+        }
+    }
+
+    #[test]
+    fn models_with_other_products_keep_tracts_kernels() {
+        let mut model = TypedModel::default();
+        let sa = model.add_source("a", f64::fact([2, 3])).unwrap();
+        let sb = model.add_source("b", f64::fact([3, 4])).unwrap();
+        let op = EinSum::new("mk,kn->mn".parse().unwrap(), f64::datum_type());
+        let c = model.wire_node("c", op, &[sa, sb]).unwrap();
+        model.select_output_outlets(&c).unwrap();
+        let mut model = model.into_decluttered().unwrap();
+        assert!(!use_faer_matmuls(&mut model).unwrap());
+        assert!(model.nodes.iter().any(|n| n.op_is::<EinSum>()));
+    }
+}

@@ -96,14 +96,25 @@ pub fn relative_frobenius(got: &Array, want: &Array) -> f64 {
     diff / want.mapv(|v| v * v).sum().sqrt()
 }
 
-/// Largest absolute difference between two arrays of the same shape.
+/// The larger of `a` and `b`, NaN when either is (`f64::max` drops a NaN, so a fold
+/// with it would let a NaN result pass a tolerance check).
+pub fn nan_max(a: f64, b: f64) -> f64 {
+    if a.is_nan() || b.is_nan() {
+        f64::NAN
+    } else {
+        a.max(b)
+    }
+}
+
+/// Largest absolute difference between two arrays of the same shape (NaN if any
+/// element is NaN).
 pub fn max_abs_diff(a: &Array, b: &Array) -> f64 {
     assert_eq!(a.shape(), b.shape(), "shapes differ");
     let (a, b) = (a.to_f64(), b.to_f64());
     a.iter()
         .zip(b.iter())
         .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
+        .fold(0.0, nan_max)
 }
 
 /// Input shapes of a reference input set, by name.
