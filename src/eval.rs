@@ -2,7 +2,7 @@
 //! subgraphs, so the fold pass can compute them without tract (whose symbolic
 //! dimensions refuse some of them). One table line per op.
 
-use tract_core::ndarray::{concatenate, ArrayD, Axis, IxDyn};
+use tract_core::ndarray::{ArrayD, Axis, IxDyn};
 
 use crate::ir::Node;
 use crate::tensor::Array;
@@ -491,31 +491,14 @@ fn flatten(node: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, String>
 }
 
 fn concat(node: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, String> {
-    let first = arg(inputs, 0)?;
-    let axis = Axis(norm_axis(node.attr_int("axis", 0), first.shape().len())?);
-    macro_rules! cat {
-        ($variant:ident) => {{
-            let parts: Vec<_> = inputs
-                .iter()
-                .map(|i| match i {
-                    Some(Array::$variant(a)) => Ok(a.view()),
-                    _ => Err("Concat inputs differ in type".to_string()),
-                })
-                .collect::<Result<_, _>>()?;
-            Array::$variant(concatenate(axis, &parts).map_err(|e| e.to_string())?)
-        }};
-    }
-    Ok(vec![match first {
-        Array::F32(_) => cat!(F32),
-        Array::F64(_) => cat!(F64),
-        Array::F16(_) => cat!(F16),
-        Array::BF16(_) => cat!(BF16),
-        Array::I64(_) => cat!(I64),
-        Array::I32(_) => cat!(I32),
-        Array::I8(_) => cat!(I8),
-        Array::U8(_) => cat!(U8),
-        Array::Bool(_) => cat!(Bool),
-    }])
+    let rank = arg(inputs, 0)?.shape().len();
+    let axis = norm_axis(node.attr_int("axis", 0), rank)?;
+    let parts = (0..inputs.len())
+        .map(|i| arg(inputs, i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let joined = Array::concat(&parts, axis)
+        .ok_or_else(|| "Concat inputs differ in type or shape".to_string())?;
+    Ok(vec![joined])
 }
 
 fn gather(node: &Node, inputs: &[Option<&Array>]) -> Result<Vec<Array>, String> {

@@ -286,8 +286,19 @@ impl Array {
     /// `parts` (one element type, one shape) stacked along a new first axis; `None` when
     /// they differ in type or shape, or there is none.
     pub fn stack(parts: &[&Array]) -> Option<Array> {
-        use tract_core::ndarray::{stack, Axis};
-        macro_rules! stacked {
+        Array::join(parts, 0, true)
+    }
+
+    /// `parts` (one element type) concatenated along `axis`; `None` when they differ in
+    /// type or in the other axes, or there is none.
+    pub fn concat(parts: &[&Array], axis: usize) -> Option<Array> {
+        Array::join(parts, axis, false)
+    }
+
+    /// [`Array::stack`] along `axis` (`new_axis`) or [`Array::concat`].
+    fn join(parts: &[&Array], axis: usize, new_axis: bool) -> Option<Array> {
+        use tract_core::ndarray::{concatenate, stack, Axis};
+        macro_rules! joined {
             ($variant:ident) => {{
                 let views = parts
                     .iter()
@@ -296,19 +307,24 @@ impl Array {
                         _ => None,
                     })
                     .collect::<Option<Vec<_>>>()?;
-                Array::$variant(stack(Axis(0), &views).ok()?)
+                let joined = if new_axis {
+                    stack(Axis(axis), &views)
+                } else {
+                    concatenate(Axis(axis), &views)
+                };
+                Array::$variant(joined.ok()?)
             }};
         }
         Some(match parts.first()? {
-            Array::F32(_) => stacked!(F32),
-            Array::F64(_) => stacked!(F64),
-            Array::F16(_) => stacked!(F16),
-            Array::BF16(_) => stacked!(BF16),
-            Array::I64(_) => stacked!(I64),
-            Array::I32(_) => stacked!(I32),
-            Array::I8(_) => stacked!(I8),
-            Array::U8(_) => stacked!(U8),
-            Array::Bool(_) => stacked!(Bool),
+            Array::F32(_) => joined!(F32),
+            Array::F64(_) => joined!(F64),
+            Array::F16(_) => joined!(F16),
+            Array::BF16(_) => joined!(BF16),
+            Array::I64(_) => joined!(I64),
+            Array::I32(_) => joined!(I32),
+            Array::I8(_) => joined!(I8),
+            Array::U8(_) => joined!(U8),
+            Array::Bool(_) => joined!(Bool),
         })
     }
 

@@ -367,15 +367,10 @@ fn gradients_match_pytorch_autograd() {
                 } else {
                     got
                 }; // ONNX -> torch layout
-                let got = got.into_shape_with_order(want.raw_dim()).unwrap();
-                let scale = want
-                    .iter()
-                    .fold(0f64, |m, v| common::nan_max(m, v.abs() as f64))
-                    .max(1e-12);
-                let err = got
-                    .iter()
-                    .zip(want.iter())
-                    .fold(0f64, |m, (a, b)| common::nan_max(m, (a - b).abs() as f64));
+                let got = Array::F32(got.into_shape_with_order(want.raw_dim()).unwrap());
+                let want = Array::F32(want);
+                let scale = common::max_abs(&want).max(1e-12);
+                let err = common::max_abs_diff(&got, &want);
                 // 1e-4 relative to the tensor's largest entry (the bound): fp32
                 // on both sides, summed in different orders.
                 assert!(

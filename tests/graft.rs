@@ -21,12 +21,6 @@ fn run(model: &Model, inputs: &Named) -> Vec<Array> {
     common::run_tract(model, inputs)
 }
 
-fn max_abs(a: &Array) -> f64 {
-    a.to_f64()
-        .iter()
-        .fold(0.0f64, |m, v| common::nan_max(m, v.abs()))
-}
-
 /// `(tolerance, measured)` for identity at init.
 fn identity_tolerance(name: &str, variant: &str, diff: f64, y0: &Array) -> (f64, f64) {
     match (variant, name.ends_with("fp16")) {
@@ -34,11 +28,11 @@ fn identity_tolerance(name: &str, variant: &str, diff: f64, y0: &Array) -> (f64,
         // bound is the 1e-6 absolute).
         ("lora" | "delora", false) => (1e-6, diff),
         // W_res + s·BA = W up to fp32 rounding of the SVD products: 1e-4 relative.
-        ("pissa", false) => (1e-4, diff / max_abs(y0)),
+        ("pissa", false) => (1e-4, diff / common::max_abs(y0)),
         // fp16: tract's f16 kernels accumulate in another order once the layer input has
         // a second reader, and W_res is stored with 11-bit mantissas: 1e-2 relative
         // (one f16 ulp at |y| ≈ 4 is 2e-3, about 5e-4 relative).
-        _ => (1e-2, diff / max_abs(y0)),
+        _ => (1e-2, diff / common::max_abs(y0)),
     }
 }
 
@@ -102,7 +96,7 @@ fn the_adapter_really_acts_as_its_merged_weight() {
                 "{name} {variant}: the perturbed adapter changed nothing ({moved:e})"
             );
             // 1e-4 relative: fp32 sums in a different order in the two graphs.
-            let rel = max_abs_diff(&adapted[0], &expected[0]) / max_abs(&expected[0]);
+            let rel = max_abs_diff(&adapted[0], &expected[0]) / common::max_abs(&expected[0]);
             assert!(
                 rel <= 1e-4,
                 "{name} {variant}: adapted vs merged differ by {rel:e} relative"

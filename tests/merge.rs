@@ -13,12 +13,6 @@ const VARIANTS: &[&str] = &["lora", "pissa", "delora"];
 
 use common::request;
 
-fn max_abs(a: &Array) -> f64 {
-    a.to_f64()
-        .iter()
-        .fold(0.0f64, |m, v| common::nan_max(m, v.abs()))
-}
-
 /// A "trained" adapter: grafted, B and lambda set non-zero, written to `dir`.
 fn trained(name: &str, variant: &str, dir: &std::path::Path) -> (Model, std::path::PathBuf) {
     let mut model = Model::load(&fixture(name)).unwrap();
@@ -72,7 +66,7 @@ fn merged_model_equals_the_adapted_one_and_keeps_the_base_graph() {
             );
             let (m, a) = (run_tract(&merged, &inputs), run_tract(&adapted, &inputs));
             // fp32, products summed in another order: 1e-4 relative (the bound).
-            let rel = max_abs_diff(&m[0], &a[0]) / max_abs(&a[0]);
+            let rel = max_abs_diff(&m[0], &a[0]) / common::max_abs(&a[0]);
             assert!(rel <= 1e-4, "{name} {variant}: merged vs adapted {rel:e}");
             assert!(
                 max_abs_diff(&m[0], &run_tract(&base, &inputs)[0]) > 1e-3,
@@ -178,7 +172,7 @@ fn a_hand_written_lora_lite_and_peft_adapter_apply_correctly() {
         let mut merged = Model::load(&fixture("llama")).unwrap();
         pipeline::merge(&mut merged, &adapter, PissaBase::Original).unwrap();
         let m = run_tract(&merged, &inputs).remove(0);
-        assert!(max_abs_diff(&m, outputs.last().unwrap()) / max_abs(&m) <= 1e-4);
+        assert!(max_abs_diff(&m, outputs.last().unwrap()) / common::max_abs(&m) <= 1e-4);
     }
     assert!(
         max_abs_diff(&outputs[0], &outputs[1]) <= 1e-6,

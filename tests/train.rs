@@ -136,15 +136,10 @@ fn three_adamw_steps_match_pytorch() {
             opt.update(&mut fed, &grads);
         }
         for (tensor, got) in &fed {
-            let want_t = want.tensors[tensor].to_f32();
-            let got = torch_layout(tensor, got);
-            let scale = want_t
-                .iter()
-                .fold(0f64, |m, v| common::nan_max(m, v.abs() as f64));
-            let worst = got
-                .iter()
-                .zip(want_t.iter())
-                .fold(0f64, |m, (a, b)| common::nan_max(m, (a - b).abs() as f64));
+            let want_t = Array::F32(want.tensors[tensor].to_f32());
+            let got = Array::F32(torch_layout(tensor, got));
+            let scale = common::max_abs(&want_t);
+            let worst = common::max_abs_diff(&got, &want_t);
             assert!(
                 worst <= 1e-5 * scale,
                 "{variant} {tensor}: AdamW on torch's gradients is off by {worst:e} (scale {scale:e})"

@@ -1,7 +1,7 @@
 //! f32 matrix products through faer's kernels instead of tract's.
 //!
-//! On the machines we measured (AVX-512), tract's f32 kernels reach 50-90 GFLOP/s per
-//! core on the products of a training step, faer's 80-130. [`use_faer_matmuls`] turns
+//! On the machine we measured (AVX-512, one thread), tract's f32 kernels reach 50-90
+//! GFLOP/s on the products of a training step, faer's 100-150 (in 512-column blocks). [`use_faer_matmuls`] turns
 //! every matrix product of a decluttered f32 model into tract's `PrefixMatMul` form
 //! (batch prefix, then rows and columns, with transpose flags) and runs it as
 //! [`FaerMatMul`]. Models with any other product (f16, f64, quantized) keep tract's.
@@ -27,7 +27,7 @@ pub struct FaerMatMul {
     pub transpose_c: bool,
 }
 
-/// A matrix inside a tensor: its element offset and strides (rows, columns).
+/// A matrix stored in the last two axes of a row-major tensor: its size and strides.
 #[derive(Clone, Copy)]
 struct Layout {
     rows: usize,
@@ -37,26 +37,44 @@ struct Layout {
 }
 
 impl Layout {
-    /// The last two axes of `shape` (row-major), swapped when `transposed`.
+    /// The last two axes of `shape`, swapped when `transposed`.
     fn of(shape: &[usize], transposed: bool) -> Layout {
-        let r = shape.len();
-        let (d0, d1) = (shape[r - 2], shape[r - 1]);
-        let (s0, s1) = (d1 as isize, 1);
-        if transposed {
-            Layout {
-                rows: d1,
-                cols: d0,
-                row_stride: s1,
-                col_stride: s0,
-            }
+        let (d0, d1) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+        let (rows, cols, row_stride, col_stride) = if transposed {
+            (d1, d0, 1, d1 as isize)
         } else {
-            Layout {
-                rows: d0,
-                cols: d1,
-                row_stride: s0,
-                col_stride: s1,
-            }
+            (d0, d1, d1 as isize, 1)
+        };
+        Layout {
+            rows,
+            cols,
+            row_stride,
+            col_stride,
         }
+    }
+
+    /// Columns `first..first + cols` of the matrix starting at `start`.
+    ///
+    /// # Safety
+    /// The layout must describe a matrix starting at `start` inside one allocation, and
+    /// `first + cols` must not exceed `self.cols`.
+    unsafe fn columns<'a>(&self, start: *const f32, first: usize, cols: usize) -> MatRef<'a, f32> {
+        let ptr = start.offset(first as isize * self.col_stride);
+        MatRef::from_raw_parts(ptr, self.rows, cols, self.row_stride, self.col_stride)
+    }
+
+    /// [`Layout::columns`], writable.
+    ///
+    /// # Safety
+    /// As for [`Layout::columns`], and nothing else may access those elements meanwhile.
+    unsafe fn columns_mut<'a>(
+        &self,
+        start: *mut f32,
+        first: usize,
+        cols: usize,
+    ) -> MatMut<'a, f32> {
+        let ptr = start.offset(first as isize * self.col_stride);
+        MatMut::from_raw_parts_mut(ptr, self.rows, cols, self.row_stride, self.col_stride)
     }
 }
 
@@ -126,7 +144,11 @@ impl EvalOp for FaerMatMul {
         let lb = Layout::of(b_shape, self.transpose_b);
         let lc = Layout::of(&c_shape, self.transpose_c);
         ensure!(
-            la.cols == lb.rows && la.rows == lc.rows && lb.cols == lc.cols,
+            la.cols == lb.rows
+                && la.rows == lc.rows
+                && lb.cols == lc.cols
+                && (0..rank - 2)
+                    .all(|i| a_shape[i] == b_shape[i] || a_shape[i] == 1 || b_shape[i] == 1),
             "FaerMatMul: shapes {a_shape:?} and {b_shape:?} do not multiply"
         );
         let (a_plain, b_plain) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
@@ -153,34 +175,13 @@ impl EvalOp for FaerMatMul {
                 for j in (0..lc.cols).step_by(COLUMN_BLOCK) {
                     let w = COLUMN_BLOCK.min(lc.cols - j);
                     // SAFETY: each layout describes a matrix inside its tensor's
-                    // contiguous row-major buffer at that offset (shapes checked above),
-                    // the block lies within it, and `c` does not alias the inputs.
+                    // contiguous row-major buffer at that batch offset (shapes and batch
+                    // broadcasting checked above), the block lies within it, and `c`
+                    // does not alias the inputs.
                     unsafe {
-                        let am = MatRef::from_raw_parts(
-                            a_data.as_ptr().add(oa),
-                            la.rows,
-                            la.cols,
-                            la.row_stride,
-                            la.col_stride,
-                        );
-                        let bm = MatRef::from_raw_parts(
-                            b_data
-                                .as_ptr()
-                                .offset(ob as isize + j as isize * lb.col_stride),
-                            lb.rows,
-                            w,
-                            lb.row_stride,
-                            lb.col_stride,
-                        );
-                        let cm = MatMut::from_raw_parts_mut(
-                            c_data
-                                .as_mut_ptr()
-                                .offset(oc as isize + j as isize * lc.col_stride),
-                            lc.rows,
-                            w,
-                            lc.row_stride,
-                            lc.col_stride,
-                        );
+                        let am = la.columns(a_data.as_ptr().add(oa), 0, la.cols);
+                        let bm = lb.columns(b_data.as_ptr().add(ob), j, w);
+                        let cm = lc.columns_mut(c_data.as_mut_ptr().add(oc), j, w);
                         matmul(cm, Accum::Replace, am, bm, 1.0f32, Par::Seq);
                     }
                 }

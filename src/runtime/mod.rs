@@ -14,7 +14,7 @@ use crate::model::Model;
 use crate::tensor::Array;
 
 mod matmul;
-pub mod profile;
+pub(crate) mod profile;
 
 /// A model optimised by tract for fixed input shapes, ready to run many times.
 pub struct Runner {

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use tract_onnx::prelude::*;
 
-/// Time spent per (op, shape): total, and how many times it ran.
+/// Time spent per node and shapes (the key: op, node, input -> output shapes, op
+/// details): total, and how many times it ran.
 type Table = HashMap<String, (Duration, usize)>;
 
 fn table() -> &'static Mutex<Table> {
@@ -15,11 +16,16 @@ fn table() -> &'static Mutex<Table> {
     TABLE.get_or_init(Default::default)
 }
 
-/// Whether `LORA_GRAFT_PROFILE` is set.
-pub fn enabled() -> bool {
+/// The file `LORA_GRAFT_PROFILE` names, if set.
+fn path() -> Option<&'static str> {
     static PATH: OnceLock<Option<String>> = OnceLock::new();
     PATH.get_or_init(|| std::env::var("LORA_GRAFT_PROFILE").ok())
-        .is_some()
+        .as_deref()
+}
+
+/// Whether `LORA_GRAFT_PROFILE` is set.
+pub fn enabled() -> bool {
+    path().is_some()
 }
 
 /// Runs `plan` on `inputs`, timing each node.
@@ -56,9 +62,10 @@ pub fn run(plan: &Arc<TypedRunnableModel>, inputs: TVec<TValue>) -> TractResult<
     Ok(out)
 }
 
-/// Writes the table to `LORA_GRAFT_PROFILE`'s file, slowest first (seconds, count, key).
+/// Writes the table to `LORA_GRAFT_PROFILE`'s file, slowest first (seconds, count, key);
+/// a failure to write is a warning (the run itself went well).
 pub fn write() {
-    let Ok(path) = std::env::var("LORA_GRAFT_PROFILE") else {
+    let Some(path) = path() else {
         return;
     };
     let t = table().lock().unwrap_or_else(|e| e.into_inner());
@@ -68,5 +75,7 @@ pub fn write() {
         .iter()
         .map(|(k, (d, n))| format!("{:.4}\t{n}\t{k}\n", d.as_secs_f64()))
         .collect();
-    let _ = std::fs::write(path, text);
+    if let Err(e) = std::fs::write(path, text) {
+        eprintln!("warning: could not write the profile to {path}: {e}");
+    }
 }

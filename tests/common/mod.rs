@@ -106,6 +106,11 @@ pub fn nan_max(a: f64, b: f64) -> f64 {
     }
 }
 
+/// Largest absolute value (NaN if any element is NaN).
+pub fn max_abs(a: &Array) -> f64 {
+    a.to_f64().iter().fold(0.0, |m, v| nan_max(m, v.abs()))
+}
+
 /// Largest absolute difference between two arrays of the same shape (NaN if any
 /// element is NaN).
 pub fn max_abs_diff(a: &Array, b: &Array) -> f64 {
