@@ -21,11 +21,39 @@ pub struct FoldReport {
     pub materialised: usize,
 }
 
-/// Folds `graph` for the concrete shapes of its inputs (`name -> dims`).
-pub fn run(graph: &mut Graph, input_shapes: &HashMap<String, Vec<usize>>) -> Result<FoldReport> {
+/// The pass: folds a graph for the concrete shapes of its inputs (`name -> dims`).
+pub struct Fold<'a> {
+    /// Concrete input shapes by input name.
+    pub input_shapes: &'a HashMap<String, Vec<usize>>,
+    /// What it did.
+    pub report: FoldReport,
+}
+
+impl<'a> Fold<'a> {
+    /// The pass for `input_shapes`.
+    pub fn new(input_shapes: &'a HashMap<String, Vec<usize>>) -> Fold<'a> {
+        Fold {
+            input_shapes,
+            report: FoldReport::default(),
+        }
+    }
+}
+
+impl super::Pass for Fold<'_> {
+    fn name(&self) -> &'static str {
+        "fold"
+    }
+
+    fn run(&mut self, graph: &mut Graph, _: &super::PassContext) -> Result<()> {
+        self.report = fold(graph, self.input_shapes)?;
+        Ok(())
+    }
+}
+
+fn fold(graph: &mut Graph, input_shapes: &HashMap<String, Vec<usize>>) -> Result<FoldReport> {
     let mut known: HashMap<ValueId, Array> = HashMap::new();
     let mut shapes: HashMap<ValueId, Vec<usize>> = HashMap::new();
-    for io in &graph.inputs {
+    for io in graph.inputs() {
         if let Some(shape) = input_shapes.get(&graph.value(io.value).name) {
             shapes.insert(io.value, shape.clone());
         }
@@ -128,8 +156,6 @@ pub fn run(graph: &mut Graph, input_shapes: &HashMap<String, Vec<usize>>) -> Res
             graph.remove_initializer(v);
         }
     }
-    graph.compact();
-    graph.validate().map_err(|e| e.context("fold"))?;
     Ok(report)
 }
 

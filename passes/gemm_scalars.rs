@@ -9,8 +9,25 @@ use crate::ir::{Graph, Initializer, ValueId};
 use crate::proto::tensor_proto::DataType;
 use crate::tensor::Array;
 
-/// Rewrites every such Gemm; returns how many.
-pub fn run(graph: &mut Graph) -> Result<usize> {
+/// The pass: rewrites every such Gemm.
+#[derive(Debug, Default)]
+pub struct GemmScalars {
+    /// How many Gemms it rewrote.
+    pub rewritten: usize,
+}
+
+impl super::Pass for GemmScalars {
+    fn name(&self) -> &'static str {
+        "gemm_scalars"
+    }
+
+    fn run(&mut self, graph: &mut Graph, _: &super::PassContext) -> Result<()> {
+        self.rewritten = rewrite(graph)?;
+        Ok(())
+    }
+}
+
+fn rewrite(graph: &mut Graph) -> Result<usize> {
     let gemms: Vec<_> = graph
         .node_ids()
         .filter(|&id| graph.node(id).op() == "Gemm")
@@ -25,7 +42,7 @@ pub fn run(graph: &mut Graph) -> Result<usize> {
             .get(1)
             .copied()
             .flatten()
-            .and_then(|b| declared_type(graph, b))
+            .and_then(|b| crate::ir::infer::declared_type(graph, b))
         else {
             continue;
         };
@@ -97,18 +114,5 @@ pub fn run(graph: &mut Graph) -> Result<usize> {
         graph.add_node(proto, sum_inputs, vec![Some(out)])?;
         rewritten += 1;
     }
-    graph.compact();
     Ok(rewritten)
-}
-
-/// The element type of `v` when it is an initializer or a typed graph input.
-fn declared_type(graph: &Graph, v: ValueId) -> Option<i32> {
-    if let Some(init) = graph.initializer(v) {
-        return Some(init.elem_type());
-    }
-    let io = graph.inputs.iter().find(|io| io.value == v)?;
-    match io.info.r#type.as_ref()?.value.as_ref()? {
-        crate::proto::type_proto::Value::TensorType(t) => Some(t.elem_type()),
-        _ => None,
-    }
 }

@@ -2,13 +2,14 @@
 //! its branch around every target node (`y' = y + Δ(x)`); PiSSA also rewrites the
 //! weight to `W_res`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tract_core::ndarray::{Array2, ArrayD};
 
 use super::target::{Layout, Role, Target};
-use super::variants::{init_params, int_attr, Branch, Config, Dims, Params, Variant};
+use super::variants::{init_params, Config, Dims, Params, Variant};
 use crate::error::{Error, Result};
+use crate::ir::build::{int_attr, Builder};
 use crate::ir::{Def, Graph, Initializer, ValueId};
 use crate::proto::tensor_proto::DataType;
 use crate::rng::Rng;
@@ -167,33 +168,63 @@ fn module_cost(group: &[&Target], opts: &GraftOptions) -> usize {
     opts.variant.working_set(dims, &opts.cfg)
 }
 
-/// Grafts `opts.variant` onto `targets` of `graph`.
-pub fn run(
+/// The pass: grafts `opts.variant` onto `targets`.
+pub struct Graft<'a> {
+    /// The linear layers to adapt.
+    pub targets: &'a [Target],
+    /// The variant and its settings.
+    pub opts: GraftOptions<'a>,
+    /// What it made.
+    pub grafted: Grafted,
+}
+
+impl<'a> Graft<'a> {
+    /// The pass for `targets`.
+    pub fn new(targets: &'a [Target], opts: GraftOptions<'a>) -> Graft<'a> {
+        Graft {
+            targets,
+            opts,
+            grafted: Grafted::default(),
+        }
+    }
+}
+
+impl super::Pass for Graft<'_> {
+    fn name(&self) -> &'static str {
+        "graft"
+    }
+
+    fn run(&mut self, graph: &mut Graph, cx: &super::PassContext) -> Result<()> {
+        self.grafted = graft_targets(graph, cx.opset, self.targets, &self.opts)?;
+        Ok(())
+    }
+}
+
+fn graft_targets(
     graph: &mut Graph,
     opset: i64,
     targets: &[Target],
     opts: &GraftOptions,
 ) -> Result<Grafted> {
     let groups = by_module(targets);
+    let dtypes = crate::ir::infer::value_dtypes(graph)?;
     // 1. Adapter tensors and rewritten weights, read-only on the graph, in parallel.
     let prepared = par_map(
         &groups,
         |(_, group)| module_cost(group, opts),
         PARALLEL_MEMORY_BUDGET,
         |(module, group)| {
-            prepare_module(graph, module, group, opts)
+            prepare_module(graph, &dtypes, module, group, opts)
                 .map_err(|e| e.context(format!("grafting '{module}'")))
         },
     );
     // 2. The edits, in graph order.
     let mut grafted = Grafted::default();
     for ((module, group), prepared) in groups.iter().zip(prepared) {
-        let m = apply_module(graph, opset, module, group, prepared?, opts)
+        let m = apply_module(graph, &dtypes, opset, module, group, prepared?, opts)
             .map_err(|e| e.context(format!("grafting '{module}'")))?;
         grafted.modules.push(m);
     }
-    graph.compact();
-    graph.validate().map_err(|e| e.context("graft"))?;
     Ok(grafted)
 }
 
@@ -207,6 +238,7 @@ struct Prepared {
 
 fn prepare_module(
     graph: &Graph,
+    dtypes: &HashMap<ValueId, i32>,
     module: &str,
     group: &[&Target],
     opts: &GraftOptions,
@@ -248,7 +280,7 @@ fn prepare_module(
         round(p);
     }
     let weight = match w_res {
-        Some(w_res) => Some(weight_patch(graph, module, group, w_res)?),
+        Some(w_res) => Some(weight_patch(graph, dtypes, module, group, w_res)?),
         None => None,
     };
     Ok(Prepared {
@@ -261,6 +293,7 @@ fn prepare_module(
 
 fn apply_module(
     graph: &mut Graph,
+    dtypes: &HashMap<ValueId, i32>,
     opset: i64,
     module: &str,
     group: &[&Target],
@@ -291,18 +324,19 @@ fn apply_module(
             graph.add_initializer(&key, Initializer::new(array.to_proto(""))),
         );
     }
-    let mut branch = Branch {
-        graph: &mut *graph,
-        prefix: format!("{module}.lora"),
+    let mut branch = Builder::new(
+        &mut *graph,
         opset,
-        dtype: opts.adapter_dtype,
-    };
+        opts.adapter_dtype,
+        format!("{module}.lora"),
+        '.',
+    );
     for (name, v) in opts.variant.module_values(&mut branch, &ids, cfg)? {
         ids.insert(name, v);
     }
     let mut sites = Vec::new();
     for t in group {
-        splice(graph, opset, module, t, &ids, opts)?;
+        splice(graph, dtypes, opset, module, t, &ids, opts)?;
         sites.push(Site {
             node: t.node_name.clone(),
             role: t.role,
@@ -344,65 +378,32 @@ pub fn onnx_layout(a: &ArrayD<f32>) -> ArrayD<f32> {
     }
 }
 
-/// The element type the linear node computes in.
-fn compute_dtype(graph: &Graph, t: &Target) -> i32 {
+/// The element type the linear node computes in: its weight's (a MatMulNBits its
+/// scales').
+fn compute_dtype(graph: &Graph, dtypes: &HashMap<ValueId, i32>, t: &Target) -> i32 {
     let node = graph.node(t.node);
-    if t.op == "MatMulNBits" {
-        return node
-            .inputs
-            .get(2)
-            .copied()
-            .flatten()
-            .map(|s| value_dtype(graph, s))
-            .unwrap_or(DataType::Float as i32);
-    }
-    value_dtype(graph, node.inputs[1].expect("weight input"))
-}
-
-fn value_dtype(graph: &Graph, v: ValueId) -> i32 {
-    if let Some(init) = graph.initializer(v) {
-        return init.elem_type();
-    }
-    let Some(n) = graph.producer(v) else {
-        return DataType::Float as i32;
-    };
-    let node = graph.node(n);
-    match node.op() {
-        "Cast" => node.attr_int("to", 1) as i32,
-        "DequantizeLinear" => node
-            .inputs
-            .get(1)
-            .copied()
-            .flatten()
-            .map(|s| value_dtype(graph, s))
-            .unwrap_or(1),
-        _ => node
-            .inputs
-            .iter()
-            .flatten()
-            .next()
-            .map(|&i| value_dtype(graph, i))
-            .unwrap_or(1),
-    }
+    let slot = if t.op == "MatMulNBits" { 2 } else { 1 };
+    node.inputs
+        .get(slot)
+        .copied()
+        .flatten()
+        .and_then(|w| dtypes.get(&w).copied())
+        .unwrap_or(DataType::Float as i32)
 }
 
 /// `y' = y + Cast(branch(Cast(x)))` around target `t`.
 fn splice(
     graph: &mut Graph,
+    dtypes: &HashMap<ValueId, i32>,
     opset: i64,
     module: &str,
     t: &Target,
     ids: &BTreeMap<&'static str, ValueId>,
     opts: &GraftOptions,
 ) -> Result<()> {
-    let model_dtype = compute_dtype(graph, t);
+    let model_dtype = compute_dtype(graph, dtypes, t);
     let prefix = format!("{module}.lora");
-    let mut b = Branch {
-        graph,
-        prefix,
-        opset,
-        dtype: opts.adapter_dtype,
-    };
+    let mut b = Builder::new(graph, opset, opts.adapter_dtype, prefix, '.');
     let x = if model_dtype != opts.adapter_dtype {
         b.op(
             "Cast",
@@ -514,7 +515,8 @@ pub fn set_weight(
     group: &[&Target],
     w_res: Array2<f32>,
 ) -> Result<()> {
-    let patch = weight_patch(graph, module, group, w_res)?;
+    let dtypes = crate::ir::infer::value_dtypes(graph)?;
+    let patch = weight_patch(graph, &dtypes, module, group, w_res)?;
     apply_weight(graph, module, group, patch);
     Ok(())
 }
@@ -522,6 +524,7 @@ pub fn set_weight(
 /// The patch that [`set_weight`] applies.
 pub fn weight_patch(
     graph: &Graph,
+    dtypes: &HashMap<ValueId, i32>,
     module: &str,
     group: &[&Target],
     w_res: Array2<f32>,
@@ -556,7 +559,7 @@ pub fn weight_patch(
         let array = Array::from_f32(values.into_dyn(), dtype).ok_or_else(not_float)?;
         return Ok(WeightPatch::InPlace(root, Initializer::from_array(&array)?));
     }
-    let dtype = compute_dtype(graph, t0);
+    let dtype = compute_dtype(graph, dtypes, t0);
     let array = Array::from_f32(seen.into_dyn(), dtype).ok_or_else(not_float)?;
     Ok(WeightPatch::Own(Initializer::from_array(&array)?))
 }

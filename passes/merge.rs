@@ -14,7 +14,7 @@ use crate::ir::Graph;
 use crate::rng::Rng;
 
 /// What the base model of a PiSSA merge holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PissaBase {
     /// The original W: `W_res` is recomputed from the same (deterministic) SVD init,
     /// so `W' = W − s·B₀A₀ + s·BA` (PEFT's rank-2r conversion, folded).
@@ -23,100 +23,112 @@ pub enum PissaBase {
     Residual,
 }
 
-/// Folds `adapters` (module -> torch-layout tensors) into the weights of `targets`.
-/// `adapter_dtype` is the dtype the adapter was made in (it rounds the recomputed init).
-pub fn run(
-    graph: &mut Graph,
-    targets: &[Target],
-    variant: &dyn Variant,
-    cfg: &Config,
-    adapters: &BTreeMap<String, Params>,
-    adapter_dtype: i32,
-    base: PissaBase,
-) -> Result<usize> {
-    let modules: Vec<(&String, &Params)> = adapters.iter().collect();
-    // New weights are computed in parallel, read-only; the graph is edited afterwards.
-    let cost = |&(module, _): &(&String, &Params)| {
-        targets
-            .iter()
-            .find(|t| &t.module == module)
-            .map(|t| {
-                let dims = Dims {
-                    d_in: t.d_in,
-                    d_out: t.d_out,
-                };
-                // The weight, its merged copy, and PiSSA's recomputed init.
-                8 * t.d_in * t.d_out + variant.working_set(dims, cfg)
-            })
-            .unwrap_or(0)
-    };
-    let patches = par_map(
-        &modules,
-        cost,
-        PARALLEL_MEMORY_BUDGET,
-        |&(module, params)| {
-            let group: Vec<&Target> = targets.iter().filter(|t| &t.module == module).collect();
-            let patch = merged_weight(
-                graph,
-                module,
-                &group,
-                variant,
-                cfg,
-                params,
-                adapter_dtype,
-                base,
-            )
-            .map_err(|e| e.context(format!("merging '{module}'")))?;
-            Ok::<_, Error>((group, patch))
-        },
-    );
-    let mut merged = 0;
-    for (&(module, _), patch) in modules.iter().zip(patches) {
-        let (group, patch) = patch?;
-        apply_weight(graph, module, &group, patch);
-        merged += 1;
-    }
-    graph.compact();
-    graph.validate().map_err(|e| e.context("merge"))?;
-    Ok(merged)
+/// The pass: folds `adapters` (module -> torch-layout tensors) into the weights of
+/// `targets`.
+pub struct Merge<'a> {
+    /// The adapted layers.
+    pub targets: &'a [Target],
+    /// The adapter's variant.
+    pub variant: &'a dyn Variant,
+    /// Its settings.
+    pub cfg: &'a Config,
+    /// module -> its tensors.
+    pub adapters: &'a BTreeMap<String, Params>,
+    /// The dtype the adapter was made in (it rounds a recomputed init).
+    pub adapter_dtype: i32,
+    /// What the base weights hold.
+    pub base: PissaBase,
+    /// How many modules it merged.
+    pub merged: usize,
 }
 
-/// The patch that writes `module`'s merged weight.
-#[allow(clippy::too_many_arguments)]
-fn merged_weight(
-    graph: &Graph,
-    module: &str,
-    group: &[&Target],
-    variant: &dyn Variant,
-    cfg: &Config,
-    params: &Params,
-    adapter_dtype: i32,
-    base: PissaBase,
-) -> Result<WeightPatch> {
-    let t0 = group
-        .first()
-        .ok_or_else(|| Error::Usage(format!("no target '{module}' in the model")))?;
-    if t0.quantized {
-        return Err(Error::Usage(format!(
+impl super::Pass for Merge<'_> {
+    fn name(&self) -> &'static str {
+        "merge"
+    }
+
+    fn run(&mut self, graph: &mut Graph, _: &super::PassContext) -> Result<()> {
+        self.merged = self.merge(graph)?;
+        Ok(())
+    }
+}
+
+impl Merge<'_> {
+    fn merge(&self, graph: &mut Graph) -> Result<usize> {
+        let (targets, variant, cfg) = (self.targets, self.variant, self.cfg);
+        let modules: Vec<(&String, &Params)> = self.adapters.iter().collect();
+        let dtypes = crate::ir::infer::value_dtypes(graph)?;
+        // New weights are computed in parallel, read-only; the graph is edited afterwards.
+        let cost = |&(module, _): &(&String, &Params)| {
+            targets
+                .iter()
+                .find(|t| &t.module == module)
+                .map(|t| {
+                    let dims = Dims {
+                        d_in: t.d_in,
+                        d_out: t.d_out,
+                    };
+                    // The weight, its merged copy, and PiSSA's recomputed init.
+                    8 * t.d_in * t.d_out + variant.working_set(dims, cfg)
+                })
+                .unwrap_or(0)
+        };
+        let patches = par_map(
+            &modules,
+            cost,
+            PARALLEL_MEMORY_BUDGET,
+            |&(module, params)| {
+                let group: Vec<&Target> = targets.iter().filter(|t| &t.module == module).collect();
+                let patch = self
+                    .merged_weight(graph, &dtypes, module, &group, params)
+                    .map_err(|e| e.context(format!("merging '{module}'")))?;
+                Ok::<_, Error>((group, patch))
+            },
+        );
+        let mut merged = 0;
+        for (&(module, _), patch) in modules.iter().zip(patches) {
+            let (group, patch) = patch?;
+            apply_weight(graph, module, &group, patch);
+            merged += 1;
+        }
+        Ok(merged)
+    }
+
+    /// The patch that writes `module`'s merged weight.
+    fn merged_weight(
+        &self,
+        graph: &Graph,
+        dtypes: &std::collections::HashMap<crate::ir::ValueId, i32>,
+        module: &str,
+        group: &[&Target],
+        params: &Params,
+    ) -> Result<WeightPatch> {
+        let (variant, cfg) = (self.variant, self.cfg);
+        let t0 = group
+            .first()
+            .ok_or_else(|| Error::Usage(format!("no target '{module}' in the model")))?;
+        if t0.quantized {
+            return Err(Error::Usage(format!(
             "cannot merge into '{module}': its weight is quantized ({}); use the grafted model, or merge into a float model and quantize after",
             t0.op
         )));
-    }
-    let w = effective_weight(graph, t0)?;
-    let base_w = if base == PissaBase::Original && variant.reads_weight() {
-        let dims = Dims {
-            d_in: t0.d_in,
-            d_out: t0.d_out,
+        }
+        let w = effective_weight(graph, t0)?;
+        let base_w = if self.base == PissaBase::Original && variant.rewrites_weight() {
+            let dims = Dims {
+                d_in: t0.d_in,
+                d_out: t0.d_out,
+            };
+            let mut rng = Rng::for_name(cfg.seed, module);
+            let mut init = init_params(&variant.param_specs(dims, cfg), &mut rng);
+            let round = rounding(self.adapter_dtype);
+            variant
+                .init(&w, &mut init, cfg, &mut rng, &round)?
+                .unwrap_or(w)
+        } else {
+            w
         };
-        let mut rng = Rng::for_name(cfg.seed, module);
-        let mut init = init_params(&variant.param_specs(dims, cfg), &mut rng);
-        let round = rounding(adapter_dtype);
-        variant
-            .init(&w, &mut init, cfg, &mut rng, &round)?
-            .unwrap_or(w)
-    } else {
-        w
-    };
-    let merged_w = base_w + variant.delta_w(params, cfg);
-    weight_patch(graph, module, group, merged_w)
+        let merged_w = base_w + variant.delta_w(params, cfg);
+        weight_patch(graph, dtypes, module, group, merged_w)
+    }
 }

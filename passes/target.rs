@@ -156,6 +156,25 @@ impl Default for Filters {
     }
 }
 
+impl Targeting {
+    /// Follows [`Graph::compact`]'s renumbering after a pass edited the graph: a weight
+    /// the pass replaced (PiSSA's `W_res`) is found again as the linear node's weight.
+    pub fn remap(&mut self, remap: &crate::ir::Remap, graph: &Graph) {
+        for t in &mut self.targets {
+            t.node = remap.node(t.node).expect("a pass removed a target node");
+            t.input = remap.value(t.input).expect("a pass dropped a target input");
+            t.output = remap
+                .value(t.output)
+                .expect("a pass dropped a target output");
+            t.weight = remap
+                .value(t.weight)
+                .or_else(|| graph.value_by_name(&t.weight_name))
+                .or_else(|| graph.node(t.node).inputs.get(1).copied().flatten())
+                .expect("a linear node has a weight");
+        }
+    }
+}
+
 /// The targeting result.
 #[derive(Debug, Clone, Serialize)]
 pub struct Targeting {
@@ -235,10 +254,10 @@ pub fn run(graph: &Graph, filters: &Filters) -> Result<Targeting> {
         filters.roles.contains(&t.role)
     });
     if linears.is_empty() {
-        return Err(Error::Usage(format!(
-            "no target left: found {found} linear layers; {}",
-            removed.join("; ")
-        )));
+        return Err(Error::NoTarget {
+            found,
+            removed: removed.join("; "),
+        });
     }
     // Parameters count each weight once (a module called twice shares one), and a
     // packed int4 weight as its K·N logical entries.

@@ -32,6 +32,17 @@ pub enum Error {
         op: String,
         reason: String,
     },
+    /// An adapter file is not a readable safetensors file.
+    #[error("{}: not a safetensors adapter file: {reason}", path.display())]
+    AdapterFile { path: PathBuf, reason: String },
+    /// The target filters left no linear layer to adapt.
+    #[error("no target left: found {found} linear layers; {removed}")]
+    NoTarget {
+        /// Linear layers found before filtering.
+        found: usize,
+        /// What each filter removed.
+        removed: String,
+    },
     /// The user asked for something that cannot be done as asked.
     #[error("{0}")]
     Usage(String),

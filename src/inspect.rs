@@ -106,8 +106,8 @@ impl Report {
             )
             .trim()
             .to_string(),
-            inputs: io(&g.inputs, true),
-            outputs: io(&g.outputs, false),
+            inputs: io(g.inputs(), true),
+            outputs: io(g.outputs(), false),
             nodes: g.node_count(),
             ops,
             initializers: g.initializers().count(),

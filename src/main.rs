@@ -4,14 +4,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use lora_graft::adapter::meta::FilterText;
+use lora_graft::adapter::{AdapterOverrides, LoadedAdapter};
+use lora_graft::jobs::{self, AdapterDtype, GraftRequest, TrainingRequest};
 use lora_graft::model::{SaveOptions, SaveReport};
 use lora_graft::passes::grad::loss::Loss;
 use lora_graft::passes::merge::PissaBase;
 use lora_graft::passes::target::{self, Filters, Role};
-use lora_graft::passes::variants::Config;
-use lora_graft::pipeline::{
-    self, AdapterOverrides, FilterText, GraftRequest, LoadedAdapter, TrainingRequest,
-};
+use lora_graft::passes::variants::{self, Alpha, Config, Variant};
 use lora_graft::train::{self, Schedule, TrainOptions};
 use lora_graft::{inspect, Error, Model, Result};
 use regex::Regex;
@@ -39,9 +39,9 @@ struct Cli {
 /// The variant and its settings (shared by grafting and `grad`).
 #[derive(Args, Debug, Clone)]
 struct VariantArgs {
-    /// The adapter variant: lora, pissa or delora.
-    #[arg(long)]
-    variant: Option<String>,
+    /// The adapter variant (lora, pissa, delora, ...).
+    #[arg(long, value_parser = parse_variant)]
+    variant: Option<&'static dyn Variant>,
     /// Rank.
     #[arg(short, long, default_value_t = 8)]
     r: usize,
@@ -60,33 +60,31 @@ struct VariantArgs {
     /// Seed of the random inits (the same seed gives byte-identical outputs).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Adapter dtype: float32 (default), float16 or bfloat16.
-    #[arg(long, default_value = "float32")]
-    adapter_dtype: String,
+    /// Adapter dtype.
+    #[arg(long, value_enum, default_value_t = AdapterDtype::Float32)]
+    adapter_dtype: AdapterDtype,
 }
 
 impl VariantArgs {
     /// The graft request these options and `filters` make.
     fn request(&self, filters: &TargetArgs) -> Result<GraftRequest> {
-        let Some(variant) = self.variant.clone() else {
-            return Err(Error::Usage(
-                "no --variant given; choose lora, pissa or delora".into(),
-            ));
+        let Some(variant) = self.variant else {
+            return Err(Error::Usage(format!(
+                "no --variant given; choose {}",
+                variant_names(" or ")
+            )));
         };
-        lora_graft::passes::variants::variant(&variant)?;
-        let (alpha, alpha_json) = parse_alpha(&self.alpha)?;
         Ok(GraftRequest {
             variant,
             cfg: Config {
                 r: self.r,
-                alpha,
-                alpha_json,
+                alpha: parse_alpha(&self.alpha)?,
                 rslora: self.rslora,
                 lambda0: self.lambda0,
                 pissa_niter: self.pissa_niter,
                 seed: self.seed,
             },
-            adapter_dtype: pipeline::parse_dtype(&self.adapter_dtype)?,
+            adapter_dtype: self.adapter_dtype,
             filters: filters.filters()?,
             filter_text: filters.text(),
         })
@@ -137,11 +135,11 @@ enum Command {
         output: Option<PathBuf>,
         /// PiSSA only: whether the base holds the original W (W_res is recomputed from
         /// the same SVD init) or already W_res (a model grafted by lora-graft).
-        #[arg(long, default_value = "original", value_parser = ["original", "residual"])]
-        pissa_base: String,
+        #[arg(long, value_enum, default_value_t = PissaBase::Original)]
+        pissa_base: PissaBase,
         /// Variant of a file without lora-lite's cfg (a PEFT adapter).
-        #[arg(long)]
-        variant: Option<String>,
+        #[arg(long, value_parser = parse_variant)]
+        variant: Option<&'static dyn Variant>,
         /// alpha of a file without cfg.
         #[arg(long)]
         alpha: Option<String>,
@@ -159,8 +157,8 @@ enum Command {
         #[command(flatten)]
         filters: TargetArgs,
         /// The loss: causal-lm (logits [B, S, V], labels [B, S]), class, or mse.
-        #[arg(long, default_value = "causal-lm")]
-        loss: String,
+        #[arg(long, value_enum, default_value_t = Loss::CausalLm)]
+        loss: Loss,
         /// Training batch size (the first symbolic input dim).
         #[arg(long)]
         batch: usize,
@@ -194,8 +192,8 @@ enum Command {
         #[arg(long)]
         tokenizer: Option<PathBuf>,
         /// causal-lm, class (cross-entropy over [B, C] logits) or mse.
-        #[arg(long, default_value = "causal-lm")]
-        loss: String,
+        #[arg(long, value_enum, default_value_t = Loss::CausalLm)]
+        loss: Loss,
         /// The model output the loss reads (default: the first).
         #[arg(long = "loss-output", value_name = "NAME")]
         loss_output: Option<String>,
@@ -332,7 +330,10 @@ impl TargetArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return clap_error(e),
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -371,20 +372,20 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let req = TrainingRequest {
                 graft: variant.request(&filters)?,
-                loss: Loss::parse(&loss)?,
+                loss,
                 batch,
                 seq,
                 output: None,
                 keep_outputs,
             };
-            let name = format!("{}.train", req.graft.variant);
-            let (out, adapter_path) =
-                pipeline::default_paths(&model, &name, output.as_deref(), None);
-            let training = pipeline::training_graph(Model::load(&model)?, &req)?;
+            let name = format!("{}.train", req.graft.variant.name());
+            let (out, adapter_path) = jobs::default_paths(&model, &name, output.as_deref(), None);
+            let training = jobs::training_graph(Model::load(&model)?, &req)?;
             let adapter = training.outcome.adapter_file(&req.graft);
-            let report = pipeline::write(&training.model, &adapter, &out, &adapter_path)?;
+            let report = jobs::write(&training.model, &adapter, &out, &adapter_path)?;
             println!(
-                "training graph: loss ({loss}) and {} gradients, {} forward nodes differentiated",
+                "training graph: loss ({}) and {} gradients, {} forward nodes differentiated",
+                loss_name(loss),
                 training.graph.gradients.len(),
                 training.graph.differentiated
             );
@@ -419,7 +420,7 @@ fn run(cli: Cli) -> Result<()> {
             let opts = TrainOptions {
                 training: TrainingRequest {
                     graft,
-                    loss: Loss::parse(&loss)?,
+                    loss,
                     batch,
                     seq,
                     output: loss_output,
@@ -479,20 +480,14 @@ fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             let adapter = LoadedAdapter::read(&adapter, &overrides)?;
-            let out =
-                output.unwrap_or_else(|| pipeline::default_paths(&model, "merged", None, None).0);
+            let out = output.unwrap_or_else(|| jobs::default_paths(&model, "merged", None, None).0);
             let mut m = Model::load(&model)?;
-            let base = if pissa_base == "residual" {
-                PissaBase::Residual
-            } else {
-                PissaBase::Original
-            };
-            let merged = pipeline::merge(&mut m, &adapter, base)?;
+            let merged = jobs::merge(&mut m, &adapter, pissa_base)?;
             let report = m.save(&out, &SaveOptions::default())?;
             println!(
                 "merged {merged} modules of {} ({}) into their weights",
                 adapter.path.display(),
-                adapter.req.variant
+                adapter.req.variant.name()
             );
             print_saved(&report);
         }
@@ -520,29 +515,29 @@ fn run(cli: Cli) -> Result<()> {
 
 fn graft(args: GraftArgs) -> Result<()> {
     let Some(input) = args.model else {
-        return Err(Error::Usage(
-            "no model given; usage: lora-graft model.onnx --variant lora|pissa|delora (see --help)"
-                .into(),
-        ));
+        return Err(Error::Usage(format!(
+            "no model given; usage: lora-graft model.onnx --variant {} (see --help)",
+            variant_names("|")
+        )));
     };
     if let Some(adapter_in) = &args.adapter_in {
         let overrides = AdapterOverrides {
-            variant: args.variant.variant.clone(),
+            variant: args.variant.variant,
             alpha: Some(parse_alpha(&args.variant.alpha)?),
             strip_prefix: args.filters.strip_prefix.clone(),
             role_overrides: args.filters.filters()?.role_overrides,
         };
         let adapter = LoadedAdapter::read(adapter_in, &overrides)?;
-        let out = args
-            .output
-            .unwrap_or_else(|| pipeline::default_paths(&input, &adapter.req.variant, None, None).0);
+        let out = args.output.unwrap_or_else(|| {
+            jobs::default_paths(&input, adapter.req.variant.name(), None, None).0
+        });
         let mut model = Model::load(&input)?;
-        let outcome = pipeline::apply(&mut model, &adapter)?;
+        let outcome = jobs::apply(&mut model, &adapter)?;
         let report = model.save(&out, &SaveOptions::default())?;
         println!(
             "{} modules adapted with {} from {}",
             outcome.grafted.modules.len(),
-            adapter.req.variant,
+            adapter.req.variant.name(),
             adapter_in.display()
         );
         print_saved(&report);
@@ -552,19 +547,19 @@ fn graft(args: GraftArgs) -> Result<()> {
         .variant
         .request(&args.filters)
         .map_err(|e| e.context(input.display().to_string()))?;
-    let variant = req.variant.clone();
-    let (out, adapter_path) = pipeline::default_paths(
+    let variant = req.variant.name();
+    let (out, adapter_path) = jobs::default_paths(
         &input,
-        &variant,
+        variant,
         args.output.as_deref(),
         args.adapter.as_deref(),
     );
     // Before the (long, for PiSSA on a large model) graft.
-    pipeline::check_output_paths(&input, &out, &adapter_path)?;
+    jobs::check_output_paths(&input, &out, &adapter_path)?;
     let mut model = Model::load(&input)?;
-    let outcome = pipeline::graft(&mut model, &req)?;
+    let outcome = jobs::graft(&mut model, &req)?;
     let adapter = outcome.adapter_file(&req);
-    let report = pipeline::write(&model, &adapter, &out, &adapter_path)?;
+    let report = jobs::write(&model, &adapter, &out, &adapter_path)?;
     println!(
         "{} targets adapted with {} (r = {}):",
         outcome.targeting.targets.len(),
@@ -592,17 +587,65 @@ fn graft(args: GraftArgs) -> Result<()> {
     Ok(())
 }
 
-/// alpha and its JSON text (`16` stays an integer, `16.0` a float).
-fn parse_alpha(text: &str) -> Result<(f64, String)> {
-    let alpha: f64 = text
-        .parse()
-        .map_err(|_| Error::Usage(format!("--alpha '{text}' is not a number")))?;
-    let json = if text.parse::<i64>().is_ok() {
-        text.to_string()
-    } else {
-        lora_graft::passes::variants::delora::py_float(alpha)
+/// alpha as given (`16` stays an integer, `16.0` a float).
+fn parse_alpha(text: &str) -> Result<Alpha> {
+    Alpha::parse(text).ok_or_else(|| Error::Usage(format!("--alpha '{text}' is not a number")))
+}
+
+/// Resolves `--variant NAME` in the registry, once.
+fn parse_variant(name: &str) -> Result<&'static dyn Variant> {
+    variants::variant(name)
+}
+
+/// The registry's names joined by `sep` (the last two by ` or ` when `sep` is `, `).
+fn variant_names(last_sep: &str) -> String {
+    let names: Vec<&str> = variants::VARIANTS.iter().map(|v| v.name()).collect();
+    if last_sep == "|" {
+        return names.join("|");
+    }
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{}{last_sep}{last}", rest.join(", ")),
+        _ => names.join(""),
+    }
+}
+
+/// The CLI name of a loss.
+fn loss_name(loss: Loss) -> String {
+    use clap::ValueEnum;
+    loss.to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
+/// A bad value of an option is a one-line error and exit code 1, like every other
+/// usage error; the rest (help, version, missing arguments) is clap's.
+fn clap_error(e: clap::Error) -> ExitCode {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use std::error::Error as _;
+    let text = |k| match e.get(k) {
+        Some(ContextValue::String(s)) => s.clone(),
+        Some(ContextValue::Strings(v)) => v.join(", "),
+        _ => String::new(),
     };
-    Ok((alpha, json))
+    match e.kind() {
+        ErrorKind::ValueValidation => {
+            if let Some(source) = e.source() {
+                eprintln!("error: {source}");
+                return ExitCode::FAILURE;
+            }
+        }
+        ErrorKind::InvalidValue => {
+            eprintln!(
+                "error: {}: unknown value '{}'; choose one of {}",
+                text(ContextKind::InvalidArg),
+                text(ContextKind::InvalidValue),
+                text(ContextKind::ValidValue)
+            );
+            return ExitCode::FAILURE;
+        }
+        _ => {}
+    }
+    e.exit()
 }
 
 /// Says what a save wrote.

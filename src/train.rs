@@ -10,11 +10,12 @@ use std::time::Instant;
 
 use tract_core::ndarray::ArrayD;
 
+use crate::adapter::split_key;
 use crate::adapter::AdapterFile;
 use crate::data::Fields;
 use crate::error::{Error, Result};
+use crate::jobs::{self, Training, TrainingRequest};
 use crate::passes::grad::loss::Loss;
-use crate::pipeline::{self, Training, TrainingRequest};
 use crate::rng::Rng;
 use crate::runtime::Runner;
 use crate::tensor::Array;
@@ -268,7 +269,7 @@ impl Engine {
             batch: slice,
             ..req.clone()
         };
-        let training = pipeline::training_graph(model, &slice_req)?;
+        let training = jobs::training_graph(model, &slice_req)?;
         let workers = (0..threads)
             .map(|_| Runner::new(&training.model, &training.input_shapes))
             .collect::<Result<Vec<_>>>()?;
@@ -291,7 +292,7 @@ impl Engine {
         let t = &self.training;
         let mut params = BTreeMap::new();
         for (tensor, _) in &t.graph.gradients {
-            let (module, name) = pipeline::split_key(tensor).expect("adapter key");
+            let (module, name) = split_key(tensor).expect("adapter key");
             let m = t
                 .outcome
                 .grafted
@@ -412,7 +413,7 @@ fn fields_of(t: &Training, loss: Loss) -> Fields {
     let label = loss.label_name();
     let mut inputs = Vec::new();
     let mut label_field = None;
-    for io in &t.model.graph.inputs {
+    for io in t.model.graph.inputs() {
         let name = io.info.name().to_string();
         if trainable.contains(&&name) {
             continue;
@@ -673,7 +674,7 @@ fn save(
     state.metadata.insert("step".into(), opt.step.to_string());
     state
         .metadata
-        .insert("variant".into(), opts.training.graft.variant.clone());
+        .insert("variant".into(), opts.training.graft.variant.name().into());
     for (k, m) in &opt.m {
         state
             .tensors
@@ -706,7 +707,7 @@ fn resume_from(
             path.display()
         ))
     };
-    if state.metadata.get("variant") != Some(&req.graft.variant) {
+    if state.metadata.get("variant").map(String::as_str) != Some(req.graft.variant.name()) {
         return Err(mismatch(format!(
             "it was trained with {:?}",
             state.metadata.get("variant")
@@ -756,9 +757,9 @@ fn emit(
     path: &Path,
 ) -> Result<()> {
     let mut adapted = model.clone();
-    let mut outcome = pipeline::graft(&mut adapted, &engine.training().request)?;
+    let mut outcome = jobs::graft(&mut adapted, &engine.training().request)?;
     for (key, values) in params {
-        let (module, name) = pipeline::split_key(key).expect("adapter key");
+        let (module, name) = split_key(key).expect("adapter key");
         let name = outcome
             .grafted
             .modules
@@ -766,7 +767,7 @@ fn emit(
             .find(|m| m.module == module)
             .and_then(|m| m.params.keys().find(|k| **k == name).copied())
             .expect("param");
-        pipeline::set_param(
+        jobs::set_param(
             &mut adapted,
             &mut outcome,
             &module,

@@ -4,15 +4,26 @@
 mod common;
 
 use common::{check_golden, fixture, reference, shapes, TRACT_FIXTURES};
-use lora_graft::passes::fold;
+use lora_graft::passes::fold::{Fold, FoldReport};
+use lora_graft::passes::{run_pass, PassContext};
 use lora_graft::Model;
+
+/// Runs the fold pass through the pass runner.
+fn fold(
+    graph: &mut lora_graft::ir::Graph,
+    shapes: &std::collections::HashMap<String, Vec<usize>>,
+) -> FoldReport {
+    let mut pass = Fold::new(shapes);
+    run_pass(graph, &PassContext::default(), &mut pass).unwrap();
+    pass.report
+}
 
 #[test]
 fn fold_golden_dump_of_every_tract_fixture() {
     for name in TRACT_FIXTURES {
         let mut model = Model::load(&fixture(name)).unwrap();
         let (inputs, _) = reference(name);
-        fold::run(&mut model.graph, &shapes(&inputs)).unwrap();
+        fold(&mut model.graph, &shapes(&inputs));
         check_golden(&format!("{name}/fold.txt"), &model.graph.dump().unwrap());
     }
 }
@@ -23,7 +34,7 @@ fn fold_removes_the_dynamo_shape_subgraph() {
     let before = model.graph.node_count();
     let matmuls_before = count(&model, "MatMul");
     let (inputs, _) = reference("llama");
-    let report = fold::run(&mut model.graph, &shapes(&inputs)).unwrap();
+    let report = fold(&mut model.graph, &shapes(&inputs));
     assert!(report.folded >= 30, "{report:?}");
     assert_eq!(model.graph.node_count(), before - report.folded);
     for op in ["Shape", "CumSum", "Range"] {
@@ -48,7 +59,7 @@ fn fold_removes_the_dynamo_shape_subgraph() {
 #[test]
 fn fold_without_shapes_only_folds_constants() {
     let mut model = Model::load(&fixture("handmade")).unwrap();
-    let report = fold::run(&mut model.graph, &Default::default()).unwrap();
+    let report = fold(&mut model.graph, &Default::default());
     // The Transpose of a weight is foldable (an initializer chain), nothing else.
     assert_eq!(report.folded, 1, "{report:?}");
     assert_eq!(count(&model, "Transpose"), 0);

@@ -6,9 +6,9 @@ mod common;
 use std::collections::HashMap;
 
 use common::{fixture, reference};
+use lora_graft::jobs::{self, GraftRequest, Training, TrainingRequest};
 use lora_graft::passes::grad::loss::Loss;
 use lora_graft::passes::variants::Config;
-use lora_graft::pipeline::{self, GraftRequest, Training, TrainingRequest};
 use lora_graft::rng::Rng;
 use lora_graft::runtime::Runner;
 use lora_graft::tensor::Array;
@@ -17,7 +17,7 @@ use tract_core::ndarray::{ArrayD, IxDyn};
 
 fn training(name: &str, variant: &str, loss: Loss, batch: usize, seq: usize) -> Training {
     let req = TrainingRequest::new(common::request_r(variant, 2, 4.0), loss, batch, seq);
-    pipeline::training_graph(Model::load(&fixture(name)).unwrap(), &req)
+    jobs::training_graph(Model::load(&fixture(name)).unwrap(), &req)
         .unwrap_or_else(|e| panic!("{name} {variant}: {e}"))
 }
 
@@ -153,14 +153,14 @@ fn check_fd(name: &str, variant: &str, loss: Loss, batch: usize, seq: usize, h: 
 #[test]
 fn class_loss_gradients_match_finite_differences() {
     // The cross-entropy's closed-form gradient, on a [batch, classes] output.
-    for variant in ["lora", "pissa", "delora"] {
+    for variant in common::variant_names() {
         check_fd("handmade", variant, Loss::Class, 2, 1, 1e-2, 2e-2);
     }
 }
 
 #[test]
 fn handmade_gradients_match_finite_differences() {
-    for variant in ["lora", "pissa", "delora"] {
+    for variant in common::variant_names() {
         // f32 model: h = 1e-2 keeps the rounding error of the loss (~1e-7·|L|/h) small
         // against the truncation error (~h²); 2e-2 relative on the sampled vector.
         check_fd("handmade", variant, Loss::Mse, 2, 1, 1e-2, 2e-2);
@@ -173,7 +173,7 @@ fn fp16_model_gradients_match_the_fp32_model() {
     // gradients (fp16 through the model, f32 in the adapter branch and the loss) equal
     // the fp32 model's at the same adapter values within fp16 rounding: 3e-2 relative on
     // each tensor (finite differences cannot resolve an fp16 loss).
-    for variant in ["lora", "pissa", "delora"] {
+    for variant in common::variant_names() {
         let t32 = training("handmade", variant, Loss::Mse, 2, 1);
         let t16 = training("handmade_fp16", variant, Loss::Mse, 2, 1);
         let f32_feeds = feeds(&t32, "handmade", 3);
@@ -198,7 +198,7 @@ fn fp16_model_gradients_match_the_fp32_model() {
 
 #[test]
 fn llama_causal_lm_gradients_match_finite_differences() {
-    for variant in ["lora", "pissa", "delora"] {
+    for variant in common::variant_names() {
         // 3e-2 relative on the sampled vector: f32 forward through 2 layers + softmax.
         check_fd("llama", variant, Loss::CausalLm, 2, 7, 1e-2, 3e-2);
     }
@@ -206,7 +206,7 @@ fn llama_causal_lm_gradients_match_finite_differences() {
 
 #[test]
 fn gpt2_and_bert_gradients_match_finite_differences() {
-    for variant in ["lora", "pissa", "delora"] {
+    for variant in common::variant_names() {
         check_fd("gpt2", variant, Loss::CausalLm, 2, 7, 1e-2, 3e-2);
         check_fd("bert", variant, Loss::Mse, 2, 7, 1e-2, 3e-2);
     }
@@ -254,7 +254,7 @@ fn golden_training_graph_of_the_hand_built_fixture() {
     let names: Vec<&str> = t
         .model
         .graph
-        .outputs
+        .outputs()
         .iter()
         .map(|o| o.info.name())
         .collect();
@@ -302,7 +302,7 @@ fn training_graphs_run_in_onnx_runtime_as_in_tract() {
 fn gradients_match_pytorch_autograd() {
     use lora_graft::adapter::AdapterFile;
     for name in ["llama", "gpt2", "bert"] {
-        for variant in ["lora", "pissa", "delora"] {
+        for variant in common::variant_names() {
             let loss = if name == "bert" {
                 Loss::Mse
             } else {
@@ -310,11 +310,10 @@ fn gradients_match_pytorch_autograd() {
             };
             let req = TrainingRequest {
                 graft: GraftRequest {
-                    variant: variant.into(),
+                    variant: lora_graft::passes::variants::variant(variant).unwrap(),
                     cfg: Config {
                         r: 4,
-                        alpha: 8.0,
-                        alpha_json: "8".into(),
+                        alpha: 8.0.into(),
                         ..Config::default()
                     },
                     ..GraftRequest::default()
@@ -325,7 +324,7 @@ fn gradients_match_pytorch_autograd() {
                 output: None,
                 keep_outputs: false,
             };
-            let t = pipeline::training_graph(Model::load(&fixture(name)).unwrap(), &req).unwrap();
+            let t = jobs::training_graph(Model::load(&fixture(name)).unwrap(), &req).unwrap();
             let dir = common::root().join("fixtures/grad");
             let adapter =
                 AdapterFile::read(&dir.join(format!("{name}.{variant}.adapter.safetensors")))
@@ -387,7 +386,7 @@ fn the_genai_int4_model_cannot_get_a_training_graph_yet() {
     // Its KV cache has a symbolic head dim, and tract refuses its packed-QKV
     // GroupQueryAttention; the error names the input and the dim.
     let req = TrainingRequest::new(common::request("lora"), Loss::CausalLm, 1, 4);
-    let err = pipeline::training_graph(Model::load(&fixture("genai_int4")).unwrap(), &req)
+    let err = jobs::training_graph(Model::load(&fixture("genai_int4")).unwrap(), &req)
         .err()
         .expect("an error")
         .to_string();

@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 
+use lora_graft::ir::build::{int_attr, ints_attr};
 use lora_graft::ir::{Graph, Initializer, ValueId};
-use lora_graft::passes::grad::{self, int_attr, ints_attr};
+use lora_graft::passes::grad;
 use lora_graft::proto::{
     attribute_proto::AttributeType, AttributeProto, GraphProto, ModelProto, OperatorSetIdProto,
     ValueInfoProto,
@@ -152,7 +153,7 @@ fn check_outputs(
         grad::make_input(&mut probe.graph, t, init, dtype);
     }
     for &y in &ys {
-        probe.graph.outputs.push(lora_graft::ir::GraphIo {
+        probe.graph.add_output(lora_graft::ir::GraphIo {
             value: y,
             info: ValueInfoProto {
                 name: Some(probe.graph.value(y).name.clone()),
@@ -212,8 +213,18 @@ fn check_outputs(
     let loss: ValueId = l[0];
     let mut training = model(g);
     let loss = grad::loss::BuiltLoss { loss, seed: None };
-    grad::run(&mut training.graph, 18, loss, &trainable, &by_name)
-        .unwrap_or_else(|e| panic!("{op}: {e}"));
+    let mut pass = grad::Grad {
+        loss,
+        trainable: &trainable,
+        shapes: &by_name,
+        made: None,
+    };
+    lora_graft::passes::run_pass(
+        &mut training.graph,
+        &lora_graft::passes::PassContext { opset: 18 },
+        &mut pass,
+    )
+    .unwrap_or_else(|e| panic!("{op}: {e}"));
     let runner = Runner::new(&training, &shapes).unwrap_or_else(|e| panic!("{op}: {e}"));
     let run = |values: &HashMap<String, Array>| -> HashMap<String, Array> {
         let feed = runner.inputs.iter().map(|n| values[n].clone()).collect();

@@ -6,14 +6,12 @@ mod common;
 use std::collections::HashMap;
 
 use common::{check_golden, fixture, max_abs_diff, perturb, reference, Named, TRACT_FIXTURES};
+use lora_graft::jobs;
 use lora_graft::passes::graft::{effective_weight, onnx_layout, set_weight};
 use lora_graft::passes::target::{self, Filters, Role};
 use lora_graft::passes::variants;
-use lora_graft::pipeline;
 use lora_graft::tensor::Array;
 use lora_graft::Model;
-
-const VARIANTS: &[&str] = &["lora", "pissa", "delora"];
 
 use common::request;
 
@@ -23,12 +21,15 @@ fn run(model: &Model, inputs: &Named) -> Vec<Array> {
 
 /// `(tolerance, measured)` for identity at init.
 fn identity_tolerance(name: &str, variant: &str, diff: f64, y0: &Array) -> (f64, f64) {
-    match (variant, name.ends_with("fp16")) {
+    let rewrites_weight = lora_graft::passes::variants::variant(variant)
+        .unwrap()
+        .rewrites_weight();
+    match (rewrites_weight, name.ends_with("fp16")) {
         // B = 0: the delta is exactly zero; fp32 outputs come out bit-identical (the
         // bound is the 1e-6 absolute).
-        ("lora" | "delora", false) => (1e-6, diff),
+        (false, false) => (1e-6, diff),
         // W_res + s·BA = W up to fp32 rounding of the SVD products: 1e-4 relative.
-        ("pissa", false) => (1e-4, diff / common::max_abs(y0)),
+        (true, false) => (1e-4, diff / common::max_abs(y0)),
         // fp16: tract's f16 kernels accumulate in another order once the layer input has
         // a second reader, and W_res is stored with 11-bit mantissas: 1e-2 relative
         // (one f16 ulp at |y| ≈ 4 is 2e-3, about 5e-4 relative).
@@ -42,9 +43,9 @@ fn identity_at_init_on_every_fixture_and_variant() {
         let base = Model::load(&fixture(name)).unwrap();
         let (inputs, _) = reference(name);
         let y0 = run(&base, &inputs);
-        for variant in VARIANTS {
+        for variant in common::variant_names() {
             let mut model = base.clone();
-            pipeline::graft(&mut model, &request(variant))
+            jobs::graft(&mut model, &request(variant))
                 .unwrap_or_else(|e| panic!("{name} {variant}: {e}"));
             let y = run(&model, &inputs);
             let diff = max_abs_diff(&y[0], &y0[0]);
@@ -62,10 +63,10 @@ fn the_adapter_really_acts_as_its_merged_weight() {
     for name in ["llama", "gpt2", "bert", "handmade"] {
         let base = Model::load(&fixture(name)).unwrap();
         let (inputs, _) = reference(name);
-        for variant in VARIANTS {
+        for variant in common::variant_names() {
             let req = request(variant);
             let mut model = base.clone();
-            let mut outcome = pipeline::graft(&mut model, &req).unwrap();
+            let mut outcome = jobs::graft(&mut model, &req).unwrap();
             let init_delta: HashMap<String, _> = outcome
                 .grafted
                 .modules
@@ -108,17 +109,17 @@ fn the_adapter_really_acts_as_its_merged_weight() {
 #[test]
 fn golden_grafted_graphs() {
     for name in common::FIXTURES {
-        for variant in VARIANTS {
+        for variant in common::variant_names() {
             let mut model = Model::load(&fixture(name)).unwrap();
             let req = request(variant);
-            match pipeline::graft(&mut model, &req) {
+            match jobs::graft(&mut model, &req) {
                 Ok(_) => check_golden(
                     &format!("{name}/graft.{variant}.txt"),
                     &model.graph.dump().unwrap(),
                 ),
                 Err(e) => {
                     assert!(
-                        *name == "genai_int4" && *variant != "lora",
+                        *name == "genai_int4" && req.variant.reads_weight(),
                         "{name} {variant}: {e}"
                     );
                     assert!(e.to_string().contains("quantized"), "{e}");
@@ -132,7 +133,7 @@ fn golden_grafted_graphs() {
 fn adapter_file_is_what_lora_lite_writes_for_the_tiny_llama() {
     let mut model = Model::load(&fixture("llama")).unwrap();
     let req = request("delora");
-    let outcome = pipeline::graft(&mut model, &req).unwrap();
+    let outcome = jobs::graft(&mut model, &req).unwrap();
     let file = outcome.adapter_file(&req);
     assert_eq!(
         file.metadata["cfg"],
@@ -175,9 +176,7 @@ fn adapter_file_is_what_lora_lite_writes_for_the_tiny_llama() {
     // LoRA files hold only lora_A and lora_B.
     let mut model = Model::load(&fixture("llama")).unwrap();
     let req = request("lora");
-    let file = pipeline::graft(&mut model, &req)
-        .unwrap()
-        .adapter_file(&req);
+    let file = jobs::graft(&mut model, &req).unwrap().adapter_file(&req);
     assert_eq!(file.tensors.len(), 28);
     assert!(file
         .tensors
@@ -189,9 +188,7 @@ fn adapter_file_is_what_lora_lite_writes_for_the_tiny_llama() {
 fn graph_tensors_are_the_file_tensors_in_onnx_layout() {
     let mut model = Model::load(&fixture("handmade")).unwrap();
     let req = request("delora");
-    let file = pipeline::graft(&mut model, &req)
-        .unwrap()
-        .adapter_file(&req);
+    let file = jobs::graft(&mut model, &req).unwrap().adapter_file(&req);
     for (key, torch) in &file.tensors {
         let v = model
             .graph
@@ -220,7 +217,7 @@ fn pissa_on_a_tied_weight_gets_its_own_copy_and_the_rest_keeps_w() {
         roles: vec![Role::Reader, Role::Writer, Role::Inner],
         ..Filters::default()
     };
-    pipeline::graft(&mut model, &req).unwrap();
+    jobs::graft(&mut model, &req).unwrap();
     let after = model
         .graph
         .initializer(model.graph.value_by_name("blocks.1.tied.weight").unwrap())
@@ -251,7 +248,7 @@ fn pissa_on_a_weight_another_node_reads_gets_its_own_copy() {
         .graph
         .add_node(proto, vec![Some(w)], vec![Some(out)])
         .unwrap();
-    model.graph.outputs.push(lora_graft::ir::GraphIo {
+    model.graph.add_output(lora_graft::ir::GraphIo {
         value: out,
         info: ValueInfoProto {
             name: Some("w_out".into()),
@@ -259,7 +256,7 @@ fn pissa_on_a_weight_another_node_reads_gets_its_own_copy() {
         },
     });
     let before = model.graph.initializer(w).unwrap().proto.clone();
-    pipeline::graft(&mut model, &request("pissa")).unwrap();
+    jobs::graft(&mut model, &request("pissa")).unwrap();
     let w = model.graph.value_by_name("blocks.1.up.weight").unwrap();
     assert_eq!(
         model.graph.initializer(w).unwrap().proto,
@@ -398,7 +395,7 @@ fn bad_requests_are_clear_errors_and_write_nothing() {
 #[test]
 fn lora_grafts_onto_int4_matmulnbits() {
     let mut model = Model::load(&fixture("genai_int4")).unwrap();
-    let outcome = pipeline::graft(&mut model, &request("lora")).unwrap();
+    let outcome = jobs::graft(&mut model, &request("lora")).unwrap();
     assert_eq!(outcome.grafted.modules.len(), 10);
     model.graph.validate().unwrap();
 }
@@ -418,8 +415,8 @@ fn adapter_dtype_float16_type_checks_in_fp32_and_fp16_models() {
         for dtype in ["float32", "float16"] {
             let mut model = base.clone();
             let mut req = request("lora");
-            req.adapter_dtype = pipeline::parse_dtype(dtype).unwrap();
-            pipeline::graft(&mut model, &req).unwrap();
+            req.adapter_dtype = lora_graft::jobs::AdapterDtype::from_torch_name(dtype).unwrap();
+            jobs::graft(&mut model, &req).unwrap();
             let y = run(&model, &inputs);
             assert_eq!(
                 y[0].elem_type(),

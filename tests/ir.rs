@@ -54,7 +54,7 @@ fn splice_after_a_value_keeps_output_names() {
     let (add, outs) = g.add_op("Add", "splice", &[y, y], vec![], 1).unwrap();
     g.replace_uses(y, outs[0], &[add]);
     g.validate().unwrap();
-    let out = g.outputs[0].value;
+    let out = g.outputs()[0].value;
     assert_eq!(g.value(out).name, "y", "graph output keeps its name");
     assert_eq!(g.producer(out), Some(add));
     let dump = g.dump().unwrap();

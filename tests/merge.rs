@@ -4,12 +4,11 @@ mod common;
 
 use common::{fixture, max_abs_diff, perturb, reference, run_tract};
 use lora_graft::adapter::AdapterFile;
+use lora_graft::adapter::{AdapterOverrides, LoadedAdapter};
+use lora_graft::jobs;
 use lora_graft::passes::merge::PissaBase;
-use lora_graft::pipeline::{self, AdapterOverrides, LoadedAdapter};
 use lora_graft::tensor::Array;
 use lora_graft::Model;
-
-const VARIANTS: &[&str] = &["lora", "pissa", "delora"];
 
 use common::request;
 
@@ -17,7 +16,7 @@ use common::request;
 fn trained(name: &str, variant: &str, dir: &std::path::Path) -> (Model, std::path::PathBuf) {
     let mut model = Model::load(&fixture(name)).unwrap();
     let req = request(variant);
-    let mut outcome = pipeline::graft(&mut model, &req).unwrap();
+    let mut outcome = jobs::graft(&mut model, &req).unwrap();
     perturb(&mut model, &mut outcome, 5);
     let path = dir.join(format!("{name}.{variant}.safetensors"));
     std::fs::write(&path, outcome.adapter_file(&req).to_bytes().unwrap()).unwrap();
@@ -29,11 +28,11 @@ fn applying_a_trained_adapter_reproduces_the_trained_model() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["llama", "gpt2", "bert", "handmade"] {
         let (inputs, _) = reference(name);
-        for variant in VARIANTS {
+        for variant in common::variant_names() {
             let (trained_model, path) = trained(name, variant, dir.path());
             let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
             let mut applied = Model::load(&fixture(name)).unwrap();
-            pipeline::apply(&mut applied, &adapter).unwrap();
+            jobs::apply(&mut applied, &adapter).unwrap();
             let diff = max_abs_diff(
                 &run_tract(&applied, &inputs)[0],
                 &run_tract(&trained_model, &inputs)[0],
@@ -53,11 +52,11 @@ fn merged_model_equals_the_adapted_one_and_keeps_the_base_graph() {
     for name in ["llama", "gpt2", "bert", "handmade"] {
         let (inputs, _) = reference(name);
         let base = Model::load(&fixture(name)).unwrap();
-        for variant in VARIANTS {
+        for variant in common::variant_names() {
             let (adapted, path) = trained(name, variant, dir.path());
             let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
             let mut merged = base.clone();
-            let n = pipeline::merge(&mut merged, &adapter, PissaBase::Original).unwrap();
+            let n = jobs::merge(&mut merged, &adapter, PissaBase::Original).unwrap();
             assert_eq!(n, adapter.tensors.len());
             assert_eq!(
                 merged.graph.dump().unwrap(),
@@ -82,7 +81,7 @@ fn merge_writes_only_rewritten_weights_to_the_new_data_file() {
     let (_, path) = trained("llama", "lora", dir.path());
     let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
     let mut merged = Model::load(&fixture("llama")).unwrap();
-    pipeline::merge(&mut merged, &adapter, PissaBase::Original).unwrap();
+    jobs::merge(&mut merged, &adapter, PissaBase::Original).unwrap();
     let out = dir.path().join("merged.onnx");
     let report = merged.save(&out, &Default::default()).unwrap();
     let own = report
@@ -150,7 +149,7 @@ fn a_hand_written_lora_lite_and_peft_adapter_apply_correctly() {
         (
             &peft_path,
             AdapterOverrides {
-                alpha: Some((4.0, "4".into())),
+                alpha: Some(4.0.into()),
                 ..Default::default()
             },
         ),
@@ -158,19 +157,19 @@ fn a_hand_written_lora_lite_and_peft_adapter_apply_correctly() {
         let adapter = LoadedAdapter::read(path, &overrides).unwrap();
         assert_eq!(
             (
-                adapter.req.variant.as_str(),
+                adapter.req.variant.name(),
                 adapter.req.cfg.r,
-                adapter.req.cfg.alpha
+                adapter.req.cfg.alpha.value()
             ),
             ("lora", 2, 4.0)
         );
         let mut model = Model::load(&fixture("llama")).unwrap();
-        let outcome = pipeline::apply(&mut model, &adapter).unwrap();
+        let outcome = jobs::apply(&mut model, &adapter).unwrap();
         assert_eq!(outcome.grafted.modules.len(), 2, "only the file's modules");
         outputs.push(run_tract(&model, &inputs).remove(0));
         // And it is what merging gives.
         let mut merged = Model::load(&fixture("llama")).unwrap();
-        pipeline::merge(&mut merged, &adapter, PissaBase::Original).unwrap();
+        jobs::merge(&mut merged, &adapter, PissaBase::Original).unwrap();
         let m = run_tract(&merged, &inputs).remove(0);
         assert!(max_abs_diff(&m, outputs.last().unwrap()) / common::max_abs(&m) <= 1e-4);
     }
@@ -197,7 +196,7 @@ fn write_without(
 fn apply_err(path: &std::path::Path) -> String {
     let adapter = LoadedAdapter::read(path, &AdapterOverrides::default()).unwrap();
     let mut model = Model::load(&fixture("llama")).unwrap();
-    pipeline::apply(&mut model, &adapter)
+    jobs::apply(&mut model, &adapter)
         .err()
         .expect("an error")
         .to_string()
@@ -246,12 +245,12 @@ fn a_quantized_target_cannot_be_merged() {
     let dir = tempfile::tempdir().unwrap();
     let mut model = Model::load(&fixture("genai_int4")).unwrap();
     let req = request("lora");
-    let outcome = pipeline::graft(&mut model, &req).unwrap();
+    let outcome = jobs::graft(&mut model, &req).unwrap();
     let path = dir.path().join("int4.safetensors");
     std::fs::write(&path, outcome.adapter_file(&req).to_bytes().unwrap()).unwrap();
     let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
     let mut base = Model::load(&fixture("genai_int4")).unwrap();
-    let err = pipeline::merge(&mut base, &adapter, PissaBase::Original)
+    let err = jobs::merge(&mut base, &adapter, PissaBase::Original)
         .err()
         .unwrap()
         .to_string();

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use common::{fixture, reference};
 use lora_graft::adapter::AdapterFile;
+use lora_graft::jobs::TrainingRequest;
 use lora_graft::passes::grad::loss::Loss;
-use lora_graft::pipeline::TrainingRequest;
 use lora_graft::tensor::Array;
 use lora_graft::train::{self, AdamW, Engine, Row, TrainOptions};
 use lora_graft::Model;
@@ -45,7 +45,7 @@ fn run(opts: &TrainOptions) -> lora_graft::Result<train::TrainReport> {
 fn two_hundred_steps_cut_the_loss_by_at_least_30_percent() {
     let dir = tempfile::tempdir().unwrap();
     let mut manifest = Vec::new();
-    for variant in ["lora", "pissa", "delora"] {
+    for variant in common::variant_names() {
         let mut opts = options(
             variant,
             200,
@@ -91,7 +91,7 @@ fn three_adamw_steps_match_pytorch() {
             Row::tokens(v.clone(), v)
         })
         .collect();
-    for variant in ["lora", "pissa", "delora"] {
+    for variant in common::variant_names() {
         let engine = Engine::new(
             Model::load(&fixture("llama")).unwrap(),
             &request(variant, 4, 8.0, 2, 7),

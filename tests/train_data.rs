@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use common::fixture;
 use lora_graft::data::{self, Source, Tokenizer};
+use lora_graft::jobs::TrainingRequest;
 use lora_graft::passes::grad::loss::Loss;
-use lora_graft::pipeline::TrainingRequest;
 use lora_graft::rng::Rng;
 use lora_graft::tensor::Array;
 use lora_graft::train::{self, Engine, TrainOptions};

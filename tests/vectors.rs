@@ -5,10 +5,10 @@
 mod common;
 
 use lora_graft::ir::{Graph, Initializer};
+use lora_graft::jobs::{self, GraftRequest, Outcome};
 use lora_graft::linalg;
 use lora_graft::passes::graft::onnx_layout;
 use lora_graft::passes::variants::{pissa, Config};
-use lora_graft::pipeline::{self, GraftRequest, Outcome};
 use lora_graft::proto::{
     tensor_proto::DataType, type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
     TypeProto, ValueInfoProto,
@@ -85,11 +85,11 @@ fn tv_model() -> Model {
 fn graft(variant: &str, cfg: Config) -> (Model, Outcome) {
     let mut model = tv_model();
     let req = GraftRequest {
-        variant: variant.into(),
+        variant: lora_graft::passes::variants::variant(variant).unwrap(),
         cfg,
         ..GraftRequest::default()
     };
-    let outcome = pipeline::graft(&mut model, &req).unwrap();
+    let outcome = jobs::graft(&mut model, &req).unwrap();
     (model, outcome)
 }
 
@@ -140,8 +140,7 @@ fn close2(got: &Array2<f64>, want: &[[f64; 2]], what: &str) {
 fn tv1(rslora: bool) -> (Array2<f64>, Array2<f64>) {
     let cfg = Config {
         r: 2,
-        alpha: 4.0,
-        alpha_json: "4".into(),
+        alpha: 4.0.into(),
         rslora,
         ..Config::default()
     };
@@ -202,8 +201,7 @@ fn tv1_rslora() {
 fn tv2_pissa_exact() {
     let cfg = Config {
         r: 1,
-        alpha: 2.0,
-        alpha_json: "2".into(),
+        alpha: 2.0.into(),
         ..Config::default()
     };
     let (model, outcome) = graft("pissa", cfg.clone());
@@ -421,7 +419,7 @@ fn pissa_matches_peft_exact_and_fast_paths() {
     let get = |k: &str| reference.tensors[k].to_f32();
     let cfg = Config {
         r: 8,
-        alpha: 16.0,
+        alpha: 16.0.into(),
         ..Config::default()
     };
     let frob = |a: &Array2<f32>| a.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();

@@ -7,16 +7,17 @@
 //! over the logits, where differentiating LogSoftmax and GatherElements op by op costs
 //! five passes and a scatter into a fresh zero tensor. The gradient pass starts there.
 
-use super::{int_attr, tensor_type, Emit};
 use crate::error::{Error, Result};
+use crate::ir::build::{int_attr, tensor_type, Builder};
 use crate::ir::{GraphIo, ValueId};
 use crate::proto::tensor_proto::DataType;
 
 /// Which loss.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Loss {
     /// Logits `[B, S, V]`, labels `[B, S]` (int64), shifted by one, label -100 ignored,
     /// mean over counted tokens.
+    #[value(name = "causal-lm")]
     CausalLm,
     /// Logits `[B, C]`, labels `[B]` (int64), mean over the batch.
     Class,
@@ -25,18 +26,6 @@ pub enum Loss {
 }
 
 impl Loss {
-    /// Parses `causal-lm`, `class` or `mse`.
-    pub fn parse(s: &str) -> Result<Loss> {
-        match s {
-            "causal-lm" => Ok(Loss::CausalLm),
-            "class" => Ok(Loss::Class),
-            "mse" => Ok(Loss::Mse),
-            other => Err(Error::Usage(format!(
-                "unknown loss '{other}'; use causal-lm, class or mse"
-            ))),
-        }
-    }
-
     /// The name of the input the loss adds (`labels` or `target`).
     pub fn label_name(self) -> &'static str {
         match self {
@@ -59,7 +48,7 @@ pub struct BuiltLoss {
 /// Adds the label input and the loss nodes over `output`; the loss is computed in
 /// float32 (float64 for a float64 output; a float16 or bfloat16 output is cast up
 /// first).
-pub fn build(e: &mut Emit, loss: Loss, output: ValueId) -> Result<BuiltLoss> {
+pub fn build(e: &mut Builder, loss: Loss, output: ValueId) -> Result<BuiltLoss> {
     let shape = e.shape(output)?;
     e.prefix = "loss".into();
     let double = DataType::Double as i32;
@@ -70,7 +59,7 @@ pub fn build(e: &mut Emit, loss: Loss, output: ValueId) -> Result<BuiltLoss> {
         DataType::Float as i32
     };
     let output = if out_type != e.dtype && e.dtypes.contains_key(&output) {
-        let cast = e.op(
+        let cast = e.op_shaped(
             "Cast",
             &[output],
             vec![int_attr("to", e.dtype as i64)],
@@ -105,7 +94,7 @@ pub fn build(e: &mut Emit, loss: Loss, output: ValueId) -> Result<BuiltLoss> {
         )));
     }
     e.graph.set_input_def(labels);
-    e.graph.inputs.push(GraphIo {
+    e.graph.add_input(GraphIo {
         value: labels,
         info: crate::proto::ValueInfoProto {
             name: Some(name.into()),
@@ -120,7 +109,7 @@ pub fn build(e: &mut Emit, loss: Loss, output: ValueId) -> Result<BuiltLoss> {
             let d2 = e.bin("Mul", d, d)?;
             let all: Vec<usize> = (0..shape.len()).collect();
             let total = e.reduce_sum(d2, &all, false)?;
-            let inv = e.scalar(1.0 / shape.iter().product::<usize>() as f64);
+            let inv = e.scalar("c", 1.0 / shape.iter().product::<usize>() as f64);
             let loss = e.bin("Mul", total, inv)?;
             Ok(BuiltLoss { loss, seed: None })
         }
@@ -135,11 +124,15 @@ pub fn build(e: &mut Emit, loss: Loss, output: ValueId) -> Result<BuiltLoss> {
             // Position t predicts token t + 1; the last position predicts nothing.
             // Shifting the labels rather than slicing the logits spares a copy of the
             // logits (and a Pad in the gradient).
-            let (one, end, axis1) = (e.ints(&[1]), e.ints(&[s as i64]), e.ints(&[1]));
-            let next = e.op("Slice", &[labels, one, end, axis1], vec![], vec![b, s - 1])?;
-            let none = e.ints(&vec![IGNORED; b]);
+            let (one, end, axis1) = (
+                e.ints("i", &[1]),
+                e.ints("i", &[s as i64]),
+                e.ints("i", &[1]),
+            );
+            let next = e.op_shaped("Slice", &[labels, one, end, axis1], vec![], vec![b, s - 1])?;
+            let none = e.ints("i", &vec![IGNORED; b]);
             let none = e.reshape(none, &[b, 1])?;
-            let targets = e.op(
+            let targets = e.op_shaped(
                 "Concat",
                 &[next, none],
                 vec![int_attr("axis", 1)],
@@ -160,28 +153,28 @@ const IGNORED: i64 = -100;
 /// `log_softmax(x)[t] = x[t] − max x + log max softmax(x)`;
 /// `dloss/dx = (softmax(x) − onehot(target)) · w`, `w = mask / max(Σ mask, 1)`,
 /// built as `ScatterElements(p·w, target, (p·w)[target] − w)`.
-fn cross_entropy(e: &mut Emit, x: ValueId, targets: ValueId) -> Result<BuiltLoss> {
+fn cross_entropy(e: &mut Builder, x: ValueId, targets: ValueId) -> Result<BuiltLoss> {
     let shape = e.shape(x)?;
     let (axis, rows) = (shape.len() - 1, shape[..shape.len() - 1].to_vec());
     let mut column = rows.clone();
     column.push(1);
     let all: Vec<usize> = (0..rows.len()).collect();
-    let ignored_label = e.ints(&[IGNORED]);
-    let ignored = e.op("Equal", &[targets, ignored_label], vec![], rows.clone())?;
-    let counted = e.op("Not", &[ignored], vec![], rows.clone())?;
-    let zero = e.ints(&[0]);
-    let safe = e.op("Where", &[ignored, zero, targets], vec![], rows.clone())?;
+    let ignored_label = e.ints("i", &[IGNORED]);
+    let ignored = e.op_shaped("Equal", &[targets, ignored_label], vec![], rows.clone())?;
+    let counted = e.op_shaped("Not", &[ignored], vec![], rows.clone())?;
+    let zero = e.ints("i", &[0]);
+    let safe = e.op_shaped("Where", &[ignored, zero, targets], vec![], rows.clone())?;
     let idx = e.reshape(safe, &column)?;
     let on_axis = || int_attr("axis", axis as i64);
     // log softmax(x)[t] = x[t] − max x − log Σ exp(x − max x), and the softmax at the
     // argmax is exp(0) / Σ exp(x − max x): so log softmax(x)[t] = x[t] − max x +
     // log max softmax(x). No log over the whole row (max softmax ≥ 1/V never
     // underflows), and the softmax is the one the gradient needs.
-    let p = e.op("Softmax", &[x], vec![on_axis()], shape.clone())?;
+    let p = e.op_shaped("Softmax", &[x], vec![on_axis()], shape.clone())?;
     let x_max = e.reduce("ReduceMax", x, &[axis], true)?;
     let p_max = e.reduce("ReduceMax", p, &[axis], true)?;
     let log_sum = e.un("Log", p_max)?;
-    let x_at = e.op("GatherElements", &[x, idx], vec![on_axis()], column.clone())?;
+    let x_at = e.op_shaped("GatherElements", &[x, idx], vec![on_axis()], column.clone())?;
     let shifted = e.bin("Sub", x_at, x_max)?;
     let picked = e.bin("Add", shifted, log_sum)?;
     let picked = e.reshape(picked, &rows)?;
@@ -189,7 +182,7 @@ fn cross_entropy(e: &mut Emit, x: ValueId, targets: ValueId) -> Result<BuiltLoss
     let kept = e.bin("Mul", picked, mask)?;
     let total = e.reduce_sum(kept, &all, false)?;
     let count = e.reduce_sum(mask, &all, false)?;
-    let one = e.scalar(1.0);
+    let one = e.scalar("c", 1.0);
     let count = e.bin("Max", count, one)?;
     let mean = e.bin("Div", total, count)?;
     let loss = e.un("Neg", mean)?;
@@ -198,9 +191,9 @@ fn cross_entropy(e: &mut Emit, x: ValueId, targets: ValueId) -> Result<BuiltLoss
     let w = e.bin("Div", mask, count)?;
     let w = e.reshape(w, &column)?;
     let pw = e.bin("Mul", p, w)?;
-    let at_target = e.op("GatherElements", &[pw, idx], vec![on_axis()], column)?;
+    let at_target = e.op_shaped("GatherElements", &[pw, idx], vec![on_axis()], column)?;
     let update = e.bin("Sub", at_target, w)?;
-    let dx = e.op(
+    let dx = e.op_shaped(
         "ScatterElements",
         &[pw, idx, update],
         vec![on_axis()],

@@ -9,14 +9,13 @@
 pub mod loss;
 pub mod rules;
 
-use std::collections::{HashMap, HashSet};
+use crate::ir::build::{tensor_type, Builder};
+use crate::ir::infer::value_dtypes;
 
-use tract_core::ndarray::{ArrayD, IxDyn};
+use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
 use crate::ir::{Def, Graph, GraphIo, Initializer, NodeId, ValueId};
-use crate::proto::AttributeProto;
-use crate::tensor::Array;
 
 /// Static shapes of the forward graph's values, by name (from tract, for the
 /// training batch and sequence sizes).
@@ -33,213 +32,39 @@ pub struct TrainingGraph {
     pub differentiated: usize,
 }
 
-/// Emits nodes with static shapes for one graph; the rules' toolbox.
-pub struct Emit<'g> {
-    /// The graph being extended.
-    pub graph: &'g mut Graph,
-    /// Default-domain opset (decides attribute-or-input forms).
-    pub opset: i64,
-    /// Static shapes, by value (forward values from tract, gradient values as made).
-    pub shapes: HashMap<ValueId, Vec<usize>>,
-    /// Element type of the gradients being made (the float type of the node being
-    /// differentiated: a gradient has its value's type).
-    pub dtype: i32,
-    /// Element types of the forward values (see [`value_dtypes`]).
-    pub dtypes: HashMap<ValueId, i32>,
-    /// Node name prefix of the node being differentiated.
-    pub prefix: String,
-}
-
-pub use crate::passes::variants::{int_attr, ints_attr};
-
-impl Emit<'_> {
-    /// The static shape of `v`; an error names the value when tract gave none.
-    pub fn shape(&self, v: ValueId) -> Result<Vec<usize>> {
-        if let Some(s) = self.shapes.get(&v) {
-            return Ok(s.clone());
-        }
-        // Values computed from initializers alone (a weight through a Transpose) are
-        // folded away before tract sees the model: evaluate them here.
-        crate::eval::evaluate(self.graph, v)
-            .map(|a| a.shape().to_vec())
-            .map_err(|_| {
-                Error::Graph(format!(
-                    "no static shape for '{}' (needed by the gradient pass)",
-                    self.graph.value(v).name
-                ))
-            })
-    }
-
-    /// `op(inputs)` with one output of shape `shape`.
-    pub fn op(
-        &mut self,
-        op: &str,
-        inputs: &[ValueId],
-        attrs: Vec<AttributeProto>,
-        shape: Vec<usize>,
-    ) -> Result<ValueId> {
-        let name = format!("{}/{op}", self.prefix);
-        let out = self.graph.add_op(op, &name, inputs, attrs, 1)?.1[0];
-        self.shapes.insert(out, shape);
-        Ok(out)
-    }
-
-    /// A float constant of the gradient dtype.
-    pub fn scalar(&mut self, v: f64) -> ValueId {
-        let a = Array::from_f32(ArrayD::from_elem(IxDyn(&[]), v as f32), self.dtype)
-            .expect("float dtype");
-        let id = self.graph.add_initializer(
-            &format!("{}/c", self.prefix),
-            Initializer::new(a.to_proto("")),
-        );
-        self.shapes.insert(id, vec![]);
-        id
-    }
-
-    /// An int64 1-D constant.
-    pub fn ints(&mut self, values: &[i64]) -> ValueId {
-        let a =
-            Array::I64(ArrayD::from_shape_vec(IxDyn(&[values.len()]), values.to_vec()).unwrap());
-        let id = self.graph.add_initializer(
-            &format!("{}/i", self.prefix),
-            Initializer::new(a.to_proto("")),
-        );
-        self.shapes.insert(id, vec![values.len()]);
-        id
-    }
-
-    /// Zeros of `shape` in the gradient dtype.
-    pub fn zeros(&mut self, shape: &[usize]) -> Result<ValueId> {
-        let z = self.scalar(0.0);
-        let s = self.ints(&shape.iter().map(|&d| d as i64).collect::<Vec<_>>());
-        self.op("Expand", &[z, s], vec![], shape.to_vec())
-    }
-
-    /// Elementwise binary op with numpy broadcasting.
-    pub fn bin(&mut self, op: &str, a: ValueId, b: ValueId) -> Result<ValueId> {
-        let shape = broadcast(&self.shape(a)?, &self.shape(b)?);
-        self.op(op, &[a, b], vec![], shape)
-    }
-
-    /// Elementwise unary op.
-    pub fn un(&mut self, op: &str, a: ValueId) -> Result<ValueId> {
-        let shape = self.shape(a)?;
-        self.op(op, &[a], vec![], shape)
-    }
-
-    /// `Reshape(x, shape)`.
-    pub fn reshape(&mut self, x: ValueId, shape: &[usize]) -> Result<ValueId> {
-        if self.shape(x)? == shape {
-            return Ok(x);
-        }
-        let s = self.ints(&shape.iter().map(|&d| d as i64).collect::<Vec<_>>());
-        self.op("Reshape", &[x, s], vec![], shape.to_vec())
-    }
-
-    /// `Transpose(x, perm)`.
-    pub fn transpose(&mut self, x: ValueId, perm: &[usize]) -> Result<ValueId> {
-        let s = self.shape(x)?;
-        let shape = perm.iter().map(|&p| s[p]).collect();
-        let perm: Vec<i64> = perm.iter().map(|&p| p as i64).collect();
-        self.op("Transpose", &[x], vec![ints_attr("perm", &perm)], shape)
-    }
-
-    /// `ReduceSum(x, axes, keepdims)` (axes as an input from opset 13).
-    pub fn reduce_sum(&mut self, x: ValueId, axes: &[usize], keepdims: bool) -> Result<ValueId> {
-        self.reduce("ReduceSum", x, axes, keepdims)
-    }
-
-    /// `op(x, axes, keepdims)` for a Reduce op (axes as an input from opset 13 for
-    /// ReduceSum, from opset 18 for the others).
-    pub fn reduce(
-        &mut self,
-        op: &str,
-        x: ValueId,
-        axes: &[usize],
-        keepdims: bool,
-    ) -> Result<ValueId> {
-        let s = self.shape(x)?;
-        if axes.is_empty() {
-            return Ok(x);
-        }
-        let shape: Vec<usize> = s
-            .iter()
-            .enumerate()
-            .filter_map(|(i, &d)| {
-                if axes.contains(&i) {
-                    keepdims.then_some(1)
-                } else {
-                    Some(d)
-                }
-            })
-            .collect();
-        let ax: Vec<i64> = axes.iter().map(|&a| a as i64).collect();
-        let keep = int_attr("keepdims", keepdims as i64);
-        let axes_as_input = if op == "ReduceSum" { 13 } else { 18 };
-        if self.opset >= axes_as_input {
-            let a = self.ints(&ax);
-            self.op(op, &[x, a], vec![keep], shape)
-        } else {
-            self.op(op, &[x], vec![keep, ints_attr("axes", &ax)], shape)
-        }
-    }
-
-    /// Sums `g` down to `shape` (undoes numpy broadcasting).
-    pub fn unbroadcast(&mut self, g: ValueId, shape: &[usize]) -> Result<ValueId> {
-        let gs = self.shape(g)?;
-        if gs == shape {
-            return Ok(g);
-        }
-        let extra = gs.len() - shape.len();
-        let axes: Vec<usize> = (0..gs.len())
-            .filter(|&i| i < extra || (shape[i - extra] == 1 && gs[i] != 1))
-            .collect();
-        let summed = self.reduce_sum(g, &axes, true)?;
-        self.reshape(summed, shape)
-    }
-
-    /// `Expand(x, shape)`.
-    pub fn expand(&mut self, x: ValueId, shape: &[usize]) -> Result<ValueId> {
-        if self.shape(x)? == shape {
-            return Ok(x);
-        }
-        let s = self.ints(&shape.iter().map(|&d| d as i64).collect::<Vec<_>>());
-        self.op("Expand", &[x, s], vec![], shape.to_vec())
-    }
-
-    /// A float 0/1 mask of `cond` (a bool value), in the gradient dtype.
-    pub fn mask(&mut self, cond: ValueId) -> Result<ValueId> {
-        let shape = self.shape(cond)?;
-        self.op(
-            "Cast",
-            &[cond],
-            vec![int_attr("to", self.dtype as i64)],
-            shape,
-        )
-    }
-}
-
-/// Numpy broadcast of two shapes (compatible: the forward graph ran; if not, the
-/// larger per axis, and tract reports the mismatch when it loads the graph).
-pub fn broadcast(a: &[usize], b: &[usize]) -> Vec<usize> {
-    crate::eval::broadcast_shape(a, b).unwrap_or_else(|_| {
-        let n = a.len().max(b.len());
-        let dim = |s: &[usize], i: usize| {
-            if i + s.len() >= n {
-                s[i + s.len() - n]
-            } else {
-                1
-            }
-        };
-        (0..n).map(|i| dim(a, i).max(dim(b, i))).collect()
-    })
-}
-
 /// Differentiates `loss` (a scalar value of `graph`) with respect to the initializers
 /// `trainable`, which become graph inputs. Adds outputs `loss` and `grad.<name>`.
 /// When the loss brings its gradient with respect to its input (`loss.seed`), the pass
 /// starts from there.
-pub fn run(
+pub struct Grad<'a> {
+    /// The loss (and its own gradient seed, when it brings one).
+    pub loss: loss::BuiltLoss,
+    /// The tensors to differentiate with respect to.
+    pub trainable: &'a [ValueId],
+    /// Static shapes of the forward values, by name.
+    pub shapes: &'a Shapes,
+    /// What it made.
+    pub made: Option<TrainingGraph>,
+}
+
+impl super::Pass for Grad<'_> {
+    fn name(&self) -> &'static str {
+        "grad"
+    }
+
+    fn run(&mut self, graph: &mut Graph, cx: &super::PassContext) -> Result<()> {
+        self.made = Some(differentiate(
+            graph,
+            cx.opset,
+            self.loss,
+            self.trainable,
+            self.shapes,
+        )?);
+        Ok(())
+    }
+}
+
+fn differentiate(
     graph: &mut Graph,
     opset: i64,
     loss: loss::BuiltLoss,
@@ -300,19 +125,14 @@ pub fn run(
 
     let dtypes = value_dtypes(graph)?;
     let loss_dtype = dtypes.get(&loss).copied().unwrap_or(dtype);
-    let mut emit = Emit {
-        graph,
-        opset,
-        shapes: by_id,
-        dtype: loss_dtype,
-        dtypes,
-        prefix: "grad".into(),
-    };
+    let mut emit = Builder::new(graph, opset, loss_dtype, "grad".into(), '/');
+    emit.shapes = by_id;
+    emit.dtypes = dtypes;
     let mut grads: HashMap<ValueId, ValueId> = HashMap::new();
     emit.prefix = "grad/seed".into();
     let seed = match seed {
         Some(dx) => dx,
-        None => emit.scalar(1.0),
+        None => emit.scalar("c", 1.0),
     };
     grads.insert(root, seed);
     for &id in path.iter().rev() {
@@ -384,14 +204,8 @@ pub fn run(
             Some(&g) => g,
             None => {
                 let shape = emit.shapes.get(&t).cloned().unwrap_or_default();
-                let mut e = Emit {
-                    graph,
-                    opset,
-                    shapes: HashMap::from([(t, shape.clone())]),
-                    dtype,
-                    dtypes: HashMap::new(),
-                    prefix: format!("grad/{name}"),
-                };
+                let mut e = Builder::new(graph, opset, dtype, format!("grad/{name}"), '/');
+                e.shapes.insert(t, shape.clone());
                 let z = e.zeros(&shape)?;
                 graph_output(e.graph, z, &format!("grad.{name}"), dtype, &shape)?;
                 gradients.push((name.clone(), format!("grad.{name}")));
@@ -406,78 +220,11 @@ pub fn run(
         let init = graph.initializer(t).cloned();
         make_input(graph, t, init, dtype);
     }
-    graph.validate().map_err(|e| e.context("grad"))?;
     Ok(TrainingGraph {
         loss: "loss".into(),
         gradients,
         differentiated: path.len(),
     })
-}
-
-/// The element type of every value, propagated from the initializers and the graph
-/// inputs: a Cast gives its `to`, comparisons give bool, Shape and the like int64, Where
-/// its second input's type, and any other op the type of its first typed input (enough for the float values on a
-/// gradient path, whose types ONNX requires to agree).
-pub fn value_dtypes(graph: &Graph) -> Result<HashMap<ValueId, i32>> {
-    use crate::proto::tensor_proto::DataType as D;
-    let mut types: HashMap<ValueId, i32> = HashMap::new();
-    for (v, init) in graph.initializers() {
-        types.insert(v, init.elem_type());
-    }
-    for io in &graph.inputs {
-        if let Some(crate::proto::type_proto::Value::TensorType(t)) =
-            io.info.r#type.as_ref().and_then(|t| t.value.as_ref())
-        {
-            types.insert(io.value, t.elem_type());
-        }
-    }
-    for id in graph.topological_order()? {
-        let node = graph.node(id);
-        let typed = |i: usize| {
-            node.inputs
-                .get(i)
-                .copied()
-                .flatten()
-                .and_then(|v| types.get(&v).copied())
-        };
-        let first = typed(0).or_else(|| (1..node.inputs.len()).find_map(typed));
-        let ty = match node.op() {
-            "Where" => typed(1),
-            "Cast" => Some(node.attr_int("to", 1) as i32),
-            "Equal" | "Less" | "Greater" | "LessOrEqual" | "GreaterOrEqual" | "Not" | "And"
-            | "Or" | "Xor" | "IsNaN" | "IsInf" => Some(D::Bool as i32),
-            "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" => Some(D::Int64 as i32),
-            "ConstantOfShape" | "Constant" => None,
-            _ => first,
-        };
-        for &o in node.outputs.iter().flatten() {
-            if let Some(t) = ty {
-                types.entry(o).or_insert(t);
-            }
-        }
-    }
-    Ok(types)
-}
-
-/// A tensor type proto of `dtype` and static `shape`.
-pub fn tensor_type(dtype: i32, shape: &[usize]) -> crate::proto::TypeProto {
-    use crate::proto::tensor_shape_proto::{dimension::Value as Dim, Dimension};
-    use crate::proto::{type_proto, TensorShapeProto, TypeProto};
-    TypeProto {
-        value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-            elem_type: Some(dtype),
-            shape: Some(TensorShapeProto {
-                dim: shape
-                    .iter()
-                    .map(|&d| Dimension {
-                        value: Some(Dim::DimValue(d as i64)),
-                        ..Default::default()
-                    })
-                    .collect(),
-            }),
-        })),
-        ..Default::default()
-    }
 }
 
 /// Exposes `v` as a graph output called `name` (through an Identity when `v` has
@@ -511,7 +258,7 @@ fn graph_output(
         r#type: Some(tensor_type(dtype, shape)),
         ..Default::default()
     };
-    graph.outputs.push(GraphIo { value: out, info });
+    graph.add_output(GraphIo { value: out, info });
     Ok(())
 }
 
@@ -528,6 +275,6 @@ pub fn make_input(graph: &mut Graph, t: ValueId, init: Option<Initializer>, dtyp
         r#type: Some(tensor_type(dtype, &shape)),
         ..Default::default()
     };
-    graph.inputs.push(GraphIo { value: t, info });
+    graph.add_input(GraphIo { value: t, info });
     debug_assert_eq!(graph.value(t).def, Def::Input);
 }

@@ -2,13 +2,14 @@
 //! gradient of the output, `x` (`a`, `b`) the inputs, `y` the output; `unb` sums a
 //! gradient down to its input's shape (undoes broadcasting).
 
-use super::{int_attr, Emit};
 use crate::error::{Error, Result};
+use crate::ir::build::{int_attr, Builder};
 use crate::ir::{Node, ValueId};
 use crate::proto::tensor_proto::DataType;
 
 /// A rule: the gradients of the inputs (`None` where not wanted or not defined).
-pub type Rule = fn(&mut Emit, &Node, &[Option<ValueId>], &[bool]) -> Result<Vec<Option<ValueId>>>;
+pub type Rule =
+    fn(&mut Builder, &Node, &[Option<ValueId>], &[bool]) -> Result<Vec<Option<ValueId>>>;
 
 /// Ops whose outputs carry no gradient (integer, boolean or shape results): a path
 /// from a trainable tensor stops there.
@@ -60,7 +61,7 @@ pub const RULES: &[(&str, Rule)] = &[
     // dx = g / (2y)
     ("Sqrt", |e, n, g, _| {
         let y = n.outputs[0].unwrap();
-        let two = e.scalar(2.0);
+        let two = e.scalar("c", 2.0);
         let d = e.bin("Mul", y, two)?;
         Ok(vec![Some(e.bin("Div", g[0].unwrap(), d)?)])
     }),
@@ -91,14 +92,14 @@ pub const RULES: &[(&str, Rule)] = &[
     ("Tanh", |e, n, g, _| {
         let y = n.outputs[0].unwrap();
         let y2 = e.bin("Mul", y, y)?;
-        let one = e.scalar(1.0);
+        let one = e.scalar("c", 1.0);
         let d = e.bin("Sub", one, y2)?;
         Ok(vec![Some(e.bin("Mul", g[0].unwrap(), d)?)])
     }),
     // dx = g·y·(1 - y)
     ("Sigmoid", |e, n, g, _| {
         let y = n.outputs[0].unwrap();
-        let one = e.scalar(1.0);
+        let one = e.scalar("c", 1.0);
         let d = e.bin("Sub", one, y)?;
         let yd = e.bin("Mul", y, d)?;
         Ok(vec![Some(e.bin("Mul", g[0].unwrap(), yd)?)])
@@ -109,14 +110,14 @@ pub const RULES: &[(&str, Rule)] = &[
         let x2 = e.bin("Mul", x, x)?;
         let nx2 = e.un("Neg", x2)?;
         let ex = e.un("Exp", nx2)?;
-        let k = e.scalar(2.0 / std::f64::consts::PI.sqrt());
+        let k = e.scalar("c", 2.0 / std::f64::consts::PI.sqrt());
         let d = e.bin("Mul", ex, k)?;
         Ok(vec![Some(e.bin("Mul", g[0].unwrap(), d)?)])
     }),
     // dx = g·[x > 0]
     ("Relu", |e, n, g, _| {
         let x = n.inputs[0].unwrap();
-        let zero = e.scalar(0.0);
+        let zero = e.scalar("c", 0.0);
         let pos = e.bin("Greater", x, zero)?;
         let m = e.mask(pos)?;
         Ok(vec![Some(e.bin("Mul", g[0].unwrap(), m)?)])
@@ -210,9 +211,9 @@ pub const RULES: &[(&str, Rule)] = &[
     // dx = Cast(g, to = type of x) (float to float)
     ("Cast", |e, n, g, _| {
         let x = n.inputs[0].unwrap();
-        let to = value_dtype(e, x);
+        let to = e.dtype_of(x);
         let s = e.shape(x)?;
-        Ok(vec![Some(e.op(
+        Ok(vec![Some(e.op_shaped(
             "Cast",
             &[g[0].unwrap()],
             vec![int_attr("to", to as i64)],
@@ -268,22 +269,14 @@ fn norm_axis(axis: i64, rank: usize) -> usize {
     }
 }
 
-fn value_dtype(e: &Emit, v: ValueId) -> i32 {
-    e.dtypes
-        .get(&v)
-        .copied()
-        .or_else(|| e.graph.initializer(v).map(|i| i.elem_type()))
-        .unwrap_or(e.dtype)
-}
-
 /// The int64 values of a constant input.
-fn const_ints(e: &Emit, v: ValueId) -> Result<Vec<i64>> {
+fn const_ints(e: &Builder, v: ValueId) -> Result<Vec<i64>> {
     let a = crate::eval::evaluate(e.graph, v).map_err(Error::Graph)?;
     Ok(a.to_f64().iter().map(|&x| x as i64).collect())
 }
 
 fn add_sub(
-    e: &mut Emit,
+    e: &mut Builder,
     n: &Node,
     g: ValueId,
     w: &[bool],
@@ -303,7 +296,12 @@ fn add_sub(
     Ok(out)
 }
 
-fn mul(e: &mut Emit, n: &Node, g: &[Option<ValueId>], w: &[bool]) -> Result<Vec<Option<ValueId>>> {
+fn mul(
+    e: &mut Builder,
+    n: &Node,
+    g: &[Option<ValueId>],
+    w: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
     let (a, b, g) = (n.inputs[0].unwrap(), n.inputs[1].unwrap(), g[0].unwrap());
     let mut out = vec![None, None];
     for (i, (me, other)) in [(a, b), (b, a)].into_iter().enumerate() {
@@ -316,7 +314,12 @@ fn mul(e: &mut Emit, n: &Node, g: &[Option<ValueId>], w: &[bool]) -> Result<Vec<
     Ok(out)
 }
 
-fn div(e: &mut Emit, n: &Node, g: &[Option<ValueId>], w: &[bool]) -> Result<Vec<Option<ValueId>>> {
+fn div(
+    e: &mut Builder,
+    n: &Node,
+    g: &[Option<ValueId>],
+    w: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
     let (a, b, y, g) = (
         n.inputs[0].unwrap(),
         n.inputs[1].unwrap(),
@@ -339,19 +342,24 @@ fn div(e: &mut Emit, n: &Node, g: &[Option<ValueId>], w: &[bool]) -> Result<Vec<
     Ok(out)
 }
 
-fn pow(e: &mut Emit, n: &Node, g: &[Option<ValueId>], w: &[bool]) -> Result<Vec<Option<ValueId>>> {
+fn pow(
+    e: &mut Builder,
+    n: &Node,
+    g: &[Option<ValueId>],
+    w: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
     if w[1] {
         return Err(Error::Graph(
             "a gradient through a Pow exponent is not supported".into(),
         ));
     }
     let (a, p, g) = (n.inputs[0].unwrap(), n.inputs[1].unwrap(), g[0].unwrap());
-    let one = e.scalar(1.0);
-    let pf = if value_dtype(e, p) == e.dtype {
+    let one = e.scalar("c", 1.0);
+    let pf = if e.dtype_of(p) == e.dtype {
         p
     } else {
         let s = e.shape(p)?;
-        e.op("Cast", &[p], vec![int_attr("to", e.dtype as i64)], s)?
+        e.op_shaped("Cast", &[p], vec![int_attr("to", e.dtype as i64)], s)?
     };
     let pm1 = e.bin("Sub", pf, one)?;
     let ap = e.bin("Pow", a, pm1)?;
@@ -362,7 +370,7 @@ fn pow(e: &mut Emit, n: &Node, g: &[Option<ValueId>], w: &[bool]) -> Result<Vec<
 }
 
 /// Swaps the last two axes.
-fn t_last(e: &mut Emit, x: ValueId) -> Result<ValueId> {
+fn t_last(e: &mut Builder, x: ValueId) -> Result<ValueId> {
     let r = e.shape(x)?.len();
     let mut perm: Vec<usize> = (0..r).collect();
     perm.swap(r - 2, r - 1);
@@ -370,7 +378,7 @@ fn t_last(e: &mut Emit, x: ValueId) -> Result<ValueId> {
 }
 
 fn matmul(
-    e: &mut Emit,
+    e: &mut Builder,
     n: &Node,
     g: &[Option<ValueId>],
     w: &[bool],
@@ -387,7 +395,12 @@ fn matmul(
         let bt = t_last(e, b)?;
         let mut shape = sg.clone();
         *shape.last_mut().unwrap() = sa[sa.len() - 1];
-        let ga = e.op("MatMul", &[g, bt], vec![], super::broadcast(&shape, &shape))?;
+        let ga = e.op_shaped(
+            "MatMul",
+            &[g, bt],
+            vec![],
+            crate::ir::build::broadcast(&shape, &shape),
+        )?;
         out[0] = Some(e.unbroadcast(ga, &sa)?);
     }
     if w[1] {
@@ -399,13 +412,13 @@ fn matmul(
             let a2 = e.reshape(a, &[rows, k])?;
             let g2 = e.reshape(g, &[rows, m])?;
             let a2t = e.transpose(a2, &[1, 0])?;
-            e.op("MatMul", &[a2t, g2], vec![], vec![k, m])?
+            e.op_shaped("MatMul", &[a2t, g2], vec![], vec![k, m])?
         } else {
             let at = t_last(e, a)?;
             let mut shape = sg.clone();
             let r = shape.len();
             shape[r - 2] = sb[sb.len() - 2];
-            let gb = e.op("MatMul", &[at, g], vec![], shape)?;
+            let gb = e.op_shaped("MatMul", &[at, g], vec![], shape)?;
             e.unbroadcast(gb, &sb)?
         };
         out[1] = Some(gb);
@@ -413,18 +426,23 @@ fn matmul(
     Ok(out)
 }
 
-fn gemm(e: &mut Emit, n: &Node, g: &[Option<ValueId>], w: &[bool]) -> Result<Vec<Option<ValueId>>> {
+fn gemm(
+    e: &mut Builder,
+    n: &Node,
+    g: &[Option<ValueId>],
+    w: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
     let (a, b, g) = (n.inputs[0].unwrap(), n.inputs[1].unwrap(), g[0].unwrap());
     let (alpha, beta) = (
         n.attr_float("alpha", 1.0) as f64,
         n.attr_float("beta", 1.0) as f64,
     );
     let (ta, tb) = (n.attr_int("transA", 0) != 0, n.attr_int("transB", 0) != 0);
-    let scaled = |e: &mut Emit, x: ValueId, k: f64| -> Result<ValueId> {
+    let scaled = |e: &mut Builder, x: ValueId, k: f64| -> Result<ValueId> {
         if k == 1.0 {
             Ok(x)
         } else {
-            let c = e.scalar(k);
+            let c = e.scalar("c", k);
             e.bin("Mul", x, c)
         }
     };
@@ -435,7 +453,7 @@ fn gemm(e: &mut Emit, n: &Node, g: &[Option<ValueId>], w: &[bool]) -> Result<Vec
         let gs = e.shape(g)?;
         let k = if ta { sa[0] } else { sa[1] };
         let bt = if tb { b } else { e.transpose(b, &[1, 0])? };
-        let d = e.op("MatMul", &[g, bt], vec![], vec![gs[0], k])?;
+        let d = e.op_shaped("MatMul", &[g, bt], vec![], vec![gs[0], k])?;
         let d = if ta { e.transpose(d, &[1, 0])? } else { d };
         out[0] = Some(scaled(e, d, alpha)?);
     }
@@ -444,7 +462,7 @@ fn gemm(e: &mut Emit, n: &Node, g: &[Option<ValueId>], w: &[bool]) -> Result<Vec
         let gs = e.shape(g)?;
         let k = if tb { sb[1] } else { sb[0] };
         let at = if ta { a } else { e.transpose(a, &[1, 0])? };
-        let d = e.op("MatMul", &[at, g], vec![], vec![k, gs[1]])?;
+        let d = e.op_shaped("MatMul", &[at, g], vec![], vec![k, gs[1]])?;
         let d = if tb { e.transpose(d, &[1, 0])? } else { d };
         out[1] = Some(scaled(e, d, alpha)?);
     }
@@ -458,7 +476,7 @@ fn gemm(e: &mut Emit, n: &Node, g: &[Option<ValueId>], w: &[bool]) -> Result<Vec
 }
 
 fn reshape_back(
-    e: &mut Emit,
+    e: &mut Builder,
     n: &Node,
     g: &[Option<ValueId>],
     _: &[bool],
@@ -468,7 +486,7 @@ fn reshape_back(
 }
 
 fn concat(
-    e: &mut Emit,
+    e: &mut Builder,
     n: &Node,
     g: &[Option<ValueId>],
     w: &[bool],
@@ -492,19 +510,25 @@ fn concat(
 }
 
 /// `g[..., start:end, ...]` on `axis`.
-fn slice_axis(e: &mut Emit, g: ValueId, axis: usize, start: usize, end: usize) -> Result<ValueId> {
+fn slice_axis(
+    e: &mut Builder,
+    g: ValueId,
+    axis: usize,
+    start: usize,
+    end: usize,
+) -> Result<ValueId> {
     let mut shape = e.shape(g)?;
     shape[axis] = end - start;
     let (s, t, a) = (
-        e.ints(&[start as i64]),
-        e.ints(&[end as i64]),
-        e.ints(&[axis as i64]),
+        e.ints("i", &[start as i64]),
+        e.ints("i", &[end as i64]),
+        e.ints("i", &[axis as i64]),
     );
-    e.op("Slice", &[g, s, t, a], vec![], shape)
+    e.op_shaped("Slice", &[g, s, t, a], vec![], shape)
 }
 
 fn split(
-    e: &mut Emit,
+    e: &mut Builder,
     n: &Node,
     g: &[Option<ValueId>],
     _: &[bool],
@@ -520,12 +544,12 @@ fn split(
             None => e.zeros(&shape)?,
         });
     }
-    let cat = e.op("Concat", &parts, vec![int_attr("axis", axis as i64)], xs)?;
+    let cat = e.op_shaped("Concat", &parts, vec![int_attr("axis", axis as i64)], xs)?;
     Ok(vec![Some(cat), None])
 }
 
 fn slice(
-    e: &mut Emit,
+    e: &mut Builder,
     n: &Node,
     g: &[Option<ValueId>],
     _: &[bool],
@@ -555,9 +579,9 @@ fn slice(
         pads[axis] = s;
         pads[rank + axis] = dim - t.max(s);
     }
-    let p = e.ints(&pads);
+    let p = e.ints("i", &pads);
     Ok(vec![
-        Some(e.op("Pad", &[g[0].unwrap(), p], vec![], xs)?),
+        Some(e.op_shaped("Pad", &[g[0].unwrap(), p], vec![], xs)?),
         None,
         None,
         None,
@@ -566,7 +590,7 @@ fn slice(
 }
 
 fn gather_elements(
-    e: &mut Emit,
+    e: &mut Builder,
     n: &Node,
     g: &[Option<ValueId>],
     _: &[bool],
@@ -575,7 +599,7 @@ fn gather_elements(
     let xs = e.shape(x)?;
     let axis = n.attr_int("axis", 0);
     let z = e.zeros(&xs)?;
-    let d = e.op(
+    let d = e.op_shaped(
         "ScatterElements",
         &[z, idx, g[0].unwrap()],
         vec![int_attr("axis", axis)],
@@ -592,7 +616,7 @@ enum Reduce {
     Max,
 }
 
-fn reduce(e: &mut Emit, n: &Node, g: ValueId, kind: Reduce) -> Result<Vec<Option<ValueId>>> {
+fn reduce(e: &mut Builder, n: &Node, g: ValueId, kind: Reduce) -> Result<Vec<Option<ValueId>>> {
     let x = n.inputs[0].unwrap();
     let y = n.outputs[0].unwrap();
     let xs = e.shape(x)?;
@@ -617,18 +641,18 @@ fn reduce(e: &mut Emit, n: &Node, g: ValueId, kind: Reduce) -> Result<Vec<Option
         .enumerate()
         .map(|(i, &d)| if axes.contains(&i) { 1 } else { d })
         .collect();
-    let keep = |e: &mut Emit, v: ValueId| e.reshape(v, &kept);
+    let keep = |e: &mut Builder, v: ValueId| e.reshape(v, &kept);
     let gk = keep(e, g)?;
     let ge = e.expand(gk, &xs)?;
     let d = match kind {
         Reduce::Sum => ge,
         Reduce::Mean => {
             let count: usize = axes.iter().map(|&a| xs[a]).product();
-            let c = e.scalar(count as f64);
+            let c = e.scalar("c", count as f64);
             e.bin("Div", ge, c)?
         }
         Reduce::SumSquare => {
-            let two = e.scalar(2.0);
+            let two = e.scalar("c", 2.0);
             let x2 = e.bin("Mul", x, two)?;
             e.bin("Mul", ge, x2)?
         }
@@ -651,7 +675,7 @@ fn reduce(e: &mut Emit, n: &Node, g: ValueId, kind: Reduce) -> Result<Vec<Option
 /// gradient where it does not hold. (tract evaluates Less and Greater, not the
 /// OrEqual forms.)
 fn min_max(
-    e: &mut Emit,
+    e: &mut Builder,
     n: &Node,
     g: ValueId,
     w: &[bool],
@@ -675,7 +699,7 @@ fn min_max(
         out[0] = Some(e.unbroadcast(d, &s)?);
     }
     if w[1] {
-        let one = e.scalar(1.0);
+        let one = e.scalar("c", 1.0);
         let mb = e.bin("Sub", one, ma)?;
         let d = e.bin("Mul", g, mb)?;
         let s = e.shape(b)?;
@@ -684,7 +708,12 @@ fn min_max(
     Ok(out)
 }
 
-fn clip(e: &mut Emit, n: &Node, g: &[Option<ValueId>], _: &[bool]) -> Result<Vec<Option<ValueId>>> {
+fn clip(
+    e: &mut Builder,
+    n: &Node,
+    g: &[Option<ValueId>],
+    _: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
     let x = n.inputs[0].unwrap();
     let mut d = g[0].unwrap();
     // [x >= min] = ¬[x < min], [x <= max] = ¬[x > max]
@@ -700,18 +729,18 @@ fn clip(e: &mut Emit, n: &Node, g: &[Option<ValueId>], _: &[bool]) -> Result<Vec
 }
 
 fn where_(
-    e: &mut Emit,
+    e: &mut Builder,
     n: &Node,
     g: &[Option<ValueId>],
     w: &[bool],
 ) -> Result<Vec<Option<ValueId>>> {
     let (c, g) = (n.inputs[0].unwrap(), g[0].unwrap());
-    let zero = e.scalar(0.0);
+    let zero = e.scalar("c", 0.0);
     let mut out = vec![None, None, None];
     for (slot, (t, f)) in [(1, (g, zero)), (2, (zero, g))] {
         if w[slot] {
             let gs = e.shape(g)?;
-            let d = e.op("Where", &[c, t, f], vec![], gs)?;
+            let d = e.op_shaped("Where", &[c, t, f], vec![], gs)?;
             let s = e.shape(n.inputs[slot].unwrap())?;
             out[slot] = Some(e.unbroadcast(d, &s)?);
         }
@@ -720,7 +749,7 @@ fn where_(
 }
 
 fn layer_norm(
-    e: &mut Emit,
+    e: &mut Builder,
     n: &Node,
     g: &[Option<ValueId>],
     w: &[bool],
@@ -756,7 +785,7 @@ enum Norm {
 /// `scale`: `(dx, x̂)`, dx only when `want_dx`.
 #[allow(clippy::too_many_arguments)]
 fn norm_back(
-    e: &mut Emit,
+    e: &mut Builder,
     x: ValueId,
     g: ValueId,
     scale: ValueId,
@@ -769,7 +798,7 @@ fn norm_back(
     let rank = xs.len();
     let axes: Vec<usize> = (norm_axis(axis, rank)..rank).collect();
     let count: usize = axes.iter().map(|&a| xs[a]).product();
-    let inv_n = e.scalar(1.0 / count as f64);
+    let inv_n = e.scalar("c", 1.0 / count as f64);
     // μ (layer norm), the variance or mean square, and r, recomputed.
     let xc = match norm {
         Norm::Layer => {
@@ -782,7 +811,7 @@ fn norm_back(
     let sq = e.bin("Mul", xc, xc)?;
     let var_sum = e.reduce_sum(sq, &axes, true)?;
     let var = e.bin("Mul", var_sum, inv_n)?;
-    let epsv = e.scalar(eps);
+    let epsv = e.scalar("c", eps);
     let ve = e.bin("Add", var, epsv)?;
     let sd = e.un("Sqrt", ve)?;
     let r = e.un("Reciprocal", sd)?;
@@ -812,7 +841,7 @@ fn norm_back(
 }
 
 fn gather(
-    e: &mut Emit,
+    e: &mut Builder,
     n: &Node,
     g: &[Option<ValueId>],
     _: &[bool],
@@ -828,30 +857,30 @@ fn gather(
     );
     // Indices as int64 [1, M], negative ones wrapped.
     let flat = e.reshape(idx, &[1, count])?;
-    let flat = e.op(
+    let flat = e.op_shaped(
         "Cast",
         &[flat],
         vec![int_attr("to", DataType::Int64 as i64)],
         vec![1, count],
     )?;
-    let zero = e.ints(&[0]);
-    let negative = e.op("Less", &[flat, zero], vec![], vec![1, count])?;
-    let size = e.ints(&[len as i64]);
-    let wrapped = e.op("Add", &[flat, size], vec![], vec![1, count])?;
-    let flat = e.op("Where", &[negative, wrapped, flat], vec![], vec![1, count])?;
+    let zero = e.ints("i", &[0]);
+    let negative = e.op_shaped("Less", &[flat, zero], vec![], vec![1, count])?;
+    let size = e.ints("i", &[len as i64]);
+    let wrapped = e.op_shaped("Add", &[flat, size], vec![], vec![1, count])?;
+    let flat = e.op_shaped("Where", &[negative, wrapped, flat], vec![], vec![1, count])?;
     // One-hot [N, M]: row n marks the positions that read x[.., n, ..].
     let rows: Vec<i64> = (0..len as i64).collect();
-    let rows = e.ints(&rows);
+    let rows = e.ints("i", &rows);
     let rows = e.reshape(rows, &[len, 1])?;
-    let hit = e.op("Equal", &[rows, flat], vec![], vec![len, count])?;
+    let hit = e.op_shaped("Equal", &[rows, flat], vec![], vec![len, count])?;
     let one_hot = e.mask(hit)?;
     let g3 = e.reshape(g, &[p, count, q])?;
-    let d = e.op("MatMul", &[one_hot, g3], vec![], vec![p, len, q])?;
+    let d = e.op_shaped("MatMul", &[one_hot, g3], vec![], vec![p, len, q])?;
     Ok(vec![Some(e.reshape(d, &xs)?), None])
 }
 
 fn simplified_layer_norm(
-    e: &mut Emit,
+    e: &mut Builder,
     n: &Node,
     g: &[Option<ValueId>],
     w: &[bool],
@@ -870,7 +899,7 @@ fn simplified_layer_norm(
 }
 
 fn skip_simplified_layer_norm(
-    e: &mut Emit,
+    e: &mut Builder,
     n: &Node,
     g: &[Option<ValueId>],
     w: &[bool],
@@ -910,7 +939,7 @@ fn skip_simplified_layer_norm(
 }
 
 fn matmul_nbits(
-    e: &mut Emit,
+    e: &mut Builder,
     n: &Node,
     g: &[Option<ValueId>],
     w: &[bool],
@@ -933,6 +962,6 @@ fn matmul_nbits(
     e.shapes.insert(wv, vec![big_n, k]);
     let mut shape = e.shape(a)?;
     *shape.last_mut().expect("rank >= 1") = k;
-    let d = e.op("MatMul", &[g[0].unwrap(), wv], vec![], shape)?;
+    let d = e.op_shaped("MatMul", &[g[0].unwrap(), wv], vec![], shape)?;
     Ok(vec![Some(d)])
 }

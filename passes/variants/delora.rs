@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use tract_core::ndarray::{Array1, Array2, ArrayD, Axis};
 
-use super::{mat, Branch, Config, Dims, Init, ParamSpec, Params, Variant};
+use super::{mat, Config, Dims, Init, ParamSpec, Params, Variant};
 use crate::error::Result;
+use crate::ir::build::Builder;
 use crate::ir::ValueId;
 use crate::rng::Rng;
 
@@ -76,13 +77,13 @@ impl Variant for Delora {
         Ok(None)
     }
 
-    fn cfg_fields(&self, cfg: &Config) -> Vec<(&'static str, String)> {
-        vec![("lambda0", py_float(cfg.lambda0))]
+    fn cfg_fields(&self, cfg: &Config) -> Vec<(&'static str, serde_json::Value)> {
+        vec![("lambda0", cfg.lambda0.into())]
     }
 
     fn branch(
         &self,
-        b: &mut Branch,
+        b: &mut Builder,
         x: ValueId,
         p: &BTreeMap<&'static str, ValueId>,
         _cfg: &Config,
@@ -98,7 +99,7 @@ impl Variant for Delora {
     // σ = (λ/r) / (an·bn) with an, bn = sqrt(max(Σ(.)², ε²)) (NaN-safe at B = 0).
     fn module_values(
         &self,
-        b: &mut Branch,
+        b: &mut Builder,
         p: &BTreeMap<&'static str, ValueId>,
         cfg: &Config,
     ) -> Result<Vec<(&'static str, ValueId)>> {
@@ -146,17 +147,5 @@ impl Variant for Delora {
             row.zip_mut_with(&wnorm, |v, &n| *v *= n);
         }
         b_sigma.dot(&a_w)
-    }
-}
-
-/// A float as Python's `json.dumps` writes it (`15.0`, `0.1`).
-pub fn py_float(v: f64) -> String {
-    let s = format!("{v:?}");
-    match s.split_once('e') {
-        Some((m, e)) => {
-            let (sign, digits) = e.strip_prefix('-').map(|d| ("-", d)).unwrap_or(("+", e));
-            format!("{m}e{sign}{digits:0>2}")
-        }
-        None => s,
     }
 }

@@ -4,8 +4,9 @@ use std::collections::BTreeMap;
 
 use tract_core::ndarray::Array2;
 
-use super::{mat, Branch, Config, Dims, Init, ParamSpec, Params, Variant};
+use super::{mat, Config, Dims, Init, ParamSpec, Params, Variant};
 use crate::error::Result;
+use crate::ir::build::Builder;
 use crate::ir::ValueId;
 
 /// LoRA: kaiming-uniform A, zero B, scale `alpha/r` (rsLoRA: `alpha/sqrt(r)`).
@@ -35,7 +36,7 @@ impl Variant for Lora {
 
     fn branch(
         &self,
-        b: &mut Branch,
+        b: &mut Builder,
         x: ValueId,
         p: &BTreeMap<&'static str, ValueId>,
         cfg: &Config,

@@ -11,13 +11,18 @@ use std::collections::BTreeMap;
 use tract_core::ndarray::{Array2, ArrayD, IxDyn};
 
 use crate::error::{Error, Result};
-use crate::ir::{Graph, Initializer, ValueId};
-use crate::proto::{attribute_proto::AttributeType, AttributeProto};
+use crate::ir::build::Builder;
+use crate::ir::ValueId;
 use crate::rng::Rng;
-use crate::tensor::Array;
 
 /// Every variant, keyed by its CLI name. One line per variant.
 pub const VARIANTS: &[&dyn Variant] = &[&lora::Lora, &pissa::Pissa, &delora::Delora];
+
+impl std::fmt::Debug for dyn Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// The variant called `name`.
 pub fn variant(name: &str) -> Result<&'static dyn Variant> {
@@ -39,10 +44,8 @@ pub fn variant(name: &str) -> Result<&'static dyn Variant> {
 pub struct Config {
     /// Rank.
     pub r: usize,
-    /// alpha, and its JSON text as given (`16` stays an integer, `16.0` a float).
-    pub alpha: f64,
-    /// alpha as JSON.
-    pub alpha_json: String,
+    /// alpha, as given (`16` stays an integer in the adapter's `cfg`, `16.0` a float).
+    pub alpha: Alpha,
     /// rsLoRA scaling `alpha / sqrt(r)` instead of `alpha / r`.
     pub rslora: bool,
     /// DeLoRA's initial lambda.
@@ -57,8 +60,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             r: 8,
-            alpha: 16.0,
-            alpha_json: "16.0".into(),
+            alpha: Alpha::parse("16.0").expect("a number"),
             rslora: false,
             lambda0: 15.0,
             pissa_niter: None,
@@ -71,10 +73,34 @@ impl Config {
     /// The LoRA scale `s`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub fn scale(&self) -> f64 {
         if self.rslora {
-            self.alpha / (self.r as f64).sqrt()
+            self.alpha.value() / (self.r as f64).sqrt()
         } else {
-            self.alpha / self.r as f64
+            self.alpha.value() / self.r as f64
         }
+    }
+}
+
+/// LoRA's alpha as the user wrote it: `16` stays an integer in the adapter's `cfg`,
+/// `16.0` a float, as in Python.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alpha(pub serde_json::Number);
+
+impl Alpha {
+    /// Parses a number's text (`16`, `16.0`, `1e1`).
+    pub fn parse(text: &str) -> Option<Alpha> {
+        crate::adapter::meta::number_as_given(text).map(Alpha)
+    }
+
+    /// The value.
+    pub fn value(&self) -> f64 {
+        self.0.as_f64().unwrap_or(f64::NAN)
+    }
+}
+
+impl From<f64> for Alpha {
+    /// An integral value is kept as an integer (as Python's `alpha=8`).
+    fn from(v: f64) -> Alpha {
+        Alpha::parse(&format!("{v}")).unwrap_or_else(|| Alpha(0.into()))
     }
 }
 
@@ -152,6 +178,12 @@ pub trait Variant: Sync {
         false
     }
 
+    /// Whether [`Variant::init`] rewrites the base weight (PiSSA's `W_res`): merging
+    /// into the original weights then recomputes it.
+    fn rewrites_weight(&self) -> bool {
+        false
+    }
+
     /// Bytes [`Variant::init`] holds at once for one layer (the weight and its copies),
     /// so that initialising layers in parallel stays within a memory budget.
     fn working_set(&self, dims: Dims, _cfg: &Config) -> usize {
@@ -177,8 +209,8 @@ pub trait Variant: Sync {
         Ok(None)
     }
 
-    /// Extra `cfg` fields as `(name, JSON)`, after lora-lite's common ones.
-    fn cfg_fields(&self, _cfg: &Config) -> Vec<(&'static str, String)> {
+    /// Extra `cfg` fields, after lora-lite's common ones.
+    fn cfg_fields(&self, _cfg: &Config) -> Vec<(&'static str, serde_json::Value)> {
         Vec::new()
     }
 
@@ -186,7 +218,7 @@ pub trait Variant: Sync {
     /// twice shares them); [`Variant::branch`] finds them in `p` under their names.
     fn module_values(
         &self,
-        _b: &mut Branch,
+        _b: &mut Builder,
         _p: &BTreeMap<&'static str, ValueId>,
         _cfg: &Config,
     ) -> Result<Vec<(&'static str, ValueId)>> {
@@ -198,7 +230,7 @@ pub trait Variant: Sync {
     /// layout: every 2-D tensor transposed).
     fn branch(
         &self,
-        b: &mut Branch,
+        b: &mut Builder,
         x: ValueId,
         p: &BTreeMap<&'static str, ValueId>,
         cfg: &Config,
@@ -214,89 +246,4 @@ pub fn mat(p: &Params, name: &str) -> Array2<f32> {
         .clone()
         .into_dimensionality()
         .expect("2-D parameter")
-}
-
-/// Builds an adapter branch into a graph: nodes and constants named under one prefix,
-/// opset-aware where ops changed form.
-pub struct Branch<'g> {
-    /// The graph being spliced.
-    pub graph: &'g mut Graph,
-    /// Node and constant name prefix, e.g. `model.layers.0.self_attn.q_proj.lora`.
-    pub prefix: String,
-    /// The default-domain opset of the model.
-    pub opset: i64,
-    /// Element type of the branch's computation.
-    pub dtype: i32,
-}
-
-impl Branch<'_> {
-    /// Adds `op(inputs)` with `attributes`; returns its output.
-    pub fn op(
-        &mut self,
-        op: &str,
-        inputs: &[ValueId],
-        attributes: Vec<AttributeProto>,
-    ) -> Result<ValueId> {
-        let name = format!("{}.{op}", self.prefix);
-        Ok(self.graph.add_op(op, &name, inputs, attributes, 1)?.1[0])
-    }
-
-    /// A scalar constant in the branch's dtype.
-    pub fn scalar(&mut self, tag: &str, v: f64) -> ValueId {
-        let a = Array::from_f32(ArrayD::from_elem(IxDyn(&[]), v as f32), self.dtype)
-            .expect("float dtype");
-        let name = format!("{}.{tag}", self.prefix);
-        self.graph
-            .add_initializer(&name, Initializer::new(a.to_proto("")))
-    }
-
-    /// An int64 1-D constant.
-    fn ints(&mut self, tag: &str, values: &[i64]) -> ValueId {
-        let a =
-            Array::I64(ArrayD::from_shape_vec(IxDyn(&[values.len()]), values.to_vec()).unwrap());
-        let name = format!("{}.{tag}", self.prefix);
-        self.graph
-            .add_initializer(&name, Initializer::new(a.to_proto("")))
-    }
-
-    /// `Unsqueeze(x, axes)`, with axes as an input from opset 13.
-    pub fn unsqueeze(&mut self, x: ValueId, axes: &[i64]) -> Result<ValueId> {
-        if self.opset >= 13 {
-            let axes = self.ints("axes", axes);
-            self.op("Unsqueeze", &[x, axes], vec![])
-        } else {
-            self.op("Unsqueeze", &[x], vec![ints_attr("axes", axes)])
-        }
-    }
-
-    /// `ReduceSumSquare(x, axes, keepdims=0)`, with axes as an input from opset 18.
-    pub fn reduce_sum_square(&mut self, x: ValueId, axes: &[i64]) -> Result<ValueId> {
-        let keep = int_attr("keepdims", 0);
-        if self.opset >= 18 {
-            let axes = self.ints("axes", axes);
-            self.op("ReduceSumSquare", &[x, axes], vec![keep])
-        } else {
-            self.op("ReduceSumSquare", &[x], vec![keep, ints_attr("axes", axes)])
-        }
-    }
-}
-
-/// An integer attribute.
-pub fn int_attr(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        i: Some(v),
-        r#type: Some(AttributeType::Int as i32),
-        ..Default::default()
-    }
-}
-
-/// An integer-list attribute.
-pub fn ints_attr(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        ints: v.to_vec(),
-        r#type: Some(AttributeType::Ints as i32),
-        ..Default::default()
-    }
 }

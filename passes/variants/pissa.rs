@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 
 use tract_core::ndarray::{Array2, ArrayD, Axis};
 
-use super::{lora::Lora, Branch, Config, Dims, Init, ParamSpec, Params, Variant};
+use super::{lora::Lora, Config, Dims, Init, ParamSpec, Params, Variant};
 use crate::error::Result;
+use crate::ir::build::Builder;
 use crate::ir::ValueId;
 use crate::linalg;
 use crate::rng::Rng;
@@ -38,6 +39,10 @@ impl Variant for Pissa {
     }
 
     fn reads_weight(&self) -> bool {
+        true
+    }
+
+    fn rewrites_weight(&self) -> bool {
         true
     }
 
@@ -82,7 +87,7 @@ impl Variant for Pissa {
 
     fn branch(
         &self,
-        b: &mut Branch,
+        b: &mut Builder,
         x: ValueId,
         p: &BTreeMap<&'static str, ValueId>,
         cfg: &Config,

@@ -149,3 +149,49 @@ fn tensor_text(t: &TensorProto) -> String {
         None => ty,
     }
 }
+
+/// The lines of `actual` not in `expected` (`+`) and the reverse (`-`), in order: a
+/// longest-common-subsequence diff of what lies between the common first and last
+/// lines (a pass's change is local); past 16M line pairs, that middle is shown whole.
+pub fn line_diff(expected: &str, actual: &str) -> String {
+    let a: Vec<&str> = expected.lines().collect();
+    let b: Vec<&str> = actual.lines().collect();
+    let head = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let tail = a[head..]
+        .iter()
+        .rev()
+        .zip(b[head..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    let (a, b) = (&a[head..a.len() - tail], &b[head..b.len() - tail]);
+    let mut out = String::new();
+    if a.len().saturating_mul(b.len()) > 1 << 24 {
+        a.iter().for_each(|l| out.push_str(&format!("-{l}\n")));
+        b.iter().for_each(|l| out.push_str(&format!("+{l}\n")));
+        return out;
+    }
+    let mut lcs = vec![vec![0u32; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            lcs[i][j] = if a[i] == b[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            i += 1;
+            j += 1;
+        } else if j < b.len() && (i == a.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
+            out.push_str(&format!("+{}\n", b[j]));
+            j += 1;
+        } else {
+            out.push_str(&format!("-{}\n", a[i]));
+            i += 1;
+        }
+    }
+    out
+}

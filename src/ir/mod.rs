@@ -5,7 +5,9 @@
 //! `NodeProto` (attributes, domain, metadata, doc string) and the graph keeps every
 //! `GraphProto` field other than nodes, initializers, inputs and outputs.
 
+pub mod build;
 pub mod dump;
+pub mod infer;
 mod proto;
 pub mod validate;
 
@@ -17,11 +19,11 @@ use crate::proto::{NodeProto, TensorProto, ValueInfoProto};
 
 /// Index of a node in the arena.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct NodeId(pub u32);
+pub struct NodeId(u32);
 
 /// Index of a value (a named tensor edge) in the arena.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ValueId(pub u32);
+pub struct ValueId(u32);
 
 /// Where a value comes from.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
@@ -238,12 +240,16 @@ pub struct Graph {
     nodes: Vec<Option<Node>>,
     values: Vec<Value>,
     /// Graph inputs, in order (may name initializers, as IR < 4 models do).
-    pub inputs: Vec<GraphIo>,
+    inputs: Vec<GraphIo>,
     /// Graph outputs, in order.
-    pub outputs: Vec<GraphIo>,
+    outputs: Vec<GraphIo>,
     /// Initializers in storage order.
     initializer_order: Vec<ValueId>,
     names: HashMap<String, ValueId>,
+    /// Live nodes by name (how many bear each), for fresh names in O(1).
+    node_names: HashMap<String, u32>,
+    /// Per base name, the smallest `_N` suffix that may be free.
+    node_suffix_hint: HashMap<String, u64>,
     /// Every `GraphProto` field the IR does not model, kept verbatim.
     pub rest: crate::proto::GraphProto,
 }
@@ -339,16 +345,70 @@ impl Graph {
             .expect("some suffix is free")
     }
 
-    /// A node name not used by any live node, derived from `base`.
-    pub fn fresh_node_name(&self, base: &str) -> String {
-        let used: HashSet<&str> = self.node_ids().map(|id| self.node(id).name()).collect();
-        if !used.contains(base) {
+    /// A node name not used by any live node, derived from `base`: `base`, else the
+    /// smallest free `base_N` (N ≥ 1). Amortised O(1): a hint per base remembers where
+    /// the search stopped, and is lowered when a node with a suffix is removed.
+    pub fn fresh_node_name(&mut self, base: &str) -> String {
+        if !self.node_names.contains_key(base) {
             return base.to_string();
         }
-        (1..)
-            .map(|i| format!("{base}_{i}"))
-            .find(|n| !used.contains(n.as_str()))
-            .expect("some suffix is free")
+        let start = self.node_suffix_hint.get(base).copied().unwrap_or(1);
+        let (i, name) = (start..)
+            .map(|i| (i, format!("{base}_{i}")))
+            .find(|(_, n)| !self.node_names.contains_key(n))
+            .expect("some suffix is free");
+        self.node_suffix_hint.insert(base.to_string(), i);
+        name
+    }
+
+    fn name_node(&mut self, name: &str) {
+        *self.node_names.entry(name.to_string()).or_insert(0) += 1;
+    }
+
+    fn unname_node(&mut self, name: &str) {
+        if let Some(n) = self.node_names.get_mut(name) {
+            *n -= 1;
+            if *n == 0 {
+                self.node_names.remove(name);
+            }
+        }
+        if let Some((base, suffix)) = name.rsplit_once('_') {
+            if let Ok(i) = suffix.parse::<u64>() {
+                if let Some(h) = self.node_suffix_hint.get_mut(base) {
+                    *h = (*h).min(i.max(1));
+                }
+            }
+        }
+    }
+
+    /// The graph inputs, in order.
+    pub fn inputs(&self) -> &[GraphIo] {
+        &self.inputs
+    }
+
+    /// The graph outputs, in order.
+    pub fn outputs(&self) -> &[GraphIo] {
+        &self.outputs
+    }
+
+    /// Appends a graph input.
+    pub fn add_input(&mut self, io: GraphIo) {
+        self.inputs.push(io);
+    }
+
+    /// Appends a graph output.
+    pub fn add_output(&mut self, io: GraphIo) {
+        self.outputs.push(io);
+    }
+
+    /// Removes every graph output (their values stay).
+    pub fn clear_outputs(&mut self) {
+        self.outputs.clear();
+    }
+
+    /// Moves the first `n` outputs after the others.
+    pub fn rotate_outputs(&mut self, n: usize) {
+        self.outputs.rotate_left(n);
     }
 
     fn intern(&mut self, name: &str) -> ValueId {
@@ -470,6 +530,7 @@ impl Graph {
         for v in inputs.iter().flatten() {
             self.values[v.0 as usize].users.push(id);
         }
+        self.name_node(proto.name());
         self.nodes.push(Some(Node {
             proto,
             inputs,
@@ -560,6 +621,7 @@ impl Graph {
         let node = self.nodes[id.0 as usize]
             .take()
             .expect("remove a live node");
+        self.unname_node(node.name());
         for v in node.reads() {
             let users = &mut self.values[v.0 as usize].users;
             if let Some(pos) = users.iter().position(|&u| u == id) {
@@ -597,8 +659,9 @@ impl Graph {
     }
 
     /// Drops removed nodes and values nothing defines, reads or exports, and renumbers
-    /// the arena. All ids held before are invalid afterwards.
-    pub fn compact(&mut self) {
+    /// the arena. Ids held before are invalid afterwards: the returned [`Remap`] maps
+    /// them to the new ones.
+    pub fn compact(&mut self) -> Remap {
         let io: HashSet<ValueId> = self
             .inputs
             .iter()
@@ -666,5 +729,28 @@ impl Graph {
             .enumerate()
             .map(|(i, v)| (v.name.clone(), ValueId(i as u32)))
             .collect();
+        Remap {
+            values: value_map,
+            nodes: node_map,
+        }
+    }
+}
+
+/// How [`Graph::compact`] renumbered the arena.
+#[derive(Debug, Clone, Default)]
+pub struct Remap {
+    values: Vec<Option<ValueId>>,
+    nodes: Vec<Option<NodeId>>,
+}
+
+impl Remap {
+    /// The new id of value `v`, or `None` when it was dropped.
+    pub fn value(&self, v: ValueId) -> Option<ValueId> {
+        self.values.get(v.0 as usize).copied().flatten()
+    }
+
+    /// The new id of node `n`, or `None` when it was removed.
+    pub fn node(&self, n: NodeId) -> Option<NodeId> {
+        self.nodes.get(n.0 as usize).copied().flatten()
     }
 }

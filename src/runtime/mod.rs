@@ -53,7 +53,7 @@ fn tract_err(e: impl std::fmt::Display) -> Error {
 /// The model's real inputs (graph inputs that are not initializers), in order.
 pub fn input_names(model: &Model) -> Vec<String> {
     let g = &model.graph;
-    g.inputs
+    g.inputs()
         .iter()
         .filter(|io| g.value(io.value).def == Def::Input)
         .map(|io| g.value(io.value).name.clone())
@@ -100,7 +100,7 @@ fn parse(
     for (i, name) in names.iter().enumerate() {
         let io = model
             .graph
-            .inputs
+            .inputs()
             .iter()
             .find(|io| &model.graph.value(io.value).name == name)
             .expect("input");
@@ -156,7 +156,7 @@ impl Runner {
         let (m, _) = parse(model, shapes)?;
         let outputs = model
             .graph
-            .outputs
+            .outputs()
             .iter()
             .map(|o| model.graph.value(o.value).name.clone())
             .collect();

@@ -187,11 +187,7 @@ pub fn line_diff(expected: &str, actual: &str) -> String {
 
 /// Sets every module's `lora_B` (and DeLoRA's lambda) to non-zero values, in the graph
 /// and in `outcome`'s torch-layout copies, so an adapter visibly acts.
-pub fn perturb(
-    model: &mut lora_graft::Model,
-    outcome: &mut lora_graft::pipeline::Outcome,
-    seed: u64,
-) {
+pub fn perturb(model: &mut lora_graft::Model, outcome: &mut lora_graft::jobs::Outcome, seed: u64) {
     use lora_graft::ir::Initializer;
     use lora_graft::passes::graft::onnx_layout;
     let mut rng = lora_graft::rng::Rng::new(seed);
@@ -270,20 +266,27 @@ pub fn run_interop(dir: &std::path::Path, manifest: &[serde_json::Value]) {
 }
 
 /// The request the graft tests use: r = 4, alpha = 8 (s = 2).
-pub fn request(variant: &str) -> lora_graft::pipeline::GraftRequest {
+pub fn request(variant: &str) -> lora_graft::jobs::GraftRequest {
     request_r(variant, 4, 8.0)
 }
 
 /// A graft request of rank `r` and `alpha`.
-pub fn request_r(variant: &str, r: usize, alpha: f64) -> lora_graft::pipeline::GraftRequest {
-    lora_graft::pipeline::GraftRequest {
-        variant: variant.into(),
+pub fn request_r(variant: &str, r: usize, alpha: f64) -> lora_graft::jobs::GraftRequest {
+    lora_graft::jobs::GraftRequest {
+        variant: lora_graft::passes::variants::variant(variant).unwrap(),
         cfg: lora_graft::passes::variants::Config {
             r,
-            alpha,
-            alpha_json: format!("{alpha}"),
+            alpha: alpha.into(),
             ..Default::default()
         },
         ..Default::default()
     }
+}
+
+/// The name of every registered variant: tests that cover "every variant" loop over
+/// the registry, so a variant added with one line in `VARIANTS` is tested at once.
+pub fn variant_names() -> impl Iterator<Item = &'static str> {
+    lora_graft::passes::variants::VARIANTS
+        .iter()
+        .map(|v| v.name())
 }

@@ -75,9 +75,9 @@ impl AdapterFile {
     /// Reads a safetensors adapter file.
     pub fn read(path: &Path) -> Result<AdapterFile> {
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let bad = |reason: String| Error::Decode {
+        let bad = |reason: String| Error::AdapterFile {
             path: path.to_path_buf(),
-            reason: format!("not a safetensors adapter file: {reason}"),
+            reason,
         };
         let (_, meta) =
             safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;

@@ -1,0 +1,251 @@
+//! Reading an adapter file for applying or merging: lora-graft's, lora-lite's and
+//! PEFT's key forms, the request the file implies, and its check against the model's
+//! targets.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use tract_core::ndarray::ArrayD;
+
+use crate::adapter::meta::{GraftMeta, LiteCfg};
+use crate::adapter::{AdapterFile, CFG_KEY, GRAFT_KEY};
+use crate::error::{Error, Result};
+use crate::jobs::request::{AdapterDtype, GraftRequest};
+use crate::model::Model;
+use crate::passes::target::{self, Filters, Role, Targeting};
+use crate::passes::variants::{self, Alpha, Variant};
+
+/// An adapter file read for applying or merging: the request it implies and its tensors
+/// by module and parameter, torch layout.
+#[derive(Debug, Clone)]
+pub struct LoadedAdapter {
+    /// The file.
+    pub path: PathBuf,
+    /// Variant, r, alpha, dtype (from `cfg`, else from the overrides).
+    pub req: GraftRequest,
+    /// module -> parameter (`lora_A`, ...) -> values.
+    pub tensors: BTreeMap<String, BTreeMap<String, ArrayD<f32>>>,
+}
+
+/// What the user says about a file that has no `cfg` (a PEFT adapter): the variant
+/// and alpha; and targeting help for any file.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterOverrides {
+    /// Variant when the file does not say (default lora).
+    pub variant: Option<&'static dyn Variant>,
+    /// alpha, when the file does not say.
+    pub alpha: Option<Alpha>,
+    /// Prefix removed from the model's module names.
+    pub strip_prefix: Option<String>,
+    /// Roles of square layers.
+    pub role_overrides: Vec<(regex::Regex, crate::passes::target::Role)>,
+}
+
+/// `(module, parameter)` of an adapter key: lora-lite's `<module>.lora_A`, or PEFT's
+/// `base_model.model.<module>.lora_A[.default].weight`.
+pub fn split_key(key: &str) -> Option<(String, String)> {
+    let key = key.strip_prefix("base_model.model.").unwrap_or(key);
+    let at = key.find(".lora_")?;
+    let param = key[at + 1..].split('.').next()?.to_string();
+    Some((key[..at].to_string(), param))
+}
+
+impl LoadedAdapter {
+    /// Reads `path` and works out the request it implies.
+    pub fn read(path: &Path, overrides: &AdapterOverrides) -> Result<LoadedAdapter> {
+        let file = AdapterFile::read(path)?;
+        let bad = |reason: String| Error::Usage(format!("{}: {reason}", path.display()));
+        let mut tensors: BTreeMap<String, BTreeMap<String, ArrayD<f32>>> = BTreeMap::new();
+        for (key, a) in &file.tensors {
+            let (module, param) = split_key(key).ok_or_else(|| {
+                bad(format!(
+                    "key '{key}' is not an adapter key (<module>.lora_*)"
+                ))
+            })?;
+            tensors.entry(module).or_default().insert(param, a.to_f32());
+        }
+        if tensors.is_empty() {
+            return Err(bad("the file holds no adapter tensor".into()));
+        }
+        let graft_meta =
+            GraftMeta::parse_or_default(file.metadata.get(GRAFT_KEY).map(String::as_str));
+        let (variant_name, mut req) = match file.metadata.get(CFG_KEY) {
+            Some(text) => {
+                let cfg = LiteCfg::parse(text)
+                    .map_err(|e| bad(format!("metadata 'cfg' is not lora-lite's config: {e}")))?;
+                let mut req = GraftRequest::default();
+                req.cfg.r = cfg.r;
+                req.cfg.alpha = Alpha(cfg.alpha.clone());
+                req.adapter_dtype = AdapterDtype::from_torch_name(&cfg.dtype).ok_or_else(|| {
+                    bad(format!(
+                        "unknown adapter dtype '{}'; use float32, float16 or bfloat16",
+                        cfg.dtype
+                    ))
+                })?;
+                if let Some(l) = cfg.extra("lambda0").and_then(|l| l.as_f64()) {
+                    req.cfg.lambda0 = l;
+                }
+                req.filter_text = cfg.filters.clone();
+                (cfg.variant, req)
+            }
+            None => {
+                let mut req = GraftRequest::default();
+                let first = tensors.values().next().expect("non-empty");
+                let a = first
+                    .get("lora_A")
+                    .ok_or_else(|| bad("no lora_A tensor to read r from".into()))?;
+                req.cfg.r = a.shape()[0];
+                if let Some(alpha) = &overrides.alpha {
+                    req.cfg.alpha = alpha.clone();
+                }
+                let name = overrides.variant.map(|v| v.name()).unwrap_or("lora");
+                (name.to_string(), req)
+            }
+        };
+        req.variant = variants::variant(&variant_name)?;
+        req.cfg.rslora = graft_meta.rslora;
+        req.cfg.pissa_niter = graft_meta.pissa_niter;
+        req.cfg.seed = graft_meta.seed;
+        req.filters = Filters {
+            roles: vec![Role::Reader, Role::Writer, Role::Inner],
+            names: vec![],
+            excludes: vec![],
+            layers: None,
+            strip_prefix: overrides.strip_prefix.clone(),
+            d_model: None,
+            role_overrides: overrides.role_overrides.clone(),
+            modules: Some(tensors.keys().cloned().collect()),
+        };
+        Ok(LoadedAdapter {
+            path: path.to_path_buf(),
+            req,
+            tensors,
+        })
+    }
+
+    /// Targets the file's modules in `model`; checks every key against them.
+    pub fn targets(&self, model: &Model) -> Result<Targeting> {
+        let targeting = target::run(&model.graph, &self.req.filters).map_err(|e| match e {
+            Error::NoTarget { .. } => Error::Usage(format!(
+                "{} does not fit {}: none of its {} modules is a linear layer of the model (e.g. '{}'); was it made for another model? (--strip-prefix may help)",
+                self.path.display(),
+                model.path.display(),
+                self.tensors.len(),
+                self.tensors.keys().next().expect("non-empty")
+            )),
+            other => other,
+        })?;
+        Ok(targeting)
+    }
+
+    /// Checks keys and shapes against `specs` of every targeted module, in one error.
+    pub fn check(&self, model: &Model, targeting: &Targeting) -> Result<()> {
+        let variant = self.req.variant;
+        let found: std::collections::BTreeSet<&str> = targeting
+            .targets
+            .iter()
+            .map(|t| t.module.as_str())
+            .collect();
+        let mut missing = Vec::new();
+        let mut unexpected: Vec<String> = self
+            .tensors
+            .keys()
+            .filter(|m| !found.contains(m.as_str()))
+            .map(|m| format!("{m}.*"))
+            .collect();
+        let mut mismatched = Vec::new();
+        for t in &targeting.targets {
+            let dims = variants::Dims {
+                d_in: t.d_in,
+                d_out: t.d_out,
+            };
+            let specs = variant.param_specs(dims, &self.req.cfg);
+            let given = self.tensors.get(&t.module);
+            for spec in &specs {
+                match given.and_then(|g| g.get(spec.name)) {
+                    None => missing.push(format!("{}.{}", t.module, spec.name)),
+                    Some(a) if a.shape() != spec.shape.as_slice() => mismatched.push(format!(
+                        "{}.{} is {:?} in the file, the model needs {:?}",
+                        t.module,
+                        spec.name,
+                        a.shape(),
+                        spec.shape
+                    )),
+                    Some(_) => {}
+                }
+            }
+            if let Some(g) = given {
+                unexpected.extend(
+                    g.keys()
+                        .filter(|k| !specs.iter().any(|s| s.name == k.as_str()))
+                        .map(|k| format!("{}.{k}", t.module)),
+                );
+            }
+        }
+        missing.dedup();
+        unexpected.dedup();
+        mismatched.dedup();
+        if missing.is_empty() && unexpected.is_empty() && mismatched.is_empty() {
+            return Ok(());
+        }
+        let list = |v: &[String]| {
+            let shown: Vec<&str> = v.iter().take(5).map(String::as_str).collect();
+            format!(
+                "{}{}",
+                shown.join(", "),
+                if v.len() > 5 {
+                    format!(" and {} more", v.len() - 5)
+                } else {
+                    String::new()
+                }
+            )
+        };
+        let mut parts = Vec::new();
+        if !missing.is_empty() {
+            parts.push(format!("missing keys: {}", list(&missing)));
+        }
+        if !unexpected.is_empty() {
+            parts.push(format!("unexpected keys: {}", list(&unexpected)));
+        }
+        if !mismatched.is_empty() {
+            parts.push(format!("shape mismatches: {}", list(&mismatched)));
+        }
+        Err(Error::Usage(format!(
+            "{} does not fit {} ({}): {}",
+            self.path.display(),
+            model.path.display(),
+            variant.name(),
+            parts.join("; ")
+        )))
+    }
+
+    /// The file's tensors of every module, as variant parameters.
+    pub fn params(
+        &self,
+        outcome_modules: &[String],
+        targeting: &Targeting,
+    ) -> BTreeMap<String, variants::Params> {
+        let variant = self.req.variant;
+        let mut out = BTreeMap::new();
+        for module in outcome_modules {
+            let t = targeting
+                .targets
+                .iter()
+                .find(|t| &t.module == module)
+                .expect("target");
+            let specs = variant.param_specs(
+                variants::Dims {
+                    d_in: t.d_in,
+                    d_out: t.d_out,
+                },
+                &self.req.cfg,
+            );
+            let params: variants::Params = specs
+                .iter()
+                .map(|s| (s.name, self.tensors[module][s.name].clone()))
+                .collect();
+            out.insert(module.clone(), params);
+        }
+        out
+    }
+}

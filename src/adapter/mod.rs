@@ -1,0 +1,9 @@
+//! Adapter files behind one type: the safetensors file ([`file`]), its typed metadata
+//! ([`meta`]), and reading one for a model ([`load`]). A new format is one file here.
+
+pub mod file;
+pub mod load;
+pub mod meta;
+
+pub use file::{AdapterFile, CFG_KEY, GRAFT_KEY};
+pub use load::{split_key, AdapterOverrides, LoadedAdapter};

@@ -1,0 +1,153 @@
+//! The main job and applying a trained adapter: target, graft, and the adapter file
+//! that goes with the grafted model.
+
+use std::collections::BTreeMap;
+
+use tract_core::ndarray::ArrayD;
+
+use crate::adapter::meta::{GraftMeta, LiteCfg, SiteMeta, TargetMeta};
+use crate::adapter::{AdapterFile, LoadedAdapter, CFG_KEY, GRAFT_KEY};
+use crate::error::{Error, Result};
+use crate::jobs::request::GraftRequest;
+use crate::model::Model;
+use crate::passes::graft::{self, Graft, GraftOptions, Grafted};
+use crate::passes::target::{self, Targeting};
+use crate::passes::variants::Variant;
+use crate::passes::{run_pass, PassContext};
+use crate::proto::tensor_proto::DataType;
+use crate::tensor::Array;
+
+/// What grafting did.
+pub struct Outcome {
+    /// The variant used.
+    pub variant: &'static dyn Variant,
+    /// The targets.
+    pub targeting: Targeting,
+    /// The adapters.
+    pub grafted: Grafted,
+}
+
+/// Targets and grafts `model` in memory.
+pub fn graft(model: &mut Model, req: &GraftRequest) -> Result<Outcome> {
+    let variant = req.variant;
+    let mut targeting = target::run(&model.graph, &req.filters)
+        .map_err(|e| e.context(format!("{}: targeting", model.path.display())))?;
+    let opts = GraftOptions {
+        variant,
+        cfg: req.cfg.clone(),
+        adapter_dtype: req.adapter_dtype.onnx(),
+    };
+    let cx = PassContext {
+        opset: graft::default_opset(&model.proto),
+    };
+    let mut pass = Graft::new(&targeting.targets, opts);
+    let remap = run_pass(&mut model.graph, &cx, &mut pass)
+        .map_err(|e| e.context(model.path.display().to_string()))?;
+    let grafted = pass.grafted;
+    targeting.remap(&remap, &model.graph);
+    Ok(Outcome {
+        variant,
+        targeting,
+        grafted,
+    })
+}
+
+impl Outcome {
+    /// The adapter file: lora-lite keys and layout, `cfg`, and lora-graft's metadata.
+    pub fn adapter_file(&self, req: &GraftRequest) -> AdapterFile {
+        let mut tensors = BTreeMap::new();
+        for m in &self.grafted.modules {
+            for (name, values) in &m.params {
+                let a =
+                    Array::from_f32(values.clone(), req.adapter_dtype.onnx()).expect("float dtype");
+                tensors.insert(format!("{}.{name}", m.module), a);
+            }
+        }
+        let graft = GraftMeta {
+            layout: "torch".into(),
+            pissa_niter: req.cfg.pissa_niter,
+            rslora: req.cfg.rslora,
+            seed: req.cfg.seed,
+            targets: self
+                .grafted
+                .modules
+                .iter()
+                .map(|m| TargetMeta {
+                    d_in: m.dims.d_in,
+                    d_out: m.dims.d_out,
+                    module: m.module.clone(),
+                    sites: m.sites.iter().map(SiteMeta::from).collect(),
+                })
+                .collect(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let cfg = LiteCfg {
+            variant: self.variant.name().into(),
+            r: req.cfg.r,
+            alpha: req.cfg.alpha.0.clone(),
+            dtype: req.adapter_dtype.torch_name().into(),
+            filters: req.filter_text.clone(),
+            extra: (self.variant.cfg_fields(&req.cfg).into_iter())
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+        };
+        let metadata = BTreeMap::from([
+            (CFG_KEY.to_string(), cfg.to_json()),
+            (GRAFT_KEY.to_string(), graft.to_json()),
+        ]);
+        AdapterFile { metadata, tensors }
+    }
+}
+
+/// Sets adapter tensor `name` of `module` to `values` (torch layout), in the graph
+/// (ONNX layout, its dtype) and in `outcome`.
+pub fn set_param(
+    model: &mut Model,
+    outcome: &mut Outcome,
+    module: &str,
+    name: &'static str,
+    values: ArrayD<f32>,
+) -> Result<()> {
+    let key = format!("{module}.{name}");
+    let v = model
+        .graph
+        .value_by_name(&key)
+        .ok_or_else(|| Error::Usage(format!("the model has no adapter tensor '{key}'")))?;
+    let dtype = model
+        .graph
+        .initializer(v)
+        .map(|i| i.elem_type())
+        .unwrap_or(DataType::Float as i32);
+    let a = Array::from_f32(graft::onnx_layout(&values), dtype).expect("float dtype");
+    model
+        .graph
+        .replace_initializer(v, crate::ir::Initializer::from_array(&a)?);
+    if let Some(m) = outcome
+        .grafted
+        .modules
+        .iter_mut()
+        .find(|m| m.module == module)
+    {
+        m.params.insert(name, values);
+    }
+    Ok(())
+}
+
+/// Grafts a trained adapter file onto `model` (its values instead of fresh inits).
+pub fn apply(model: &mut Model, adapter: &LoadedAdapter) -> Result<Outcome> {
+    let targeting = adapter.targets(model)?;
+    adapter.check(model, &targeting)?;
+    let mut outcome = graft(model, &adapter.req)?;
+    let modules: Vec<String> = outcome
+        .grafted
+        .modules
+        .iter()
+        .map(|m| m.module.clone())
+        .collect();
+    for (module, params) in adapter.params(&modules, &targeting) {
+        for (name, values) in params {
+            set_param(model, &mut outcome, &module, name, values)?;
+        }
+    }
+    Ok(outcome)
+}

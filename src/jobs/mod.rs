@@ -1,0 +1,15 @@
+//! The user-facing jobs, one file each, as short functions over typed requests:
+//! grafting and applying ([`graft`]), merging ([`merge`]), training graphs
+//! ([`training_graph`]); where they write ([`output`]).
+
+pub mod graft;
+pub mod merge;
+pub mod output;
+pub mod request;
+pub mod training_graph;
+
+pub use graft::{apply, graft, set_param, Outcome};
+pub use merge::merge;
+pub use output::{check_output_paths, default_paths, write};
+pub use request::{AdapterDtype, GraftRequest, TrainingRequest};
+pub use training_graph::{input_shapes, training_graph, Training};
