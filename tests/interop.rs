@@ -1,6 +1,6 @@
 //! ONNX Runtime interop: every grafted model (fixture × variant, with non-zero adapter
 //! values) passes onnx.checker and gives tract's outputs in ONNX Runtime
-//! (`tests/interop.py`; needs python3 with onnx, onnxruntime, safetensors).
+//! (`tests/interop.py`, run by the Python `common::python` provisions).
 
 mod common;
 

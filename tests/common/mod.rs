@@ -2,7 +2,8 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use lora_graft::tensor::Array;
 use tract_core::ndarray::{ArrayD, IxDyn};
@@ -19,6 +20,36 @@ pub const FIXTURES: &[&str] = &[
 
 /// Fixtures tract can run (genai int4 uses GroupQueryAttention, which tract refuses).
 pub const TRACT_FIXTURES: &[&str] = &["llama", "gpt2", "bert", "handmade", "handmade_fp16"];
+
+/// Fixtures with quantized weights: variants that read the weight refuse them.
+pub const QUANTIZED_FIXTURES: &[&str] = &["genai_int4"];
+
+/// Every golden file a test compares with [`check_golden`], relative to `fixtures/`, one
+/// line per test that calls it. `tests/golden.rs` fails on a golden file this table does
+/// not list (an orphan) and on a listed one that is missing: a new `check_golden` call
+/// adds its files here.
+pub fn goldens() -> Vec<String> {
+    let mut goldens = Vec::new();
+    for f in FIXTURES {
+        // golden.rs, canonical_dump_of_every_fixture.
+        goldens.push(format!("{f}/graph.txt"));
+        // targets.rs, golden_target_lists.
+        goldens.push(format!("{f}/targets.txt"));
+        // graft.rs, golden_grafted_graphs: every variant but those reading a quantized weight.
+        for v in lora_graft::passes::variants::VARIANTS {
+            if !(QUANTIZED_FIXTURES.contains(f) && v.reads_weight()) {
+                goldens.push(format!("{f}/graft.{}.txt", v.name()));
+            }
+        }
+    }
+    // fold.rs, fold_golden_dump_of_every_tract_fixture.
+    for f in TRACT_FIXTURES {
+        goldens.push(format!("{f}/fold.txt"));
+    }
+    // grad.rs, golden_training_graph_of_the_hand_built_fixture.
+    goldens.push("handmade/train.lora.txt".into());
+    goldens
+}
 
 /// The repository root.
 pub fn root() -> PathBuf {
@@ -248,11 +279,11 @@ pub fn run_interop(dir: &std::path::Path, manifest: &[serde_json::Value]) {
         serde_json::to_string_pretty(manifest).unwrap(),
     )
     .unwrap();
-    let out = std::process::Command::new("python3")
+    let out = std::process::Command::new(python())
         .arg(root().join("tests/interop.py"))
         .arg(dir)
         .output()
-        .expect("python3 is needed for the ONNX Runtime interop tests (see .ci/run)");
+        .unwrap_or_else(|e| panic!("{}: {e}", python().display()));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -263,6 +294,166 @@ pub fn run_interop(dir: &std::path::Path, manifest: &[serde_json::Value]) {
         stdout.contains(&format!("{} passed, 0 failed", manifest.len())),
         "{stdout}"
     );
+}
+
+/// The Python packages `tests/interop.py` needs, pinned to the versions
+/// `fixtures/make.py` made the fixtures with.
+pub const PYTHON_REQUIREMENTS: &[&str] = &[
+    "onnx==1.23.2",
+    "onnxruntime==1.32.0",
+    "numpy==2.4.6",
+    "safetensors==0.8.0",
+];
+
+/// Cargo's target directory: `CARGO_TARGET_DIR` when absolute, else the one this test
+/// binary runs from (`<target>/<profile>/deps/`), else `<repository>/target`.
+pub fn target_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
+        if dir.is_absolute() {
+            return dir;
+        }
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(target) = exe
+            .parent()
+            .filter(|deps| deps.ends_with("deps"))
+            .and_then(Path::parent)
+            .and_then(Path::parent)
+        {
+            return target.to_path_buf();
+        }
+    }
+    root().join("target")
+}
+
+/// A Python interpreter with [`PYTHON_REQUIREMENTS`], for `tests/interop.py`:
+/// `LORA_GRAFT_PYTHON` if set, else a virtual environment `<target>/py-venv` that the
+/// first caller makes (`python3 -m venv`, `pip install`) and later ones reuse while its
+/// stamp file lists the same requirements. Threads share one answer; processes take a
+/// file lock. Panics, saying what to do, when it cannot.
+pub fn python() -> &'static Path {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    match PYTHON.get_or_init(provision_python) {
+        Ok(python) => python,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn provision_python() -> Result<PathBuf, String> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let requirements = PYTHON_REQUIREMENTS.join(" ");
+    let fix =
+        format!("or set LORA_GRAFT_PYTHON=/path/to/python, an interpreter with {requirements}");
+    if let Some(python) = std::env::var_os("LORA_GRAFT_PYTHON").map(PathBuf::from) {
+        if let Err(e) = check_python(&python) {
+            let shown = python.display();
+            return Err(format!(
+                "LORA_GRAFT_PYTHON={shown}: {e}\nInstall them into it \
+                 (`{shown} -m pip install {requirements}`), or unset LORA_GRAFT_PYTHON to let \
+                 the tests make a venv"
+            ));
+        }
+        return Ok(python);
+    }
+    let target = target_dir();
+    let venv = target.join("py-venv");
+    let python = venv.join("bin").join("python");
+    let stamp = venv.join("lora-graft-requirements.txt");
+    let wanted = PYTHON_REQUIREMENTS.join("\n") + "\n";
+    let ready = || python.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted);
+    // Other test binaries may be here at the same time: one makes the venv, the rest wait.
+    std::fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
+    let lock_path = target.join("py-venv.lock");
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    // SAFETY: flock on a file descriptor `lock` owns; the lock goes when it is closed.
+    while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(format!("locking {}: {e}", lock_path.display()));
+        }
+    }
+    if ready() {
+        return Ok(python);
+    }
+    // Straight to stderr, past the test harness's capture: this takes a while, once.
+    let start = std::time::Instant::now();
+    let _ = writeln!(
+        std::io::stderr(),
+        "provisioning a Python venv for the ONNX Runtime interop tests under {}: \
+         python3 -m venv + pip install {requirements}",
+        venv.display()
+    );
+    let run = |what: &str, cmd: &mut std::process::Command| -> Result<(), String> {
+        let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "{what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    };
+    run(
+        "python3 -m venv",
+        std::process::Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv),
+    )
+    .map_err(|e| {
+        format!(
+            "making the interop tests' Python venv {}: {e}\nInstall python3 (3.11 or \
+             later) with its venv module (Debian: python3-venv), {fix}",
+            venv.display()
+        )
+    })?;
+    run(
+        "pip install",
+        std::process::Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--no-input"])
+            .args(["--disable-pip-version-check"])
+            .args(PYTHON_REQUIREMENTS),
+    )
+    .map_err(|e| {
+        format!(
+            "installing the interop tests' Python packages into {}: {e}\nPyPI must be \
+             reachable for pip (or its proxy set up: PIP_INDEX_URL), {fix}",
+            venv.display()
+        )
+    })?;
+    check_python(&python).map_err(|e| format!("{}: {e}", python.display()))?;
+    // Last: the stamp says the venv is complete.
+    std::fs::write(&stamp, &wanted).map_err(|e| format!("{}: {e}", stamp.display()))?;
+    let _ = writeln!(
+        std::io::stderr(),
+        "Python venv ready in {:.0?}; reused while {} lists the same packages",
+        start.elapsed(),
+        stamp.display()
+    );
+    Ok(python)
+}
+
+/// Ok when `python` imports every package `tests/interop.py` needs.
+fn check_python(python: &Path) -> Result<(), String> {
+    let out = std::process::Command::new(python)
+        .args(["-c", "import numpy, onnx, onnxruntime, safetensors.numpy"])
+        .output()
+        .map_err(|e| format!("cannot run it: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "it lacks a package the interop tests need:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
 }
 
 /// The request the graft tests use: r = 4, alpha = 8 (s = 2).
