@@ -415,6 +415,7 @@ fn run(cli: Cli) -> Result<()> {
             emit_model,
             quiet,
         } => {
+            reuse_freed_memory();
             let graft = variant.request(&filters)?;
             let opts = TrainOptions {
                 training: TrainingRequest {
@@ -516,6 +517,19 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Keeps freed memory in the process instead of returning it to the kernel: every
+/// training step allocates the same large activations again, and fresh pages from the
+/// kernel cost a page fault each (11 % of a step's time on the training benchmark).
+fn reuse_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes glibc's allocator; called before any worker starts.
+    unsafe {
+        // 32 MiB: glibc's largest mmap threshold on 64-bit (it refuses more).
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
 }
 
 fn graft(args: GraftArgs) -> Result<()> {
