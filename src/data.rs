@@ -1,6 +1,6 @@
 //! Training data: token ids (JSONL) or plain text through a Hugging Face tokenizer,
 //! packed into rows of `--seq` tokens; and JSONL examples of a model's named inputs
-//! with a label (classification) or a target (regression).
+//! with a label (classification) or a target (regression); and each step's batch.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -10,7 +10,9 @@ use tract_core::ndarray::{ArrayD, IxDyn};
 use crate::error::{Error, Result};
 use crate::passes::grad::loss::Loss;
 use crate::proto::tensor_proto::DataType;
+use crate::rng::Rng;
 use crate::tensor::Array;
+use crate::Model;
 
 /// One training example: a value per named input (model inputs, and the loss's
 /// `labels` or `target`), without the batch axis.
@@ -401,4 +403,34 @@ pub fn read_examples(src: &Source, fields: &Fields) -> Result<Vec<Row>> {
         rows.push(Row { fields: row });
     }
     Ok(rows)
+}
+
+/// The vocabulary size: rows of the token-embedding initializer, when there is one.
+pub fn vocab_size(model: &Model) -> Option<usize> {
+    let g = &model.graph;
+    g.node_ids().find_map(|id| {
+        let n = g.node(id);
+        if n.op() != "Gather" {
+            return None;
+        }
+        let data = n.inputs.first().copied().flatten()?;
+        let idx = n.inputs.get(1).copied().flatten()?;
+        let init = g.initializer(data)?;
+        (init.dims().len() == 2 && g.initializer(idx).is_none()).then(|| init.dims()[0] as usize)
+    })
+}
+
+/// The batch of step `step` (0-based): rows shuffled per epoch by `seed`.
+pub fn batch_rows(rows: &[Row], batch: usize, step: usize, seed: u64) -> Vec<Row> {
+    let per_epoch = (rows.len() / batch).max(1);
+    let (epoch, k) = (step / per_epoch, step % per_epoch);
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    let mut rng = Rng::new(seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
+    for i in (1..order.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        order.swap(i, j);
+    }
+    (0..batch)
+        .map(|b| rows[order[(k * batch + b) % rows.len()]].clone())
+        .collect()
 }

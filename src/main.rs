@@ -215,9 +215,9 @@ enum Command {
         /// Linear warmup steps.
         #[arg(long, default_value_t = 0)]
         warmup: usize,
-        /// constant, linear or cosine.
-        #[arg(long, default_value = "constant")]
-        schedule: String,
+        /// The learning-rate schedule after warmup.
+        #[arg(long, value_enum, default_value_t = Schedule::Constant)]
+        schedule: Schedule,
         /// Clip the global gradient norm (0: no clipping).
         #[arg(long, default_value_t = 1.0)]
         grad_clip: f64,
@@ -416,6 +416,7 @@ fn run(cli: Cli) -> Result<()> {
             emit_model,
             quiet,
         } => {
+            reuse_freed_memory();
             let graft = variant.request(&filters)?;
             let opts = TrainOptions {
                 training: TrainingRequest {
@@ -433,7 +434,7 @@ fn run(cli: Cli) -> Result<()> {
                 lr,
                 weight_decay,
                 warmup,
-                schedule: Schedule::parse(&schedule)?,
+                schedule,
                 grad_clip,
                 seed: variant.seed,
                 save_every,
@@ -511,6 +512,19 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Keeps freed memory in the process instead of returning it to the kernel: every
+/// training step allocates the same large activations again, and fresh pages from the
+/// kernel cost a page fault each (11 % of a step's time on the training benchmark).
+fn reuse_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes glibc's allocator; called before any worker starts.
+    unsafe {
+        // 32 MiB: glibc's largest mmap threshold on 64-bit (it refuses more).
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
 }
 
 fn graft(args: GraftArgs) -> Result<()> {

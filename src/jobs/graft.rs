@@ -18,6 +18,7 @@ use crate::proto::tensor_proto::DataType;
 use crate::tensor::Array;
 
 /// What grafting did.
+#[derive(Debug, Clone)]
 pub struct Outcome {
     /// The variant used.
     pub variant: &'static dyn Variant,

@@ -81,6 +81,16 @@ pub fn input_shapes(
 /// Grafts `req.graft` onto `model` and builds its training graph.
 pub fn training_graph(mut model: Model, req: &TrainingRequest) -> Result<Training> {
     let outcome = graft(&mut model, &req.graft)?;
+    training_graph_of(model, outcome, req)
+}
+
+/// The training graph of `model`, grafted already as `outcome` says (by
+/// [`graft`] with `req.graft`).
+pub fn training_graph_of(
+    mut model: Model,
+    outcome: Outcome,
+    req: &TrainingRequest,
+) -> Result<Training> {
     let mut shapes = input_shapes(&model, req.batch, req.seq)?;
     let trainable_names: Vec<String> = outcome
         .grafted
