@@ -278,7 +278,7 @@ fn value_dtype(e: &Emit, v: ValueId) -> i32 {
 
 /// The int64 values of a constant input.
 fn const_ints(e: &Emit, v: ValueId) -> Result<Vec<i64>> {
-    let a = crate::eval::evaluate(e.graph, v).map_err(Error::Graph)?;
+    let a = crate::interp::evaluate(e.graph, v).map_err(|e| Error::Graph(e.to_string()))?;
     Ok(a.to_f64().iter().map(|&x| x as i64).collect())
 }
 
