@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
-use crate::eval;
+use crate::interp;
 use crate::ir::{Def, Graph, Initializer, NodeId, ValueId};
 use crate::tensor::Array;
 
@@ -62,7 +62,7 @@ fn fold(graph: &mut Graph, input_shapes: &HashMap<String, Vec<usize>>) -> Result
     for id in graph.topological_order()? {
         let node = graph.node(id);
         if !matches!(node.domain(), "" | "ai.onnx")
-            || !eval::supports(node)
+            || !interp::supports(node)
             || !node.captures.is_empty()
         {
             continue;
@@ -78,7 +78,7 @@ fn fold(graph: &mut Graph, input_shapes: &HashMap<String, Vec<usize>>) -> Result
             }) else {
                 continue;
             };
-            match eval::eval_shape_op(node, &shape) {
+            match interp::eval_shape_op(node, &shape) {
                 Ok(a) => vec![a],
                 Err(_) => continue,
             }
@@ -101,7 +101,7 @@ fn fold(graph: &mut Graph, input_shapes: &HashMap<String, Vec<usize>>) -> Result
                 continue;
             }
             let refs: Vec<Option<&Array>> = inputs.iter().map(Option::as_ref).collect();
-            match eval::eval(node, &refs) {
+            match interp::eval(node, &refs) {
                 Ok(outputs) => outputs,
                 Err(_) => continue, // left for the runtime, which may know better
             }

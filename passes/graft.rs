@@ -432,7 +432,7 @@ fn splice(
 pub fn effective_weight(graph: &Graph, t: &Target) -> Result<Array2<f32>> {
     let node = graph.node(t.node);
     let w = node.inputs[1].expect("weight input");
-    let a = crate::eval::evaluate(graph, w).map_err(|e| Error::Node {
+    let a = crate::interp::evaluate(graph, w).map_err(|e| Error::Node {
         node: t.node_name.clone(),
         op: t.op.clone(),
         reason: format!("cannot read the weight: {e}"),

@@ -27,7 +27,9 @@ pub fn dequantize_nbits(graph: &Graph, node: &Node) -> Result<Array2<f32>, Strin
         let Some(v) = node.inputs.get(i).copied().flatten() else {
             return Ok(None);
         };
-        crate::eval::evaluate(graph, v).map(Some)
+        crate::interp::evaluate(graph, v)
+            .map(Some)
+            .map_err(|e| e.to_string())
     };
     if input(4)?.is_some() {
         return Err("MatMulNBits: g_idx (act-order) is not supported".into());

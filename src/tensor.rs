@@ -47,6 +47,28 @@ macro_rules! for_each_array {
     };
 }
 
+/// Applies `$body` to the inner `ArrayD` of any [`Array`] variant and wraps the result
+/// back into an [`Array`] (of the variant its element type makes).
+#[macro_export]
+macro_rules! map_array {
+    ($value:expr, $a:ident => $body:expr) => {
+        $crate::for_each_array!($value, $a => $crate::tensor::Array::from($body))
+    };
+}
+
+macro_rules! array_from {
+    ($($ty:ty => $variant:ident),*) => {$(
+        impl From<ArrayD<$ty>> for Array {
+            fn from(a: ArrayD<$ty>) -> Array {
+                Array::$variant(a)
+            }
+        }
+    )*};
+}
+
+array_from!(f32 => F32, f64 => F64, f16 => F16, bf16 => BF16, i64 => I64, i32 => I32,
+    i8 => I8, u8 => U8, bool => Bool);
+
 /// Why a tensor proto could not be decoded.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DecodeError {

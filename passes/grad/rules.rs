@@ -125,7 +125,7 @@ pub const RULES: &[(&str, Rule)] = &[
     // dx = y·(g - Σ_axis g·y)
     ("Softmax", |e, n, g, _| {
         let (y, g) = (n.outputs[0].unwrap(), g[0].unwrap());
-        let axis = norm_axis(n.attr_int("axis", -1), e.shape(y)?.len());
+        let axis = norm_axis(n.attr_int("axis", -1), e.shape(y)?.len())?;
         let gy = e.bin("Mul", g, y)?;
         let s = e.reduce_sum(gy, &[axis], true)?;
         let d = e.bin("Sub", g, s)?;
@@ -134,7 +134,7 @@ pub const RULES: &[(&str, Rule)] = &[
     // dx = g - exp(y)·Σ_axis g
     ("LogSoftmax", |e, n, g, _| {
         let (y, g) = (n.outputs[0].unwrap(), g[0].unwrap());
-        let axis = norm_axis(n.attr_int("axis", -1), e.shape(y)?.len());
+        let axis = norm_axis(n.attr_int("axis", -1), e.shape(y)?.len())?;
         let s = e.reduce_sum(g, &[axis], true)?;
         let p = e.un("Exp", y)?;
         let ps = e.bin("Mul", p, s)?;
@@ -261,17 +261,14 @@ pub fn rule(node: &Node) -> Option<Rule> {
         .map(|(_, r)| *r)
 }
 
-fn norm_axis(axis: i64, rank: usize) -> usize {
-    if axis < 0 {
-        (axis + rank as i64) as usize
-    } else {
-        axis as usize
-    }
+/// `axis` in `0..rank` (negative counts from the end), checked: the interpreter's rule.
+fn norm_axis(axis: i64, rank: usize) -> Result<usize> {
+    crate::interp::norm_axis(axis, rank).map_err(|e| Error::Graph(e.to_string()))
 }
 
 /// The int64 values of a constant input.
 fn const_ints(e: &Builder, v: ValueId) -> Result<Vec<i64>> {
-    let a = crate::eval::evaluate(e.graph, v).map_err(Error::Graph)?;
+    let a = crate::interp::evaluate(e.graph, v).map_err(|e| Error::Graph(e.to_string()))?;
     Ok(a.to_f64().iter().map(|&x| x as i64).collect())
 }
 
@@ -493,7 +490,7 @@ fn concat(
 ) -> Result<Vec<Option<ValueId>>> {
     let g = g[0].unwrap();
     let gs = e.shape(g)?;
-    let axis = norm_axis(n.attr_int("axis", 0), gs.len());
+    let axis = norm_axis(n.attr_int("axis", 0), gs.len())?;
     let mut start = 0usize;
     let mut out = Vec::new();
     for (i, input) in n.inputs.iter().enumerate() {
@@ -535,7 +532,7 @@ fn split(
 ) -> Result<Vec<Option<ValueId>>> {
     let x = n.inputs[0].unwrap();
     let xs = e.shape(x)?;
-    let axis = norm_axis(n.attr_int("axis", 0), xs.len());
+    let axis = norm_axis(n.attr_int("axis", 0), xs.len())?;
     let mut parts = Vec::new();
     for (slot, out) in n.outputs.iter().enumerate() {
         let shape = e.shape(out.unwrap())?;
@@ -572,7 +569,7 @@ fn slice(
     }
     let mut pads = vec![0i64; 2 * rank];
     for (k, &axis) in axes.iter().enumerate() {
-        let axis = norm_axis(axis, rank);
+        let axis = norm_axis(axis, rank)?;
         let dim = xs[axis] as i64;
         let fix = |v: i64| (if v < 0 { v + dim } else { v }).clamp(0, dim);
         let (s, t) = (fix(starts[k]), fix(ends[k]));
@@ -627,7 +624,7 @@ fn reduce(e: &mut Builder, n: &Node, g: ValueId, kind: Reduce) -> Result<Vec<Opt
     }
     .into_iter()
     .map(|a| norm_axis(a, rank))
-    .collect();
+    .collect::<Result<_>>()?;
     let axes: Vec<usize> = if axes.is_empty() {
         if n.attr_int("noop_with_empty_axes", 0) != 0 {
             return Ok(vec![Some(g), None]);
@@ -796,7 +793,7 @@ fn norm_back(
 ) -> Result<(Option<ValueId>, ValueId)> {
     let xs = e.shape(x)?;
     let rank = xs.len();
-    let axes: Vec<usize> = (norm_axis(axis, rank)..rank).collect();
+    let axes: Vec<usize> = (norm_axis(axis, rank)?..rank).collect();
     let count: usize = axes.iter().map(|&a| xs[a]).product();
     let inv_n = e.scalar("c", 1.0 / count as f64);
     // μ (layer norm), the variance or mean square, and r, recomputed.
@@ -848,7 +845,7 @@ fn gather(
 ) -> Result<Vec<Option<ValueId>>> {
     let (x, idx, g) = (n.inputs[0].unwrap(), n.inputs[1].unwrap(), g[0].unwrap());
     let xs = e.shape(x)?;
-    let axis = norm_axis(n.attr_int("axis", 0), xs.len());
+    let axis = norm_axis(n.attr_int("axis", 0), xs.len())?;
     let count: usize = e.shape(idx)?.iter().product();
     let (p, len, q): (usize, usize, usize) = (
         xs[..axis].iter().product(),

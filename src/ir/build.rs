@@ -75,7 +75,7 @@ impl<'g> Builder<'g> {
         }
         // Values computed from initializers alone (a weight through a Transpose) are
         // folded away before tract sees the model: evaluate them here.
-        crate::eval::evaluate(self.graph, v)
+        crate::interp::evaluate(self.graph, v)
             .map(|a| a.shape().to_vec())
             .map_err(|_| {
                 Error::Graph(format!(
@@ -270,7 +270,7 @@ impl Builder<'_> {
 /// Numpy broadcast of two shapes (compatible: the forward graph ran; if not, the
 /// larger per axis, and tract reports the mismatch when it loads the graph).
 pub fn broadcast(a: &[usize], b: &[usize]) -> Vec<usize> {
-    crate::eval::broadcast_shape(a, b).unwrap_or_else(|_| {
+    crate::interp::broadcast_shape(a, b).unwrap_or_else(|_| {
         let n = a.len().max(b.len());
         let dim = |s: &[usize], i: usize| {
             if i + s.len() >= n {

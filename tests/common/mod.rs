@@ -35,6 +35,8 @@ pub fn goldens() -> Vec<String> {
         goldens.push(format!("{f}/graph.txt"));
         // targets.rs, golden_target_lists.
         goldens.push(format!("{f}/targets.txt"));
+        // cli_outputs.rs, one test per fixture.
+        goldens.push(format!("{f}/cli.txt"));
         // graft.rs, golden_grafted_graphs: every variant but those reading a quantized weight.
         for v in lora_graft::passes::variants::VARIANTS {
             if !(QUANTIZED_FIXTURES.contains(f) && v.reads_weight()) {
