@@ -15,10 +15,10 @@ pub mod ir;
 pub mod jobs;
 pub mod linalg;
 pub mod model;
+pub mod parallel;
 pub mod quant;
 pub mod rng;
 pub mod runtime;
-pub mod spill;
 pub mod tensor;
 pub mod train;
 

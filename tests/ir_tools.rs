@@ -101,7 +101,11 @@ fn builder_tracks_shapes_and_reduces_by_opset() {
         let r = b.reduce(op, x, &[0, 2], false).unwrap();
         assert_eq!(b.shape(r).unwrap(), vec![3], "{op}");
         let n = b.graph.producer(r).unwrap();
-        assert_eq!(b.graph.node(n).inputs.len(), inputs, "{op} at opset {opset}");
+        assert_eq!(
+            b.graph.node(n).inputs.len(),
+            inputs,
+            "{op} at opset {opset}"
+        );
         // Broadcasting ops get the broadcast shape; unbroadcast sums it back.
         let one = b.scalar("c", 1.0);
         let sum = b.bin("Add", x, one).unwrap();
@@ -142,10 +146,18 @@ fn dtype_inference_follows_each_rule() {
     let ty = |n: &str| types.get(&g.value_by_name(n).unwrap()).copied();
     assert_eq!(ty("xc"), Some(F16), "Cast gives its `to`");
     assert_eq!(ty("y"), Some(F16), "first typed input");
-    assert_eq!(ty("m"), Some(DataType::Bool as i32), "comparisons give bool");
+    assert_eq!(
+        ty("m"),
+        Some(DataType::Bool as i32),
+        "comparisons give bool"
+    );
     assert_eq!(ty("z"), Some(F32), "Where gives its branches' type");
     assert_eq!(ty("s"), Some(DataType::Int64 as i32), "Shape gives int64");
-    assert_eq!(ty("d"), Some(F16), "DequantizeLinear gives its scale's type");
+    assert_eq!(
+        ty("d"),
+        Some(F16),
+        "DequantizeLinear gives its scale's type"
+    );
 }
 
 #[test]
@@ -236,8 +248,14 @@ fn the_pass_runner_validates_and_dumps_on_request() {
         .collect();
     files.sort();
     assert_eq!(files.len(), 3, "{files:?}");
-    assert!(files[0].ends_with(".negate_for_test.after.txt"), "{files:?}");
-    assert!(files[1].ends_with(".negate_for_test.before.txt"), "{files:?}");
+    assert!(
+        files[0].ends_with(".negate_for_test.after.txt"),
+        "{files:?}"
+    );
+    assert!(
+        files[1].ends_with(".negate_for_test.before.txt"),
+        "{files:?}"
+    );
     let diff = std::fs::read_to_string(dir.path().join(&files[2])).unwrap();
     assert!(diff.contains("+") && diff.contains("Neg("), "{diff}");
 }

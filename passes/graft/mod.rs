@@ -15,6 +15,13 @@ use crate::proto::tensor_proto::DataType;
 use crate::rng::Rng;
 use crate::tensor::Array;
 
+mod weight;
+
+pub use crate::parallel::{par_map, PARALLEL_MEMORY_BUDGET};
+pub use weight::{
+    apply_weight, effective_weight, onnx_layout, rounding, set_weight, weight_patch, WeightPatch,
+};
+
 /// What to graft.
 pub struct GraftOptions<'a> {
     /// The variant.
@@ -86,76 +93,6 @@ pub fn by_module(targets: &[Target]) -> Vec<(String, Vec<&Target>)> {
         }
     }
     groups
-}
-
-/// How much memory layers being initialised at once may hold (see
-/// [`Variant::working_set`]); a layer needing more runs alone.
-pub const PARALLEL_MEMORY_BUDGET: usize = 512 << 20;
-
-/// `f` on every item, on every core (items are handed out in order), with at most
-/// `budget` bytes of `cost` in flight; the results in item order. Reading weights and
-/// SVDs are independent per module, so a large model is grafted in parallel while the
-/// graph itself is only edited afterwards, in order.
-pub fn par_map<T: Sync, R: Send>(
-    items: &[T],
-    cost: impl Fn(&T) -> usize + Sync,
-    budget: usize,
-    f: impl Fn(&T) -> R + Sync,
-) -> Vec<R> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Condvar, Mutex};
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(items.len());
-    if threads <= 1 {
-        return items.iter().map(f).collect();
-    }
-    let next = AtomicUsize::new(0);
-    let in_flight = Mutex::new(0usize);
-    let freed = Condvar::new();
-    /// Gives an item's bytes back when it is done (or panicked).
-    struct Release<'a>(&'a Mutex<usize>, &'a Condvar, usize);
-    impl Drop for Release<'_> {
-        fn drop(&mut self) {
-            *self.0.lock().unwrap_or_else(|e| e.into_inner()) -= self.2;
-            self.1.notify_all();
-        }
-    }
-    let done: Vec<Vec<(usize, R)>> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut out = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(item) = items.get(i) else { break out };
-                        let c = cost(item);
-                        let mut used = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                        while *used > 0 && *used + c > budget {
-                            used = freed.wait(used).unwrap_or_else(|e| e.into_inner());
-                        }
-                        *used += c;
-                        drop(used);
-                        let _release = Release(&in_flight, &freed, c);
-                        out.push((i, f(item)));
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    let mut slots: Vec<Option<R>> = std::iter::repeat_with(|| None).take(items.len()).collect();
-    for (i, r) in done.into_iter().flatten() {
-        slots[i] = Some(r);
-    }
-    slots
-        .into_iter()
-        .map(|r| r.expect("every item mapped"))
-        .collect()
 }
 
 /// The memory [`prepare_module`] of `group` holds at once.
@@ -358,26 +295,6 @@ fn apply_module(
     })
 }
 
-/// Rounds f32 values to the precision of `dtype` (identity for float32).
-pub fn rounding(dtype: i32) -> impl Fn(&mut ArrayD<f32>) {
-    move |a: &mut ArrayD<f32>| {
-        if dtype != DataType::Float as i32 {
-            if let Some(r) = Array::from_f32(a.clone(), dtype) {
-                *a = r.to_f32();
-            }
-        }
-    }
-}
-
-/// A torch-layout tensor in ONNX layout: every 2-D tensor transposed.
-pub fn onnx_layout(a: &ArrayD<f32>) -> ArrayD<f32> {
-    if a.ndim() == 2 {
-        a.t().as_standard_layout().to_owned()
-    } else {
-        a.clone()
-    }
-}
-
 /// The element type the linear node computes in: its weight's (a MatMulNBits its
 /// scales').
 fn compute_dtype(graph: &Graph, dtypes: &HashMap<ValueId, i32>, t: &Target) -> i32 {
@@ -426,156 +343,4 @@ fn splice(
     )?;
     b.graph.replace_uses(t.output, outs[0], &[add]);
     Ok(())
-}
-
-/// The effective weight of `t` in torch layout `[d_out, d_in]`, f32, Gemm's alpha folded in.
-pub fn effective_weight(graph: &Graph, t: &Target) -> Result<Array2<f32>> {
-    let node = graph.node(t.node);
-    let w = node.inputs[1].expect("weight input");
-    let a = crate::interp::evaluate(graph, w).map_err(|e| Error::Node {
-        node: t.node_name.clone(),
-        op: t.op.clone(),
-        reason: format!("cannot read the weight: {e}"),
-    })?;
-    if let Some(init) = graph.initializer(t.weight) {
-        init.release_pages();
-    }
-    let m: Array2<f32> = a
-        .into_f32()
-        .into_dimensionality()
-        .map_err(|_| Error::Node {
-            node: t.node_name.clone(),
-            op: t.op.clone(),
-            reason: "the weight is not 2-D".into(),
-        })?;
-    let torch = match t.layout {
-        Layout::OutIn if t.op == "Gemm" => m,
-        // MatMul sees [d_in, d_out] whatever the chain did; Gemm transB=0 too.
-        // A transposed view of the same buffer: no copy, and the stored layout's
-        // contiguous rows stay contiguous for whoever reads them.
-        _ => m.reversed_axes(),
-    };
-    Ok(if t.alpha != 1.0 {
-        torch * t.alpha
-    } else {
-        torch
-    })
-}
-
-/// When the weight of `group` reaches its nodes through Transpose and float Cast nodes
-/// only, each read by nothing else, the number of Transposes on the way.
-fn private_chain(graph: &Graph, group: &[&Target]) -> Option<usize> {
-    let in_group = |n: &crate::ir::NodeId| group.iter().any(|t| t.node == *n);
-    let w = graph.node(group[0].node).inputs[1]?;
-    if group
-        .iter()
-        .any(|t| graph.node(t.node).inputs[1] != Some(w))
-    {
-        return None;
-    }
-    if !graph.value(w).users.iter().all(in_group) {
-        return None;
-    }
-    let (mut v, mut transposes) = (w, 0);
-    loop {
-        match graph.value(v).def {
-            Def::Initializer => return Some(transposes),
-            Def::Node(n, _) => {
-                let node = graph.node(n);
-                match node.op() {
-                    "Transpose" => transposes += 1,
-                    "Cast" => {}
-                    _ => return None,
-                }
-                let input = node.inputs.first().copied().flatten()?;
-                if graph.value(input).users.len() != 1 {
-                    return None;
-                }
-                v = input;
-            }
-            _ => return None,
-        }
-    }
-}
-
-/// A rewritten weight, made before the graph is edited.
-pub enum WeightPatch {
-    /// The initializer's new contents (its Transpose/Cast chain is the module's own).
-    InPlace(ValueId, Initializer),
-    /// A new initializer the module's nodes read directly (a tied weight's own copy).
-    Own(Initializer),
-}
-
-/// Writes `w_res` (torch layout, alpha folded in) as the weight of every node of `group`:
-/// in place when nothing else reads the initializer, else as a new initializer of the
-/// module's own that the nodes read directly (a tied weight gets its own copy).
-pub fn set_weight(
-    graph: &mut Graph,
-    module: &str,
-    group: &[&Target],
-    w_res: Array2<f32>,
-) -> Result<()> {
-    let dtypes = crate::ir::infer::value_dtypes(graph)?;
-    let patch = weight_patch(graph, &dtypes, module, group, w_res)?;
-    apply_weight(graph, module, group, patch);
-    Ok(())
-}
-
-/// The patch that [`set_weight`] applies.
-pub fn weight_patch(
-    graph: &Graph,
-    dtypes: &HashMap<ValueId, i32>,
-    module: &str,
-    group: &[&Target],
-    w_res: Array2<f32>,
-) -> Result<WeightPatch> {
-    let t0 = group[0];
-    // What the node sees: torch layout for Gemm transB=1, else [d_in, d_out]; Gemm's
-    // alpha divided back out. (Views: the bytes are laid out once, when written.)
-    let w = if t0.alpha != 1.0 {
-        w_res / t0.alpha
-    } else {
-        w_res
-    };
-    let seen = if t0.op == "Gemm" && t0.layout == Layout::OutIn {
-        w
-    } else {
-        w.reversed_axes()
-    };
-    let not_float = || Error::Usage(format!("the weight of '{module}' is not a float tensor"));
-    if let Some(transposes) = private_chain(graph, group) {
-        // The weight and its Transpose/Cast chain belong to this module alone: rewrite
-        // the initializer itself, in its own layout and dtype (the graph keeps its shape).
-        let root = t0.weight;
-        let dtype = graph
-            .initializer(root)
-            .expect("weight initializer")
-            .elem_type();
-        let values = if transposes % 2 == 1 {
-            seen.reversed_axes()
-        } else {
-            seen
-        };
-        let array = Array::from_f32(values.into_dyn(), dtype).ok_or_else(not_float)?;
-        return Ok(WeightPatch::InPlace(root, Initializer::from_array(&array)?));
-    }
-    let dtype = compute_dtype(graph, dtypes, t0);
-    let array = Array::from_f32(seen.into_dyn(), dtype).ok_or_else(not_float)?;
-    Ok(WeightPatch::Own(Initializer::from_array(&array)?))
-}
-
-/// Applies a [`WeightPatch`] of `module`.
-pub fn apply_weight(graph: &mut Graph, module: &str, group: &[&Target], patch: WeightPatch) {
-    match patch {
-        WeightPatch::InPlace(root, init) => graph.replace_initializer(root, init),
-        WeightPatch::Own(init) => {
-            let res = graph.add_initializer(&format!("{module}.weight_res"), init);
-            for t in group {
-                let old = graph.node(t.node).inputs[1].expect("weight input");
-                graph.set_input(t.node, 1, Some(res));
-                graph.remove_if_dead(old);
-            }
-            debug_assert!(graph.value(res).def == Def::Initializer);
-        }
-    }
 }

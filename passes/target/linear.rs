@@ -1,0 +1,270 @@
+//! Recognising a linear layer: the node, its constant weight through a chain of
+//! layout and dequantization ops, its bias, and its PyTorch module name.
+
+use super::*;
+
+/// The target for node `id`, if it is a linear layer with a constant weight.
+pub(super) fn linear(graph: &Graph, id: NodeId, filters: &Filters) -> Option<Target> {
+    let node = graph.node(id);
+    let input = node.inputs.first().copied().flatten()?;
+    let output = node.outputs.first().copied().flatten()?;
+    if is_constant(graph, input) {
+        return None;
+    }
+    let w = node.inputs.get(1).copied().flatten()?;
+    let (op, domain) = (node.op(), node.domain());
+    let (weight, chain, layout, d_in, d_out, alpha, bias_input, quantized) = match (domain, op) {
+        ("" | "ai.onnx", "MatMul" | "MatMulInteger") => {
+            let (root, chain, shape) = weight_chain(graph, w)?;
+            let [d_in, d_out] = shape[..] else {
+                return None;
+            };
+            let transposed = chain.iter().any(|c| c == "Transpose");
+            let quantized = op == "MatMulInteger" || is_quantized(graph, root, &chain);
+            let layout = if transposed {
+                Layout::OutIn
+            } else {
+                Layout::InOut
+            };
+            (root, chain, layout, d_in, d_out, 1.0, false, quantized)
+        }
+        ("" | "ai.onnx", "Gemm") => {
+            if node.attr_int("transA", 0) != 0 {
+                return None;
+            }
+            let (root, chain, shape) = weight_chain(graph, w)?;
+            let [r, c] = shape[..] else { return None };
+            let trans_b = node.attr_int("transB", 0) != 0;
+            let (d_in, d_out, layout) = if trans_b {
+                (c, r, Layout::OutIn)
+            } else {
+                (r, c, Layout::InOut)
+            };
+            let quantized = is_quantized(graph, root, &chain);
+            let has_c = node.inputs.get(2).copied().flatten().is_some();
+            (
+                root,
+                chain,
+                layout,
+                d_in,
+                d_out,
+                node.attr_float("alpha", 1.0),
+                has_c,
+                quantized,
+            )
+        }
+        ("com.microsoft", "MatMulNBits") => {
+            graph.initializer(w)?;
+            let (k, n) = (node.attr_int("K", 0), node.attr_int("N", 0));
+            if k <= 0 || n <= 0 {
+                return None;
+            }
+            let has_bias = node.inputs.get(5).copied().flatten().is_some();
+            (
+                w,
+                vec![],
+                Layout::Packed,
+                k as usize,
+                n as usize,
+                1.0,
+                has_bias,
+                true,
+            )
+        }
+        _ => return None,
+    };
+    let module = module_name(graph, id, weight, filters);
+    let bias = bias_input || separate_bias(graph, output, d_out);
+    Some(Target {
+        layer: layer_index(&module),
+        module,
+        node: id,
+        node_name: node.name().to_string(),
+        op: op.to_string(),
+        input,
+        output,
+        weight,
+        weight_name: graph.value(weight).name.clone(),
+        chain,
+        layout,
+        d_in,
+        d_out,
+        alpha,
+        bias,
+        role: Role::Inner,
+        role_source: RoleSource::Shape,
+        shared: is_shared(graph, weight),
+        quantized,
+    })
+}
+
+/// Whether `v` is computed from initializers alone.
+pub(super) fn is_constant(graph: &Graph, v: ValueId) -> bool {
+    match graph.value(v).def {
+        Def::Initializer => true,
+        Def::Node(n, _) => {
+            let node = graph.node(n);
+            node.op() == "Constant"
+                || (node.captures.is_empty()
+                    && node.inputs.iter().flatten().all(|&i| is_constant(graph, i)))
+        }
+        _ => false,
+    }
+}
+
+/// Follows a weight back through ops over initializers alone to its largest
+/// initializer: `(root, ops from root to the linear node, effective 2-D shape)`.
+pub(super) fn weight_chain(
+    graph: &Graph,
+    w: ValueId,
+) -> Option<(ValueId, Vec<String>, Vec<usize>)> {
+    if let Some(init) = graph.initializer(w) {
+        let shape: Vec<usize> = init.dims().iter().map(|&d| d as usize).collect();
+        return (shape.len() == 2).then_some((w, vec![], shape));
+    }
+    let n = graph.producer(w)?;
+    let node = graph.node(n);
+    if !is_constant(graph, w) || node.op() == "Constant" {
+        return None;
+    }
+    // The operand carrying the weight: the one with the most elements.
+    let main = node
+        .inputs
+        .iter()
+        .flatten()
+        .copied()
+        .max_by_key(|&v| chain_numel(graph, v))?;
+    let (root, mut chain, shape) = weight_chain(graph, main)?;
+    let shape = match node.op() {
+        "Transpose" => {
+            let perm = node
+                .attr_ints("perm")
+                .map(<[i64]>::to_vec)
+                .unwrap_or(vec![1, 0]);
+            if perm != [1, 0] {
+                return None;
+            }
+            vec![shape[1], shape[0]]
+        }
+        "Cast" | "DequantizeLinear" | "Mul" | "Div" | "Sub" | "Add" | "Identity" => shape,
+        _ => return None,
+    };
+    chain.push(node.op().to_string());
+    Some((root, chain, shape))
+}
+
+pub(super) fn chain_numel(graph: &Graph, v: ValueId) -> u64 {
+    match graph.initializer(v) {
+        Some(i) => crate::dtype::numel(i.dims()).unwrap_or(0),
+        None => graph
+            .producer(v)
+            .map(|n| {
+                graph
+                    .node(n)
+                    .inputs
+                    .iter()
+                    .flatten()
+                    .map(|&i| chain_numel(graph, i))
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0),
+    }
+}
+
+pub(super) fn is_quantized(graph: &Graph, root: ValueId, chain: &[String]) -> bool {
+    use crate::proto::tensor_proto::DataType as D;
+    let integer = graph.initializer(root).is_some_and(|i| {
+        matches!(
+            D::try_from(i.elem_type()),
+            Ok(D::Int8 | D::Uint8 | D::Int4 | D::Uint4 | D::Int16 | D::Uint16 | D::Int32)
+        )
+    });
+    integer || chain.iter().any(|c| c == "DequantizeLinear")
+}
+
+/// Whether the initializer is read by more than one node.
+pub(super) fn is_shared(graph: &Graph, weight: ValueId) -> bool {
+    let users: HashSet<NodeId> = graph.value(weight).users.iter().copied().collect();
+    users.len() > 1
+}
+
+/// Whether `output` feeds an `Add` with a constant of `d_out` elements.
+pub(super) fn separate_bias(graph: &Graph, output: ValueId, d_out: usize) -> bool {
+    graph.value(output).users.iter().any(|&u| {
+        let n = graph.node(u);
+        n.op() == "Add"
+            && n.inputs.iter().flatten().any(|&i| {
+                i != output
+                    && graph
+                        .initializer(i)
+                        .is_some_and(|init| crate::dtype::numel(init.dims()) == Some(d_out as u64))
+            })
+    })
+}
+
+/// The PyTorch module path of a linear node.
+pub(super) fn module_name(graph: &Graph, id: NodeId, weight: ValueId, filters: &Filters) -> String {
+    let node = graph.node(id);
+    let from_scopes = node
+        .proto
+        .metadata_props
+        .iter()
+        .find(|m| m.key() == "pkg.torch.onnx.name_scopes")
+        .and_then(|m| {
+            let scopes = parse_py_list(m.value());
+            // The last scope is the node's own (fx) name; the one before it is the module.
+            scopes.len().checked_sub(2).map(|i| scopes[i].clone())
+        })
+        .filter(|s| !s.is_empty());
+    let weight_name = &graph.value(weight).name;
+    let from_weight = || {
+        let stem = weight_name.split(".MatMul.").next().unwrap_or(weight_name);
+        stem.strip_suffix(".weight")
+            .or_else(|| weight_name.contains(".MatMul.weight").then_some(stem))
+            .map(str::to_string)
+    };
+    let from_node_path = || {
+        let name = node.name().trim_start_matches('/');
+        let parts: Vec<&str> = name.split('/').collect();
+        if parts.len() > 1 {
+            parts[..parts.len() - 1].join(".")
+        } else {
+            name.to_string()
+        }
+    };
+    let name = from_scopes
+        .or_else(from_weight)
+        .unwrap_or_else(from_node_path);
+    match &filters.strip_prefix {
+        Some(p) => name.strip_prefix(p.as_str()).unwrap_or(&name).to_string(),
+        None => name,
+    }
+}
+
+/// Parses a Python list of strings as the dynamo exporter writes it: `['a', 'b']`.
+pub(super) fn parse_py_list(s: &str) -> Vec<String> {
+    let inner = s.trim().trim_start_matches('[').trim_end_matches(']');
+    let mut items = Vec::new();
+    let mut chars = inner.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\'' || c == '"' {
+            let mut item = String::new();
+            for d in chars.by_ref() {
+                if d == c {
+                    break;
+                }
+                item.push(d);
+            }
+            items.push(item);
+        }
+    }
+    items
+}
+
+/// The layer index from `.layers.N.`, `.layer.N.`, `.h.N.` or `.blocks.N.`.
+pub fn layer_index(module: &str) -> Option<usize> {
+    let padded = format!(".{module}.");
+    let re = Regex::new(r"\.(?:layers|layer|h|blocks)\.(\d+)\.").unwrap();
+    re.captures(&padded).and_then(|c| c[1].parse().ok())
+}

@@ -1,0 +1,382 @@
+//! The binary's command line: clap types with a `ValueEnum` for every closed choice and
+//! the variant resolved in the registry once; bad values are one-line errors.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use lora_graft::adapter::meta::FilterText;
+use lora_graft::jobs::{AdapterDtype, GraftRequest};
+use lora_graft::passes::grad::loss::Loss;
+use lora_graft::passes::merge::PissaBase;
+use lora_graft::passes::target::{Filters, Role};
+use lora_graft::passes::variants::{self, Alpha, Config, Variant};
+use lora_graft::train::Schedule;
+use lora_graft::{Error, Result};
+use regex::Regex;
+
+/// Graft LoRA-family adapters into ONNX models.
+///
+/// `lora-graft model.onnx --variant lora|pissa|delora` writes `model.<variant>.onnx`
+/// and `model.<variant>.safetensors` beside the input.
+#[derive(Parser)]
+#[command(
+    name = "lora-graft",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub graft: GraftArgs,
+}
+
+/// The variant and its settings (shared by grafting and `grad`).
+#[derive(Args, Debug, Clone)]
+pub struct VariantArgs {
+    /// The adapter variant (lora, pissa, delora, ...).
+    #[arg(long, value_parser = parse_variant)]
+    pub variant: Option<&'static dyn Variant>,
+    /// Rank.
+    #[arg(short, long, default_value_t = 8)]
+    pub r: usize,
+    /// LoRA alpha (the scale is alpha / r); kept as given in the adapter's cfg.
+    #[arg(long, default_value = "16.0")]
+    pub alpha: String,
+    /// rsLoRA scale alpha / sqrt(r).
+    #[arg(long)]
+    pub rslora: bool,
+    /// DeLoRA's initial lambda.
+    #[arg(long, default_value_t = 15.0)]
+    lambda0: f64,
+    /// PiSSA: randomized SVD with N power iterations (PEFT's pissa_niter_N) instead of the exact SVD.
+    #[arg(long, value_name = "N")]
+    pub pissa_niter: Option<usize>,
+    /// Seed of the random inits (the same seed gives byte-identical outputs).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Adapter dtype.
+    #[arg(long, value_enum, default_value_t = AdapterDtype::Float32)]
+    pub adapter_dtype: AdapterDtype,
+}
+
+impl VariantArgs {
+    /// The graft request these options and `filters` make.
+    pub fn request(&self, filters: &TargetArgs) -> Result<GraftRequest> {
+        let Some(variant) = self.variant else {
+            return Err(Error::Usage(format!(
+                "no --variant given; choose {}",
+                variant_names(" or ")
+            )));
+        };
+        Ok(GraftRequest {
+            variant,
+            cfg: Config {
+                r: self.r,
+                alpha: parse_alpha(&self.alpha)?,
+                rslora: self.rslora,
+                lambda0: self.lambda0,
+                pissa_niter: self.pissa_niter,
+                seed: self.seed,
+            },
+            adapter_dtype: self.adapter_dtype,
+            filters: filters.filters()?,
+            filter_text: filters.text(),
+        })
+    }
+}
+
+/// The main job's options.
+#[derive(Args, Debug)]
+pub struct GraftArgs {
+    /// The .onnx model to adapt.
+    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub variant: VariantArgs,
+    #[command(flatten)]
+    pub filters: TargetArgs,
+    /// Output model (default: <stem>.<variant>.onnx beside the input).
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Output adapter file (default: the output model's path with .safetensors).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Graft this trained adapter (lora-graft's, lora-lite's or PEFT's safetensors)
+    /// instead of new tensors: variant, r, alpha and targets come from the file.
+    #[arg(long, value_name = "ADAPTER")]
+    pub adapter_in: Option<PathBuf>,
+}
+
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Subcommand)]
+pub enum Command {
+    /// Summarise a model: versions, inputs and outputs, ops, weights, external data.
+    Inspect {
+        /// The .onnx file.
+        model: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fold a trained adapter into the base weights: the original graph, no adapter node.
+    Merge {
+        /// The base .onnx model.
+        model: PathBuf,
+        /// The adapter file (safetensors).
+        adapter: PathBuf,
+        /// Output model (default: <stem>.merged.onnx beside the input).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// PiSSA only: whether the base holds the original W (W_res is recomputed from
+        /// the same SVD init) or already W_res (a model grafted by lora-graft).
+        #[arg(long, value_enum, default_value_t = PissaBase::Original)]
+        pissa_base: PissaBase,
+        /// Variant of a file without lora-lite's cfg (a PEFT adapter).
+        #[arg(long, value_parser = parse_variant)]
+        variant: Option<&'static dyn Variant>,
+        /// alpha of a file without cfg.
+        #[arg(long)]
+        alpha: Option<String>,
+        /// Remove this prefix from the model's module names.
+        #[arg(long)]
+        strip_prefix: Option<String>,
+    },
+    /// Write the training graph: the adapted model, a loss, and one gradient per adapter
+    /// tensor, in plain ONNX ops (runs on tract and ONNX Runtime).
+    Grad {
+        /// The .onnx model.
+        model: PathBuf,
+        #[command(flatten)]
+        variant: VariantArgs,
+        #[command(flatten)]
+        filters: TargetArgs,
+        /// The loss: causal-lm (logits [B, S, V], labels [B, S]), class, or mse.
+        #[arg(long, value_enum, default_value_t = Loss::CausalLm)]
+        loss: Loss,
+        /// Training batch size (the first symbolic input dim).
+        #[arg(long)]
+        batch: usize,
+        /// Training sequence length (the second symbolic input dim).
+        #[arg(long, default_value_t = 1)]
+        seq: usize,
+        /// Also output the model's outputs.
+        #[arg(long)]
+        keep_outputs: bool,
+        /// The training graph (default: <stem>.<variant>.train.onnx beside the input).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Fine-tune adapter tensors on token data, in Rust, with tract.
+    Train {
+        /// The .onnx model.
+        model: PathBuf,
+        #[command(flatten)]
+        variant: VariantArgs,
+        #[command(flatten)]
+        filters: TargetArgs,
+        /// Training data. causal-lm: JSONL lines {"input_ids": [...], "labels": [...]?} (or
+        /// {"text": ...}), or plain text with --tokenizer, packed into rows of --seq.
+        /// class / mse: JSONL lines with the model's inputs by name and "label" / "target".
+        #[arg(long)]
+        data: PathBuf,
+        /// Evaluation data (same format), evaluated every --save-every steps.
+        #[arg(long)]
+        eval: Option<PathBuf>,
+        /// A Hugging Face tokenizer.json, for text data.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// causal-lm, class (cross-entropy over [B, C] logits) or mse.
+        #[arg(long, value_enum, default_value_t = Loss::CausalLm)]
+        loss: Loss,
+        /// The model output the loss reads (default: the first).
+        #[arg(long = "loss-output", value_name = "NAME")]
+        loss_output: Option<String>,
+        /// Optimizer steps.
+        #[arg(long)]
+        steps: usize,
+        /// Rows per step.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        /// Tokens per row.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Peak learning rate.
+        #[arg(long, default_value_t = 1e-4)]
+        lr: f64,
+        /// AdamW weight decay.
+        #[arg(long, default_value_t = 0.01)]
+        weight_decay: f64,
+        /// Linear warmup steps.
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
+        /// The learning-rate schedule after warmup.
+        #[arg(long, value_enum, default_value_t = Schedule::Constant)]
+        schedule: Schedule,
+        /// Clip the global gradient norm (0: no clipping).
+        #[arg(long, default_value_t = 1.0)]
+        grad_clip: f64,
+        /// Checkpoint (and evaluate) every K steps.
+        #[arg(long, default_value_t = 0)]
+        save_every: usize,
+        /// Resume from a checkpoint written by an earlier run.
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Worker threads (default: every core).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// The adapter file to write (lora-lite's format).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Also write the adapted model holding the trained values.
+        #[arg(long)]
+        emit_model: Option<PathBuf>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// List the linear layers adapters would be grafted onto.
+    Targets {
+        /// The .onnx file.
+        model: PathBuf,
+        #[command(flatten)]
+        filters: TargetArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// lora-lite's targeting knobs.
+#[derive(Args, Clone, Debug)]
+pub struct TargetArgs {
+    /// Roles to adapt, comma-separated: reader, writer, inner.
+    #[arg(long, value_delimiter = ',', default_value = "reader,writer")]
+    pub target_roles: Vec<String>,
+    /// Adapt only modules matching this regex (repeatable).
+    #[arg(long = "target-names", value_name = "REGEX")]
+    pub target_names: Vec<String>,
+    /// Skip modules matching this regex (repeatable; default: lm_head, embed_tokens).
+    #[arg(long = "exclude-names", value_name = "REGEX", default_values = ["lm_head", "embed_tokens"])]
+    pub exclude_names: Vec<String>,
+    /// Adapt only these layer indices, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub layers: Option<Vec<usize>>,
+    /// Remove this prefix from module names (e.g. a wrapper's `m.`).
+    #[arg(long)]
+    pub strip_prefix: Option<String>,
+    /// The residual width, when the model has no token embedding to tell it.
+    #[arg(long)]
+    pub d_model: Option<usize>,
+    /// Role of square layers matching REGEX: `REGEX=reader` or `REGEX=writer` (repeatable).
+    #[arg(long = "role", value_name = "REGEX=ROLE")]
+    pub roles: Vec<String>,
+}
+
+fn regex(s: &str, flag: &str) -> Result<Regex> {
+    Regex::new(s).map_err(|e| Error::Usage(format!("{flag} '{s}' is not a valid regex: {e}")))
+}
+
+impl TargetArgs {
+    /// The filters as the user wrote them.
+    pub fn text(&self) -> FilterText {
+        FilterText {
+            roles: self.target_roles.clone(),
+            names: self.target_names.clone(),
+            excludes: self.exclude_names.clone(),
+            layers: self.layers.clone(),
+        }
+    }
+
+    /// The filters, compiled.
+    pub fn filters(&self) -> Result<Filters> {
+        Ok(Filters {
+            roles: self
+                .target_roles
+                .iter()
+                .map(|r| Role::parse(r))
+                .collect::<Result<_>>()?,
+            names: self
+                .target_names
+                .iter()
+                .map(|s| regex(s, "--target-names"))
+                .collect::<Result<_>>()?,
+            excludes: self
+                .exclude_names
+                .iter()
+                .map(|s| regex(s, "--exclude-names"))
+                .collect::<Result<_>>()?,
+            layers: self.layers.clone(),
+            strip_prefix: self.strip_prefix.clone(),
+            d_model: self.d_model,
+            role_overrides: self
+                .roles
+                .iter()
+                .map(|s| {
+                    let (re, role) = s.rsplit_once('=').ok_or_else(|| {
+                        Error::Usage(format!(
+                            "--role '{s}' should be REGEX=reader or REGEX=writer"
+                        ))
+                    })?;
+                    Ok((regex(re, "--role")?, Role::parse(role)?))
+                })
+                .collect::<Result<_>>()?,
+            modules: None,
+        })
+    }
+}
+
+/// alpha as given (`16` stays an integer, `16.0` a float).
+pub fn parse_alpha(text: &str) -> Result<Alpha> {
+    Alpha::parse(text).ok_or_else(|| Error::Usage(format!("--alpha '{text}' is not a number")))
+}
+
+/// Resolves `--variant NAME` in the registry, once.
+fn parse_variant(name: &str) -> Result<&'static dyn Variant> {
+    variants::variant(name)
+}
+
+/// The registry's names joined by `sep` (the last two by ` or ` when `sep` is `, `).
+pub fn variant_names(last_sep: &str) -> String {
+    let names: Vec<&str> = variants::VARIANTS.iter().map(|v| v.name()).collect();
+    if last_sep == "|" {
+        return names.join("|");
+    }
+    match names.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{}{last_sep}{last}", rest.join(", ")),
+        _ => names.join(""),
+    }
+}
+
+/// A bad value of an option is a one-line error and exit code 1, like every other
+/// usage error; the rest (help, version, missing arguments) is clap's.
+pub fn clap_error(e: clap::Error) -> ExitCode {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    use std::error::Error as _;
+    let text = |k| match e.get(k) {
+        Some(ContextValue::String(s)) => s.clone(),
+        Some(ContextValue::Strings(v)) => v.join(", "),
+        _ => String::new(),
+    };
+    match e.kind() {
+        ErrorKind::ValueValidation => {
+            if let Some(source) = e.source() {
+                eprintln!("error: {source}");
+                return ExitCode::FAILURE;
+            }
+        }
+        ErrorKind::InvalidValue => {
+            eprintln!(
+                "error: {}: unknown value '{}'; choose one of {}",
+                text(ContextKind::InvalidArg),
+                text(ContextKind::InvalidValue),
+                text(ContextKind::ValidValue)
+            );
+            return ExitCode::FAILURE;
+        }
+        _ => {}
+    }
+    e.exit()
+}

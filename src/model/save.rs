@@ -1,0 +1,302 @@
+//! Saving a model atomically: external data stays in its files (linked, cloned or
+//! copied beside an output in another folder), new tensors go to the output's own data
+//! file, and every file is written through a temporary name and a rename.
+
+use super::*;
+
+/// How [`Model::save`] treats external data.
+#[derive(Debug, Clone)]
+pub struct SaveOptions {
+    /// How the input's external data files reach an output in another folder.
+    pub placement: DataPlacement,
+    /// New tensors (made by passes) of at least this many bytes go to the output's own
+    /// data file when the model keeps data externally.
+    pub new_data_threshold: usize,
+}
+
+impl Default for SaveOptions {
+    fn default() -> Self {
+        SaveOptions {
+            placement: DataPlacement::Clone,
+            new_data_threshold: 1024,
+        }
+    }
+}
+
+/// How an output in another folder gets the input's external data files (runtimes
+/// refuse data paths that leave the model's folder).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataPlacement {
+    /// A copy-on-write clone where the filesystem can (btrfs, xfs), else a copy. Safe
+    /// everywhere: the `onnx` Python package refuses data files with several hard links.
+    Clone,
+    /// A hard link where possible (no copy, no space; ONNX Runtime and tract accept
+    /// it, `onnx.load` and `onnx.checker` refuse it as a "hardlink attack"), else a copy.
+    HardLink,
+}
+
+/// What [`Model::save`] wrote.
+#[derive(Debug, Clone, Default)]
+pub struct SaveReport {
+    /// The model file.
+    pub model: PathBuf,
+    /// External data files hard-linked beside the output.
+    pub linked: Vec<PathBuf>,
+    /// External data files cloned beside the output (copy-on-write: no space used).
+    pub cloned: Vec<PathBuf>,
+    /// External data files copied beside the output (no copy-on-write clone possible).
+    pub copied: Vec<PathBuf>,
+    /// The output's own data file for new tensors, if one was written.
+    pub own_data: Option<PathBuf>,
+}
+
+impl Model {
+    /// Writes the model to `out` atomically. External data stays in its files, referenced
+    /// by the same relative location; when `out` is in another folder each data file is
+    /// hard-linked there (or copied where links are impossible, or when asked).
+    pub fn save(&self, out: &Path, opts: &SaveOptions) -> Result<SaveReport> {
+        let out_dir = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let out_dir_canonical = fs::canonicalize(&out_dir).map_err(|e| {
+            Error::Usage(format!(
+                "{}: the output folder '{}' does not exist or cannot be read ({e})",
+                out.display(),
+                out_dir.display()
+            ))
+        })?;
+        if let (Ok(a), Ok(b)) = (fs::canonicalize(out), fs::canonicalize(&self.path)) {
+            if a == b {
+                return Err(Error::Usage(format!(
+                    "{}: refusing to overwrite the input model; choose another output path",
+                    out.display()
+                )));
+            }
+        }
+        let same_dir = fs::canonicalize(&self.dir).ok() == Some(out_dir_canonical.clone());
+        let mut report = SaveReport {
+            model: out.to_path_buf(),
+            ..Default::default()
+        };
+        let mut created: Vec<PathBuf> = Vec::new();
+        let result = self.save_inner(out, &out_dir, same_dir, opts, &mut report, &mut created);
+        if result.is_err() {
+            for path in created {
+                let _ = fs::remove_file(path);
+            }
+        }
+        result.map(|_| report)
+    }
+
+    fn save_inner(
+        &self,
+        out: &Path,
+        out_dir: &Path,
+        same_dir: bool,
+        opts: &SaveOptions,
+        report: &mut SaveReport,
+        created: &mut Vec<PathBuf>,
+    ) -> Result<()> {
+        // 1. External data of the input: reachable from the output's folder.
+        if !same_dir {
+            for loc in self.external_files()? {
+                let src = self.dir.join(&loc);
+                let dst = out_dir.join(&loc);
+                if dst.exists() {
+                    if same_file(&src, &dst) || same_content(&src, &dst) {
+                        continue;
+                    }
+                    return Err(Error::Usage(format!(
+                        "{}: refusing to overwrite '{}', which is not the input's data file; write the output to another folder",
+                        out.display(),
+                        dst.display()
+                    )));
+                }
+                if let Some(parent) = dst.parent() {
+                    fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+                }
+                if opts.placement == DataPlacement::HardLink && fs::hard_link(&src, &dst).is_ok() {
+                    created.push(dst.clone());
+                    report.linked.push(dst);
+                    continue;
+                }
+                let tmp = temp_path(&dst);
+                created.push(tmp.clone());
+                let cloned = clone_file(&src, &tmp).map_err(|e| Error::io(&dst, e))?;
+                fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+                created.push(dst.clone());
+                if cloned {
+                    report.cloned.push(dst);
+                } else {
+                    report.copied.push(dst);
+                }
+            }
+        }
+        // 2. New large tensors go to the output's own data file when the model keeps
+        //    its data externally.
+        let uses_external = self
+            .graph
+            .initializers()
+            .any(|(_, i)| i.external.is_some() && !i.new);
+        let own_name = format!(
+            "{}.data",
+            out.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
+        let own_path = out_dir.join(&own_name);
+        // Streamed: a PiSSA W_res of a large model never sits in memory whole.
+        let mut own: Option<(std::io::BufWriter<fs::File>, u64)> = None;
+        let mut write_error: Option<Error> = None;
+        let proto = self.to_proto_with(|init| {
+            let mut t = init.proto.clone();
+            let Some(raw) = init.new.then(|| init.raw_bytes()).flatten() else {
+                return t;
+            };
+            t.raw_data = None;
+            if !uses_external || raw.len() < opts.new_data_threshold || write_error.is_some() {
+                t.raw_data = Some(raw.to_vec());
+                init.release_pages();
+                return t;
+            }
+            let appended = (|| -> Result<u64> {
+                if own.is_none() {
+                    let tmp = temp_path(&own_path);
+                    created.push(tmp.clone());
+                    let f = fs::File::create(&tmp).map_err(|e| Error::io(&own_path, e))?;
+                    own = Some((std::io::BufWriter::new(f), 0));
+                }
+                let (w, len) = own.as_mut().expect("opened");
+                let pad = len.next_multiple_of(64) - *len;
+                w.write_all(&vec![0u8; pad as usize])
+                    .map_err(|e| Error::io(&own_path, e))?;
+                let offset = *len + pad;
+                w.write_all(raw).map_err(|e| Error::io(&own_path, e))?;
+                init.release_pages();
+                *len = offset + raw.len() as u64;
+                Ok(offset)
+            })();
+            match appended {
+                Ok(offset) => {
+                    let entry = |k: &str, v: String| crate::proto::StringStringEntryProto {
+                        key: Some(k.into()),
+                        value: Some(v),
+                    };
+                    t.external_data = vec![
+                        entry("location", own_name.clone()),
+                        entry("offset", offset.to_string()),
+                        entry("length", raw.len().to_string()),
+                    ];
+                    t.data_location = Some(DataLocation::External as i32);
+                }
+                Err(e) => write_error = Some(e),
+            }
+            t
+        })?;
+        if let Some(e) = write_error {
+            return Err(e);
+        }
+        if let Some((w, _)) = own {
+            let f = w
+                .into_inner()
+                .map_err(|e| Error::io(&own_path, e.into_error()))?;
+            f.sync_all().map_err(|e| Error::io(&own_path, e))?;
+            fs::rename(temp_path(&own_path), &own_path).map_err(|e| Error::io(&own_path, e))?;
+            created.push(own_path.clone());
+            report.own_data = Some(own_path);
+        }
+        // 3. The model itself, last, so it never points at missing data.
+        let bytes = proto.encode_to_vec();
+        if bytes.len() as u64 >= 2 << 30 {
+            return Err(Error::Usage(format!(
+                "{}: the model would exceed protobuf's 2 GB limit; keep its tensors as external data",
+                out.display()
+            )));
+        }
+        write_atomic(out, &bytes, created)
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8], created: &mut Vec<PathBuf>) -> Result<()> {
+    let tmp = temp_path(path);
+    created.push(tmp.clone());
+    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
+    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
+    f.sync_all().map_err(|e| Error::io(path, e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    created.push(path.to_path_buf());
+    Ok(())
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.tmp", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Whether two files hold the same bytes (an earlier run's copy of the same data).
+fn same_content(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (Ok(fa), Ok(fb)) = (fs::File::open(a), fs::File::open(b)) else {
+        return false;
+    };
+    if fa.metadata().map(|m| m.len()).ok() != fb.metadata().map(|m| m.len()).ok() {
+        return false;
+    }
+    let (mut ra, mut rb) = (fa, fb);
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let fill = |r: &mut fs::File, buf: &mut [u8]| -> Option<usize> {
+        let mut n = 0;
+        while n < buf.len() {
+            match r.read(&mut buf[n..]).ok()? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        Some(n)
+    };
+    loop {
+        let (Some(na), Some(nb)) = (fill(&mut ra, &mut ba), fill(&mut rb, &mut bb)) else {
+            return false;
+        };
+        if na != nb || ba[..na] != bb[..nb] {
+            return false;
+        }
+        if na == 0 {
+            return true;
+        }
+    }
+}
+
+/// Copies `src` to `dst`: a copy-on-write clone where the filesystem supports one
+/// (returns true), else a plain copy (false).
+fn clone_file(src: &Path, dst: &Path) -> std::io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        const FICLONE: libc::c_ulong = 0x4004_9409;
+        let from = fs::File::open(src)?;
+        let to = fs::File::create(dst)?;
+        // SAFETY: both descriptors are open for the duration of the call.
+        if unsafe { libc::ioctl(to.as_raw_fd(), FICLONE as _, from.as_raw_fd()) } == 0 {
+            return Ok(true);
+        }
+    }
+    fs::copy(src, dst).map(|_| false)
+}
+
+#[cfg(unix)]
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (fs::metadata(a), fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(a: &Path, b: &Path) -> bool {
+    fs::canonicalize(a).ok() == fs::canonicalize(b).ok()
+}
