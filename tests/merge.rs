@@ -197,8 +197,7 @@ fn apply_err(path: &std::path::Path) -> String {
     let adapter = LoadedAdapter::read(path, &AdapterOverrides::default()).unwrap();
     let mut model = Model::load(&fixture("llama")).unwrap();
     jobs::apply(&mut model, &adapter)
-        .err()
-        .expect("an error")
+        .expect_err("an error")
         .to_string()
 }
 
