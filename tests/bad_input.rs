@@ -6,8 +6,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::fixture;
-use lora_graft::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto, ValueInfoProto};
+use common::{fixture, node, vi};
+use lora_graft::proto::{GraphProto, ModelProto, NodeProto, OperatorSetIdProto};
 use prost::Message;
 
 /// Runs `lora-graft inspect path`; asserts failure with one line on stderr that
@@ -148,10 +148,6 @@ fn raw_data_length_disagrees_with_dims() {
 }
 
 fn tiny_model(nodes: Vec<NodeProto>) -> ModelProto {
-    let vi = |n: &str| ValueInfoProto {
-        name: Some(n.into()),
-        ..Default::default()
-    };
     ModelProto {
         ir_version: Some(10),
         opset_import: vec![OperatorSetIdProto {
@@ -165,16 +161,6 @@ fn tiny_model(nodes: Vec<NodeProto>) -> ModelProto {
             output: vec![vi("y")],
             ..Default::default()
         }),
-        ..Default::default()
-    }
-}
-
-fn node(name: &str, op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
-    NodeProto {
-        name: Some(name.into()),
-        op_type: Some(op.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: outputs.iter().map(|s| s.to_string()).collect(),
         ..Default::default()
     }
 }

@@ -1,24 +1,10 @@
 //! The arena IR: building, splicing, removal with compaction, validation, dumps.
 
+mod common;
+
+use common::{node, vi};
 use lora_graft::ir::{Def, Graph};
-use lora_graft::proto::{GraphProto, NodeProto, ValueInfoProto};
-
-fn vi(n: &str) -> ValueInfoProto {
-    ValueInfoProto {
-        name: Some(n.into()),
-        ..Default::default()
-    }
-}
-
-fn node(name: &str, op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
-    NodeProto {
-        name: Some(name.into()),
-        op_type: Some(op.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: outputs.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
+use lora_graft::proto::GraphProto;
 
 /// x -> Relu -> h -> Neg -> y
 fn chain() -> Graph {

@@ -2,6 +2,9 @@
 //! shapes), the dtype inference, the broadcast rule, fresh names, compaction's remap,
 //! and the pass runner's dumps.
 
+mod common;
+
+use common::node;
 use lora_graft::ir::build::{broadcast, Builder};
 use lora_graft::ir::infer::value_dtypes;
 use lora_graft::ir::Graph;
@@ -27,28 +30,12 @@ fn typed(n: &str, elem: i32) -> ValueInfoProto {
     }
 }
 
-fn node(name: &str, op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
-    NodeProto {
-        name: Some(name.into()),
-        op_type: Some(op.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: outputs.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
 fn graph(nodes: Vec<NodeProto>, inputs: Vec<ValueInfoProto>, outputs: &[&str]) -> Graph {
     let proto = GraphProto {
         name: Some("g".into()),
         node: nodes,
         input: inputs,
-        output: outputs
-            .iter()
-            .map(|n| ValueInfoProto {
-                name: Some(n.to_string()),
-                ..Default::default()
-            })
-            .collect(),
+        output: outputs.iter().map(|n| common::vi(n)).collect(),
         initializer: vec![TensorProto {
             name: Some("w16".into()),
             dims: vec![2],

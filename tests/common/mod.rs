@@ -187,35 +187,31 @@ pub fn check_golden(rel: &str, actual: &str) {
     }
 }
 
-/// A minimal unified-style diff: lines only in `expected` with `-`, only in `actual` with `+`.
-pub fn line_diff(expected: &str, actual: &str) -> String {
-    let a: Vec<&str> = expected.lines().collect();
-    let b: Vec<&str> = actual.lines().collect();
-    // Longest common subsequence table (golden files are small).
-    let mut lcs = vec![vec![0u32; b.len() + 1]; a.len() + 1];
-    for i in (0..a.len()).rev() {
-        for j in (0..b.len()).rev() {
-            lcs[i][j] = if a[i] == b[j] {
-                lcs[i + 1][j + 1] + 1
-            } else {
-                lcs[i + 1][j].max(lcs[i][j + 1])
-            };
-        }
+/// The golden-diff text: the library's line diff.
+pub use lora_graft::ir::dump::line_diff;
+
+/// A `NodeProto` of `op` named `name`, reading and writing values by name.
+pub fn node(
+    name: &str,
+    op: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+) -> lora_graft::proto::NodeProto {
+    lora_graft::proto::NodeProto {
+        name: Some(name.into()),
+        op_type: Some(op.into()),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
     }
-    let (mut i, mut j, mut out) = (0, 0, String::new());
-    while i < a.len() || j < b.len() {
-        if i < a.len() && j < b.len() && a[i] == b[j] {
-            i += 1;
-            j += 1;
-        } else if j < b.len() && (i == a.len() || lcs[i][j + 1] >= lcs[i + 1][j]) {
-            out.push_str(&format!("+{}\n", b[j]));
-            j += 1;
-        } else {
-            out.push_str(&format!("-{}\n", a[i]));
-            i += 1;
-        }
+}
+
+/// A `ValueInfoProto` named `n` with no type.
+pub fn vi(n: &str) -> lora_graft::proto::ValueInfoProto {
+    lora_graft::proto::ValueInfoProto {
+        name: Some(n.into()),
+        ..Default::default()
     }
-    out
 }
 
 /// Sets every module's `lora_B` (and DeLoRA's lambda) to non-zero values, in the graph
