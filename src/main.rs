@@ -9,7 +9,7 @@ use std::sync::Arc;
 use clap::Parser;
 use cli::{clap_error, parse_alpha, variant_names, Cli, Command, GraftArgs};
 use lora_graft::adapter::{AdapterOverrides, LoadedAdapter};
-use lora_graft::jobs::{self, TrainingRequest};
+use lora_graft::jobs::{self, OutputPlan, TrainingRequest};
 use lora_graft::model::{SaveOptions, SaveReport};
 use lora_graft::passes::grad::loss::Loss;
 use lora_graft::passes::target;
@@ -170,6 +170,11 @@ fn run(cli: Cli) -> Result<()> {
             let adapter = LoadedAdapter::read(&adapter, &overrides)?;
             let out = output.unwrap_or_else(|| jobs::default_paths(&model, "merged", None, None).0);
             let mut m = Model::load(&model)?;
+            OutputPlan::default()
+                .read_model(&m)?
+                .read("adapter file", &adapter.path)
+                .write_model("output model", &m, &out)?
+                .check()?;
             let merged = jobs::merge(&mut m, &adapter, pissa_base)?;
             let report = m.save(&out, &SaveOptions::default())?;
             println!(
@@ -233,6 +238,11 @@ fn graft(args: GraftArgs) -> Result<()> {
             jobs::default_paths(&input, adapter.req.variant.name(), None, None).0
         });
         let mut model = Model::load(&input)?;
+        OutputPlan::default()
+            .read_model(&model)?
+            .read("adapter file", adapter_in)
+            .write_model("output model", &model, &out)?
+            .check()?;
         let outcome = jobs::apply(&mut model, &adapter)?;
         let report = model.save(&out, &SaveOptions::default())?;
         println!(
@@ -255,9 +265,13 @@ fn graft(args: GraftArgs) -> Result<()> {
         args.output.as_deref(),
         args.adapter.as_deref(),
     );
-    // Before the (long, for PiSSA on a large model) graft.
-    jobs::check_output_paths(&input, &out, &adapter_path)?;
     let mut model = Model::load(&input)?;
+    // Before the (long, for PiSSA on a large model) graft.
+    OutputPlan::default()
+        .read_model(&model)?
+        .write_model("output model", &model, &out)?
+        .write("adapter file", &adapter_path)
+        .check()?;
     let outcome = jobs::graft(&mut model, &req)?;
     let adapter = outcome.adapter_file(&req);
     let report = jobs::write(&model, &adapter, &out, &adapter_path)?;

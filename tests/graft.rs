@@ -13,7 +13,7 @@ use lora_graft::passes::variants;
 use lora_graft::tensor::Array;
 use lora_graft::Model;
 
-use common::request;
+use common::{cli, copy_fixture, listing, request};
 
 fn run(model: &Model, inputs: &Named) -> Vec<Array> {
     common::run_tract(model, inputs)
@@ -269,32 +269,6 @@ fn pissa_on_a_weight_another_node_reads_gets_its_own_copy() {
         .expect("a copy of the module's own");
     let reader = model.graph.value(res).users[0];
     assert_eq!(model.graph.node(reader).name(), "/blocks.1/up/MatMul");
-}
-
-fn cli(args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_lora-graft"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn copy_fixture(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(fixture(name).parent().unwrap()).unwrap() {
-        let p = entry.unwrap().path();
-        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
-    }
-    let path = dir.path().join("model.onnx");
-    (dir, path)
-}
-
-fn listing(dir: &std::path::Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
 }
 
 #[test]

@@ -10,6 +10,6 @@ pub mod training_graph;
 
 pub use graft::{apply, graft, set_param, Outcome};
 pub use merge::merge;
-pub use output::{check_output_paths, default_paths, write};
+pub use output::{default_paths, write, OutputPlan};
 pub use request::{AdapterDtype, GraftRequest, TrainingRequest};
 pub use training_graph::{input_shapes, training_graph, training_graph_of, Training};

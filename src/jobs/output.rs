@@ -25,42 +25,134 @@ pub fn default_paths(
     (out, adapter)
 }
 
-/// Checks, before any work, that the model `out` and the adapter file can be written
-/// without touching the input: neither is the input, they differ, and their folders
-/// exist and are writable.
-pub fn check_output_paths(input: &Path, out: &Path, adapter_path: &Path) -> Result<()> {
-    for (what, p) in [("output model", out), ("adapter file", adapter_path)] {
-        if let (Ok(a), Ok(b)) = (std::fs::canonicalize(p), std::fs::canonicalize(input)) {
-            if a == b {
+/// Every file a command reads and writes, checked before any work: no output is an
+/// input (compared by resolved path and by file identity, so links and `..` do not fool
+/// it), no two outputs are the same file, and every output's folder is writable.
+#[derive(Debug, Default)]
+pub struct OutputPlan {
+    inputs: Vec<(String, PathBuf)>,
+    outputs: Vec<(String, PathBuf, Option<PathBuf>)>,
+}
+
+impl OutputPlan {
+    /// Records a file the command reads.
+    pub fn read(mut self, what: impl Into<String>, path: &Path) -> Self {
+        self.inputs.push((what.into(), path.to_path_buf()));
+        self
+    }
+
+    /// Records a model the command reads: the model file and its external data files.
+    pub fn read_model(mut self, model: &Model) -> Result<Self> {
+        self.inputs.push(("input model".into(), model.path.clone()));
+        for loc in model.external_files()? {
+            let path = model.dir.join(&loc);
+            self.inputs
+                .push((format!("input model's data file '{loc}'"), path));
+        }
+        Ok(self)
+    }
+
+    /// Records a file the command writes.
+    pub fn write(mut self, what: impl Into<String>, path: &Path) -> Self {
+        self.outputs.push((what.into(), path.to_path_buf(), None));
+        self
+    }
+
+    /// Records the files saving `model` to `out` writes: the model, its own data file,
+    /// and, in another folder, the copies of the input's data files.
+    pub fn write_model(mut self, what: &str, model: &Model, out: &Path) -> Result<Self> {
+        let base = model.external_files()?;
+        let dir = folder(out);
+        self.outputs.push((what.into(), out.to_path_buf(), None));
+        if !base.is_empty() {
+            let own = dir.join(crate::model::own_data_name(out, &base));
+            self.outputs
+                .push((format!("{what}'s data file"), own, None));
+        }
+        if resolve(&dir) != resolve(&model.dir) {
+            for loc in base {
+                let source = model.dir.join(&loc);
+                self.outputs.push((
+                    format!("copy of the data file '{loc}'"),
+                    dir.join(&loc),
+                    Some(source),
+                ));
+            }
+        }
+        Ok(self)
+    }
+
+    /// Refuses, naming both, an output that is an input or another output, and an output
+    /// whose folder does not exist or is not writable.
+    pub fn check(&self) -> Result<()> {
+        for (i, (what, path, source)) in self.outputs.iter().enumerate() {
+            let target = resolve(path);
+            for (input_what, input) in &self.inputs {
+                // A copy of an input's data file onto itself (an earlier run's) is kept.
+                if source.as_deref().is_some_and(|s| same(s, input)) {
+                    continue;
+                }
+                if target == resolve(input) || same(path, input) {
+                    return Err(Error::Usage(format!(
+                        "{}: the {what} would overwrite the {input_what}; choose another path",
+                        path.display()
+                    )));
+                }
+            }
+            for (other_what, other, _) in &self.outputs[..i] {
+                if target == resolve(other) || same(path, other) {
+                    return Err(Error::Usage(format!(
+                        "{}: the {what} and the {other_what} would be the same file; choose different paths",
+                        path.display()
+                    )));
+                }
+            }
+            let dir = folder(path);
+            if !dir.is_dir() || !writable(&dir) {
                 return Err(Error::Usage(format!(
-                    "{}: the {what} would overwrite the input model; choose another path",
-                    p.display()
+                    "{}: the {what}'s folder '{}' does not exist or is not writable",
+                    path.display(),
+                    dir.display()
                 )));
             }
         }
-        let dir = match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let writable = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
-            // SAFETY: a valid NUL-terminated path; access() only reads it.
-            .map(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0)
-            .unwrap_or(false);
-        if !dir.is_dir() || !writable {
-            return Err(Error::Usage(format!(
-                "{}: the {what}'s folder '{}' does not exist or is not writable",
-                p.display(),
-                dir.display()
-            )));
-        }
+        Ok(())
     }
-    if out == adapter_path {
-        return Err(Error::Usage(format!(
-            "{}: the model and the adapter file cannot have the same path",
-            out.display()
-        )));
+}
+
+/// The folder a path is in (`.` for a bare file name).
+fn folder(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
     }
-    Ok(())
+}
+
+/// `path` with links and `..` resolved, also when the file does not exist yet.
+fn resolve(path: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    match (std::fs::canonicalize(folder(path)), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Whether two existing paths are the same file (hard links included).
+fn same(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+fn writable(dir: &Path) -> bool {
+    std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        // SAFETY: a valid NUL-terminated path; access() only reads it.
+        .map(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0)
+        .unwrap_or(false)
 }
 
 /// Writes the grafted model and its adapter file; on any failure neither is left behind.
@@ -70,7 +162,11 @@ pub fn write(
     out: &Path,
     adapter_path: &Path,
 ) -> Result<SaveReport> {
-    check_output_paths(&model.path, out, adapter_path)?;
+    OutputPlan::default()
+        .read_model(model)?
+        .write_model("output model", model, out)?
+        .write("adapter file", adapter_path)
+        .check()?;
     let bytes = adapter.to_bytes()?;
     let report = model.save(out, &SaveOptions::default())?;
     let mut created = Vec::new();

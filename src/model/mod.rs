@@ -3,7 +3,7 @@
 
 mod save;
 
-pub use save::{write_atomic, DataPlacement, SaveOptions, SaveReport};
+pub use save::{own_data_name, write_atomic, DataPlacement, SaveOptions, SaveReport};
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;

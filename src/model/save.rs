@@ -139,12 +139,7 @@ impl Model {
             .graph
             .initializers()
             .any(|(_, i)| i.external.is_some() && !i.new);
-        let own_name = format!(
-            "{}.data",
-            out.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        );
+        let own_name = own_data_name(out, &self.external_files()?);
         let own_path = out_dir.join(&own_name);
         // Streamed: a PiSSA W_res of a large model never sits in memory whole.
         let mut own: Option<(std::io::BufWriter<fs::File>, u64)> = None;
@@ -216,6 +211,20 @@ impl Model {
         }
         write_atomic(out, &bytes, created)
     }
+}
+
+/// The file name of an output model's own data file (its new tensors): `<out>.data`, or
+/// `<out>.<n>.data` when the input's external data uses that name (an output named like
+/// the input in another folder, where the base data is copied under its own name).
+pub fn own_data_name(out: &Path, base: &BTreeSet<String>) -> String {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    std::iter::once(format!("{name}.data"))
+        .chain((1..).map(|n| format!("{name}.{n}.data")))
+        .find(|candidate| !base.contains(candidate))
+        .expect("some name is free")
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.

@@ -17,7 +17,7 @@ use tract_core::ndarray::ArrayD;
 
 use crate::data::Fields;
 use crate::error::{Error, Result};
-use crate::jobs::{self, TrainingRequest};
+use crate::jobs::{self, OutputPlan, TrainingRequest};
 use crate::passes::grad::loss::Loss;
 use crate::Model;
 
@@ -105,9 +105,35 @@ pub struct TrainReport {
     pub interrupted: bool,
 }
 
+/// What a training run reads and writes (`--resume` may name the output: a run goes on
+/// from its own checkpoint).
+fn output_plan(model: &Model, opts: &TrainOptions, metrics: &Path) -> Result<OutputPlan> {
+    let mut plan = OutputPlan::default()
+        .read_model(model)?
+        .read("training data", &opts.data);
+    for (what, path) in [
+        ("evaluation data", &opts.eval),
+        ("tokenizer", &opts.tokenizer),
+    ] {
+        if let Some(path) = path {
+            plan = plan.read(what, path);
+        }
+    }
+    plan = plan
+        .write("adapter file", &opts.output)
+        .write("optimizer state", &checkpoint::optim_path(&opts.output))
+        .write("metrics log", metrics);
+    if let Some(path) = &opts.emit_model {
+        plan = plan.write_model("emitted model", model, path)?;
+    }
+    Ok(plan)
+}
+
 /// Trains; `stop` ends the run early (Ctrl-C) with a last checkpoint.
 pub fn run(model_path: &Path, opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<TrainReport> {
     let model = Model::load(model_path)?;
+    let metrics_path = opts.output.with_extension("metrics.jsonl");
+    output_plan(&model, opts, &metrics_path)?.check()?;
     let tokenizer = opts
         .tokenizer
         .as_deref()
@@ -161,7 +187,6 @@ pub fn run(model_path: &Path, opts: &TrainOptions, stop: Arc<AtomicBool>) -> Res
             "the checkpoint is at step {start}; ask for more --steps than that"
         )));
     }
-    let metrics_path = opts.output.with_extension("metrics.jsonl");
     let mut metrics = String::new();
     if start > 0 {
         metrics = std::fs::read_to_string(&metrics_path).unwrap_or_default();

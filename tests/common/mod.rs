@@ -479,3 +479,32 @@ pub fn variant_names() -> impl Iterator<Item = &'static str> {
         .iter()
         .map(|v| v.name())
 }
+
+/// Runs the `lora-graft` binary with `args`.
+pub fn cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lora-graft"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A copy of fixture `name`'s folder in a temporary folder; the copied model's path.
+pub fn copy_fixture(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name).parent().unwrap()).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, dir.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let path = dir.path().join("model.onnx");
+    (dir, path)
+}
+
+/// The sorted file names in `dir`.
+pub fn listing(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
