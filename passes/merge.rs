@@ -129,6 +129,12 @@ impl Merge<'_> {
             w
         };
         let merged_w = base_w + variant.delta_w(params, cfg);
+        if merged_w.iter().any(|v| !v.is_finite()) {
+            return Err(Error::Usage(format!(
+            "the merged weight would hold NaN or infinite values: the adapter's values times its scale {} overflow float32; check the adapter",
+            cfg.scale()
+        )));
+        }
         weight_patch(graph, dtypes, module, group, merged_w)
     }
 }

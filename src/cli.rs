@@ -157,10 +157,10 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Loss::CausalLm)]
         loss: Loss,
         /// Training batch size (the first symbolic input dim).
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one)]
         batch: usize,
         /// Training sequence length (the second symbolic input dim).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, value_parser = at_least_one)]
         seq: usize,
         /// Also output the model's outputs.
         #[arg(long)]
@@ -195,19 +195,19 @@ pub enum Command {
         #[arg(long = "loss-output", value_name = "NAME")]
         loss_output: Option<String>,
         /// Optimizer steps.
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one)]
         steps: usize,
         /// Rows per step.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = at_least_one)]
         batch: usize,
         /// Tokens per row.
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = at_least_one)]
         seq: usize,
         /// Peak learning rate.
-        #[arg(long, default_value_t = 1e-4)]
+        #[arg(long, default_value_t = 1e-4, value_parser = finite_non_negative)]
         lr: f64,
         /// AdamW weight decay.
-        #[arg(long, default_value_t = 0.01)]
+        #[arg(long, default_value_t = 0.01, value_parser = finite_non_negative)]
         weight_decay: f64,
         /// Linear warmup steps.
         #[arg(long, default_value_t = 0)]
@@ -216,7 +216,7 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Schedule::Constant)]
         schedule: Schedule,
         /// Clip the global gradient norm (0: no clipping).
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, value_parser = finite_non_negative)]
         grad_clip: f64,
         /// Checkpoint (and evaluate) every K steps.
         #[arg(long, default_value_t = 0)]
@@ -333,6 +333,26 @@ pub fn parse_alpha(text: &str) -> Result<Alpha> {
     Alpha::parse(text).ok_or_else(|| Error::Usage(format!("--alpha '{text}' is not a number")))
 }
 
+/// A count that must be at least 1 (`--batch`, `--seq`, `--steps`).
+fn at_least_one(text: &str) -> Result<usize> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(Error::Usage(format!(
+            "'{text}' is not a whole number of at least 1"
+        ))),
+    }
+}
+
+/// A finite number of at least 0 (`--grad-clip`; 0 turns clipping off).
+fn finite_non_negative(text: &str) -> Result<f64> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(Error::Usage(format!(
+            "'{text}' is not a finite number of at least 0"
+        ))),
+    }
+}
+
 /// Resolves `--variant NAME` in the registry, once.
 fn parse_variant(name: &str) -> Result<&'static dyn Variant> {
     variants::variant(name)
@@ -363,7 +383,7 @@ pub fn clap_error(e: clap::Error) -> ExitCode {
     match e.kind() {
         ErrorKind::ValueValidation => {
             if let Some(source) = e.source() {
-                eprintln!("error: {source}");
+                eprintln!("error: {}: {source}", text(ContextKind::InvalidArg));
                 return ExitCode::FAILURE;
             }
         }

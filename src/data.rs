@@ -105,7 +105,8 @@ pub struct Tokenizer {
 impl Tokenizer {
     /// Loads `tokenizer.json`.
     pub fn load(path: &Path) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| {
+        let bytes = crate::files::read_regular(path)?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| {
             Error::Usage(format!(
                 "{}: not a Hugging Face tokenizer.json ({e})",
                 path.display()
@@ -141,7 +142,7 @@ fn line_error(path: &Path, line: usize, reason: impl std::fmt::Display) -> Error
 
 /// Non-empty lines with their 1-based numbers.
 fn lines(path: &Path) -> Result<Vec<(usize, String)>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::files::read_regular_text(path)?;
     let lines: Vec<(usize, String)> = text
         .lines()
         .enumerate()

@@ -9,6 +9,7 @@ pub mod adapter;
 pub mod data;
 pub mod dtype;
 pub mod error;
+pub mod files;
 pub mod inspect;
 pub mod interp;
 pub mod ir;

@@ -69,7 +69,31 @@ impl Default for Config {
     }
 }
 
+/// The most power iterations `--pissa-niter` (or a file's `pissa_niter`) may ask for:
+/// PEFT uses 4 to 16; more only costs time.
+pub const MAX_PISSA_NITER: usize = 64;
+
 impl Config {
+    /// Checks the settings that file contents or options can push out of range: the
+    /// scale must be a finite float32, `pissa_niter` at most [`MAX_PISSA_NITER`].
+    pub fn check(&self) -> Result<()> {
+        let s = self.scale();
+        // r = 0 is refused per layer, with the range r must be in.
+        if self.r > 0 && !(s as f32).is_finite() {
+            return Err(Error::Usage(format!(
+                "alpha {} with r {} gives the scale {s:e}, which float32 cannot hold; use a smaller alpha",
+                self.alpha.value(),
+                self.r
+            )));
+        }
+        if let Some(n) = self.pissa_niter.filter(|&n| n > MAX_PISSA_NITER) {
+            return Err(Error::Usage(format!(
+                "pissa_niter {n} is more than {MAX_PISSA_NITER} power iterations; use 4 to 16"
+            )));
+        }
+        Ok(())
+    }
+
     /// The LoRA scale `s`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub fn scale(&self) -> f64 {
         if self.rslora {

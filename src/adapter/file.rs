@@ -74,7 +74,7 @@ impl AdapterFile {
 
     /// Reads a safetensors adapter file.
     pub fn read(path: &Path) -> Result<AdapterFile> {
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::files::read_regular(path)?;
         let bad = |reason: String| Error::AdapterFile {
             path: path.to_path_buf(),
             reason,

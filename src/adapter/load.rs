@@ -14,6 +14,7 @@ use crate::jobs::request::{AdapterDtype, GraftRequest};
 use crate::model::Model;
 use crate::passes::target::{self, Filters, Role, Targeting};
 use crate::passes::variants::{self, Alpha, Variant};
+use crate::tensor::Array;
 
 /// An adapter file read for applying or merging: the request it implies and its tensors
 /// by module and parameter, torch layout.
@@ -62,7 +63,22 @@ impl LoadedAdapter {
                     "key '{key}' is not an adapter key (<module>.lora_*)"
                 ))
             })?;
-            tensors.entry(module).or_default().insert(param, a.to_f32());
+            if !matches!(
+                a,
+                Array::F32(_) | Array::F16(_) | Array::BF16(_) | Array::F64(_)
+            ) {
+                return Err(bad(format!(
+                    "tensor '{key}' is {}, not a float tensor",
+                    crate::dtype::name(a.elem_type())
+                )));
+            }
+            let values = a.to_f32();
+            if values.iter().any(|v| !v.is_finite()) {
+                return Err(bad(format!(
+                    "tensor '{key}' holds NaN or infinite values (in float32); the adapter is unusable"
+                )));
+            }
+            tensors.entry(module).or_default().insert(param, values);
         }
         if tensors.is_empty() {
             return Err(bad("the file holds no adapter tensor".into()));
@@ -106,6 +122,7 @@ impl LoadedAdapter {
         req.cfg.rslora = graft_meta.rslora;
         req.cfg.pissa_niter = graft_meta.pissa_niter;
         req.cfg.seed = graft_meta.seed;
+        req.cfg.check().map_err(|e| bad(e.to_string()))?;
         req.filters = Filters {
             roles: vec![Role::Reader, Role::Writer, Role::Inner],
             names: vec![],

@@ -31,6 +31,7 @@ pub struct Outcome {
 /// Targets and grafts `model` in memory.
 pub fn graft(model: &mut Model, req: &GraftRequest) -> Result<Outcome> {
     let variant = req.variant;
+    req.cfg.check()?;
     let mut targeting = target::run(&model.graph, &req.filters)
         .map_err(|e| e.context(format!("{}: targeting", model.path.display())))?;
     let opts = GraftOptions {

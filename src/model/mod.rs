@@ -147,7 +147,7 @@ impl DataFiles {
                 format!("external data location '{location}' leaves the model's folder through a symlink (to '{}'); copy the data file beside the model", canonical.display()),
             ));
         }
-        let handle = fs::File::open(&canonical).map_err(|e| Error::io(&path, e))?;
+        let handle = crate::files::open_nonblocking(&canonical).map_err(|e| Error::io(&path, e))?;
         if !handle
             .metadata()
             .map_err(|e| Error::io(&path, e))?
@@ -252,7 +252,7 @@ impl Model {
     /// Reads `path`, checks every tensor's data (external ranges are mapped, not read)
     /// and builds the IR. The graph is validated.
     pub fn load(path: &Path) -> Result<Model> {
-        let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bytes = crate::files::read_regular(path)?;
         let mut proto = ModelProto::decode(bytes.as_slice()).map_err(|e| Error::Decode {
             path: path.to_path_buf(),
             reason: e.to_string(),

@@ -129,6 +129,30 @@ fn output_plan(model: &Model, opts: &TrainOptions, metrics: &Path) -> Result<Out
     Ok(plan)
 }
 
+/// Refuses, before tract allocates, a batch whose logits (with their softmax and
+/// gradient: three `batch × seq × vocab` float32 tensors) and one head's attention
+/// scores (`batch × seq × seq`) alone exceed the machine's memory.
+fn check_logits_fit(batch: usize, seq: usize, vocab: usize) -> Result<()> {
+    let (b, s) = (batch as u128, seq as u128);
+    let need = b * s * (vocab as u128) * 12 + b * s * s * 4;
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(u64::MAX as u128);
+    if need > total {
+        return Err(Error::Usage(format!(
+            "--batch {batch} x --seq {seq} with a vocabulary of {vocab}: the logits and attention scores alone need {:.1} GiB, more than this machine's {:.1} GiB; lower --batch or --seq",
+            need as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64
+        )));
+    }
+    Ok(())
+}
+
 /// Trains; `stop` ends the run early (Ctrl-C) with a last checkpoint.
 pub fn run(model_path: &Path, opts: &TrainOptions, stop: Arc<AtomicBool>) -> Result<TrainReport> {
     let model = Model::load(model_path)?;
@@ -140,6 +164,9 @@ pub fn run(model_path: &Path, opts: &TrainOptions, stop: Arc<AtomicBool>) -> Res
         .map(crate::data::Tokenizer::load)
         .transpose()?;
     let vocab = vocab_size(&model);
+    if let (Loss::CausalLm, Some(vocab)) = (opts.training.loss, vocab) {
+        check_logits_fit(opts.training.batch, opts.training.seq, vocab)?;
+    }
     let read = |path: &Path, fields: Option<&Fields>| {
         let src = crate::data::Source {
             path,
