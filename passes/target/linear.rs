@@ -54,9 +54,14 @@ pub(super) fn linear(graph: &Graph, id: NodeId, filters: &Filters) -> Option<Tar
             )
         }
         ("com.microsoft", "MatMulNBits") => {
-            graph.initializer(w)?;
+            let packed = graph.initializer(w)?.dims();
             let (k, n) = (node.attr_int("K", 0), node.attr_int("N", 0));
-            if k <= 0 || n <= 0 {
+            let (bits, block) = (node.attr_int("bits", 4), node.attr_int("block_size", 0));
+            // K and N must be those of the packed weight [N, ceil(K / block), block·bits/8].
+            if k <= 0 || n <= 0 || block <= 0 || !(2..=8).contains(&bits) {
+                return None;
+            }
+            if packed != [n, (k + block - 1) / block, block * bits / 8] {
                 return None;
             }
             let has_bias = node.inputs.get(5).copied().flatten().is_some();

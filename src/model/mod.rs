@@ -86,9 +86,13 @@ impl DataFiles {
                 ),
             ));
         }
-        if let Some(expected) =
-            dtype::numel(&t.dims).and_then(|n| dtype::storage_bytes(t.data_type(), n))
-        {
+        let numel = dtype::numel(&t.dims).ok_or_else(|| {
+            self.tensor_error(
+                t,
+                format!("invalid dims {:?} (negative or too large)", t.dims),
+            )
+        })?;
+        if let Some(expected) = dtype::storage_bytes(t.data_type(), numel) {
             if expected != length {
                 return Err(self.tensor_error(
                     t,
