@@ -194,6 +194,26 @@ fn resuming_gives_the_same_adapter_as_one_run() {
     assert_eq!(a.tensors, b.tensors, "bit-identical adapters");
 }
 
+#[test]
+fn resume_refuses_an_adapter_and_optimizer_state_from_different_saves() {
+    // A run killed between the two renames of a checkpoint leaves the adapter of one
+    // save beside the optimizer state of the next: resuming must refuse the pair.
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+    run(&options("lora", 2, &a)).unwrap();
+    run(&options("lora", 3, &b)).unwrap();
+    let optim = |p: &std::path::Path| p.with_extension("optim.safetensors");
+    std::fs::copy(optim(&b), optim(&a)).unwrap();
+    let mut o = options("lora", 5, &dir.path().join("c.safetensors"));
+    o.resume = Some(a.clone());
+    let err = run(&o).expect_err("a torn pair").to_string();
+    assert!(err.contains("from another save (step 3 against the adapter's 2)"), "{err}");
+    // The matching pair resumes.
+    let mut o = options("lora", 5, &dir.path().join("c.safetensors"));
+    o.resume = Some(b.clone());
+    run(&o).unwrap();
+}
+
 fn expect_error(opts: &TrainOptions, needle: &str) {
     let before = std::fs::read(&opts.output).ok();
     let err = run(opts).expect_err("an error").to_string();

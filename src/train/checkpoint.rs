@@ -36,6 +36,17 @@ pub(super) fn adapter_file(
     outcome_file
 }
 
+/// The optimizer state's key holding the FNV-1a hash of its adapter file's bytes.
+const ADAPTER_HASH_KEY: &str = "adapter_fnv1a64";
+
+/// FNV-1a (64 bits) of `bytes`, in hex.
+fn fnv1a64(bytes: &[u8]) -> String {
+    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    });
+    format!("{h:016x}")
+}
+
 /// Writes the adapter, the optimizer state and the metrics, each atomically.
 pub(super) fn save(
     opts: &TrainOptions,
@@ -66,9 +77,15 @@ pub(super) fn save(
             .tensors
             .insert(format!("v.{k}"), Array::F32(v.clone()));
     }
+    // The state names the adapter bytes it belongs to: a run killed between the two
+    // renames leaves a pair that `--resume` refuses.
+    let adapter_bytes = file.to_bytes()?;
+    state
+        .metadata
+        .insert(ADAPTER_HASH_KEY.into(), fnv1a64(&adapter_bytes));
     let mut created = Vec::new();
     crate::model::write_atomic(&optim_path(&opts.output), &state.to_bytes()?, &mut created)?;
-    crate::model::write_atomic(&opts.output, &file.to_bytes()?, &mut created)?;
+    crate::model::write_atomic(&opts.output, &adapter_bytes, &mut created)?;
     crate::model::write_atomic(metrics_path, metrics.as_bytes(), &mut created)?;
     Ok(())
 }
@@ -81,8 +98,22 @@ pub(super) fn resume_from(
     req: &TrainingRequest,
     outcome: &Outcome,
 ) -> Result<()> {
+    let adapter_bytes = crate::files::read_regular(path)?;
     let file = AdapterFile::read(path)?;
     let state = AdapterFile::read(&optim_path(path))?;
+    let torn = match state.metadata.get(ADAPTER_HASH_KEY) {
+        Some(hash) => *hash != fnv1a64(&adapter_bytes),
+        None => state.metadata.get("step") != file.metadata.get("lora_graft_step"),
+    };
+    if torn {
+        return Err(Error::Usage(format!(
+            "{}: cannot resume: its optimizer state {} is from another save (step {} against the adapter's {}); a run was stopped while saving: resume from an earlier checkpoint",
+            path.display(),
+            optim_path(path).display(),
+            state.metadata.get("step").map_or("?", String::as_str),
+            file.metadata.get("lora_graft_step").map_or("?", String::as_str)
+        )));
+    }
     let mismatch = |reason: String| {
         Error::Usage(format!(
             "{}: cannot resume: {reason}; it is from another model or variant",
