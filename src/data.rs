@@ -406,19 +406,89 @@ pub fn read_examples(src: &Source, fields: &Fields) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// The vocabulary size: rows of the token-embedding initializer, when there is one.
+/// The vocabulary size: the rows of the embedding table that the token ids index
+/// (`input_ids`, else the first integer input), read through a dequantization chain
+/// (Cast, DequantizeLinear, a scale's Mul) to its initializer; else the rows of the
+/// first 2-D initializer a Gather reads with computed indices.
 pub fn vocab_size(model: &Model) -> Option<usize> {
+    use crate::proto::tensor_proto::DataType as D;
     let g = &model.graph;
-    g.node_ids().find_map(|id| {
-        let n = g.node(id);
-        if n.op() != "Gather" {
-            return None;
+    let ids = g
+        .inputs()
+        .iter()
+        .find(|io| g.value(io.value).name == "input_ids")
+        .or_else(|| {
+            g.inputs().iter().find(|io| {
+                matches!(
+                    crate::ir::infer::declared_type(g, io.value).and_then(|t| D::try_from(t).ok()),
+                    Some(D::Int64 | D::Int32)
+                ) && g.initializer(io.value).is_none()
+            })
+        })
+        .map(|io| io.value);
+    // A value, seen through ops that keep the token ids as they are.
+    let from_ids = |mut v: crate::ir::ValueId| {
+        for _ in 0..4 {
+            if Some(v) == ids {
+                return true;
+            }
+            match g.producer(v).map(|n| g.node(n)) {
+                Some(n)
+                    if matches!(
+                        n.op(),
+                        "Cast" | "Identity" | "Reshape" | "Flatten" | "Unsqueeze"
+                    ) =>
+                {
+                    match n.inputs.first().copied().flatten() {
+                        Some(x) => v = x,
+                        None => return false,
+                    }
+                }
+                _ => return false,
+            }
         }
-        let data = n.inputs.first().copied().flatten()?;
-        let idx = n.inputs.get(1).copied().flatten()?;
-        let init = g.initializer(data)?;
-        (init.dims().len() == 2 && g.initializer(idx).is_none()).then(|| init.dims()[0] as usize)
-    })
+        false
+    };
+    // The rows of the 2-D table behind `v` (through its dequantization).
+    let rows = |mut v: crate::ir::ValueId| {
+        for _ in 0..6 {
+            if let Some(init) = g.initializer(v) {
+                return (init.dims().len() == 2).then(|| init.dims()[0] as usize);
+            }
+            let n = g.node(g.producer(v)?);
+            v = match n.op() {
+                "Cast" | "Identity" | "DequantizeLinear" => n.inputs.first().copied().flatten()?,
+                // Mul/Div by a scale: the operand that is not a scalar or a row of scales.
+                "Mul" | "Div" => n.inputs.iter().flatten().copied().find(|&x| {
+                    g.initializer(x)
+                        .is_none_or(|i| i.dims().len() == 2 && i.dims()[0] > 1)
+                })?,
+                _ => return None,
+            };
+        }
+        None
+    };
+    let gathers = || {
+        g.node_ids()
+            .map(|id| g.node(id))
+            .filter(|n| n.op() == "Gather")
+    };
+    gathers()
+        .find_map(|n| {
+            let idx = n.inputs.get(1).copied().flatten()?;
+            from_ids(idx)
+                .then(|| rows(n.inputs.first().copied().flatten()?))
+                .flatten()
+        })
+        .or_else(|| {
+            gathers().find_map(|n| {
+                let data = n.inputs.first().copied().flatten()?;
+                let idx = n.inputs.get(1).copied().flatten()?;
+                let init = g.initializer(data)?;
+                (init.dims().len() == 2 && g.initializer(idx).is_none())
+                    .then(|| init.dims()[0] as usize)
+            })
+        })
 }
 
 /// The batch of step `step` (0-based): rows shuffled per epoch by `seed`.

@@ -66,6 +66,15 @@ pub fn storage_bytes(elem_type: i32, numel: u64) -> Option<u64> {
         .map(|b| b.div_ceil(8))
 }
 
+/// Whether `elem_type` is a floating-point type.
+pub fn is_float(elem_type: i32) -> bool {
+    use crate::proto::tensor_proto::DataType as D;
+    matches!(
+        D::try_from(elem_type),
+        Ok(D::Float | D::Float16 | D::Bfloat16 | D::Double)
+    )
+}
+
 /// Number of elements of a shape, or `None` on a negative dim or overflow.
 pub fn numel(dims: &[i64]) -> Option<u64> {
     dims.iter().try_fold(1u64, |acc, &d| {

@@ -43,6 +43,9 @@ pub enum Error {
         /// What each filter removed.
         removed: String,
     },
+    /// No trainable tensor lies on a path to the loss.
+    #[error("the loss does not depend on any trainable tensor")]
+    NoGradientPath,
     /// The user asked for something that cannot be done as asked.
     #[error("{0}")]
     Usage(String),

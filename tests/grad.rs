@@ -395,3 +395,47 @@ fn the_genai_int4_model_cannot_get_a_training_graph_yet() {
         "{err}"
     );
 }
+
+#[test]
+fn the_loss_reads_the_first_float_output_and_errors_name_it() {
+    // handmade with an int64 ArgMax output put first, as a classifier exporting its
+    // predicted ids beside the logits would.
+    use lora_graft::ir::build::int_attr;
+    use lora_graft::proto::ModelProto;
+    use prost::Message;
+    let mut proto =
+        ModelProto::decode(std::fs::read(fixture("handmade")).unwrap().as_slice()).unwrap();
+    let g = proto.graph.as_mut().unwrap();
+    let y = g.output[0].name().to_string();
+    let mut argmax = common::node("ids", "ArgMax", &[&y], &["ids"]);
+    argmax.attribute.push(int_attr("axis", -1));
+    g.node.push(argmax);
+    let mut ids = common::vi("ids");
+    ids.r#type = Some(lora_graft::proto::TypeProto {
+        value: Some(lora_graft::proto::type_proto::Value::TensorType(
+            lora_graft::proto::type_proto::Tensor {
+                elem_type: Some(7), // int64
+                shape: None,
+            },
+        )),
+        ..Default::default()
+    });
+    g.output.insert(0, ids);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.onnx");
+    std::fs::write(&path, proto.encode_to_vec()).unwrap();
+    let req = TrainingRequest::new(common::request_r("lora", 2, 4.0), Loss::Mse, 2, 1);
+    let t = jobs::training_graph(Model::load(&path).unwrap(), &req).unwrap();
+    assert!(t.graph.gradients.len() > 1);
+    // Asked for the int output, the error names it and the option.
+    let mut req = req;
+    req.output = Some("ids".into());
+    let err = jobs::training_graph(Model::load(&path).unwrap(), &req)
+        .map(|_| ())
+        .expect_err("ids has no gradient")
+        .to_string();
+    assert!(
+        err.contains("output 'ids'") && err.contains("--loss-output"),
+        "{err}"
+    );
+}

@@ -199,7 +199,10 @@ fn resume_refuses_an_adapter_and_optimizer_state_from_different_saves() {
     // A run killed between the two renames of a checkpoint leaves the adapter of one
     // save beside the optimizer state of the next: resuming must refuse the pair.
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a.safetensors"), dir.path().join("b.safetensors"));
+    let (a, b) = (
+        dir.path().join("a.safetensors"),
+        dir.path().join("b.safetensors"),
+    );
     run(&options("lora", 2, &a)).unwrap();
     run(&options("lora", 3, &b)).unwrap();
     let optim = |p: &std::path::Path| p.with_extension("optim.safetensors");
@@ -207,7 +210,10 @@ fn resume_refuses_an_adapter_and_optimizer_state_from_different_saves() {
     let mut o = options("lora", 5, &dir.path().join("c.safetensors"));
     o.resume = Some(a.clone());
     let err = run(&o).expect_err("a torn pair").to_string();
-    assert!(err.contains("from another save (step 3 against the adapter's 2)"), "{err}");
+    assert!(
+        err.contains("from another save (step 3 against the adapter's 2)"),
+        "{err}"
+    );
     // The matching pair resumes.
     let mut o = options("lora", 5, &dir.path().join("c.safetensors"));
     o.resume = Some(b.clone());

@@ -250,3 +250,56 @@ fn a_class_label_outside_the_classes_is_an_error() {
         "{err}"
     );
 }
+
+#[test]
+fn the_vocabulary_is_the_table_the_token_ids_index_even_when_quantized() {
+    // A weight-only int8 embedding (Mul(Cast(q), scale)) read by input_ids, after a
+    // float token-type table of 2 rows read by token_type_ids: the vocabulary is 100.
+    use lora_graft::ir::build::int_attr;
+    use lora_graft::proto::{GraphProto, ModelProto, OperatorSetIdProto, TensorProto};
+    use prost::Message;
+    let tensor = |name: &str, dims: Vec<i64>, data_type: i32, raw: Vec<u8>| TensorProto {
+        name: Some(name.into()),
+        dims,
+        data_type: Some(data_type),
+        raw_data: Some(raw),
+        ..Default::default()
+    };
+    let mut cast = common::node("cast", "Cast", &["tok_q"], &["tok_f"]);
+    cast.attribute.push(int_attr("to", 1));
+    let graph = GraphProto {
+        name: Some("g".into()),
+        node: vec![
+            common::node("type", "Gather", &["type_table", "token_type_ids"], &["t"]),
+            cast,
+            common::node("scale", "Mul", &["tok_f", "tok_scale"], &["tok_w"]),
+            common::node("embed", "Gather", &["tok_w", "input_ids"], &["e"]),
+            common::node("sum", "Add", &["e", "t"], &["y"]),
+        ],
+        initializer: vec![
+            tensor("tok_q", vec![100, 8], 3, vec![1; 800]),
+            tensor("tok_scale", vec![], 1, 0.5f32.to_le_bytes().to_vec()),
+            tensor("type_table", vec![2, 8], 1, vec![0; 64]),
+        ],
+        input: vec![common::vi("input_ids"), common::vi("token_type_ids")],
+        output: vec![common::vi("y")],
+        ..Default::default()
+    };
+    let model = ModelProto {
+        ir_version: Some(8),
+        opset_import: vec![OperatorSetIdProto {
+            domain: Some(String::new()),
+            version: Some(17),
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("int8.onnx");
+    std::fs::write(&path, model.encode_to_vec()).unwrap();
+    let model = lora_graft::Model::load(&path).unwrap();
+    assert_eq!(data::vocab_size(&model), Some(100));
+    // The fixtures keep their float tables.
+    let llama = lora_graft::Model::load(&fixture("llama")).unwrap();
+    assert_eq!(data::vocab_size(&llama), Some(512));
+}

@@ -113,9 +113,7 @@ fn differentiate(
     }
     let on_path = |v: ValueId| from_trainable.contains(&v) && to_loss.contains(&v);
     if !on_path(root) {
-        return Err(Error::Usage(
-            "the loss does not depend on any trainable tensor".into(),
-        ));
+        return Err(Error::NoGradientPath);
     }
     let path: Vec<NodeId> = order
         .iter()

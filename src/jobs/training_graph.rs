@@ -132,13 +132,28 @@ pub fn training_graph_of(
             .value_by_name(o)
             .filter(|v| model.graph.is_output(*v))
             .ok_or_else(|| Error::Usage(format!("the model has no output '{o}'")))?,
-        None => model
-            .graph
-            .outputs()
-            .first()
-            .map(|o| o.value)
-            .ok_or_else(|| Error::Usage("the model has no output".into()))?,
+        // The first float output (an integer one, as argmax ids, has no gradient).
+        None => {
+            let declared =
+                |io: &crate::ir::GraphIo| match io.info.r#type.as_ref()?.value.as_ref()? {
+                    crate::proto::type_proto::Value::TensorType(t) => t.elem_type,
+                    _ => None,
+                };
+            model
+                .graph
+                .outputs()
+                .iter()
+                .find(|io| declared(io).is_none_or(crate::dtype::is_float))
+                .map(|io| io.value)
+                .ok_or_else(|| {
+                    Error::Usage(
+                        "the model has no float output for the loss to read; name one with --loss-output"
+                            .into(),
+                    )
+                })?
+        }
     };
+    let output_name = model.graph.value(output).name.clone();
     let opset = crate::passes::graft::default_opset(&model.proto);
     let dtype = req.graft.adapter_dtype.onnx();
     let model_outputs = model.graph.outputs().len();
@@ -188,8 +203,13 @@ pub fn training_graph_of(
         shapes: &by_name,
         made: None,
     };
-    run_pass(&mut model.graph, &PassContext { opset }, &mut pass)
-        .map_err(|e| e.context("gradient pass"))?;
+    run_pass(&mut model.graph, &PassContext { opset }, &mut pass).map_err(|e| match e {
+        Error::NoGradientPath => Error::Usage(format!(
+            "{}: the loss reads output '{output_name}'; choose another with --loss-output",
+            Error::NoGradientPath
+        )),
+        e => e.context("gradient pass"),
+    })?;
     let made = pass.made.expect("the pass ran");
     // The training graph's model outputs go after loss and gradients.
     if req.keep_outputs {
