@@ -199,6 +199,9 @@ fn integers(path: &Path, n: usize, key: &str, v: &serde_json::Value) -> Result<V
         .collect()
 }
 
+/// The label of a token that the loss does not count (PyTorch's `ignore_index`).
+const IGNORED_LABEL: i64 = -100;
+
 fn check_ids(path: &Path, n: usize, ids: &[i64], vocab: Option<usize>) -> Result<()> {
     match ids
         .iter()
@@ -260,6 +263,19 @@ pub fn read_tokens(src: &Source) -> Result<Vec<Row>> {
                 path,
                 n,
                 "'labels' and 'input_ids' differ in length",
+            ));
+        }
+        if let Some(l) = line_labels
+            .iter()
+            .find(|&&l| l != IGNORED_LABEL && (l < 0 || src.vocab.is_some_and(|v| l as usize >= v)))
+        {
+            return Err(line_error(
+                path,
+                n,
+                format!(
+                    "label {l} is neither -100 (not counted) nor a token id of the model's vocabulary (0..{})",
+                    src.vocab.unwrap_or(0)
+                ),
             ));
         }
         ids.extend(line_ids);

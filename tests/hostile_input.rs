@@ -221,3 +221,80 @@ fn options_out_of_range_are_refused_before_any_work() {
     );
     assert_eq!(listing(d), before, "nothing written");
 }
+
+#[test]
+fn a_killed_runs_temporary_files_are_removed_by_the_next_run() {
+    let (dir, model) = copy_fixture("llama");
+    // A process that has ended: its pid names a stale temporary file.
+    let mut child = Command::new("true").spawn().unwrap();
+    let pid = child.id();
+    child.wait().unwrap();
+    let stale = dir.path().join(format!("x.onnx.{pid}.tmp"));
+    std::fs::write(&stale, vec![0u8; 1000]).unwrap();
+    let live = dir
+        .path()
+        .join(format!("x.onnx.{}.tmp", std::process::id()));
+    std::fs::write(&live, b"a live run's").unwrap();
+    let out = common::cli(&[
+        s(&model),
+        "--variant",
+        "lora",
+        "-o",
+        s(&dir.path().join("x.onnx")),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stale.exists(), "the stale temporary file is removed");
+    assert!(live.exists(), "a running process's temporary file is kept");
+}
+
+#[test]
+fn duplicate_external_data_keys_and_stray_labels_are_refused() {
+    use lora_graft::proto::{ModelProto, StringStringEntryProto};
+    use prost::Message;
+    let (dir, model) = copy_fixture("llama");
+    let mut proto = ModelProto::decode(std::fs::read(&model).unwrap().as_slice()).unwrap();
+    let t = proto
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|t| !t.external_data.is_empty())
+        .unwrap();
+    t.external_data.push(StringStringEntryProto {
+        key: Some("location".into()),
+        value: Some("model.onnx.data".into()),
+    });
+    std::fs::write(&model, proto.encode_to_vec()).unwrap();
+    fails_fast(
+        &["inspect", s(&model)],
+        "external data key 'location' appears twice",
+    );
+    // A causal-LM label that is neither -100 nor a token id.
+    let data = dir.path().join("data.jsonl");
+    std::fs::write(
+        &data,
+        "{\"input_ids\": [1, 2, 3], \"labels\": [1, -7, 3]}\n",
+    )
+    .unwrap();
+    let fresh = copy_fixture("llama");
+    fails_fast(
+        &[
+            "train",
+            s(&fresh.1),
+            "--variant",
+            "lora",
+            "--steps",
+            "1",
+            "--data",
+            s(&data),
+            "-o",
+            s(&dir.path().join("a.safetensors")),
+        ],
+        "data.jsonl:1: label -7 is neither -100",
+    );
+}

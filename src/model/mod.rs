@@ -50,6 +50,17 @@ impl DataFiles {
 
     /// Checks an external tensor's location, range and size, and maps its file.
     fn resolve(&mut self, t: &TensorProto) -> Result<ExternalBytes> {
+        for (i, e) in t.external_data.iter().enumerate() {
+            if t.external_data[..i].iter().any(|p| p.key() == e.key()) {
+                return Err(self.tensor_error(
+                    t,
+                    format!(
+                        "external data key '{}' appears twice (ONNX Runtime refuses it); keep one",
+                        e.key()
+                    ),
+                ));
+            }
+        }
         let entry = |key: &str| {
             t.external_data
                 .iter()

@@ -239,10 +239,46 @@ pub fn write_atomic(path: &Path, bytes: &[u8], created: &mut Vec<PathBuf>) -> Re
     Ok(())
 }
 
+/// `<path>.<pid>.tmp`, the temporary name `path` is written under before its rename;
+/// stale ones of `path` that a killed run left (their process is gone) are removed.
 fn temp_path(path: &Path) -> PathBuf {
+    remove_stale_temps(path);
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!(".{}.tmp", std::process::id()));
     path.with_file_name(name)
+}
+
+/// Removes `<path>.<pid>.tmp` files whose process no longer runs.
+fn remove_stale_temps(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = file
+            .strip_prefix(&prefix)
+            .and_then(|rest| rest.strip_suffix(".tmp"))
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let gone = pid as u32 != std::process::id()
+            && unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Whether two files hold the same bytes (an earlier run's copy of the same data).
