@@ -372,3 +372,43 @@ fn targets_command_prints_table_and_json() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_chain_of_200k_identity_nodes_is_targeted_in_linear_time() {
+    // A hang guard, not a speed claim: the walk back over 200k nodes used to recurse
+    // (quadratic, and deep enough to overflow a stack); 60 s is far beyond linear.
+    use lora_graft::proto::{GraphProto, TensorProto};
+    let n = 200_000;
+    let mut nodes = vec![common::node("mm", "MatMul", &["x", "w"], &["h0"])];
+    for i in 0..n {
+        let (a, b) = (format!("h{i}"), format!("h{}", i + 1));
+        nodes.push(common::node(&format!("id{i}"), "Identity", &[&a], &[&b]));
+    }
+    let proto = GraphProto {
+        name: Some("g".into()),
+        node: nodes,
+        input: vec![common::vi("x")],
+        output: vec![common::vi(&format!("h{n}"))],
+        initializer: vec![TensorProto {
+            name: Some("w".into()),
+            dims: vec![16, 16],
+            data_type: Some(1),
+            raw_data: Some(vec![0; 1024]),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let graph = lora_graft::ir::Graph::from_proto(proto, |_| Ok(None)).unwrap();
+    let began = std::time::Instant::now();
+    let filters = Filters {
+        d_model: Some(16),
+        role_overrides: vec![(
+            regex::Regex::new("mm").unwrap(),
+            lora_graft::passes::target::Role::Reader,
+        )],
+        ..Filters::default()
+    };
+    let t = target::run(&graph, &filters).unwrap();
+    assert_eq!(t.targets.len(), 1);
+    assert!(began.elapsed().as_secs() < 60, "{:?}", began.elapsed());
+}

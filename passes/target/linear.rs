@@ -6,13 +6,16 @@ use super::*;
 /// The target for node `id`, if it is a linear layer with a constant weight.
 pub(super) fn linear(graph: &Graph, id: NodeId, filters: &Filters) -> Option<Target> {
     let node = graph.node(id);
+    let (op, domain) = (node.op(), node.domain());
+    if !matches!(op, "MatMul" | "MatMulInteger" | "Gemm" | "MatMulNBits") {
+        return None;
+    }
     let input = node.inputs.first().copied().flatten()?;
     let output = node.outputs.first().copied().flatten()?;
     if is_constant(graph, input) {
         return None;
     }
     let w = node.inputs.get(1).copied().flatten()?;
-    let (op, domain) = (node.op(), node.domain());
     let (weight, chain, layout, d_in, d_out, alpha, bias_input, quantized) = match (domain, op) {
         ("" | "ai.onnx", "MatMul" | "MatMulInteger") => {
             let (root, chain, shape) = weight_chain(graph, w)?;
@@ -105,16 +108,47 @@ pub(super) fn linear(graph: &Graph, id: NodeId, filters: &Filters) -> Option<Tar
 
 /// Whether `v` is computed from initializers alone.
 pub(super) fn is_constant(graph: &Graph, v: ValueId) -> bool {
-    match graph.value(v).def {
-        Def::Initializer => true,
-        Def::Node(n, _) => {
-            let node = graph.node(n);
-            node.op() == "Constant"
-                || (node.captures.is_empty()
-                    && node.inputs.iter().flatten().all(|&i| is_constant(graph, i)))
+    // Iterative (a chain of 200k nodes must not overflow the stack), each value once.
+    let mut known: HashMap<ValueId, bool> = HashMap::new();
+    let mut stack = vec![v];
+    let mut on_stack: HashSet<ValueId> = HashSet::from([v]);
+    while let Some(&x) = stack.last() {
+        if known.contains_key(&x) {
+            stack.pop();
+            on_stack.remove(&x);
+            continue;
         }
-        _ => false,
+        let value = match graph.value(x).def {
+            Def::Initializer => Some(true),
+            Def::Node(n, _) => {
+                let node = graph.node(n);
+                if node.op() == "Constant" {
+                    Some(true)
+                } else if !node.captures.is_empty() {
+                    Some(false)
+                } else {
+                    let inputs: Vec<ValueId> = node.inputs.iter().flatten().copied().collect();
+                    match inputs.iter().find(|i| !known.contains_key(i)) {
+                        // A cycle (an invalid graph) is not constant.
+                        Some(&pending) if on_stack.contains(&pending) => Some(false),
+                        Some(&pending) => {
+                            stack.push(pending);
+                            on_stack.insert(pending);
+                            None
+                        }
+                        None => Some(inputs.iter().all(|i| known[i])),
+                    }
+                }
+            }
+            _ => Some(false),
+        };
+        if let Some(c) = value {
+            known.insert(x, c);
+            stack.pop();
+            on_stack.remove(&x);
+        }
     }
+    known[&v]
 }
 
 /// Follows a weight back through ops over initializers alone to its largest
