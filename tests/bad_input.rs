@@ -45,14 +45,7 @@ fn llama_copy() -> (tempfile::TempDir, PathBuf, ModelProto) {
 
 /// Sets `key` of the external-data entries of the first external initializer; returns its name.
 fn set_external(proto: &mut ModelProto, key: &str, value: &str) -> String {
-    let t = proto
-        .graph
-        .as_mut()
-        .unwrap()
-        .initializer
-        .iter_mut()
-        .find(|t| !t.external_data.is_empty())
-        .unwrap();
+    let t = common::first_external(proto);
     let entry = t.external_data.iter_mut().find(|e| e.key() == key);
     match entry {
         Some(e) => e.value = Some(value.into()),

@@ -32,13 +32,7 @@ fn fails_fast(args: &[&str], needle: &str) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
-    assert!(
-        stderr.contains(needle),
-        "{args:?}: expected {needle:?} in {stderr}"
-    );
+    common::assert_one_line_error(&out, &format!("{args:?}"), needle);
 }
 
 fn mkfifo(path: &Path) {
@@ -257,18 +251,12 @@ fn duplicate_external_data_keys_and_stray_labels_are_refused() {
     use prost::Message;
     let (dir, model) = copy_fixture("llama");
     let mut proto = ModelProto::decode(std::fs::read(&model).unwrap().as_slice()).unwrap();
-    let t = proto
-        .graph
-        .as_mut()
-        .unwrap()
-        .initializer
-        .iter_mut()
-        .find(|t| !t.external_data.is_empty())
-        .unwrap();
-    t.external_data.push(StringStringEntryProto {
-        key: Some("location".into()),
-        value: Some("model.onnx.data".into()),
-    });
+    common::first_external(&mut proto)
+        .external_data
+        .push(StringStringEntryProto {
+            key: Some("location".into()),
+            value: Some("model.onnx.data".into()),
+        });
     std::fs::write(&model, proto.encode_to_vec()).unwrap();
     fails_fast(
         &["inspect", s(&model)],

@@ -37,13 +37,7 @@ fn refused(dir: &Path, args: &[&str], needle: &str) {
         })
         .collect();
     let out = cli(&full.iter().map(String::as_str).collect::<Vec<_>>());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-    assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
-    assert!(
-        stderr.contains(needle),
-        "{args:?}: expected {needle:?} in {stderr}"
-    );
+    common::assert_one_line_error(&out, &format!("{args:?}"), needle);
     assert!(snapshot(dir) == before, "{args:?} changed the folder");
 }
 

@@ -508,3 +508,29 @@ pub fn listing(dir: &std::path::Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Asserts that a run of `what` failed as a usage error: exit code 1 and one line on
+/// stderr holding `needle`.
+pub fn assert_one_line_error(out: &std::process::Output, what: &str, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{what}: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "{what}: expected {needle:?} in {stderr}"
+    );
+}
+
+/// The first initializer of `proto` stored as external data.
+pub fn first_external(
+    proto: &mut lora_graft::proto::ModelProto,
+) -> &mut lora_graft::proto::TensorProto {
+    proto
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .iter_mut()
+        .find(|t| !t.external_data.is_empty())
+        .unwrap()
+}
