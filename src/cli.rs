@@ -273,6 +273,10 @@ pub struct TargetArgs {
     /// Role of square layers matching REGEX: `REGEX=reader` or `REGEX=writer` (repeatable).
     #[arg(long = "role", value_name = "REGEX=ROLE")]
     pub roles: Vec<String>,
+    /// Also adapt output heads (the last linear before an output, to a vocabulary or
+    /// class count), which are left out by default.
+    #[arg(long)]
+    pub include_heads: bool,
 }
 
 fn regex(s: &str, flag: &str) -> Result<Regex> {
@@ -324,6 +328,7 @@ impl TargetArgs {
                 })
                 .collect::<Result<_>>()?,
             modules: None,
+            include_heads: self.include_heads,
         })
     }
 }

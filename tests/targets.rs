@@ -238,10 +238,16 @@ fn filter_exclude_names() {
     let t = targets("llama", &f).unwrap();
     assert!(modules(&t).iter().all(|m| m.contains("self_attn")));
     assert_eq!(t.targets.len(), 8);
-    // Without the default excludes, lm_head (a reader, 64 -> 512) comes in.
+    // Without the default excludes, lm_head (a reader, 64 -> 512) is still left out as
+    // the output head; asked for, it comes in.
     let f = Filters {
         excludes: vec![],
         ..Filters::default()
+    };
+    assert!(!modules(&targets("llama", &f).unwrap()).contains(&"lm_head".to_string()));
+    let f = Filters {
+        include_heads: true,
+        ..f
     };
     assert!(modules(&targets("llama", &f).unwrap()).contains(&"lm_head".to_string()));
 }
@@ -411,4 +417,54 @@ fn a_chain_of_200k_identity_nodes_is_targeted_in_linear_time() {
     let t = target::run(&graph, &filters).unwrap();
     assert_eq!(t.targets.len(), 1);
     assert!(began.elapsed().as_secs() < 60, "{:?}", began.elapsed());
+}
+
+#[test]
+fn output_heads_are_left_out_by_structure_not_name() {
+    // x -> up (16->32) -> Relu -> down (32->16) -> + x -> head (16->10) -> + b -> y:
+    // "m.out" carries no head-like name; it is the last linear before the output and
+    // maps the stream to 10 classes.
+    use lora_graft::proto::{GraphProto, TensorProto};
+    let w = |name: &str, dims: Vec<i64>| TensorProto {
+        name: Some(name.into()),
+        dims: dims.clone(),
+        data_type: Some(1),
+        raw_data: Some(vec![0; 4 * dims.iter().product::<i64>() as usize]),
+        ..Default::default()
+    };
+    let proto = GraphProto {
+        name: Some("g".into()),
+        node: vec![
+            common::node("m.up", "MatMul", &["x", "m.up.weight"], &["h"]),
+            common::node("relu", "Relu", &["h"], &["a"]),
+            common::node("m.down", "MatMul", &["a", "m.down.weight"], &["d"]),
+            common::node("res", "Add", &["d", "x"], &["s"]),
+            common::node("m.out", "MatMul", &["s", "m.out.weight"], &["o"]),
+            common::node("bias", "Add", &["o", "m.out.bias"], &["y"]),
+        ],
+        input: vec![common::vi("x")],
+        output: vec![common::vi("y")],
+        initializer: vec![
+            w("m.up.weight", vec![16, 32]),
+            w("m.down.weight", vec![32, 16]),
+            w("m.out.weight", vec![16, 10]),
+            w("m.out.bias", vec![10]),
+        ],
+        ..Default::default()
+    };
+    let graph = lora_graft::ir::Graph::from_proto(proto, |_| Ok(None)).unwrap();
+    let modules = |f: &Filters| -> Vec<String> {
+        let t = target::run(&graph, f).unwrap();
+        t.targets.iter().map(|t| t.module.clone()).collect()
+    };
+    let filters = Filters {
+        d_model: Some(16),
+        ..Filters::default()
+    };
+    assert_eq!(modules(&filters), ["m.up", "m.down"]);
+    let with_heads = Filters {
+        include_heads: true,
+        ..filters
+    };
+    assert_eq!(modules(&with_heads), ["m.up", "m.down", "m.out"]);
 }

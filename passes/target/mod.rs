@@ -4,7 +4,7 @@
 //! [`roles`]'.
 
 mod linear;
-mod roles;
+pub mod roles;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -145,6 +145,8 @@ pub struct Filters {
     pub role_overrides: Vec<(Regex, Role)>,
     /// Exactly these modules (an adapter file's), whatever their role.
     pub modules: Option<std::collections::BTreeSet<String>>,
+    /// Also adapt output heads (see [`roles::is_output_head`]), left out by default.
+    pub include_heads: bool,
 }
 
 impl Default for Filters {
@@ -161,6 +163,7 @@ impl Default for Filters {
             d_model: None,
             role_overrides: Vec::new(),
             modules: None,
+            include_heads: false,
         }
     }
 }
@@ -253,6 +256,18 @@ pub fn run(graph: &Graph, filters: &Filters) -> Result<Targeting> {
     if let Some(layers) = &filters.layers {
         keep(&mut linears, "--layers", &|t| {
             t.layer.is_some_and(|l| layers.contains(&l))
+        });
+    }
+    // Output heads are left out unless asked for, or unless they are all there is (a
+    // one-layer model).
+    let heads: HashSet<NodeId> = linears
+        .iter()
+        .filter(|t| roles::is_output_head(graph, t, d_model))
+        .map(|t| t.node)
+        .collect();
+    if !filters.include_heads && filters.modules.is_none() && heads.len() < linears.len() {
+        keep(&mut linears, "output heads (--include-heads)", &|t| {
+            !heads.contains(&t.node)
         });
     }
     let mut ancestors = AncestorCache::default();

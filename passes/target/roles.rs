@@ -197,3 +197,29 @@ pub(super) fn role_from_name(module: &str) -> Option<Role> {
         _ => None,
     }
 }
+
+/// Whether `t` is an output head: the last linear before a graph output (through
+/// layout ops, a bias and a softmax), mapping the residual stream to another width (a
+/// vocabulary or class count).
+pub fn is_output_head(graph: &Graph, t: &Target, d_model: usize) -> bool {
+    if t.d_out == d_model {
+        return false;
+    }
+    let mut frontier = vec![t.output];
+    let mut seen = HashSet::new();
+    while let Some(v) = frontier.pop() {
+        if graph.is_output(v) {
+            return true;
+        }
+        for &u in &graph.value(v).users {
+            let n = graph.node(u);
+            let onward = passes_through(graph, u, v)
+                || matches!(n.op(), "Softmax" | "LogSoftmax" | "Sigmoid")
+                    && n.inputs.first().copied().flatten() == Some(v);
+            if onward && seen.insert(u) {
+                frontier.extend(n.outputs.iter().flatten().copied());
+            }
+        }
+    }
+    false
+}

@@ -132,6 +132,7 @@ impl LoadedAdapter {
             d_model: None,
             role_overrides: overrides.role_overrides.clone(),
             modules: Some(tensors.keys().cloned().collect()),
+            include_heads: true,
         };
         Ok(LoadedAdapter {
             path: path.to_path_buf(),
