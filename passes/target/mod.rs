@@ -318,8 +318,10 @@ fn d_model(graph: &Graph, linears: &[Target], filters: &Filters) -> Result<(usiz
         if node.op() != "Gather" || node.attr_int("axis", 0) != 0 {
             continue;
         }
-        let (Some(data), Some(indices)) = (node.inputs[0], node.inputs.get(1).copied().flatten())
-        else {
+        let (Some(data), Some(indices)) = (
+            node.inputs.first().copied().flatten(),
+            node.inputs.get(1).copied().flatten(),
+        ) else {
             continue;
         };
         if is_constant(graph, indices) {
