@@ -2,8 +2,11 @@
 //! ONNX models, trains them with tract, and merges them back.
 //!
 //! ```text
-//! model.onnx -> model::Model::load -> ir::Graph -> passes::* -> Model::save
+//! model.onnx -> model::Model::load -> ir::Graph -> passes::* (run_pass) -> Model::save
 //! ```
+//!
+//! [`jobs`] compose the passes for typed requests; [`adapter`] reads and writes adapter
+//! files; [`train`] runs training graphs on tract.
 
 pub mod adapter;
 pub mod data;

@@ -33,11 +33,11 @@ impl Graph {
         name
     }
 
-    pub(super) fn name_node(&mut self, name: &str) {
+    fn name_node(&mut self, name: &str) {
         *self.node_names.entry(name.to_string()).or_insert(0) += 1;
     }
 
-    pub(super) fn unname_node(&mut self, name: &str) {
+    fn unname_node(&mut self, name: &str) {
         if let Some(n) = self.node_names.get_mut(name) {
             *n -= 1;
             if *n == 0 {
@@ -272,7 +272,7 @@ impl Graph {
         }
     }
 
-    pub(super) fn swap_names(&mut self, a: ValueId, b: ValueId) {
+    fn swap_names(&mut self, a: ValueId, b: ValueId) {
         let (ia, ib) = (a.0 as usize, b.0 as usize);
         let name_a = std::mem::take(&mut self.values[ia].name);
         let name_b = std::mem::replace(&mut self.values[ib].name, name_a.clone());
