@@ -16,7 +16,8 @@
 //!   it in the model's folder)" -> "<cloned|copied> external data X": which one happens
 //!   depends on the filesystem supporting reflinks (ext4 copies, btrfs/XFS clone); the
 //!   file's bytes are the same either way, and are hashed;
-//! - `"tokens_per_s":<number>` in train's `*.metrics.jsonl` -> `"tokens_per_s":<t>`
+//! - `"tokens_per_s":<number>` (`"examples_per_s"` for class/mse) in train's
+//!   `*.metrics.jsonl` -> `"tokens_per_s":<t>`
 //!   (wall-clock throughput); that file is shown, sized and hashed normalised.
 
 mod common;
@@ -162,7 +163,7 @@ impl Session {
                 let normalised = normalise_throughput(&String::from_utf8_lossy(&bytes));
                 writeln!(
                     text,
-                    "  {rel}  {} bytes  fnv1a64 {:016x} (tokens_per_s normalised)",
+                    "  {rel}  {} bytes  fnv1a64 {:016x} (throughput normalised)",
                     normalised.len(),
                     fnv1a64(normalised.as_bytes())
                 )
@@ -267,13 +268,19 @@ fn normalise_data_placement(text: &str) -> String {
     out
 }
 
-/// `"tokens_per_s":<number>` -> `"tokens_per_s":<t>` (wall-clock throughput).
+/// `"tokens_per_s":<number>` -> `"tokens_per_s":<t>`, and the same for
+/// `examples_per_s` (wall-clock throughput).
 fn normalise_throughput(text: &str) -> String {
-    const KEY: &str = "\"tokens_per_s\":";
+    let tokens = normalise_key(text, "\"tokens_per_s\":");
+    normalise_key(&tokens, "\"examples_per_s\":")
+}
+
+/// Replaces the number after every `key` with `<t>`.
+fn normalise_key(text: &str, key: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(at) = rest.find(KEY) {
-        let (head, tail) = rest.split_at(at + KEY.len());
+    while let Some(at) = rest.find(key) {
+        let (head, tail) = rest.split_at(at + key.len());
         out.push_str(head);
         out.push_str("<t>");
         let end = tail
@@ -449,6 +456,10 @@ fn normalisations() {
             "{\"loss\":1.5,\"tokens_per_s\":8596.11345,\"x\":1}\n{\"tokens_per_s\":1e3}"
         ),
         "{\"loss\":1.5,\"tokens_per_s\":<t>,\"x\":1}\n{\"tokens_per_s\":<t>}"
+    );
+    assert_eq!(
+        normalise_throughput("{\"examples_per_s\":12.5}"),
+        "{\"examples_per_s\":<t>}"
     );
     assert_eq!(
         normalise_data_placement(

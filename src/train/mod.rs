@@ -258,12 +258,18 @@ pub fn run(model_path: &Path, opts: &TrainOptions, stop: Arc<AtomicBool>) -> Res
         report.losses.push(res.loss);
         report.steps = step + 1;
         let tps = tokens_seen as f64 / began.elapsed().as_secs_f64().max(1e-9);
+        // Counted tokens for the causal-LM loss, examples for the others.
+        let (unit, key) = match opts.training.loss {
+            Loss::CausalLm => ("tok/s", "tokens_per_s"),
+            _ => ("ex/s", "examples_per_s"),
+        };
         bar.set_message(format!(
-            "loss {:.4} lr {:.2e} {:.0} tok/s",
+            "loss {:.4} lr {:.2e} {:.0} {unit}",
             res.loss, opt.lr, tps
         ));
         bar.inc(1);
-        let mut line = serde_json::json!({"step": step + 1, "loss": res.loss, "lr": opt.lr, "tokens_per_s": tps});
+        let mut line = serde_json::json!({"step": step + 1, "loss": res.loss, "lr": opt.lr});
+        line[key] = serde_json::json!(tps);
         let checkpoint = opts.save_every > 0 && (step + 1) % opts.save_every == 0;
         if checkpoint {
             if let Some(eval) = &eval_rows {
