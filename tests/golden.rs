@@ -20,7 +20,20 @@ fn golden_diff_names_the_changed_lines() {
     assert_eq!(d, "+x\n-b\n");
 }
 
-/// Every `*.txt` directly in a fixture folder is a golden file some test compares with
+/// Per-pass goldens where a pass's effect is local (rustc's `mir-opt` diffs): the line
+/// diff of the canonical dump across one run of the pass, through the pass runner.
+#[test]
+fn per_pass_diffs() {
+    use lora_graft::ir::dump::line_diff;
+    // The graft pass (LoRA, r 4) on the hand-built model: one branch per module.
+    let mut model = Model::load(&fixture("handmade")).unwrap();
+    let before = model.graph.dump().unwrap();
+    lora_graft::jobs::graft(&mut model, &common::request("lora")).unwrap();
+    let after = model.graph.dump().unwrap();
+    check_golden("handmade/graft.lora.diff", &line_diff(&before, &after));
+}
+
+/// Every `*.txt` and `*.diff` directly in a fixture folder is a golden file some test compares with
 /// (`common::goldens`), and every golden file listed there exists.
 #[test]
 fn every_golden_file_is_read_by_a_test() {
@@ -38,7 +51,7 @@ fn every_golden_file_is_read_by_a_test() {
         let dir = fixtures.join(folder);
         for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
             let name = entry.unwrap().file_name().into_string().unwrap();
-            if name.ends_with(".txt") {
+            if name.ends_with(".txt") || name.ends_with(".diff") {
                 found.insert(format!("{folder}/{name}"));
             }
         }
