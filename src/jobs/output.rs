@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::adapter::AdapterFile;
 use crate::error::{Error, Result};
+use crate::files::{parent_folder, same_file};
 use crate::model::{Model, SaveOptions, SaveReport};
 
 /// `<stem>.<variant>.onnx` beside the input, and the adapter file beside the model
@@ -62,7 +63,7 @@ impl OutputPlan {
     /// and, in another folder, the copies of the input's data files.
     pub fn write_model(mut self, what: &str, model: &Model, out: &Path) -> Result<Self> {
         let base = model.external_files()?;
-        let dir = folder(out);
+        let dir = parent_folder(out);
         self.outputs.push((what.into(), out.to_path_buf(), None));
         if !base.is_empty() {
             let own = dir.join(crate::model::own_data_name(out, &base));
@@ -89,10 +90,10 @@ impl OutputPlan {
             let target = resolve(path);
             for (input_what, input) in &self.inputs {
                 // A copy of an input's data file onto itself (an earlier run's) is kept.
-                if source.as_deref().is_some_and(|s| same(s, input)) {
+                if source.as_deref().is_some_and(|s| same_file(s, input)) {
                     continue;
                 }
-                if target == resolve(input) || same(path, input) {
+                if target == resolve(input) || same_file(path, input) {
                     return Err(Error::Usage(format!(
                         "{}: the {what} would overwrite the {input_what}; choose another path",
                         path.display()
@@ -100,14 +101,14 @@ impl OutputPlan {
                 }
             }
             for (other_what, other, _) in &self.outputs[..i] {
-                if target == resolve(other) || same(path, other) {
+                if target == resolve(other) || same_file(path, other) {
                     return Err(Error::Usage(format!(
                         "{}: the {what} and the {other_what} would be the same file; choose different paths",
                         path.display()
                     )));
                 }
             }
-            let dir = folder(path);
+            let dir = parent_folder(path);
             if !dir.is_dir() || !writable(&dir) {
                 return Err(Error::Usage(format!(
                     "{}: the {what}'s folder '{}' does not exist or is not writable",
@@ -120,31 +121,14 @@ impl OutputPlan {
     }
 }
 
-/// The folder a path is in (`.` for a bare file name).
-fn folder(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
 /// `path` with links and `..` resolved, also when the file does not exist yet.
 fn resolve(path: &Path) -> PathBuf {
     if let Ok(p) = std::fs::canonicalize(path) {
         return p;
     }
-    match (std::fs::canonicalize(folder(path)), path.file_name()) {
+    match (std::fs::canonicalize(parent_folder(path)), path.file_name()) {
         (Ok(dir), Some(name)) => dir.join(name),
         _ => path.to_path_buf(),
-    }
-}
-
-/// Whether two existing paths are the same file (hard links included).
-fn same(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (std::fs::metadata(a), std::fs::metadata(b)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
     }
 }
 

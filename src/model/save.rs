@@ -55,10 +55,7 @@ impl Model {
     /// by the same relative location; when `out` is in another folder each data file is
     /// hard-linked there (or copied where links are impossible, or when asked).
     pub fn save(&self, out: &Path, opts: &SaveOptions) -> Result<SaveReport> {
-        let out_dir = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
+        let out_dir = crate::files::parent_folder(out);
         let out_dir_canonical = fs::canonicalize(&out_dir).map_err(|e| {
             Error::Usage(format!(
                 "{}: the output folder '{}' does not exist or cannot be read ({e})",
@@ -104,7 +101,7 @@ impl Model {
                 let src = self.dir.join(&loc);
                 let dst = out_dir.join(&loc);
                 if dst.exists() {
-                    if same_file(&src, &dst) || same_content(&src, &dst) {
+                    if crate::files::same_file(&src, &dst) || same_content(&src, &dst) {
                         continue;
                     }
                     return Err(Error::Usage(format!(
@@ -330,18 +327,4 @@ fn clone_file(src: &Path, dst: &Path) -> std::io::Result<bool> {
         }
     }
     fs::copy(src, dst).map(|_| false)
-}
-
-#[cfg(unix)]
-fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (fs::metadata(a), fs::metadata(b)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
-}
-
-#[cfg(not(unix))]
-fn same_file(a: &Path, b: &Path) -> bool {
-    fs::canonicalize(a).ok() == fs::canonicalize(b).ok()
 }
