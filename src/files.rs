@@ -11,10 +11,28 @@ use crate::error::{Error, Result};
 /// Opens `path` for reading without blocking on a FIFO (`O_NONBLOCK`); the caller
 /// checks the kind of file before reading.
 pub fn open_nonblocking(path: &Path) -> std::io::Result<File> {
+    if let Some(log) = OPENED.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+        log.push(path.to_path_buf());
+    }
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
+}
+
+/// The paths opened for reading since recording began, when it is on.
+static OPENED: std::sync::Mutex<Option<Vec<PathBuf>>> = std::sync::Mutex::new(None);
+
+/// Test hook: turns on the record of every path this process opens for reading (user
+/// models, their data files, adapters, data) and returns the paths recorded since the
+/// last call, so a fuzzer can check that no file outside a model's folder is opened.
+pub fn take_opened() -> Vec<PathBuf> {
+    OPENED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(Vec::new)
+        .drain(..)
+        .collect()
 }
 
 /// Opens `path` for reading if it is a regular file. The open does not block, so a

@@ -1,8 +1,9 @@
 //! A structured mutation fuzzer over the fixtures: protobuf fields changed to hostile
 //! values (dims, types, external-data ranges and locations, ops, edges, attributes,
 //! opsets) plus raw truncations, flips and insertions; each case is loaded, targeted,
-//! grafted and saved in-process. It asserts no panic, no case slower than a bound, and
-//! no output file left by a failed save.
+//! grafted and saved in-process. It asserts no panic, no case slower than a bound, no
+//! file outside the model's folder opened (or tried), and no output file left by a
+//! failed save.
 //!
 //! `cargo test` runs `LORA_GRAFT_FUZZ_CASES` cases (default 2000, seeded by
 //! `LORA_GRAFT_FUZZ_SEED`, default 1); `benches/fuzz.sh` runs many more.
@@ -283,6 +284,17 @@ fn exercise(dir: &Path, variant: &'static str) {
     }
 }
 
+/// `path` with links and `..` resolved as far as it exists.
+fn resolve(path: &Path) -> std::path::PathBuf {
+    match path.canonicalize() {
+        Ok(p) => p,
+        Err(_) => match (path.parent(), path.file_name()) {
+            (Some(dir), Some(name)) => resolve(dir).join(name),
+            _ => path.to_path_buf(),
+        },
+    }
+}
+
 #[test]
 fn fuzz_models_in_suite() {
     let cases: usize = std::env::var("LORA_GRAFT_FUZZ_CASES")
@@ -319,7 +331,14 @@ fn fuzz_models_in_suite() {
         });
     }
     let began = Instant::now();
-    let (mut loaded, mut panics) = (0usize, Vec::new());
+    let (mut loaded, mut panics, mut escapes) = (0usize, Vec::new(), Vec::new());
+    lora_graft::files::take_opened(); // recording on from here
+    let outside = common::fixture("handmade");
+    let _ = Model::load(&outside);
+    assert!(
+        lora_graft::files::take_opened().contains(&outside),
+        "the record of opened files missed a load"
+    );
     for case in 0..cases {
         let mut rng = Rng::new(seed.wrapping_mul(1_000_003).wrapping_add(case as u64));
         let f = pick(&mut rng, fixtures.len());
@@ -346,14 +365,26 @@ fn fuzz_models_in_suite() {
         if Model::load(&dir.path().join("model.onnx")).is_ok() {
             loaded += 1;
         }
+        let folder = dir.path().canonicalize().unwrap();
+        for opened in lora_graft::files::take_opened() {
+            if !resolve(&opened).starts_with(&folder) {
+                escapes.push(format!("{what}: opened {}", opened.display()));
+            }
+        }
     }
     done.store(true, Ordering::SeqCst);
     eprintln!(
-        "fuzz: {cases} cases in {:.1} s, {loaded} still loadable, {} panics",
+        "fuzz: {cases} cases in {:.1} s, {loaded} still loadable, {} panics, {} escapes",
         began.elapsed().as_secs_f64(),
-        panics.len()
+        panics.len(),
+        escapes.len()
     );
     assert!(panics.is_empty(), "panics:\n{}", panics.join("\n"));
+    assert!(
+        escapes.is_empty(),
+        "files outside the folder:\n{}",
+        escapes.join("\n")
+    );
     // The mutations must leave some cases valid enough to reach the passes.
     assert!(loaded > cases / 20, "only {loaded} of {cases} cases loaded");
 }

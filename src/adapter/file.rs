@@ -74,6 +74,7 @@ impl AdapterFile {
 
     /// Reads a safetensors adapter file.
     pub fn read(path: &Path) -> Result<AdapterFile> {
+        crate::commit::recover(&crate::files::parent_folder(path))?;
         let bytes = crate::files::read_regular(path)?;
         let bad = |reason: String| Error::AdapterFile {
             path: path.to_path_buf(),

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::adapter::AdapterFile;
+use crate::commit::Commit;
 use crate::error::{Error, Result};
 use crate::files::{parent_folder, same_file};
 use crate::model::{Model, SaveOptions, SaveReport};
@@ -86,6 +87,15 @@ impl OutputPlan {
     /// Refuses, naming both, an output that is an input or another output, and an output
     /// whose folder does not exist or is not writable.
     pub fn check(&self) -> Result<()> {
+        // What killed runs left in these folders is completed or removed first.
+        for path in self
+            .inputs
+            .iter()
+            .map(|(_, p)| p)
+            .chain(self.outputs.iter().map(|(_, p, _)| p))
+        {
+            crate::commit::recover(&parent_folder(path))?;
+        }
         for (i, (what, path, source)) in self.outputs.iter().enumerate() {
             let target = resolve(path);
             for (input_what, input) in &self.inputs {
@@ -139,7 +149,7 @@ fn writable(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Writes the grafted model and its adapter file; on any failure neither is left behind.
+/// Writes the grafted model and its adapter file as one set ([`crate::commit`]).
 pub fn write(
     model: &Model,
     adapter: &AdapterFile,
@@ -151,24 +161,9 @@ pub fn write(
         .write_model("output model", model, out)?
         .write("adapter file", adapter_path)
         .check()?;
-    let bytes = adapter.to_bytes()?;
-    let report = model.save(out, &SaveOptions::default())?;
-    let mut created = Vec::new();
-    if let Err(e) = crate::model::write_atomic(adapter_path, &bytes, &mut created) {
-        let _ = std::fs::remove_file(out);
-        for p in report
-            .linked
-            .iter()
-            .chain(&report.cloned)
-            .chain(&report.copied)
-            .chain(&report.own_data)
-        {
-            let _ = std::fs::remove_file(p);
-        }
-        for p in created {
-            let _ = std::fs::remove_file(p);
-        }
-        return Err(e);
-    }
+    let mut commit = Commit::new();
+    commit.write(adapter_path, &adapter.to_bytes()?)?;
+    let report = model.stage_save(out, &SaveOptions::default(), &mut commit)?;
+    commit.commit()?;
     Ok(report)
 }

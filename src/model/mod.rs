@@ -3,7 +3,7 @@
 
 mod save;
 
-pub use save::{own_data_name, write_atomic, DataPlacement, SaveOptions, SaveReport};
+pub use save::{own_data_name, DataPlacement, SaveOptions, SaveReport};
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
@@ -267,6 +267,7 @@ impl Model {
     /// Reads `path`, checks every tensor's data (external ranges are mapped, not read)
     /// and builds the IR. The graph is validated.
     pub fn load(path: &Path) -> Result<Model> {
+        crate::commit::recover(&crate::files::parent_folder(path))?;
         let bytes = crate::files::read_regular(path)?;
         let mut proto = ModelProto::decode(bytes.as_slice()).map_err(|e| Error::Decode {
             path: path.to_path_buf(),

@@ -1,8 +1,9 @@
 //! Saving a model atomically: external data stays in its files (linked, cloned or
 //! copied beside an output in another folder), new tensors go to the output's own data
-//! file, and every file is written through a temporary name and a rename.
+//! file, and all of them are committed as one set ([`crate::commit`]).
 
 use super::*;
+use crate::commit::Commit;
 
 /// How [`Model::save`] treats external data.
 #[derive(Debug, Clone)]
@@ -51,10 +52,25 @@ pub struct SaveReport {
 }
 
 impl Model {
-    /// Writes the model to `out` atomically. External data stays in its files, referenced
-    /// by the same relative location; when `out` is in another folder each data file is
-    /// hard-linked there (or copied where links are impossible, or when asked).
+    /// Writes the model to `out` atomically, with the data files it needs (see
+    /// [`Model::stage_save`]).
     pub fn save(&self, out: &Path, opts: &SaveOptions) -> Result<SaveReport> {
+        let mut commit = Commit::new();
+        let report = self.stage_save(out, opts, &mut commit)?;
+        commit.commit()?;
+        Ok(report)
+    }
+
+    /// Stages the model's files into `commit`, the model file last: external data stays
+    /// in its files, referenced by the same relative location; when `out` is in another
+    /// folder each data file is cloned or linked there; new tensors go to the output's
+    /// own data file. Nothing is visible until the commit.
+    pub fn stage_save(
+        &self,
+        out: &Path,
+        opts: &SaveOptions,
+        commit: &mut Commit,
+    ) -> Result<SaveReport> {
         let out_dir = crate::files::parent_folder(out);
         let out_dir_canonical = fs::canonicalize(&out_dir).map_err(|e| {
             Error::Usage(format!(
@@ -71,30 +87,11 @@ impl Model {
                 )));
             }
         }
-        let same_dir = fs::canonicalize(&self.dir).ok() == Some(out_dir_canonical.clone());
+        let same_dir = fs::canonicalize(&self.dir).ok() == Some(out_dir_canonical);
         let mut report = SaveReport {
             model: out.to_path_buf(),
             ..Default::default()
         };
-        let mut created: Vec<PathBuf> = Vec::new();
-        let result = self.save_inner(out, &out_dir, same_dir, opts, &mut report, &mut created);
-        if result.is_err() {
-            for path in created {
-                let _ = fs::remove_file(path);
-            }
-        }
-        result.map(|_| report)
-    }
-
-    fn save_inner(
-        &self,
-        out: &Path,
-        out_dir: &Path,
-        same_dir: bool,
-        opts: &SaveOptions,
-        report: &mut SaveReport,
-        created: &mut Vec<PathBuf>,
-    ) -> Result<()> {
         // 1. External data of the input: reachable from the output's folder.
         if !same_dir {
             for loc in self.external_files()? {
@@ -113,17 +110,12 @@ impl Model {
                 if let Some(parent) = dst.parent() {
                     fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
                 }
-                if opts.placement == DataPlacement::HardLink && fs::hard_link(&src, &dst).is_ok() {
-                    created.push(dst.clone());
+                let tmp = commit.stage(&dst)?;
+                if opts.placement == DataPlacement::HardLink && fs::hard_link(&src, &tmp).is_ok() {
                     report.linked.push(dst);
                     continue;
                 }
-                let tmp = temp_path(&dst);
-                created.push(tmp.clone());
-                let cloned = clone_file(&src, &tmp).map_err(|e| Error::io(&dst, e))?;
-                fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
-                created.push(dst.clone());
-                if cloned {
+                if clone_file(&src, &tmp).map_err(|e| Error::io(&dst, e))? {
                     report.cloned.push(dst);
                 } else {
                     report.copied.push(dst);
@@ -154,10 +146,7 @@ impl Model {
             }
             let appended = (|| -> Result<u64> {
                 if own.is_none() {
-                    let tmp = temp_path(&own_path);
-                    created.push(tmp.clone());
-                    let f = fs::File::create(&tmp).map_err(|e| Error::io(&own_path, e))?;
-                    own = Some((std::io::BufWriter::new(f), 0));
+                    own = Some((std::io::BufWriter::new(commit.create(&own_path)?), 0));
                 }
                 let (w, len) = own.as_mut().expect("opened");
                 let pad = len.next_multiple_of(64) - *len;
@@ -194,8 +183,6 @@ impl Model {
                 .into_inner()
                 .map_err(|e| Error::io(&own_path, e.into_error()))?;
             f.sync_all().map_err(|e| Error::io(&own_path, e))?;
-            fs::rename(temp_path(&own_path), &own_path).map_err(|e| Error::io(&own_path, e))?;
-            created.push(own_path.clone());
             report.own_data = Some(own_path);
         }
         // 3. The model itself, last, so it never points at missing data.
@@ -206,7 +193,8 @@ impl Model {
                 out.display()
             )));
         }
-        write_atomic(out, &bytes, created)
+        commit.write(out, &bytes)?;
+        Ok(report)
     }
 }
 
@@ -224,64 +212,11 @@ pub fn own_data_name(out: &Path, base: &BTreeSet<String>) -> String {
         .expect("some name is free")
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8], created: &mut Vec<PathBuf>) -> Result<()> {
-    let tmp = temp_path(path);
-    created.push(tmp.clone());
-    let mut f = fs::File::create(&tmp).map_err(|e| Error::io(path, e))?;
-    f.write_all(bytes).map_err(|e| Error::io(path, e))?;
-    f.sync_all().map_err(|e| Error::io(path, e))?;
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    created.push(path.to_path_buf());
-    Ok(())
-}
-
-/// `<path>.<pid>.tmp`, the temporary name `path` is written under before its rename;
-/// stale ones of `path` that a killed run left (their process is gone) are removed.
-fn temp_path(path: &Path) -> PathBuf {
-    remove_stale_temps(path);
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".{}.tmp", std::process::id()));
-    path.with_file_name(name)
-}
-
-/// Removes `<path>.<pid>.tmp` files whose process no longer runs.
-fn remove_stale_temps(path: &Path) {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return;
-    };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let prefix = format!("{}.", name.to_string_lossy());
-    let Ok(entries) = fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let file = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = file
-            .strip_prefix(&prefix)
-            .and_then(|rest| rest.strip_suffix(".tmp"))
-            .and_then(|pid| pid.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        let gone = pid as u32 != std::process::id()
-            && unsafe { libc::kill(pid, 0) } != 0
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone {
-            let _ = fs::remove_file(entry.path());
-        }
-    }
-}
-
 /// Whether two files hold the same bytes (an earlier run's copy of the same data).
 fn same_content(a: &Path, b: &Path) -> bool {
     use std::io::Read;
-    let (Ok(fa), Ok(fb)) = (fs::File::open(a), fs::File::open(b)) else {
+    let open = crate::files::open_nonblocking;
+    let (Ok(fa), Ok(fb)) = (open(a), open(b)) else {
         return false;
     };
     if fa.metadata().map(|m| m.len()).ok() != fb.metadata().map(|m| m.len()).ok() {
@@ -315,16 +250,19 @@ fn same_content(a: &Path, b: &Path) -> bool {
 /// Copies `src` to `dst`: a copy-on-write clone where the filesystem supports one
 /// (returns true), else a plain copy (false).
 fn clone_file(src: &Path, dst: &Path) -> std::io::Result<bool> {
+    let mut from = crate::files::open_nonblocking(src)?;
+    let mut to = fs::File::create(dst)?;
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
         const FICLONE: libc::c_ulong = 0x4004_9409;
-        let from = fs::File::open(src)?;
-        let to = fs::File::create(dst)?;
         // SAFETY: both descriptors are open for the duration of the call.
         if unsafe { libc::ioctl(to.as_raw_fd(), FICLONE as _, from.as_raw_fd()) } == 0 {
+            to.sync_all()?;
             return Ok(true);
         }
     }
-    fs::copy(src, dst).map(|_| false)
+    std::io::copy(&mut from, &mut to)?;
+    to.sync_all()?;
+    Ok(false)
 }

@@ -47,7 +47,7 @@ fn fnv1a64(bytes: &[u8]) -> String {
     format!("{h:016x}")
 }
 
-/// Writes the adapter, the optimizer state and the metrics, each atomically.
+/// Writes the adapter, the optimizer state and the metrics as one set.
 pub(super) fn save(
     opts: &TrainOptions,
     engine: &Engine,
@@ -77,17 +77,17 @@ pub(super) fn save(
             .tensors
             .insert(format!("v.{k}"), Array::F32(v.clone()));
     }
-    // The state names the adapter bytes it belongs to: a run killed between the two
-    // renames leaves a pair that `--resume` refuses.
+    // The state names the adapter bytes it belongs to, so `--resume` refuses a pair
+    // from two saves (one not written by a whole commit).
     let adapter_bytes = file.to_bytes()?;
     state
         .metadata
         .insert(ADAPTER_HASH_KEY.into(), fnv1a64(&adapter_bytes));
-    let mut created = Vec::new();
-    crate::model::write_atomic(&optim_path(&opts.output), &state.to_bytes()?, &mut created)?;
-    crate::model::write_atomic(&opts.output, &adapter_bytes, &mut created)?;
-    crate::model::write_atomic(metrics_path, metrics.as_bytes(), &mut created)?;
-    Ok(())
+    let mut commit = crate::commit::Commit::new();
+    commit.write(&optim_path(&opts.output), &state.to_bytes()?)?;
+    commit.write(metrics_path, metrics.as_bytes())?;
+    commit.write(&opts.output, &adapter_bytes)?;
+    commit.commit()
 }
 
 /// Loads a checkpoint: values and optimizer state; refuses one from another model or variant.
@@ -98,8 +98,8 @@ pub(super) fn resume_from(
     req: &TrainingRequest,
     outcome: &Outcome,
 ) -> Result<()> {
+    let file = AdapterFile::read(path)?; // completes a save a kill interrupted
     let adapter_bytes = crate::files::read_regular(path)?;
-    let file = AdapterFile::read(path)?;
     let state = AdapterFile::read(&optim_path(path))?;
     let torn = match state.metadata.get(ADAPTER_HASH_KEY) {
         Some(hash) => *hash != fnv1a64(&adapter_bytes),
