@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The structured mutation fuzzer of tests/fuzz.rs at scale: CASES cases (default
 # 100000) from SEED (default 1). Reports the cases run, how many still loaded, and
-# panics (any panic fails the run; a hang aborts it naming the case).
+# panics and escapes (files opened outside the model's folder); any panic or escape
+# fails the run, a hang aborts it naming the case.
 #
 #   benches/fuzz.sh                 CASES=20000 SEED=7 benches/fuzz.sh
 set -euo pipefail

@@ -12,6 +12,7 @@ use super::variants::{init_params, Config, Dims, Params, Variant};
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use crate::rng::Rng;
+use tract_core::ndarray::Array1;
 
 /// What the base model of a PiSSA merge holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -85,13 +86,74 @@ impl Merge<'_> {
                 Ok::<_, Error>((group, patch))
             },
         );
+        // Biases the variant changes (IA3 scales them, ROAD rotates them): small, here.
+        let mut biases = Vec::new();
+        for &(module, params) in &modules {
+            let Some(t) = targets.iter().find(|t| &t.module == module) else {
+                continue;
+            };
+            if let Some(patch) = self.merged_bias(graph, t, params)? {
+                biases.push(patch);
+            }
+        }
         let mut merged = 0;
         for (&(module, _), patch) in modules.iter().zip(patches) {
             let (group, patch) = patch?;
             apply_weight(graph, module, &group, patch);
             merged += 1;
         }
+        for (value, init) in biases {
+            graph.replace_initializer(value, init);
+        }
         Ok(merged)
+    }
+
+    /// The new bias initializer of target `t`, when the variant changes its bias.
+    fn merged_bias(
+        &self,
+        graph: &Graph,
+        t: &Target,
+        params: &Params,
+    ) -> Result<Option<(crate::ir::ValueId, crate::ir::Initializer)>> {
+        let Some(bias) = super::graft::bias(graph, t) else {
+            return Ok(None);
+        };
+        let cannot = |why: &str| {
+            Error::Usage(format!(
+                "cannot merge {} into '{}': its bias {why}; use the grafted model",
+                self.variant.name(),
+                t.module
+            ))
+        };
+        let Some(init) = graph.initializer(bias.value) else {
+            // Computed, not stored: only a variant that leaves biases alone can merge.
+            let probe = Array1::zeros(t.d_out);
+            return match self.variant.merged_bias(&probe, params, self.cfg) {
+                None => Ok(None),
+                Some(_) => Err(cannot("is computed in the graph, not stored")),
+            };
+        };
+        let dtype = init.elem_type();
+        let array = crate::interp::evaluate(graph, bias.value)
+            .map_err(|e| cannot(&format!("cannot be read ({e})")))?;
+        let shape = array.shape().to_vec();
+        let b: Array1<f32> = match array.into_f32().into_shape_with_order(t.d_out) {
+            Ok(b) => b,
+            Err(_) => return Err(cannot("is not one value per output")),
+        };
+        let Some(new) = self.variant.merged_bias(&b, params, self.cfg) else {
+            return Ok(None);
+        };
+        if graph.value(bias.value).users.len() > 1 {
+            return Err(cannot("is shared with other nodes"));
+        }
+        let new = new.into_shape_with_order(shape).expect("same size");
+        let new = crate::tensor::Array::from_f32(new, dtype)
+            .ok_or_else(|| cannot("is not a float tensor"))?;
+        Ok(Some((
+            bias.value,
+            crate::ir::Initializer::from_array(&new)?,
+        )))
     }
 
     /// The patch that writes `module`'s merged weight.
@@ -128,7 +190,7 @@ impl Merge<'_> {
         } else {
             w
         };
-        let merged_w = base_w + variant.delta_w(params, cfg);
+        let merged_w = variant.merged_weight(&base_w, params, cfg);
         if merged_w.iter().any(|v| !v.is_finite()) {
             return Err(Error::Usage(format!(
             "the merged weight would hold NaN or infinite values: the adapter's values times its scale {} overflow float32; check the adapter",

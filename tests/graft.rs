@@ -67,28 +67,40 @@ fn the_adapter_really_acts_as_its_merged_weight() {
             let req = request(variant);
             let mut model = base.clone();
             let mut outcome = jobs::graft(&mut model, &req).unwrap();
-            let init_delta: HashMap<String, _> = outcome
+            let init_params: HashMap<String, _> = outcome
                 .grafted
                 .modules
                 .iter()
-                .map(|m| {
-                    (
-                        m.module.clone(),
-                        outcome.variant.delta_w(&m.params, &req.cfg),
-                    )
-                })
+                .map(|m| (m.module.clone(), m.params.clone()))
                 .collect();
             perturb(&mut model, &mut outcome, 7);
             let adapted = run(&model, &inputs);
-            // Reference: the base model with W + ΔW(now) − ΔW(init), computed in Rust
-            // from the variants.md formulas (for PiSSA that is W_res + s·BA).
+            // Reference: the base model with merged(W, now) − merged(W, init) + W (and
+            // the bias likewise), computed in Rust from the variants.md formulas (for
+            // PiSSA that is W_res + s·BA).
             let mut merged = base.clone();
             let targets = target::run(&merged.graph, &req.filters).unwrap().targets;
             for m in &outcome.grafted.modules {
                 let group: Vec<_> = targets.iter().filter(|t| t.module == m.module).collect();
                 let w = effective_weight(&merged.graph, group[0]).unwrap();
-                let dw = outcome.variant.delta_w(&m.params, &req.cfg) - &init_delta[&m.module];
-                set_weight(&mut merged.graph, &m.module, &group, w + dw).unwrap();
+                let v = outcome.variant;
+                let now = v.merged_weight(&w, &m.params, &req.cfg);
+                let init = v.merged_weight(&w, &init_params[&m.module], &req.cfg);
+                set_weight(&mut merged.graph, &m.module, &group, now - init + &w).unwrap();
+                if let Some(bias) = lora_graft::passes::graft::bias(&merged.graph, group[0]) {
+                    let b = lora_graft::interp::evaluate(&merged.graph, bias.value).unwrap();
+                    let shape = b.shape().to_vec();
+                    let b = b.into_f32().into_shape_with_order(m.dims.d_out).unwrap();
+                    if let Some(now) = v.merged_bias(&b, &m.params, &req.cfg) {
+                        let init = v
+                            .merged_bias(&b, &init_params[&m.module], &req.cfg)
+                            .unwrap();
+                        let new = (now - init + &b).into_shape_with_order(shape).unwrap();
+                        let init =
+                            lora_graft::ir::Initializer::from_array(&Array::F32(new)).unwrap();
+                        merged.graph.replace_initializer(bias.value, init);
+                    }
+                }
             }
             let expected = run(&merged, &inputs);
             let moved = max_abs_diff(&adapted[0], &run(&base, &inputs)[0]);

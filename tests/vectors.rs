@@ -162,12 +162,15 @@ fn tv1(rslora: bool) -> (Array2<f64>, Array2<f64>) {
         "lora_B",
         arr2(&[[1.0f32, 0.0], [2.0, -1.0]]).into_dyn(),
     );
-    let merged = wm().mapv(f64::from)
-        + outcome
-            .variant
-            .delta_w(&outcome.grafted.modules[0].params, &cfg)
-            .t()
-            .mapv(f64::from);
+    let merged = outcome
+        .variant
+        .merged_weight(
+            &wm().t().to_owned(),
+            &outcome.grafted.modules[0].params,
+            &cfg,
+        )
+        .t()
+        .mapv(f64::from);
     (forward(&model), merged)
 }
 
@@ -220,10 +223,9 @@ fn tv2_pissa_exact() {
         want.iter().flatten().copied().collect(),
         "W_res (ONNX layout)",
     );
-    let ba = outcome
-        .variant
-        .delta_w(&outcome.grafted.modules[0].params, &cfg)
-        .mapv(f64::from);
+    let ba =
+        lora_graft::passes::variants::lora::Lora::delta_w(&outcome.grafted.modules[0].params, &cfg)
+            .mapv(f64::from);
     close(
         &ba,
         &[
@@ -344,10 +346,11 @@ fn tv4_delora() {
         &[[3.137741237, 15.39060721], [7.911521443, 15.11121306]],
         "Y'",
     );
-    let dw = outcome
-        .variant
-        .delta_w(&outcome.grafted.modules[0].params, &cfg)
-        .mapv(f64::from);
+    let dw = lora_graft::passes::variants::delora::Delora::delta_w(
+        &outcome.grafted.modules[0].params,
+        &cfg,
+    )
+    .mapv(f64::from);
     close(
         &dw,
         &[

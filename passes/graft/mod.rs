@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use tract_core::ndarray::{Array2, ArrayD};
 
 use super::target::{Layout, Role, Target};
-use super::variants::{init_params, Config, Dims, Params, Variant};
+use super::variants::{init_params, Config, Dims, Params, Splice, Variant};
 use crate::error::{Error, Result};
 use crate::ir::build::{int_attr, Builder};
 use crate::ir::{Def, Graph, Initializer, ValueId};
@@ -308,7 +308,64 @@ fn compute_dtype(graph: &Graph, dtypes: &HashMap<ValueId, i32>, t: &Target) -> i
         .unwrap_or(DataType::Float as i32)
 }
 
-/// `y' = y + Cast(branch(Cast(x)))` around target `t`.
+/// A target's bias: a separate `Add` of a constant after the node, or the node's own
+/// bias input (Gemm's C, MatMulNBits' bias).
+#[derive(Debug, Clone, Copy)]
+pub struct Bias {
+    /// The bias tensor.
+    pub value: ValueId,
+    /// The output with the bias added.
+    pub post: ValueId,
+    /// Whether the node adds it itself (Gemm's C, scaled by `beta`).
+    pub inner: bool,
+    /// Gemm's beta (1 otherwise).
+    pub beta: f32,
+}
+
+/// The bias of target `t`, if it has one.
+pub fn bias(graph: &Graph, t: &Target) -> Option<Bias> {
+    let node = graph.node(t.node);
+    let slot = match t.op.as_str() {
+        "Gemm" => Some(2),
+        "MatMulNBits" => Some(5),
+        _ => None,
+    };
+    if let Some(value) = slot.and_then(|i| node.inputs.get(i).copied().flatten()) {
+        let beta = if t.op == "Gemm" {
+            node.attr_float("beta", 1.0)
+        } else {
+            1.0
+        };
+        return Some(Bias {
+            value,
+            post: t.output,
+            inner: true,
+            beta,
+        });
+    }
+    graph.value(t.output).users.iter().find_map(|&u| {
+        let n = graph.node(u);
+        if n.op() != "Add" {
+            return None;
+        }
+        let value = n.inputs.iter().flatten().copied().find(|&i| {
+            i != t.output
+                && graph
+                    .initializer(i)
+                    .is_some_and(|init| crate::dtype::numel(init.dims()) == Some(t.d_out as u64))
+        })?;
+        let post = n.outputs.first().copied().flatten()?;
+        Some(Bias {
+            value,
+            post,
+            inner: false,
+            beta: 1.0,
+        })
+    })
+}
+
+/// Splices the variant's branch around target `t` as its [`Splice`] says, casting to
+/// and from the adapter dtype when the model computes in another.
 fn splice(
     graph: &mut Graph,
     dtypes: &HashMap<ValueId, i32>,
@@ -319,28 +376,75 @@ fn splice(
     opts: &GraftOptions,
 ) -> Result<()> {
     let model_dtype = compute_dtype(graph, dtypes, t);
-    let prefix = format!("{module}.lora");
-    let mut b = Builder::new(graph, opset, opts.adapter_dtype, prefix, '.');
-    let x = if model_dtype != opts.adapter_dtype {
-        b.op(
-            "Cast",
-            &[t.input],
-            vec![int_attr("to", opts.adapter_dtype as i64)],
-        )?
-    } else {
-        t.input
+    let adapter_dtype = opts.adapter_dtype;
+    let kind = opts.variant.splice();
+    let bias = bias(graph, t);
+    // The value the branch replaces or adds to.
+    let point = match kind {
+        Splice::Delta | Splice::PreBias => t.output,
+        Splice::PostBias => bias.map_or(t.output, |b| b.post),
+        Splice::Input => t.input,
     };
-    let mut delta = opts.variant.branch(&mut b, x, ids, &opts.cfg)?;
-    if model_dtype != opts.adapter_dtype {
-        delta = b.op("Cast", &[delta], vec![int_attr("to", model_dtype as i64)])?;
+    let readers = graph.value(point).users.clone();
+    let prefix = format!("{module}.lora");
+    let mut b = Builder::new(graph, opset, adapter_dtype, prefix, '.');
+    let cast = |b: &mut Builder, v: ValueId, to: i32| -> Result<ValueId> {
+        if model_dtype == adapter_dtype {
+            Ok(v)
+        } else {
+            b.op("Cast", &[v], vec![int_attr("to", to as i64)])
+        }
+    };
+    let x = cast(&mut b, t.input, adapter_dtype)?;
+    if kind == Splice::Delta {
+        // y' = y + Cast(branch(x))
+        let delta = opts.variant.branch(&mut b, x, x, ids, &opts.cfg)?;
+        let delta = cast(&mut b, delta, model_dtype)?;
+        let (add, outs) = b.graph.add_op(
+            "Add",
+            &format!("{module}.lora.Add"),
+            &[t.output, delta],
+            vec![],
+            1,
+        )?;
+        b.graph.replace_uses(t.output, outs[0], &[add]);
+        return Ok(());
     }
-    let (add, outs) = b.graph.add_op(
-        "Add",
-        &format!("{module}.lora.Add"),
-        &[t.output, delta],
-        vec![],
-        1,
-    )?;
-    b.graph.replace_uses(t.output, outs[0], &[add]);
+    let mut y = if kind == Splice::Input {
+        x
+    } else {
+        cast(&mut b, point, adapter_dtype)?
+    };
+    // A bias the node adds itself is taken out before a pre-bias branch, added after.
+    let inner = bias.filter(|bias| kind == Splice::PreBias && bias.inner);
+    let inner = match inner {
+        Some(bias) => {
+            let mut c = cast(&mut b, bias.value, adapter_dtype)?;
+            if bias.beta != 1.0 {
+                let beta = b.scalar("beta", bias.beta as f64);
+                c = b.op("Mul", &[c, beta], vec![])?;
+            }
+            y = b.op("Sub", &[y, c], vec![])?;
+            Some(c)
+        }
+        None => None,
+    };
+    let mut out = opts.variant.branch(&mut b, x, y, ids, &opts.cfg)?;
+    if let Some(c) = inner {
+        out = b.op("Add", &[out, c], vec![])?;
+    }
+    let out = cast(&mut b, out, model_dtype)?;
+    if kind == Splice::Input {
+        graph.set_input(t.node, 0, Some(out));
+    } else {
+        let new_readers: Vec<_> = graph
+            .value(point)
+            .users
+            .iter()
+            .copied()
+            .filter(|u| !readers.contains(u))
+            .collect();
+        graph.replace_uses(point, out, &new_readers);
+    }
     Ok(())
 }

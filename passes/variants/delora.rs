@@ -85,6 +85,7 @@ impl Variant for Delora {
         &self,
         b: &mut Builder,
         x: ValueId,
+        _y: ValueId,
         p: &BTreeMap<&'static str, ValueId>,
         _cfg: &Config,
     ) -> Result<ValueId> {
@@ -120,8 +121,14 @@ impl Variant for Delora {
         Ok(vec![("a_scaled", a_scaled), ("sigma", sigma)])
     }
 
-    // ΔW = B diag(σ) A diag(wnorm), σ_i = (λ/r) / (max(‖A[i,:]‖, ε)·max(‖B[:,i]‖, ε))
-    fn delta_w(&self, p: &Params, cfg: &Config) -> Array2<f32> {
+    fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
+        w + &Delora::delta_w(p, cfg)
+    }
+}
+
+impl Delora {
+    /// `ΔW = B diag(σ) A diag(wnorm)`, `σ_i = (λ/r) / (max(‖A[i,:]‖, ε)·max(‖B[:,i]‖, ε))`.
+    pub fn delta_w(p: &Params, cfg: &Config) -> Array2<f32> {
         let (a, b) = (mat(p, "lora_A"), mat(p, "lora_B"));
         let lambda = p["lora_lambda"].iter().next().copied().unwrap_or(0.0) as f64;
         let wnorm: Array1<f32> = p["lora_wnorm"]

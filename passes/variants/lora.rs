@@ -38,6 +38,7 @@ impl Variant for Lora {
         &self,
         b: &mut Builder,
         x: ValueId,
+        _y: ValueId,
         p: &BTreeMap<&'static str, ValueId>,
         cfg: &Config,
     ) -> Result<ValueId> {
@@ -47,8 +48,14 @@ impl Variant for Lora {
         b.op("Mul", &[d, s], vec![])
     }
 
-    // ΔW = s·B A
-    fn delta_w(&self, p: &Params, cfg: &Config) -> Array2<f32> {
+    fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
+        w + &Lora::delta_w(p, cfg)
+    }
+}
+
+impl Lora {
+    /// `ΔW = s·B A`, torch layout.
+    pub fn delta_w(p: &Params, cfg: &Config) -> Array2<f32> {
         mat(p, "lora_B").dot(&mat(p, "lora_A")) * cfg.scale() as f32
     }
 }

@@ -3,12 +3,14 @@
 //! around the linear output, and the merge formula. [`VARIANTS`] is the registry.
 
 pub mod delora;
+pub mod ia3;
+pub mod ia3_ff;
 pub mod lora;
 pub mod pissa;
 
 use std::collections::BTreeMap;
 
-use tract_core::ndarray::{Array2, ArrayD, IxDyn};
+use tract_core::ndarray::{Array1, Array2, ArrayD, IxDyn};
 
 use crate::error::{Error, Result};
 use crate::ir::build::Builder;
@@ -16,7 +18,13 @@ use crate::ir::ValueId;
 use crate::rng::Rng;
 
 /// Every variant, keyed by its CLI name. One line per variant.
-pub const VARIANTS: &[&dyn Variant] = &[&lora::Lora, &pissa::Pissa, &delora::Delora];
+pub const VARIANTS: &[&dyn Variant] = &[
+    &lora::Lora,
+    &pissa::Pissa,
+    &delora::Delora,
+    &ia3::Ia3,
+    &ia3_ff::Ia3Ff,
+];
 
 impl std::fmt::Debug for dyn Variant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -189,6 +197,23 @@ pub struct Dims {
     pub d_out: usize,
 }
 
+/// Where a variant's subgraph sits around the linear node `y = x W^T (+ b)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Splice {
+    /// `y' = y + branch(x)` on the pre-bias output; the branch returns the delta
+    /// (LoRA, PiSSA, DeLoRA, VeRA, OLoRA).
+    Delta,
+    /// `y' = branch(x, y)` replaces the pre-bias output; the bias is added after,
+    /// unchanged (DoRA).
+    PreBias,
+    /// `y' = branch(y)` replaces the post-bias output, so the bias goes through it
+    /// (IA3, ROAD).
+    PostBias,
+    /// `x' = branch(x)` feeds the linear node instead of `x`, on a new edge that no
+    /// other reader of `x` sees (IA3_FF, HRA).
+    Input,
+}
+
 /// A LoRA-family variant. See `README.md`, "Adding a variant".
 pub trait Variant: Sync {
     /// The CLI and `cfg.variant` name.
@@ -196,6 +221,11 @@ pub trait Variant: Sync {
 
     /// The adapter tensors of a `d_in -> d_out` layer, torch layout.
     fn param_specs(&self, dims: Dims, cfg: &Config) -> Vec<ParamSpec>;
+
+    /// Where the branch is spliced.
+    fn splice(&self) -> Splice {
+        Splice::Delta
+    }
 
     /// Whether [`Variant::init`] reads the base weight.
     fn reads_weight(&self) -> bool {
@@ -249,19 +279,37 @@ pub trait Variant: Sync {
         Ok(Vec::new())
     }
 
-    /// Builds the branch from the layer input `x` (adapter dtype) to the delta added to
-    /// the layer output. `p` maps key suffixes to the parameter initializers (ONNX
+    /// Builds the branch (see [`Splice`]) from the layer input `x` and the output `y` at
+    /// the splice point (pre- or post-bias; `x` itself for [`Splice::Input`] and
+    /// [`Splice::Delta`], whose branch reads only `x`), both in
+    /// the adapter dtype. `p` maps key suffixes to the parameter initializers (ONNX
     /// layout: every 2-D tensor transposed).
     fn branch(
         &self,
         b: &mut Builder,
         x: ValueId,
+        y: ValueId,
         p: &BTreeMap<&'static str, ValueId>,
         cfg: &Config,
     ) -> Result<ValueId>;
 
-    /// `ΔW` in torch layout `[d_out, d_in]`: the merged weight is `W + ΔW`.
-    fn delta_w(&self, p: &Params, cfg: &Config) -> Array2<f32>;
+    /// The merged weight in torch layout `[d_out, d_in]` from the base weight `w` (for
+    /// PiSSA and OLoRA, `W_res`): the model with it and no adapter computes what the
+    /// adapted model does.
+    fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32>;
+
+    /// The merged bias, when the variant changes it (IA3 scales it, ROAD rotates it).
+    fn merged_bias(&self, _b: &Array1<f32>, _p: &Params, _cfg: &Config) -> Option<Array1<f32>> {
+        None
+    }
+}
+
+/// A 1-D copy of a parameter.
+pub fn vec1(p: &Params, name: &str) -> Array1<f32> {
+    p[name]
+        .clone()
+        .into_dimensionality()
+        .expect("1-D parameter")
 }
 
 /// A 2-D view of a torch-layout parameter.

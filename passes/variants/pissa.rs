@@ -81,7 +81,7 @@ impl Variant for Pissa {
         p.insert("lora_B", b);
         // In place on a copy of `w`, which keeps its memory layout (the stored one).
         let mut w_res = w.clone();
-        w_res -= &Lora.delta_w(p, cfg);
+        w_res -= &Lora::delta_w(p, cfg);
         Ok(Some(w_res))
     }
 
@@ -89,15 +89,16 @@ impl Variant for Pissa {
         &self,
         b: &mut Builder,
         x: ValueId,
+        y: ValueId,
         p: &BTreeMap<&'static str, ValueId>,
         cfg: &Config,
     ) -> Result<ValueId> {
-        Lora.branch(b, x, p, cfg)
+        Lora.branch(b, x, y, p, cfg)
     }
 
-    // ΔW = s·B A (added to W_res)
-    fn delta_w(&self, p: &Params, cfg: &Config) -> Array2<f32> {
-        Lora.delta_w(p, cfg)
+    // W_res + s·B A
+    fn merged_weight(&self, w_res: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
+        Lora.merged_weight(w_res, p, cfg)
     }
 }
 

@@ -216,17 +216,26 @@ pub fn vi(n: &str) -> lora_graft::proto::ValueInfoProto {
     }
 }
 
-/// Sets every module's `lora_B` (and DeLoRA's lambda) to non-zero values, in the graph
-/// and in `outcome`'s torch-layout copies, so an adapter visibly acts.
+/// Moves every module's trainable tensors away from their init, in the graph and in
+/// `outcome`'s torch-layout copies, so an adapter visibly acts: `lora_B` uniform in
+/// ±0.2, DeLoRA's lambda 3, `lora_A` kept, any other by ±20 % of its RMS (at least 0.5).
 pub fn perturb(model: &mut lora_graft::Model, outcome: &mut lora_graft::jobs::Outcome, seed: u64) {
     use lora_graft::ir::Initializer;
     use lora_graft::passes::graft::onnx_layout;
     let mut rng = lora_graft::rng::Rng::new(seed);
     for m in &mut outcome.grafted.modules {
-        let b = m.params.get_mut("lora_B").unwrap();
-        b.mapv_inplace(|_| rng.uniform_in(-0.2, 0.2) as f32);
-        if let Some(l) = m.params.get_mut("lora_lambda") {
-            l.fill(3.0);
+        for name in m.trainable.clone() {
+            let v = m.params.get_mut(name).unwrap();
+            match name {
+                "lora_A" => {}
+                "lora_B" => v.mapv_inplace(|_| rng.uniform_in(-0.2, 0.2) as f32),
+                "lora_lambda" => v.fill(3.0),
+                _ => {
+                    let rms = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
+                    let step = 0.2 * rms.max(0.5) as f64;
+                    v.mapv_inplace(|x| x + rng.uniform_in(-step, step) as f32);
+                }
+            }
         }
         for (name, values) in &m.params {
             let key = format!("{}.{name}", m.module);
@@ -535,4 +544,43 @@ pub fn first_external(
         .iter_mut()
         .find(|t| !t.external_data.is_empty())
         .unwrap()
+}
+
+/// A tract session of a training graph, fed and read by name.
+pub struct Session {
+    runner: lora_graft::runtime::Runner,
+}
+
+impl Session {
+    /// The session of `t` at its input shapes.
+    pub fn new(t: &lora_graft::jobs::Training) -> Session {
+        Session {
+            runner: lora_graft::runtime::Runner::new(&t.model, &t.input_shapes).unwrap(),
+        }
+    }
+    /// Runs with `feeds` (every input by name); the outputs by name.
+    pub fn run(&self, feeds: &HashMap<String, Array>) -> HashMap<String, Array> {
+        let inputs = self
+            .runner
+            .inputs
+            .iter()
+            .map(|n| {
+                feeds
+                    .get(n)
+                    .unwrap_or_else(|| panic!("no feed {n}"))
+                    .clone()
+            })
+            .collect();
+        self.runner
+            .outputs
+            .iter()
+            .cloned()
+            .zip(self.runner.run(inputs).unwrap())
+            .collect()
+    }
+}
+
+/// The value of a one-element tensor.
+pub fn scalar(a: &Array) -> f64 {
+    a.to_f64().iter().next().copied().unwrap()
 }
