@@ -275,11 +275,14 @@ fn graft(args: GraftArgs) -> Result<()> {
     let outcome = jobs::graft(&mut model, &req)?;
     let adapter = outcome.adapter_file(&req);
     let report = jobs::write(&model, &adapter, &out, &adapter_path)?;
+    let rank = if req.variant.uses_rank() {
+        format!(" (r = {})", req.cfg.r)
+    } else {
+        String::new()
+    };
     println!(
-        "{} targets adapted with {} (r = {}):",
+        "{} targets adapted with {variant}{rank}:",
         outcome.targeting.targets.len(),
-        variant,
-        req.cfg.r
     );
     for m in &outcome.grafted.modules {
         let roles: Vec<&str> = m.sites.iter().map(|s| s.role.as_str()).collect();

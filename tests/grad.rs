@@ -79,6 +79,12 @@ fn check_fd(name: &str, variant: &str, loss: Loss, batch: usize, seq: usize, h: 
     assert!(scalar(&out["loss"]).is_finite());
     let mut rng = Rng::new(9);
     for (tensor, grad_name) in &t.graph.gradients {
+        // DoRA's A and B reach the loss also through the norm, which its gradient holds
+        // constant (detached, as in lora-lite and PEFT): finite differences of the
+        // function do not see that; the oracles' autograd checks those (tests/oracles.rs).
+        if variant == "dora" && !tensor.ends_with("lora_m") {
+            continue;
+        }
         let g = out[grad_name].to_f64();
         let theta = base[tensor].to_f32();
         let (mut num, mut ana) = (Vec::new(), Vec::new());

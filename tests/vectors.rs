@@ -30,6 +30,11 @@ fn x() -> Array {
 
 /// y = MatMul(x [N, 3], layer.weight [3, 2]).
 fn tv_model() -> Model {
+    tv_model_with(None)
+}
+
+/// y = MatMul(x [N, 3], layer.weight [3, 2]) (+ Add(layer.bias) when given).
+fn tv_model_with(bias: Option<[f32; 2]>) -> Model {
     let vi = |n: &str, dims: &[i64]| ValueInfoProto {
         name: Some(n.into()),
         r#type: Some(TypeProto {
@@ -53,15 +58,29 @@ fn tv_model() -> Model {
         }),
         ..Default::default()
     };
-    let graph = GraphProto {
-        node: vec![NodeProto {
-            name: Some("/layer/MatMul".into()),
-            op_type: Some("MatMul".into()),
-            input: vec!["x".into(), "layer.weight".into()],
+    let mut node = vec![NodeProto {
+        name: Some("/layer/MatMul".into()),
+        op_type: Some("MatMul".into()),
+        input: vec!["x".into(), "layer.weight".into()],
+        output: vec!["y".into()],
+        ..Default::default()
+    }];
+    let mut initializer = vec![Array::F32(wm().into_dyn()).to_proto("layer.weight")];
+    if let Some(b) = bias {
+        node[0].output = vec!["xw".into()];
+        node.push(NodeProto {
+            name: Some("/layer/Add".into()),
+            op_type: Some("Add".into()),
+            input: vec!["xw".into(), "layer.bias".into()],
             output: vec!["y".into()],
             ..Default::default()
-        }],
-        initializer: vec![Array::F32(wm().into_dyn()).to_proto("layer.weight")],
+        });
+        initializer
+            .push(Array::F32(tract_core::ndarray::arr1(&b).into_dyn()).to_proto("layer.bias"));
+    }
+    let graph = GraphProto {
+        node,
+        initializer,
         input: vec![vi("x", &[2, 3])],
         output: vec![vi("y", &[2, 2])],
         ..Default::default()
@@ -83,7 +102,10 @@ fn tv_model() -> Model {
 }
 
 fn graft(variant: &str, cfg: Config) -> (Model, Outcome) {
-    let mut model = tv_model();
+    graft_on(tv_model(), variant, cfg)
+}
+
+fn graft_on(mut model: Model, variant: &str, cfg: Config) -> (Model, Outcome) {
     let req = GraftRequest {
         variant: lora_graft::passes::variants::variant(variant).unwrap(),
         cfg,
@@ -473,4 +495,133 @@ fn pissa_matches_peft_exact_and_fast_paths() {
         assert!(ours <= theirs + 0.05, "{w_key}: ours mean {ours:.3} max {ours_max:.3}, PEFT mean {theirs:.3} max {theirs_max:.3}");
         eprintln!("{w_key}: niter 4 error ours mean {ours:.3} max {ours_max:.3}; PEFT mean {theirs:.3} max {theirs_max:.3}");
     }
+}
+
+/// `Wm'` (ONNX layout) of the variant's merge from `Wm`, as f64.
+fn merged_wm(outcome: &Outcome, cfg: &Config) -> Array2<f64> {
+    outcome
+        .variant
+        .merged_weight(
+            &wm().t().to_owned(),
+            &outcome.grafted.modules[0].params,
+            cfg,
+        )
+        .t()
+        .mapv(f64::from)
+}
+
+/// The merged bias from b = [1, -1], as f64 (None: unchanged).
+fn merged_b(outcome: &Outcome, cfg: &Config) -> Option<Vec<f64>> {
+    let b = tract_core::ndarray::arr1(&[1.0f32, -1.0]);
+    outcome
+        .variant
+        .merged_bias(&b, &outcome.grafted.modules[0].params, cfg)
+        .map(|b| b.iter().map(|&v| v as f64).collect())
+}
+
+#[test]
+fn tv5_dora() {
+    let cfg = Config {
+        r: 1,
+        alpha: 2.0.into(),
+        ..Config::default()
+    };
+    let (mut model, mut outcome) = graft_on(tv_model_with(Some([1.0, -1.0])), "dora", cfg.clone());
+    let m = &outcome.grafted.modules[0].params["lora_m"];
+    close_flat(
+        m.iter().map(|&v| v as f64).collect(),
+        vec![3.741657387, 8.774964387],
+        "lora_m = ‖W[o,:]‖",
+    );
+    close2(
+        &forward(&model),
+        &[[-1.0, -3.0], [5.0, 12.0]],
+        "identity at init",
+    );
+    set(
+        &mut model,
+        &mut outcome,
+        "lora_A",
+        arr2(&[[1.0f32, -1.0, 2.0]]).into_dyn(),
+    );
+    set(
+        &mut model,
+        &mut outcome,
+        "lora_B",
+        arr2(&[[0.5f32], [-1.0]]).into_dyn(),
+    );
+    set(
+        &mut model,
+        &mut outcome,
+        "lora_m",
+        tract_core::ndarray::arr1(&[4.0f32, 8.0]).into_dyn(),
+    );
+    close2(
+        &forward(&model),
+        &[[-1.19089023, -1.0], [4.651483717, 10.65588474]],
+        "Y'",
+    );
+    close2(
+        &merged_wm(&outcome, &cfg),
+        &[
+            [1.460593487, 2.119251771],
+            [0.7302967433, 7.4173812],
+            [3.651483717, 2.119251771],
+        ],
+        "merged Wm'",
+    );
+    assert_eq!(merged_b(&outcome, &cfg), None, "the bias is unchanged");
+}
+
+#[test]
+fn tv7_ia3_scales_the_output_and_the_bias() {
+    let cfg = Config::default();
+    let (mut model, mut outcome) = graft_on(tv_model_with(Some([1.0, -1.0])), "ia3", cfg.clone());
+    close2(
+        &forward(&model),
+        &[[-1.0, -3.0], [5.0, 12.0]],
+        "identity at init",
+    );
+    set(
+        &mut model,
+        &mut outcome,
+        "lora_g",
+        tract_core::ndarray::arr1(&[2.0f32, 0.5]).into_dyn(),
+    );
+    close2(&forward(&model), &[[-2.0, -1.5], [10.0, 6.0]], "Y'");
+    close2(
+        &merged_wm(&outcome, &cfg),
+        &[[2.0, 2.0], [4.0, 2.5], [6.0, 3.0]],
+        "merged Wm'",
+    );
+    assert_eq!(
+        merged_b(&outcome, &cfg),
+        Some(vec![2.0, -0.5]),
+        "b' = b ⊙ g"
+    );
+}
+
+#[test]
+fn tv7_ia3_ff_scales_the_input() {
+    let cfg = Config::default();
+    let (mut model, mut outcome) =
+        graft_on(tv_model_with(Some([1.0, -1.0])), "ia3_ff", cfg.clone());
+    close2(
+        &forward(&model),
+        &[[-1.0, -3.0], [5.0, 12.0]],
+        "identity at init",
+    );
+    set(
+        &mut model,
+        &mut outcome,
+        "lora_g",
+        tract_core::ndarray::arr1(&[1.0f32, 2.0, 0.5]).into_dyn(),
+    );
+    close2(&forward(&model), &[[0.5, 0.0], [7.0, 17.0]], "Y'");
+    close2(
+        &merged_wm(&outcome, &cfg),
+        &[[1.0, 4.0], [4.0, 10.0], [1.5, 3.0]],
+        "merged Wm'",
+    );
+    assert_eq!(merged_b(&outcome, &cfg), None, "the bias is unchanged");
 }

@@ -97,7 +97,7 @@ fn differentiate(
     let mut from_trainable: HashSet<ValueId> = trainable.iter().copied().collect();
     for &id in &order {
         let node = graph.node(id);
-        if rules::NO_GRADIENT.contains(&node.op()) {
+        if rules::NO_GRADIENT.contains(&node.op()) || crate::ir::build::stops_gradient(node) {
             continue;
         }
         if node.reads().any(|v| from_trainable.contains(&v)) {

@@ -186,7 +186,8 @@ fn prepare_module(
         d_out: t0.d_out,
     };
     let cfg = &opts.cfg;
-    if cfg.r == 0 || cfg.r > dims.d_in.min(dims.d_out) {
+    let variant = opts.variant;
+    if variant.uses_rank() && (cfg.r == 0 || cfg.r > dims.d_in.min(dims.d_out)) {
         return Err(Error::Usage(format!(
             "r = {} does not fit layer '{module}' ({} -> {}): r must be between 1 and {}",
             cfg.r,
@@ -195,7 +196,6 @@ fn prepare_module(
             dims.d_in.min(dims.d_out)
         )));
     }
-    let variant = opts.variant;
     if variant.reads_weight() && t0.quantized {
         return Err(Error::Usage(format!(
             "{} needs the float weight of '{module}', which is quantized ({}); use lora, or a float model",
@@ -268,6 +268,10 @@ fn apply_module(
         format!("{module}.lora"),
         '.',
     );
+    if opts.variant.weight_in_graph() {
+        let w = graph_weight(&mut branch, dtypes, group[0])?;
+        ids.insert("weight", w);
+    }
     for (name, v) in opts.variant.module_values(&mut branch, &ids, cfg)? {
         ids.insert(name, v);
     }
@@ -293,6 +297,27 @@ fn apply_module(
         params,
         sites,
     })
+}
+
+/// The weight as target `t`'s node sees it, as `[d_in, d_out]` in the builder's dtype
+/// with Gemm's alpha folded in.
+fn graph_weight(b: &mut Builder, dtypes: &HashMap<ValueId, i32>, t: &Target) -> Result<ValueId> {
+    let mut w = b.graph.node(t.node).inputs[1].expect("weight input");
+    if dtypes.get(&w).is_some_and(|&d| d != b.dtype) {
+        w = b.op("Cast", &[w], vec![int_attr("to", b.dtype as i64)])?;
+    }
+    if t.op == "Gemm" && t.layout == super::target::Layout::OutIn {
+        w = b.op(
+            "Transpose",
+            &[w],
+            vec![crate::ir::build::ints_attr("perm", &[1, 0])],
+        )?;
+    }
+    if t.alpha != 1.0 {
+        let alpha = b.scalar("alpha", t.alpha as f64);
+        w = b.op("Mul", &[w, alpha], vec![])?;
+    }
+    Ok(w)
 }
 
 /// The element type the linear node computes in: its weight's (a MatMulNBits its

@@ -27,6 +27,10 @@ impl Variant for Ia3 {
         }]
     }
 
+    fn uses_rank(&self) -> bool {
+        false
+    }
+
     fn splice(&self) -> Splice {
         Splice::PostBias
     }

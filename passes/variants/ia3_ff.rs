@@ -27,6 +27,10 @@ impl Variant for Ia3Ff {
         }]
     }
 
+    fn uses_rank(&self) -> bool {
+        false
+    }
+
     fn splice(&self) -> Splice {
         Splice::Input
     }

@@ -3,6 +3,7 @@
 //! around the linear output, and the merge formula. [`VARIANTS`] is the registry.
 
 pub mod delora;
+pub mod dora;
 pub mod ia3;
 pub mod ia3_ff;
 pub mod lora;
@@ -24,6 +25,7 @@ pub const VARIANTS: &[&dyn Variant] = &[
     &delora::Delora,
     &ia3::Ia3,
     &ia3_ff::Ia3Ff,
+    &dora::Dora,
 ];
 
 impl std::fmt::Debug for dyn Variant {
@@ -222,6 +224,11 @@ pub trait Variant: Sync {
     /// The adapter tensors of a `d_in -> d_out` layer, torch layout.
     fn param_specs(&self, dims: Dims, cfg: &Config) -> Vec<ParamSpec>;
 
+    /// Whether the variant has a rank (`r`): the IA3 gates have none.
+    fn uses_rank(&self) -> bool {
+        true
+    }
+
     /// Where the branch is spliced.
     fn splice(&self) -> Splice {
         Splice::Delta
@@ -229,6 +236,12 @@ pub trait Variant: Sync {
 
     /// Whether [`Variant::init`] reads the base weight.
     fn reads_weight(&self) -> bool {
+        false
+    }
+
+    /// Whether the branch reads the layer's weight in the graph (DoRA's norm of
+    /// `W + s·BA`): it is then in `p` as `weight`, `[d_in, d_out]`, adapter dtype.
+    fn weight_in_graph(&self) -> bool {
         false
     }
 

@@ -159,6 +159,35 @@ impl<'g> Builder<'g> {
     pub fn reduce_sum_square(&mut self, x: ValueId, axes: &[i64]) -> Result<ValueId> {
         self.reduce_op("ReduceSumSquare", x, axes, false, "axes", None)
     }
+
+    /// `x`, held constant by the gradient pass (PyTorch's `detach`): an `Identity`
+    /// marked with the node metadata [`STOP_GRADIENT`]; runtimes see a plain Identity.
+    pub fn stop_gradient(&mut self, x: ValueId) -> Result<ValueId> {
+        let name = format!("{}{}StopGradient", self.prefix, self.sep);
+        let (node, outs) = self.graph.add_op("Identity", &name, &[x], vec![], 1)?;
+        self.graph
+            .node_mut(node)
+            .proto
+            .metadata_props
+            .push(crate::proto::StringStringEntryProto {
+                key: Some(STOP_GRADIENT.into()),
+                value: Some("true".into()),
+            });
+        Ok(outs[0])
+    }
+}
+
+/// The node metadata key that marks an `Identity` as a stop-gradient.
+pub const STOP_GRADIENT: &str = "lora_graft.stop_gradient";
+
+/// Whether `node` is a stop-gradient made by [`Builder::stop_gradient`].
+pub fn stops_gradient(node: &crate::ir::Node) -> bool {
+    node.op() == "Identity"
+        && node
+            .proto
+            .metadata_props
+            .iter()
+            .any(|m| m.key() == STOP_GRADIENT)
 }
 
 /// Shape-aware helpers (the gradient rules' toolbox): every output gets its static shape.
