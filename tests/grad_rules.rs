@@ -294,7 +294,7 @@ fn elementwise_binary_with_broadcasting() {
 
 #[test]
 fn elementwise_unary() {
-    for op in ["Neg", "Exp", "Tanh", "Relu", "Identity"] {
+    for op in ["Neg", "Exp", "Tanh", "Relu", "Identity", "Sin", "Cos"] {
         check(op, vec![], vec![f(&[2, 5])]);
     }
     // tract has no f64 Sigmoid and Erf.

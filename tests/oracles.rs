@@ -18,7 +18,7 @@ use lora_graft::Model;
 use tract_core::ndarray::{ArrayD, IxDyn};
 
 /// The oracle cases, as named in `fixtures/variants/` (`<fixture>.<case>.*`).
-const CASES: &[&str] = &["ia3", "ia3_ff", "dora"];
+const CASES: &[&str] = &["ia3", "ia3_ff", "dora", "hra"];
 
 fn file(name: &str, case: &str, what: &str) -> PathBuf {
     root()

@@ -625,3 +625,47 @@ fn tv7_ia3_ff_scales_the_input() {
     );
     assert_eq!(merged_b(&outcome, &cfg), None, "the bias is unchanged");
 }
+
+#[test]
+fn tv7_hra_reflects_the_input() {
+    let cfg = Config {
+        r: 2,
+        ..Config::default()
+    };
+    let (mut model, mut outcome) = graft("hra", cfg.clone());
+    let u0 = &outcome.grafted.modules[0].params["lora_U"];
+    assert_eq!(u0.shape(), [2, 3]);
+    assert_eq!(
+        u0.index_axis(tract_core::ndarray::Axis(0), 0),
+        u0.index_axis(tract_core::ndarray::Axis(0), 1),
+        "paired at init"
+    );
+    close2(
+        &forward(&model),
+        &[[-2.0, -2.0], [4.0, 13.0]],
+        "identity at init",
+    );
+    set(
+        &mut model,
+        &mut outcome,
+        "lora_U",
+        arr2(&[[1.0f32, 1.0, 0.0], [1.0, 1.0, 0.0]]).into_dyn(),
+    );
+    close2(
+        &forward(&model),
+        &[[-2.0, -2.0], [4.0, 13.0]],
+        "x' = x for a paired U",
+    );
+    set(
+        &mut model,
+        &mut outcome,
+        "lora_U",
+        arr2(&[[1.0f32, 1.0, 0.0], [0.0, 1.0, 1.0]]).into_dyn(),
+    );
+    close2(&forward(&model), &[[-3.0, -9.0], [-7.0, -16.0]], "Y'");
+    close2(
+        &merged_wm(&outcome, &cfg),
+        &[[-2.0, -5.0], [-3.0, -6.0], [1.0, 4.0]],
+        "merged Wm' = R^T Wm",
+    );
+}

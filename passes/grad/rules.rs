@@ -80,6 +80,17 @@ pub const RULES: &[(&str, Rule)] = &[
             n.outputs[0].unwrap(),
         )?)])
     }),
+    // dx = g·cos(x)
+    ("Sin", |e, n, g, _| {
+        let c = e.un("Cos", n.inputs[0].unwrap())?;
+        Ok(vec![Some(e.bin("Mul", g[0].unwrap(), c)?)])
+    }),
+    // dx = -g·sin(x)
+    ("Cos", |e, n, g, _| {
+        let s = e.un("Sin", n.inputs[0].unwrap())?;
+        let gs = e.bin("Mul", g[0].unwrap(), s)?;
+        Ok(vec![Some(e.un("Neg", gs)?)])
+    }),
     // dx = g / x
     ("Log", |e, n, g, _| {
         Ok(vec![Some(e.bin(

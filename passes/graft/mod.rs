@@ -196,6 +196,9 @@ fn prepare_module(
             dims.d_in.min(dims.d_out)
         )));
     }
+    variant
+        .check_layer(dims, cfg)
+        .map_err(|why| Error::Usage(format!("{} on layer '{module}': {why}", variant.name())))?;
     if variant.reads_weight() && t0.quantized {
         return Err(Error::Usage(format!(
             "{} needs the float weight of '{module}', which is quantized ({}); use lora, or a float model",

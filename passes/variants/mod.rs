@@ -4,6 +4,7 @@
 
 pub mod delora;
 pub mod dora;
+pub mod hra;
 pub mod ia3;
 pub mod ia3_ff;
 pub mod lora;
@@ -26,6 +27,7 @@ pub const VARIANTS: &[&dyn Variant] = &[
     &ia3::Ia3,
     &ia3_ff::Ia3Ff,
     &dora::Dora,
+    &hra::Hra,
 ];
 
 impl std::fmt::Debug for dyn Variant {
@@ -147,6 +149,9 @@ pub enum Init {
     Zeros,
     /// Every element `v`.
     Constant(f64),
+    /// Kaiming on half the rows, each row then repeated (`u_2k = u_2k+1`): HRA's
+    /// paired reflections, whose product is the identity.
+    KaimingPairs,
 }
 
 /// One adapter tensor of a layer.
@@ -179,6 +184,16 @@ pub fn init_params(specs: &[ParamSpec], rng: &mut Rng) -> Params {
                     let bound = 1.0 / fan_in.sqrt();
                     (0..n)
                         .map(|_| rng.uniform_in(-bound, bound) as f32)
+                        .collect()
+                }
+                Init::KaimingPairs => {
+                    let cols = *spec.shape.last().unwrap_or(&1);
+                    let bound = 1.0 / (cols as f64).sqrt();
+                    let half: Vec<f32> = (0..n / 2)
+                        .map(|_| rng.uniform_in(-bound, bound) as f32)
+                        .collect();
+                    half.chunks(cols.max(1))
+                        .flat_map(|row| row.iter().chain(row).copied())
                         .collect()
                 }
             };
@@ -223,6 +238,12 @@ pub trait Variant: Sync {
 
     /// The adapter tensors of a `d_in -> d_out` layer, torch layout.
     fn param_specs(&self, dims: Dims, cfg: &Config) -> Vec<ParamSpec>;
+
+    /// Checks the settings against one layer (HRA's even rank, ROAD's groups); the
+    /// message says what to change.
+    fn check_layer(&self, _d: Dims, _cfg: &Config) -> std::result::Result<(), String> {
+        Ok(())
+    }
 
     /// Whether the variant has a rank (`r`): the IA3 gates have none.
     fn uses_rank(&self) -> bool {

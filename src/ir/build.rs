@@ -103,6 +103,16 @@ impl<'g> Builder<'g> {
         id
     }
 
+    /// A constant of `shape` in the builder's dtype, named `<prefix><sep><tag>`.
+    pub fn floats(&mut self, tag: &str, shape: &[usize], values: &[f64]) -> ValueId {
+        let values = values.iter().map(|&v| v as f32).collect();
+        let a = ArrayD::from_shape_vec(IxDyn(shape), values).expect("shape");
+        let a = Array::from_f32(a, self.dtype).expect("float dtype");
+        let id = self.constant(tag, &a);
+        self.shapes.insert(id, shape.to_vec());
+        id
+    }
+
     /// An int64 1-D constant, named `<prefix><sep><tag>`.
     pub fn ints(&mut self, tag: &str, values: &[i64]) -> ValueId {
         let a = Array::I64(
