@@ -34,7 +34,7 @@ impl Variant for Hra {
     }
 
     fn check_layer(&self, _d: Dims, cfg: &Config) -> std::result::Result<(), String> {
-        if cfg.r % 2 != 0 {
+        if !cfg.r.is_multiple_of(2) {
             return Err(format!(
                 "r = {} is odd; HRA pairs its reflections to start as the identity: use an even r",
                 cfg.r
