@@ -88,3 +88,58 @@ pub fn svd_lowrank<T: Copy + Into<f64>>(
         v: from_faer(v.as_ref()),
     })
 }
+
+/// The leading `r` columns of Q and rows of R of the Householder QR of `w` (`[m, n]`,
+/// `r ≤ min(m, n)`), in f64, with LAPACK's signs (`geqrf` + `orgqr`, as numpy and
+/// torch on CPU): `R[j, j] = −sign(w_jj)·‖column‖` after the earlier reflections.
+/// `Q_r R_r` reproduces the first `r` columns of `w` exactly (OLoRA's init).
+pub fn qr_leading<T: Copy + Into<f64>>(w: &Array2<T>, r: usize) -> (Array2<f64>, Array2<f64>) {
+    let (m, n) = w.dim();
+    assert!(r <= m.min(n), "r = {r} is more than min({m}, {n})");
+    let mut a = w.mapv(Into::into);
+    let mut reflections: Vec<(Vec<f64>, f64)> = Vec::with_capacity(r);
+    for j in 0..r {
+        let alpha = a[[j, j]];
+        let tail: f64 = (j + 1..m)
+            .map(|i| a[[i, j]] * a[[i, j]])
+            .sum::<f64>()
+            .sqrt();
+        if tail == 0.0 {
+            reflections.push((vec![1.0], 0.0)); // H = I (LAPACK's tau = 0)
+            continue;
+        }
+        let beta = -alpha.hypot(tail).copysign(alpha);
+        let tau = (beta - alpha) / beta;
+        let mut v: Vec<f64> = (j..m).map(|i| a[[i, j]] / (alpha - beta)).collect();
+        v[0] = 1.0;
+        a[[j, j]] = beta;
+        for i in j + 1..m {
+            a[[i, j]] = 0.0;
+        }
+        for col in j + 1..n {
+            let dot: f64 = (j..m).map(|i| v[i - j] * a[[i, col]]).sum();
+            for i in j..m {
+                a[[i, col]] -= tau * v[i - j] * dot;
+            }
+        }
+        reflections.push((v, tau));
+    }
+    let r_rows = a.slice(tract_core::ndarray::s![..r, ..]).to_owned();
+    // Q_r = H_0 ⋯ H_{r−1} I[:, :r], applied right to left.
+    let mut q = Array2::<f64>::zeros((m, r));
+    for j in 0..r {
+        q[[j, j]] = 1.0;
+    }
+    for (j, (v, tau)) in reflections.iter().enumerate().rev() {
+        if *tau == 0.0 {
+            continue;
+        }
+        for col in 0..r {
+            let dot: f64 = (j..m).map(|i| v[i - j] * q[[i, col]]).sum();
+            for i in j..m {
+                q[[i, col]] -= tau * v[i - j] * dot;
+            }
+        }
+    }
+    (q, r_rows)
+}

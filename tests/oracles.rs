@@ -17,8 +17,28 @@ use lora_graft::tensor::Array;
 use lora_graft::Model;
 use tract_core::ndarray::{ArrayD, IxDyn};
 
-/// The oracle cases, as named in `fixtures/variants/` (`<fixture>.<case>.*`).
-const CASES: &[&str] = &["ia3", "ia3_ff", "dora", "hra"];
+/// The oracle cases, as named in `fixtures/variants/` (`<fixture>.<case>.*`): lora-lite's
+/// files say their variant in `cfg`; PEFT's (with `adapter_config.json`) do not.
+const CASES: &[&str] = &["ia3", "ia3_ff", "dora", "hra", "olora"];
+
+/// What a PEFT file's `adapter_config.json` says that the file does not: the variant
+/// and alpha (lora-lite's files carry their `cfg`).
+fn overrides(name: &str, case: &str) -> AdapterOverrides {
+    let config = root()
+        .join("fixtures/variants")
+        .join(format!("{name}.{case}.adapter_config.json"));
+    let Ok(text) = std::fs::read_to_string(&config) else {
+        return AdapterOverrides::default();
+    };
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    AdapterOverrides {
+        variant: Some(lora_graft::passes::variants::variant(case).unwrap()),
+        alpha: json["lora_alpha"]
+            .as_f64()
+            .map(lora_graft::passes::variants::Alpha::from),
+        ..AdapterOverrides::default()
+    }
+}
 
 fn file(name: &str, case: &str, what: &str) -> PathBuf {
     root()
@@ -28,7 +48,7 @@ fn file(name: &str, case: &str, what: &str) -> PathBuf {
 
 /// The fixture with the oracle's adapter file applied.
 fn applied(name: &str, case: &str) -> (Model, jobs::Outcome, LoadedAdapter) {
-    let adapter = LoadedAdapter::read(&file(name, case, "adapter"), &AdapterOverrides::default())
+    let adapter = LoadedAdapter::read(&file(name, case, "adapter"), &overrides(name, case))
         .unwrap_or_else(|e| panic!("{name} {case}: {e}"));
     let mut model = Model::load(&fixture(name)).unwrap();
     let outcome =
@@ -97,9 +117,16 @@ fn gradients_match_the_oracles_autograd() {
                 (got_loss - want_loss).abs() <= 1e-5 * want_loss.abs().max(1.0),
                 "{name} {case}: loss {got_loss} vs the oracle's {want_loss}"
             );
-            // The oracle's keys are the adapter file's: lora-lite `<module>.<name>`.
+            // The oracle's keys are its adapter file's: lora-lite `<module>.<name>`, PEFT
+            // `base_model.model.<module>.<name>.weight`.
             for (tensor, g) in &t.graph.gradients {
-                let want = torch.tensors[&format!("grad.{tensor}")].to_f32();
+                let peft = format!("grad.base_model.model.{tensor}.weight");
+                let want = torch
+                    .tensors
+                    .get(&format!("grad.{tensor}"))
+                    .or_else(|| torch.tensors.get(&peft))
+                    .unwrap_or_else(|| panic!("{name} {case}: no gradient of {tensor}"))
+                    .to_f32();
                 let got = lora_graft::passes::graft::onnx_layout(&out[g].to_f32());
                 let got = Array::F32(got.into_shape_with_order(want.raw_dim()).unwrap());
                 let want = Array::F32(want);

@@ -669,3 +669,42 @@ fn tv7_hra_reflects_the_input() {
         "merged Wm' = R^T Wm",
     );
 }
+
+#[test]
+fn tv6_olora() {
+    let cfg = Config {
+        r: 1,
+        alpha: 2.0.into(),
+        ..Config::default()
+    };
+    let (model, outcome) = graft("olora", cfg.clone());
+    let p = &outcome.grafted.modules[0].params;
+    close_flat(
+        p["lora_B"].iter().map(|&v| v as f64).collect(),
+        vec![-0.242535625, -0.9701425001],
+        "lora_B = Q[:, :1] (LAPACK signs)",
+    );
+    close_flat(
+        p["lora_A"].iter().map(|&v| v as f64).collect(),
+        vec![-4.123105626, -5.335783751, -6.548461876],
+        "lora_A = R[:1, :]",
+    );
+    let w_res = model
+        .graph
+        .initializer(model.graph.value_by_name("layer.weight").unwrap())
+        .unwrap();
+    let w_res = Array::from_proto(&w_res.proto, None).unwrap().to_f64();
+    close_flat(
+        w_res.iter().copied().collect(),
+        vec![
+            -1.0,
+            -4.0,
+            -0.5882352941,
+            -5.352941176,
+            -0.1764705882,
+            -6.705882353,
+        ],
+        "W_res (ONNX layout)",
+    );
+    close2(&forward(&model), &[[-2.0, -2.0], [4.0, 13.0]], "identity");
+}

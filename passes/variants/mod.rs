@@ -8,6 +8,7 @@ pub mod hra;
 pub mod ia3;
 pub mod ia3_ff;
 pub mod lora;
+pub mod olora;
 pub mod pissa;
 
 use std::collections::BTreeMap;
@@ -28,6 +29,7 @@ pub const VARIANTS: &[&dyn Variant] = &[
     &ia3_ff::Ia3Ff,
     &dora::Dora,
     &hra::Hra,
+    &olora::Olora,
 ];
 
 impl std::fmt::Debug for dyn Variant {
