@@ -10,6 +10,7 @@ use lora_graft::jobs::{AdapterDtype, GraftRequest};
 use lora_graft::passes::grad::loss::Loss;
 use lora_graft::passes::merge::PissaBase;
 use lora_graft::passes::target::{Filters, Role};
+use lora_graft::passes::variants::road::RoadVariant;
 use lora_graft::passes::variants::{self, Alpha, Config, Variant};
 use lora_graft::train::Schedule;
 use lora_graft::{Error, Result};
@@ -54,6 +55,12 @@ pub struct VariantArgs {
     /// PiSSA: randomized SVD with N power iterations (PEFT's pissa_niter_N) instead of the exact SVD.
     #[arg(long, value_name = "N")]
     pub pissa_niter: Option<usize>,
+    /// ROAD's sub-variant.
+    #[arg(long, value_enum, default_value_t = RoadVariant::Road1)]
+    pub road_variant: RoadVariant,
+    /// ROAD's group of output channels (even, dividing every adapted layer's outputs).
+    #[arg(long, default_value_t = 64)]
+    pub road_group_size: usize,
     /// Seed of the random inits (the same seed gives byte-identical outputs).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -79,6 +86,8 @@ impl VariantArgs {
                 rslora: self.rslora,
                 lambda0: self.lambda0,
                 pissa_niter: self.pissa_niter,
+                road_variant: self.road_variant,
+                road_group_size: self.road_group_size,
                 seed: self.seed,
             },
             adapter_dtype: self.adapter_dtype,

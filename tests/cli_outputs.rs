@@ -324,20 +324,18 @@ fn check_fixture(name: &str) {
         let graft = format!("graft.{v}");
         let out = s.path(&graft).join("out.onnx");
         let adapter = s.path(&graft).join("out.safetensors");
-        let ok = s.run(
-            &graft,
-            &[
-                p(&model),
-                t("--variant"),
-                t(v),
-                t("-r"),
-                t("4"),
-                t("--alpha"),
-                t("8"),
-                t("-o"),
-                p(&out),
-            ],
-        );
+        let mut args = vec![
+            p(&model),
+            t("--variant"),
+            t(v),
+            t("-r"),
+            t("4"),
+            t("--alpha"),
+            t("8"),
+        ];
+        args.extend(variant_options(v));
+        args.extend([t("-o"), p(&out)]);
+        let ok = s.run(&graft, &args);
         let (apply, merge) = (format!("apply.{v}"), format!("merge.{v}"));
         if !ok {
             s.skip(&apply, &format!("{graft} wrote no adapter"));
@@ -405,6 +403,7 @@ fn check_fixture(name: &str) {
             t("1"),
             t("--quiet"),
         ];
+        all.extend(variant_options(variant));
         all.extend(args);
         all.extend([
             t("-o"),
@@ -447,6 +446,15 @@ fn check_fixture(name: &str) {
     }
 
     check_golden(&format!("{name}/cli.txt"), &s.text);
+}
+
+/// Options a variant needs on every fixture: ROAD's groups must divide the layers'
+/// outputs (lora-lite's default 64 does not divide llama's 32-wide k_proj).
+fn variant_options(variant: &str) -> Vec<Arg> {
+    match variant {
+        "road" => vec![t("--road-group-size"), t("8")],
+        _ => vec![],
+    }
 }
 
 #[test]

@@ -355,7 +355,7 @@ fn bad_requests_are_clear_errors_and_write_nothing() {
     let before = listing(dir.path());
     fails(
         &[p, "--variant", "dorra"],
-        "unknown variant 'dorra'; choose one of lora, pissa, delora, ia3, ia3_ff, dora, hra, olora",
+        "unknown variant 'dorra'; choose one of lora, pissa, delora, ia3, ia3_ff, dora, hra, olora, road",
     );
     fails(
         &[p, "--variant", "lora", "-r", "0"],

@@ -19,7 +19,9 @@ use tract_core::ndarray::{ArrayD, IxDyn};
 
 /// The oracle cases, as named in `fixtures/variants/` (`<fixture>.<case>.*`): lora-lite's
 /// files say their variant in `cfg`; PEFT's (with `adapter_config.json`) do not.
-const CASES: &[&str] = &["ia3", "ia3_ff", "dora", "hra", "olora"];
+const CASES: &[&str] = &[
+    "ia3", "ia3_ff", "dora", "hra", "olora", "road_1", "road_2", "road_4",
+];
 
 /// What a PEFT file's `adapter_config.json` says that the file does not: the variant
 /// and alpha (lora-lite's files carry their `cfg`).

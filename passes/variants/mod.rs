@@ -10,6 +10,7 @@ pub mod ia3_ff;
 pub mod lora;
 pub mod olora;
 pub mod pissa;
+pub mod road;
 
 use std::collections::BTreeMap;
 
@@ -30,6 +31,7 @@ pub const VARIANTS: &[&dyn Variant] = &[
     &dora::Dora,
     &hra::Hra,
     &olora::Olora,
+    &road::Road,
 ];
 
 impl std::fmt::Debug for dyn Variant {
@@ -66,6 +68,10 @@ pub struct Config {
     pub lambda0: f64,
     /// PiSSA: randomized SVD with this many power iterations instead of the exact SVD.
     pub pissa_niter: Option<usize>,
+    /// ROAD's sub-variant.
+    pub road_variant: road::RoadVariant,
+    /// ROAD's group of output channels (lora-lite's `group_size`, default 64).
+    pub road_group_size: usize,
     /// Seed of every random init.
     pub seed: u64,
 }
@@ -78,6 +84,8 @@ impl Default for Config {
             rslora: false,
             lambda0: 15.0,
             pissa_niter: None,
+            road_variant: road::RoadVariant::Road1,
+            road_group_size: 64,
             seed: 0,
         }
     }

@@ -101,6 +101,22 @@ impl LoadedAdapter {
                 if let Some(l) = cfg.extra("lambda0").and_then(|l| l.as_f64()) {
                     req.cfg.lambda0 = l;
                 }
+                if let Some(v) = cfg.extra("road_variant") {
+                    req.cfg.road_variant = v
+                        .as_str()
+                        .and_then(crate::passes::variants::road::RoadVariant::from_name)
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "unknown road_variant {v}; lora-lite's are road_1, road_2, road_4"
+                            ))
+                        })?;
+                }
+                if let Some(g) = cfg.extra("group_size") {
+                    req.cfg.road_group_size =
+                        g.as_u64().filter(|&g| g <= 1 << 20).ok_or_else(|| {
+                            bad(format!("group_size {g} is not a small positive integer"))
+                        })? as usize;
+                }
                 req.filter_text = cfg.filters.clone();
                 (cfg.variant, req)
             }

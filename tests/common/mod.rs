@@ -477,6 +477,8 @@ pub fn request_r(variant: &str, r: usize, alpha: f64) -> lora_graft::jobs::Graft
         cfg: lora_graft::passes::variants::Config {
             r,
             alpha: alpha.into(),
+            // ROAD's groups must divide every layer's outputs (16 in handmade, 32 in llama).
+            road_group_size: 8,
             ..Default::default()
         },
         ..Default::default()
