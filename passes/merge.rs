@@ -176,7 +176,7 @@ impl Merge<'_> {
         )));
         }
         let w = effective_weight(graph, t0)?;
-        let base_w = if self.base == PissaBase::Original && variant.rewrites_weight() {
+        let base_w = if self.base == PissaBase::Original && variant.rewrites_weight(cfg) {
             let dims = Dims {
                 d_in: t0.d_in,
                 d_out: t0.d_out,

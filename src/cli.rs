@@ -10,6 +10,7 @@ use lora_graft::jobs::{AdapterDtype, GraftRequest};
 use lora_graft::passes::grad::loss::Loss;
 use lora_graft::passes::merge::PissaBase;
 use lora_graft::passes::target::{Filters, Role};
+use lora_graft::passes::variants::delora::DeloraInit;
 use lora_graft::passes::variants::road::RoadVariant;
 use lora_graft::passes::variants::{self, Alpha, Config, Variant};
 use lora_graft::train::Schedule;
@@ -55,6 +56,10 @@ pub struct VariantArgs {
     /// PiSSA: randomized SVD with N power iterations (PEFT's pissa_niter_N) instead of the exact SVD.
     #[arg(long, value_name = "N")]
     pub pissa_niter: Option<usize>,
+    /// DeLoRA's init: the paper's (kaiming B, weight rewritten to W_res; small first
+    /// steps) or lora-lite's (B = 0; the file loads in lora-lite on the original weights).
+    #[arg(long, value_enum, default_value_t = DeloraInit::Paper)]
+    pub delora_init: DeloraInit,
     /// ROAD's sub-variant.
     #[arg(long, value_enum, default_value_t = RoadVariant::Road1)]
     pub road_variant: RoadVariant,
@@ -86,6 +91,7 @@ impl VariantArgs {
                 rslora: self.rslora,
                 lambda0: self.lambda0,
                 pissa_niter: self.pissa_niter,
+                delora_init: self.delora_init,
                 road_variant: self.road_variant,
                 road_group_size: self.road_group_size,
                 seed: self.seed,

@@ -184,8 +184,11 @@ fn gpt2_and_bert_gradients_match_finite_differences() {
 
 #[test]
 fn delora_gradient_at_init_is_finite() {
-    // B = 0 at init: the NaN trap of variants.md §0.6 (ReduceL2's backward at 0).
-    let t = training("llama", "delora", Loss::CausalLm, 2, 7);
+    // B = 0 at init (lora-lite's): the NaN trap of variants.md §0.6 (ReduceL2's
+    // backward at 0).
+    let mut req = TrainingRequest::new(common::request_r("delora", 2, 4.0), Loss::CausalLm, 2, 7);
+    req.graft.cfg.delora_init = lora_graft::passes::variants::delora::DeloraInit::LoraLite;
+    let t = jobs::training_graph(Model::load(&fixture("llama")).unwrap(), &req).unwrap();
     let s = Session::new(&t);
     let mut f = feeds(&t, "llama", 3);
     for m in &t.outcome.grafted.modules {
@@ -285,6 +288,8 @@ fn gradients_match_pytorch_autograd() {
                     cfg: Config {
                         r: 4,
                         alpha: 8.0.into(),
+                        // make.py's references start from lora-lite's init (B = 0).
+                        delora_init: lora_graft::passes::variants::delora::DeloraInit::LoraLite,
                         ..Config::default()
                     },
                     ..GraftRequest::default()

@@ -100,12 +100,10 @@ fn three_adamw_steps_match_pytorch() {
         .collect();
     // The variants whose AdamW references make.py wrote (the optimizer is variant-blind).
     for variant in ["lora", "pissa", "delora"] {
-        let engine = Engine::new(
-            Model::load(&fixture("llama")).unwrap(),
-            &request(variant, 4, 8.0, 2, 7),
-            1,
-        )
-        .unwrap();
+        let mut req = request(variant, 4, 8.0, 2, 7);
+        // make.py's references start from lora-lite's init (B = 0).
+        req.graft.cfg.delora_init = lora_graft::passes::variants::delora::DeloraInit::LoraLite;
+        let engine = Engine::new(Model::load(&fixture("llama")).unwrap(), &req, 1).unwrap();
         let dir = common::root().join("fixtures/grad");
         let start =
             AdapterFile::read(&dir.join(format!("llama.{variant}.adapter.safetensors"))).unwrap();
@@ -300,4 +298,69 @@ fn emitted_model_holds_the_trained_values() {
             "{key}"
         );
     }
+}
+
+/// Mean cross-entropy of `logits` `[batch, seq, vocab]` predicting `ids[:, 1:]`.
+fn causal_lm_loss(logits: &Array, ids: &Array) -> f64 {
+    let logits = logits.to_f64();
+    let ids = ids.to_f64();
+    let (b, t, v) = (logits.shape()[0], logits.shape()[1], logits.shape()[2]);
+    let mut total = 0.0;
+    for i in 0..b {
+        for j in 0..t - 1 {
+            let row: Vec<f64> = (0..v).map(|k| logits[[i, j, k]]).collect();
+            let max = row.iter().cloned().fold(f64::MIN, f64::max);
+            let lse = max + row.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+            total += lse - row[ids[[i, j + 1]] as usize];
+        }
+    }
+    total / (b * (t - 1)) as f64
+}
+
+#[test]
+fn delora_first_step_moves_the_loss_as_much_as_lora() {
+    // One AdamW step at lr 1e-3 from init, then the loss on the reference batch. With
+    // lora-lite's B = 0, the max(‖b_i‖, 1e-4) clamp makes the first step a 1e4 gain (every
+    // rank at full strength λ/r); the paper's init (kaiming B, W_res) moves like LoRA.
+    use lora_graft::passes::variants::delora::DeloraInit;
+    let (inputs, _) = reference("llama");
+    let ids = inputs
+        .iter()
+        .find(|(n, _)| n == "input_ids")
+        .unwrap()
+        .1
+        .clone();
+    let base = causal_lm_loss(
+        &common::run_tract(&Model::load(&fixture("llama")).unwrap(), &inputs)[0],
+        &ids,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let change = |variant: &str, init: DeloraInit| {
+        let mut opts = options(
+            variant,
+            1,
+            &dir.path().join(format!("{variant}.safetensors")),
+        );
+        opts.lr = 1e-3;
+        opts.training.graft.cfg.delora_init = init;
+        let emitted = dir.path().join(format!("{variant}.{}.onnx", init.name()));
+        opts.emit_model = Some(emitted.clone());
+        run(&opts).unwrap();
+        let logits = common::run_tract(&Model::load(&emitted).unwrap(), &inputs);
+        (causal_lm_loss(&logits[0], &ids) - base).abs()
+    };
+    let lora = change("lora", DeloraInit::Paper);
+    let paper = change("delora", DeloraInit::Paper);
+    let lite = change("delora", DeloraInit::LoraLite);
+    eprintln!("first-step loss change: lora {lora:.3e}, delora (paper) {paper:.3e}, delora (lora-lite) {lite:.3e}");
+    assert!(lora > 0.0);
+    // Of the order of LoRA's: within a factor of 10 either way.
+    assert!(
+        paper <= 10.0 * lora && paper >= 0.1 * lora,
+        "paper init: {paper:e} against LoRA's {lora:e}"
+    );
+    assert!(
+        lite >= 10.0 * lora,
+        "lora-lite init: {lite:e} against LoRA's {lora:e}"
+    );
 }

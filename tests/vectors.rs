@@ -337,6 +337,8 @@ fn tv4_delora() {
     let cfg = Config {
         r: 2,
         lambda0: 3.0,
+        // variants.md's vectors start from lora-lite's B = 0.
+        delora_init: lora_graft::passes::variants::delora::DeloraInit::LoraLite,
         ..Config::default()
     };
     let (mut model, mut outcome) = graft("delora", cfg.clone());
@@ -397,6 +399,8 @@ fn tv4_delora_identity_case_r1_lambda15() {
     let cfg = Config {
         r: 1,
         lambda0: 15.0,
+        // variants.md's vectors start from lora-lite's B = 0.
+        delora_init: lora_graft::passes::variants::delora::DeloraInit::LoraLite,
         ..Config::default()
     };
     let (mut model, mut outcome) = graft("delora", cfg);

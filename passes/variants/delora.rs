@@ -14,7 +14,39 @@ use crate::rng::Rng;
 /// The norm clamp: `max(‖v‖, 1e-4)`, computed NaN-safe as `sqrt(max(Σv², 1e-8))`.
 const NORM_EPS: f64 = 1e-4;
 
-/// DeLoRA: kaiming A, zero B, `lambda = lambda0`, frozen `wnorm = ‖W[:, j]‖`.
+/// How DeLoRA starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DeloraInit {
+    /// The paper's: kaiming A and B, and the weight rewritten to `W_res = W − ΔW₀` so
+    /// the model is unchanged at init. Every rank starts with a unit-scale B, so the
+    /// first updates are small, as LoRA's (lora-lite's `B = 0` meets the `max(‖b_i‖,
+    /// 1e-4)` clamp: a 1e4 gain that puts every rank at full strength after one step).
+    #[default]
+    Paper,
+    /// lora-lite's and PEFT's: kaiming A, `B = 0`; files load in lora-lite unchanged.
+    #[value(name = "lora-lite")]
+    LoraLite,
+}
+
+impl DeloraInit {
+    /// The name written in lora-graft's metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeloraInit::Paper => "paper",
+            DeloraInit::LoraLite => "lora-lite",
+        }
+    }
+
+    /// The init called `name`.
+    pub fn from_name(name: &str) -> Option<DeloraInit> {
+        [DeloraInit::Paper, DeloraInit::LoraLite]
+            .into_iter()
+            .find(|i| i.name() == name)
+    }
+}
+
+/// DeLoRA: kaiming A, B kaiming (the paper's init, with `W_res`) or zero (lora-lite's),
+/// `lambda = lambda0`, frozen `wnorm = ‖W[:, j]‖`.
 pub struct Delora;
 
 impl Variant for Delora {
@@ -33,7 +65,10 @@ impl Variant for Delora {
             ParamSpec {
                 name: "lora_B",
                 shape: vec![d.d_out, cfg.r],
-                init: Init::Zeros,
+                init: match cfg.delora_init {
+                    DeloraInit::Paper => Init::Kaiming,
+                    DeloraInit::LoraLite => Init::Zeros,
+                },
                 trainable: true,
             },
             ParamSpec {
@@ -55,12 +90,17 @@ impl Variant for Delora {
         true
     }
 
-    // wnorm_j = ‖W[:, j]‖₂, one per input channel (torch W.norm(dim=0)), in f32.
+    fn rewrites_weight(&self, cfg: &Config) -> bool {
+        cfg.delora_init == DeloraInit::Paper
+    }
+
+    // wnorm_j = ‖W[:, j]‖₂, one per input channel (torch W.norm(dim=0)), in f32; the
+    // paper's init also W_res = W − ΔW(A₀, B₀, λ₀) from the tensors as rounded.
     fn init(
         &self,
         w: &Array2<f32>,
         p: &mut Params,
-        _: &Config,
+        cfg: &Config,
         _: &mut Rng,
         round: &dyn Fn(&mut ArrayD<f32>),
     ) -> Result<Option<Array2<f32>>> {
@@ -74,7 +114,15 @@ impl Variant for Delora {
             .into_dyn();
         round(&mut wnorm);
         p.insert("lora_wnorm", wnorm);
-        Ok(None)
+        if cfg.delora_init == DeloraInit::LoraLite {
+            return Ok(None);
+        }
+        for t in p.values_mut() {
+            round(t);
+        }
+        let mut w_res = w.clone();
+        w_res -= &Delora::delta_w(p, cfg);
+        Ok(Some(w_res))
     }
 
     fn cfg_fields(&self, cfg: &Config) -> Vec<(&'static str, serde_json::Value)> {

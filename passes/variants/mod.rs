@@ -68,6 +68,9 @@ pub struct Config {
     pub lambda0: f64,
     /// PiSSA: randomized SVD with this many power iterations instead of the exact SVD.
     pub pissa_niter: Option<usize>,
+    /// DeLoRA's init: the paper's (identity through `W_res`, small first steps) or
+    /// lora-lite's (`B = 0`).
+    pub delora_init: delora::DeloraInit,
     /// ROAD's sub-variant.
     pub road_variant: road::RoadVariant,
     /// ROAD's group of output channels (lora-lite's `group_size`, default 64).
@@ -84,6 +87,7 @@ impl Default for Config {
             rslora: false,
             lambda0: 15.0,
             pissa_niter: None,
+            delora_init: delora::DeloraInit::Paper,
             road_variant: road::RoadVariant::Road1,
             road_group_size: 64,
             seed: 0,
@@ -278,7 +282,7 @@ pub trait Variant: Sync {
 
     /// Whether [`Variant::init`] rewrites the base weight (PiSSA's `W_res`): merging
     /// into the original weights then recomputes it.
-    fn rewrites_weight(&self) -> bool {
+    fn rewrites_weight(&self, _cfg: &Config) -> bool {
         false
     }
 

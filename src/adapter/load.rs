@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::jobs::request::{AdapterDtype, GraftRequest};
 use crate::model::Model;
 use crate::passes::target::{self, Filters, Role, Targeting};
+use crate::passes::variants::delora::DeloraInit;
 use crate::passes::variants::{self, Alpha, Variant};
 use crate::tensor::Array;
 
@@ -138,6 +139,14 @@ impl LoadedAdapter {
         req.cfg.rslora = graft_meta.rslora;
         req.cfg.pissa_niter = graft_meta.pissa_niter;
         req.cfg.seed = graft_meta.seed;
+        req.cfg.delora_init = match graft_meta.delora_init.as_deref() {
+            None => DeloraInit::LoraLite,
+            Some(name) => DeloraInit::from_name(name).ok_or_else(|| {
+                bad(format!(
+                    "unknown delora_init '{name}'; use paper or lora-lite"
+                ))
+            })?,
+        };
         req.cfg.check().map_err(|e| bad(e.to_string()))?;
         req.filters = Filters {
             roles: vec![Role::Reader, Role::Writer, Role::Inner],

@@ -153,6 +153,10 @@ impl From<&Site> for SiteMeta {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct GraftMeta {
+    /// DeLoRA's init (`paper`, `lora-lite`); none for other variants, and in files
+    /// lora-lite wrote, which start as lora-lite's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delora_init: Option<String>,
     /// Always `torch`: the tensors' layout.
     pub layout: String,
     /// PiSSA's randomized SVD iterations (`None`: exact SVD).

@@ -66,6 +66,8 @@ impl Outcome {
             }
         }
         let graft = GraftMeta {
+            delora_init: (req.variant.name() == "delora")
+                .then(|| req.cfg.delora_init.name().to_string()),
             layout: "torch".into(),
             pissa_niter: req.cfg.pissa_niter,
             rslora: req.cfg.rslora,
