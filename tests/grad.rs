@@ -259,11 +259,13 @@ fn training_graphs_run_in_onnx_runtime_as_in_tract() {
             )
             .unwrap();
         common::write_io(&dir.path().join(format!("{stem}.io.safetensors")), f, out);
+        // 1e-5 relative to max(1, |value|): the bound, scaled for the large
+        // gradients DeLoRA's norm clamp gives; DeLoRA's paper init subtracts a frozen
+        // copy of its branch (two O(λ) terms cancel), which doubles the fp32 rounding.
+        let tol = if variant == "delora" { 2e-5 } else { 1e-5 };
         manifest.push(serde_json::json!({
             "model": format!("{stem}.onnx"), "base": fixture(name), "io": format!("{stem}.io.safetensors"),
-            // 1e-5 relative to max(1, |value|): the bound, scaled for the large
-            // gradients DeLoRA's norm clamp gives.
-            "full_check": true, "tol": 1e-5, "relative": true, "training": true,
+            "full_check": true, "tol": tol, "relative": true, "training": true,
         }));
     }
     common::run_interop(dir.path(), &manifest);

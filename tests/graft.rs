@@ -148,7 +148,9 @@ fn golden_grafted_graphs() {
 #[test]
 fn adapter_file_is_what_lora_lite_writes_for_the_tiny_llama() {
     let mut model = Model::load(&fixture("llama")).unwrap();
-    let req = request("delora");
+    let mut req = request("delora");
+    // lora-lite's init: the paper's adds the frozen lora_A0 and lora_B0 (checked below).
+    req.cfg.delora_init = lora_graft::passes::variants::delora::DeloraInit::LoraLite;
     let outcome = jobs::graft(&mut model, &req).unwrap();
     let file = outcome.adapter_file(&req);
     assert_eq!(
@@ -189,6 +191,16 @@ fn adapter_file_is_what_lora_lite_writes_for_the_tiny_llama() {
     let path = dir.path().join("a.safetensors");
     std::fs::write(&path, file.to_bytes().unwrap()).unwrap();
     assert_eq!(lora_graft::adapter::AdapterFile::read(&path).unwrap(), file);
+    // The paper's init adds the initial A and B, frozen: 28 more tensors.
+    let mut model = Model::load(&fixture("llama")).unwrap();
+    let req = request("delora");
+    let file = jobs::graft(&mut model, &req).unwrap().adapter_file(&req);
+    assert_eq!(file.tensors.len(), 84);
+    assert_eq!(shape("model.layers.0.mlp.down_proj.lora_A"), [4, 128]);
+    assert_eq!(
+        file.tensors["model.layers.0.mlp.down_proj.lora_A"],
+        file.tensors["model.layers.0.mlp.down_proj.lora_A0"]
+    );
     // LoRA files hold only lora_A and lora_B.
     let mut model = Model::load(&fixture("llama")).unwrap();
     let req = request("lora");

@@ -17,10 +17,11 @@ const NORM_EPS: f64 = 1e-4;
 /// How DeLoRA starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum DeloraInit {
-    /// The paper's: kaiming A and B, and the weight rewritten to `W_res = W − ΔW₀` so
-    /// the model is unchanged at init. Every rank starts with a unit-scale B, so the
-    /// first updates are small, as LoRA's (lora-lite's `B = 0` meets the `max(‖b_i‖,
-    /// 1e-4)` clamp: a 1e4 gain that puts every rank at full strength after one step).
+    /// The paper's: kaiming A and B, minus a frozen copy of the initial branch
+    /// (`lora_A0`, `lora_B0`, `lambda0`), so the model is unchanged at init and the base
+    /// weights are untouched. Every rank starts with a unit-scale B, so the first
+    /// updates are small, as LoRA's (lora-lite's `B = 0` meets the `max(‖b_i‖, 1e-4)`
+    /// clamp: a 1e4 gain that puts every rank at full strength after one step).
     #[default]
     Paper,
     /// lora-lite's and PEFT's: kaiming A, `B = 0`; files load in lora-lite unchanged.
@@ -45,8 +46,8 @@ impl DeloraInit {
     }
 }
 
-/// DeLoRA: kaiming A, B kaiming (the paper's init, with `W_res`) or zero (lora-lite's),
-/// `lambda = lambda0`, frozen `wnorm = ‖W[:, j]‖`.
+/// DeLoRA: kaiming A, B kaiming (the paper's init, with the frozen initial branch
+/// subtracted) or zero (lora-lite's), `lambda = lambda0`, frozen `wnorm = ‖W[:, j]‖`.
 pub struct Delora;
 
 impl Variant for Delora {
@@ -55,7 +56,7 @@ impl Variant for Delora {
     }
 
     fn param_specs(&self, d: Dims, cfg: &Config) -> Vec<ParamSpec> {
-        vec![
+        let mut specs = vec![
             ParamSpec {
                 name: "lora_A",
                 shape: vec![cfg.r, d.d_in],
@@ -83,19 +84,26 @@ impl Variant for Delora {
                 init: Init::Zeros,
                 trainable: false,
             },
-        ]
+        ];
+        if cfg.delora_init == DeloraInit::Paper {
+            for (name, shape) in [("lora_A0", [cfg.r, d.d_in]), ("lora_B0", [d.d_out, cfg.r])] {
+                specs.push(ParamSpec {
+                    name,
+                    shape: shape.to_vec(),
+                    init: Init::Zeros, // copied from A and B in `init`
+                    trainable: false,
+                });
+            }
+        }
+        specs
     }
 
     fn reads_weight(&self) -> bool {
         true
     }
 
-    fn rewrites_weight(&self, cfg: &Config) -> bool {
-        cfg.delora_init == DeloraInit::Paper
-    }
-
     // wnorm_j = ‖W[:, j]‖₂, one per input channel (torch W.norm(dim=0)), in f32; the
-    // paper's init also W_res = W − ΔW(A₀, B₀, λ₀) from the tensors as rounded.
+    // paper's init also keeps A₀ = A, B₀ = B.
     fn init(
         &self,
         w: &Array2<f32>,
@@ -114,15 +122,11 @@ impl Variant for Delora {
             .into_dyn();
         round(&mut wnorm);
         p.insert("lora_wnorm", wnorm);
-        if cfg.delora_init == DeloraInit::LoraLite {
-            return Ok(None);
+        if cfg.delora_init == DeloraInit::Paper {
+            p.insert("lora_A0", p["lora_A"].clone());
+            p.insert("lora_B0", p["lora_B"].clone());
         }
-        for t in p.values_mut() {
-            round(t);
-        }
-        let mut w_res = w.clone();
-        w_res -= &Delora::delta_w(p, cfg);
-        Ok(Some(w_res))
+        Ok(None)
     }
 
     fn cfg_fields(&self, cfg: &Config) -> Vec<(&'static str, serde_json::Value)> {
@@ -135,11 +139,20 @@ impl Variant for Delora {
         x: ValueId,
         _y: ValueId,
         p: &BTreeMap<&'static str, ValueId>,
-        _cfg: &Config,
+        cfg: &Config,
     ) -> Result<ValueId> {
-        let h = b.op("MatMul", &[x, p["a_scaled"]], vec![])?; // [..., r]
-        let hs = b.op("Mul", &[h, p["sigma"]], vec![])?;
-        b.op("MatMul", &[hs, p["lora_B"]], vec![])
+        let mut term = |a: &str, sigma: &str, bm: &str| -> Result<ValueId> {
+            let h = b.op("MatMul", &[x, p[a]], vec![])?; // [..., r]
+            let hs = b.op("Mul", &[h, p[sigma]], vec![])?;
+            b.op("MatMul", &[hs, p[bm]], vec![])
+        };
+        let delta = term("a_scaled", "sigma", "lora_B")?;
+        if cfg.delora_init == DeloraInit::LoraLite {
+            return Ok(delta);
+        }
+        // The same ops on the frozen copy: exactly the same values at init.
+        let initial = term("a0_scaled", "sigma0", "lora_B0")?;
+        b.op("Sub", &[delta, initial], vec![])
     }
 
     // Once per module (shared by every site of a module called twice):
@@ -152,33 +165,72 @@ impl Variant for Delora {
         p: &BTreeMap<&'static str, ValueId>,
         cfg: &Config,
     ) -> Result<Vec<(&'static str, ValueId)>> {
-        let (a, bm) = (p["lora_A"], p["lora_B"]);
-        let wnorm_col = b.unsqueeze(p["lora_wnorm"], &[1])?; // [d_in, 1]
-        let a_scaled = b.op("Mul", &[wnorm_col, a], vec![])?;
-        let eps2 = b.scalar("eps2", NORM_EPS * NORM_EPS);
-        let a_ss = b.reduce_sum_square(a, &[0])?; // A_m [d_in, r]: per-rank norm over axis 0
-        let a_max = b.op("Max", &[a_ss, eps2], vec![])?;
-        let an = b.op("Sqrt", &[a_max], vec![])?;
-        let b_ss = b.reduce_sum_square(bm, &[1])?; // B_m [r, d_out]: per-rank norm over axis 1
-        let b_max = b.op("Max", &[b_ss, eps2], vec![])?;
-        let bn = b.op("Sqrt", &[b_max], vec![])?;
-        let r = b.scalar("r", cfg.r as f64);
-        let lambda_r = b.op("Div", &[p["lora_lambda"], r], vec![])?;
-        let norms = b.op("Mul", &[an, bn], vec![])?;
-        let sigma = b.op("Div", &[lambda_r, norms], vec![])?; // [r]
-        Ok(vec![("a_scaled", a_scaled), ("sigma", sigma)])
+        let (a_scaled, sigma) = scaled(b, p["lora_A"], p["lora_B"], p["lora_lambda"], p, cfg)?;
+        let mut values = vec![("a_scaled", a_scaled), ("sigma", sigma)];
+        if cfg.delora_init == DeloraInit::Paper {
+            let lambda0 = b.scalar("lambda0", cfg.lambda0);
+            let (a0, s0) = scaled(b, p["lora_A0"], p["lora_B0"], lambda0, p, cfg)?;
+            values.extend([("a0_scaled", a0), ("sigma0", s0)]);
+        }
+        Ok(values)
     }
 
+    // W + ΔW(A, B, λ) (− ΔW(A₀, B₀, λ₀) with the paper's init).
     fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
-        w + &Delora::delta_w(p, cfg)
+        let mut merged = w + &Delora::delta_w(p, cfg);
+        if cfg.delora_init == DeloraInit::Paper {
+            let (a0, b0) = (mat(p, "lora_A0"), mat(p, "lora_B0"));
+            merged -= &Delora::delta_of(&a0, &b0, cfg.lambda0, p, cfg);
+        }
+        merged
     }
 }
 
+/// Per module: `a_scaled = diag(wnorm) A_m`, since `(x ⊙ wnorm) A_m = x (diag(wnorm) A_m)`
+/// (x keeps MatMul readers only, as in the base graph, and the cost is d_in·r, not
+/// tokens·d_in); `σ = (λ/r) / (an·bn)` with `an, bn = sqrt(max(Σ(.)², ε²))` (NaN-safe
+/// at B = 0).
+fn scaled(
+    b: &mut Builder,
+    a: ValueId,
+    bm: ValueId,
+    lambda: ValueId,
+    p: &BTreeMap<&'static str, ValueId>,
+    cfg: &Config,
+) -> Result<(ValueId, ValueId)> {
+    let wnorm_col = b.unsqueeze(p["lora_wnorm"], &[1])?; // [d_in, 1]
+    let a_scaled = b.op("Mul", &[wnorm_col, a], vec![])?;
+    let eps2 = b.scalar("eps2", NORM_EPS * NORM_EPS);
+    let a_ss = b.reduce_sum_square(a, &[0])?; // A_m [d_in, r]: per-rank norm over axis 0
+    let a_max = b.op("Max", &[a_ss, eps2], vec![])?;
+    let an = b.op("Sqrt", &[a_max], vec![])?;
+    let b_ss = b.reduce_sum_square(bm, &[1])?; // B_m [r, d_out]: per-rank norm over axis 1
+    let b_max = b.op("Max", &[b_ss, eps2], vec![])?;
+    let bn = b.op("Sqrt", &[b_max], vec![])?;
+    let r = b.scalar("r", cfg.r as f64);
+    let lambda_r = b.op("Div", &[lambda, r], vec![])?;
+    let norms = b.op("Mul", &[an, bn], vec![])?;
+    let sigma = b.op("Div", &[lambda_r, norms], vec![])?; // [r]
+    Ok((a_scaled, sigma))
+}
+
 impl Delora {
-    /// `ΔW = B diag(σ) A diag(wnorm)`, `σ_i = (λ/r) / (max(‖A[i,:]‖, ε)·max(‖B[:,i]‖, ε))`.
+    /// `ΔW = B diag(σ) A diag(wnorm)`, `σ_i = (λ/r) / (max(‖A[i,:]‖, ε)·max(‖B[:,i]‖, ε))`,
+    /// of the trained tensors.
     pub fn delta_w(p: &Params, cfg: &Config) -> Array2<f32> {
         let (a, b) = (mat(p, "lora_A"), mat(p, "lora_B"));
         let lambda = p["lora_lambda"].iter().next().copied().unwrap_or(0.0) as f64;
+        Delora::delta_of(&a, &b, lambda, p, cfg)
+    }
+
+    /// `ΔW` of `a`, `b`, `lambda` with the layer's `wnorm`.
+    fn delta_of(
+        a: &Array2<f32>,
+        b: &Array2<f32>,
+        lambda: f64,
+        p: &Params,
+        cfg: &Config,
+    ) -> Array2<f32> {
         let wnorm: Array1<f32> = p["lora_wnorm"]
             .clone()
             .into_dimensionality()
