@@ -57,7 +57,8 @@ fn feeds(t: &Training, name: &str, seed: u64) -> HashMap<String, Array> {
     for m in &t.outcome.grafted.modules {
         for (p, values) in m.params.iter().filter(|(p, _)| m.trainable.contains(p)) {
             let mut v = lora_graft::passes::graft::onnx_layout(values);
-            if *p == "lora_B" {
+            // The tensors that start at zero (B, VeRA's λ_b) are set non-zero.
+            if *p == "lora_B" || *p == "vera_lambda_b" {
                 v.mapv_inplace(|_| rng.uniform_in(-0.3, 0.3) as f32);
             }
             if *p == "lora_lambda" {

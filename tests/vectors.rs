@@ -784,3 +784,41 @@ fn road_vectors_for_each_sub_variant() {
         );
     }
 }
+
+#[test]
+fn tv7_vera() {
+    let cfg = Config {
+        r: 2,
+        ..Config::default()
+    };
+    let (mut model, mut outcome) = graft("vera", cfg.clone());
+    let p = &outcome.grafted.modules[0].params;
+    assert!(p["vera_lambda_b"].iter().all(|&v| v == 0.0));
+    assert!(p["vera_lambda_d"].iter().all(|&v| v == 0.1f32));
+    close2(
+        &forward(&model),
+        &[[-2.0, -2.0], [4.0, 13.0]],
+        "identity at init",
+    );
+    let v = |a: &[f32]| tract_core::ndarray::Array1::from(a.to_vec()).into_dyn();
+    set(
+        &mut model,
+        &mut outcome,
+        "vera_A",
+        arr2(&[[1.0f32, 0.0, -1.0], [0.5, 0.5, 0.5]]).into_dyn(),
+    );
+    set(
+        &mut model,
+        &mut outcome,
+        "vera_B",
+        arr2(&[[1.0f32, -1.0], [0.0, 2.0]]).into_dyn(),
+    );
+    set(&mut model, &mut outcome, "vera_lambda_d", v(&[0.5, 1.0]));
+    set(&mut model, &mut outcome, "vera_lambda_b", v(&[1.0, -2.0]));
+    close2(&forward(&model), &[[-1.0, -2.0], [3.5, 7.0]], "Y'");
+    close2(
+        &merged_wm(&outcome, &cfg),
+        &[[1.0, 2.0], [1.5, 3.0], [2.0, 4.0]],
+        "merged Wm'",
+    );
+}

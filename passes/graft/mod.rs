@@ -61,6 +61,9 @@ pub struct ModuleAdapter {
 pub struct Grafted {
     /// Per module, in graph order.
     pub modules: Vec<ModuleAdapter>,
+    /// Tensors shared by every module (VeRA's projections), torch layout; each
+    /// module's params hold its slice of them.
+    pub shared: Params,
 }
 
 impl Grafted {
@@ -145,18 +148,37 @@ fn graft_targets(
 ) -> Result<Grafted> {
     let groups = by_module(targets);
     let dtypes = crate::ir::infer::value_dtypes(graph)?;
+    // Shared tensors, once, for the widest layer.
+    let shared = if opts.variant.shared_params().is_empty() {
+        Params::new()
+    } else {
+        let max = Dims {
+            d_in: targets.iter().map(|t| t.d_in).max().unwrap_or(0),
+            d_out: targets.iter().map(|t| t.d_out).max().unwrap_or(0),
+        };
+        let mut rng = Rng::for_name(opts.cfg.seed, "shared");
+        let mut shared = opts.variant.shared_init(max, &opts.cfg, &mut rng);
+        let round = rounding(opts.adapter_dtype);
+        for t in shared.values_mut() {
+            round(t);
+        }
+        shared
+    };
     // 1. Adapter tensors and rewritten weights, read-only on the graph, in parallel.
     let prepared = par_map(
         &groups,
         |(_, group)| module_cost(group, opts),
         PARALLEL_MEMORY_BUDGET,
         |(module, group)| {
-            prepare_module(graph, &dtypes, module, group, opts)
+            prepare_module(graph, &dtypes, module, group, opts, &shared)
                 .map_err(|e| e.context(format!("grafting '{module}'")))
         },
     );
     // 2. The edits, in graph order.
-    let mut grafted = Grafted::default();
+    let mut grafted = Grafted {
+        shared,
+        ..Grafted::default()
+    };
     for ((module, group), prepared) in groups.iter().zip(prepared) {
         let m = apply_module(graph, &dtypes, opset, module, group, prepared?, opts)
             .map_err(|e| e.context(format!("grafting '{module}'")))?;
@@ -179,6 +201,7 @@ fn prepare_module(
     module: &str,
     group: &[&Target],
     opts: &GraftOptions,
+    shared: &Params,
 ) -> Result<Prepared> {
     let t0 = group[0];
     let dims = Dims {
@@ -209,6 +232,11 @@ fn prepare_module(
     let specs = variant.param_specs(dims, cfg);
     let mut rng = Rng::for_name(cfg.seed, module);
     let mut params = init_params(&specs, &mut rng);
+    for spec in specs.iter().filter(|s| shared.contains_key(s.name)) {
+        let slice = super::variants::leading_slice(&shared[spec.name], &spec.shape)
+            .expect("shared tensors fit the widest layer");
+        params.insert(spec.name, slice);
+    }
     let round = rounding(opts.adapter_dtype);
     let w_res = if variant.reads_weight() {
         let w = effective_weight(graph, t0)?;

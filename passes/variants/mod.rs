@@ -11,6 +11,7 @@ pub mod lora;
 pub mod olora;
 pub mod pissa;
 pub mod road;
+pub mod vera;
 
 use std::collections::BTreeMap;
 
@@ -32,6 +33,7 @@ pub const VARIANTS: &[&dyn Variant] = &[
     &hra::Hra,
     &olora::Olora,
     &road::Road,
+    &vera::Vera,
 ];
 
 impl std::fmt::Debug for dyn Variant {
@@ -259,6 +261,18 @@ pub trait Variant: Sync {
         Ok(())
     }
 
+    /// Tensors shared by every layer (VeRA's frozen projections): each layer's params
+    /// of these names are the leading slices of them, and the adapter file holds
+    /// them once, under these names.
+    fn shared_params(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// The shared tensors (see [`Variant::shared_params`]) for layers up to `max`.
+    fn shared_init(&self, _max: Dims, _cfg: &Config, _rng: &mut Rng) -> Params {
+        Params::new()
+    }
+
     /// Whether the variant has a rank (`r`): the IA3 gates have none.
     fn uses_rank(&self) -> bool {
         true
@@ -350,6 +364,16 @@ pub trait Variant: Sync {
     fn merged_bias(&self, _b: &Array1<f32>, _p: &Params, _cfg: &Config) -> Option<Array1<f32>> {
         None
     }
+}
+
+/// The leading slice of a shared tensor of `shape` (VeRA's `A[:, :d_in]`, `B[:d_out, :]`).
+pub fn leading_slice(shared: &ArrayD<f32>, shape: &[usize]) -> Option<ArrayD<f32>> {
+    if shared.ndim() != shape.len() || shared.shape().iter().zip(shape).any(|(&s, &n)| n > s) {
+        return None;
+    }
+    let view =
+        shared.slice_each_axis(|ax| tract_core::ndarray::Slice::from(0..shape[ax.axis.index()]));
+    Some(view.to_owned())
 }
 
 /// A 1-D copy of a parameter.

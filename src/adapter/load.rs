@@ -27,6 +27,8 @@ pub struct LoadedAdapter {
     pub req: GraftRequest,
     /// module -> parameter (`lora_A`, ...) -> values.
     pub tensors: BTreeMap<String, BTreeMap<String, ArrayD<f32>>>,
+    /// Tensors shared by every module (VeRA's `vera_A`, `vera_B`), by name.
+    pub shared: BTreeMap<String, ArrayD<f32>>,
 }
 
 /// What the user says about a file that has no `cfg` (a PEFT adapter): the variant
@@ -44,12 +46,22 @@ pub struct AdapterOverrides {
 }
 
 /// `(module, parameter)` of an adapter key: lora-lite's `<module>.lora_A`, or PEFT's
-/// `base_model.model.<module>.lora_A[.default].weight`.
+/// `base_model.model.<module>.lora_A[.default].weight` (and `vera_*` alike).
 pub fn split_key(key: &str) -> Option<(String, String)> {
     let key = key.strip_prefix("base_model.model.").unwrap_or(key);
-    let at = key.find(".lora_")?;
+    let at = [".lora_", ".vera_"]
+        .iter()
+        .filter_map(|p| key.find(p))
+        .min()?;
     let param = key[at + 1..].split('.').next()?.to_string();
     Some((key[..at].to_string(), param))
+}
+
+/// The name of a tensor shared by every module (VeRA's `vera_A`, PEFT's
+/// `base_model.vera_A`), if `key` is one.
+fn shared_key(key: &str) -> Option<&str> {
+    let bare = key.strip_prefix("base_model.").unwrap_or(key);
+    (bare.starts_with("vera_") && !bare.contains('.')).then_some(bare)
 }
 
 impl LoadedAdapter {
@@ -58,12 +70,8 @@ impl LoadedAdapter {
         let file = AdapterFile::read(path)?;
         let bad = |reason: String| Error::Usage(format!("{}: {reason}", path.display()));
         let mut tensors: BTreeMap<String, BTreeMap<String, ArrayD<f32>>> = BTreeMap::new();
+        let mut shared = BTreeMap::new();
         for (key, a) in &file.tensors {
-            let (module, param) = split_key(key).ok_or_else(|| {
-                bad(format!(
-                    "key '{key}' is not an adapter key (<module>.lora_*)"
-                ))
-            })?;
             if !matches!(
                 a,
                 Array::F32(_) | Array::F16(_) | Array::BF16(_) | Array::F64(_)
@@ -79,6 +87,15 @@ impl LoadedAdapter {
                     "tensor '{key}' holds NaN or infinite values (in float32); the adapter is unusable"
                 )));
             }
+            if let Some(name) = shared_key(key) {
+                shared.insert(name.to_string(), values);
+                continue;
+            }
+            let (module, param) = split_key(key).ok_or_else(|| {
+                bad(format!(
+                    "key '{key}' is not an adapter key (<module>.lora_*)"
+                ))
+            })?;
             tensors.entry(module).or_default().insert(param, values);
         }
         if tensors.is_empty() {
@@ -124,10 +141,13 @@ impl LoadedAdapter {
             None => {
                 let mut req = GraftRequest::default();
                 let first = tensors.values().next().expect("non-empty");
-                let a = first
+                req.cfg.r = first
                     .get("lora_A")
-                    .ok_or_else(|| bad("no lora_A tensor to read r from".into()))?;
-                req.cfg.r = a.shape()[0];
+                    .map(|a| a.shape()[0])
+                    .or_else(|| first.get("vera_lambda_d").map(|l| l.len()))
+                    .ok_or_else(|| {
+                        bad("no lora_A (or vera_lambda_d) tensor to read r from".into())
+                    })?;
                 if let Some(alpha) = &overrides.alpha {
                     req.cfg.alpha = alpha.clone();
                 }
@@ -163,6 +183,7 @@ impl LoadedAdapter {
             path: path.to_path_buf(),
             req,
             tensors,
+            shared,
         })
     }
 
@@ -204,7 +225,23 @@ impl LoadedAdapter {
             };
             let specs = variant.param_specs(dims, &self.req.cfg);
             let given = self.tensors.get(&t.module);
+            let shared = variant.shared_params();
             for spec in &specs {
+                if shared.contains(&spec.name) {
+                    match self.shared.get(spec.name) {
+                        None => missing.push(spec.name.to_string()),
+                        Some(a) if variants::leading_slice(a, &spec.shape).is_none() => mismatched
+                            .push(format!(
+                                "{} is {:?} in the file, too small for {}'s {:?}",
+                                spec.name,
+                                a.shape(),
+                                t.module,
+                                spec.shape
+                            )),
+                        Some(_) => {}
+                    }
+                    continue;
+                }
                 match given.and_then(|g| g.get(spec.name)) {
                     None => missing.push(format!("{}.{}", t.module, spec.name)),
                     Some(a) if a.shape() != spec.shape.as_slice() => mismatched.push(format!(
@@ -285,7 +322,13 @@ impl LoadedAdapter {
             );
             let params: variants::Params = specs
                 .iter()
-                .map(|s| (s.name, self.tensors[module][s.name].clone()))
+                .map(|s| match self.shared.get(s.name) {
+                    Some(a) => (
+                        s.name,
+                        variants::leading_slice(a, &s.shape).expect("checked"),
+                    ),
+                    None => (s.name, self.tensors[module][s.name].clone()),
+                })
                 .collect();
             out.insert(module.clone(), params);
         }

@@ -58,8 +58,13 @@ impl Outcome {
     /// The adapter file: lora-lite keys and layout, `cfg`, and lora-graft's metadata.
     pub fn adapter_file(&self, req: &GraftRequest) -> AdapterFile {
         let mut tensors = BTreeMap::new();
+        let shared = self.variant.shared_params();
+        for (name, values) in &self.grafted.shared {
+            let a = Array::from_f32(values.clone(), req.adapter_dtype.onnx()).expect("float dtype");
+            tensors.insert(name.to_string(), a);
+        }
         for m in &self.grafted.modules {
-            for (name, values) in &m.params {
+            for (name, values) in m.params.iter().filter(|(n, _)| !shared.contains(n)) {
                 let a =
                     Array::from_f32(values.clone(), req.adapter_dtype.onnx()).expect("float dtype");
                 tensors.insert(format!("{}.{name}", m.module), a);
@@ -151,6 +156,11 @@ pub fn apply(model: &mut Model, adapter: &LoadedAdapter) -> Result<Outcome> {
     for (module, params) in adapter.params(&modules, &targeting) {
         for (name, values) in params {
             set_param(model, &mut outcome, &module, name, values)?;
+        }
+    }
+    for name in outcome.variant.shared_params() {
+        if let Some(a) = adapter.shared.get(*name) {
+            outcome.grafted.shared.insert(name, a.clone());
         }
     }
     Ok(outcome)

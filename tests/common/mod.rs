@@ -228,7 +228,7 @@ pub fn perturb(model: &mut lora_graft::Model, outcome: &mut lora_graft::jobs::Ou
             let v = m.params.get_mut(name).unwrap();
             match name {
                 "lora_A" => {}
-                "lora_B" => v.mapv_inplace(|_| rng.uniform_in(-0.2, 0.2) as f32),
+                "lora_B" | "vera_lambda_b" => v.mapv_inplace(|_| rng.uniform_in(-0.2, 0.2) as f32),
                 "lora_lambda" => v.fill(3.0),
                 _ => {
                     let rms = (v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32).sqrt();
