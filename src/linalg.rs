@@ -116,10 +116,18 @@ pub fn qr_leading<T: Copy + Into<f64>>(w: &Array2<T>, r: usize) -> (Array2<f64>,
         for i in j + 1..m {
             a[[i, j]] = 0.0;
         }
-        for col in j + 1..n {
-            let dot: f64 = (j..m).map(|i| v[i - j] * a[[i, col]]).sum();
-            for i in j..m {
-                a[[i, col]] -= tau * v[i - j] * dot;
+        // A[j.., j+1..] -= tau v (vᵀ A), row by row (the matrix is row-major).
+        let mut dots = vec![0.0; n];
+        for i in j..m {
+            let vi = v[i - j];
+            for (d, &x) in dots[j + 1..].iter_mut().zip(a.row(i).iter().skip(j + 1)) {
+                *d += vi * x;
+            }
+        }
+        for i in j..m {
+            let f = tau * v[i - j];
+            for (x, &d) in a.row_mut(i).iter_mut().skip(j + 1).zip(&dots[j + 1..]) {
+                *x -= f * d;
             }
         }
         reflections.push((v, tau));
@@ -134,10 +142,17 @@ pub fn qr_leading<T: Copy + Into<f64>>(w: &Array2<T>, r: usize) -> (Array2<f64>,
         if *tau == 0.0 {
             continue;
         }
-        for col in 0..r {
-            let dot: f64 = (j..m).map(|i| v[i - j] * q[[i, col]]).sum();
-            for i in j..m {
-                q[[i, col]] -= tau * v[i - j] * dot;
+        let mut dots = vec![0.0; r];
+        for i in j..m {
+            let vi = v[i - j];
+            for (d, &x) in dots.iter_mut().zip(q.row(i)) {
+                *d += vi * x;
+            }
+        }
+        for i in j..m {
+            let f = tau * v[i - j];
+            for (x, &d) in q.row_mut(i).iter_mut().zip(&dots) {
+                *x -= f * d;
             }
         }
     }

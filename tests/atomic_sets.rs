@@ -11,18 +11,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{cli, fixture, listing, python, root};
-
-/// Every file of `dir` with its bytes.
-fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    listing(dir)
-        .into_iter()
-        .map(|n| {
-            let bytes = std::fs::read(dir.join(&n)).unwrap();
-            (n, bytes)
-        })
-        .collect()
-}
+use common::{cli, fixture, listing, python, root, snapshot};
 
 /// Runs the binary with `args`, killing itself at commit step `kill_at`.
 fn run_killed(args: &[String], kill_at: usize) -> Output {

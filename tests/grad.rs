@@ -72,20 +72,50 @@ fn feeds(t: &Training, name: &str, seed: u64) -> HashMap<String, Array> {
 
 /// Central differences on `samples` entries of every trainable tensor; returns the
 /// worst relative error of the sampled gradient vector per tensor.
+/// The session finite differences run: `t`'s training graph with every stop-gradient
+/// value (DoRA's norm) held at its value for `base`, as the gradient pass treats it
+/// (PyTorch's `detach`), so that both see the same function.
+fn frozen_session(t: &Training, base: &HashMap<String, Array>) -> Session {
+    use lora_graft::ir::{build::stops_gradient, GraphIo, Initializer};
+    let graph = &t.model.graph;
+    let stops: Vec<_> = graph
+        .node_ids()
+        .filter(|&n| stops_gradient(graph.node(n)))
+        .map(|n| (n, graph.node(n).outputs[0].unwrap()))
+        .collect();
+    if stops.is_empty() {
+        return Session::new(t);
+    }
+    let name = |v| graph.value(v).name.clone();
+    let mut probe = t.clone();
+    for &(_, v) in &stops {
+        probe.model.graph.add_output(GraphIo {
+            value: v,
+            info: lora_graft::proto::ValueInfoProto {
+                name: Some(name(v)),
+                ..Default::default()
+            },
+        });
+    }
+    let values = Session::new(&probe).run(base);
+    let mut frozen = t.clone();
+    for &(n, v) in &stops {
+        let init = Initializer::from_array(&values[&name(v)]).unwrap();
+        frozen.model.graph.make_initializer(v, init);
+        frozen.model.graph.remove_node(n);
+    }
+    Session::new(&frozen)
+}
+
 fn check_fd(name: &str, variant: &str, loss: Loss, batch: usize, seq: usize, h: f64, tol: f64) {
     let t = training(name, variant, loss, batch, seq);
     let s = Session::new(&t);
     let base = feeds(&t, name, 3);
     let out = s.run(&base);
     assert!(scalar(&out["loss"]).is_finite());
+    let frozen = frozen_session(&t, &base);
     let mut rng = Rng::new(9);
     for (tensor, grad_name) in &t.graph.gradients {
-        // DoRA's A and B reach the loss also through the norm, which its gradient holds
-        // constant (detached, as in lora-lite and PEFT): finite differences of the
-        // function do not see that; the oracles' autograd checks those (tests/oracles.rs).
-        if variant == "dora" && !tensor.ends_with("lora_m") {
-            continue;
-        }
         let g = out[grad_name].to_f64();
         let theta = base[tensor].to_f32();
         let (mut num, mut ana) = (Vec::new(), Vec::new());
@@ -99,7 +129,8 @@ fn check_fd(name: &str, variant: &str, loss: Loss, batch: usize, seq: usize, h: 
             let mut tm = theta.clone();
             tm.as_slice_mut().unwrap()[i] -= h as f32;
             minus.insert(tensor.clone(), Array::F32(tm));
-            let fd = (scalar(&s.run(&plus)["loss"]) - scalar(&s.run(&minus)["loss"])) / (2.0 * h);
+            let fd = (scalar(&frozen.run(&plus)["loss"]) - scalar(&frozen.run(&minus)["loss"]))
+                / (2.0 * h);
             num.push(fd);
             ana.push(g.as_slice().unwrap()[i]);
         }
@@ -310,17 +341,7 @@ fn gradients_match_pytorch_autograd() {
                     .unwrap();
             let torch =
                 AdapterFile::read(&dir.join(format!("{name}.{variant}.grad.safetensors"))).unwrap();
-            let (inputs, _) = reference(name);
-            let mut feeds: HashMap<String, Array> = inputs.iter().cloned().collect();
-            match loss {
-                Loss::CausalLm => {
-                    feeds.insert("labels".into(), feeds["input_ids"].clone());
-                }
-                _ => {
-                    let shape = t.input_shapes["target"].clone();
-                    feeds.insert("target".into(), Array::F32(ArrayD::zeros(IxDyn(&shape))));
-                }
-            }
+            let mut feeds = common::loss_feeds(name, &t);
             for (tensor, _) in &t.graph.gradients {
                 let values = adapter.tensors[tensor].to_f32();
                 // lambda may be stored [1] (PEFT's shape) where lora-lite has [].

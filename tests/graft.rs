@@ -135,7 +135,7 @@ fn golden_grafted_graphs() {
                 ),
                 Err(e) => {
                     assert!(
-                        *name == "genai_int4" && req.variant.reads_weight(),
+                        *name == "genai_int4" && common::refused_on_int4(variant),
                         "{name} {variant}: {e}"
                     );
                     assert!(e.to_string().contains("quantized"), "{e}");

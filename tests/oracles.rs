@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use common::{fixture, max_abs, max_abs_diff, reference, root, scalar, Session};
@@ -15,7 +14,6 @@ use lora_graft::jobs::{self, TrainingRequest};
 use lora_graft::passes::grad::loss::Loss;
 use lora_graft::tensor::Array;
 use lora_graft::Model;
-use tract_core::ndarray::{ArrayD, IxDyn};
 
 /// The oracle cases, as named in `fixtures/variants/` (`<fixture>.<case>.*`): lora-lite's
 /// files say their variant in `cfg`; PEFT's (with `adapter_config.json`) do not.
@@ -93,18 +91,7 @@ fn gradients_match_the_oracles_autograd() {
             };
             let req = TrainingRequest::new(adapter.req.clone(), loss, 2, 7);
             let t = jobs::training_graph_of(model, outcome, &req).unwrap();
-            let (inputs, _) = reference(name);
-            let mut feeds: HashMap<String, Array> = inputs.iter().cloned().collect();
-            match loss {
-                Loss::CausalLm => {
-                    feeds.insert("labels".into(), feeds["input_ids"].clone());
-                }
-                _ => {
-                    // make.py's bert loss: mean(last_hidden_state²).
-                    let shape = t.input_shapes["target"].clone();
-                    feeds.insert("target".into(), Array::F32(ArrayD::zeros(IxDyn(&shape))));
-                }
-            }
+            let mut feeds = common::loss_feeds(name, &t);
             for m in &t.outcome.grafted.modules {
                 for p in &m.trainable {
                     let values = lora_graft::passes::graft::onnx_layout(&m.params[p]);

@@ -4,23 +4,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use common::{cli, copy_fixture, fixture, listing, reference, run_tract};
+use common::{cli, copy_fixture, fixture, listing, reference, run_tract, snapshot};
 use lora_graft::Model;
-
-/// Every file of `dir` with its bytes.
-fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
-    listing(dir)
-        .into_iter()
-        .filter(|n| dir.join(n).is_file())
-        .map(|n| {
-            let bytes = std::fs::read(dir.join(&n)).unwrap();
-            (n, bytes)
-        })
-        .collect()
-}
 
 /// Runs `args` (paths relative to `dir`) and checks it is refused with `needle` in a
 /// one-line error, leaving every file of `dir` as it was and adding none.

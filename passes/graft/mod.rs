@@ -222,9 +222,18 @@ fn prepare_module(
     variant
         .check_layer(dims, cfg)
         .map_err(|why| Error::Usage(format!("{} on layer '{module}': {why}", variant.name())))?;
-    if variant.reads_weight() && t0.quantized {
+    // A quantized weight is read dequantized (DeLoRA's norms); it cannot be rewritten,
+    // and MatMulNBits has no dense weight in the graph for DoRA's norm.
+    if t0.quantized && variant.rewrites_weight(cfg) {
         return Err(Error::Usage(format!(
-            "{} needs the float weight of '{module}', which is quantized ({}); use lora, or a float model",
+            "{} rewrites the weight of '{module}', which is quantized ({}); use lora, delora or another variant that leaves the weight, or a float model",
+            variant.name(),
+            t0.op
+        )));
+    }
+    if t0.layout == super::target::Layout::Packed && variant.weight_in_graph() {
+        return Err(Error::Usage(format!(
+            "{} reads the dense weight of '{module}' at every step, which is quantized ({} keeps it packed); use lora or delora, or a float or DequantizeLinear model",
             variant.name(),
             t0.op
         )));

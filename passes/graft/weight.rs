@@ -27,6 +27,14 @@ pub fn onnx_layout(a: &ArrayD<f32>) -> ArrayD<f32> {
 /// The effective weight of `t` in torch layout `[d_out, d_in]`, f32, Gemm's alpha folded in.
 pub fn effective_weight(graph: &Graph, t: &Target) -> Result<Array2<f32>> {
     let node = graph.node(t.node);
+    if t.layout == Layout::Packed {
+        // MatMulNBits: [N, K] is the torch layout.
+        return crate::quant::dequantize_nbits(graph, node).map_err(|reason| Error::Node {
+            node: t.node_name.clone(),
+            op: t.op.clone(),
+            reason: format!("cannot dequantize the weight: {reason}"),
+        });
+    }
     let w = node.inputs[1].expect("weight input");
     let a = crate::interp::evaluate(graph, w).map_err(|e| Error::Node {
         node: t.node_name.clone(),

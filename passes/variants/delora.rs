@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use tract_core::ndarray::{Array1, Array2, ArrayD, Axis};
+use tract_core::ndarray::{Array1, Array2, ArrayD};
 
 use super::{mat, Config, Dims, Init, ParamSpec, Params, Variant};
 use crate::error::Result;
@@ -112,14 +112,7 @@ impl Variant for Delora {
         _: &mut Rng,
         round: &dyn Fn(&mut ArrayD<f32>),
     ) -> Result<Option<Array2<f32>>> {
-        let mut wnorm = w
-            .map_axis(Axis(0), |col| {
-                col.iter()
-                    .map(|&v| (v as f64) * (v as f64))
-                    .sum::<f64>()
-                    .sqrt() as f32
-            })
-            .into_dyn();
+        let mut wnorm = super::norms(w, 0).mapv(|n| n as f32).into_dyn();
         round(&mut wnorm);
         p.insert("lora_wnorm", wnorm);
         if cfg.delora_init == DeloraInit::Paper {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use tract_core::ndarray::{Array1, Array2, ArrayD, Axis};
 
-use super::{lora::Lora, vec1, Config, Dims, Init, ParamSpec, Params, Splice, Variant};
+use super::{lora::Lora, norms, vec1, Config, Dims, Init, ParamSpec, Params, Splice, Variant};
 use crate::error::Result;
 use crate::ir::build::Builder;
 use crate::ir::ValueId;
@@ -56,7 +56,7 @@ impl Variant for Dora {
         _: &mut Rng,
         round: &dyn Fn(&mut ArrayD<f32>),
     ) -> Result<Option<Array2<f32>>> {
-        let mut m = row_norms(w).mapv(|n| n as f32).into_dyn();
+        let mut m = norms(w, 1).mapv(|n| n as f32).into_dyn();
         round(&mut m);
         p.insert("lora_m", m);
         Ok(None)
@@ -101,21 +101,11 @@ impl Variant for Dora {
     fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
         let v = Lora.merged_weight(w, p, cfg);
         let m = vec1(p, "lora_m");
-        let c: Array1<f32> = row_norms(&v)
+        let c: Array1<f32> = norms(&v, 1)
             .iter()
             .zip(&m)
             .map(|(&n, &m)| (m as f64 / n.max(NORM_EPS)) as f32)
             .collect();
         v * &c.insert_axis(Axis(1))
     }
-}
-
-/// `‖W[o,:]‖₂` per row, in f64.
-fn row_norms(w: &Array2<f32>) -> Array1<f64> {
-    w.map_axis(Axis(1), |row| {
-        row.iter()
-            .map(|&v| (v as f64) * (v as f64))
-            .sum::<f64>()
-            .sqrt()
-    })
 }

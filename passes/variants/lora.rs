@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use tract_core::ndarray::Array2;
+use tract_core::ndarray::{Array2, ArrayD};
 
 use super::{mat, Config, Dims, Init, ParamSpec, Params, Variant};
 use crate::error::Result;
@@ -54,6 +54,31 @@ impl Variant for Lora {
 }
 
 impl Lora {
+    /// Starts a layer from the factors `a` `[r, d_in]` and `b` `[d_out, r]` (rounded to
+    /// the adapter dtype) and returns the residual weight `W − s·B A` they leave
+    /// (PiSSA's and OLoRA's inits).
+    pub fn start_from(
+        a: Array2<f64>,
+        b: Array2<f64>,
+        w: &Array2<f32>,
+        p: &mut Params,
+        cfg: &Config,
+        round: &dyn Fn(&mut ArrayD<f32>),
+    ) -> Array2<f32> {
+        let (mut a, mut b) = (
+            a.mapv(|v| v as f32).into_dyn(),
+            b.mapv(|v| v as f32).into_dyn(),
+        );
+        round(&mut a);
+        round(&mut b);
+        p.insert("lora_A", a);
+        p.insert("lora_B", b);
+        // In place on a copy of `w`, which keeps its memory layout (the stored one).
+        let mut w_res = w.clone();
+        w_res -= &Lora::delta_w(p, cfg);
+        w_res
+    }
+
     /// `ΔW = s·B A`, torch layout.
     pub fn delta_w(p: &Params, cfg: &Config) -> Array2<f32> {
         mat(p, "lora_B").dot(&mat(p, "lora_A")) * cfg.scale() as f32

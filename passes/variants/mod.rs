@@ -376,6 +376,17 @@ pub fn leading_slice(shared: &ArrayD<f32>, shape: &[usize]) -> Option<ArrayD<f32
     Some(view.to_owned())
 }
 
+/// The L2 norms of `w`'s columns (`axis` 0: one per input, torch `W.norm(dim=0)`) or
+/// rows (`axis` 1: one per output), in f64.
+pub fn norms(w: &Array2<f32>, axis: usize) -> Array1<f64> {
+    w.map_axis(tract_core::ndarray::Axis(axis), |v| {
+        v.iter()
+            .map(|&x| (x as f64) * (x as f64))
+            .sum::<f64>()
+            .sqrt()
+    })
+}
+
 /// A 1-D copy of a parameter.
 pub fn vec1(p: &Params, name: &str) -> Array1<f32> {
     p[name]

@@ -53,16 +53,7 @@ impl Variant for Olora {
         round: &dyn Fn(&mut ArrayD<f32>),
     ) -> Result<Option<Array2<f32>>> {
         let (q, r) = crate::linalg::qr_leading(w, cfg.r);
-        let (mut a, mut b) = (
-            r.mapv(|v| v as f32).into_dyn(),
-            q.mapv(|v| v as f32).into_dyn(),
-        );
-        round(&mut a);
-        round(&mut b);
-        p.insert("lora_A", a);
-        p.insert("lora_B", b);
-        let mut w_res = w.clone();
-        w_res -= &Lora::delta_w(p, cfg);
+        let w_res = Lora::start_from(r, q, w, p, cfg, round);
         Ok(Some(w_res))
     }
 

@@ -71,17 +71,7 @@ impl Variant for Pissa {
             Some(niter) => linalg::svd_lowrank(w, cfg.r, niter, None, rng)?,
         };
         let (a, b) = factors(&svd, cfg.scale());
-        let (mut a, mut b) = (
-            a.mapv(|v| v as f32).into_dyn(),
-            b.mapv(|v| v as f32).into_dyn(),
-        );
-        round(&mut a);
-        round(&mut b);
-        p.insert("lora_A", a);
-        p.insert("lora_B", b);
-        // In place on a copy of `w`, which keeps its memory layout (the stored one).
-        let mut w_res = w.clone();
-        w_res -= &Lora::delta_w(p, cfg);
+        let w_res = Lora::start_from(a, b, w, p, cfg, round);
         Ok(Some(w_res))
     }
 

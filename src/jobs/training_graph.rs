@@ -11,6 +11,7 @@ use crate::model::Model;
 use crate::passes::{grad, run_pass, PassContext};
 
 /// A training graph, made.
+#[derive(Clone)]
 pub struct Training {
     /// The training model (trainable tensors are inputs).
     pub model: Model,

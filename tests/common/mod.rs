@@ -39,7 +39,7 @@ pub fn goldens() -> Vec<String> {
         goldens.push(format!("{f}/cli.txt"));
         // graft.rs, golden_grafted_graphs: every variant but those reading a quantized weight.
         for v in lora_graft::passes::variants::VARIANTS {
-            if !(QUANTIZED_FIXTURES.contains(f) && v.reads_weight()) {
+            if !(QUANTIZED_FIXTURES.contains(f) && refused_on_int4(v.name())) {
                 goldens.push(format!("{f}/graft.{}.txt", v.name()));
             }
         }
@@ -53,6 +53,13 @@ pub fn goldens() -> Vec<String> {
     // golden.rs, per_pass_diffs.
     goldens.push("handmade/graft.lora.diff".into());
     goldens
+}
+
+/// Whether `variant` refuses the int4 `MatMulNBits` weights of `genai_int4`: it rewrites
+/// the weight (PiSSA, OLoRA) or reads the dense weight in the graph (DoRA).
+pub fn refused_on_int4(variant: &str) -> bool {
+    let v = lora_graft::passes::variants::variant(variant).unwrap();
+    v.rewrites_weight(&request(variant).cfg) || v.weight_in_graph()
 }
 
 /// The repository root.
@@ -510,6 +517,33 @@ pub fn copy_fixture(name: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     }
     let path = dir.path().join("model.onnx");
     (dir, path)
+}
+
+/// Every file of `dir` with its bytes.
+pub fn snapshot(dir: &std::path::Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    listing(dir)
+        .into_iter()
+        .filter(|n| dir.join(n).is_file())
+        .map(|n| {
+            let bytes = std::fs::read(dir.join(&n)).unwrap();
+            (n, bytes)
+        })
+        .collect()
+}
+
+/// The inputs a training graph of the fixture `name` needs besides the adapter: the
+/// reference inputs, and `labels` = `input_ids` (causal LM) or a zero `target` (mse:
+/// `fixtures/make.py`'s loss `mean(output²)`).
+pub fn loss_feeds(name: &str, t: &lora_graft::jobs::Training) -> HashMap<String, Array> {
+    let (inputs, _) = reference(name);
+    let mut feeds: HashMap<String, Array> = inputs.into_iter().collect();
+    if t.input_shapes.contains_key("labels") {
+        feeds.insert("labels".into(), feeds["input_ids"].clone());
+    }
+    if let Some(shape) = t.input_shapes.get("target") {
+        feeds.insert("target".into(), Array::F32(ArrayD::zeros(IxDyn(shape))));
+    }
+    feeds
 }
 
 /// The sorted file names in `dir`.
