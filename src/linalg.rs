@@ -93,15 +93,18 @@ pub fn svd_lowrank<T: Copy + Into<f64>>(
 /// `r ≤ min(m, n)`), in f64, with LAPACK's signs (`geqrf` + `orgqr`, as numpy and
 /// torch on CPU): `R[j, j] = −sign(w_jj)·‖column‖` after the earlier reflections.
 /// `Q_r R_r` reproduces the first `r` columns of `w` exactly (OLoRA's init).
+///
+/// Only the first `r` columns are reduced (the later reflections leave `Q_r` alone):
+/// `Q_r` from their `r` reflections, then `R_r = Q_rᵀ W` as one matrix product.
 pub fn qr_leading<T: Copy + Into<f64>>(w: &Array2<T>, r: usize) -> (Array2<f64>, Array2<f64>) {
     let (m, n) = w.dim();
     assert!(r <= m.min(n), "r = {r} is more than min({m}, {n})");
-    let mut a = w.mapv(Into::into);
+    let mut lead = Array2::from_shape_fn((m, r), |(i, j)| w[[i, j]].into());
     let mut reflections: Vec<(Vec<f64>, f64)> = Vec::with_capacity(r);
     for j in 0..r {
-        let alpha = a[[j, j]];
+        let alpha = lead[[j, j]];
         let tail: f64 = (j + 1..m)
-            .map(|i| a[[i, j]] * a[[i, j]])
+            .map(|i| lead[[i, j]] * lead[[i, j]])
             .sum::<f64>()
             .sqrt();
         if tail == 0.0 {
@@ -110,51 +113,51 @@ pub fn qr_leading<T: Copy + Into<f64>>(w: &Array2<T>, r: usize) -> (Array2<f64>,
         }
         let beta = -alpha.hypot(tail).copysign(alpha);
         let tau = (beta - alpha) / beta;
-        let mut v: Vec<f64> = (j..m).map(|i| a[[i, j]] / (alpha - beta)).collect();
+        let mut v: Vec<f64> = (j..m).map(|i| lead[[i, j]] / (alpha - beta)).collect();
         v[0] = 1.0;
-        a[[j, j]] = beta;
-        for i in j + 1..m {
-            a[[i, j]] = 0.0;
-        }
-        // A[j.., j+1..] -= tau v (vᵀ A), row by row (the matrix is row-major).
-        let mut dots = vec![0.0; n];
-        for i in j..m {
-            let vi = v[i - j];
-            for (d, &x) in dots[j + 1..].iter_mut().zip(a.row(i).iter().skip(j + 1)) {
-                *d += vi * x;
-            }
-        }
-        for i in j..m {
-            let f = tau * v[i - j];
-            for (x, &d) in a.row_mut(i).iter_mut().skip(j + 1).zip(&dots[j + 1..]) {
-                *x -= f * d;
-            }
-        }
+        apply_reflection(&mut lead, j, &v, tau, j..r);
         reflections.push((v, tau));
     }
-    let r_rows = a.slice(tract_core::ndarray::s![..r, ..]).to_owned();
     // Q_r = H_0 ⋯ H_{r−1} I[:, :r], applied right to left.
     let mut q = Array2::<f64>::zeros((m, r));
     for j in 0..r {
         q[[j, j]] = 1.0;
     }
     for (j, (v, tau)) in reflections.iter().enumerate().rev() {
-        if *tau == 0.0 {
-            continue;
-        }
-        let mut dots = vec![0.0; r];
-        for i in j..m {
-            let vi = v[i - j];
-            for (d, &x) in dots.iter_mut().zip(q.row(i)) {
-                *d += vi * x;
-            }
-        }
-        for i in j..m {
-            let f = tau * v[i - j];
-            for (x, &d) in q.row_mut(i).iter_mut().zip(&dots) {
-                *x -= f * d;
-            }
+        apply_reflection(&mut q, j, v, *tau, 0..r);
+    }
+    let wf = w.mapv(Into::into);
+    let mut r_rows = q.t().dot(&wf);
+    for i in 0..r {
+        for j in 0..i {
+            r_rows[[i, j]] = 0.0; // exactly upper-trapezoidal, as LAPACK's R
         }
     }
     (q, r_rows)
+}
+
+/// `A[j.., cols] −= τ v (vᵀ A[j.., cols])`, row by row (row-major).
+fn apply_reflection(
+    a: &mut Array2<f64>,
+    j: usize,
+    v: &[f64],
+    tau: f64,
+    cols: std::ops::Range<usize>,
+) {
+    if tau == 0.0 {
+        return;
+    }
+    let mut dots = vec![0.0; cols.len()];
+    for (k, &vk) in v.iter().enumerate() {
+        let row = a.row(j + k);
+        for (d, c) in dots.iter_mut().zip(cols.clone()) {
+            *d += vk * row[c];
+        }
+    }
+    for (k, &vk) in v.iter().enumerate() {
+        let mut row = a.row_mut(j + k);
+        for (d, c) in dots.iter().zip(cols.clone()) {
+            row[c] -= tau * vk * d;
+        }
+    }
 }
