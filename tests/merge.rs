@@ -64,9 +64,10 @@ fn merged_model_equals_the_adapted_one_and_keeps_the_base_graph() {
                 "{name} {variant}: same graph, only weights differ"
             );
             let (m, a) = (run_tract(&merged, &inputs), run_tract(&adapted, &inputs));
-            // fp32, products summed in another order: 1e-4 relative (the bound).
+            // fp32, products summed in another order: 1e-5 relative (the variants issue's
+            // bound; measured at most 2.7e-6, OLoRA on llama).
             let rel = max_abs_diff(&m[0], &a[0]) / common::max_abs(&a[0]);
-            assert!(rel <= 1e-4, "{name} {variant}: merged vs adapted {rel:e}");
+            assert!(rel <= 1e-5, "{name} {variant}: merged vs adapted {rel:e}");
             assert!(
                 max_abs_diff(&m[0], &run_tract(&base, &inputs)[0]) > 1e-3,
                 "{name} {variant}: the merge changed the weights"
