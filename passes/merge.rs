@@ -14,10 +14,10 @@ use crate::ir::Graph;
 use crate::rng::Rng;
 use tract_core::ndarray::Array1;
 
-/// What the base model of a PiSSA merge holds.
+/// What the base model of a merge of a weight-rewriting variant (PiSSA, OLoRA) holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PissaBase {
-    /// The original W: `W_res` is recomputed from the same (deterministic) SVD init,
+    /// The original W: `W_res` is recomputed from the same (deterministic) SVD or QR init,
     /// so `W' = W − s·B₀A₀ + s·BA` (PEFT's rank-2r conversion, folded).
     Original,
     /// Already `W_res` (the grafted model's weights): `W' = W_res + s·BA`.
@@ -176,7 +176,7 @@ impl Merge<'_> {
         )));
         }
         let w = effective_weight(graph, t0)?;
-        let base_w = if self.base == PissaBase::Original && variant.rewrites_weight(cfg) {
+        let base_w = if self.base == PissaBase::Original && variant.rewrites_weight() {
             let dims = Dims {
                 d_in: t0.d_in,
                 d_out: t0.d_out,

@@ -59,11 +59,6 @@ impl Commit {
         Ok(temp)
     }
 
-    /// The targets staged so far, in commit order.
-    pub fn targets(&self) -> impl Iterator<Item = &Path> {
-        self.staged.iter().map(|(_, t)| t.as_path())
-    }
-
     /// Renames every staged file over its target, as one set (see the module doc).
     pub fn commit(mut self) -> Result<()> {
         let staged = std::mem::take(&mut self.staged);

@@ -23,7 +23,7 @@ fn run(model: &Model, inputs: &Named) -> Vec<Array> {
 fn identity_tolerance(name: &str, variant: &str, diff: f64, y0: &Array) -> (f64, f64) {
     let rewrites_weight = lora_graft::passes::variants::variant(variant)
         .unwrap()
-        .rewrites_weight(&request(variant).cfg);
+        .rewrites_weight();
     // DoRA's m / ‖W + s·BA‖ and HRA's paired reflections are 1 and I up to rounding
     // (variants.md §11: ≤ 1e-6·‖Y‖ per layer; through the model, 1e-5 of the largest output).
     let rounds = matches!(variant, "dora" | "hra");

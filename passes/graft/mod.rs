@@ -224,7 +224,7 @@ fn prepare_module(
         .map_err(|why| Error::Usage(format!("{} on layer '{module}': {why}", variant.name())))?;
     // A quantized weight is read dequantized (DeLoRA's norms); it cannot be rewritten,
     // and MatMulNBits has no dense weight in the graph for DoRA's norm.
-    if t0.quantized && variant.rewrites_weight(cfg) {
+    if t0.quantized && variant.rewrites_weight() {
         return Err(Error::Usage(format!(
             "{} rewrites the weight of '{module}', which is quantized ({}); use lora, delora or another variant that leaves the weight, or a float model",
             variant.name(),

@@ -296,7 +296,7 @@ pub trait Variant: Sync {
 
     /// Whether [`Variant::init`] rewrites the base weight (PiSSA's `W_res`): merging
     /// into the original weights then recomputes it.
-    fn rewrites_weight(&self, _cfg: &Config) -> bool {
+    fn rewrites_weight(&self) -> bool {
         false
     }
 

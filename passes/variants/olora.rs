@@ -34,7 +34,7 @@ impl Variant for Olora {
         true
     }
 
-    fn rewrites_weight(&self, _cfg: &Config) -> bool {
+    fn rewrites_weight(&self) -> bool {
         true
     }
 

@@ -42,7 +42,7 @@ impl Variant for Pissa {
         true
     }
 
-    fn rewrites_weight(&self, _cfg: &Config) -> bool {
+    fn rewrites_weight(&self) -> bool {
         true
     }
 

@@ -95,27 +95,16 @@ fn planes(d_out: usize, cfg: &Config) -> Planes {
 }
 
 impl Road {
-    /// `(c1, c2·sign)` per output channel from the layer's parameters.
-    fn coefficients(p: &Params, cfg: &Config, d_out: usize) -> (Vec<f64>, Vec<f64>) {
+    /// Calls `f(j, c1_j, partner_j, sign_j·c2_j)` for every output channel `j`, so that
+    /// `(R v)_j = c1_j v_j + sign_j·c2_j v_partner` (the merge of `W`'s rows and `b`).
+    fn rotate<F: FnMut(usize, f64, usize, f64)>(p: &Params, cfg: &Config, d_out: usize, mut f: F) {
         let (theta, alpha) = (vec1(p, "lora_road_theta"), vec1(p, "lora_road_alpha"));
         let pl = planes(d_out, cfg);
-        let at = |i: i64| (theta[i as usize] as f64, alpha[i as usize] as f64);
-        let c1 = pl.cos.iter().map(|&i| at(i).1 * at(i).0.cos()).collect();
-        let c2 = pl
-            .sin
-            .iter()
-            .zip(&pl.sign)
-            .map(|(&i, s)| s * at(i).1 * at(i).0.sin())
-            .collect();
-        (c1, c2)
-    }
-
-    /// `R v` for a vector (or each column of a matrix) indexed by output channel.
-    fn rotate<F: FnMut(usize, f64, usize, f64)>(p: &Params, cfg: &Config, d_out: usize, mut f: F) {
-        let (c1, c2) = Road::coefficients(p, cfg, d_out);
-        let pl = planes(d_out, cfg);
         for j in 0..d_out {
-            f(j, c1[j], pl.partner[j], c2[j]);
+            let (c, s) = (pl.cos[j] as usize, pl.sin[j] as usize);
+            let c1 = alpha[c] as f64 * (theta[c] as f64).cos();
+            let c2 = alpha[s] as f64 * (theta[s] as f64).sin();
+            f(j, c1, pl.partner[j], pl.sign[j] * c2);
         }
     }
 }
@@ -207,33 +196,16 @@ impl Variant for Road {
         let h = cfg.road_group_size / 2;
         let chunks = d_out / h;
         let sizes = vec![h as i64; chunks];
-        let parts = if b.opset >= 13 {
-            let sizes = b.ints("split", &sizes);
-            let name = format!("{}{}Split", b.prefix, b.sep);
-            b.graph
-                .add_op(
-                    "Split",
-                    &name,
-                    &[y, sizes],
-                    vec![int_attr("axis", -1)],
-                    chunks,
-                )?
-                .1
+        // The sizes are an input from opset 13, an attribute before.
+        let (inputs, mut attrs) = (vec![y], vec![int_attr("axis", -1)]);
+        let inputs = if b.opset >= 13 {
+            vec![y, b.ints("split", &sizes)]
         } else {
-            let name = format!("{}{}Split", b.prefix, b.sep);
-            b.graph
-                .add_op(
-                    "Split",
-                    &name,
-                    &[y],
-                    vec![
-                        int_attr("axis", -1),
-                        crate::ir::build::ints_attr("split", &sizes),
-                    ],
-                    chunks,
-                )?
-                .1
+            attrs.push(crate::ir::build::ints_attr("split", &sizes));
+            inputs
         };
+        let name = format!("{}{}Split", b.prefix, b.sep);
+        let parts = b.graph.add_op("Split", &name, &inputs, attrs, chunks)?.1;
         let swapped: Vec<ValueId> = parts
             .chunks(2)
             .flat_map(|pair| [pair[1], pair[0]])
