@@ -4,14 +4,13 @@
 use std::collections::BTreeMap;
 
 use super::graft::{
-    apply_weight, effective_weight, par_map, rounding, weight_patch, WeightPatch,
+    apply_weight, effective_weight, initial_params, par_map, weight_patch, WeightPatch,
     PARALLEL_MEMORY_BUDGET,
 };
 use super::target::Target;
-use super::variants::{init_params, Config, Dims, Params, Variant};
+use super::variants::{Config, Dims, Params, Variant};
 use crate::error::{Error, Result};
 use crate::ir::Graph;
-use crate::rng::Rng;
 use tract_core::ndarray::Array1;
 
 /// What the base model of a merge of a weight-rewriting variant (PiSSA, OLoRA) holds.
@@ -177,15 +176,8 @@ impl Merge<'_> {
         }
         let w = effective_weight(graph, t0)?;
         let base_w = if self.base == PissaBase::Original && variant.rewrites_weight() {
-            let dims = Dims {
-                d_in: t0.d_in,
-                d_out: t0.d_out,
-            };
-            let mut rng = Rng::for_name(cfg.seed, module);
-            let mut init = init_params(&variant.param_specs(dims, cfg), &mut rng);
-            let round = rounding(self.adapter_dtype);
-            variant
-                .init(&w, &mut init, cfg, &mut rng, &round)?
+            initial_params(&w, module, variant, cfg, self.adapter_dtype)?
+                .1
                 .unwrap_or(w)
         } else {
             w

@@ -99,6 +99,7 @@ impl VariantArgs {
             adapter_dtype: self.adapter_dtype,
             filters: filters.filters()?,
             filter_text: filters.text(),
+            adapter_inputs: None,
         })
     }
 }
@@ -122,15 +123,25 @@ pub struct GraftArgs {
     /// instead of new tensors: variant, r, alpha and targets come from the file.
     #[arg(long, value_name = "ADAPTER")]
     pub adapter_in: Option<PathBuf>,
+    /// Serve adapters as graph inputs (ONNX Runtime's Multi-LoRA): every target gets
+    /// inputs `<module>.lora_A [d_in, k]` and `<module>.lora_B [k, d_out]` whose defaults
+    /// leave the model as it was; feed them with `export-adapter`'s .onnx_adapter.
+    #[arg(long)]
+    pub adapter_inputs: bool,
+    /// With --adapter-inputs and a variant that rewrites the weight (pissa, olora): keep
+    /// the original weights and serve adapters as updates of rank 2r from them.
+    #[arg(long, requires = "adapter_inputs")]
+    pub against_original: bool,
 }
 
 // Parsed once per run: the size of the largest variant does not matter.
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum Command {
-    /// Summarise a model: versions, inputs and outputs, ops, weights, external data.
+    /// Summarise a model (versions, inputs and outputs, ops, weights, external data) or
+    /// an .onnx_adapter file.
     Inspect {
-        /// The .onnx file.
+        /// The .onnx or .onnx_adapter file.
         model: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -252,6 +263,36 @@ pub enum Command {
         #[arg(long)]
         quiet: bool,
     },
+    /// Convert a trained adapter for ONNX runtimes: the tensors a model grafted with
+    /// --adapter-inputs takes, as an .onnx_adapter file (ONNX Runtime, onnxruntime-genai).
+    ExportAdapter {
+        /// The adapter file (safetensors).
+        adapter: PathBuf,
+        /// The model grafted with --adapter-inputs that will serve it.
+        #[arg(long)]
+        model: PathBuf,
+        /// The output format.
+        #[arg(long, value_enum, default_value_t = ExportFormat::OnnxAdapter)]
+        format: ExportFormat,
+        /// Output file (default: the adapter's path with .onnx_adapter).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// The adapter version written in the file.
+        #[arg(long, default_value_t = 1)]
+        adapter_version: i32,
+        /// The model version written in the file.
+        #[arg(long, default_value_t = 1)]
+        model_version: i32,
+        /// Variant of a file without lora-lite's cfg (a PEFT adapter).
+        #[arg(long, value_parser = parse_variant)]
+        variant: Option<&'static dyn Variant>,
+        /// alpha of a file without cfg.
+        #[arg(long)]
+        alpha: Option<String>,
+        /// Remove this prefix from the model's module names.
+        #[arg(long)]
+        strip_prefix: Option<String>,
+    },
     /// List the linear layers adapters would be grafted onto.
     Targets {
         /// The .onnx file.
@@ -262,6 +303,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// What `export-adapter` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// ONNX Runtime's FlatBuffers adapter file (.onnx_adapter).
+    #[value(name = "onnx-adapter")]
+    OnnxAdapter,
 }
 
 /// lora-lite's targeting knobs.

@@ -7,11 +7,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use clap::Parser;
-use cli::{clap_error, parse_alpha, variant_names, Cli, Command, GraftArgs};
-use lora_graft::adapter::{AdapterOverrides, LoadedAdapter};
+use cli::{clap_error, parse_alpha, variant_names, Cli, Command, ExportFormat, GraftArgs};
+use lora_graft::adapter::{AdapterOverrides, LoadedAdapter, OnnxAdapter};
+use lora_graft::commit::Commit;
 use lora_graft::jobs::{self, OutputPlan, TrainingRequest};
 use lora_graft::model::{SaveOptions, SaveReport};
 use lora_graft::passes::grad::loss::Loss;
+use lora_graft::passes::graft::inputs::InputBase;
 use lora_graft::passes::target;
 use lora_graft::train::{self, TrainOptions};
 use lora_graft::{inspect, Error, Model, Result};
@@ -36,6 +38,19 @@ fn run(cli: Cli) -> Result<()> {
     };
     match command {
         Command::Inspect { model, json } => {
+            if is_onnx_adapter(&model)? {
+                let adapter = OnnxAdapter::read(&model)?;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&onnx_adapter_json(&adapter))
+                            .expect("serialisable")
+                    );
+                } else {
+                    print!("{adapter}");
+                }
+                return Ok(());
+            }
             let model = Model::load(&model)?;
             let report = inspect::Report::new(&model);
             if json {
@@ -184,6 +199,46 @@ fn run(cli: Cli) -> Result<()> {
             );
             print_saved(&report);
         }
+        Command::ExportAdapter {
+            adapter,
+            model,
+            format: ExportFormat::OnnxAdapter,
+            output,
+            adapter_version,
+            model_version,
+            variant,
+            alpha,
+            strip_prefix,
+        } => {
+            let overrides = AdapterOverrides {
+                variant,
+                alpha: alpha.as_deref().map(parse_alpha).transpose()?,
+                strip_prefix,
+                ..Default::default()
+            };
+            let loaded = LoadedAdapter::read(&adapter, &overrides)?;
+            let out = output.unwrap_or_else(|| {
+                adapter.with_extension(lora_graft::adapter::onnx_adapter::EXTENSION)
+            });
+            let m = Model::load(&model)?;
+            OutputPlan::default()
+                .read_model(&m)?
+                .read("adapter file", &adapter)
+                .write("output adapter", &out)
+                .check()?;
+            let file = jobs::export::onnx_adapter(&m, &loaded, adapter_version, model_version)?;
+            let mut commit = Commit::new();
+            commit.write(&out, &file.to_bytes()?)?;
+            commit.commit()?;
+            println!(
+                "{} adapter inputs of {} ({}) for {}",
+                file.parameters.len(),
+                adapter.display(),
+                loaded.req.variant.name(),
+                model.display()
+            );
+            println!("wrote {}", out.display());
+        }
         Command::Targets {
             model,
             filters,
@@ -254,10 +309,15 @@ fn graft(args: GraftArgs) -> Result<()> {
         print_saved(&report);
         return Ok(());
     }
-    let req = args
+    let mut req = args
         .variant
         .request(&args.filters)
         .map_err(|e| e.context(input.display().to_string()))?;
+    req.adapter_inputs = args.adapter_inputs.then_some(if args.against_original {
+        InputBase::Original
+    } else {
+        InputBase::Trained
+    });
     let variant = req.variant.name();
     let (out, adapter_path) = jobs::default_paths(
         &input,
@@ -303,6 +363,29 @@ fn graft(args: GraftArgs) -> Result<()> {
     print_saved(&report);
     println!("wrote {}", adapter_path.display());
     Ok(())
+}
+
+/// Whether `path` is an `.onnx_adapter` file (by its file identifier).
+fn is_onnx_adapter(path: &std::path::Path) -> Result<bool> {
+    use std::io::Read;
+    let mut head = [0u8; 8];
+    let mut file = lora_graft::files::open_regular(path)?;
+    let n = file.read(&mut head).map_err(|e| Error::io(path, e))?;
+    Ok(OnnxAdapter::is_onnx_adapter(&head[..n]))
+}
+
+/// `inspect --json` of an `.onnx_adapter` file.
+fn onnx_adapter_json(adapter: &OnnxAdapter) -> serde_json::Value {
+    serde_json::json!({
+        "format_version": lora_graft::adapter::onnx_adapter::FORMAT_VERSION,
+        "adapter_version": adapter.adapter_version,
+        "model_version": adapter.model_version,
+        "parameters": adapter.parameters.iter().map(|(name, a)| serde_json::json!({
+            "name": name,
+            "dtype": lora_graft::dtype::name(a.elem_type()),
+            "dims": a.shape(),
+        })).collect::<Vec<_>>(),
+    })
 }
 
 /// The CLI name of a loss.

@@ -78,6 +78,15 @@ pub enum DecodeError {
     Inconsistent(String),
 }
 
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Unsupported(what) => write!(f, "element type {what} is not supported"),
+            DecodeError::Inconsistent(why) => f.write_str(why),
+        }
+    }
+}
+
 impl Array {
     /// The shape.
     pub fn shape(&self) -> &[usize] {

@@ -294,3 +294,49 @@ fn cli_apply_and_merge() {
     assert!(stdout.contains("merged 14 modules"), "{stdout}");
     assert!(dir.path().join("model.merged.onnx").exists());
 }
+
+/// Every variant's served form (`Variant::low_rank`) is its merge formula's update:
+/// `up · down = merged_weight(W) − W` on random tensors (1e-5 relative, float32
+/// products summed in another order); the variants that are not low rank say why.
+#[test]
+fn low_rank_updates_equal_the_merge_formula() {
+    use lora_graft::passes::variants::{init_params, Dims, VARIANTS};
+    use tract_core::ndarray::Array2;
+    let dims = Dims {
+        d_in: 24,
+        d_out: 16,
+    };
+    let mut rng = lora_graft::rng::Rng::new(5);
+    let w = Array2::from_shape_fn((dims.d_out, dims.d_in), |_| {
+        rng.uniform_in(-1.0, 1.0) as f32
+    });
+    for variant in VARIANTS {
+        let cfg = common::request_r(variant.name(), 4, 8.0).cfg;
+        let mut p = init_params(&variant.param_specs(dims, &cfg), &mut rng);
+        for t in p.values_mut() {
+            t.mapv_inplace(|_| rng.uniform_in(0.1, 0.6) as f32);
+        }
+        match variant.low_rank(&p, &cfg) {
+            Ok(lr) => {
+                let want = variant.merged_weight(&w, &p, &cfg) - &w;
+                let got = lr.delta_w();
+                let err = (&got - &want)
+                    .iter()
+                    .map(|v| v.abs())
+                    .fold(0.0f32, f32::max);
+                let scale = want.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+                assert!(
+                    scale > 1e-3,
+                    "{variant:?}: the update is zero, the check vacuous"
+                );
+                assert!(err <= 1e-5 * scale, "{variant:?}: {err} (scale {scale})");
+            }
+            Err(why) => assert!(
+                ["dora", "ia3", "ia3_ff", "hra", "road"].contains(&variant.name())
+                    && why.contains("serving it needs")
+                    || why.contains("does not fold"),
+                "{variant:?}: {why}"
+            ),
+        }
+    }
+}

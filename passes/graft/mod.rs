@@ -15,6 +15,7 @@ use crate::proto::tensor_proto::DataType;
 use crate::rng::Rng;
 use crate::tensor::Array;
 
+pub mod inputs;
 mod weight;
 
 pub use crate::parallel::{par_map, PARALLEL_MEMORY_BUDGET};
@@ -30,6 +31,9 @@ pub struct GraftOptions<'a> {
     pub cfg: Config,
     /// Element type the adapter tensors are stored and computed in (default float32).
     pub adapter_dtype: i32,
+    /// Serve the adapters as graph inputs (ONNX Runtime's Multi-LoRA form) relative to
+    /// this base, instead of splicing the variant's branch.
+    pub adapter_inputs: Option<inputs::InputBase>,
 }
 
 /// One linear node a module's adapter was spliced around.
@@ -284,6 +288,24 @@ fn apply_module(
         weight,
     } = prepared;
     let cfg = &opts.cfg;
+    let trainable = specs
+        .iter()
+        .filter(|s| s.trainable)
+        .map(|s| s.name)
+        .collect();
+    if let Some(base) = opts.adapter_inputs {
+        let sites = serve_module(graph, dtypes, opset, module, group, &params, base, opts)?;
+        if let (Some(patch), inputs::InputBase::Trained) = (weight, base) {
+            apply_weight(graph, module, group, patch);
+        }
+        return Ok(ModuleAdapter {
+            module: module.to_string(),
+            dims,
+            trainable,
+            params,
+            sites,
+        });
+    }
     let adapter_dtype = opts.adapter_dtype;
     // The tensors, named after their adapter-file keys, in ONNX layout.
     let mut ids: BTreeMap<&'static str, ValueId> = BTreeMap::new();
@@ -329,14 +351,86 @@ fn apply_module(
     Ok(ModuleAdapter {
         module: module.to_string(),
         dims,
-        trainable: specs
-            .iter()
-            .filter(|s| s.trainable)
-            .map(|s| s.name)
-            .collect(),
+        trainable,
         params,
         sites,
     })
+}
+
+/// Splices `module`'s adapter inputs (see [`inputs`]) around every node of `group`:
+/// defaults are the variant's init as a low-rank update when the inputs are relative
+/// to a rewritten weight (PiSSA's `W_res`), empty otherwise.
+#[allow(clippy::too_many_arguments)]
+fn serve_module(
+    graph: &mut Graph,
+    dtypes: &HashMap<ValueId, i32>,
+    opset: i64,
+    module: &str,
+    group: &[&Target],
+    params: &Params,
+    base: inputs::InputBase,
+    opts: &GraftOptions,
+) -> Result<Vec<Site>> {
+    let variant = opts.variant;
+    let t0 = group[0];
+    let dims = Dims {
+        d_in: t0.d_in,
+        d_out: t0.d_out,
+    };
+    let init = variant.low_rank(params, &opts.cfg).map_err(|why| {
+        Error::Usage(format!(
+            "{} cannot be served as adapter inputs: {why}",
+            variant.name()
+        ))
+    })?;
+    let defaults = if base == inputs::InputBase::Trained && variant.rewrites_weight() {
+        init
+    } else {
+        super::variants::LowRank::empty(dims)
+    };
+    // The inputs are in the model's own compute type: no casts around the branch.
+    let dtype = compute_dtype(graph, dtypes, t0);
+    let ids = inputs::add_inputs(graph, module, &defaults, dtype)?;
+    let served = GraftOptions {
+        variant: &inputs::Served,
+        cfg: opts.cfg.clone(),
+        adapter_dtype: dtype,
+        adapter_inputs: None,
+    };
+    let mut sites = Vec::new();
+    for t in group {
+        splice(graph, dtypes, opset, module, t, &ids, &served)?;
+        sites.push(Site {
+            node: t.node_name.clone(),
+            role: t.role,
+        });
+    }
+    Ok(sites)
+}
+
+/// A module's adapter tensors as the graft pass initialises them from its weight `w`
+/// (torch layout; the same seed gives the same tensors), and the weight the variant
+/// rewrites it to (PiSSA's `W_res`): merging into, and serving against, the original
+/// weights recompute them. Not for variants with shared tensors (VeRA), which read none.
+pub fn initial_params(
+    w: &Array2<f32>,
+    module: &str,
+    variant: &dyn Variant,
+    cfg: &Config,
+    adapter_dtype: i32,
+) -> Result<(Params, Option<Array2<f32>>)> {
+    let dims = Dims {
+        d_in: w.ncols(),
+        d_out: w.nrows(),
+    };
+    let mut rng = Rng::for_name(cfg.seed, module);
+    let mut params = init_params(&variant.param_specs(dims, cfg), &mut rng);
+    let round = rounding(adapter_dtype);
+    let rewritten = variant.init(w, &mut params, cfg, &mut rng, &round)?;
+    for p in params.values_mut() {
+        round(p);
+    }
+    Ok((params, rewritten))
 }
 
 /// The weight as target `t`'s node sees it, as `[d_in, d_out]` in the builder's dtype
@@ -440,9 +534,10 @@ fn splice(
     ids: &BTreeMap<&'static str, ValueId>,
     opts: &GraftOptions,
 ) -> Result<()> {
+    let variant = opts.variant;
     let model_dtype = compute_dtype(graph, dtypes, t);
     let adapter_dtype = opts.adapter_dtype;
-    let kind = opts.variant.splice();
+    let kind = variant.splice();
     let bias = bias(graph, t);
     // The value the branch replaces or adds to.
     let point = match kind {
@@ -463,7 +558,7 @@ fn splice(
     let x = cast(&mut b, t.input, adapter_dtype)?;
     if kind == Splice::Delta {
         // y' = y + Cast(branch(x))
-        let delta = opts.variant.branch(&mut b, x, x, ids, &opts.cfg)?;
+        let delta = variant.branch(&mut b, x, x, ids, &opts.cfg)?;
         let delta = cast(&mut b, delta, model_dtype)?;
         let (add, outs) = b.graph.add_op(
             "Add",
@@ -494,7 +589,7 @@ fn splice(
         }
         None => None,
     };
-    let mut out = opts.variant.branch(&mut b, x, y, ids, &opts.cfg)?;
+    let mut out = variant.branch(&mut b, x, y, ids, &opts.cfg)?;
     if let Some(c) = inner {
         out = b.op("Add", &[out, c], vec![])?;
     }

@@ -204,6 +204,13 @@ pub struct Targeting {
     pub model_params: u64,
 }
 
+/// The linear layer at node `id` (module named under `filters`), role left unsettled
+/// (`Inner`): for a node found by other means than targeting (the node an adapter
+/// input was spliced around).
+pub fn linear_at(graph: &Graph, id: NodeId, filters: &Filters) -> Option<Target> {
+    linear(graph, id, filters)
+}
+
 /// Finds the targets of `graph` under `filters`.
 pub fn run(graph: &Graph, filters: &Filters) -> Result<Targeting> {
     let order = graph.topological_order()?;

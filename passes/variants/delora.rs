@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use tract_core::ndarray::{Array1, Array2, ArrayD};
 
-use super::{mat, Config, Dims, Init, ParamSpec, Params, Variant};
+use super::{mat, Config, Dims, Init, LowRank, ParamSpec, Params, Variant};
 use crate::error::Result;
 use crate::ir::build::Builder;
 use crate::ir::ValueId;
@@ -170,12 +170,11 @@ impl Variant for Delora {
 
     // W + ΔW(A, B, λ) (− ΔW(A₀, B₀, λ₀) with the paper's init).
     fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
-        let mut merged = w + &Delora::delta_w(p, cfg);
-        if cfg.delora_init == DeloraInit::Paper {
-            let (a0, b0) = (mat(p, "lora_A0"), mat(p, "lora_B0"));
-            merged -= &Delora::delta_of(&a0, &b0, cfg.lambda0, p, cfg);
-        }
-        merged
+        w + &Delora::full_low_rank(p, cfg).delta_w()
+    }
+
+    fn low_rank(&self, p: &Params, cfg: &Config) -> std::result::Result<LowRank, String> {
+        Ok(Delora::full_low_rank(p, cfg))
     }
 }
 
@@ -213,17 +212,32 @@ impl Delora {
     pub fn delta_w(p: &Params, cfg: &Config) -> Array2<f32> {
         let (a, b) = (mat(p, "lora_A"), mat(p, "lora_B"));
         let lambda = p["lora_lambda"].iter().next().copied().unwrap_or(0.0) as f64;
-        Delora::delta_of(&a, &b, lambda, p, cfg)
+        Delora::low_rank_of(&a, &b, lambda, p, cfg).delta_w()
     }
 
-    /// `ΔW` of `a`, `b`, `lambda` with the layer's `wnorm`.
-    fn delta_of(
+    /// The whole update as one low-rank pair: the trained branch, minus the frozen
+    /// initial one with the paper's init (rank 2r).
+    fn full_low_rank(p: &Params, cfg: &Config) -> LowRank {
+        let (a, b) = (mat(p, "lora_A"), mat(p, "lora_B"));
+        let lambda = p["lora_lambda"].iter().next().copied().unwrap_or(0.0) as f64;
+        let trained = Delora::low_rank_of(&a, &b, lambda, p, cfg);
+        if cfg.delora_init == DeloraInit::LoraLite {
+            return trained;
+        }
+        let (a0, b0) = (mat(p, "lora_A0"), mat(p, "lora_B0"));
+        trained.minus(&Delora::low_rank_of(&a0, &b0, cfg.lambda0, p, cfg))
+    }
+
+    /// `up = B diag(σ)`, `down = A diag(wnorm)` of `a`, `b`, `lambda` with the layer's
+    /// `wnorm`: in ONNX Runtime's adapter inputs `A′ = diag(wnorm)·Aᵀ·diag(σ)`, `B′ = Bᵀ`
+    /// (σ put on the down side there, the same product).
+    fn low_rank_of(
         a: &Array2<f32>,
         b: &Array2<f32>,
         lambda: f64,
         p: &Params,
         cfg: &Config,
-    ) -> Array2<f32> {
+    ) -> LowRank {
         let wnorm: Array1<f32> = p["lora_wnorm"]
             .clone()
             .into_dimensionality()
@@ -246,6 +260,9 @@ impl Delora {
         for mut row in a_w.rows_mut() {
             row.zip_mut_with(&wnorm, |v, &n| *v *= n);
         }
-        b_sigma.dot(&a_w)
+        LowRank {
+            up: b_sigma,
+            down: a_w,
+        }
     }
 }

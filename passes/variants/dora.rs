@@ -98,6 +98,10 @@ impl Variant for Dora {
     }
 
     // W' = diag(m / ‖V‖_row) V, V = W + s·B A; the bias is unchanged.
+    fn low_rank(&self, _p: &Params, _cfg: &Config) -> std::result::Result<super::LowRank, String> {
+        Err("it rescales every output by m / ‖W + s·BA‖, which the adapter changes: serving it needs a per-output scale input beside A and B; serve the merged model instead".into())
+    }
+
     fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
         let v = Lora.merged_weight(w, p, cfg);
         let m = vec1(p, "lora_m");

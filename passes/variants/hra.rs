@@ -92,6 +92,10 @@ impl Variant for Hra {
     }
 
     // W' = W R = W H_0 H_1 ⋯ H_{r−1}; W H = W − c (W u) uᵀ.
+    fn low_rank(&self, _p: &Params, _cfg: &Config) -> std::result::Result<super::LowRank, String> {
+        Err("its update W·(H − I) has rank r but one factor is a product with the base weight, which lora-graft does not fold into A/B inputs yet; serve the merged model instead".into())
+    }
+
     fn merged_weight(&self, w: &Array2<f32>, p: &Params, _cfg: &Config) -> Array2<f32> {
         let u = mat(p, "lora_U").mapv(f64::from);
         let mut out = w.mapv(f64::from);

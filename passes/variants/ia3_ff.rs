@@ -47,6 +47,10 @@ impl Variant for Ia3Ff {
     }
 
     // W' = W diag(g): column i (an input) scaled by g_i.
+    fn low_rank(&self, _p: &Params, _cfg: &Config) -> std::result::Result<super::LowRank, String> {
+        Err("it scales every input (x ⊙ g), a full-rank change: serving it needs a per-input gate input; serve the merged model instead".into())
+    }
+
     fn merged_weight(&self, w: &Array2<f32>, p: &Params, _cfg: &Config) -> Array2<f32> {
         w * &vec1(p, "lora_g").insert_axis(Axis(0))
     }

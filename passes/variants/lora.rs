@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use tract_core::ndarray::{Array2, ArrayD};
 
-use super::{mat, Config, Dims, Init, ParamSpec, Params, Variant};
+use super::{mat, Config, Dims, Init, LowRank, ParamSpec, Params, Variant};
 use crate::error::Result;
 use crate::ir::build::Builder;
 use crate::ir::ValueId;
@@ -51,6 +51,10 @@ impl Variant for Lora {
     fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
         w + &Lora::delta_w(p, cfg)
     }
+
+    fn low_rank(&self, p: &Params, cfg: &Config) -> std::result::Result<LowRank, String> {
+        Ok(Lora::low_rank_of(p, cfg))
+    }
 }
 
 impl Lora {
@@ -77,6 +81,14 @@ impl Lora {
         let mut w_res = w.clone();
         w_res -= &Lora::delta_w(p, cfg);
         w_res
+    }
+
+    /// `ΔW = (s·B) · A`.
+    pub fn low_rank_of(p: &Params, cfg: &Config) -> LowRank {
+        LowRank {
+            up: mat(p, "lora_B") * cfg.scale() as f32,
+            down: mat(p, "lora_A"),
+        }
     }
 
     /// `ΔW = s·B A`, torch layout.

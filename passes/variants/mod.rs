@@ -15,7 +15,7 @@ pub mod vera;
 
 use std::collections::BTreeMap;
 
-use tract_core::ndarray::{Array1, Array2, ArrayD, IxDyn};
+use tract_core::ndarray::{Array1, Array2, ArrayD, Axis, IxDyn};
 
 use crate::error::{Error, Result};
 use crate::ir::build::Builder;
@@ -363,6 +363,54 @@ pub trait Variant: Sync {
     /// The merged bias, when the variant changes it (IA3 scales it, ROAD rotates it).
     fn merged_bias(&self, _b: &Array1<f32>, _p: &Params, _cfg: &Config) -> Option<Array1<f32>> {
         None
+    }
+
+    /// The adapter as a plain low-rank update of the weight it trains against,
+    /// `ΔW = up · down` (scale folded in), for serving as adapter inputs; or why it is
+    /// not one (the message names what serving it would need).
+    fn low_rank(&self, _p: &Params, _cfg: &Config) -> std::result::Result<LowRank, String> {
+        Err("it is not a low-rank update of the weight".into())
+    }
+}
+
+/// A low-rank weight update `ΔW = up · down`, torch layout: `up [d_out, k]`,
+/// `down [k, d_in]`; ONNX Runtime's adapter inputs are `A = downᵀ`, `B = upᵀ`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LowRank {
+    /// `[d_out, k]`.
+    pub up: Array2<f32>,
+    /// `[k, d_in]`.
+    pub down: Array2<f32>,
+}
+
+impl LowRank {
+    /// The rank-0 update of a `d_in -> d_out` layer.
+    pub fn empty(d: Dims) -> LowRank {
+        LowRank {
+            up: Array2::zeros((d.d_out, 0)),
+            down: Array2::zeros((0, d.d_in)),
+        }
+    }
+
+    /// The rank `k`.
+    pub fn rank(&self) -> usize {
+        self.down.nrows()
+    }
+
+    /// `self − other` as one update of rank `k + k'`: `[up, −up'] · [down; down']`.
+    pub fn minus(self, other: &LowRank) -> LowRank {
+        let neg = other.up.mapv(|v| -v);
+        LowRank {
+            up: tract_core::ndarray::concatenate(Axis(1), &[self.up.view(), neg.view()])
+                .expect("same d_out"),
+            down: tract_core::ndarray::concatenate(Axis(0), &[self.down.view(), other.down.view()])
+                .expect("same d_in"),
+        }
+    }
+
+    /// `ΔW`, torch layout.
+    pub fn delta_w(&self) -> Array2<f32> {
+        self.up.dot(&self.down)
     }
 }
 

@@ -72,4 +72,9 @@ impl Variant for Olora {
     fn merged_weight(&self, w_res: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
         Lora.merged_weight(w_res, p, cfg)
     }
+
+    // Against W_res; the serving job adds −(s·B₀)·A₀ for the original base.
+    fn low_rank(&self, p: &Params, cfg: &Config) -> std::result::Result<super::LowRank, String> {
+        Ok(Lora::low_rank_of(p, cfg))
+    }
 }

@@ -217,6 +217,10 @@ impl Variant for Road {
     }
 
     // W' = R W: row j = c1_j W[j,:] + c2_j·sign_j W[partner_j,:].
+    fn low_rank(&self, _p: &Params, _cfg: &Config) -> std::result::Result<super::LowRank, String> {
+        Err("it rotates pairs of outputs (R y), a full-rank change: serving it needs rotation inputs; serve the merged model instead".into())
+    }
+
     fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
         let mut out = w.clone();
         Road::rotate(p, cfg, w.nrows(), |j, c1, k, c2| {

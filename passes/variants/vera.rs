@@ -90,4 +90,13 @@ impl Variant for Vera {
         let b_scaled = &bm * &ld.insert_axis(Axis(0)) * &lb.insert_axis(Axis(1));
         w + &b_scaled.dot(&a)
     }
+
+    // up = diag(λ_b) B_s diag(λ_d), down = A_s
+    fn low_rank(&self, p: &Params, _cfg: &Config) -> std::result::Result<super::LowRank, String> {
+        let (ld, lb) = (vec1(p, "vera_lambda_d"), vec1(p, "vera_lambda_b"));
+        Ok(super::LowRank {
+            up: &mat(p, "vera_B") * &ld.insert_axis(Axis(0)) * &lb.insert_axis(Axis(1)),
+            down: mat(p, "vera_A"),
+        })
+    }
 }

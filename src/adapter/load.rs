@@ -299,13 +299,13 @@ impl LoadedAdapter {
         )))
     }
 
-    /// The file's tensors of every module, as variant parameters.
+    /// The file's tensors of every module, as variant parameters (checked by
+    /// [`LoadedAdapter::check`]).
     pub fn params(
         &self,
         outcome_modules: &[String],
         targeting: &Targeting,
     ) -> BTreeMap<String, variants::Params> {
-        let variant = self.req.variant;
         let mut out = BTreeMap::new();
         for module in outcome_modules {
             let t = targeting
@@ -313,25 +313,55 @@ impl LoadedAdapter {
                 .iter()
                 .find(|t| &t.module == module)
                 .expect("target");
-            let specs = variant.param_specs(
-                variants::Dims {
-                    d_in: t.d_in,
-                    d_out: t.d_out,
-                },
-                &self.req.cfg,
+            let dims = variants::Dims {
+                d_in: t.d_in,
+                d_out: t.d_out,
+            };
+            out.insert(
+                module.clone(),
+                self.module_params(module, dims).expect("checked"),
             );
-            let params: variants::Params = specs
-                .iter()
-                .map(|s| match self.shared.get(s.name) {
-                    Some(a) => (
-                        s.name,
-                        variants::leading_slice(a, &s.shape).expect("checked"),
-                    ),
-                    None => (s.name, self.tensors[module][s.name].clone()),
-                })
-                .collect();
-            out.insert(module.clone(), params);
         }
         out
+    }
+
+    /// `module`'s tensors for a `dims` layer, as variant parameters; an error names a
+    /// missing tensor or one of another shape.
+    pub fn module_params(&self, module: &str, dims: variants::Dims) -> Result<variants::Params> {
+        let variant = self.req.variant;
+        let bad = |reason: String| Error::Usage(format!("{}: {reason}", self.path.display()));
+        variant
+            .param_specs(dims, &self.req.cfg)
+            .iter()
+            .map(|s| {
+                let value = match self.shared.get(s.name) {
+                    Some(a) => variants::leading_slice(a, &s.shape).ok_or_else(|| {
+                        bad(format!(
+                            "{} is {:?}, too small for {module}'s {:?}",
+                            s.name,
+                            a.shape(),
+                            s.shape
+                        ))
+                    })?,
+                    None => {
+                        let a = self
+                            .tensors
+                            .get(module)
+                            .and_then(|m| m.get(s.name))
+                            .ok_or_else(|| bad(format!("missing key {module}.{}", s.name)))?;
+                        if a.shape() != s.shape.as_slice() {
+                            return Err(bad(format!(
+                                "{module}.{} is {:?}, the model's layer needs {:?}",
+                                s.name,
+                                a.shape(),
+                                s.shape
+                            )));
+                        }
+                        a.clone()
+                    }
+                };
+                Ok((s.name, value))
+            })
+            .collect()
     }
 }

@@ -4,6 +4,8 @@
 pub mod file;
 pub mod load;
 pub mod meta;
+pub mod onnx_adapter;
 
 pub use file::{AdapterFile, CFG_KEY, GRAFT_KEY};
 pub use load::{split_key, AdapterOverrides, LoadedAdapter};
+pub use onnx_adapter::OnnxAdapter;

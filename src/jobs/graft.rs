@@ -38,6 +38,7 @@ pub fn graft(model: &mut Model, req: &GraftRequest) -> Result<Outcome> {
         variant,
         cfg: req.cfg.clone(),
         adapter_dtype: req.adapter_dtype.onnx(),
+        adapter_inputs: req.adapter_inputs,
     };
     let cx = PassContext {
         opset: graft::default_opset(&model.proto),

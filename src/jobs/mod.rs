@@ -2,6 +2,7 @@
 //! grafting and applying ([`graft`]), merging ([`merge`]), training graphs
 //! ([`training_graph`]); where they write ([`output`]).
 
+pub mod export;
 pub mod graft;
 pub mod merge;
 pub mod output;

@@ -3,6 +3,7 @@
 
 use crate::adapter::meta::FilterText;
 use crate::passes::grad::loss::Loss;
+use crate::passes::graft::inputs::InputBase;
 use crate::passes::target::Filters;
 use crate::passes::variants::{self, Config, Variant};
 use crate::proto::tensor_proto::DataType;
@@ -60,6 +61,8 @@ pub struct GraftRequest {
     pub filters: Filters,
     /// The filters as the user wrote them, for the `cfg` metadata.
     pub filter_text: FilterText,
+    /// Serve the adapters as graph inputs (`--adapter-inputs`), relative to this base.
+    pub adapter_inputs: Option<InputBase>,
 }
 
 impl GraftRequest {
@@ -71,6 +74,7 @@ impl GraftRequest {
             adapter_dtype: AdapterDtype::Float32,
             filters: Filters::default(),
             filter_text: FilterText::default(),
+            adapter_inputs: None,
         }
     }
 }
