@@ -100,6 +100,7 @@ impl VariantArgs {
             filters: filters.filters()?,
             filter_text: filters.text(),
             adapter_inputs: None,
+            adapter_slots: None,
         })
     }
 }
@@ -132,6 +133,11 @@ pub struct GraftArgs {
     /// the original weights and serve adapters as updates of rank 2r from them.
     #[arg(long, requires = "adapter_inputs")]
     pub against_original: bool,
+    /// Serve K adapters in one batch: stacked inputs `<module>.lora_A [K, d_in, r]`,
+    /// `<module>.lora_B [K, r, d_out]` (made by `lora-graft pack`) and `adapter_index
+    /// [batch]` (int64, -1 for none) picking each row's slot; against the original weights.
+    #[arg(long, value_name = "K", value_parser = at_least_one)]
+    pub adapter_slots: Option<usize>,
 }
 
 // Parsed once per run: the size of the largest variant does not matter.
@@ -287,6 +293,28 @@ pub enum Command {
         #[arg(long, value_parser = parse_variant)]
         variant: Option<&'static dyn Variant>,
         /// alpha of a file without cfg.
+        #[arg(long)]
+        alpha: Option<String>,
+        /// Remove this prefix from the model's module names.
+        #[arg(long)]
+        strip_prefix: Option<String>,
+    },
+    /// Stack trained adapters into the slots of a model grafted with --adapter-slots:
+    /// slot i holds the i-th adapter (ranks padded with zeros), for `adapter_index` i.
+    Pack {
+        /// The adapter files (safetensors), one per slot, in slot order.
+        #[arg(required = true)]
+        adapters: Vec<PathBuf>,
+        /// The model grafted with --adapter-slots that will serve them.
+        #[arg(long)]
+        model: PathBuf,
+        /// The stacked tensors (safetensors), fed as the model's inputs.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Variant of files without lora-lite's cfg (PEFT adapters).
+        #[arg(long, value_parser = parse_variant)]
+        variant: Option<&'static dyn Variant>,
+        /// alpha of files without cfg.
         #[arg(long)]
         alpha: Option<String>,
         /// Remove this prefix from the model's module names.

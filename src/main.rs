@@ -19,6 +19,13 @@ use lora_graft::train::{self, TrainOptions};
 use lora_graft::{inspect, Error, Model, Result};
 
 fn main() -> ExitCode {
+    // Output piped into a program that stops reading (`| head`) ends the process quietly,
+    // as for any Unix tool, instead of failing on the closed pipe.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return clap_error(e),
@@ -239,6 +246,48 @@ fn run(cli: Cli) -> Result<()> {
             );
             println!("wrote {}", out.display());
         }
+        Command::Pack {
+            adapters,
+            model,
+            output,
+            variant,
+            alpha,
+            strip_prefix,
+        } => {
+            let overrides = AdapterOverrides {
+                variant,
+                alpha: alpha.as_deref().map(parse_alpha).transpose()?,
+                strip_prefix,
+                ..Default::default()
+            };
+            let loaded: Vec<LoadedAdapter> = adapters
+                .iter()
+                .map(|a| LoadedAdapter::read(a, &overrides))
+                .collect::<Result<_>>()?;
+            let m = Model::load(&model)?;
+            let mut plan = OutputPlan::default().read_model(&m)?;
+            for a in &adapters {
+                plan = plan.read("adapter file", a);
+            }
+            plan.write("stacked adapters", &output).check()?;
+            let tensors = jobs::export::pack(&m, &loaded)?;
+            let slots: Vec<String> = adapters.iter().map(|a| a.display().to_string()).collect();
+            let file = lora_graft::adapter::AdapterFile {
+                metadata: [(
+                    "lora_graft_slots".to_string(),
+                    serde_json::to_string(&slots).expect("json"),
+                )]
+                .into(),
+                tensors: tensors.into_iter().collect(),
+            };
+            let mut commit = Commit::new();
+            commit.write(&output, &file.to_bytes()?)?;
+            commit.commit()?;
+            for (i, a) in adapters.iter().enumerate() {
+                println!("slot {i}: {}", a.display());
+            }
+            println!("wrote {}", output.display());
+        }
         Command::Targets {
             model,
             filters,
@@ -313,6 +362,7 @@ fn graft(args: GraftArgs) -> Result<()> {
         .variant
         .request(&args.filters)
         .map_err(|e| e.context(input.display().to_string()))?;
+    req.adapter_slots = args.adapter_slots;
     req.adapter_inputs = args.adapter_inputs.then_some(if args.against_original {
         InputBase::Original
     } else {

@@ -79,6 +79,26 @@ def check(entry, root):
         assert np.array_equal(got, want), f"{name}: values differ"
 
 
+def check_slots(entry, root):
+    """Row b of a batch through the slotted model equals row b of the model with slot
+    adapter_index[b]'s adapter baked in (the base model for -1)."""
+    feeds = {k[len("input."):]: v for k, v in load_file(str(root / entry["io"])).items()
+             if k.startswith("input.")}
+    stack = load_file(str(root / entry["stack"]))
+    index = np.array(entry["index"], dtype=np.int64)
+    got = session(root / entry["served"]).run(None, {**feeds, **stack, "adapter_index": index})
+    runs = {-1: session(entry["base"]).run(None, feeds)}
+    for slot, baked in enumerate(entry["baked"]):
+        runs[slot] = session(root / baked).run(None, feeds)
+    for row, slot in enumerate(entry["index"]):
+        for k, (g, w) in enumerate(zip(got, runs[slot])):
+            d = rel_diff(g[row], w[row])
+            assert d <= entry["tol"], f"row {row} (slot {slot}), output {k}: {d:.3g} (tolerance {entry['tol']})"
+        if slot >= 0:
+            moved = max(rel_diff(b[row], w[row]) for b, w in zip(runs[-1], runs[slot]))
+            assert moved > 1e-3, f"slot {slot}'s adapter moves row {row} by {moved:.3g} only: vacuous"
+
+
 def write(values, out):
     tensors = load_file(values)
     f = ort.AdapterFormat()
@@ -97,7 +117,7 @@ def main():
     passed = failed = 0
     for entry in manifest:
         try:
-            check(entry, root)
+            (check_slots if "index" in entry else check)(entry, root)
             passed += 1
             print(f"ok   {entry['served']}")
         except Exception as e:  # noqa: BLE001 - report every failure, then fail

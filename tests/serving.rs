@@ -158,6 +158,123 @@ fn served_adapters_match_baked_ones_in_onnx_runtime() {
     run_serving(dir.path(), &manifest);
 }
 
+/// One batch through a model with 3 adapter slots (LoRA, DeLoRA, PiSSA: three variants
+/// in one batch), rows picking slots 0, 1, 2 and none: row by row the outputs of the
+/// models with each adapter baked in, in tract and in ONNX Runtime.
+#[test]
+fn slots_serve_many_adapters_in_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut manifest = Vec::new();
+    let index = [0i64, 1, 2, -1];
+    for name in FIXTURES {
+        let (inputs, _) = reference(name);
+        std::fs::create_dir_all(dir.path().join(name)).unwrap();
+        // Four rows from the reference batch (repeated).
+        let rows: Vec<(String, Array)> = inputs
+            .iter()
+            .map(|(n, a)| {
+                let mut parts = vec![a; 4 / a.shape()[0].max(1)];
+                parts.truncate(4);
+                let tiled = Array::concat(&parts, 0).unwrap();
+                (n.clone(), tiled)
+            })
+            .collect();
+        if rows.iter().any(|(_, a)| a.shape()[0] != 4) {
+            panic!("{name}: reference batch does not tile to 4 rows");
+        }
+        let io = format!("{name}/slots.io.safetensors");
+        common::write_io(&dir.path().join(&io), rows.clone(), Vec::new());
+        let quantized = common::QUANTIZED_FIXTURES.contains(name);
+        let variants: &[&str] = if quantized {
+            &["lora", "delora", "vera"]
+        } else {
+            &["lora", "delora", "pissa"]
+        };
+        let mut adapters = Vec::new();
+        let mut baked_paths = Vec::new();
+        for (slot, variant) in variants.iter().enumerate() {
+            let req = common::request(variant);
+            let mut model = Model::load(&fixture(name)).unwrap();
+            let mut outcome = jobs::graft(&mut model, &req).unwrap();
+            perturb(&mut model, &mut outcome, 20 + slot as u64);
+            let path = dir.path().join(format!("{name}/slot{slot}.safetensors"));
+            std::fs::write(&path, outcome.adapter_file(&req).to_bytes().unwrap()).unwrap();
+            let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
+            let mut baked = Model::load(&fixture(name)).unwrap();
+            jobs::apply(&mut baked, &adapter).unwrap();
+            let baked_path = format!("{name}/slot{slot}.baked.onnx");
+            baked
+                .save(&dir.path().join(&baked_path), &SaveOptions::default())
+                .unwrap();
+            baked_paths.push(baked_path);
+            adapters.push(adapter);
+        }
+        let mut served = Model::load(&fixture(name)).unwrap();
+        let req = GraftRequest {
+            adapter_slots: Some(3),
+            ..common::request("lora")
+        };
+        jobs::graft(&mut served, &req).unwrap();
+        let served_path = dir.path().join(format!("{name}/slots.onnx"));
+        served.save(&served_path, &SaveOptions::default()).unwrap();
+        let served = Model::load(&served_path).unwrap();
+        let stack = jobs::export::pack(&served, &adapters).unwrap();
+        let stack_name = format!("{name}/stack.safetensors");
+        let file = AdapterFile {
+            metadata: Default::default(),
+            tensors: stack.iter().cloned().collect(),
+        };
+        std::fs::write(dir.path().join(&stack_name), file.to_bytes().unwrap()).unwrap();
+        let fp16 = name.ends_with("fp16");
+        // fp32: the 1e-5 (another summation order); fp16: a few float16 ulps.
+        let tol = if fp16 { 1e-2 } else { 1e-5 };
+        if common::TRACT_FIXTURES.contains(name) {
+            let mut feeds = rows.clone();
+            feeds.push((
+                "adapter_index".into(),
+                Array::I64(ArrayD::from_shape_vec(IxDyn(&[4]), index.to_vec()).unwrap()),
+            ));
+            feeds.extend(stack.iter().cloned());
+            let got = common::run_tract(&served, &feeds);
+            let base = common::run_tract(&Model::load(&fixture(name)).unwrap(), &rows);
+            let baked: Vec<Vec<Array>> = baked_paths
+                .iter()
+                .map(|p| common::run_tract(&Model::load(&dir.path().join(p)).unwrap(), &rows))
+                .collect();
+            for (row, &slot) in index.iter().enumerate() {
+                let want = if slot < 0 {
+                    &base
+                } else {
+                    &baked[slot as usize]
+                };
+                for (g, w) in got.iter().zip(want) {
+                    let (g, w) = (g.to_f32(), w.to_f32());
+                    let (g, w) = (
+                        g.index_axis(tract_core::ndarray::Axis(0), row),
+                        w.index_axis(tract_core::ndarray::Axis(0), row),
+                    );
+                    let diff = (&g - &w).iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let scale = w.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    assert!(
+                        diff as f64 <= tol * scale as f64,
+                        "{name} row {row} slot {slot}: {diff} (scale {scale})"
+                    );
+                }
+            }
+        }
+        manifest.push(serde_json::json!({
+            "served": served_path.strip_prefix(dir.path()).unwrap(),
+            "base": fixture(name),
+            "baked": baked_paths,
+            "stack": stack_name,
+            "io": io,
+            "index": index,
+            "tol": tol,
+        }));
+    }
+    run_serving(dir.path(), &manifest);
+}
+
 fn run_serving(dir: &std::path::Path, manifest: &[serde_json::Value]) {
     std::fs::write(
         dir.join("manifest.json"),

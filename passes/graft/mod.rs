@@ -34,6 +34,9 @@ pub struct GraftOptions<'a> {
     /// Serve the adapters as graph inputs (ONNX Runtime's Multi-LoRA form) relative to
     /// this base, instead of splicing the variant's branch.
     pub adapter_inputs: Option<inputs::InputBase>,
+    /// With adapter inputs: stack them in this many slots, one picked per batch row by
+    /// the `adapter_index` input (always against the original weights).
+    pub adapter_slots: Option<usize>,
 }
 
 /// One linear node a module's adapter was spliced around.
@@ -183,8 +186,13 @@ fn graft_targets(
         shared,
         ..Grafted::default()
     };
+    let index = match opts.adapter_slots {
+        Some(_) => Some(inputs::add_adapter_index(graph)?),
+        None => None,
+    };
     for ((module, group), prepared) in groups.iter().zip(prepared) {
-        let m = apply_module(graph, &dtypes, opset, module, group, prepared?, opts)
+        let prepared = prepared?;
+        let m = apply_module(graph, &dtypes, opset, module, group, prepared, index, opts)
             .map_err(|e| e.context(format!("grafting '{module}'")))?;
         grafted.modules.push(m);
     }
@@ -272,6 +280,7 @@ fn prepare_module(
     })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn apply_module(
     graph: &mut Graph,
     dtypes: &HashMap<ValueId, i32>,
@@ -279,6 +288,7 @@ fn apply_module(
     module: &str,
     group: &[&Target],
     prepared: Prepared,
+    index: Option<ValueId>,
     opts: &GraftOptions,
 ) -> Result<ModuleAdapter> {
     let Prepared {
@@ -294,7 +304,9 @@ fn apply_module(
         .map(|s| s.name)
         .collect();
     if let Some(base) = opts.adapter_inputs {
-        let sites = serve_module(graph, dtypes, opset, module, group, &params, base, opts)?;
+        let sites = serve_module(
+            graph, dtypes, opset, module, group, &params, base, index, opts,
+        )?;
         if let (Some(patch), inputs::InputBase::Trained) = (weight, base) {
             apply_weight(graph, module, group, patch);
         }
@@ -369,6 +381,7 @@ fn serve_module(
     group: &[&Target],
     params: &Params,
     base: inputs::InputBase,
+    index: Option<ValueId>,
     opts: &GraftOptions,
 ) -> Result<Vec<Site>> {
     let variant = opts.variant;
@@ -390,12 +403,24 @@ fn serve_module(
     };
     // The inputs are in the model's own compute type: no casts around the branch.
     let dtype = compute_dtype(graph, dtypes, t0);
-    let ids = inputs::add_inputs(graph, module, &defaults, dtype)?;
+    let mut ids = inputs::add_inputs(graph, module, &defaults, dtype, opts.adapter_slots)?;
+    let variant: &dyn Variant = match index {
+        Some(index) => {
+            ids.insert("adapter_index", index);
+            &inputs::Slotted
+        }
+        None => &inputs::Served,
+    };
+    let mut b = Builder::new(&mut *graph, opset, dtype, format!("{module}.lora"), '.');
+    for (name, v) in variant.module_values(&mut b, &ids, &opts.cfg)? {
+        ids.insert(name, v);
+    }
     let served = GraftOptions {
-        variant: &inputs::Served,
+        variant,
         cfg: opts.cfg.clone(),
         adapter_dtype: dtype,
         adapter_inputs: None,
+        adapter_slots: None,
     };
     let mut sites = Vec::new();
     for t in group {

@@ -7,16 +7,22 @@ use crate::adapter::onnx_adapter::OnnxAdapter;
 use crate::adapter::LoadedAdapter;
 use crate::error::{Error, Result};
 use crate::model::Model;
-use crate::passes::graft::inputs::{input_names, onnx_factors, served_modules};
+use tract_core::ndarray::{s, ArrayD, IxDyn};
+
+use crate::passes::graft::inputs::{
+    input_names, onnx_factors, served_modules, InputBase, ServedModule,
+};
 use crate::passes::graft::{effective_weight, initial_params};
 use crate::passes::target::linear_at;
 use crate::passes::variants::LowRank;
 use crate::tensor::Array;
 
-/// The adapter-input tensors of `adapter` for `model` (grafted with `--adapter-inputs`
-/// on the base the adapter was made for). Modules of the model the adapter does not
-/// name keep their defaults when it is active.
-pub fn served_tensors(model: &Model, adapter: &LoadedAdapter) -> Result<Vec<(String, Array)>> {
+/// `adapter` as one low-rank update per module of `model` (grafted with adapter
+/// inputs or slots on the base the adapter was made for), scale folded in.
+pub fn served_factors(
+    model: &Model,
+    adapter: &LoadedAdapter,
+) -> Result<Vec<(ServedModule, LowRank)>> {
     let variant = adapter.req.variant;
     let cfg = &adapter.req.cfg;
     let graph = &model.graph;
@@ -47,14 +53,9 @@ pub fn served_tensors(model: &Model, adapter: &LoadedAdapter) -> Result<Vec<(Str
         })?;
         let params = adapter.module_params(module, s.dims)?;
         let mut lr = variant.low_rank(&params, cfg).map_err(cannot)?;
-        let (default_a, default_b) = (
-            graph.initializer(s.a).expect("a default"),
-            graph.initializer(s.b).expect("a default"),
-        );
-        // A model that serves against the original weights of a weight-rewriting variant
-        // (PiSSA, OLoRA) has empty defaults: the adapter is then the update from the
-        // original weights, `s·BA − s·B₀A₀`, with the init recomputed from them.
-        if variant.rewrites_weight() && default_a.dims()[1] == 0 {
+        // Against the original weights, a weight-rewriting variant's (PiSSA's, OLoRA's)
+        // adapter is the update `s·BA − s·B₀A₀`, with its init recomputed from them.
+        if variant.rewrites_weight() && s.base == InputBase::Original {
             let target = s
                 .node
                 .and_then(|n| linear_at(graph, n, &adapter.req.filters))
@@ -74,50 +75,93 @@ pub fn served_tensors(model: &Model, adapter: &LoadedAdapter) -> Result<Vec<(Str
                 initial_params(&w, module, variant, cfg, adapter.req.adapter_dtype.onnx())?;
             lr = lr.minus(&variant.low_rank(&init, cfg).map_err(cannot)?);
         }
-        let (name_a, name_b) = input_names(module);
-        check_fits(
-            &lr,
-            default_a.dims(),
-            default_b.dims(),
-            &name_a,
-            &name_b,
-            model,
-        )?;
-        let (a, b) = onnx_factors(&lr);
-        for (name, values, dtype) in [
-            (name_a, a, default_a.elem_type()),
-            (name_b, b, default_b.elem_type()),
-        ] {
-            let array = Array::from_f32(values, dtype).ok_or_else(|| {
-                Error::Usage(format!(
-                    "{}: input '{name}' is {}, not a float type",
-                    model.path.display(),
-                    crate::dtype::name(dtype)
-                ))
-            })?;
-            out.push((name, array));
-        }
+        out.push((s.clone(), lr));
     }
     Ok(out)
 }
 
-/// Checks the served factors against the inputs' fixed widths (`[d_in, k]`, `[k, d_out]`).
-fn check_fits(
-    lr: &LowRank,
-    dims_a: &[i64],
-    dims_b: &[i64],
-    name_a: &str,
-    name_b: &str,
-    model: &Model,
-) -> Result<()> {
-    let (d_in, d_out) = (lr.down.ncols() as i64, lr.up.nrows() as i64);
-    if dims_a.first() != Some(&d_in) || dims_b.get(1) != Some(&d_out) {
-        return Err(Error::Usage(format!(
-            "{}: adapter inputs '{name_a}' {dims_a:?} and '{name_b}' {dims_b:?} do not fit a {d_in} -> {d_out} layer; was the model grafted from another base?",
+/// The adapter-input tensors of `adapter` for `model` (grafted with `--adapter-inputs`):
+/// `<module>.lora_A [d_in, k]`, `<module>.lora_B [k, d_out]`. Modules of the model the
+/// adapter does not name keep their defaults when it is active.
+pub fn served_tensors(model: &Model, adapter: &LoadedAdapter) -> Result<Vec<(String, Array)>> {
+    let mut out = Vec::new();
+    for (s, lr) in served_factors(model, adapter)? {
+        if s.slots.is_some() {
+            return Err(Error::Usage(format!(
+                "{} serves adapters in slots; stack adapters for it with `lora-graft pack`",
+                model.path.display()
+            )));
+        }
+        let (name_a, name_b) = input_names(&s.module);
+        let (a, b) = onnx_factors(&lr);
+        out.push((name_a, float_array(a, s.dtype, model)?));
+        out.push((name_b, float_array(b, s.dtype, model)?));
+    }
+    Ok(out)
+}
+
+/// The stacked slot tensors of `adapters` (slot i = adapters[i], the other slots zero)
+/// for `model` (grafted with `--adapter-slots`), ranks padded with zeros to the largest.
+pub fn pack(model: &Model, adapters: &[LoadedAdapter]) -> Result<Vec<(String, Array)>> {
+    let served = served_modules(&model.graph);
+    let slots = served.first().and_then(|s| s.slots).ok_or_else(|| {
+        Error::Usage(format!(
+            "{} has no adapter slots; graft the base model with --adapter-slots K",
             model.path.display()
+        ))
+    })?;
+    if adapters.len() > slots {
+        return Err(Error::Usage(format!(
+            "{} adapters do not fit the {slots} slots of {}; graft it with --adapter-slots {}",
+            adapters.len(),
+            model.path.display(),
+            adapters.len()
         )));
     }
-    Ok(())
+    let per_adapter: Vec<Vec<(ServedModule, LowRank)>> = adapters
+        .iter()
+        .map(|a| served_factors(model, a))
+        .collect::<Result<_>>()?;
+    let mut out = Vec::new();
+    for s in &served {
+        let factors: Vec<Option<&LowRank>> = per_adapter
+            .iter()
+            .map(|f| {
+                f.iter()
+                    .find(|(m, _)| m.module == s.module)
+                    .map(|(_, lr)| lr)
+            })
+            .collect();
+        let k = factors
+            .iter()
+            .flatten()
+            .map(|lr| lr.rank())
+            .max()
+            .unwrap_or(0);
+        let mut a = ArrayD::<f32>::zeros(IxDyn(&[slots, s.dims.d_in, k]));
+        let mut b = ArrayD::<f32>::zeros(IxDyn(&[slots, k, s.dims.d_out]));
+        for (slot, lr) in factors.iter().enumerate() {
+            let Some(lr) = lr else { continue };
+            let (fa, fb) = onnx_factors(lr);
+            let r = lr.rank();
+            a.slice_mut(s![slot, .., ..r]).assign(&fa);
+            b.slice_mut(s![slot, ..r, ..]).assign(&fb);
+        }
+        let (name_a, name_b) = input_names(&s.module);
+        out.push((name_a, float_array(a, s.dtype, model)?));
+        out.push((name_b, float_array(b, s.dtype, model)?));
+    }
+    Ok(out)
+}
+
+fn float_array(values: ArrayD<f32>, dtype: i32, model: &Model) -> Result<Array> {
+    Array::from_f32(values, dtype).ok_or_else(|| {
+        Error::Usage(format!(
+            "{}: adapter inputs of type {} are not a float type",
+            model.path.display(),
+            crate::dtype::name(dtype)
+        ))
+    })
 }
 
 /// The `.onnx_adapter` file of `adapter` for `model`.

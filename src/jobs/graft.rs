@@ -38,7 +38,12 @@ pub fn graft(model: &mut Model, req: &GraftRequest) -> Result<Outcome> {
         variant,
         cfg: req.cfg.clone(),
         adapter_dtype: req.adapter_dtype.onnx(),
-        adapter_inputs: req.adapter_inputs,
+        // Slots mix adapters of any variant in one batch: all against the original weights.
+        adapter_inputs: match req.adapter_slots {
+            Some(_) => Some(crate::passes::graft::inputs::InputBase::Original),
+            None => req.adapter_inputs,
+        },
+        adapter_slots: req.adapter_slots,
     };
     let cx = PassContext {
         opset: graft::default_opset(&model.proto),

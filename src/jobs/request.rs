@@ -63,6 +63,9 @@ pub struct GraftRequest {
     pub filter_text: FilterText,
     /// Serve the adapters as graph inputs (`--adapter-inputs`), relative to this base.
     pub adapter_inputs: Option<InputBase>,
+    /// With adapter inputs: this many stacked slots picked per batch row
+    /// (`--adapter-slots`), against the original weights.
+    pub adapter_slots: Option<usize>,
 }
 
 impl GraftRequest {
@@ -75,6 +78,7 @@ impl GraftRequest {
             filters: Filters::default(),
             filter_text: FilterText::default(),
             adapter_inputs: None,
+            adapter_slots: None,
         }
     }
 }
