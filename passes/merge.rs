@@ -69,7 +69,7 @@ impl Merge<'_> {
                         d_out: t.d_out,
                     };
                     // The weight, its merged copy, and PiSSA's recomputed init.
-                    8 * t.d_in * t.d_out + variant.working_set(dims, cfg)
+                    8 * t.d_in * t.d_out + variant.working_set(dims, &cfg.for_module(module))
                 })
                 .unwrap_or(0)
         };
@@ -127,7 +127,10 @@ impl Merge<'_> {
         let Some(init) = graph.initializer(bias.value) else {
             // Computed, not stored: only a variant that leaves biases alone can merge.
             let probe = Array1::zeros(t.d_out);
-            return match self.variant.merged_bias(&probe, params, self.cfg) {
+            return match self
+                .variant
+                .merged_bias(&probe, params, &self.cfg.for_module(&t.module))
+            {
                 None => Ok(None),
                 Some(_) => Err(cannot("is computed in the graph, not stored")),
             };
@@ -140,7 +143,10 @@ impl Merge<'_> {
             Ok(b) => b,
             Err(_) => return Err(cannot("is not one value per output")),
         };
-        let Some(new) = self.variant.merged_bias(&b, params, self.cfg) else {
+        let Some(new) = self
+            .variant
+            .merged_bias(&b, params, &self.cfg.for_module(&t.module))
+        else {
             return Ok(None);
         };
         if graph.value(bias.value).users.len() > 1 {
@@ -164,7 +170,7 @@ impl Merge<'_> {
         group: &[&Target],
         params: &Params,
     ) -> Result<WeightPatch> {
-        let (variant, cfg) = (self.variant, self.cfg);
+        let (variant, cfg) = (self.variant, &*self.cfg.for_module(module));
         let t0 = group
             .first()
             .ok_or_else(|| Error::Usage(format!("no target '{module}' in the model")))?;

@@ -44,9 +44,10 @@ pub struct VariantArgs {
     /// Rank.
     #[arg(short, long, default_value_t = 8)]
     pub r: usize,
-    /// LoRA alpha (the scale is alpha / r); kept as given in the adapter's cfg.
-    #[arg(long, default_value = "16.0")]
-    pub alpha: String,
+    /// LoRA alpha (the scale is alpha / r; default 16.0); kept as given in the adapter's
+    /// cfg. With --adapter-in, the alpha of a file that does not say it.
+    #[arg(long)]
+    pub alpha: Option<String>,
     /// rsLoRA scale alpha / sqrt(r).
     #[arg(long)]
     pub rslora: bool,
@@ -87,7 +88,7 @@ impl VariantArgs {
             variant,
             cfg: Config {
                 r: self.r,
-                alpha: parse_alpha(&self.alpha)?,
+                alpha: parse_alpha(self.alpha.as_deref().unwrap_or("16.0"))?,
                 rslora: self.rslora,
                 lambda0: self.lambda0,
                 pissa_niter: self.pissa_niter,
@@ -95,6 +96,7 @@ impl VariantArgs {
                 road_variant: self.road_variant,
                 road_group_size: self.road_group_size,
                 seed: self.seed,
+                modules: Default::default(),
             },
             adapter_dtype: self.adapter_dtype,
             filters: filters.filters()?,
@@ -274,13 +276,15 @@ pub enum Command {
     ExportAdapter {
         /// The adapter file (safetensors).
         adapter: PathBuf,
-        /// The model grafted with --adapter-inputs that will serve it.
+        /// onnx-adapter: the model grafted with --adapter-inputs that will serve it. peft:
+        /// the base model (needed for PiSSA, OLoRA and VeRA).
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         /// The output format.
         #[arg(long, value_enum, default_value_t = ExportFormat::OnnxAdapter)]
         format: ExportFormat,
-        /// Output file (default: the adapter's path with .onnx_adapter).
+        /// Output file (default: the adapter's path with .onnx_adapter), or folder for
+        /// peft (default: the adapter's path without extension, `.peft`).
         #[arg(short, long)]
         output: Option<PathBuf>,
         /// The adapter version written in the file.
@@ -339,6 +343,9 @@ pub enum ExportFormat {
     /// ONNX Runtime's FlatBuffers adapter file (.onnx_adapter).
     #[value(name = "onnx-adapter")]
     OnnxAdapter,
+    /// An HF PEFT folder (adapter_config.json, adapter_model.safetensors) that
+    /// `PeftModel.from_pretrained` loads on the PyTorch model.
+    Peft,
 }
 
 /// lora-lite's targeting knobs.

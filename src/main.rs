@@ -209,7 +209,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::ExportAdapter {
             adapter,
             model,
-            format: ExportFormat::OnnxAdapter,
+            format,
             output,
             adapter_version,
             model_version,
@@ -224,25 +224,49 @@ fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             let loaded = LoadedAdapter::read(&adapter, &overrides)?;
-            let out = output.unwrap_or_else(|| {
-                adapter.with_extension(lora_graft::adapter::onnx_adapter::EXTENSION)
-            });
-            let m = Model::load(&model)?;
-            OutputPlan::default()
-                .read_model(&m)?
-                .read("adapter file", &adapter)
-                .write("output adapter", &out)
-                .check()?;
-            let file = jobs::export::onnx_adapter(&m, &loaded, adapter_version, model_version)?;
+            let m = model.as_deref().map(Model::load).transpose()?;
+            let mut plan = OutputPlan::default().read("adapter file", &adapter);
+            if let Some(m) = &m {
+                plan = plan.read_model(m)?;
+            }
             let mut commit = Commit::new();
-            commit.write(&out, &file.to_bytes()?)?;
+            let (what, out) = match format {
+                ExportFormat::OnnxAdapter => {
+                    let m = m.as_ref().ok_or_else(|| {
+                        Error::Usage(
+                            "--format onnx-adapter needs --model: the model grafted with --adapter-inputs that serves it".into(),
+                        )
+                    })?;
+                    let out = output.unwrap_or_else(|| {
+                        adapter.with_extension(lora_graft::adapter::onnx_adapter::EXTENSION)
+                    });
+                    plan.write("output adapter", &out).check()?;
+                    let file =
+                        jobs::export::onnx_adapter(m, &loaded, adapter_version, model_version)?;
+                    commit.write(&out, &file.to_bytes()?)?;
+                    (format!("{} adapter inputs", file.parameters.len()), out)
+                }
+                ExportFormat::Peft => {
+                    use lora_graft::adapter::peft::{CONFIG_NAME, WEIGHTS_NAME};
+                    let out = output.unwrap_or_else(|| adapter.with_extension("peft"));
+                    let (config, tensors) = jobs::export::peft_folder(&loaded, m.as_ref())?;
+                    plan.write("PEFT tensors", &out.join(WEIGHTS_NAME))
+                        .write("PEFT config", &out.join(CONFIG_NAME))
+                        .check_creating_folder(&out)?;
+                    let file = lora_graft::adapter::AdapterFile {
+                        metadata: [("format".to_string(), "pt".to_string())].into(),
+                        tensors: tensors.into_iter().collect(),
+                    };
+                    commit.write(&out.join(WEIGHTS_NAME), &file.to_bytes()?)?;
+                    commit.write(&out.join(CONFIG_NAME), config.as_bytes())?;
+                    ("a PEFT LoRA folder".to_string(), out)
+                }
+            };
             commit.commit()?;
             println!(
-                "{} adapter inputs of {} ({}) for {}",
-                file.parameters.len(),
+                "{what} of {} ({})",
                 adapter.display(),
-                loaded.req.variant.name(),
-                model.display()
+                loaded.req.variant.name()
             );
             println!("wrote {}", out.display());
         }
@@ -333,7 +357,7 @@ fn graft(args: GraftArgs) -> Result<()> {
     if let Some(adapter_in) = &args.adapter_in {
         let overrides = AdapterOverrides {
             variant: args.variant.variant,
-            alpha: Some(parse_alpha(&args.variant.alpha)?),
+            alpha: args.variant.alpha.as_deref().map(parse_alpha).transpose()?,
             strip_prefix: args.filters.strip_prefix.clone(),
             role_overrides: args.filters.filters()?.role_overrides,
         };

@@ -24,6 +24,7 @@ pub use weight::{
 };
 
 /// What to graft.
+#[derive(Clone)]
 pub struct GraftOptions<'a> {
     /// The variant.
     pub variant: &'a dyn Variant,
@@ -37,6 +38,16 @@ pub struct GraftOptions<'a> {
     /// With adapter inputs: stack them in this many slots, one picked per batch row by
     /// the `adapter_index` input (always against the original weights).
     pub adapter_slots: Option<usize>,
+}
+
+impl GraftOptions<'_> {
+    /// The options of `module` (its own rank and alpha, where it has them).
+    pub fn for_module(&self, module: &str) -> GraftOptions<'_> {
+        GraftOptions {
+            cfg: self.cfg.for_module(module).into_owned(),
+            ..self.clone()
+        }
+    }
 }
 
 /// One linear node a module's adapter was spliced around.
@@ -177,8 +188,15 @@ fn graft_targets(
         |(_, group)| module_cost(group, opts),
         PARALLEL_MEMORY_BUDGET,
         |(module, group)| {
-            prepare_module(graph, &dtypes, module, group, opts, &shared)
-                .map_err(|e| e.context(format!("grafting '{module}'")))
+            prepare_module(
+                graph,
+                &dtypes,
+                module,
+                group,
+                &opts.for_module(module),
+                &shared,
+            )
+            .map_err(|e| e.context(format!("grafting '{module}'")))
         },
     );
     // 2. The edits, in graph order.
@@ -192,7 +210,8 @@ fn graft_targets(
     };
     for ((module, group), prepared) in groups.iter().zip(prepared) {
         let prepared = prepared?;
-        let m = apply_module(graph, &dtypes, opset, module, group, prepared, index, opts)
+        let opts = opts.for_module(module);
+        let m = apply_module(graph, &dtypes, opset, module, group, prepared, index, &opts)
             .map_err(|e| e.context(format!("grafting '{module}'")))?;
         grafted.modules.push(m);
     }

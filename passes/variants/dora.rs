@@ -24,6 +24,10 @@ impl Variant for Dora {
         "dora"
     }
 
+    fn uses_alpha(&self) -> bool {
+        true
+    }
+
     fn param_specs(&self, d: Dims, cfg: &Config) -> Vec<ParamSpec> {
         let mut specs = Lora.param_specs(d, cfg);
         specs.push(ParamSpec {

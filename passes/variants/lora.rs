@@ -17,6 +17,10 @@ impl Variant for Lora {
         "lora"
     }
 
+    fn uses_alpha(&self) -> bool {
+        true
+    }
+
     fn param_specs(&self, d: Dims, cfg: &Config) -> Vec<ParamSpec> {
         vec![
             ParamSpec {

@@ -79,6 +79,18 @@ pub struct Config {
     pub road_group_size: usize,
     /// Seed of every random init.
     pub seed: u64,
+    /// Modules whose rank or alpha differ from `r` and `alpha` (PEFT's `rank_pattern`,
+    /// `alpha_pattern`), by module path.
+    pub modules: BTreeMap<String, ModuleRank>,
+}
+
+/// A module's own rank and alpha.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModuleRank {
+    /// Rank.
+    pub r: usize,
+    /// alpha.
+    pub alpha: Alpha,
 }
 
 impl Default for Config {
@@ -93,6 +105,7 @@ impl Default for Config {
             road_variant: road::RoadVariant::Road1,
             road_group_size: 64,
             seed: 0,
+            modules: BTreeMap::new(),
         }
     }
 }
@@ -120,6 +133,19 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    /// The settings of `module`: its own rank and alpha where it has them.
+    pub fn for_module(&self, module: &str) -> std::borrow::Cow<'_, Config> {
+        match self.modules.get(module) {
+            None => std::borrow::Cow::Borrowed(self),
+            Some(m) => std::borrow::Cow::Owned(Config {
+                r: m.r,
+                alpha: m.alpha.clone(),
+                modules: BTreeMap::new(),
+                ..self.clone()
+            }),
+        }
     }
 
     /// The LoRA scale `s`: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
@@ -276,6 +302,12 @@ pub trait Variant: Sync {
     /// Whether the variant has a rank (`r`): the IA3 gates have none.
     fn uses_rank(&self) -> bool {
         true
+    }
+
+    /// Whether the variant scales by `alpha` (LoRA's `s = alpha / r`): a file that does
+    /// not say its alpha cannot be used without one.
+    fn uses_alpha(&self) -> bool {
+        false
     }
 
     /// Where the branch is spliced.

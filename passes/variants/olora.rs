@@ -20,6 +20,10 @@ impl Variant for Olora {
         "olora"
     }
 
+    fn uses_alpha(&self) -> bool {
+        true
+    }
+
     fn param_specs(&self, d: Dims, cfg: &Config) -> Vec<ParamSpec> {
         Lora.param_specs(d, cfg)
             .into_iter()

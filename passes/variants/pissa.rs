@@ -21,6 +21,10 @@ impl Variant for Pissa {
         "pissa"
     }
 
+    fn uses_alpha(&self) -> bool {
+        true
+    }
+
     fn param_specs(&self, d: Dims, cfg: &Config) -> Vec<ParamSpec> {
         vec![
             ParamSpec {

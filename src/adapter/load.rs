@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use tract_core::ndarray::ArrayD;
 
 use crate::adapter::meta::{GraftMeta, LiteCfg};
+use crate::adapter::peft::{self, PeftConfig};
 use crate::adapter::{AdapterFile, CFG_KEY, GRAFT_KEY};
 use crate::error::{Error, Result};
 use crate::jobs::request::{AdapterDtype, GraftRequest};
@@ -67,8 +68,15 @@ fn shared_key(key: &str) -> Option<&str> {
 impl LoadedAdapter {
     /// Reads `path` and works out the request it implies.
     pub fn read(path: &Path, overrides: &AdapterOverrides) -> Result<LoadedAdapter> {
-        let file = AdapterFile::read(path)?;
         let bad = |reason: String| Error::Usage(format!("{}: {reason}", path.display()));
+        let (weights, config) = peft::paths(path);
+        if path.is_dir() && !weights.is_file() {
+            return Err(bad(format!(
+                "a folder without {}: not a PEFT adapter folder",
+                peft::WEIGHTS_NAME
+            )));
+        }
+        let file = AdapterFile::read(&weights)?;
         let mut tensors: BTreeMap<String, BTreeMap<String, ArrayD<f32>>> = BTreeMap::new();
         let mut shared = BTreeMap::new();
         for (key, a) in &file.tensors {
@@ -103,6 +111,7 @@ impl LoadedAdapter {
         }
         let graft_meta =
             GraftMeta::parse_or_default(file.metadata.get(GRAFT_KEY).map(String::as_str));
+        let mut peft_settings = None;
         let (variant_name, mut req) = match file.metadata.get(CFG_KEY) {
             Some(text) => {
                 let cfg = LiteCfg::parse(text)
@@ -138,6 +147,32 @@ impl LoadedAdapter {
                 req.filter_text = cfg.filters.clone();
                 (cfg.variant, req)
             }
+            None if config.is_some() => {
+                let config = config.as_deref().expect("some");
+                let peft = PeftConfig::read(config)?;
+                let mut req = GraftRequest::default();
+                req.cfg.r = peft.r;
+                req.cfg.alpha = peft.alpha.clone();
+                for (module, params) in &tensors {
+                    let own = peft.module_rank(module);
+                    let r = own.as_ref().map_or(peft.r, |m| m.r);
+                    if let Some(a) = params
+                        .get("lora_A")
+                        .filter(|a| a.ndim() == 2 && a.shape()[0] != r)
+                    {
+                        return Err(bad(format!(
+                            "{module}.lora_A has rank {}, but {} says {r} ('r' or 'rank_pattern')",
+                            a.shape()[0],
+                            config.display()
+                        )));
+                    }
+                    if let Some(own) = own {
+                        req.cfg.modules.insert(module.clone(), own);
+                    }
+                }
+                peft_settings = Some((peft.rslora, peft.pissa_niter));
+                (peft.variant.name().to_string(), req)
+            }
             None => {
                 let mut req = GraftRequest::default();
                 let first = tensors.values().next().expect("non-empty");
@@ -148,16 +183,23 @@ impl LoadedAdapter {
                     .ok_or_else(|| {
                         bad("no lora_A (or vera_lambda_d) tensor to read r from".into())
                     })?;
-                if let Some(alpha) = &overrides.alpha {
-                    req.cfg.alpha = alpha.clone();
-                }
                 let name = overrides.variant.map(|v| v.name()).unwrap_or("lora");
+                match &overrides.alpha {
+                    Some(alpha) => req.cfg.alpha = alpha.clone(),
+                    None if variants::variant(name)?.uses_alpha() => {
+                        return Err(bad(format!(
+                            "the file has no lora-lite 'cfg' and no {} beside it, so its alpha is unknown; give it with --alpha",
+                            peft::CONFIG_NAME
+                        )))
+                    }
+                    None => {}
+                }
                 (name.to_string(), req)
             }
         };
         req.variant = variants::variant(&variant_name)?;
-        req.cfg.rslora = graft_meta.rslora;
-        req.cfg.pissa_niter = graft_meta.pissa_niter;
+        (req.cfg.rslora, req.cfg.pissa_niter) =
+            peft_settings.unwrap_or((graft_meta.rslora, graft_meta.pissa_niter));
         req.cfg.seed = graft_meta.seed;
         req.cfg.delora_init = match graft_meta.delora_init.as_deref() {
             None => DeloraInit::LoraLite,
@@ -223,7 +265,7 @@ impl LoadedAdapter {
                 d_in: t.d_in,
                 d_out: t.d_out,
             };
-            let specs = variant.param_specs(dims, &self.req.cfg);
+            let specs = variant.param_specs(dims, &self.req.cfg.for_module(&t.module));
             let given = self.tensors.get(&t.module);
             let shared = variant.shared_params();
             for spec in &specs {
@@ -331,7 +373,7 @@ impl LoadedAdapter {
         let variant = self.req.variant;
         let bad = |reason: String| Error::Usage(format!("{}: {reason}", self.path.display()));
         variant
-            .param_specs(dims, &self.req.cfg)
+            .param_specs(dims, &self.req.cfg.for_module(module))
             .iter()
             .map(|s| {
                 let value = match self.shared.get(s.name) {

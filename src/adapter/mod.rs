@@ -5,6 +5,7 @@ pub mod file;
 pub mod load;
 pub mod meta;
 pub mod onnx_adapter;
+pub mod peft;
 
 pub use file::{AdapterFile, CFG_KEY, GRAFT_KEY};
 pub use load::{split_key, AdapterOverrides, LoadedAdapter};

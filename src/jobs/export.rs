@@ -14,7 +14,7 @@ use crate::passes::graft::inputs::{
 };
 use crate::passes::graft::{effective_weight, initial_params};
 use crate::passes::target::linear_at;
-use crate::passes::variants::LowRank;
+use crate::passes::variants::{Alpha, LowRank};
 use crate::tensor::Array;
 
 /// `adapter` as one low-rank update per module of `model` (grafted with adapter
@@ -24,7 +24,6 @@ pub fn served_factors(
     adapter: &LoadedAdapter,
 ) -> Result<Vec<(ServedModule, LowRank)>> {
     let variant = adapter.req.variant;
-    let cfg = &adapter.req.cfg;
     let graph = &model.graph;
     let served = served_modules(graph);
     let cannot = |why: String| {
@@ -51,6 +50,7 @@ pub fn served_factors(
                 input_names(module).0
             ))
         })?;
+        let cfg = &*adapter.req.cfg.for_module(module);
         let params = adapter.module_params(module, s.dims)?;
         let mut lr = variant.low_rank(&params, cfg).map_err(cannot)?;
         // Against the original weights, a weight-rewriting variant's (PiSSA's, OLoRA's)
@@ -176,4 +176,116 @@ pub fn onnx_adapter(
         model_version,
         parameters: served_tensors(model, adapter)?,
     })
+}
+
+/// `adapter` as an HF PEFT LoRA folder: `(adapter_config.json text, tensors by PEFT
+/// key)`. LoRA keeps its rank, alpha and rsLoRA; every other low-rank variant is written
+/// as the plain LoRA of its update (rank k, `lora_alpha = k`: scale 1). A variant that
+/// rewrites the weight (PiSSA, OLoRA) needs `base`, the original model: its update from
+/// the original weights is `[s·B, −s·B₀]·[A; A₀]`, rank 2r, as PEFT's own conversion of
+/// mutated inits writes it.
+pub fn peft_folder(
+    adapter: &LoadedAdapter,
+    base: Option<&Model>,
+) -> Result<(String, Vec<(String, Array)>)> {
+    let variant = adapter.req.variant;
+    let cannot = |why: String| {
+        Error::Usage(format!(
+            "{}: {} cannot be written as a PEFT LoRA adapter: {why}",
+            adapter.path.display(),
+            variant.name()
+        ))
+    };
+    let targets =
+        match base {
+            Some(model) => {
+                let targeting = adapter.targets(model)?;
+                adapter.check(model, &targeting)?;
+                Some((model, targeting))
+            }
+            None if variant.rewrites_weight() => return Err(cannot(
+                "its update from the original weights needs them: give the base model with --model"
+                    .into(),
+            )),
+            None => None,
+        };
+    let plain_lora = variant.name() == "lora";
+    let mut factors = Vec::new();
+    for (module, tensors) in &adapter.tensors {
+        let cfg = &*adapter.req.cfg.for_module(module);
+        let (d_in, d_out) = match (&targets, tensors.get("lora_A"), tensors.get("lora_B")) {
+            (Some((_, t)), _, _) => {
+                let t = t
+                    .targets
+                    .iter()
+                    .find(|t| &t.module == module)
+                    .expect("checked");
+                (t.d_in, t.d_out)
+            }
+            (None, Some(a), Some(b)) if a.ndim() == 2 && b.ndim() == 2 => {
+                (a.shape()[1], b.shape()[0])
+            }
+            _ => {
+                return Err(cannot(format!(
+                    "the widths of '{module}' come from the model: give the base model with --model"
+                )))
+            }
+        };
+        let dims = crate::passes::variants::Dims { d_in, d_out };
+        let params = adapter.module_params(module, dims)?;
+        let mut lr = variant.low_rank(&params, cfg).map_err(cannot)?;
+        if let Some((model, targeting)) = targets.as_ref().filter(|_| variant.rewrites_weight()) {
+            let t = targeting
+                .targets
+                .iter()
+                .find(|t| &t.module == module)
+                .expect("checked");
+            if t.quantized {
+                return Err(cannot(format!(
+                    "'{module}' is quantized; its init cannot be recomputed"
+                )));
+            }
+            let w = effective_weight(&model.graph, t)?;
+            let (init, _) =
+                initial_params(&w, module, variant, cfg, adapter.req.adapter_dtype.onnx())?;
+            lr = lr.minus(&variant.low_rank(&init, cfg).map_err(cannot)?);
+        }
+        factors.push((module.clone(), cfg.clone(), params, lr));
+    }
+    let modules: Vec<String> = factors.iter().map(|(m, ..)| m.clone()).collect();
+    let mut tensors = Vec::new();
+    let mut ranks = Vec::new();
+    for (module, cfg, params, lr) in &factors {
+        let key = |leaf: &str| format!("base_model.model.{module}.{leaf}.weight");
+        let (a, b, r, alpha) = if plain_lora {
+            (
+                params["lora_A"].clone(),
+                params["lora_B"].clone(),
+                cfg.r,
+                cfg.alpha.clone(),
+            )
+        } else {
+            let k = lr.rank();
+            (
+                lr.down.clone().into_dyn(),
+                lr.up.clone().into_dyn(),
+                k,
+                Alpha::from(k as f64),
+            )
+        };
+        tensors.push((key("lora_A"), Array::F32(a)));
+        tensors.push((key("lora_B"), Array::F32(b)));
+        ranks.push((module.clone(), r, alpha));
+    }
+    let (r, alpha) = match ranks.first() {
+        Some((_, r, a)) => (*r, a.clone()),
+        None => return Err(cannot("it holds no module".into())),
+    };
+    let own: Vec<(String, usize, Alpha)> = ranks
+        .into_iter()
+        .filter(|(_, rm, am)| *rm != r || *am != alpha)
+        .collect();
+    let rslora = plain_lora && adapter.req.cfg.rslora;
+    let config = crate::adapter::peft::lora_config(r, &alpha, rslora, &modules, &own);
+    Ok((config, tensors))
 }

@@ -84,6 +84,21 @@ impl OutputPlan {
         Ok(self)
     }
 
+    /// [`OutputPlan::check`] after creating the output folder `dir` (an exported PEFT
+    /// folder), when it does not exist yet and its parent does.
+    /// A folder it creates is removed again when the check fails.
+    pub fn check_creating_folder(&self, dir: &Path) -> Result<()> {
+        let create = !dir.exists() && parent_folder(dir).is_dir();
+        if create {
+            std::fs::create_dir(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        let checked = self.check();
+        if checked.is_err() && create {
+            let _ = std::fs::remove_dir(dir);
+        }
+        checked
+    }
+
     /// Refuses, naming both, an output that is an input or another output, and an output
     /// whose folder does not exist or is not writable.
     pub fn check(&self) -> Result<()> {
