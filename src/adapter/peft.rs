@@ -142,7 +142,7 @@ impl PeftConfig {
         let r = json
             .get("r")
             .and_then(Value::as_u64)
-            .filter(|&r| r >= 1 && r <= 1 << 20)
+            .filter(|r| (1..=1 << 20).contains(r))
             .ok_or_else(|| bad("'r' is not a positive integer".into()))? as usize;
         let alpha = match json.get("lora_alpha") {
             Some(Value::Number(n)) => Alpha(n.clone()),
@@ -187,7 +187,7 @@ impl PeftConfig {
         let rank_pattern: Vec<(String, usize)> = pattern("rank_pattern")?
             .into_iter()
             .map(|(k, v)| match v.as_u64() {
-                Some(n) if n >= 1 && n <= 1 << 20 => Ok((k, n as usize)),
+                Some(n) if (1..=1 << 20).contains(&n) => Ok((k, n as usize)),
                 _ => Err(bad(format!(
                     "rank_pattern '{k}' is {v}, not a positive integer"
                 ))),
