@@ -275,6 +275,69 @@ fn slots_serve_many_adapters_in_one_batch() {
     run_serving(dir.path(), &manifest);
 }
 
+/// onnxruntime-genai loads the int4 genai fixture grafted with `--adapter-inputs` and
+/// switches adapters with its `Adapters` API: greedy tokens with no adapter are the base
+/// model's, with the exported adapter active those of the model with it baked in, and
+/// they differ (`tests/genai.py`).
+#[test]
+fn onnxruntime_genai_switches_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = fixture("genai_int4");
+    let folder = |n: &str| {
+        let d = dir.path().join(n);
+        std::fs::create_dir(&d).unwrap();
+        std::fs::copy(
+            fx.with_file_name("genai_config.json"),
+            d.join("genai_config.json"),
+        )
+        .unwrap();
+        d
+    };
+    let (served_dir, baked_dir) = (folder("served"), folder("baked"));
+    let req = common::request("lora");
+    // The trained adapter: lora_B moved away from zero.
+    let mut model = Model::load(&fx).unwrap();
+    let mut outcome = jobs::graft(&mut model, &req).unwrap();
+    perturb(&mut model, &mut outcome, 7);
+    let adapter_path = dir.path().join("adapter.safetensors");
+    std::fs::write(
+        &adapter_path,
+        outcome.adapter_file(&req).to_bytes().unwrap(),
+    )
+    .unwrap();
+    let adapter = LoadedAdapter::read(&adapter_path, &AdapterOverrides::default()).unwrap();
+    let mut baked = Model::load(&fx).unwrap();
+    jobs::apply(&mut baked, &adapter).unwrap();
+    baked
+        .save(&baked_dir.join("model.onnx"), &SaveOptions::default())
+        .unwrap();
+    let mut served = Model::load(&fx).unwrap();
+    let served_req = GraftRequest {
+        adapter_inputs: Some(InputBase::Trained),
+        ..req
+    };
+    jobs::graft(&mut served, &served_req).unwrap();
+    served
+        .save(&served_dir.join("model.onnx"), &SaveOptions::default())
+        .unwrap();
+    let served = Model::load(&served_dir.join("model.onnx")).unwrap();
+    let onnx_adapter = dir.path().join("a.onnx_adapter");
+    let file = jobs::export::onnx_adapter(&served, &adapter, 1, 1).unwrap();
+    std::fs::write(&onnx_adapter, file.to_bytes().unwrap()).unwrap();
+    let out = std::process::Command::new(common::python())
+        .arg(common::root().join("tests/genai.py"))
+        .args([fx.parent().unwrap(), &served_dir, &baked_dir, &onnx_adapter])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("genai: ok"),
+        "onnxruntime-genai check failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn run_serving(dir: &std::path::Path, manifest: &[serde_json::Value]) {
     std::fs::write(
         dir.join("manifest.json"),

@@ -151,7 +151,17 @@ impl<'a> Table<'a> {
 impl OnnxAdapter {
     /// The file's bytes: parameters in the given order, each `raw_data` 8-byte aligned.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        let mut fbb = FlatBufferBuilder::new();
+        // Room for every tensor and its table up front: no regrowth copies.
+        let size: usize = self
+            .parameters
+            .iter()
+            .map(|(n, a)| {
+                crate::dtype::storage_bytes(a.elem_type(), a.len() as u64).unwrap_or(0) as usize
+                    + n.len()
+                    + 128
+            })
+            .sum();
+        let mut fbb = FlatBufferBuilder::with_capacity(size + 1024);
         let mut params: Vec<WIPOffset<flatbuffers::TableFinishedWIPOffset>> = Vec::new();
         for (name, a) in &self.parameters {
             let raw = a.to_proto(name).raw_data.unwrap_or_default();
@@ -181,7 +191,9 @@ impl OnnxAdapter {
         fbb.push_slot_always(ADAPTER_PARAMETERS, params);
         let root = fbb.end_table(t);
         fbb.finish(root, Some(IDENTIFIER));
-        Ok(fbb.finished_data().to_vec())
+        let (mut buf, head) = fbb.collapse();
+        buf.drain(..head);
+        Ok(buf)
     }
 
     /// Parses `bytes`, read from `path` (named in errors).

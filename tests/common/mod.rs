@@ -319,6 +319,7 @@ pub const PYTHON_REQUIREMENTS: &[&str] = &[
     "onnxruntime==1.32.0",
     "numpy==2.4.6",
     "safetensors==0.8.0",
+    "onnxruntime-genai==0.18.0",
 ];
 
 /// Cargo's target directory: `CARGO_TARGET_DIR` when absolute, else the one this test
