@@ -242,3 +242,77 @@ fn write_folder(dir: &Path, tag: &str, config: &str, tensors: Vec<(String, Array
     std::fs::write(out.join(WEIGHTS_NAME), file.to_bytes().unwrap()).unwrap();
     out
 }
+
+/// lora-graft adapters exported as PEFT folders, byte for byte the folders committed in
+/// `fixtures/peft_export/` (`LORA_GRAFT_BLESS=1` rewrites them), with the adapted ONNX
+/// model's output beside each (`<case>.onnx_out.safetensors`). `fixtures/make.py --only
+/// peft_export` loads each committed folder with `PeftModel.from_pretrained` on the
+/// fixture's PyTorch model and checks that it gives that output (1e-4 relative): so the
+/// files this test pins are ones PEFT was seen to load to the ONNX model's outputs.
+#[test]
+fn exported_peft_folders_are_the_ones_peft_loaded() {
+    let bless = std::env::var_os("LORA_GRAFT_BLESS").is_some();
+    let golden = root().join("fixtures/peft_export");
+    let dir = tempfile::tempdir().unwrap();
+    for (name, variant, rslora) in [
+        ("llama", "lora", true),
+        ("gpt2", "lora", false),
+        ("llama", "delora", false),
+        ("bert", "pissa", false),
+    ] {
+        let case = format!("{name}.{variant}");
+        let mut req = common::request(variant);
+        req.cfg.rslora = rslora;
+        let mut model = Model::load(&fixture(name)).unwrap();
+        let mut outcome = jobs::graft(&mut model, &req).unwrap();
+        perturb(&mut model, &mut outcome, 5);
+        let (inputs, _) = reference(name);
+        let output_name = model
+            .graph
+            .value(model.graph.outputs()[0].value)
+            .name
+            .clone();
+        let output = run_tract(&model, &inputs).remove(0);
+        let path = dir.path().join(format!("{case}.safetensors"));
+        std::fs::write(&path, outcome.adapter_file(&req).to_bytes().unwrap()).unwrap();
+        let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
+        let base = Model::load(&fixture(name)).unwrap();
+        let (config, tensors) = jobs::export::peft_folder(&adapter, Some(&base)).unwrap();
+        let folder = write_folder(dir.path(), &case, &config, tensors);
+        let out = AdapterFile {
+            metadata: Default::default(),
+            tensors: [(format!("output.{output_name}"), output)].into(),
+        };
+        let files = [
+            (
+                format!("{case}/{CONFIG_NAME}"),
+                std::fs::read(folder.join(CONFIG_NAME)).unwrap(),
+            ),
+            (
+                format!("{case}/{WEIGHTS_NAME}"),
+                std::fs::read(folder.join(WEIGHTS_NAME)).unwrap(),
+            ),
+            (
+                format!("{case}.onnx_out.safetensors"),
+                out.to_bytes().unwrap(),
+            ),
+        ];
+        for (rel_path, bytes) in files {
+            let want = golden.join(&rel_path);
+            if bless {
+                std::fs::create_dir_all(want.parent().unwrap()).unwrap();
+                std::fs::write(&want, &bytes).unwrap();
+                continue;
+            }
+            let committed = std::fs::read(&want).unwrap_or_else(|e| {
+                panic!("{}: {e} (LORA_GRAFT_BLESS=1 writes it)", want.display())
+            });
+            assert!(
+                committed == bytes,
+                "{} differs from what lora-graft writes now: rerun `fixtures/make.py --only peft_export` \
+                 in the fixture venv after LORA_GRAFT_BLESS=1, so PEFT checks the new files",
+                want.display()
+            );
+        }
+    }
+}

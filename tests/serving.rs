@@ -537,6 +537,43 @@ fn export_refuses_what_does_not_fit() {
     assert_one_line_error(&out, "other model", "the adapter does not fit this model");
     assert!(!dir.path().join("x.onnx_adapter").exists());
     assert!(!dir.path().join("y.onnx_adapter").exists());
+    // An adapter whose names fit but whose shapes do not.
+    let mut file = AdapterFile::read(&dir.path().join("plain.safetensors")).unwrap();
+    let key = "model.layers.0.self_attn.q_proj.lora_A";
+    file.tensors
+        .insert(key.into(), Array::F32(ArrayD::zeros(IxDyn(&[8, 63]))));
+    std::fs::write(
+        dir.path().join("shape.safetensors"),
+        file.to_bytes().unwrap(),
+    )
+    .unwrap();
+    let out = cli(&[
+        &llama,
+        "--variant",
+        "lora",
+        "--adapter-inputs",
+        "-o",
+        &d("inputs.onnx"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&[
+        "export-adapter",
+        &d("shape.safetensors"),
+        "--model",
+        &d("inputs.onnx"),
+        "-o",
+        &d("z.onnx_adapter"),
+    ]);
+    assert_one_line_error(
+        &out,
+        "shape",
+        &format!("{key} is [8, 63], the model's layer needs [8, 64]"),
+    );
+    assert!(!dir.path().join("z.onnx_adapter").exists());
     // A variant that is not a low-rank update says what serving it would need.
     let out = cli(&[
         &llama,
