@@ -1,0 +1,127 @@
+//! Weight-only int8 models, as deployed: `bert_int8` (`MatMul(x, Mul(Cast(int8 q),
+//! scale))`, generic weight names) and `llama_int8` (`DequantizeLinear` per output
+//! channel). Every variant that leaves the weight grafts on them and computes what it
+//! computes on the dequantized float model (DeLoRA's norms and DoRA's in-graph norm read
+//! the dequantized weight); the variants that rewrite the weight say so; ONNX Runtime
+//! runs every grafted model as tract does.
+
+mod common;
+
+use common::{fixture, perturb, reference, run_tract};
+use lora_graft::jobs;
+use lora_graft::model::SaveOptions;
+use lora_graft::passes::graft::effective_weight;
+use lora_graft::passes::target::{self, Filters, Layout, Role};
+use lora_graft::tensor::Array;
+use lora_graft::Model;
+
+const INT8: &[&str] = &["bert_int8", "llama_int8"];
+
+/// The int8 fixture `name` with every quantized linear weight replaced by its
+/// dequantized float32 values (the same graph otherwise).
+fn dequantized(name: &str) -> Model {
+    let mut model = Model::load(&fixture(name)).unwrap();
+    let filters = Filters {
+        roles: vec![Role::Reader, Role::Writer, Role::Inner],
+        include_heads: true,
+        ..Filters::default()
+    };
+    let targets = target::run(&model.graph, &filters).unwrap().targets;
+    let mut replaced = 0;
+    for t in targets.iter().filter(|t| t.quantized) {
+        assert_eq!(t.layout, Layout::InOut, "{}", t.module);
+        let w = effective_weight(&model.graph, t).unwrap(); // [d_out, d_in]
+        let onnx = w.t().as_standard_layout().into_owned().into_dyn();
+        let init = lora_graft::ir::Initializer::new(Array::F32(onnx).to_proto(""));
+        let id = model
+            .graph
+            .add_initializer(&format!("{}.float_weight", t.module), init);
+        model.graph.set_input(t.node, 1, Some(id));
+        replaced += 1;
+    }
+    assert!(replaced >= 12, "{name}: {replaced} quantized weights");
+    model.graph.compact();
+    model
+}
+
+#[test]
+fn variants_on_int8_weights_compute_what_they_do_on_the_dequantized_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut manifest = Vec::new();
+    for name in INT8 {
+        let (inputs, _) = reference(name);
+        std::fs::create_dir_all(dir.path().join(name)).unwrap();
+        for variant in common::variant_names() {
+            let req = common::request(variant);
+            let mut model = Model::load(&fixture(name)).unwrap();
+            let mut outcome = match jobs::graft(&mut model, &req) {
+                Ok(o) => o,
+                Err(e) => {
+                    assert!(
+                        req.variant.rewrites_weight() && e.to_string().contains("quantized"),
+                        "{name} {variant}: {e}"
+                    );
+                    continue;
+                }
+            };
+            assert!(!req.variant.rewrites_weight(), "{name} {variant} grafted");
+            perturb(&mut model, &mut outcome, 9);
+            let mut float = dequantized(name);
+            let mut float_outcome = jobs::graft(&mut float, &req).unwrap();
+            perturb(&mut float, &mut float_outcome, 9);
+            let modules = |o: &jobs::Outcome| -> Vec<String> {
+                o.grafted.modules.iter().map(|m| m.module.clone()).collect()
+            };
+            assert_eq!(
+                modules(&outcome),
+                modules(&float_outcome),
+                "{name} {variant}"
+            );
+            let got = run_tract(&model, &inputs).remove(0);
+            let want = run_tract(&float, &inputs).remove(0);
+            // 1e-5 relative: the same float weights, read through the dequantization
+            // chain or stored; products summed in the same order.
+            let d = common::max_abs_diff(&got, &want) / common::max_abs(&want);
+            assert!(
+                d <= 1e-5,
+                "{name} {variant}: {d:e} from the dequantized model"
+            );
+            let base = reference(name).1.remove(0).1;
+            let moved = common::max_abs_diff(&got, &base) / common::max_abs(&base);
+            assert!(
+                moved > 1e-3,
+                "{name} {variant}: the adapter moves the output by {moved:e}"
+            );
+            let stem = format!("{name}/{variant}");
+            model
+                .save(
+                    &dir.path().join(format!("{stem}.onnx")),
+                    &SaveOptions::default(),
+                )
+                .unwrap();
+            common::write_io(
+                &dir.path().join(format!("{stem}.io.safetensors")),
+                inputs.iter().cloned(),
+                [(
+                    model
+                        .graph
+                        .value(model.graph.outputs()[0].value)
+                        .name
+                        .clone(),
+                    got,
+                )],
+            );
+            manifest.push(serde_json::json!({
+                "model": format!("{stem}.onnx"),
+                "base": fixture(name),
+                "io": format!("{stem}.io.safetensors"),
+                "full_check": true,
+                // 1e-4 relative: another runtime's kernels and summation order.
+                "tol": 1e-4,
+                "relative": true,
+                "ort_config": {"session.qdq_matmulnbits_accuracy_level": "0"},
+            }));
+        }
+    }
+    common::run_interop(dir.path(), &manifest);
+}
