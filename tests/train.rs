@@ -52,18 +52,27 @@ fn two_hundred_steps_cut_the_loss_by_at_least_30_percent() {
             &dir.path().join(format!("{variant}.safetensors")),
         );
         // The IA3 gates and ROAD's rotations hold one or two scalars per channel (about
-        // a thousand parameters here, not LoRA's 10^5): at any learning rate they level
-        // off at 24-28 % on this random fixture (measured: lr 1e-2, 3e-2, 1e-1), so they
-        // are held to 20 % at 3e-2.
+        // a thousand parameters here, not LoRA's 10^5): on the attention and MLP layers
+        // alone they level off at 25-28 % on this random fixture at any learning rate
+        // (measured: 1e-2 to 1e-1). With the output head adapted too (the logits' own
+        // gate or rotation), a cosine schedule and lr 1e-1 they cut 32 % (IA3_FF), 36 %
+        // (IA3) and 39 % (ROAD); that is the configuration held to the 30 % here.
         // VeRA trains r + d_out scalars per layer over frozen random projections: it is
         // used at high rank and learning rate (the paper: r 256+); at r 32, lr 3e-2 it
         // cuts 34 % (r 8: 30 % at 3e-2, 25 % at 1e-2).
         let gate = variant.starts_with("ia3") || variant == "road";
-        let (lr, keep) = match variant {
-            _ if gate => (3e-2, 0.8),
-            "vera" => (3e-2, 0.7),
-            _ => (1e-2, 0.7),
+        let lr = match variant {
+            _ if gate => 1e-1,
+            "vera" => 3e-2,
+            _ => 1e-2,
         };
+        if gate {
+            let filters = &mut opts.training.graft.filters;
+            filters.include_heads = true;
+            filters.excludes = vec![regex::Regex::new("embed_tokens").unwrap()];
+            opts.schedule = train::Schedule::Cosine;
+            opts.warmup = 10;
+        }
         if variant == "vera" {
             opts.training.graft.cfg.r = 32;
         }
@@ -82,7 +91,7 @@ fn two_hundred_steps_cut_the_loss_by_at_least_30_percent() {
         let first = report.losses[0];
         let last: f64 = report.losses[190..].iter().sum::<f64>() / 10.0;
         assert!(
-            last <= keep * first,
+            last <= 0.7 * first,
             "{variant}: loss {first:.3} -> {last:.3}"
         );
         // The checkpoint is a lora-lite adapter file.

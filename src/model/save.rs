@@ -139,7 +139,16 @@ impl Model {
                 return t;
             };
             t.raw_data = None;
-            if !uses_external || raw.len() < opts.new_data_threshold || write_error.is_some() {
+            // Shape-like tensors (int64 / int32 shapes, splits, axes, indices) stay in the
+            // model: shape inference (onnx.checker, ONNX Runtime) reads them and cannot
+            // read external data. (Quantized weights, int8 / int4, may go out.)
+            use crate::proto::tensor_proto::DataType;
+            let integer = [DataType::Int64 as i32, DataType::Int32 as i32].contains(&t.data_type());
+            if !uses_external
+                || integer
+                || raw.len() < opts.new_data_threshold
+                || write_error.is_some()
+            {
                 t.raw_data = Some(raw.to_vec());
                 init.release_pages();
                 return t;
