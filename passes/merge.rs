@@ -1,5 +1,5 @@
 //! Merging: folds each module's adapter into its base weight (`W' = W + ΔW`; PiSSA:
-//! `W_res + s·BA`), leaving the original graph with no adapter node.
+//! `W − s·B₀A₀ + s·BA`), leaving the original graph with no adapter node.
 
 use std::collections::BTreeMap;
 
@@ -8,18 +8,21 @@ use super::graft::{
     PARALLEL_MEMORY_BUDGET,
 };
 use super::target::Target;
+use super::variants::lora::Lora;
 use super::variants::{Config, Dims, Params, Variant};
 use crate::error::{Error, Result};
 use crate::ir::Graph;
 use tract_core::ndarray::Array1;
 
-/// What the base model of a merge of a weight-rewriting variant (PiSSA, OLoRA) holds.
+/// What the base model of a merge of a variant with a frozen start (PiSSA, OLoRA) holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PissaBase {
-    /// The original W: `W_res` is recomputed from the same (deterministic) SVD or QR init,
-    /// so `W' = W − s·B₀A₀ + s·BA` (PEFT's rank-2r conversion, folded).
+    /// The original W: `W' = W − s·B₀A₀ + s·BA`, with the start `A₀`, `B₀` from the
+    /// adapter file, or recomputed from W by the same deterministic SVD or QR init when
+    /// the file has none (PEFT's and lora-lite's files; PEFT's rank-2r conversion, folded).
     Original,
-    /// Already `W_res` (the grafted model's weights): `W' = W_res + s·BA`.
+    /// PEFT's `W_res = W − s·B₀A₀` (a model PEFT's PiSSA or OLoRA init rewrote, or one
+    /// lora-graft served on `W_res`): `W' = W_res + s·BA`.
     Residual,
 }
 
@@ -181,14 +184,17 @@ impl Merge<'_> {
         )));
         }
         let w = effective_weight(graph, t0)?;
-        let base_w = if self.base == PissaBase::Original && variant.rewrites_weight() {
-            initial_params(&w, module, variant, cfg, self.adapter_dtype)?
-                .1
-                .unwrap_or(w)
-        } else {
-            w
+        let merged_w = match (variant.frozen_start(), self.base) {
+            (true, PissaBase::Residual) => {
+                Lora.merged_weight(&w, params, cfg) // W_res + s·BA
+            }
+            (true, PissaBase::Original) if !params.contains_key("lora_A0") => {
+                let (mut start, _) = initial_params(&w, module, variant, cfg, self.adapter_dtype)?;
+                start.extend(params.iter().map(|(k, v)| (*k, v.clone())));
+                variant.merged_weight(&w, &start, cfg)
+            }
+            _ => variant.merged_weight(&w, params, cfg),
         };
-        let merged_w = variant.merged_weight(&base_w, params, cfg);
         if merged_w.iter().any(|v| !v.is_finite()) {
             return Err(Error::Usage(format!(
             "the merged weight would hold NaN or infinite values: the adapter's values times its scale {} overflow float32; check the adapter",

@@ -57,7 +57,7 @@ pub struct VariantArgs {
     /// PiSSA: randomized SVD with N power iterations (PEFT's pissa_niter_N) instead of the exact SVD.
     #[arg(long, value_name = "N")]
     pub pissa_niter: Option<usize>,
-    /// DeLoRA's init: the paper's (kaiming B, weight rewritten to W_res; small first
+    /// DeLoRA's init: the paper's (kaiming B minus a frozen copy of the branch; small first
     /// steps) or lora-lite's (B = 0; the file loads in lora-lite on the original weights).
     #[arg(long, value_enum, default_value_t = DeloraInit::Paper)]
     pub delora_init: DeloraInit,
@@ -131,8 +131,9 @@ pub struct GraftArgs {
     /// leave the model as it was; feed them with `export-adapter`'s .onnx_adapter.
     #[arg(long)]
     pub adapter_inputs: bool,
-    /// With --adapter-inputs and a variant that rewrites the weight (pissa, olora): keep
-    /// the original weights and serve adapters as updates of rank 2r from them.
+    /// With --adapter-inputs and a variant that starts from the weight (pissa, olora):
+    /// serve adapters on the original weights as updates of rank 2r, instead of on PEFT's
+    /// W_res = W − s·B₀A₀ (written as a new weight) with the start as the defaults.
     #[arg(long, requires = "adapter_inputs")]
     pub against_original: bool,
     /// Serve K adapters in one batch: stacked inputs `<module>.lora_A [K, d_in, r]`,
@@ -164,8 +165,8 @@ pub enum Command {
         /// Output model (default: <stem>.merged.onnx beside the input).
         #[arg(short, long)]
         output: Option<PathBuf>,
-        /// PiSSA only: whether the base holds the original W (W_res is recomputed from
-        /// the same SVD init) or already W_res (a model grafted by lora-graft).
+        /// PiSSA and OLoRA: whether the base holds the original W (the adapter's start
+        /// A₀, B₀ subtracted; recomputed from W when the file has none) or PEFT's W_res.
         #[arg(long, value_enum, default_value_t = PissaBase::Original)]
         pissa_base: PissaBase,
         /// Variant of a file without lora-lite's cfg (a PEFT adapter).

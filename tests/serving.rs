@@ -106,7 +106,19 @@ fn served_adapters_match_baked_ones_in_onnx_runtime() {
                 adapter_inputs: Some(c.base),
                 ..req.clone()
             };
-            jobs::graft(&mut served, &served_req).unwrap_or_else(|e| panic!("{stem}: {e}"));
+            match jobs::graft(&mut served, &served_req) {
+                Ok(_) => {}
+                // PiSSA and OLoRA on W_res would write a new weight: not on int4.
+                Err(e) if req.variant.frozen_start() && c.base == InputBase::Trained => {
+                    assert!(
+                        common::QUANTIZED_FIXTURES.contains(name)
+                            && e.to_string().contains("quantized"),
+                        "{stem}: {e}"
+                    );
+                    continue;
+                }
+                Err(e) => panic!("{stem}: {e}"),
+            }
             served
                 .save(&path(".served.onnx"), &SaveOptions::default())
                 .unwrap();
@@ -119,7 +131,7 @@ fn served_adapters_match_baked_ones_in_onnx_runtime() {
             };
             std::fs::write(path(".expected.safetensors"), expected.to_bytes().unwrap()).unwrap();
             let fp16 = name.ends_with("fp16");
-            let rewrites = req.variant.rewrites_weight() && c.base == InputBase::Trained;
+            let rewrites = req.variant.frozen_start() && c.base == InputBase::Trained;
             manifest.push(serde_json::json!({
                 "served": format!("{stem}.served.onnx"),
                 "base": fixture(name),

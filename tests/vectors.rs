@@ -105,6 +105,20 @@ fn graft(variant: &str, cfg: Config) -> (Model, Outcome) {
     graft_on(tv_model(), variant, cfg)
 }
 
+/// PiSSA or OLoRA grafted on PEFT's form, `W_res` in the graph (served as adapter
+/// inputs whose defaults are the start; with no adapter fed the model is unchanged).
+fn graft_on_w_res(variant: &str, cfg: Config) -> (Model, Outcome) {
+    let mut model = tv_model();
+    let req = GraftRequest {
+        variant: lora_graft::passes::variants::variant(variant).unwrap(),
+        cfg,
+        adapter_inputs: Some(lora_graft::passes::graft::inputs::InputBase::Trained),
+        ..GraftRequest::default()
+    };
+    let outcome = jobs::graft(&mut model, &req).unwrap();
+    (model, outcome)
+}
+
 fn graft_on(mut model: Model, variant: &str, cfg: Config) -> (Model, Outcome) {
     let req = GraftRequest {
         variant: lora_graft::passes::variants::variant(variant).unwrap(),
@@ -229,7 +243,7 @@ fn tv2_pissa_exact() {
         alpha: 2.0.into(),
         ..Config::default()
     };
-    let (model, outcome) = graft("pissa", cfg.clone());
+    let (model, outcome) = graft_on_w_res("pissa", cfg.clone());
     let w_res = model
         .graph
         .initializer(model.graph.value_by_name("layer.weight").unwrap())
@@ -463,8 +477,9 @@ fn pissa_matches_peft_exact_and_fast_paths() {
             let mut params = init_params(&pissa::Pissa.param_specs(dims, cfg), &mut rng);
             pissa::Pissa
                 .init(&w, &mut params, cfg, &mut rng, &|_| {})
-                .unwrap()
-                .unwrap()
+                .unwrap();
+            // PEFT's W_res = W − s·B₀A₀.
+            &w - &lora_graft::passes::variants::lora::Lora::start_low_rank(&params, cfg).delta_w()
         };
         // Exact: the same residual as PEFT (SVD signs do not matter for W_res).
         let exact = w_res_of(&cfg, 0);
@@ -681,7 +696,7 @@ fn tv6_olora() {
         alpha: 2.0.into(),
         ..Config::default()
     };
-    let (model, outcome) = graft("olora", cfg.clone());
+    let (model, outcome) = graft_on_w_res("olora", cfg.clone());
     let p = &outcome.grafted.modules[0].params;
     close_flat(
         p["lora_B"].iter().map(|&v| v as f64).collect(),

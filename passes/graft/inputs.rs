@@ -18,7 +18,8 @@ use crate::tensor::Array;
 /// Which base weights the adapter inputs are relative to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum InputBase {
-    /// The weights the variant trains against: PiSSA's and OLoRA's `W_res`, whose
+    /// The weights the variant's PEFT form trains against: PiSSA's and OLoRA's `W_res`
+    /// (`W − s·B₀A₀`, written as a new weight), whose
     /// defaults are then the init factors (the model with no adapter active is the
     /// original); the original weights for every other variant (empty defaults).
     #[default]
@@ -186,8 +187,8 @@ pub struct ServedModule {
     pub slots: Option<usize>,
     /// The rank of the inputs' defaults (none with slots).
     pub default_rank: Option<usize>,
-    /// The weights the inputs are relative to: the trained ones (`W_res`) when a
-    /// weight-rewriting variant's defaults are its init, else the original ones.
+    /// The weights the inputs are relative to: PEFT's `W_res` when a frozen-start
+    /// variant's defaults are its start, else the original ones.
     pub base: InputBase,
     /// The linear node the branch was spliced around, when the graph still shows it.
     pub node: Option<NodeId>,

@@ -1,6 +1,7 @@
 //! Grafting: creates a variant's adapter tensors for every target module and splices
-//! its branch around every target node (`y' = y + Δ(x)`); PiSSA also rewrites the
-//! weight to `W_res`.
+//! its branch around every target node (`y' = y + Δ(x)`), or adapter inputs for
+//! runtimes ([`inputs`]). No variant rewrites a weight; serving PiSSA on PEFT's `W_res`
+//! does.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -253,11 +254,13 @@ fn prepare_module(
     variant
         .check_layer(dims, cfg)
         .map_err(|why| Error::Usage(format!("{} on layer '{module}': {why}", variant.name())))?;
-    // A quantized weight is read dequantized (DeLoRA's norms); it cannot be rewritten,
-    // and MatMulNBits has no dense weight in the graph for DoRA's norm.
-    if t0.quantized && variant.rewrites_weight() {
+    // A quantized weight is read dequantized (DeLoRA's norms, PiSSA's SVD); MatMulNBits
+    // has no dense weight in the graph for DoRA's norm.
+    let serve_residual =
+        opts.adapter_inputs == Some(inputs::InputBase::Trained) && variant.frozen_start();
+    if t0.quantized && serve_residual {
         return Err(Error::Usage(format!(
-            "{} rewrites the weight of '{module}', which is quantized ({}); use lora, delora or another variant that leaves the weight, or a float model",
+            "serving {} on W_res rewrites the weight of '{module}', which is quantized ({}); serve it against the original weights (--against-original)",
             variant.name(),
             t0.op
         )));
@@ -278,12 +281,24 @@ fn prepare_module(
         params.insert(spec.name, slice);
     }
     let round = rounding(opts.adapter_dtype);
-    let w_res = if variant.reads_weight() {
+    let mut w_res = None;
+    if variant.reads_weight() {
         let w = effective_weight(graph, t0)?;
-        variant.init(&w, &mut params, cfg, &mut rng, &round)?
-    } else {
-        None
-    };
+        w_res = variant.init(&w, &mut params, cfg, &mut rng, &round)?;
+        if w_res.is_some() && t0.quantized {
+            return Err(Error::Usage(format!(
+                "{} rewrites the weight of '{module}', which is quantized ({}); use a float model",
+                variant.name(),
+                t0.op
+            )));
+        }
+        if serve_residual {
+            // Served on PEFT's base: W_res = W − s·B₀A₀, with the start as the defaults.
+            let mut res = w;
+            res -= &super::variants::lora::Lora::start_low_rank(&params, cfg).delta_w();
+            w_res = Some(res);
+        }
+    }
     for p in params.values_mut() {
         round(p);
     }
@@ -390,7 +405,7 @@ fn apply_module(
 
 /// Splices `module`'s adapter inputs (see [`inputs`]) around every node of `group`:
 /// defaults are the variant's init as a low-rank update when the inputs are relative
-/// to a rewritten weight (PiSSA's `W_res`), empty otherwise.
+/// to PEFT's `W_res` (PiSSA, OLoRA), empty otherwise.
 #[allow(clippy::too_many_arguments)]
 fn serve_module(
     graph: &mut Graph,
@@ -409,14 +424,14 @@ fn serve_module(
         d_in: t0.d_in,
         d_out: t0.d_out,
     };
-    let init = variant.low_rank(params, &opts.cfg).map_err(|why| {
+    variant.low_rank(params, &opts.cfg).map_err(|why| {
         Error::Usage(format!(
             "{} cannot be served as adapter inputs: {why}",
             variant.name()
         ))
     })?;
-    let defaults = if base == inputs::InputBase::Trained && variant.rewrites_weight() {
-        init
+    let defaults = if base == inputs::InputBase::Trained && variant.frozen_start() {
+        super::variants::lora::Lora::start_low_rank(params, &opts.cfg)
     } else {
         super::variants::LowRank::empty(dims)
     };
@@ -454,8 +469,9 @@ fn serve_module(
 
 /// A module's adapter tensors as the graft pass initialises them from its weight `w`
 /// (torch layout; the same seed gives the same tensors), and the weight the variant
-/// rewrites it to (PiSSA's `W_res`): merging into, and serving against, the original
-/// weights recompute them. Not for variants with shared tensors (VeRA), which read none.
+/// rewrites it to, if any: merging, serving and exporting recompute the frozen start of
+/// PiSSA and OLoRA from the original weights when a file (PEFT's) lacks it. Not for
+/// variants with shared tensors (VeRA), which read none.
 pub fn initial_params(
     w: &Array2<f32>,
     module: &str,

@@ -1,5 +1,5 @@
 //! A target's weight: read as the effective f32 matrix through its chain of layout and
-//! dequantization ops, and rewritten (PiSSA's `W_res`, a merge) in its own layout and
+//! dequantization ops, and rewritten (a merge, PiSSA served on `W_res`) in its own layout and
 //! dtype; and the torch <-> ONNX layout of adapter tensors.
 
 use super::*;

@@ -61,30 +61,73 @@ impl Variant for Lora {
     }
 }
 
+/// The tensors of a variant that starts LoRA from the weight (PiSSA, OLoRA): `lora_A`,
+/// `lora_B` trained, `lora_A0`, `lora_B0` their frozen start, all set by the init.
+pub fn frozen_start_specs(d: Dims, cfg: &Config) -> Vec<ParamSpec> {
+    let spec = |name, shape: [usize; 2], trainable| ParamSpec {
+        name,
+        shape: shape.to_vec(),
+        init: if trainable { Init::Zeros } else { Init::Start },
+        trainable,
+    };
+    vec![
+        spec("lora_A", [cfg.r, d.d_in], true),
+        spec("lora_B", [d.d_out, cfg.r], true),
+        spec("lora_A0", [cfg.r, d.d_in], false),
+        spec("lora_B0", [d.d_out, cfg.r], false),
+    ]
+}
+
 impl Lora {
-    /// Starts a layer from the factors `a` `[r, d_in]` and `b` `[d_out, r]` (rounded to
-    /// the adapter dtype) and returns the residual weight `W − s·B A` they leave
-    /// (PiSSA's and OLoRA's inits).
+    /// Starts a layer from the factors `a` `[r, d_in]` and `b` `[d_out, r]`, rounded to
+    /// the adapter dtype: `lora_A`, `lora_B` and their frozen copies `lora_A0`, `lora_B0`
+    /// (PiSSA's and OLoRA's inits; the weight is left as it is).
     pub fn start_from(
         a: Array2<f64>,
         b: Array2<f64>,
-        w: &Array2<f32>,
         p: &mut Params,
-        cfg: &Config,
         round: &dyn Fn(&mut ArrayD<f32>),
-    ) -> Array2<f32> {
+    ) {
         let (mut a, mut b) = (
             a.mapv(|v| v as f32).into_dyn(),
             b.mapv(|v| v as f32).into_dyn(),
         );
         round(&mut a);
         round(&mut b);
+        p.insert("lora_A0", a.clone());
+        p.insert("lora_B0", b.clone());
         p.insert("lora_A", a);
         p.insert("lora_B", b);
-        // In place on a copy of `w`, which keeps its memory layout (the stored one).
-        let mut w_res = w.clone();
-        w_res -= &Lora::delta_w(p, cfg);
-        w_res
+    }
+
+    /// The frozen start `(s·B₀)·A₀` of a [`frozen_start_specs`] variant.
+    pub fn start_low_rank(p: &Params, cfg: &Config) -> LowRank {
+        LowRank {
+            up: mat(p, "lora_B0") * cfg.scale() as f32,
+            down: mat(p, "lora_A0"),
+        }
+    }
+
+    /// A [`frozen_start_specs`] variant's update: `s·B A − s·B₀ A₀` (rank 2r).
+    pub fn from_start_low_rank(p: &Params, cfg: &Config) -> LowRank {
+        Lora::low_rank_of(p, cfg).minus(&Lora::start_low_rank(p, cfg))
+    }
+
+    /// A [`frozen_start_specs`] variant's branch: `s·((x A) B − (x A₀) B₀)`, exactly 0
+    /// at init.
+    pub fn branch_from_start(
+        b: &mut Builder,
+        x: ValueId,
+        p: &BTreeMap<&'static str, ValueId>,
+        cfg: &Config,
+    ) -> Result<ValueId> {
+        let h = b.op("MatMul", &[x, p["lora_A"]], vec![])?;
+        let d = b.op("MatMul", &[h, p["lora_B"]], vec![])?;
+        let h0 = b.op("MatMul", &[x, p["lora_A0"]], vec![])?;
+        let d0 = b.op("MatMul", &[h0, p["lora_B0"]], vec![])?;
+        let diff = b.op("Sub", &[d, d0], vec![])?;
+        let s = b.scalar("scale", cfg.scale());
+        b.op("Mul", &[diff, s], vec![])
     }
 
     /// `ΔW = (s·B) · A`.

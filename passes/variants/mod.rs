@@ -194,6 +194,9 @@ pub enum Init {
     /// Kaiming on half the rows, each row then repeated (`u_2k = u_2k+1`): HRA's
     /// paired reflections, whose product is the identity.
     KaimingPairs,
+    /// A frozen copy of the weight-reading init's value (PiSSA's `lora_A0`): recomputed
+    /// from the weights when a file does not hold it.
+    Start,
 }
 
 /// One adapter tensor of a layer.
@@ -219,7 +222,7 @@ pub fn init_params(specs: &[ParamSpec], rng: &mut Rng) -> Params {
         .map(|spec| {
             let n: usize = spec.shape.iter().product();
             let values: Vec<f32> = match spec.init {
-                Init::Zeros => vec![0.0; n],
+                Init::Zeros | Init::Start => vec![0.0; n],
                 Init::Constant(v) => vec![v as f32; n],
                 Init::Kaiming => {
                     let fan_in = *spec.shape.last().unwrap_or(&1) as f64;
@@ -326,9 +329,11 @@ pub trait Variant: Sync {
         false
     }
 
-    /// Whether [`Variant::init`] rewrites the base weight (PiSSA's `W_res`): merging
-    /// into the original weights then recomputes it.
-    fn rewrites_weight(&self) -> bool {
+    /// Whether the variant starts from a LoRA pair read off the weight and subtracts a
+    /// frozen copy of it (`lora_A0`, `lora_B0`: PiSSA, OLoRA), so the model starts
+    /// unchanged with its weights untouched. `W_res = W − s·B₀A₀` (PEFT's form of the
+    /// same adapter, whose files hold no `A₀`, `B₀`) is then an equivalent base.
+    fn frozen_start(&self) -> bool {
         false
     }
 

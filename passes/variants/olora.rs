@@ -1,12 +1,14 @@
 //! OLoRA (Büyükakyüz 2024; PEFT `init_lora_weights="olora"`): LoRA whose B and A start
-//! as the leading `r` columns of Q and rows of R of `W = QR`, with the weight rewritten
-//! to `W_res = W − s·B A` (no division by `s`, unlike PiSSA).
+//! as the leading `r` columns of Q and rows of R of `W = QR` (no division by `s`, unlike
+//! PiSSA). PEFT rewrites W to `W_res = W − s·B A`; lora-graft keeps W and subtracts a
+//! frozen copy of the starting branch (see PiSSA).
 
 use std::collections::BTreeMap;
 
 use tract_core::ndarray::{Array2, ArrayD};
 
-use super::{lora::Lora, Config, Dims, Init, ParamSpec, Params, Variant};
+use super::lora::{frozen_start_specs, Lora};
+use super::{Config, Dims, ParamSpec, Params, Variant};
 use crate::error::Result;
 use crate::ir::build::Builder;
 use crate::ir::ValueId;
@@ -25,29 +27,23 @@ impl Variant for Olora {
     }
 
     fn param_specs(&self, d: Dims, cfg: &Config) -> Vec<ParamSpec> {
-        Lora.param_specs(d, cfg)
-            .into_iter()
-            .map(|spec| ParamSpec {
-                init: Init::Zeros,
-                ..spec
-            })
-            .collect()
+        frozen_start_specs(d, cfg)
     }
 
     fn reads_weight(&self) -> bool {
         true
     }
 
-    fn rewrites_weight(&self) -> bool {
+    fn frozen_start(&self) -> bool {
         true
     }
 
-    // The f32 weight, its f64 copy reduced in place, and W_res.
+    // The f32 weight and its f64 copy reduced in place.
     fn working_set(&self, d: Dims, _cfg: &Config) -> usize {
-        16 * d.d_in * d.d_out
+        12 * d.d_in * d.d_out
     }
 
-    // W = QR; B = Q_r, A = R_r (rounded to the adapter dtype); W_res = W − s·B A.
+    // W = QR; B = B₀ = Q_r, A = A₀ = R_r (rounded to the adapter dtype).
     fn init(
         &self,
         w: &Array2<f32>,
@@ -57,28 +53,27 @@ impl Variant for Olora {
         round: &dyn Fn(&mut ArrayD<f32>),
     ) -> Result<Option<Array2<f32>>> {
         let (q, r) = crate::linalg::qr_leading(w, cfg.r);
-        let w_res = Lora::start_from(r, q, w, p, cfg, round);
-        Ok(Some(w_res))
+        Lora::start_from(r, q, p, round);
+        Ok(None)
     }
 
     fn branch(
         &self,
         b: &mut Builder,
         x: ValueId,
-        y: ValueId,
+        _y: ValueId,
         p: &BTreeMap<&'static str, ValueId>,
         cfg: &Config,
     ) -> Result<ValueId> {
-        Lora.branch(b, x, y, p, cfg)
+        Lora::branch_from_start(b, x, p, cfg)
     }
 
-    // W_res + s·B A
-    fn merged_weight(&self, w_res: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
-        Lora.merged_weight(w_res, p, cfg)
+    // W + s·B A − s·B₀ A₀ (= W_res + s·B A)
+    fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
+        w + &Lora::from_start_low_rank(p, cfg).delta_w()
     }
 
-    // Against W_res; the serving job adds −(s·B₀)·A₀ for the original base.
     fn low_rank(&self, p: &Params, cfg: &Config) -> std::result::Result<super::LowRank, String> {
-        Ok(Lora::low_rank_of(p, cfg))
+        Ok(Lora::from_start_low_rank(p, cfg))
     }
 }

@@ -1,12 +1,14 @@
 //! PiSSA (Meng et al. 2024): LoRA whose A and B start as the principal singular
-//! components of W, and W is rewritten to the residual `W_res` (PEFT's convention:
-//! `S_r` pre-divided by the scale).
+//! components of W (PEFT's convention: `S_r` pre-divided by the scale). PEFT rewrites W
+//! to the residual `W_res = W − s·BA`; lora-graft keeps W and subtracts a frozen copy
+//! of the starting branch, the same function without writing a new weight.
 
 use std::collections::BTreeMap;
 
 use tract_core::ndarray::{Array2, ArrayD, Axis};
 
-use super::{lora::Lora, Config, Dims, Init, ParamSpec, Params, Variant};
+use super::lora::{frozen_start_specs, Lora};
+use super::{Config, Dims, ParamSpec, Params, Variant};
 use crate::error::Result;
 use crate::ir::build::Builder;
 use crate::ir::ValueId;
@@ -26,42 +28,29 @@ impl Variant for Pissa {
     }
 
     fn param_specs(&self, d: Dims, cfg: &Config) -> Vec<ParamSpec> {
-        vec![
-            ParamSpec {
-                name: "lora_A",
-                shape: vec![cfg.r, d.d_in],
-                init: Init::Zeros,
-                trainable: true,
-            },
-            ParamSpec {
-                name: "lora_B",
-                shape: vec![d.d_out, cfg.r],
-                init: Init::Zeros,
-                trainable: true,
-            },
-        ]
+        frozen_start_specs(d, cfg)
     }
 
     fn reads_weight(&self) -> bool {
         true
     }
 
-    fn rewrites_weight(&self) -> bool {
+    fn frozen_start(&self) -> bool {
         true
     }
 
-    // The f32 weight and W_res, plus the exact SVD's f64 copy, factors and workspace
-    // (about 4 matrices of f64), or the sketches of the randomized one (small).
+    // The f32 weight, plus the exact SVD's f64 copy, factors and workspace (about 4
+    // matrices of f64), or the sketches of the randomized one (small).
     fn working_set(&self, d: Dims, cfg: &Config) -> usize {
         let n = d.d_in * d.d_out;
         match cfg.pissa_niter {
-            None => 8 * n + 32 * n,
-            Some(_) => 8 * n + 8 * n,
+            None => 4 * n + 32 * n,
+            Some(_) => 4 * n + 8 * n,
         }
     }
 
-    // S' = S_r / s;  B = U_r diag(√S');  A = diag(√S') V_rᵀ;  W_res = W − s·B A
-    // (W_res from A and B as rounded to the adapter dtype, as lora-lite does).
+    // S' = S_r / s;  B = B₀ = U_r diag(√S');  A = A₀ = diag(√S') V_rᵀ (rounded to the
+    // adapter dtype). PEFT writes W_res = W − s·B A instead of keeping B₀, A₀.
     fn init(
         &self,
         w: &Array2<f32>,
@@ -75,29 +64,28 @@ impl Variant for Pissa {
             Some(niter) => linalg::svd_lowrank(w, cfg.r, niter, None, rng)?,
         };
         let (a, b) = factors(&svd, cfg.scale());
-        let w_res = Lora::start_from(a, b, w, p, cfg, round);
-        Ok(Some(w_res))
+        Lora::start_from(a, b, p, round);
+        Ok(None)
     }
 
     fn branch(
         &self,
         b: &mut Builder,
         x: ValueId,
-        y: ValueId,
+        _y: ValueId,
         p: &BTreeMap<&'static str, ValueId>,
         cfg: &Config,
     ) -> Result<ValueId> {
-        Lora.branch(b, x, y, p, cfg)
+        Lora::branch_from_start(b, x, p, cfg)
     }
 
-    // W_res + s·B A
-    fn merged_weight(&self, w_res: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
-        Lora.merged_weight(w_res, p, cfg)
+    // W + s·B A − s·B₀ A₀ (= W_res + s·B A)
+    fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
+        w + &Lora::from_start_low_rank(p, cfg).delta_w()
     }
 
-    // Against W_res; the serving job adds −(s·B₀)·A₀ for the original base.
     fn low_rank(&self, p: &Params, cfg: &Config) -> std::result::Result<super::LowRank, String> {
-        Ok(Lora::low_rank_of(p, cfg))
+        Ok(Lora::from_start_low_rank(p, cfg))
     }
 }
 

@@ -285,6 +285,8 @@ impl LoadedAdapter {
                     continue;
                 }
                 match given.and_then(|g| g.get(spec.name)) {
+                    // A frozen start the file lacks is recomputed from the weights.
+                    None if spec.init == variants::Init::Start => {}
                     None => missing.push(format!("{}.{}", t.module, spec.name)),
                     Some(a) if a.shape() != spec.shape.as_slice() => mismatched.push(format!(
                         "{}.{} is {:?} in the file, the model needs {:?}",
@@ -368,13 +370,22 @@ impl LoadedAdapter {
     }
 
     /// `module`'s tensors for a `dims` layer, as variant parameters; an error names a
-    /// missing tensor or one of another shape.
+    /// missing tensor or one of another shape. A frozen start the file lacks
+    /// (`Init::Start`: PEFT's PiSSA) is left out, for the caller to recompute.
     pub fn module_params(&self, module: &str, dims: variants::Dims) -> Result<variants::Params> {
         let variant = self.req.variant;
         let bad = |reason: String| Error::Usage(format!("{}: {reason}", self.path.display()));
+        let held = |name: &str| {
+            self.shared.contains_key(name)
+                || self
+                    .tensors
+                    .get(module)
+                    .is_some_and(|m| m.contains_key(name))
+        };
         variant
             .param_specs(dims, &self.req.cfg.for_module(module))
             .iter()
+            .filter(|s| s.init != variants::Init::Start || held(s.name))
             .map(|s| {
                 let value = match self.shared.get(s.name) {
                     Some(a) => variants::leading_slice(a, &s.shape).ok_or_else(|| {

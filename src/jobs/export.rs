@@ -14,8 +14,42 @@ use crate::passes::graft::inputs::{
 };
 use crate::passes::graft::{effective_weight, initial_params};
 use crate::passes::target::linear_at;
-use crate::passes::variants::{Alpha, LowRank};
+use crate::passes::variants::lora::Lora;
+use crate::passes::variants::{Alpha, Dims, Init, LowRank, Params};
 use crate::tensor::Array;
+use tract_core::ndarray::Array2;
+
+/// `params` of `module`, with the frozen start (`Init::Start`: PiSSA's, OLoRA's `A₀`,
+/// `B₀`) that a file lacks (PEFT's, lora-lite's) recomputed from the weight `weight`
+/// gives, by the graft pass's deterministic init.
+fn complete_start(
+    params: Params,
+    module: &str,
+    adapter: &LoadedAdapter,
+    weight: impl FnOnce() -> Result<Array2<f32>>,
+) -> Result<Params> {
+    let variant = adapter.req.variant;
+    let cfg = &*adapter.req.cfg.for_module(module);
+    let lacking = |p: &Params| {
+        let d = Dims { d_in: 1, d_out: 1 };
+        variant
+            .param_specs(d, cfg)
+            .iter()
+            .any(|s| s.init == Init::Start && !p.contains_key(s.name))
+    };
+    if !lacking(&params) {
+        return Ok(params);
+    }
+    let (mut start, _) = initial_params(
+        &weight()?,
+        module,
+        variant,
+        cfg,
+        adapter.req.adapter_dtype.onnx(),
+    )?;
+    start.extend(params);
+    Ok(start)
+}
 
 /// `adapter` as one low-rank update per module of `model` (grafted with adapter
 /// inputs or slots on the base the adapter was made for), scale folded in.
@@ -52,29 +86,24 @@ pub fn served_factors(
         })?;
         let cfg = &*adapter.req.cfg.for_module(module);
         let params = adapter.module_params(module, s.dims)?;
-        let mut lr = variant.low_rank(&params, cfg).map_err(cannot)?;
-        // Against the original weights, a weight-rewriting variant's (PiSSA's, OLoRA's)
-        // adapter is the update `s·BA − s·B₀A₀`, with its init recomputed from them.
-        if variant.rewrites_weight() && s.base == InputBase::Original {
-            let target = s
-                .node
-                .and_then(|n| linear_at(graph, n, &adapter.req.filters))
-                .ok_or_else(|| {
-                    cannot(format!(
-                        "the linear layer of '{module}' is not found in {}",
-                        model.path.display()
-                    ))
-                })?;
-            if target.quantized {
-                return Err(cannot(format!(
-                    "'{module}' is quantized; its init cannot be recomputed"
-                )));
-            }
-            let w = effective_weight(graph, &target)?;
-            let (init, _) =
-                initial_params(&w, module, variant, cfg, adapter.req.adapter_dtype.onnx())?;
-            lr = lr.minus(&variant.low_rank(&init, cfg).map_err(cannot)?);
-        }
+        let lr = if variant.frozen_start() && s.base == InputBase::Trained {
+            // Served on W_res = W − s·B₀A₀, the inputs' defaults being the start.
+            Lora::low_rank_of(&params, cfg)
+        } else {
+            let params = complete_start(params, module, adapter, || {
+                let target = s
+                    .node
+                    .and_then(|n| linear_at(graph, n, &adapter.req.filters))
+                    .ok_or_else(|| {
+                        cannot(format!(
+                            "the linear layer of '{module}' is not found in {}",
+                            model.path.display()
+                        ))
+                    })?;
+                effective_weight(graph, &target)
+            })?;
+            variant.low_rank(&params, cfg).map_err(cannot)?
+        };
         out.push((s.clone(), lr));
     }
     Ok(out)
@@ -181,7 +210,8 @@ pub fn onnx_adapter(
 /// `adapter` as an HF PEFT LoRA folder: `(adapter_config.json text, tensors by PEFT
 /// key)`. LoRA keeps its rank, alpha and rsLoRA; every other low-rank variant is written
 /// as the plain LoRA of its update (rank k, `lora_alpha = k`: scale 1). A variant that
-/// rewrites the weight (PiSSA, OLoRA) needs `base`, the original model: its update from
+/// starts from the weight (PiSSA, OLoRA) needs `base`, the original model, when the file
+/// lacks its start `A₀`, `B₀` (PEFT's): its update from
 /// the original weights is `[s·B, −s·B₀]·[A; A₀]`, rank 2r, as PEFT's own conversion of
 /// mutated inits writes it.
 pub fn peft_folder(
@@ -196,19 +226,14 @@ pub fn peft_folder(
             variant.name()
         ))
     };
-    let targets =
-        match base {
-            Some(model) => {
-                let targeting = adapter.targets(model)?;
-                adapter.check(model, &targeting)?;
-                Some((model, targeting))
-            }
-            None if variant.rewrites_weight() => return Err(cannot(
-                "its update from the original weights needs them: give the base model with --model"
-                    .into(),
-            )),
-            None => None,
-        };
+    let targets = match base {
+        Some(model) => {
+            let targeting = adapter.targets(model)?;
+            adapter.check(model, &targeting)?;
+            Some((model, targeting))
+        }
+        None => None,
+    };
     let plain_lora = variant.name() == "lora";
     let mut factors = Vec::new();
     for (module, tensors) in &adapter.tensors {
@@ -232,24 +257,25 @@ pub fn peft_folder(
             }
         };
         let dims = crate::passes::variants::Dims { d_in, d_out };
-        let params = adapter.module_params(module, dims)?;
-        let mut lr = variant.low_rank(&params, cfg).map_err(cannot)?;
-        if let Some((model, targeting)) = targets.as_ref().filter(|_| variant.rewrites_weight()) {
-            let t = targeting
-                .targets
-                .iter()
-                .find(|t| &t.module == module)
-                .expect("checked");
-            if t.quantized {
-                return Err(cannot(format!(
-                    "'{module}' is quantized; its init cannot be recomputed"
-                )));
-            }
-            let w = effective_weight(&model.graph, t)?;
-            let (init, _) =
-                initial_params(&w, module, variant, cfg, adapter.req.adapter_dtype.onnx())?;
-            lr = lr.minus(&variant.low_rank(&init, cfg).map_err(cannot)?);
-        }
+        let params = complete_start(
+            adapter.module_params(module, dims)?,
+            module,
+            adapter,
+            || {
+                let (model, targeting) = targets.as_ref().ok_or_else(|| {
+                cannot(
+                    "its start A₀, B₀ is not in the file and comes from the original weights: give the base model with --model".into(),
+                )
+            })?;
+                let t = targeting
+                    .targets
+                    .iter()
+                    .find(|t| &t.module == module)
+                    .expect("checked");
+                effective_weight(&model.graph, t)
+            },
+        )?;
+        let lr = variant.low_rank(&params, cfg).map_err(cannot)?;
         factors.push((module.clone(), cfg.clone(), params, lr));
     }
     let modules: Vec<String> = factors.iter().map(|(m, ..)| m.clone()).collect();

@@ -130,7 +130,7 @@ impl Model {
             .any(|(_, i)| i.external.is_some() && !i.new);
         let own_name = own_data_name(out, &self.external_files()?);
         let own_path = out_dir.join(&own_name);
-        // Streamed: a PiSSA W_res of a large model never sits in memory whole.
+        // Streamed: a rewritten weight of a large model (a merge, W_res) never sits in memory whole.
         let mut own: Option<(std::io::BufWriter<fs::File>, u64)> = None;
         let mut write_error: Option<Error> = None;
         let proto = self.to_proto_with(|init| {

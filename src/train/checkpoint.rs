@@ -170,7 +170,7 @@ pub(super) fn resume_from(
 }
 
 /// Writes the adapted model holding the trained values: `grafted` is the model as the
-/// training graph was built from (PiSSA's `W_res` in it, not computed again).
+/// training graph was built from (not computed again).
 pub(super) fn emit(
     mut grafted: Model,
     engine: &Engine,

@@ -188,7 +188,7 @@ pub fn run(model_path: &Path, opts: &TrainOptions, stop: Arc<AtomicBool>) -> Res
     };
     let mut grafted = model;
     let outcome = jobs::graft(&mut grafted, &opts.training.graft)?;
-    // The grafted model (PiSSA's W_res included) is kept for --emit-model only.
+    // The grafted model is kept for --emit-model only.
     let emit_base = opts.emit_model.as_ref().map(|_| grafted.clone());
     let engine = Engine::from_grafted(grafted, outcome, &opts.training, opts.threads)?;
     let fields = (!token_data).then(|| engine.fields());
