@@ -126,8 +126,29 @@ pub fn qr_leading<T: Copy + Into<f64>>(w: &Array2<T>, r: usize) -> (Array2<f64>,
     for (j, (v, tau)) in reflections.iter().enumerate().rev() {
         apply_reflection(&mut q, j, v, *tau, 0..r);
     }
-    let wf = w.mapv(Into::into);
-    let mut r_rows = q.t().dot(&wf);
+    // R_r = Q_rᵀ W on faer's f64 kernel, W converted a panel of columns at a time (no
+    // f64 copy of the whole weight).
+    let qt = to_faer(&q.t().to_owned());
+    let mut r_rows = Array2::<f64>::zeros((r, n));
+    const PANEL: usize = 256;
+    for c0 in (0..n).step_by(PANEL) {
+        let c1 = (c0 + PANEL).min(n);
+        let panel = Mat::from_fn(m, c1 - c0, |i, j| w[[i, c0 + j]].into());
+        let mut out = Mat::<f64>::zeros(r, c1 - c0);
+        faer::linalg::matmul::matmul(
+            out.as_mut(),
+            faer::Accum::Replace,
+            qt.as_ref(),
+            panel.as_ref(),
+            1.0,
+            faer::Par::Seq,
+        );
+        for i in 0..r {
+            for j in 0..c1 - c0 {
+                r_rows[[i, c0 + j]] = out[(i, j)];
+            }
+        }
+    }
     for i in 0..r {
         for j in 0..i {
             r_rows[[i, j]] = 0.0; // exactly upper-trapezoidal, as LAPACK's R
