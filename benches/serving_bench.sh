@@ -6,7 +6,8 @@
 # adapter to an .onnx_adapter (median of REPEAT); (3) ONNX Runtime latency of the
 # training benchmark's model (4 x 512, benches/make_train_bench_model.py) grafted with
 # --adapter-inputs (r 8 on every linear but the head), no adapter and an adapter active,
-# against the base model, batch 1 x 128 and 8 x 128 (benches/serving_latency.py).
+# and the same adapter grafted (unmerged) and merged, against the base model, batch
+# 1 x 128 and 8 x 128 (benches/serving_latency.py).
 #
 #   benches/serving_bench.sh [GRAFT_DIR] [TRAIN_DIR]
 #   (defaults /tmp/lora-graft-bench, /tmp/lora-graft-train-bench; made if absent, the
@@ -70,8 +71,11 @@ printf "  %-22s %8.3f s  %6d MB   (%s)\n" "export-adapter" "$E" "$ER" "$(grep -o
 mkdir -p "$WORK/latency"
 "$LG" "$TRAIN_DIR/model.onnx" --variant lora -r 8 --target-roles reader,writer,inner --adapter-inputs -o "$WORK/latency/served.onnx" > /dev/null || exit 1
 "$LG" export-adapter "$WORK/latency/served.safetensors" --model "$WORK/latency/served.onnx" -o "$WORK/latency/a.onnx_adapter" > /dev/null || exit 1
+"$LG" "$TRAIN_DIR/model.onnx" --variant lora -r 8 --target-roles reader,writer,inner -o "$WORK/latency/unmerged.onnx" > /dev/null || exit 1
+"$LG" merge "$TRAIN_DIR/model.onnx" "$WORK/latency/unmerged.safetensors" -o "$WORK/latency/merged.onnx" > /dev/null || exit 1
 rm -f "$GRAFT_DIR"/bench-inputs.onnx*
 for batch in 1 8; do
     echo
-    "$ORT_PYTHON" "$HERE/serving_latency.py" "$TRAIN_DIR/model.onnx" "$WORK/latency/served.onnx" "$WORK/latency/a.onnx_adapter" --batch "$batch" --seq 128
+    "$ORT_PYTHON" "$HERE/serving_latency.py" "$TRAIN_DIR/model.onnx" "$WORK/latency/served.onnx" "$WORK/latency/a.onnx_adapter" \
+        --unmerged "$WORK/latency/unmerged.onnx" --merged "$WORK/latency/merged.onnx" --batch "$batch" --seq 128
 done

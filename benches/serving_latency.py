@@ -2,10 +2,11 @@
 """ONNX Runtime latency of serving adapters (run by benches/serving_bench.sh).
 
     serving_latency.py BASE.onnx SERVED.onnx ADAPTER.onnx_adapter [--batch 1] [--seq 128]
-        [--rounds 30] [--threads 2]
+        [--rounds 30] [--threads 2] [--unmerged GRAFTED.onnx] [--merged MERGED.onnx]
 
 Times one forward pass of BASE, of SERVED (grafted with --adapter-inputs) with no adapter
-active, and of SERVED with ADAPTER active (ort.LoraAdapter + RunOptions), taking turns
+active, of SERVED with ADAPTER active (ort.LoraAdapter + RunOptions), and of the
+grafted (adapter baked in, unmerged) and merged models when given, taking turns
 (in a new random order each round) so that the machine's noise falls on all three alike, after 3 warm-up runs
 each. Prints the median milliseconds of each and their ratio to the base model's.
 """
@@ -26,6 +27,8 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--unmerged")
+    ap.add_argument("--merged")
     a = ap.parse_args()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = a.threads
@@ -43,6 +46,10 @@ def main():
         "no adapter": lambda: served.run(None, feeds),
         "adapter active": lambda: served.run(None, feeds, active),
     }
+    for name, path in (("unmerged", a.unmerged), ("merged", a.merged)):
+        if path:
+            s = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+            runs[name] = lambda s=s: s.run(None, feeds)
     times = {k: [] for k in runs}
     for _ in range(3):
         for f in runs.values():

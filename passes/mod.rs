@@ -8,7 +8,9 @@
 //! - applying a trained adapter: targets (the file's modules), [`graft::Graft`], then
 //!   its values.
 //! - merging: targets (the file's modules), then [`merge::Merge`].
-//! - training graph: grafting, then the loss ([`grad::loss`]) and [`grad::Grad`].
+//! - training graph: grafting, [`lower::Lower`] (onnxruntime's fused ops into default
+//!   ones), then the loss ([`grad::loss`]) and [`grad::Grad`].
+//! - `--lower`: grafting, then [`lower::Lower`] on the emitted model.
 //! - runtime preparation (before handing a model to tract): [`prepare_for_tract`].
 //!
 //! `LORA_GRAFT_DUMP=<pass>[,<pass>...]` (or `all`) writes the canonical dump of the graph
@@ -19,6 +21,7 @@ pub mod fold;
 pub mod gemm_scalars;
 pub mod grad;
 pub mod graft;
+pub mod lower;
 pub mod merge;
 pub mod target;
 pub mod variants;

@@ -141,6 +141,10 @@ pub struct GraftArgs {
     /// [batch]` (int64, -1 for none) picking each row's slot; against the original weights.
     #[arg(long, value_name = "K", value_parser = at_least_one)]
     pub adapter_slots: Option<usize>,
+    /// Also rewrite onnxruntime's fused ops (SkipLayerNormalization, BiasGelu, FastGelu,
+    /// Gelu, QuickGelu, BiasAdd) into default-domain ONNX ops in the emitted model.
+    #[arg(long)]
+    pub lower: bool,
 }
 
 // Parsed once per run: the size of the largest variant does not matter.

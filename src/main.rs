@@ -406,7 +406,19 @@ fn graft(args: GraftArgs) -> Result<()> {
         .write_model("output model", &model, &out)?
         .write("adapter file", &adapter_path)
         .check()?;
-    let outcome = jobs::graft(&mut model, &req)?;
+    let mut outcome = jobs::graft(&mut model, &req)?;
+    if args.lower {
+        let lowered = jobs::lower(&mut model, &mut outcome)?;
+        let list: Vec<String> = lowered.iter().map(|(op, n)| format!("{op} x{n}")).collect();
+        println!(
+            "lowered {}",
+            if list.is_empty() {
+                "nothing (no fused op with a lowering)".into()
+            } else {
+                list.join(", ")
+            }
+        );
+    }
     let adapter = outcome.adapter_file(&req);
     let report = jobs::write(&model, &adapter, &out, &adapter_path)?;
     let rank = if req.variant.uses_rank() {

@@ -468,3 +468,56 @@ fn output_heads_are_left_out_by_structure_not_name() {
     };
     assert_eq!(modules(&with_heads), ["m.up", "m.down", "m.out"]);
 }
+
+/// An export with generic node and weight names (`node_MatMul_3`, `val_1000`) still
+/// names its targets by module when each product's bias is named after it
+/// (`encoder.layer.0.attention.self.query.bias`), unless the bias is shared.
+#[test]
+fn generic_names_take_the_module_from_an_unshared_bias() {
+    let named = |model: &lora_graft::Model| -> Vec<String> {
+        target::run(&model.graph, &Filters::default())
+            .unwrap()
+            .targets
+            .into_iter()
+            .map(|t| t.module)
+            .collect()
+    };
+    let want = named(&Model::load(&fixture("bert")).unwrap());
+    assert!(want.contains(&"encoder.layer.0.attention.self.query".to_string()));
+    let mut model = Model::load(&fixture("bert_int8")).unwrap();
+    let ids: Vec<_> = model.graph.node_ids().collect();
+    for (i, id) in ids.into_iter().enumerate() {
+        let op = model.graph.node(id).op().to_string();
+        let node = model.graph.node_mut(id);
+        node.proto.name = Some(format!("node_{op}_{i}"));
+        node.proto.metadata_props.clear();
+    }
+    assert_eq!(named(&model), want, "modules from the biases");
+    // A bias two products share names neither.
+    let q_bias = model
+        .graph
+        .value_by_name("encoder.layer.0.attention.self.query.bias")
+        .unwrap();
+    let k_add =
+        model
+            .graph
+            .node_ids()
+            .find(|&n| {
+                model.graph.node(n).inputs.iter().flatten().any(|&v| {
+                    model.graph.value(v).name == "encoder.layer.0.attention.self.key.bias"
+                })
+            })
+            .unwrap();
+    let slot = model.graph.node(k_add).inputs.iter().position(|v| {
+        v.is_some_and(|v| model.graph.value(v).name == "encoder.layer.0.attention.self.key.bias")
+    });
+    model.graph.set_input(k_add, slot.unwrap(), Some(q_bias));
+    let names = named(&model);
+    assert!(
+        !names
+            .iter()
+            .any(|n| n == "encoder.layer.0.attention.self.query"
+                || n == "encoder.layer.0.attention.self.key"),
+        "a shared bias named a module: {names:?}"
+    );
+}

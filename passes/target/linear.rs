@@ -258,9 +258,40 @@ pub(super) fn module_name(graph: &Graph, id: NodeId, weight: ValueId, filters: &
         .filter(|s| !s.is_empty());
     let weight_name = &graph.value(weight).name;
     let from_weight = || {
-        let stem = weight_name.split(".MatMul.").next().unwrap_or(weight_name);
+        // A quantizer's suffix (onnxruntime's `<name>_quantized`) first.
+        let name = weight_name
+            .strip_suffix("_quantized")
+            .unwrap_or(weight_name);
+        let stem = name.split(".MatMul.").next().unwrap_or(name);
         stem.strip_suffix(".weight")
-            .or_else(|| weight_name.contains(".MatMul.weight").then_some(stem))
+            .or_else(|| name.contains(".MatMul.weight").then_some(stem))
+            .map(str::to_string)
+    };
+    // Generic node and weight names (`node_MatMul_48`, `val_49`) may still come with a
+    // bias named after the module (`….query.bias`): taken when that bias belongs to this
+    // node alone (exporters share identical biases across modules, which names nothing).
+    let from_bias = || {
+        let output = node.outputs.first().copied().flatten()?;
+        let slot = match node.op() {
+            "Gemm" => 2,
+            "MatMulNBits" => 5,
+            _ => usize::MAX,
+        };
+        let own_bias = node.inputs.get(slot).copied().flatten();
+        let after = graph.value(output).users.iter().find_map(|&u| {
+            let n = graph.node(u);
+            (n.op() == "Add").then(|| n.inputs.iter().flatten().copied().find(|&i| i != output))?
+        });
+        let bias = own_bias
+            .or(after)
+            .filter(|&b| graph.initializer(b).is_some())?;
+        let users: HashSet<NodeId> = graph.value(bias).users.iter().copied().collect();
+        if users.len() != 1 {
+            return None;
+        }
+        let name = &graph.value(bias).name;
+        name.strip_suffix(".bias")
+            .filter(|stem| !stem.is_empty())
             .map(str::to_string)
     };
     let from_node_path = || {
@@ -274,6 +305,7 @@ pub(super) fn module_name(graph: &Graph, id: NodeId, weight: ValueId, filters: &
     };
     let name = from_scopes
         .or_else(from_weight)
+        .or_else(from_bias)
         .unwrap_or_else(from_node_path);
     match &filters.strip_prefix {
         Some(p) => name.strip_prefix(p.as_str()).unwrap_or(&name).to_string(),

@@ -114,6 +114,22 @@ impl Outcome {
     }
 }
 
+/// Lowers onnxruntime's fused ops of a grafted `model` into default-domain ops
+/// ([`crate::passes::lower`]); returns how many of each op.
+pub fn lower(
+    model: &mut Model,
+    outcome: &mut Outcome,
+) -> Result<std::collections::BTreeMap<String, usize>> {
+    let cx = PassContext {
+        opset: graft::default_opset(&model.proto),
+    };
+    let mut pass = crate::passes::lower::Lower::default();
+    let remap = run_pass(&mut model.graph, &cx, &mut pass)
+        .map_err(|e| e.context(model.path.display().to_string()))?;
+    outcome.targeting.remap(&remap, &model.graph);
+    Ok(pass.lowered)
+}
+
 /// Sets adapter tensor `name` of `module` to `values` (torch layout), in the graph
 /// (ONNX layout, its dtype) and in `outcome`.
 pub fn set_param(

@@ -89,9 +89,11 @@ pub fn training_graph(mut model: Model, req: &TrainingRequest) -> Result<Trainin
 /// [`graft`] with `req.graft`).
 pub fn training_graph_of(
     mut model: Model,
-    outcome: Outcome,
+    mut outcome: Outcome,
     req: &TrainingRequest,
 ) -> Result<Training> {
+    // onnxruntime's fused ops into default-domain ones the gradient rules know.
+    crate::jobs::graft::lower(&mut model, &mut outcome)?;
     let mut shapes = input_shapes(&model, req.batch, req.seq)?;
     let trainable_names: Vec<String> = outcome
         .grafted
