@@ -55,10 +55,12 @@ impl Row {
 }
 
 /// The value of a model input a row does not give, when there is a natural one:
-/// an all-ones `attention_mask`, zero `token_type_ids`, `position_ids` counting up.
+/// an all-ones `attention_mask`, zero `token_type_ids`, `position_ids` counting up, an
+/// empty KV cache (`past_*` of length 0 in training).
 pub fn default_field(name: &str, elem_type: i32, shape: &[usize]) -> Option<Array> {
     let n: usize = shape.iter().product();
     let values: Vec<f64> = match name {
+        _ if n == 0 && name.starts_with("past") => Vec::new(),
         "attention_mask" => vec![1.0; n],
         "token_type_ids" => vec![0.0; n],
         "position_ids" => {

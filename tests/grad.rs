@@ -214,6 +214,16 @@ fn gpt2_and_bert_gradients_match_finite_differences() {
     }
 }
 
+/// onnxruntime-genai's int4 Llama: the gradient pass runs through the lowered
+/// GroupQueryAttention (rotary embeddings, grouped heads, causal mask, empty KV cache),
+/// `MatMulNBits` and the RMS norms.
+#[test]
+fn genai_int4_gradients_match_finite_differences_through_lowered_attention() {
+    for variant in common::variant_names().filter(|v| !common::refused_on_int4(v)) {
+        check_fd("genai_int4", variant, Loss::CausalLm, 1, 7, 1e-2, 3e-2);
+    }
+}
+
 #[test]
 fn delora_gradient_at_init_is_finite() {
     // B = 0 at init (lora-lite's): the NaN trap of variants.md §0.6 (ReduceL2's
@@ -382,11 +392,16 @@ fn gradients_match_pytorch_autograd() {
 }
 
 #[test]
-fn the_genai_int4_model_cannot_get_a_training_graph_yet() {
-    // Its KV cache has a symbolic head dim, and tract refuses its packed-QKV
-    // GroupQueryAttention; the error names the input and the dim.
+fn a_kv_cache_head_size_no_config_gives_is_a_clear_error() {
+    // The genai model's KV cache has a symbolic head dim, `kv_cache_dim`, which its
+    // genai_config.json gives; without the config the error names the input and the dim.
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["model.onnx", "model.onnx.data"] {
+        std::fs::copy(fixture("genai_int4").with_file_name(f), dir.path().join(f)).unwrap();
+    }
     let req = TrainingRequest::new(common::request("lora"), Loss::CausalLm, 1, 4);
-    let err = jobs::training_graph(Model::load(&fixture("genai_int4")).unwrap(), &req)
+    let model = Model::load(&dir.path().join("model.onnx")).unwrap();
+    let err = jobs::training_graph(model, &req)
         .err()
         .expect("an error")
         .to_string();

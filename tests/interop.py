@@ -64,12 +64,23 @@ def check(entry, root):
         assert diff <= tol, f"output {name} differs from the expected by {diff:.3g} (tolerance {tol:.3g})"
 
 
-def lm_loss(model_path, rows):
-    """Mean next-token cross-entropy of a causal LM over rows [R, S] of token ids."""
+def lm_loss(model_path, rows, head_size=None):
+    """Mean next-token cross-entropy of a causal LM over rows [R, S] of token ids (an
+    onnxruntime-genai model gets an all-ones attention_mask and an empty KV cache whose
+    head size its genai_config.json gives)."""
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     total = count = 0.0
     for ids, labels in rows:
-        logits = session.run(None, {"input_ids": ids[None, :]})[0][0].astype(np.float64)
+        feeds = {"input_ids": ids[None, :]}
+        for i in session.get_inputs():
+            if i.name == "attention_mask":
+                feeds[i.name] = np.ones((1, len(ids)), dtype=np.int64)
+            elif i.name.startswith("past"):
+                shape = [d if isinstance(d, int) else 1 if "batch" in d else 0 if "past" in d else head_size
+                         for d in i.shape]
+                feeds[i.name] = np.zeros(shape, dtype=np.float16 if "float16" in i.type else np.float32)
+        logits = session.run(["logits"] if "logits" in [o.name for o in session.get_outputs()] else None,
+                             feeds)[0][0].astype(np.float64)
         logp = logits - logits.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
         target = labels[1:]
@@ -89,7 +100,9 @@ def check_lower_loss(entry, model_path):
         chunk = ids[start:start + seq]
         labels = chunk + [-100] * (seq - len(chunk))
         rows.append((np.array(chunk + [0] * (seq - len(chunk)), dtype=np.int64), np.array(labels, dtype=np.int64)))
-    trained, base = lm_loss(model_path, rows), lm_loss(entry["base"], rows)
+    config = Path(entry["base"]).parent / "genai_config.json"
+    head = json.loads(config.read_text())["model"]["decoder"]["head_size"] if config.exists() else None
+    trained, base = lm_loss(model_path, rows, head), lm_loss(entry["base"], rows, head)
     print(f"     {entry['model']}: loss {trained:.4f} (base {base:.4f})")
     assert trained < base, f"trained loss {trained:.4f} is not below the base model's {base:.4f}"
 

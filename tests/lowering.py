@@ -9,10 +9,15 @@ a fixed shape), and OUT_DIR/<case>.io.safetensors with `input.<name>` (seeded, n
 `output.<name>` as ONNX Runtime's CPU kernel computes them (graph optimizations off, one
 thread).  float32, or float16 for the *_fp16 cases (SkipLayerNormalization's mean and
 inv_std_var are float32 there too: the schema's type U is float only).  OUT_DIR/manifest.json
-lists {"case", "op", "domain", "inputs", "outputs", "node_outputs", "attributes", "dtype",
-"reference"}; "outputs" are the graph outputs, "node_outputs" the node's output list where
-"" marks an output left out; "reference" is "onnxruntime", or "numpy" where ONNX Runtime's
-CPU build has no kernel for the op (BiasAdd: CUDA/ROCm only), with the formula below.
+lists {"case", "op", "domain", "inputs", "outputs", "node_inputs", "node_outputs",
+"attributes", "dtype", "reference"}; "inputs" and "outputs" are the graph's, "node_inputs" and
+"node_outputs" the node's lists where "" marks an optional one left out; "reference" is
+"onnxruntime", or "numpy" where ONNX Runtime's CPU build has no kernel for the op (BiasAdd:
+CUDA/ROCm only), with the formula below.  Cases whose ONNX Runtime outputs were also checked
+against an independent numpy computation (GroupQueryAttention) carry "checked_by":
+"numpy <max abs difference>".  Inputs are float (the case's dtype) except GroupQueryAttention's
+seqlens_k / total_sequence_length (int32; the latter a scalar, shape []); its past_key /
+past_value have a zero-length axis ([B, kv_num_heads, 0, D], zero elements).
 
 Formulas are those of the op schemas onnxruntime 1.32 registers (the text of
 docs/ContribOperators.md) and of its CPU kernels, checked against the kernels' outputs.
@@ -37,10 +42,17 @@ BIAS = ("bias", [HIDDEN])
 
 
 def case(name, op, inputs, outputs, attributes=None, domain="com.microsoft", dtype="float32",
-         numpy_reference=None):
-    """`inputs`: [(name, shape)]; `outputs`: node outputs, "" for one left out."""
+         numpy_reference=None, node_inputs=None, output_shapes=None, numpy_check=None):
+    """`inputs`: [(name, shape)] graph inputs, seeded normal of `dtype`, or (name, shape, array)
+    for a fixed value of its own dtype (int32 lengths, rotary caches); `outputs`: node outputs,
+    "" for one left out; `node_inputs`: the node's input list where it differs from the graph
+    inputs' names ("" for an optional input left out); `output_shapes`: {output: shape} where an
+    output's shape is not the first input's; `numpy_check(feeds, attributes)`: an independent
+    numpy computation ONNX Runtime's outputs must match (max abs difference <= 1e-4)."""
     return {"case": name, "op": op, "domain": domain, "inputs": inputs, "node_outputs": outputs,
-            "attributes": attributes or {}, "dtype": dtype, "numpy_reference": numpy_reference}
+            "attributes": attributes or {}, "dtype": dtype, "numpy_reference": numpy_reference,
+            "node_inputs": node_inputs or [i[0] for i in inputs],
+            "output_shapes": output_shapes or {}, "numpy_check": numpy_check}
 
 
 SLN_IN = [("input", SHAPE), ("skip", SHAPE), ("gamma", [HIDDEN])]
@@ -144,12 +156,140 @@ CASES = [
     case("FastGelu_bias_fp16", "FastGelu", [X, BIAS], ["y"], dtype="float16"),
 ]
 
+# GroupQueryAttention, the prompt phase as onnxruntime-genai's decoders run it (the node in
+# fixtures/genai_int4/model.onnx): num_heads 4 query heads, kv_num_heads 2 key/value heads,
+# head size 16, batch 2, sequence 5, an empty KV cache (past_key/past_value [B, 2, 0, 16]:
+# ONNX Runtime accepts zero-length past; leaving them out ("") gives the same outputs),
+# seqlens_k = S - 1 per row (total valid length minus 1), total_sequence_length = S (int32
+# scalar; a required input).  Checked against gqa_numpy below:
+#   q [B, S, H*D] (or the first H*D columns of a packed query [B, S, (H + 2*KV)*D], then k,
+#   then v), k, v [B, S, KV*D] -> BNSH heads.  Past length P = past_key.shape[2] (0 here).
+#   do_rotary: positions p = P .. P+S-1, c = cos_cache[p], s = sin_cache[p] ([S, D/2]),
+#   on q AND k (not v):  halves (rotary_interleaved=0): x1 = x[:D/2], x2 = x[D/2:],
+#     out = [x1*c - x2*s, x2*c + x1*s];  interleaved: pairs (x[2i], x[2i+1]),
+#     out[2i] = x[2i]*c[i] - x[2i+1]*s[i], out[2i+1] = x[2i+1]*c[i] + x[2i]*s[i].
+#   present_key = concat(past_key, ROTATED k) on axis 2 [B, KV, P+S, D]; present_value =
+#   concat(past_value, v).  Head h reads kv head h // (H / KV).  scores = scale * q k^T
+#   (scale default 1/sqrt(D)); softcap > 0: scores = softcap * tanh(scores / softcap) (after
+#   the scale, before the mask); causal mask key j <= P + i; softmax over keys; out = P v,
+#   back to [B, S, H*D].
+# Also seen in ONNX Runtime 1.32's CPU kernel (not in these cases): total_sequence_length must
+# equal P + S here (6 or 8 with P = 0: INVALID_ARGUMENT; < S: rejected; shape [1] accepted);
+# seqlens_k[b] must be < total_sequence_length (S - 1 is the largest); a smaller seqlens_k[b]
+# = L - 1 right-pads row b: keys j <= min(i, L - 1), query rows >= L still computed, and
+# present_key/value still hold all S new rows; cos_cache needs >= total_sequence_length rows
+# (the kernel reads the cache at positions 0 .. S-1); do_rotary=1 without the caches fails,
+# do_rotary=0 ignores them; scale=0.0 means the default 1/sqrt(D) (same outputs).
+GQA_B, GQA_S, GQA_H, GQA_KV, GQA_D, GQA_MAX_SEQ = 2, 5, 4, 2, 16, 32
+
+
+def genai_rotary_caches(max_seq, head_size, theta=10000.0):
+    """cos/sin caches as onnxruntime-genai's model builder makes them: inv_freq =
+    1 / theta^(arange(0, D, 2) / D), freqs = outer(arange(max_seq), inv_freq), float32
+    ([max_seq, D/2]; the same formula gives fixtures/genai_int4's [128, 8] caches within
+    6e-8)."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_size, 2, dtype=np.int64).astype(np.float32)
+                               / head_size)
+    freqs = np.outer(np.arange(max_seq, dtype=np.float32), inv_freq).astype(np.float32)
+    return np.cos(freqs).astype(np.float32), np.sin(freqs).astype(np.float32)
+
+
+GQA_COS, GQA_SIN = genai_rotary_caches(GQA_MAX_SEQ, GQA_D)
+
+
+def gqa_rotary(x, cos, sin, interleaved):
+    """x [B, N, S, D]; cos/sin [S, D/2] (already gathered at the tokens' positions)."""
+    if interleaved:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = x1 * cos - x2 * sin
+        out[..., 1::2] = x2 * cos + x1 * sin
+        return out
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def gqa_numpy(feeds, attrs):
+    """GroupQueryAttention from the op's documentation, in float64 (full rows: every
+    seqlens_k[b] + 1 == past length + S)."""
+    nh, kvh = attrs["num_heads"], attrs["kv_num_heads"]
+    f = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+    q = f["query"]
+    b, s, _ = q.shape
+    if "key" in f:
+        k, v = f["key"], f["value"]
+        d = q.shape[-1] // nh
+    else:  # packed QKV
+        d = q.shape[-1] // (nh + 2 * kvh)
+        q, k, v = q[..., :nh * d], q[..., nh * d:(nh + kvh) * d], q[..., (nh + kvh) * d:]
+    q = q.reshape(b, s, nh, d).transpose(0, 2, 1, 3)
+    k = k.reshape(b, s, kvh, d).transpose(0, 2, 1, 3)
+    v = v.reshape(b, s, kvh, d).transpose(0, 2, 1, 3)
+    past = f["past_key"].shape[2] if "past_key" in f else 0
+    assert np.all(feeds["seqlens_k"] == past + s - 1), "full rows only"
+    if attrs.get("do_rotary", 0):
+        pos = np.arange(past, past + s)
+        cos, sin = f["cos_cache"][pos], f["sin_cache"][pos]
+        q = gqa_rotary(q, cos, sin, attrs.get("rotary_interleaved", 0))
+        k = gqa_rotary(k, cos, sin, attrs.get("rotary_interleaved", 0))
+    if past:
+        k = np.concatenate([f["past_key"], k], axis=2)
+        v = np.concatenate([f["past_value"], v], axis=2)
+    kk = np.repeat(k, nh // kvh, axis=1)  # query head h -> kv head h // (nh / kvh)
+    vv = np.repeat(v, nh // kvh, axis=1)
+    scores = attrs.get("scale", 1.0 / np.sqrt(d)) * (q @ kk.transpose(0, 1, 3, 2))
+    cap = attrs.get("softcap", 0.0)
+    if cap > 0:
+        scores = cap * np.tanh(scores / cap)
+    t = past + s
+    causal = np.arange(t)[None, :] <= past + np.arange(s)[:, None]
+    scores = np.where(causal, scores, -np.inf)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = (p @ vv).transpose(0, 2, 1, 3).reshape(b, s, nh * d)
+    return {"output": out, "present_key": k, "present_value": v}
+
+
+def gqa_case(name, packed, attributes, rotary):
+    b, s, h, kv, d = GQA_B, GQA_S, GQA_H, GQA_KV, GQA_D
+    qkv = ([("query", [b, s, (h + 2 * kv) * d])] if packed else
+           [("query", [b, s, h * d]), ("key", [b, s, kv * d]), ("value", [b, s, kv * d])])
+    common = [("past_key", [b, kv, 0, d]), ("past_value", [b, kv, 0, d]),
+              ("seqlens_k", [b], np.full([b], s - 1, dtype=np.int32)),
+              ("total_sequence_length", [], np.array(s, dtype=np.int32))]
+    caches = [("cos_cache", [GQA_MAX_SEQ, d // 2], GQA_COS),
+              ("sin_cache", [GQA_MAX_SEQ, d // 2], GQA_SIN)] if rotary else []
+    inputs = qkv + common + caches
+    node_inputs = ["query"] + (["", ""] if packed else ["key", "value"]) + [
+        n for n, *_ in common + caches]
+    outputs = ["output", "present_key", "present_value"]
+    shapes = {"output": [b, s, h * d], "present_key": [b, kv, s, d],
+              "present_value": [b, kv, s, d]}
+    return case(name, "GroupQueryAttention", inputs, outputs,
+                {"num_heads": h, "kv_num_heads": kv, **attributes}, node_inputs=node_inputs,
+                output_shapes=shapes, numpy_check=gqa_numpy)
+
+
+GQA_GENAI = {"scale": 0.25, "local_window_size": -1, "softcap": 0.0, "do_rotary": 1}
+CASES += [
+    # the node of fixtures/genai_int4/model.onnx: packed QKV, rotary (halves), scale 0.25
+    gqa_case("gqa_packed_rotary", True, {**GQA_GENAI, "rotary_interleaved": 0}, rotary=True),
+    # separate q/k/v, no rotary, scale left out (1/sqrt(D))
+    gqa_case("gqa_separate", False, {"do_rotary": 0}, rotary=False),
+    gqa_case("gqa_rotary_interleaved", True, {**GQA_GENAI, "rotary_interleaved": 1},
+             rotary=True),
+    gqa_case("gqa_softcap", False, {"do_rotary": 0, "softcap": 30.0}, rotary=False),
+]
+
 ELEM = {"float32": (TensorProto.FLOAT, np.float32), "float16": (TensorProto.FLOAT16, np.float16)}
 FLOAT_STATS = {"mean", "inv_std_var"}  # type U of the layer norms: float whatever T is
 
 
 def output_shape(c, name):
     """The first input's shape; the layer norms' statistics keep the leading axes, 1 after."""
+    if name in c["output_shapes"]:
+        return list(c["output_shapes"][name])
     shape = list(c["inputs"][0][1])
     if name not in FLOAT_STATS:
         return shape
@@ -159,9 +299,11 @@ def output_shape(c, name):
 
 def build(c) -> onnx.ModelProto:
     elem, _ = ELEM[c["dtype"]]
-    node = helper.make_node(c["op"], [n for n, _ in c["inputs"]], c["node_outputs"],
+    node = helper.make_node(c["op"], c["node_inputs"], c["node_outputs"],
                             domain=c["domain"], name=c["op"], **c["attributes"])
-    inputs = [helper.make_tensor_value_info(n, elem, s) for n, s in c["inputs"]]
+    inputs = [helper.make_tensor_value_info(
+        i[0], helper.np_dtype_to_tensor_dtype(i[2].dtype) if len(i) > 2 else elem, i[1])
+        for i in c["inputs"]]
     outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT if o in FLOAT_STATS else elem,
                                              output_shape(c, o))
                for o in c["node_outputs"] if o]
@@ -178,7 +320,8 @@ def build(c) -> onnx.ModelProto:
 def feeds_for(c, seed):
     _, np_dtype = ELEM[c["dtype"]]
     rng = np.random.default_rng(seed)
-    return {n: rng.normal(size=s).astype(np_dtype) for n, s in c["inputs"]}
+    return {i[0]: i[2] if len(i) > 2 else rng.normal(size=i[1]).astype(np_dtype)
+            for i in c["inputs"]}
 
 
 def run_ort(model: onnx.ModelProto, feeds):
@@ -191,9 +334,33 @@ def run_ort(model: onnx.ModelProto, feeds):
     return dict(zip(names, sess.run(names, feeds)))
 
 
+def compare(a_path, b_path, io_path, tol):
+    """`lowering.py compare A.onnx B.onnx IO TOL`: ONNX Runtime runs both models on IO's
+    inputs; every output of B is within TOL (relative to its largest value) of A's."""
+    from safetensors.numpy import load_file
+
+    io = load_file(io_path)
+    feeds = {k[len("input."):]: v for k, v in io.items() if k.startswith("input.")}
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    a = ort.InferenceSession(a_path, opts, providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(b_path, opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in a.get_outputs()]
+    for name, x, y in zip(names, a.run(names, feeds), b.run(names, feeds)):
+        d = float(np.max(np.abs(x.astype(np.float64) - y), initial=0.0))
+        rel = d / max(1e-30, float(np.max(np.abs(x), initial=0.0)))
+        print(f"{name}: {rel:.3g} relative")
+        if rel > tol:
+            sys.exit(f"{name}: {rel:.3g} relative from {a_path}'s (tolerance {tol})")
+    print("same outputs")
+
+
 def main():
+    if len(sys.argv) == 6 and sys.argv[1] == "compare":
+        compare(sys.argv[2], sys.argv[3], sys.argv[4], float(sys.argv[5]))
+        return
     if len(sys.argv) != 2:
-        sys.exit(f"usage: {sys.argv[0]} OUT_DIR")
+        sys.exit(f"usage: {sys.argv[0]} OUT_DIR | compare A.onnx B.onnx IO TOL")
     out = Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     manifest, failed = [], []
@@ -215,17 +382,29 @@ def main():
                 want_dtype = np.float32 if name in FLOAT_STATS else ELEM[c["dtype"]][1]
                 assert v.dtype == want_dtype, (name, v.dtype)
                 assert np.all(np.isfinite(v)), f"{name} is not finite"
+            checked = ""
+            if c["numpy_check"] is not None:
+                want = c["numpy_check"](feeds, c["attributes"])
+                assert sorted(want) == sorted(got), (sorted(want), sorted(got))
+                diff = max(float(np.max(np.abs(got[k].astype(np.float64) - want[k]), initial=0.0))
+                           for k in got)
+                assert diff <= 1e-4, f"numpy check: max abs difference {diff:.3g} > 1e-4"
+                checked = f"numpy {diff:.3g}"
             onnx.save(model, str(out / f"{c['case']}.onnx"))
-            tensors = {f"input.{k}": np.ascontiguousarray(v) for k, v in feeds.items()}
-            tensors.update({f"output.{k}": np.ascontiguousarray(v) for k, v in got.items()})
+            # np.require, not np.ascontiguousarray (which makes a 0-d scalar [1])
+            tensors = {f"input.{k}": np.require(v, requirements="C") for k, v in feeds.items()}
+            tensors.update({f"output.{k}": np.require(v, requirements="C") for k, v in got.items()})
             save_file(tensors, str(out / f"{c['case']}.io.safetensors"))
-            manifest.append({"case": c["case"], "op": c["op"], "domain": c["domain"],
-                             "inputs": [n for n, _ in c["inputs"]], "outputs": outputs,
-                             "node_outputs": c["node_outputs"], "attributes": c["attributes"],
-                             "dtype": c["dtype"], "reference": reference})
+            entry = {"case": c["case"], "op": c["op"], "domain": c["domain"],
+                     "inputs": [i[0] for i in c["inputs"]], "outputs": outputs,
+                     "node_inputs": c["node_inputs"], "node_outputs": c["node_outputs"],
+                     "attributes": c["attributes"], "dtype": c["dtype"], "reference": reference}
+            if checked:
+                entry["checked_by"] = checked
+            manifest.append(entry)
             shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in got.items())
             print(f"wrote {c['case']:40s} {c['domain'] or '(default)'}:{c['op']} {c['dtype']} "
-                  f"[{reference}] -> {shapes}", flush=True)
+                  f"[{reference}] -> {shapes}" + (f"; {checked}" if checked else ""), flush=True)
         except Exception as e:  # noqa: BLE001 - report every case, then fail
             failed.append(c["case"])
             print(f"FAIL  {c['case']}: {type(e).__name__}: {e}", flush=True)

@@ -30,6 +30,7 @@ fn st_dtype(a: &Array) -> Result<&'static str> {
         Array::BF16(_) => "BF16",
         Array::F64(_) => "F64",
         Array::I64(_) => "I64",
+        Array::I32(_) => "I32",
         other => {
             return Err(Error::Usage(format!(
                 "adapter tensors of type {} are not supported",
@@ -112,6 +113,7 @@ impl AdapterFile {
                 safetensors::Dtype::BF16 => arr!(half::bf16, 2, BF16),
                 safetensors::Dtype::F64 => arr!(f64, 8, F64),
                 safetensors::Dtype::I64 => arr!(i64, 8, I64),
+                safetensors::Dtype::I32 => arr!(i32, 4, I32),
                 other => {
                     return Err(bad(format!(
                         "tensor '{name}' has unsupported dtype {other:?}"

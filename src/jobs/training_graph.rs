@@ -27,6 +27,16 @@ pub struct Training {
     pub classes: Option<usize>,
 }
 
+/// `decoder.head_size` of the onnxruntime-genai `genai_config.json` beside `model`.
+fn genai_head_size(model: &Model) -> Option<usize> {
+    let text = std::fs::read_to_string(model.dir.join("genai_config.json")).ok()?;
+    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+    json["model"]["decoder"]["head_size"]
+        .as_u64()
+        .filter(|&h| (1..=1 << 16).contains(&h))
+        .map(|h| h as usize)
+}
+
 /// Concrete shapes of the model's inputs: symbolic dims become `batch`, then `seq`;
 /// a KV cache's `past_*` length is 0 and a `total_*` length is `seq`.
 pub fn input_shapes(
@@ -61,6 +71,14 @@ pub fn input_shapes(
                 // A KV cache is empty in training: past length 0, total = the sequence.
                 Some(Dim::DimParam(p)) if p.contains("past") => 0,
                 Some(Dim::DimParam(p)) if p.contains("total") => seq,
+                // A KV cache's head size (onnxruntime-genai's `kv_cache_dim`): its config.
+                Some(Dim::DimParam(p))
+                    if name.starts_with("past")
+                        && !symbols.contains(p)
+                        && genai_head_size(model).is_some() =>
+                {
+                    genai_head_size(model).expect("some")
+                }
                 Some(Dim::DimParam(p)) => {
                     if !symbols.contains(p) {
                         symbols.push(p.clone());
