@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use lora_graft::adapter::meta::FilterText;
+use lora_graft::adapter::AdapterOverrides;
 use lora_graft::jobs::{AdapterDtype, GraftRequest};
 use lora_graft::passes::grad::loss::Loss;
 use lora_graft::passes::merge::PissaBase;
@@ -173,15 +174,8 @@ pub enum Command {
         /// A₀, B₀ subtracted; recomputed from W when the file has none) or PEFT's W_res.
         #[arg(long, value_enum, default_value_t = PissaBase::Original)]
         pissa_base: PissaBase,
-        /// Variant of a file without lora-lite's cfg (a PEFT adapter).
-        #[arg(long, value_parser = parse_variant)]
-        variant: Option<&'static dyn Variant>,
-        /// alpha of a file without cfg.
-        #[arg(long)]
-        alpha: Option<String>,
-        /// Remove this prefix from the model's module names.
-        #[arg(long)]
-        strip_prefix: Option<String>,
+        #[command(flatten)]
+        file: FileArgs,
     },
     /// Write the training graph: the adapted model, a loss, and one gradient per adapter
     /// tensor, in plain ONNX ops (runs on tract and ONNX Runtime).
@@ -298,15 +292,8 @@ pub enum Command {
         /// The model version written in the file.
         #[arg(long, default_value_t = 1)]
         model_version: i32,
-        /// Variant of a file without lora-lite's cfg (a PEFT adapter).
-        #[arg(long, value_parser = parse_variant)]
-        variant: Option<&'static dyn Variant>,
-        /// alpha of a file without cfg.
-        #[arg(long)]
-        alpha: Option<String>,
-        /// Remove this prefix from the model's module names.
-        #[arg(long)]
-        strip_prefix: Option<String>,
+        #[command(flatten)]
+        file: FileArgs,
     },
     /// Stack trained adapters into the slots of a model grafted with --adapter-slots:
     /// slot i holds the i-th adapter (ranks padded with zeros), for `adapter_index` i.
@@ -320,15 +307,8 @@ pub enum Command {
         /// The stacked tensors (safetensors), fed as the model's inputs.
         #[arg(short, long)]
         output: PathBuf,
-        /// Variant of files without lora-lite's cfg (PEFT adapters).
-        #[arg(long, value_parser = parse_variant)]
-        variant: Option<&'static dyn Variant>,
-        /// alpha of files without cfg.
-        #[arg(long)]
-        alpha: Option<String>,
-        /// Remove this prefix from the model's module names.
-        #[arg(long)]
-        strip_prefix: Option<String>,
+        #[command(flatten)]
+        file: FileArgs,
     },
     /// List the linear layers adapters would be grafted onto.
     Targets {
@@ -340,6 +320,32 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// What an adapter file without lora-lite's `cfg` (a PEFT adapter) does not say.
+#[derive(Args, Debug, Clone)]
+pub struct FileArgs {
+    /// Variant of a file without lora-lite's cfg (a PEFT adapter).
+    #[arg(long, value_parser = parse_variant)]
+    pub variant: Option<&'static dyn Variant>,
+    /// alpha of a file without cfg.
+    #[arg(long)]
+    pub alpha: Option<String>,
+    /// Remove this prefix from the model's module names.
+    #[arg(long)]
+    pub strip_prefix: Option<String>,
+}
+
+impl FileArgs {
+    /// The overrides these options make.
+    pub fn overrides(&self) -> Result<AdapterOverrides> {
+        Ok(AdapterOverrides {
+            variant: self.variant,
+            alpha: self.alpha.as_deref().map(parse_alpha).transpose()?,
+            strip_prefix: self.strip_prefix.clone(),
+            ..Default::default()
+        })
+    }
 }
 
 /// What `export-adapter` writes.

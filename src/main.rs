@@ -179,16 +179,9 @@ fn run(cli: Cli) -> Result<()> {
             adapter,
             output,
             pissa_base,
-            variant,
-            alpha,
-            strip_prefix,
+            file,
         } => {
-            let overrides = AdapterOverrides {
-                variant,
-                alpha: alpha.as_deref().map(parse_alpha).transpose()?,
-                strip_prefix,
-                ..Default::default()
-            };
+            let overrides = file.overrides()?;
             let adapter = LoadedAdapter::read(&adapter, &overrides)?;
             let out = output.unwrap_or_else(|| jobs::default_paths(&model, "merged", None, None).0);
             let mut m = Model::load(&model)?;
@@ -213,16 +206,9 @@ fn run(cli: Cli) -> Result<()> {
             output,
             adapter_version,
             model_version,
-            variant,
-            alpha,
-            strip_prefix,
+            file,
         } => {
-            let overrides = AdapterOverrides {
-                variant,
-                alpha: alpha.as_deref().map(parse_alpha).transpose()?,
-                strip_prefix,
-                ..Default::default()
-            };
+            let overrides = file.overrides()?;
             let loaded = LoadedAdapter::read(&adapter, &overrides)?;
             let m = model.as_deref().map(Model::load).transpose()?;
             let mut plan = OutputPlan::default().read("adapter file", &adapter);
@@ -274,16 +260,9 @@ fn run(cli: Cli) -> Result<()> {
             adapters,
             model,
             output,
-            variant,
-            alpha,
-            strip_prefix,
+            file,
         } => {
-            let overrides = AdapterOverrides {
-                variant,
-                alpha: alpha.as_deref().map(parse_alpha).transpose()?,
-                strip_prefix,
-                ..Default::default()
-            };
+            let overrides = file.overrides()?;
             let loaded: Vec<LoadedAdapter> = adapters
                 .iter()
                 .map(|a| LoadedAdapter::read(a, &overrides))

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{assert_one_line_error, cli, fixture, perturb, reference, root, run_tract};
+use common::{assert_one_line_error, cli, fixture, reference, root, run_tract};
 use lora_graft::adapter::peft::{CONFIG_NAME, WEIGHTS_NAME};
 use lora_graft::adapter::{AdapterFile, AdapterOverrides, LoadedAdapter};
 use lora_graft::jobs;
@@ -211,15 +211,10 @@ fn exported_peft_folders_read_back() {
         ("bert", "vera"),
         ("llama", "lora"),
     ] {
-        let req = common::request(variant);
-        let mut model = Model::load(&fixture(name)).unwrap();
-        let mut outcome = jobs::graft(&mut model, &req).unwrap();
-        perturb(&mut model, &mut outcome, 3);
+        let path = dir.path().join(format!("{name}.{variant}.safetensors"));
+        let (model, adapter) = common::trained(name, &common::request(variant), 3, &path);
         let (inputs, _) = reference(name);
         let want = run_tract(&model, &inputs).remove(0);
-        let path = dir.path().join(format!("{name}.{variant}.safetensors"));
-        std::fs::write(&path, outcome.adapter_file(&req).to_bytes().unwrap()).unwrap();
-        let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
         let base = Model::load(&fixture(name)).unwrap();
         let (config, tensors) = jobs::export::peft_folder(&adapter, Some(&base)).unwrap();
         let folder = write_folder(dir.path(), &format!("{name}.{variant}"), &config, tensors);
@@ -263,9 +258,8 @@ fn exported_peft_folders_are_the_ones_peft_loaded() {
         let case = format!("{name}.{variant}");
         let mut req = common::request(variant);
         req.cfg.rslora = rslora;
-        let mut model = Model::load(&fixture(name)).unwrap();
-        let mut outcome = jobs::graft(&mut model, &req).unwrap();
-        perturb(&mut model, &mut outcome, 5);
+        let path = dir.path().join(format!("{case}.safetensors"));
+        let (model, adapter) = common::trained(name, &req, 5, &path);
         let (inputs, _) = reference(name);
         let output_name = model
             .graph
@@ -273,9 +267,6 @@ fn exported_peft_folders_are_the_ones_peft_loaded() {
             .name
             .clone();
         let output = run_tract(&model, &inputs).remove(0);
-        let path = dir.path().join(format!("{case}.safetensors"));
-        std::fs::write(&path, outcome.adapter_file(&req).to_bytes().unwrap()).unwrap();
-        let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
         let base = Model::load(&fixture(name)).unwrap();
         let (config, tensors) = jobs::export::peft_folder(&adapter, Some(&base)).unwrap();
         let folder = write_folder(dir.path(), &case, &config, tensors);

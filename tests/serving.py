@@ -22,6 +22,8 @@ import onnx
 import onnxruntime as ort
 from safetensors.numpy import load_file
 
+from interop import check_onnx  # tests/interop.py, beside this script
+
 
 def session(path):
     opts = ort.SessionOptions()
@@ -38,17 +40,7 @@ def rel_diff(got, want):
 
 def check(entry, root):
     served = root / entry["served"]
-    if entry["full_check"]:
-        onnx.checker.check_model(str(served), full_check=True)
-    else:
-        # onnxruntime-genai's builder puts SimplifiedLayerNormalization in the default
-        # domain, which the checker does not know (ONNX Runtime does): check a copy with
-        # that op moved to com.microsoft, as tests/interop.py does.
-        copy = onnx.load(str(served))
-        for node in copy.graph.node:
-            if node.op_type == "SimplifiedLayerNormalization" and node.domain == "":
-                node.domain = "com.microsoft"
-        onnx.checker.check_model(copy)
+    check_onnx(served, entry["full_check"])
     inputs = {k[len("input."):]: v for k, v in load_file(str(root / entry["io"])).items()
               if k.startswith("input.")}
     base = session(entry["base"]).run(None, inputs)

@@ -205,13 +205,9 @@ fn slots_serve_many_adapters_in_one_batch() {
         let mut adapters = Vec::new();
         let mut baked_paths = Vec::new();
         for (slot, variant) in variants.iter().enumerate() {
-            let req = common::request(variant);
-            let mut model = Model::load(&fixture(name)).unwrap();
-            let mut outcome = jobs::graft(&mut model, &req).unwrap();
-            perturb(&mut model, &mut outcome, 20 + slot as u64);
             let path = dir.path().join(format!("{name}/slot{slot}.safetensors"));
-            std::fs::write(&path, outcome.adapter_file(&req).to_bytes().unwrap()).unwrap();
-            let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
+            let (_, adapter) =
+                common::trained(name, &common::request(variant), 20 + slot as u64, &path);
             let mut baked = Model::load(&fixture(name)).unwrap();
             jobs::apply(&mut baked, &adapter).unwrap();
             let baked_path = format!("{name}/slot{slot}.baked.onnx");
@@ -308,16 +304,8 @@ fn onnxruntime_genai_switches_adapters() {
     let (served_dir, baked_dir) = (folder("served"), folder("baked"));
     let req = common::request("lora");
     // The trained adapter: lora_B moved away from zero.
-    let mut model = Model::load(&fx).unwrap();
-    let mut outcome = jobs::graft(&mut model, &req).unwrap();
-    perturb(&mut model, &mut outcome, 7);
     let adapter_path = dir.path().join("adapter.safetensors");
-    std::fs::write(
-        &adapter_path,
-        outcome.adapter_file(&req).to_bytes().unwrap(),
-    )
-    .unwrap();
-    let adapter = LoadedAdapter::read(&adapter_path, &AdapterOverrides::default()).unwrap();
+    let (_, adapter) = common::trained("genai_int4", &req, 7, &adapter_path);
     let mut baked = Model::load(&fx).unwrap();
     jobs::apply(&mut baked, &adapter).unwrap();
     baked
@@ -522,30 +510,29 @@ fn export_refuses_what_does_not_fit() {
         "no inputs",
         "graft the base model with --adapter-inputs",
     );
+    let served = |base: &str, out: &str| {
+        let out = cli(&[base, "--variant", "lora", "--adapter-inputs", "-o", &d(out)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let export = |adapter: &str, model: &str, out: &str| {
+        let args = [
+            "export-adapter",
+            &d(adapter),
+            "--model",
+            &d(model),
+            "-o",
+            &d(out),
+        ];
+        cli(&args)
+    };
     // An adapter made for another model.
     std::fs::create_dir(dir.path().join("gpt2")).unwrap();
-    let gpt2 = fixture("gpt2").display().to_string();
-    let out = cli(&[
-        &gpt2,
-        "--variant",
-        "lora",
-        "--adapter-inputs",
-        "-o",
-        &d("gpt2/gpt2.onnx"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = cli(&[
-        "export-adapter",
-        &d("plain.safetensors"),
-        "--model",
-        &d("gpt2/gpt2.onnx"),
-        "-o",
-        &d("y.onnx_adapter"),
-    ]);
+    served(&fixture("gpt2").display().to_string(), "gpt2/gpt2.onnx");
+    let out = export("plain.safetensors", "gpt2/gpt2.onnx", "y.onnx_adapter");
     assert_one_line_error(&out, "other model", "the adapter does not fit this model");
     assert!(!dir.path().join("x.onnx_adapter").exists());
     assert!(!dir.path().join("y.onnx_adapter").exists());
@@ -559,27 +546,8 @@ fn export_refuses_what_does_not_fit() {
         file.to_bytes().unwrap(),
     )
     .unwrap();
-    let out = cli(&[
-        &llama,
-        "--variant",
-        "lora",
-        "--adapter-inputs",
-        "-o",
-        &d("inputs.onnx"),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = cli(&[
-        "export-adapter",
-        &d("shape.safetensors"),
-        "--model",
-        &d("inputs.onnx"),
-        "-o",
-        &d("z.onnx_adapter"),
-    ]);
+    served(&llama, "inputs.onnx");
+    let out = export("shape.safetensors", "inputs.onnx", "z.onnx_adapter");
     assert_one_line_error(
         &out,
         "shape",

@@ -256,6 +256,23 @@ pub fn perturb(model: &mut lora_graft::Model, outcome: &mut lora_graft::jobs::Ou
     }
 }
 
+/// Fixture `name` grafted with `req`, its trainable tensors moved away from their init
+/// ([`perturb`] with `seed`): the adapted model, and its adapter file, written to `path`
+/// and read back.
+pub fn trained(
+    name: &str,
+    req: &lora_graft::jobs::GraftRequest,
+    seed: u64,
+    path: &std::path::Path,
+) -> (lora_graft::Model, lora_graft::adapter::LoadedAdapter) {
+    let mut model = lora_graft::Model::load(&fixture(name)).unwrap();
+    let mut outcome = lora_graft::jobs::graft(&mut model, req).unwrap();
+    perturb(&mut model, &mut outcome, seed);
+    std::fs::write(path, outcome.adapter_file(req).to_bytes().unwrap()).unwrap();
+    let adapter = lora_graft::adapter::LoadedAdapter::read(path, &Default::default()).unwrap();
+    (model, adapter)
+}
+
 /// Runs `model` in tract (optimised) on named inputs.
 pub fn run_tract(model: &lora_graft::Model, inputs: &Named) -> Vec<Array> {
     let runner = lora_graft::runtime::Runner::new(model, &shapes(inputs)).unwrap();
