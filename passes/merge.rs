@@ -41,6 +41,8 @@ pub struct Merge<'a> {
     pub adapter_dtype: i32,
     /// What the base weights hold.
     pub base: PissaBase,
+    /// Write a quantized weight's merge as a float weight (else refuse it).
+    pub dequantize: bool,
     /// How many modules it merged.
     pub merged: usize,
 }
@@ -177,11 +179,17 @@ impl Merge<'_> {
         let t0 = group
             .first()
             .ok_or_else(|| Error::Usage(format!("no target '{module}' in the model")))?;
-        if t0.quantized {
+        if t0.quantized && t0.layout == super::target::Layout::Packed {
             return Err(Error::Usage(format!(
-            "cannot merge into '{module}': its weight is quantized ({}); use the grafted model, or merge into a float model and quantize after",
-            t0.op
-        )));
+                "cannot merge into '{module}': its weight is quantized ({}) and packed; use the grafted model, or merge into a float model and quantize after",
+                t0.op
+            )));
+        }
+        if t0.quantized && !self.dequantize {
+            return Err(Error::Usage(format!(
+                "cannot merge into '{module}': its weight is quantized ({}); --dequantize writes the merged weight as float, or use the grafted model",
+                t0.chain.join(" <- ")
+            )));
         }
         let w = effective_weight(graph, t0)?;
         let merged_w = match (variant.frozen_start(), self.base) {

@@ -174,6 +174,10 @@ pub enum Command {
         /// A₀, B₀ subtracted; recomputed from W when the file has none) or PEFT's W_res.
         #[arg(long, value_enum, default_value_t = PissaBase::Original)]
         pissa_base: PissaBase,
+        /// Merge into quantized weights (DequantizeLinear, Mul(Cast(int8), scale)) by
+        /// writing the merged weights as float.
+        #[arg(long)]
+        dequantize: bool,
         #[command(flatten)]
         file: FileArgs,
     },

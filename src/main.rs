@@ -179,6 +179,7 @@ fn run(cli: Cli) -> Result<()> {
             adapter,
             output,
             pissa_base,
+            dequantize,
             file,
         } => {
             let overrides = file.overrides()?;
@@ -190,7 +191,7 @@ fn run(cli: Cli) -> Result<()> {
                 .read("adapter file", &adapter.path)
                 .write_model("output model", &m, &out)?
                 .check()?;
-            let merged = jobs::merge(&mut m, &adapter, pissa_base)?;
+            let merged = jobs::merge(&mut m, &adapter, pissa_base, dequantize)?;
             let report = m.save(&out, &SaveOptions::default())?;
             println!(
                 "merged {merged} modules of {} ({}) into their weights",

@@ -102,7 +102,7 @@ fn grafted_models_run_in_onnx_runtime_as_in_tract() {
                 relative,
             ));
             let mut merged = Model::load(&fixture(name)).unwrap();
-            jobs::merge(&mut merged, &adapter, PissaBase::Original).unwrap();
+            jobs::merge(&mut merged, &adapter, PissaBase::Original, false).unwrap();
             merged
                 .save(
                     &dir.path().join(format!("{stem}.merged.onnx")),

@@ -56,7 +56,7 @@ fn merged_model_equals_the_adapted_one_and_keeps_the_base_graph() {
             let (adapted, path) = trained(name, variant, dir.path());
             let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
             let mut merged = base.clone();
-            let n = jobs::merge(&mut merged, &adapter, PissaBase::Original).unwrap();
+            let n = jobs::merge(&mut merged, &adapter, PissaBase::Original, false).unwrap();
             assert_eq!(n, adapter.tensors.len());
             assert_eq!(
                 merged.graph.dump().unwrap(),
@@ -82,7 +82,7 @@ fn merge_writes_only_rewritten_weights_to_the_new_data_file() {
     let (_, path) = trained("llama", "lora", dir.path());
     let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
     let mut merged = Model::load(&fixture("llama")).unwrap();
-    jobs::merge(&mut merged, &adapter, PissaBase::Original).unwrap();
+    jobs::merge(&mut merged, &adapter, PissaBase::Original, false).unwrap();
     let out = dir.path().join("merged.onnx");
     let report = merged.save(&out, &Default::default()).unwrap();
     let own = report
@@ -170,7 +170,7 @@ fn a_hand_written_lora_lite_and_peft_adapter_apply_correctly() {
         outputs.push(run_tract(&model, &inputs).remove(0));
         // And it is what merging gives.
         let mut merged = Model::load(&fixture("llama")).unwrap();
-        jobs::merge(&mut merged, &adapter, PissaBase::Original).unwrap();
+        jobs::merge(&mut merged, &adapter, PissaBase::Original, false).unwrap();
         let m = run_tract(&merged, &inputs).remove(0);
         assert!(max_abs_diff(&m, outputs.last().unwrap()) / common::max_abs(&m) <= 1e-4);
     }
@@ -250,7 +250,7 @@ fn a_quantized_target_cannot_be_merged() {
     std::fs::write(&path, outcome.adapter_file(&req).to_bytes().unwrap()).unwrap();
     let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
     let mut base = Model::load(&fixture("genai_int4")).unwrap();
-    let err = jobs::merge(&mut base, &adapter, PissaBase::Original)
+    let err = jobs::merge(&mut base, &adapter, PissaBase::Original, false)
         .err()
         .unwrap()
         .to_string();

@@ -116,3 +116,43 @@ fn variants_on_int8_weights_compute_what_they_do_on_the_dequantized_model() {
     }
     common::run_interop(dir.path(), &manifest);
 }
+
+/// `merge --dequantize` on the int8 fixtures: every variant's trained adapter folded into
+/// float weights in place of the quantized ones gives the adapted int8 model's outputs;
+/// without `--dequantize` the merge says why it cannot.
+#[test]
+fn merge_dequantize_writes_float_weights_that_compute_the_adapted_model() {
+    use lora_graft::passes::merge::PissaBase;
+    let dir = tempfile::tempdir().unwrap();
+    for name in INT8 {
+        let (inputs, _) = reference(name);
+        for variant in common::variant_names() {
+            let path = dir.path().join(format!("{name}.{variant}.safetensors"));
+            let (adapted, adapter) = common::trained(name, &common::request(variant), 4, &path);
+            let want = run_tract(&adapted, &inputs).remove(0);
+            let mut refused = Model::load(&fixture(name)).unwrap();
+            let e = jobs::merge(&mut refused, &adapter, PissaBase::Original, false)
+                .expect_err("quantized")
+                .to_string();
+            assert!(e.contains("--dequantize"), "{name} {variant}: {e}");
+            let mut merged = Model::load(&fixture(name)).unwrap();
+            jobs::merge(&mut merged, &adapter, PissaBase::Original, true)
+                .unwrap_or_else(|e| panic!("{name} {variant}: {e}"));
+            // Every linear of these fixtures is a target: no int8 weight is left.
+            let int8 = lora_graft::proto::tensor_proto::DataType::Int8 as i32;
+            let left = merged
+                .graph
+                .initializers()
+                .filter(|(_, i)| i.elem_type() == int8)
+                .count();
+            assert_eq!(left, 0, "{name} {variant}: int8 weights left");
+            let got = run_tract(&merged, &inputs).remove(0);
+            // 1e-4 relative, as every merge test: W + ΔW summed before the product.
+            let d = common::max_abs_diff(&got, &want) / common::max_abs(&want);
+            assert!(
+                d <= 1e-4,
+                "{name} {variant}: merged {d:e} from the adapted model"
+            );
+        }
+    }
+}

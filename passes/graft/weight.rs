@@ -147,7 +147,10 @@ pub fn weight_patch(
         w.reversed_axes()
     };
     let not_float = || Error::Usage(format!("the weight of '{module}' is not a float tensor"));
-    if let Some(transposes) = private_chain(graph, group) {
+    // A quantized weight's new values are float: the nodes read a new initializer, and
+    // the dequantization chain goes.
+    let private = private_chain(graph, group).filter(|_| !t0.quantized);
+    if let Some(transposes) = private {
         // The weight and its Transpose/Cast chain belong to this module alone: rewrite
         // the initializer itself, in its own layout and dtype (the graph keeps its shape).
         let root = t0.weight;

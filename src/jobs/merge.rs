@@ -7,7 +7,14 @@ use crate::passes::merge::{Merge, PissaBase};
 use crate::passes::{graft::default_opset, run_pass, PassContext};
 
 /// Folds a trained adapter file into `model`'s weights; returns the modules merged.
-pub fn merge(model: &mut Model, adapter: &LoadedAdapter, base: PissaBase) -> Result<usize> {
+/// With `dequantize`, a quantized weight (`DequantizeLinear`, `Mul(Cast(int8), scale)`)
+/// is replaced by its merged float values; without, it is refused.
+pub fn merge(
+    model: &mut Model,
+    adapter: &LoadedAdapter,
+    base: PissaBase,
+    dequantize: bool,
+) -> Result<usize> {
     let targeting = adapter.targets(model)?;
     adapter.check(model, &targeting)?;
     let modules: Vec<String> = adapter.tensors.keys().cloned().collect();
@@ -19,6 +26,7 @@ pub fn merge(model: &mut Model, adapter: &LoadedAdapter, base: PissaBase) -> Res
         adapters: &params,
         adapter_dtype: adapter.req.adapter_dtype.onnx(),
         base,
+        dequantize,
         merged: 0,
     };
     let cx = PassContext {
