@@ -54,6 +54,9 @@ pub const LOWERINGS: &[(&str, &str, Lowering)] = &[
         "GroupQueryAttention",
         group_query_attention,
     ),
+    // x [B, N, S, H] (or [B, S, N·H], which needs num_heads) rotated at rows position_ids
+    // [B, S] of the caches, halves or interleaved pairs (as GroupQueryAttention's)
+    ("com.microsoft", "RotaryEmbedding", rotary_embedding),
 ];
 
 /// The pass: lowers every node that has a line in [`LOWERINGS`].
@@ -454,4 +457,35 @@ fn group_query_attention(b: &mut Builder, n: &Node) -> Result<Vec<Option<ValueId
     let flat = b.ints("flat", &[0, 0, -1]);
     let out = b.op("Reshape", &[out, flat], vec![])?;
     Ok(vec![Some(out), Some(present_k), Some(present_v)])
+}
+
+fn rotary_embedding(b: &mut Builder, n: &Node) -> Result<Vec<Option<ValueId>>> {
+    use crate::ir::build::int_attr;
+    let (x, pos) = (input(n, 0)?, input(n, 1)?);
+    let (cos_cache, sin_cache) = (input(n, 2)?, input(n, 3)?);
+    if n.attr_int("is_packed_batching", 0) != 0 || n.attr_float("scale", 1.0) != 1.0 {
+        return Err(Error::Node {
+            node: n.name().to_string(),
+            op: n.op().to_string(),
+            reason: "packed batching and a scale other than 1 are not lowered yet".into(),
+        });
+    }
+    let heads = n.attr_int("num_heads", 0);
+    let interleaved = n.attr_int("interleaved", 0) != 0;
+    let cache_shape = b.op("Shape", &[cos_cache], vec![])?;
+    let w = dim(b, cache_shape, 1)?;
+    let rows = |b: &mut Builder, cache: ValueId| -> Result<ValueId> {
+        let r = b.op("Gather", &[cache, pos], vec![int_attr("axis", 0)])?; // [B, S, w]
+                                                                           // Against [B, N, S, H], or [B, S, N, H] for a 3-D input.
+        b.unsqueeze(r, &[if heads > 0 { 2 } else { 1 }])
+    };
+    let (cos, sin) = (rows(b, cos_cache)?, rows(b, sin_cache)?);
+    if heads > 0 {
+        let split = b.ints("per_head", &[0, 0, heads, -1]);
+        let x4 = b.op("Reshape", &[x, split], vec![])?;
+        let out = rotary(b, x4, cos, sin, w, interleaved)?;
+        let flat = b.ints("flat", &[0, 0, -1]);
+        return Ok(vec![Some(b.op("Reshape", &[out, flat], vec![])?)]);
+    }
+    Ok(vec![Some(rotary(b, x, cos, sin, w, interleaved)?)])
 }

@@ -14,10 +14,11 @@ lists {"case", "op", "domain", "inputs", "outputs", "node_inputs", "node_outputs
 "node_outputs" the node's lists where "" marks an optional one left out; "reference" is
 "onnxruntime", or "numpy" where ONNX Runtime's CPU build has no kernel for the op (BiasAdd:
 CUDA/ROCm only), with the formula below.  Cases whose ONNX Runtime outputs were also checked
-against an independent numpy computation (GroupQueryAttention) carry "checked_by":
+against an independent numpy computation (GroupQueryAttention, RotaryEmbedding) carry "checked_by":
 "numpy <max abs difference>".  Inputs are float (the case's dtype) except GroupQueryAttention's
 seqlens_k / total_sequence_length (int32; the latter a scalar, shape []); its past_key /
 past_value have a zero-length axis ([B, kv_num_heads, 0, D], zero elements).
+RotaryEmbedding's position_ids is int64 [B, S]; its cos/sin caches are fixed float32 inputs.
 
 Formulas are those of the op schemas onnxruntime 1.32 registers (the text of
 docs/ContribOperators.md) and of its CPU kernels, checked against the kernels' outputs.
@@ -280,6 +281,56 @@ CASES += [
     gqa_case("gqa_rotary_interleaved", True, {**GQA_GENAI, "rotary_interleaved": 1},
              rotary=True),
     gqa_case("gqa_softcap", False, {"do_rotary": 0, "softcap": 30.0}, rotary=False),
+]
+
+# RotaryEmbedding (com.microsoft, since 1): inputs (input, position_ids, cos_cache,
+# sin_cache), output `output` of input's shape; attributes interleaved, num_heads,
+# rotary_embedding_dim, scale, is_packed_batching (all optional, default 0 / 1.0).  input is
+# [B, S, N*H] (3-D; num_heads gives N) or [B, N, S, H] (4-D, BNSH); position_ids int64
+# [B, S] (or [1]: a start offset); cos_cache/sin_cache [max_seq, H/2] (full rotary here).
+# Checked against rotary_numpy below:  per batch row b and token s, c = cos_cache[pos[b, s]],
+# s = sin_cache[pos[b, s]] ([H/2]), applied to EVERY head's H values (a 3-D input is
+# [B, S, N, H]) with gqa_rotary's halves / interleaved formula.
+# Also seen in ONNX Runtime 1.32's CPU kernel (not in these cases): a 3-D input without
+# num_heads gives the same outputs (head size = 2 * cache width); position_ids of shape [1]
+# = [p0] acts as positions p0 .. p0+S-1 for every row; scale (2.0 tried) changes nothing.
+ROT_B, ROT_S, ROT_N, ROT_H, ROT_MAX_SEQ = 2, 5, 4, 16, 32
+ROT_POS = np.stack([np.arange(0, ROT_S), np.arange(3, 3 + ROT_S)]).astype(np.int64)
+ROT_COS, ROT_SIN = genai_rotary_caches(ROT_MAX_SEQ, ROT_H)
+
+
+def rotary_numpy(feeds, attrs):
+    """RotaryEmbedding in float64, full rotary (cache width == head size / 2)."""
+    x = feeds["input"].astype(np.float64)
+    pos = feeds["position_ids"]
+    cos = feeds["cos_cache"].astype(np.float64)[pos][:, None]  # [B, 1, S, H/2]
+    sin = feeds["sin_cache"].astype(np.float64)[pos][:, None]
+    if x.ndim == 3:
+        b, s, hidden = x.shape
+        n = attrs["num_heads"]
+        x4 = x.reshape(b, s, n, hidden // n).transpose(0, 2, 1, 3)
+    else:
+        x4 = x
+    out = gqa_rotary(x4, cos, sin, attrs.get("interleaved", 0))
+    if x.ndim == 3:
+        out = out.transpose(0, 2, 1, 3).reshape(x.shape)
+    return {"output": out}
+
+
+def rotary_case(name, shape, attributes):
+    inputs = [("input", shape), ("position_ids", [ROT_B, ROT_S], ROT_POS),
+              ("cos_cache", [ROT_MAX_SEQ, ROT_H // 2], ROT_COS),
+              ("sin_cache", [ROT_MAX_SEQ, ROT_H // 2], ROT_SIN)]
+    return case(name, "RotaryEmbedding", inputs, ["output"], attributes,
+                numpy_check=rotary_numpy)
+
+
+CASES += [
+    rotary_case("rotary_3d", [ROT_B, ROT_S, ROT_N * ROT_H],
+                {"num_heads": ROT_N, "interleaved": 0}),
+    rotary_case("rotary_3d_interleaved", [ROT_B, ROT_S, ROT_N * ROT_H],
+                {"num_heads": ROT_N, "interleaved": 1}),
+    rotary_case("rotary_4d", [ROT_B, ROT_N, ROT_S, ROT_H], {"interleaved": 0}),
 ]
 
 ELEM = {"float32": (TensorProto.FLOAT, np.float32), "float16": (TensorProto.FLOAT16, np.float16)}
