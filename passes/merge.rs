@@ -179,7 +179,8 @@ impl Merge<'_> {
         let t0 = group
             .first()
             .ok_or_else(|| Error::Usage(format!("no target '{module}' in the model")))?;
-        if t0.quantized && t0.layout == super::target::Layout::Packed {
+        if t0.quantized && (t0.layout == super::target::Layout::Packed || t0.op == "MatMulInteger")
+        {
             return Err(Error::Usage(format!(
                 "cannot merge into '{module}': its weight is quantized ({}) and packed; use the grafted model, or merge into a float model and quantize after",
                 t0.op

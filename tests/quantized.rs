@@ -156,3 +156,113 @@ fn merge_dequantize_writes_float_weights_that_compute_the_adapted_model() {
         }
     }
 }
+
+/// BERT quantized by onnxruntime's own `quantize_dynamic` (`bert_qdyn`: activations
+/// quantized on the fly by `DynamicQuantizeLinear`, `MatMulInteger` on int8 weights, the
+/// int32 product cast and scaled back): each adapter reads the layer's float input and
+/// adds to its float output; DeLoRA's norms are those of the dequantized weight
+/// `q·scale`; ONNX Runtime runs every grafted model as tract does; DoRA (the dense
+/// weight at every step) and merging say why they cannot.
+#[test]
+fn variants_on_dynamically_quantized_bert() {
+    use lora_graft::passes::merge::PissaBase;
+    let name = "bert_qdyn";
+    let (inputs, _) = reference(name);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join(name)).unwrap();
+    let mut manifest = Vec::new();
+    for variant in common::variant_names() {
+        let req = common::request(variant);
+        let mut model = Model::load(&fixture(name)).unwrap();
+        let mut outcome = match jobs::graft(&mut model, &req) {
+            Ok(o) => o,
+            Err(e) => {
+                let why = e.to_string();
+                let said = why.contains("quantized") || why.contains("MatMulInteger");
+                assert!(
+                    ["dora", "ia3_ff", "hra"].contains(&variant) && said,
+                    "{variant}: {e}"
+                );
+                continue;
+            }
+        };
+        // The branch reads the float activation the quantizer reads.
+        let g = &model.graph;
+        let a = g.value_by_name("encoder.layer.0.attention.self.query.lora_A");
+        if let Some(a) = a.filter(|_| variant == "lora") {
+            let reader = g.node(g.value(a).users[0]);
+            let x = reader.inputs[0].unwrap();
+            assert!(
+                g.value(x)
+                    .users
+                    .iter()
+                    .any(|&u| g.node(u).op() == "DynamicQuantizeLinear"),
+                "the LoRA branch does not read the float input"
+            );
+        }
+        if variant == "delora" {
+            let m = &outcome.grafted.modules[0];
+            let q = g.value_by_name("onnx::MatMul_312_quantized").unwrap();
+            let q = lora_graft::interp::evaluate(g, q).unwrap().to_f64(); // [d_in, d_out]
+            let s = g.value_by_name("onnx::MatMul_312_scale").unwrap();
+            let s = lora_graft::interp::evaluate(g, s).unwrap().to_f64();
+            let scale = *s.iter().next().unwrap();
+            let want: Vec<f64> = q
+                .outer_iter()
+                .map(|row| row.iter().map(|v| (v * scale).powi(2)).sum::<f64>().sqrt())
+                .collect();
+            let got = m.params["lora_wnorm"].to_owned();
+            for (g, w) in got.iter().zip(&want) {
+                assert!((*g as f64 - w).abs() <= 1e-5 * w, "wnorm {g} vs {w}");
+            }
+        }
+        perturb(&mut model, &mut outcome, 6);
+        let got = run_tract(&model, &inputs).remove(0);
+        let base = reference(name).1.remove(0).1;
+        let moved = common::max_abs_diff(&got, &base) / common::max_abs(&base);
+        assert!(
+            moved > 1e-3,
+            "{variant}: the adapter moves the output by {moved:e}"
+        );
+        let stem = format!("{name}/{variant}");
+        model
+            .save(
+                &dir.path().join(format!("{stem}.onnx")),
+                &SaveOptions::default(),
+            )
+            .unwrap();
+        common::write_io(
+            &dir.path().join(format!("{stem}.io.safetensors")),
+            inputs.iter().cloned(),
+            [(
+                model
+                    .graph
+                    .value(model.graph.outputs()[0].value)
+                    .name
+                    .clone(),
+                got,
+            )],
+        );
+        manifest.push(serde_json::json!({
+            "model": format!("{stem}.onnx"),
+            "base": fixture(name),
+            "io": format!("{stem}.io.safetensors"),
+            "full_check": true,
+            // 1e-4 relative: another runtime's integer and float kernels.
+            "tol": 1e-4,
+            "relative": true,
+        }));
+        if variant == "lora" {
+            let path = dir.path().join("lora.safetensors");
+            std::fs::write(&path, outcome.adapter_file(&req).to_bytes().unwrap()).unwrap();
+            let adapter =
+                lora_graft::adapter::LoadedAdapter::read(&path, &Default::default()).unwrap();
+            let mut m = Model::load(&fixture(name)).unwrap();
+            let e = jobs::merge(&mut m, &adapter, PissaBase::Original, true)
+                .expect_err("MatMulInteger")
+                .to_string();
+            assert!(e.contains("MatMulInteger"), "{e}");
+        }
+    }
+    common::run_interop(dir.path(), &manifest);
+}

@@ -265,7 +265,15 @@ fn prepare_module(
             t0.op
         )));
     }
-    if t0.layout == super::target::Layout::Packed && variant.weight_in_graph() {
+    if t0.op == "MatMulInteger" && variant.splice() == Splice::Input {
+        return Err(Error::Usage(format!(
+            "{} changes the input of '{module}', which onnxruntime's dynamic quantization (MatMulInteger) quantizes once for several layers; use a variant that adds to the output (lora, delora, ...)",
+            variant.name()
+        )));
+    }
+    if (t0.layout == super::target::Layout::Packed || t0.op == "MatMulInteger")
+        && variant.weight_in_graph()
+    {
         return Err(Error::Usage(format!(
             "{} reads the dense weight of '{module}' at every step, which is quantized ({} keeps it packed); use lora or delora, or a float or DequantizeLinear model",
             variant.name(),
@@ -517,6 +525,13 @@ fn graph_weight(b: &mut Builder, dtypes: &HashMap<ValueId, i32>, t: &Target) -> 
 /// The element type the linear node computes in: its weight's (a MatMulNBits its
 /// scales').
 fn compute_dtype(graph: &Graph, dtypes: &HashMap<ValueId, i32>, t: &Target) -> i32 {
+    if t.op == "MatMulInteger" {
+        // Float in and out around the integer product (dynamic quantization).
+        return dtypes
+            .get(&t.output)
+            .copied()
+            .unwrap_or(DataType::Float as i32);
+    }
     let node = graph.node(t.node);
     let slot = if t.op == "MatMulNBits" { 2 } else { 1 };
     node.inputs

@@ -10,10 +10,15 @@ pub(super) fn linear(graph: &Graph, id: NodeId, filters: &Filters) -> Option<Tar
     if !matches!(op, "MatMul" | "MatMulInteger" | "Gemm" | "MatMulNBits") {
         return None;
     }
-    let input = node.inputs.first().copied().flatten()?;
-    let output = node.outputs.first().copied().flatten()?;
+    let mut input = node.inputs.first().copied().flatten()?;
+    let mut output = node.outputs.first().copied().flatten()?;
     if is_constant(graph, input) {
         return None;
+    }
+    // onnxruntime's dynamic quantization: the layer is float in, float out around it.
+    let mut weight_scale = 1.0;
+    if op == "MatMulInteger" {
+        (input, output, weight_scale) = dynamic_quantized(graph, id)?;
     }
     let w = node.inputs.get(1).copied().flatten()?;
     let (weight, chain, layout, d_in, d_out, alpha, bias_input, quantized) = match (domain, op) {
@@ -29,7 +34,16 @@ pub(super) fn linear(graph: &Graph, id: NodeId, filters: &Filters) -> Option<Tar
             } else {
                 Layout::InOut
             };
-            (root, chain, layout, d_in, d_out, 1.0, false, quantized)
+            (
+                root,
+                chain,
+                layout,
+                d_in,
+                d_out,
+                weight_scale,
+                false,
+                quantized,
+            )
         }
         ("" | "ai.onnx", "Gemm") => {
             if node.attr_int("transA", 0) != 0 {
@@ -104,6 +118,56 @@ pub(super) fn linear(graph: &Graph, id: NodeId, filters: &Filters) -> Option<Tar
         shared: is_shared(graph, weight),
         quantized,
     })
+}
+
+/// `(x, y, weight scale)` of a `MatMulInteger` that onnxruntime's `quantize_dynamic`
+/// made: `x` quantized by a `DynamicQuantizeLinear` before it, the int32 product cast
+/// and multiplied by `x_scale · w_scale` after it (`y`), the weight symmetric (zero
+/// point 0) with one scale. Other forms are not layers lora-graft adapts.
+fn dynamic_quantized(graph: &Graph, id: NodeId) -> Option<(ValueId, ValueId, f32)> {
+    let node = graph.node(id);
+    let a = node.inputs.first().copied().flatten()?;
+    let quantizer = graph.node(graph.producer(a)?);
+    if quantizer.op() != "DynamicQuantizeLinear" {
+        return None;
+    }
+    let x = quantizer.inputs.first().copied().flatten()?;
+    if let Some(zp) = node.inputs.get(3).copied().flatten() {
+        let zp = crate::interp::evaluate(graph, zp).ok()?;
+        if zp.to_f64().iter().any(|&v| v != 0.0) {
+            return None;
+        }
+    }
+    let only_user = |v: ValueId, op: &str| -> Option<NodeId> {
+        let users = &graph.value(v).users;
+        (users.len() == 1 && graph.node(users[0]).op() == op).then(|| users[0])
+    };
+    let product = node.outputs.first().copied().flatten()?;
+    let cast = only_user(product, "Cast")?;
+    let cast_out = graph.node(cast).outputs.first().copied().flatten()?;
+    let mul = graph.node(only_user(cast_out, "Mul")?);
+    let scales = mul
+        .inputs
+        .iter()
+        .flatten()
+        .copied()
+        .find(|&v| v != cast_out)?;
+    let scales_mul = graph.node(graph.producer(scales)?);
+    if scales_mul.op() != "Mul" {
+        return None;
+    }
+    let w_scale = scales_mul
+        .inputs
+        .iter()
+        .flatten()
+        .copied()
+        .find(|&v| graph.initializer(v).is_some())?;
+    let w_scale = crate::interp::evaluate(graph, w_scale).ok()?.to_f64();
+    if w_scale.len() != 1 {
+        return None;
+    }
+    let y = mul.outputs.first().copied().flatten()?;
+    Some((x, y, w_scale.iter().next().copied()? as f32))
 }
 
 /// Whether `v` is computed from initializers alone.
