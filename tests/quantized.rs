@@ -17,6 +17,50 @@ use lora_graft::Model;
 
 const INT8: &[&str] = &["bert_int8", "llama_int8"];
 
+/// Checks that the adapter moves fixture `name`'s output (`got`, tract's output of the
+/// grafted `model`), saves the model and its inputs and output under `dir`, and returns
+/// the `tests/interop.py` entry that checks ONNX Runtime gives the same (1e-4 relative:
+/// another runtime's kernels and summation order; llama_int8's fused DequantizeLinear +
+/// MatMul kept at float accuracy).
+fn interop_entry(
+    dir: &std::path::Path,
+    name: &str,
+    variant: &str,
+    model: &Model,
+    got: Array,
+) -> serde_json::Value {
+    let base = reference(name).1.remove(0).1;
+    let moved = common::max_abs_diff(&got, &base) / common::max_abs(&base);
+    assert!(
+        moved > 1e-3,
+        "{name} {variant}: the adapter moves the output by {moved:e}"
+    );
+    let stem = format!("{name}/{variant}");
+    model
+        .save(&dir.join(format!("{stem}.onnx")), &SaveOptions::default())
+        .unwrap();
+    let output = model
+        .graph
+        .value(model.graph.outputs()[0].value)
+        .name
+        .clone();
+    let (inputs, _) = reference(name);
+    common::write_io(
+        &dir.join(format!("{stem}.io.safetensors")),
+        inputs,
+        [(output, got)],
+    );
+    serde_json::json!({
+        "model": format!("{stem}.onnx"),
+        "base": fixture(name),
+        "io": format!("{stem}.io.safetensors"),
+        "full_check": true,
+        "tol": 1e-4,
+        "relative": true,
+        "ort_config": {"session.qdq_matmulnbits_accuracy_level": "0"},
+    })
+}
+
 /// The int8 fixture `name` with every quantized linear weight replaced by its
 /// dequantized float32 values (the same graph otherwise).
 fn dequantized(name: &str) -> Model {
@@ -77,41 +121,7 @@ fn variants_on_int8_weights_compute_what_they_do_on_the_dequantized_model() {
                 d <= 1e-5,
                 "{name} {variant}: {d:e} from the dequantized model"
             );
-            let base = reference(name).1.remove(0).1;
-            let moved = common::max_abs_diff(&got, &base) / common::max_abs(&base);
-            assert!(
-                moved > 1e-3,
-                "{name} {variant}: the adapter moves the output by {moved:e}"
-            );
-            let stem = format!("{name}/{variant}");
-            model
-                .save(
-                    &dir.path().join(format!("{stem}.onnx")),
-                    &SaveOptions::default(),
-                )
-                .unwrap();
-            common::write_io(
-                &dir.path().join(format!("{stem}.io.safetensors")),
-                inputs.iter().cloned(),
-                [(
-                    model
-                        .graph
-                        .value(model.graph.outputs()[0].value)
-                        .name
-                        .clone(),
-                    got,
-                )],
-            );
-            manifest.push(serde_json::json!({
-                "model": format!("{stem}.onnx"),
-                "base": fixture(name),
-                "io": format!("{stem}.io.safetensors"),
-                "full_check": true,
-                // 1e-4 relative: another runtime's kernels and summation order.
-                "tol": 1e-4,
-                "relative": true,
-                "ort_config": {"session.qdq_matmulnbits_accuracy_level": "0"},
-            }));
+            manifest.push(interop_entry(dir.path(), name, variant, &model, got));
         }
     }
     common::run_interop(dir.path(), &manifest);
@@ -218,40 +228,7 @@ fn variants_on_dynamically_quantized_bert() {
         }
         perturb(&mut model, &mut outcome, 6);
         let got = run_tract(&model, &inputs).remove(0);
-        let base = reference(name).1.remove(0).1;
-        let moved = common::max_abs_diff(&got, &base) / common::max_abs(&base);
-        assert!(
-            moved > 1e-3,
-            "{variant}: the adapter moves the output by {moved:e}"
-        );
-        let stem = format!("{name}/{variant}");
-        model
-            .save(
-                &dir.path().join(format!("{stem}.onnx")),
-                &SaveOptions::default(),
-            )
-            .unwrap();
-        common::write_io(
-            &dir.path().join(format!("{stem}.io.safetensors")),
-            inputs.iter().cloned(),
-            [(
-                model
-                    .graph
-                    .value(model.graph.outputs()[0].value)
-                    .name
-                    .clone(),
-                got,
-            )],
-        );
-        manifest.push(serde_json::json!({
-            "model": format!("{stem}.onnx"),
-            "base": fixture(name),
-            "io": format!("{stem}.io.safetensors"),
-            "full_check": true,
-            // 1e-4 relative: another runtime's integer and float kernels.
-            "tol": 1e-4,
-            "relative": true,
-        }));
+        manifest.push(interop_entry(dir.path(), name, variant, &model, got));
         if variant == "lora" {
             let path = dir.path().join("lora.safetensors");
             std::fs::write(&path, outcome.adapter_file(&req).to_bytes().unwrap()).unwrap();

@@ -290,52 +290,12 @@ fn slots_serve_many_adapters_in_one_batch() {
 #[test]
 fn onnxruntime_genai_switches_adapters() {
     let dir = tempfile::tempdir().unwrap();
-    let fx = fixture("genai_int4");
-    let folder = |n: &str| {
-        let d = dir.path().join(n);
-        std::fs::create_dir(&d).unwrap();
-        std::fs::copy(
-            fx.with_file_name("genai_config.json"),
-            d.join("genai_config.json"),
-        )
-        .unwrap();
-        d
-    };
-    let (served_dir, baked_dir) = (folder("served"), folder("baked"));
-    let req = common::request("lora");
     // The trained adapter: lora_B moved away from zero.
     let adapter_path = dir.path().join("adapter.safetensors");
-    let (_, adapter) = common::trained("genai_int4", &req, 7, &adapter_path);
-    let mut baked = Model::load(&fx).unwrap();
+    let (_, adapter) = common::trained("genai_int4", &common::request("lora"), 7, &adapter_path);
+    let mut baked = Model::load(&fixture("genai_int4")).unwrap();
     jobs::apply(&mut baked, &adapter).unwrap();
-    baked
-        .save(&baked_dir.join("model.onnx"), &SaveOptions::default())
-        .unwrap();
-    let mut served = Model::load(&fx).unwrap();
-    let served_req = GraftRequest {
-        adapter_inputs: Some(InputBase::Trained),
-        ..req
-    };
-    jobs::graft(&mut served, &served_req).unwrap();
-    served
-        .save(&served_dir.join("model.onnx"), &SaveOptions::default())
-        .unwrap();
-    let served = Model::load(&served_dir.join("model.onnx")).unwrap();
-    let onnx_adapter = dir.path().join("a.onnx_adapter");
-    let file = jobs::export::onnx_adapter(&served, &adapter, 1, 1).unwrap();
-    std::fs::write(&onnx_adapter, file.to_bytes().unwrap()).unwrap();
-    let out = std::process::Command::new(common::python())
-        .arg(common::root().join("tests/genai.py"))
-        .args([fx.parent().unwrap(), &served_dir, &baked_dir, &onnx_adapter])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.trim_end().ends_with("genai: ok"),
-        "onnxruntime-genai check failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::genai_serves(dir.path(), &adapter, &baked);
 }
 
 fn run_serving(dir: &std::path::Path, manifest: &[serde_json::Value]) {

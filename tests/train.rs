@@ -140,60 +140,11 @@ fn the_genai_int4_model_trains_and_its_adapter_serves_in_onnx_runtime() {
             "seq": opts.training.seq,
         }));
         if variant == "lora" {
-            generates_in_onnxruntime_genai(dir.path(), &adapter, &model);
+            // onnxruntime-genai generates with it.
+            common::genai_serves(dir.path(), &adapter, &model);
         }
     }
     common::run_interop(dir.path(), &manifest);
-}
-
-/// onnxruntime-genai generates with the trained adapter: served through `Adapters`
-/// on the model grafted with `--adapter-inputs`, its greedy tokens are those of the model
-/// with it baked in (`model`), and differ from the base model's (`tests/genai.py`).
-fn generates_in_onnxruntime_genai(
-    dir: &std::path::Path,
-    adapter: &lora_graft::adapter::LoadedAdapter,
-    baked: &Model,
-) {
-    let fx = fixture("genai_int4");
-    let folder = |n: &str| {
-        let d = dir.join(n);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::copy(
-            fx.with_file_name("genai_config.json"),
-            d.join("genai_config.json"),
-        )
-        .unwrap();
-        d
-    };
-    let (served_dir, baked_dir) = (folder("genai_served"), folder("genai_baked"));
-    baked
-        .save(&baked_dir.join("model.onnx"), &Default::default())
-        .unwrap();
-    let mut served = Model::load(&fx).unwrap();
-    let req = lora_graft::jobs::GraftRequest {
-        adapter_inputs: Some(lora_graft::passes::graft::inputs::InputBase::Trained),
-        ..adapter.req.clone()
-    };
-    lora_graft::jobs::graft(&mut served, &req).unwrap();
-    served
-        .save(&served_dir.join("model.onnx"), &Default::default())
-        .unwrap();
-    let served = Model::load(&served_dir.join("model.onnx")).unwrap();
-    let file = lora_graft::jobs::export::onnx_adapter(&served, adapter, 1, 1).unwrap();
-    let onnx_adapter = dir.join("trained.onnx_adapter");
-    std::fs::write(&onnx_adapter, file.to_bytes().unwrap()).unwrap();
-    let out = std::process::Command::new(common::python())
-        .arg(common::root().join("tests/genai.py"))
-        .args([fx.parent().unwrap(), &served_dir, &baked_dir, &onnx_adapter])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.trim_end().ends_with("genai: ok"),
-        "onnxruntime-genai with the trained adapter ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]

@@ -273,6 +273,54 @@ pub fn trained(
     (model, adapter)
 }
 
+/// onnxruntime-genai serves `adapter` on the genai int4 fixture (`tests/genai.py`): the
+/// fixture grafted with `--adapter-inputs` and the adapter's `.onnx_adapter` active give
+/// the greedy tokens of `baked` (the fixture with the adapter baked in), which differ
+/// from the base model's; with no adapter active, the base model's.
+pub fn genai_serves(
+    dir: &std::path::Path,
+    adapter: &lora_graft::adapter::LoadedAdapter,
+    baked: &lora_graft::Model,
+) {
+    let fx = fixture("genai_int4");
+    let folder = |n: &str| {
+        let d = dir.join(n);
+        std::fs::create_dir_all(&d).unwrap();
+        let config = "genai_config.json";
+        std::fs::copy(fx.with_file_name(config), d.join(config)).unwrap();
+        d
+    };
+    let (served_dir, baked_dir) = (folder("genai_served"), folder("genai_baked"));
+    baked
+        .save(&baked_dir.join("model.onnx"), &Default::default())
+        .unwrap();
+    let mut served = lora_graft::Model::load(&fx).unwrap();
+    let req = lora_graft::jobs::GraftRequest {
+        adapter_inputs: Some(lora_graft::passes::graft::inputs::InputBase::Trained),
+        ..adapter.req.clone()
+    };
+    lora_graft::jobs::graft(&mut served, &req).unwrap();
+    served
+        .save(&served_dir.join("model.onnx"), &Default::default())
+        .unwrap();
+    let served = lora_graft::Model::load(&served_dir.join("model.onnx")).unwrap();
+    let file = lora_graft::jobs::export::onnx_adapter(&served, adapter, 1, 1).unwrap();
+    let onnx_adapter = dir.join("genai.onnx_adapter");
+    std::fs::write(&onnx_adapter, file.to_bytes().unwrap()).unwrap();
+    let out = std::process::Command::new(python())
+        .arg(root().join("tests/genai.py"))
+        .args([fx.parent().unwrap(), &served_dir, &baked_dir, &onnx_adapter])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("genai: ok"),
+        "onnxruntime-genai check failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Runs `model` in tract (optimised) on named inputs.
 pub fn run_tract(model: &lora_graft::Model, inputs: &Named) -> Vec<Array> {
     let runner = lora_graft::runtime::Runner::new(model, &shapes(inputs)).unwrap();
