@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::graft::{
-    apply_weight, effective_weight, initial_params, par_map, weight_patch, WeightPatch,
+    apply_weight, complete_start, effective_weight, par_map, weight_patch, WeightPatch,
     PARALLEL_MEMORY_BUDGET,
 };
 use super::target::Target;
@@ -193,17 +193,21 @@ impl Merge<'_> {
             )));
         }
         let w = effective_weight(graph, t0)?;
-        let merged_w = match (variant.frozen_start(), self.base) {
-            (true, PissaBase::Residual) => {
-                Lora.merged_weight(&w, params, cfg) // W_res + s·BA
-            }
-            (true, PissaBase::Original) if !params.contains_key("lora_A0") => {
-                let (mut start, _) = initial_params(&w, module, variant, cfg, self.adapter_dtype)?;
-                start.extend(params.iter().map(|(k, v)| (*k, v.clone())));
-                variant.merged_weight(&w, &start, cfg)
-            }
-            _ => variant.merged_weight(&w, params, cfg),
-        };
+        let merged_w =
+            match (variant.frozen_start(), self.base) {
+                (true, PissaBase::Residual) => {
+                    Lora.merged_weight(&w, params, cfg) // W_res + s·BA
+                }
+                (true, PissaBase::Original) => {
+                    let dtype = self.adapter_dtype;
+                    let params =
+                        complete_start(params.clone(), module, variant, cfg, dtype, || {
+                            Ok(w.clone())
+                        })?;
+                    variant.merged_weight(&w, &params, cfg)
+                }
+                _ => variant.merged_weight(&w, params, cfg),
+            };
         if merged_w.iter().any(|v| !v.is_finite()) {
             return Err(Error::Usage(format!(
             "the merged weight would hold NaN or infinite values: the adapter's values times its scale {} overflow float32; check the adapter",

@@ -17,9 +17,12 @@ use crate::rng::Rng;
 use crate::tensor::Array;
 
 pub mod inputs;
+mod splice;
 mod weight;
 
 pub use crate::parallel::{par_map, PARALLEL_MEMORY_BUDGET};
+pub use splice::{bias, Bias};
+use splice::{compute_dtype, splice};
 pub use weight::{
     apply_weight, effective_weight, onnx_layout, rounding, set_weight, weight_patch, WeightPatch,
 };
@@ -501,6 +504,31 @@ pub fn initial_params(
     Ok((params, rewritten))
 }
 
+/// `params` of `module` with the frozen start (`Init::Start` tensors: PiSSA's and
+/// OLoRA's `A₀`, `B₀`) that a file lacks (PEFT's, lora-lite's) recomputed by
+/// [`initial_params`] from the weight `weight` gives (asked for only then).
+pub fn complete_start(
+    params: Params,
+    module: &str,
+    variant: &dyn Variant,
+    cfg: &Config,
+    adapter_dtype: i32,
+    weight: impl FnOnce() -> Result<Array2<f32>>,
+) -> Result<Params> {
+    // The names of a variant's tensors do not depend on the layer's widths.
+    let names = Dims { d_in: 1, d_out: 1 };
+    let lacking = variant
+        .param_specs(names, cfg)
+        .iter()
+        .any(|s| s.init == super::variants::Init::Start && !params.contains_key(s.name));
+    if !lacking {
+        return Ok(params);
+    }
+    let (mut start, _) = initial_params(&weight()?, module, variant, cfg, adapter_dtype)?;
+    start.extend(params);
+    Ok(start)
+}
+
 /// The weight as target `t`'s node sees it, as `[d_in, d_out]` in the builder's dtype
 /// with Gemm's alpha folded in.
 fn graph_weight(b: &mut Builder, dtypes: &HashMap<ValueId, i32>, t: &Target) -> Result<ValueId> {
@@ -520,166 +548,4 @@ fn graph_weight(b: &mut Builder, dtypes: &HashMap<ValueId, i32>, t: &Target) -> 
         w = b.op("Mul", &[w, alpha], vec![])?;
     }
     Ok(w)
-}
-
-/// The element type the linear node computes in: its weight's (a MatMulNBits its
-/// scales').
-fn compute_dtype(graph: &Graph, dtypes: &HashMap<ValueId, i32>, t: &Target) -> i32 {
-    if t.op == "MatMulInteger" {
-        // Float in and out around the integer product (dynamic quantization).
-        return dtypes
-            .get(&t.output)
-            .copied()
-            .unwrap_or(DataType::Float as i32);
-    }
-    let node = graph.node(t.node);
-    let slot = if t.op == "MatMulNBits" { 2 } else { 1 };
-    node.inputs
-        .get(slot)
-        .copied()
-        .flatten()
-        .and_then(|w| dtypes.get(&w).copied())
-        .unwrap_or(DataType::Float as i32)
-}
-
-/// A target's bias: a separate `Add` of a constant after the node, or the node's own
-/// bias input (Gemm's C, MatMulNBits' bias).
-#[derive(Debug, Clone, Copy)]
-pub struct Bias {
-    /// The bias tensor.
-    pub value: ValueId,
-    /// The output with the bias added.
-    pub post: ValueId,
-    /// Whether the node adds it itself (Gemm's C, scaled by `beta`).
-    pub inner: bool,
-    /// Gemm's beta (1 otherwise).
-    pub beta: f32,
-}
-
-/// The bias of target `t`, if it has one.
-pub fn bias(graph: &Graph, t: &Target) -> Option<Bias> {
-    let node = graph.node(t.node);
-    let slot = match t.op.as_str() {
-        "Gemm" => Some(2),
-        "MatMulNBits" => Some(5),
-        _ => None,
-    };
-    if let Some(value) = slot.and_then(|i| node.inputs.get(i).copied().flatten()) {
-        let beta = if t.op == "Gemm" {
-            node.attr_float("beta", 1.0)
-        } else {
-            1.0
-        };
-        return Some(Bias {
-            value,
-            post: t.output,
-            inner: true,
-            beta,
-        });
-    }
-    graph.value(t.output).users.iter().find_map(|&u| {
-        let n = graph.node(u);
-        if n.op() != "Add" {
-            return None;
-        }
-        let value = n.inputs.iter().flatten().copied().find(|&i| {
-            i != t.output
-                && graph
-                    .initializer(i)
-                    .is_some_and(|init| crate::dtype::numel(init.dims()) == Some(t.d_out as u64))
-        })?;
-        let post = n.outputs.first().copied().flatten()?;
-        Some(Bias {
-            value,
-            post,
-            inner: false,
-            beta: 1.0,
-        })
-    })
-}
-
-/// Splices the variant's branch around target `t` as its [`Splice`] says, casting to
-/// and from the adapter dtype when the model computes in another.
-fn splice(
-    graph: &mut Graph,
-    dtypes: &HashMap<ValueId, i32>,
-    opset: i64,
-    module: &str,
-    t: &Target,
-    ids: &BTreeMap<&'static str, ValueId>,
-    opts: &GraftOptions,
-) -> Result<()> {
-    let variant = opts.variant;
-    let model_dtype = compute_dtype(graph, dtypes, t);
-    let adapter_dtype = opts.adapter_dtype;
-    let kind = variant.splice();
-    let bias = bias(graph, t);
-    // The value the branch replaces or adds to.
-    let point = match kind {
-        Splice::Delta | Splice::PreBias => t.output,
-        Splice::PostBias => bias.map_or(t.output, |b| b.post),
-        Splice::Input => t.input,
-    };
-    let readers = graph.value(point).users.clone();
-    let prefix = format!("{module}.lora");
-    let mut b = Builder::new(graph, opset, adapter_dtype, prefix, '.');
-    let cast = |b: &mut Builder, v: ValueId, to: i32| -> Result<ValueId> {
-        if model_dtype == adapter_dtype {
-            Ok(v)
-        } else {
-            b.op("Cast", &[v], vec![int_attr("to", to as i64)])
-        }
-    };
-    let x = cast(&mut b, t.input, adapter_dtype)?;
-    if kind == Splice::Delta {
-        // y' = y + Cast(branch(x))
-        let delta = variant.branch(&mut b, x, x, ids, &opts.cfg)?;
-        let delta = cast(&mut b, delta, model_dtype)?;
-        let (add, outs) = b.graph.add_op(
-            "Add",
-            &format!("{module}.lora.Add"),
-            &[t.output, delta],
-            vec![],
-            1,
-        )?;
-        b.graph.replace_uses(t.output, outs[0], &[add]);
-        return Ok(());
-    }
-    let mut y = if kind == Splice::Input {
-        x
-    } else {
-        cast(&mut b, point, adapter_dtype)?
-    };
-    // A bias the node adds itself is taken out before a pre-bias branch, added after.
-    let inner = bias.filter(|bias| kind == Splice::PreBias && bias.inner);
-    let inner = match inner {
-        Some(bias) => {
-            let mut c = cast(&mut b, bias.value, adapter_dtype)?;
-            if bias.beta != 1.0 {
-                let beta = b.scalar("beta", bias.beta as f64);
-                c = b.op("Mul", &[c, beta], vec![])?;
-            }
-            y = b.op("Sub", &[y, c], vec![])?;
-            Some(c)
-        }
-        None => None,
-    };
-    let mut out = variant.branch(&mut b, x, y, ids, &opts.cfg)?;
-    if let Some(c) = inner {
-        out = b.op("Add", &[out, c], vec![])?;
-    }
-    let out = cast(&mut b, out, model_dtype)?;
-    if kind == Splice::Input {
-        graph.set_input(t.node, 0, Some(out));
-    } else {
-        let new_readers: Vec<_> = graph
-            .value(point)
-            .users
-            .iter()
-            .copied()
-            .filter(|u| !readers.contains(u))
-            .collect();
-        graph.replace_uses(point, out, &new_readers);
-    }
-    Ok(())
 }

@@ -12,43 +12,24 @@ use tract_core::ndarray::{s, ArrayD, IxDyn};
 use crate::passes::graft::inputs::{
     input_names, onnx_factors, served_modules, InputBase, ServedModule,
 };
-use crate::passes::graft::{effective_weight, initial_params};
+use crate::passes::graft::{complete_start, effective_weight};
 use crate::passes::target::linear_at;
 use crate::passes::variants::lora::Lora;
-use crate::passes::variants::{Alpha, Dims, Init, LowRank, Params};
+use crate::passes::variants::{Alpha, LowRank, Params};
 use crate::tensor::Array;
 use tract_core::ndarray::Array2;
 
-/// `params` of `module`, with the frozen start (`Init::Start`: PiSSA's, OLoRA's `A₀`,
-/// `B₀`) that a file lacks (PEFT's, lora-lite's) recomputed from the weight `weight`
-/// gives, by the graft pass's deterministic init.
-fn complete_start(
+/// `params` of `module` with the frozen start a file lacks recomputed
+/// ([`complete_start`]) from the weight `weight` gives.
+fn start_of(
     params: Params,
     module: &str,
     adapter: &LoadedAdapter,
     weight: impl FnOnce() -> Result<Array2<f32>>,
 ) -> Result<Params> {
-    let variant = adapter.req.variant;
     let cfg = &*adapter.req.cfg.for_module(module);
-    let lacking = |p: &Params| {
-        let d = Dims { d_in: 1, d_out: 1 };
-        variant
-            .param_specs(d, cfg)
-            .iter()
-            .any(|s| s.init == Init::Start && !p.contains_key(s.name))
-    };
-    if !lacking(&params) {
-        return Ok(params);
-    }
-    let (mut start, _) = initial_params(
-        &weight()?,
-        module,
-        variant,
-        cfg,
-        adapter.req.adapter_dtype.onnx(),
-    )?;
-    start.extend(params);
-    Ok(start)
+    let dtype = adapter.req.adapter_dtype.onnx();
+    complete_start(params, module, adapter.req.variant, cfg, dtype, weight)
 }
 
 /// `adapter` as one low-rank update per module of `model` (grafted with adapter
@@ -90,7 +71,7 @@ pub fn served_factors(
             // Served on W_res = W − s·B₀A₀, the inputs' defaults being the start.
             Lora::low_rank_of(&params, cfg)
         } else {
-            let params = complete_start(params, module, adapter, || {
+            let params = start_of(params, module, adapter, || {
                 let target = s
                     .node
                     .and_then(|n| linear_at(graph, n, &adapter.req.filters))
@@ -257,7 +238,7 @@ pub fn peft_folder(
             }
         };
         let dims = crate::passes::variants::Dims { d_in, d_out };
-        let params = complete_start(
+        let params = start_of(
             adapter.module_params(module, dims)?,
             module,
             adapter,
