@@ -7,11 +7,13 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use lora_graft::adapter::meta::FilterText;
 use lora_graft::adapter::AdapterOverrides;
+use lora_graft::calibrate::CalibrationRequest;
 use lora_graft::jobs::{AdapterDtype, GraftRequest};
 use lora_graft::passes::grad::loss::Loss;
 use lora_graft::passes::merge::PissaBase;
 use lora_graft::passes::target::{Filters, Role};
 use lora_graft::passes::variants::delora::DeloraInit;
+use lora_graft::passes::variants::lora_ga::{Direction, LoraGaOptions, Scale};
 use lora_graft::passes::variants::road::RoadVariant;
 use lora_graft::passes::variants::{self, Alpha, Config, Variant};
 use lora_graft::train::Schedule;
@@ -74,6 +76,55 @@ pub struct VariantArgs {
     /// Adapter dtype.
     #[arg(long, value_enum, default_value_t = AdapterDtype::Float32)]
     pub adapter_dtype: AdapterDtype,
+    /// LoRA-GA: which of the gradient's top 2r singular pairs A and B take.
+    #[arg(long, value_enum, default_value_t = Direction::ArB2r)]
+    pub lora_ga_direction: Direction,
+    /// LoRA-GA: how A and B are scaled.
+    #[arg(long, value_enum, default_value_t = Scale::Stable)]
+    pub lora_ga_scale: Scale,
+    /// LoRA-GA: γ of the stable scaling (B · d_out^¼ / √γ).
+    #[arg(long, default_value_t = 16.0, value_parser = finite_positive)]
+    pub lora_ga_gamma: f64,
+    #[command(flatten)]
+    pub calibration: CalibrationArgs,
+}
+
+/// The data a calibrated init (eva, lora_ga) runs the model over.
+#[derive(Args, Debug, Clone)]
+pub struct CalibrationArgs {
+    /// Calibration data for eva and lora_ga: token ids (JSONL) or text (with
+    /// --tokenizer), as train's --data; read in file order.
+    #[arg(long, value_name = "DATA")]
+    pub calibration: Option<PathBuf>,
+    /// At most this many calibration batches.
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    pub calibration_batches: usize,
+}
+
+impl CalibrationArgs {
+    /// The request, for batches of `batch` rows of `seq` tokens.
+    pub fn request(
+        &self,
+        tokenizer: Option<PathBuf>,
+        batch: usize,
+        seq: usize,
+        loss: Option<Loss>,
+        threads: Option<usize>,
+    ) -> Option<CalibrationRequest> {
+        Some(CalibrationRequest {
+            data: self.calibration.clone()?,
+            tokenizer,
+            batches: self.calibration_batches,
+            batch,
+            seq,
+            loss,
+            threads: threads.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(1)
+            }),
+        })
+    }
 }
 
 impl VariantArgs {
@@ -97,6 +148,11 @@ impl VariantArgs {
                 road_variant: self.road_variant,
                 road_group_size: self.road_group_size,
                 seed: self.seed,
+                lora_ga: LoraGaOptions {
+                    direction: self.lora_ga_direction,
+                    scale: self.lora_ga_scale,
+                    gamma: self.lora_ga_gamma,
+                },
                 modules: Default::default(),
             },
             adapter_dtype: self.adapter_dtype,
@@ -104,6 +160,8 @@ impl VariantArgs {
             filter_text: filters.text(),
             adapter_inputs: None,
             adapter_slots: None,
+            calibration: None,
+            values_from_file: false,
         })
     }
 }
@@ -142,6 +200,15 @@ pub struct GraftArgs {
     /// [batch]` (int64, -1 for none) picking each row's slot; against the original weights.
     #[arg(long, value_name = "K", value_parser = at_least_one)]
     pub adapter_slots: Option<usize>,
+    /// A Hugging Face tokenizer.json, for text calibration data.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Rows per calibration batch.
+    #[arg(long, default_value_t = 8, value_parser = at_least_one)]
+    pub calibration_batch: usize,
+    /// Tokens per calibration row.
+    #[arg(long, default_value_t = 128, value_parser = at_least_one)]
+    pub calibration_seq: usize,
     /// Also rewrite onnxruntime's fused ops (SkipLayerNormalization, BiasGelu, FastGelu,
     /// Gelu, QuickGelu, BiasAdd) into default-domain ONNX ops in the emitted model.
     #[arg(long)]
@@ -458,6 +525,16 @@ fn at_least_one(text: &str) -> Result<usize> {
         Ok(n) if n >= 1 => Ok(n),
         _ => Err(Error::Usage(format!(
             "'{text}' is not a whole number of at least 1"
+        ))),
+    }
+}
+
+/// A finite number above 0.
+fn finite_positive(text: &str) -> Result<f64> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(Error::Usage(format!(
+            "'{text}' is not a finite number above 0"
         ))),
     }
 }

@@ -305,7 +305,8 @@ pub fn read_tokens(src: &Source) -> Result<Vec<Row>> {
 /// Classification or regression examples: JSONL lines holding the model's inputs by
 /// name (nested lists; sequences shorter than `--seq` are padded with 0, and a missing
 /// `attention_mask` marks the real tokens), `input_ids` or `"text"` with a tokenizer,
-/// and `label` (class index) or `target` (the output's values).
+/// and `label` (class index) or `target` (the output's values), unless the label's name
+/// in `fields` is empty.
 pub fn read_examples(src: &Source, fields: &Fields) -> Result<Vec<Row>> {
     let path = src.path;
     let mut rows = Vec::new();
@@ -379,6 +380,11 @@ pub fn read_examples(src: &Source, fields: &Fields) -> Result<Vec<Row>> {
             row.insert(name.clone(), array);
         }
         let (label, elem_type, shape) = &fields.label;
+        if label.is_empty() {
+            // Model inputs only (calibration).
+            rows.push(Row { fields: row });
+            continue;
+        }
         let keys: &[&str] = if label == "target" {
             &["target"]
         } else {

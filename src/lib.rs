@@ -9,6 +9,7 @@
 //! files; [`train`] runs training graphs on tract.
 
 pub mod adapter;
+pub mod calibrate;
 pub mod commit;
 pub mod data;
 pub mod dtype;

@@ -182,3 +182,50 @@ fn apply_reflection(
         }
     }
 }
+
+/// The `q` largest eigenpairs of the symmetric `a` (`[n, n]`), largest first: values
+/// `[q]` and unit eigenvectors as the columns of `[n, q]`, each signed so that its
+/// entry of largest magnitude is positive (sklearn's `svd_flip`), for a deterministic
+/// result.
+pub fn sym_eigen_top(a: &Array2<f64>, q: usize) -> Result<(Array1<f64>, Array2<f64>)> {
+    let n = a.nrows();
+    let m = to_faer(a);
+    let evd = m
+        .self_adjoint_eigen(faer::Side::Lower)
+        .map_err(|e| Error::Usage(format!("the eigendecomposition did not converge ({e:?})")))?;
+    let (u, s) = (evd.U(), evd.S());
+    // faer sorts the eigenvalues in nondecreasing order.
+    let q = q.min(n);
+    let values = Array1::from_shape_fn(q, |k| s[n - 1 - k]);
+    let mut vectors = Array2::from_shape_fn((n, q), |(i, k)| u[(i, n - 1 - k)]);
+    for mut col in vectors.columns_mut() {
+        let big = col.iter().copied().fold(
+            0.0f64,
+            |best, v| if v.abs() > best.abs() { v } else { best },
+        );
+        if big < 0.0 {
+            col.mapv_inplace(|v| -v);
+        }
+    }
+    Ok((values, vectors))
+}
+
+/// [`svd_exact`] with each left singular vector signed so that its entry of largest
+/// magnitude is positive (and the right one with it).
+pub fn svd_flipped<T: Copy + Into<f64>>(w: &Array2<T>, q: usize) -> Result<Svd> {
+    let mut svd = svd_exact(w, q)?;
+    for k in 0..svd.s.len() {
+        let big = svd.u.column(k).iter().copied().fold(0.0f64, |best, v| {
+            if v.abs() > best.abs() {
+                v
+            } else {
+                best
+            }
+        });
+        if big < 0.0 {
+            svd.u.column_mut(k).mapv_inplace(|v| -v);
+            svd.v.column_mut(k).mapv_inplace(|v| -v);
+        }
+    }
+    Ok(svd)
+}

@@ -79,8 +79,10 @@ fn run(cli: Cli) -> Result<()> {
             keep_outputs,
             output,
         } => {
+            let mut graft = variant.request(&filters)?;
+            graft.calibration = variant.calibration.request(None, batch, seq, None, None);
             let req = TrainingRequest {
-                graft: variant.request(&filters)?,
+                graft,
                 loss,
                 batch,
                 seq,
@@ -126,7 +128,13 @@ fn run(cli: Cli) -> Result<()> {
             quiet,
         } => {
             reuse_freed_memory();
-            let graft = variant.request(&filters)?;
+            let mut graft = variant.request(&filters)?;
+            graft.calibration =
+                variant
+                    .calibration
+                    .request(tokenizer.clone(), batch, seq, Some(loss), threads);
+            // A resumed run takes every value, frozen ones included, from its checkpoint.
+            graft.values_from_file = resume.is_some();
             let opts = TrainOptions {
                 training: TrainingRequest {
                     graft,
@@ -367,6 +375,13 @@ fn graft(args: GraftArgs) -> Result<()> {
         .request(&args.filters)
         .map_err(|e| e.context(input.display().to_string()))?;
     req.adapter_slots = args.adapter_slots;
+    req.calibration = args.variant.calibration.request(
+        args.tokenizer.clone(),
+        args.calibration_batch,
+        args.calibration_seq,
+        None,
+        None,
+    );
     req.adapter_inputs = args.adapter_inputs.then_some(if args.against_original {
         InputBase::Original
     } else {

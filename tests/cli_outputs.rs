@@ -333,6 +333,16 @@ fn check_fixture(name: &str) {
             t("--alpha"),
             t("8"),
         ];
+        if calibrated(v) {
+            let data = root().join("fixtures").join(name).join("calibration.jsonl");
+            args.extend([t("--calibration"), p(&data)]);
+            args.extend([
+                t("--calibration-batch"),
+                t("2"),
+                t("--calibration-seq"),
+                t("8"),
+            ]);
+        }
         args.extend(variant_options(v));
         args.extend([t("-o"), p(&out)]);
         let ok = s.run(&graft, &args);
@@ -417,7 +427,15 @@ fn check_fixture(name: &str) {
         "llama" => {
             let corpus = root().join("fixtures/corpus.jsonl");
             for v in VARIANTS.iter().map(|v| v.name()) {
-                let args = vec![t("--seq"), t("8"), t("--data"), p(&corpus)];
+                let mut args = vec![t("--seq"), t("8"), t("--data"), p(&corpus)];
+                if calibrated(v) {
+                    args.extend([
+                        t("--calibration"),
+                        p(&corpus),
+                        t("--calibration-batches"),
+                        t("2"),
+                    ]);
+                }
                 train(&mut s, &format!("train.{v}"), v, args);
             }
             // Evaluation and a checkpoint mid-run.
@@ -455,6 +473,12 @@ fn variant_options(variant: &str) -> Vec<Arg> {
         "road" => vec![t("--road-group-size"), t("8")],
         _ => vec![],
     }
+}
+
+/// Whether variant `v` initialises from calibration data.
+fn calibrated(v: &str) -> bool {
+    let variant = lora_graft::passes::variants::variant(v).unwrap();
+    variant.calibration(&Default::default()).is_some()
 }
 
 #[test]

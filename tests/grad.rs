@@ -15,7 +15,8 @@ use lora_graft::Model;
 use tract_core::ndarray::{ArrayD, IxDyn};
 
 fn training(name: &str, variant: &str, loss: Loss, batch: usize, seq: usize) -> Training {
-    let req = TrainingRequest::new(common::request_r(variant, 2, 4.0), loss, batch, seq);
+    let graft = common::calibrated(common::request_r(variant, 2, 4.0), name);
+    let req = TrainingRequest::new(graft, loss, batch, seq);
     jobs::training_graph(Model::load(&fixture(name)).unwrap(), &req)
         .unwrap_or_else(|e| panic!("{name} {variant}: {e}"))
 }
@@ -165,7 +166,9 @@ fn handmade_gradients_match_finite_differences() {
     for variant in common::variant_names() {
         // f32 model: h = 1e-2 keeps the rounding error of the loss (~1e-7·|L|/h) small
         // against the truncation error (~h²); 2e-2 relative on the sampled vector.
-        check_fd("handmade", variant, Loss::Mse, 2, 1, 1e-2, 2e-2);
+        // h = 3e-3: EVA's unit rows along the inputs' principal directions make the loss
+        // curve enough along B for h = 1e-2 to miss by 3 %.
+        check_fd("handmade", variant, Loss::Mse, 2, 1, 3e-3, 2e-2);
     }
 }
 
@@ -177,7 +180,21 @@ fn fp16_model_gradients_match_the_fp32_model() {
     // each tensor (finite differences cannot resolve an fp16 loss).
     for variant in common::variant_names() {
         let t32 = training("handmade", variant, Loss::Mse, 2, 1);
-        let t16 = training("handmade_fp16", variant, Loss::Mse, 2, 1);
+        let mut t16 = training("handmade_fp16", variant, Loss::Mse, 2, 1);
+        // The same frozen tensors too: LoRA-GA's start is the SVD of each model's own
+        // calibration gradient (0.7 apart between fp16 and fp32 here).
+        for m in &t32.outcome.grafted.modules {
+            for (name, values) in m.params.iter().filter(|(n, _)| !m.trainable.contains(n)) {
+                lora_graft::jobs::set_param(
+                    &mut t16.model,
+                    &mut t16.outcome,
+                    &m.module,
+                    name,
+                    values.clone(),
+                )
+                .unwrap();
+            }
+        }
         let f32_feeds = feeds(&t32, "handmade", 3);
         let mut f16_feeds = f32_feeds.clone();
         for (name, value) in reference("handmade_fp16").0 {

@@ -45,7 +45,7 @@ fn identity_at_init_on_every_fixture_and_variant() {
         let y0 = run(&base, &inputs);
         for variant in common::variant_names() {
             let mut model = base.clone();
-            jobs::graft(&mut model, &request(variant))
+            jobs::graft(&mut model, &common::request_for(name, variant))
                 .unwrap_or_else(|e| panic!("{name} {variant}: {e}"));
             let y = run(&model, &inputs);
             let diff = max_abs_diff(&y[0], &y0[0]);
@@ -64,7 +64,7 @@ fn the_adapter_really_acts_as_its_merged_weight() {
         let base = Model::load(&fixture(name)).unwrap();
         let (inputs, _) = reference(name);
         for variant in common::variant_names() {
-            let req = request(variant);
+            let req = common::request_for(name, variant);
             let mut model = base.clone();
             let mut outcome = jobs::graft(&mut model, &req).unwrap();
             let init_params: HashMap<String, _> = outcome
@@ -123,7 +123,7 @@ fn golden_grafted_graphs() {
     for name in common::FIXTURES {
         for variant in common::variant_names() {
             let mut model = Model::load(&fixture(name)).unwrap();
-            let req = request(variant);
+            let req = common::request_for(name, variant);
             match jobs::graft(&mut model, &req) {
                 Ok(_) => check_golden(
                     &format!("{name}/graft.{variant}.txt"),

@@ -19,7 +19,7 @@ fn grafted_models_run_in_onnx_runtime_as_in_tract() {
         let (inputs, reference_outputs) = reference(name);
         for variant in common::variant_names() {
             let mut model = Model::load(&fixture(name)).unwrap();
-            let req = common::request(variant);
+            let req = common::request_for(name, variant);
             let quantized = *name == "genai_int4";
             let mut outcome = match jobs::graft(&mut model, &req) {
                 Ok(o) => o,

@@ -15,7 +15,7 @@ use common::request;
 /// A "trained" adapter: grafted, B and lambda set non-zero, written to `dir`.
 fn trained(name: &str, variant: &str, dir: &std::path::Path) -> (Model, std::path::PathBuf) {
     let mut model = Model::load(&fixture(name)).unwrap();
-    let req = request(variant);
+    let req = common::request_for(name, variant);
     let mut outcome = jobs::graft(&mut model, &req).unwrap();
     perturb(&mut model, &mut outcome, 5);
     let path = dir.join(format!("{name}.{variant}.safetensors"));

@@ -16,7 +16,7 @@ use lora_graft::Model;
 
 fn request(variant: &str, r: usize, alpha: f64, batch: usize, seq: usize) -> TrainingRequest {
     TrainingRequest::new(
-        common::request_r(variant, r, alpha),
+        common::calibrated(common::request_r(variant, r, alpha), "llama"),
         Loss::CausalLm,
         batch,
         seq,

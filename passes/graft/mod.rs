@@ -42,6 +42,9 @@ pub struct GraftOptions<'a> {
     /// With adapter inputs: stack them in this many slots, one picked per batch row by
     /// the `adapter_index` input (always against the original weights).
     pub adapter_slots: Option<usize>,
+    /// The calibration run's statistics, for a data-calibrated init (EVA, LoRA-GA);
+    /// without them such a variant starts at its simple inits (values from a file).
+    pub calibration: Option<&'a crate::calibrate::Calibration>,
 }
 
 impl GraftOptions<'_> {
@@ -293,6 +296,7 @@ fn prepare_module(
     }
     let round = rounding(opts.adapter_dtype);
     let mut w_res = None;
+    let mut weight = None;
     if variant.reads_weight() {
         let w = effective_weight(graph, t0)?;
         w_res = variant.init(&w, &mut params, cfg, &mut rng, &round)?;
@@ -303,12 +307,21 @@ fn prepare_module(
                 t0.op
             )));
         }
-        if serve_residual {
-            // Served on PEFT's base: W_res = W − s·B₀A₀, with the start as the defaults.
-            let mut res = w;
-            res -= &super::variants::lora::Lora::start_low_rank(&params, cfg).delta_w();
-            w_res = Some(res);
-        }
+        weight = Some(w);
+    }
+    if let Some(stats) = opts.calibration.and_then(|c| c.modules.get(module)) {
+        variant
+            .init_calibrated(stats, &mut params, cfg, &round)
+            .map_err(|e| e.context(format!("{} on '{module}'", variant.name())))?;
+    }
+    if serve_residual {
+        // Served on PEFT's base: W_res = W − s·B₀A₀, with the start as the defaults.
+        let mut res = match weight {
+            Some(w) => w,
+            None => effective_weight(graph, t0)?,
+        };
+        res -= &super::variants::lora::Lora::start_low_rank(&params, cfg).delta_w();
+        w_res = Some(res);
     }
     for p in params.values_mut() {
         round(p);
@@ -466,6 +479,7 @@ fn serve_module(
         adapter_dtype: dtype,
         adapter_inputs: None,
         adapter_slots: None,
+        calibration: None,
     };
     let mut sites = Vec::new();
     for t in group {
@@ -523,6 +537,12 @@ pub fn complete_start(
         .any(|s| s.init == super::variants::Init::Start && !params.contains_key(s.name));
     if !lacking {
         return Ok(params);
+    }
+    if variant.calibration(cfg).is_some() {
+        return Err(Error::Usage(format!(
+            "'{module}' lacks the frozen start of {} (lora_A0, lora_B0), which only the calibration data gives; use the adapter file lora-graft wrote",
+            variant.name()
+        )));
     }
     let (mut start, _) = initial_params(&weight()?, module, variant, cfg, adapter_dtype)?;
     start.extend(params);

@@ -4,10 +4,12 @@
 
 pub mod delora;
 pub mod dora;
+pub mod eva;
 pub mod hra;
 pub mod ia3;
 pub mod ia3_ff;
 pub mod lora;
+pub mod lora_ga;
 pub mod olora;
 pub mod pissa;
 pub mod road;
@@ -34,6 +36,8 @@ pub const VARIANTS: &[&dyn Variant] = &[
     &olora::Olora,
     &road::Road,
     &vera::Vera,
+    &eva::Eva,
+    &lora_ga::LoraGa,
 ];
 
 impl std::fmt::Debug for dyn Variant {
@@ -79,6 +83,8 @@ pub struct Config {
     pub road_group_size: usize,
     /// Seed of every random init.
     pub seed: u64,
+    /// LoRA-GA's direction and scaling.
+    pub lora_ga: lora_ga::LoraGaOptions,
     /// Modules whose rank or alpha differ from `r` and `alpha` (PEFT's `rank_pattern`,
     /// `alpha_pattern`), by module path.
     pub modules: BTreeMap<String, ModuleRank>,
@@ -105,6 +111,7 @@ impl Default for Config {
             road_variant: road::RoadVariant::Road1,
             road_group_size: 64,
             seed: 0,
+            lora_ga: lora_ga::LoraGaOptions::default(),
             modules: BTreeMap::new(),
         }
     }
@@ -360,6 +367,24 @@ pub trait Variant: Sync {
         _round: &dyn Fn(&mut ArrayD<f32>),
     ) -> Result<Option<Array2<f32>>> {
         Ok(None)
+    }
+
+    /// What the variant's init reads from a calibration run over data (EVA's input
+    /// statistics, LoRA-GA's weight gradients); `None`: it needs no data.
+    fn calibration(&self, _cfg: &Config) -> Option<crate::calibrate::Statistic> {
+        None
+    }
+
+    /// The data-calibrated init, after [`Variant::init`], from the module's statistics
+    /// of the calibration run.
+    fn init_calibrated(
+        &self,
+        _stats: &crate::calibrate::ModuleStats,
+        _params: &mut Params,
+        _cfg: &Config,
+        _round: &dyn Fn(&mut ArrayD<f32>),
+    ) -> Result<()> {
+        Ok(())
     }
 
     /// Extra `cfg` fields, after lora-lite's common ones.

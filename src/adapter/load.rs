@@ -210,6 +210,7 @@ impl LoadedAdapter {
             })?,
         };
         req.cfg.check().map_err(|e| bad(e.to_string()))?;
+        req.values_from_file = true;
         req.filters = Filters {
             roles: vec![Role::Reader, Role::Writer, Role::Inner],
             names: vec![],

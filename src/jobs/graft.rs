@@ -34,6 +34,20 @@ pub fn graft(model: &mut Model, req: &GraftRequest) -> Result<Outcome> {
     req.cfg.check()?;
     let mut targeting = target::run(&model.graph, &req.filters)
         .map_err(|e| e.context(format!("{}: targeting", model.path.display())))?;
+    let calibration = match (variant.calibration(&req.cfg), &req.calibration) {
+        (None, _) => None,
+        (Some(what), Some(data)) => Some(
+            crate::calibrate::calibrate(model, &targeting.targets, what, data)
+                .map_err(|e| e.context(format!("{}: calibration", model.path.display())))?,
+        ),
+        (Some(_), None) if req.values_from_file => None,
+        (Some(_), None) => {
+            return Err(Error::Usage(format!(
+                "{} initialises from data: give --calibration data.jsonl (token data, as train's --data)",
+                variant.name()
+            )))
+        }
+    };
     let opts = GraftOptions {
         variant,
         cfg: req.cfg.clone(),
@@ -44,6 +58,7 @@ pub fn graft(model: &mut Model, req: &GraftRequest) -> Result<Outcome> {
             None => req.adapter_inputs,
         },
         adapter_slots: req.adapter_slots,
+        calibration: calibration.as_ref(),
     };
     let cx = PassContext {
         opset: graft::default_opset(&model.proto),

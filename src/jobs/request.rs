@@ -66,6 +66,11 @@ pub struct GraftRequest {
     /// With adapter inputs: this many stacked slots picked per batch row
     /// (`--adapter-slots`), against the original weights.
     pub adapter_slots: Option<usize>,
+    /// The data a calibrated init (EVA, LoRA-GA) runs the model over (`--calibration`).
+    pub calibration: Option<crate::calibrate::CalibrationRequest>,
+    /// The adapter's values are set from a file afterwards (`--adapter-in`, `--resume`):
+    /// a calibrated init needs no data then.
+    pub values_from_file: bool,
 }
 
 impl GraftRequest {
@@ -79,6 +84,8 @@ impl GraftRequest {
             filter_text: FilterText::default(),
             adapter_inputs: None,
             adapter_slots: None,
+            calibration: None,
+            values_from_file: false,
         }
     }
 }

@@ -90,6 +90,30 @@ pub(super) fn save(
     commit.commit()
 }
 
+/// Sets the frozen tensors a checkpoint holds (a calibrated init's start, which its data
+/// alone gives) in the grafted `model`.
+pub(super) fn restore_frozen(path: &Path, model: &mut Model, outcome: &mut Outcome) -> Result<()> {
+    let file = AdapterFile::read(path)?;
+    let frozen: Vec<(String, &'static str)> = outcome
+        .grafted
+        .modules
+        .iter()
+        .flat_map(|m| {
+            m.params
+                .keys()
+                .filter(|n| !m.trainable.contains(n))
+                .map(|&n| (m.module.clone(), n))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for (module, name) in frozen {
+        if let Some(a) = file.tensors.get(&format!("{module}.{name}")) {
+            crate::jobs::set_param(model, outcome, &module, name, a.to_f32())?;
+        }
+    }
+    Ok(())
+}
+
 /// Loads a checkpoint: values and optimizer state; refuses one from another model or variant.
 pub(super) fn resume_from(
     path: &Path,

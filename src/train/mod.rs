@@ -6,6 +6,7 @@
 mod checkpoint;
 mod engine;
 mod optim;
+pub mod workers;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -187,7 +188,10 @@ pub fn run(model_path: &Path, opts: &TrainOptions, stop: Arc<AtomicBool>) -> Res
         Vec::new()
     };
     let mut grafted = model;
-    let outcome = jobs::graft(&mut grafted, &opts.training.graft)?;
+    let mut outcome = jobs::graft(&mut grafted, &opts.training.graft)?;
+    if let Some(resume) = &opts.resume {
+        checkpoint::restore_frozen(resume, &mut grafted, &mut outcome)?;
+    }
     // The grafted model is kept for --emit-model only.
     let emit_base = opts.emit_model.as_ref().map(|_| grafted.clone());
     let engine = Engine::from_grafted(grafted, outcome, &opts.training, opts.threads)?;

@@ -558,6 +558,31 @@ pub fn request_r(variant: &str, r: usize, alpha: f64) -> lora_graft::jobs::Graft
     }
 }
 
+/// `req` with the calibration a data-calibrated variant (eva, lora_ga) needs on fixture
+/// `name`: `fixtures/<name>/calibration.jsonl`, 2 batches of 2 × 8 tokens.
+pub fn calibrated(
+    mut req: lora_graft::jobs::GraftRequest,
+    name: &str,
+) -> lora_graft::jobs::GraftRequest {
+    if req.variant.calibration(&req.cfg).is_some() {
+        req.calibration = Some(lora_graft::calibrate::CalibrationRequest {
+            data: root().join("fixtures").join(name).join("calibration.jsonl"),
+            tokenizer: None,
+            batches: 2,
+            batch: 2,
+            seq: 8,
+            loss: None,
+            threads: 2,
+        });
+    }
+    req
+}
+
+/// [`request`] of `variant` for fixture `name` ([`calibrated`]).
+pub fn request_for(name: &str, variant: &str) -> lora_graft::jobs::GraftRequest {
+    calibrated(request(variant), name)
+}
+
 /// The name of every registered variant: tests that cover "every variant" loop over
 /// the registry, so a variant added with one line in `VARIANTS` is tested at once.
 pub fn variant_names() -> impl Iterator<Item = &'static str> {
