@@ -85,6 +85,14 @@ pub struct VariantArgs {
     /// LoRA-GA: γ of the stable scaling (B · d_out^¼ / √γ).
     #[arg(long, default_value_t = 16.0, value_parser = finite_positive)]
     pub lora_ga_gamma: f64,
+    /// EVA as PEFT computes it: the centered PCA of the unpadded tokens and the rank
+    /// budget r × layers redistributed by explained variance (alpha scaled with each
+    /// layer's rank), instead of lora-lite's uncentered SVD at rank r everywhere.
+    #[arg(long)]
+    pub eva_peft: bool,
+    /// --eva-peft: components computed per layer, round(r · rho), competing for the budget.
+    #[arg(long, default_value_t = 2.0, value_parser = finite_positive)]
+    pub eva_rho: f64,
     #[command(flatten)]
     pub calibration: CalibrationArgs,
 }
@@ -148,6 +156,7 @@ impl VariantArgs {
                 road_variant: self.road_variant,
                 road_group_size: self.road_group_size,
                 seed: self.seed,
+                eva_peft: self.eva_peft.then_some(self.eva_rho),
                 lora_ga: LoraGaOptions {
                     direction: self.lora_ga_direction,
                     scale: self.lora_ga_scale,

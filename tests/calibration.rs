@@ -97,6 +97,73 @@ fn eva_equals_lora_lites_group_init() {
 }
 
 #[test]
+fn eva_peft_takes_peft_ranks_and_the_exact_centered_pca() {
+    for name in ["llama", "bert"] {
+        let text = std::fs::read_to_string(eva_file(&format!("{name}.eva_peft.json"))).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let targets: std::collections::BTreeSet<String> = json["lora_config"]["target_modules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap().to_string())
+            .collect();
+        let mut model = Model::load(&common::fixture(name)).unwrap();
+        let mut req = common::request("eva");
+        req.cfg.eva_peft = Some(2.0);
+        req.filters.modules = Some(targets.clone());
+        req.calibration = Some(calibration(name));
+        let outcome = jobs::graft(&mut model, &req).unwrap();
+        let exact = tensors(&eva_file(&format!("{name}.eva_peft.safetensors")));
+        assert_eq!(
+            outcome.grafted.modules.len(),
+            targets.len(),
+            "{name}: no layer at rank 0 here"
+        );
+        for m in &outcome.grafted.modules {
+            let want = &json["modules"][&m.module];
+            let cfg = outcome.cfg.for_module(&m.module);
+            // PEFT's redistribution of the r × layers budget by explained variance.
+            assert_eq!(
+                cfg.r as u64,
+                want["rank"].as_u64().unwrap(),
+                "{name} {} rank",
+                m.module
+            );
+            assert_eq!(
+                cfg.alpha.value(),
+                want["alpha"].as_f64().unwrap(),
+                "{name} {} alpha",
+                m.module
+            );
+            // The exact centered PCA (float64, make.py) of the same tokens.
+            let got = matrix(&Array::F32(m.params["lora_A"].clone()));
+            let err = rows_up_to_sign(&got, &matrix(&exact[&format!("{}.lora_A", m.module)]));
+            assert!(
+                err <= 1e-4,
+                "{name} {}: components off by {err:e}",
+                m.module
+            );
+        }
+        // The ranks are in the file, so it loads without the data.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("eva.safetensors");
+        std::fs::write(&path, outcome.adapter_file(&req).to_bytes().unwrap()).unwrap();
+        let loaded = lora_graft::adapter::LoadedAdapter::read(&path, &Default::default()).unwrap();
+        let mut applied = Model::load(&common::fixture(name)).unwrap();
+        jobs::apply(&mut applied, &loaded).unwrap();
+        let (inputs, _) = common::reference(name);
+        let (a, b) = (
+            common::run_tract(&applied, &inputs),
+            common::run_tract(&model, &inputs),
+        );
+        assert!(
+            common::max_abs_diff(&a[0], &b[0]) <= 1e-6,
+            "{name}: reloaded differs"
+        );
+    }
+}
+
+#[test]
 fn calibration_weight_gradient_equals_torch_autograd() {
     let model = Model::load(&common::fixture("llama")).unwrap();
     let targeting = target::run(&model.graph, &common::request("lora").filters).unwrap();

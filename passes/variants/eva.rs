@@ -1,22 +1,42 @@
-//! EVA (Paischer et al. 2024, lora-lite `variants/eva.py`): LoRA whose `A` starts as the
-//! top `r` right singular vectors of the layer's inputs on calibration data, `B = 0`.
-//! lora-lite's form (the default): the uncentered SVD of every token, padding included,
-//! the same rank everywhere. The right singular vectors of `X` are the eigenvectors of
-//! `XᵀX`, which the calibration run accumulates without keeping `X`.
+//! EVA (Paischer et al. 2024): LoRA whose `A` starts as the principal directions of the
+//! layer's inputs on calibration data, `B = 0`. Two forms:
+//!
+//! - lora-lite's (`variants/eva.py`, the default): `A = Vh[:r]` of the uncentered SVD of
+//!   every token, padding included, the same rank everywhere;
+//! - PEFT's (`--eva-peft`, `tuners/lora/eva.py`): the centered PCA of the counted tokens,
+//!   `round(r·rho)` components per layer, the `r × n_layers` budget spent on the largest
+//!   explained-variance ratios across layers (layers reading the same input share their
+//!   components, the first in graph order keeping the higher rank), `alpha` scaled with
+//!   each layer's rank; a layer left with rank 0 is not adapted.
+//!
+//! The right singular vectors of `X` are the eigenvectors of `XᵀX` (centered: of
+//! `XᵀX − nμμᵀ`), which the calibration run accumulates without keeping `X`. PEFT's
+//! incremental PCA stops early and is seeded; this is the exact PCA it approximates.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use tract_core::ndarray::{Array2, ArrayD};
 
 use super::lora::Lora;
-use super::{Config, Dims, LowRank, ParamSpec, Params, Variant};
-use crate::calibrate::{ModuleStats, Statistic};
+use super::{Alpha, Config, Dims, LowRank, ModuleRank, ParamSpec, Params, Variant};
+use crate::calibrate::{Calibration, InputGram, ModuleStats, Statistic};
 use crate::error::{Error, Result};
 use crate::ir::build::Builder;
 use crate::ir::ValueId;
 
-/// EVA: `lora_A = Vh[:r]` of the layer's calibration inputs, `lora_B = 0`.
+/// EVA: `lora_A` = the top principal directions of the layer's calibration inputs,
+/// `lora_B = 0`.
 pub struct Eva;
+
+/// The Gram matrix EVA decomposes: uncentered (lora-lite) or centered (PEFT).
+fn gram(stats: &ModuleStats, cfg: &Config) -> Result<(Array2<f64>, u64)> {
+    let g: &InputGram = stats.gram.as_deref().expect("the input Gram matrix");
+    Ok(match cfg.eva_peft {
+        None => (g.xtx.clone(), g.tokens),
+        Some(_) => (g.centered(), g.tokens),
+    })
+}
 
 impl Variant for Eva {
     fn name(&self) -> &'static str {
@@ -34,8 +54,74 @@ impl Variant for Eva {
         specs
     }
 
-    fn calibration(&self, _cfg: &Config) -> Option<Statistic> {
-        Some(Statistic::InputGram { masked: false })
+    fn calibration(&self, cfg: &Config) -> Option<Statistic> {
+        Some(Statistic::InputGram {
+            masked: cfg.eva_peft.is_some(),
+        })
+    }
+
+    fn calibrated_ranks(
+        &self,
+        cal: &Calibration,
+        modules: &[String],
+        cfg: &Config,
+    ) -> Result<BTreeMap<String, ModuleRank>> {
+        let Some(rho) = cfg.eva_peft else {
+            return Ok(BTreeMap::new());
+        };
+        let components = ((cfg.r as f64 * rho).round_ties_even() as usize).max(1);
+        let stats = |m: &String| &cal.modules[m];
+        // The first module reading each input does the PCA; the others share it.
+        let first: Vec<usize> = (0..modules.len())
+            .map(|i| {
+                let g = stats(&modules[i]).gram.as_ref().expect("gram");
+                (0..=i)
+                    .find(|&j| Arc::ptr_eq(g, stats(&modules[j]).gram.as_ref().expect("gram")))
+                    .expect("itself")
+            })
+            .collect();
+        let mut ratios: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        for i in (0..modules.len()).filter(|&i| first[i] == i) {
+            let (c, _) = gram(stats(&modules[i]), cfg)?;
+            let total: f64 = c.diag().sum();
+            let (values, _) = crate::linalg::sym_eigen_top(&c, components)?;
+            ratios.insert(
+                i,
+                values
+                    .iter()
+                    .map(|&v| v.max(0.0) / total.max(f64::MIN_POSITIVE))
+                    .collect(),
+            );
+        }
+        // The pool: PCA layers first, then the layers sharing them, each in graph order;
+        // a stable sort keeps that order among equal ratios.
+        let order = (0..modules.len())
+            .filter(|&i| first[i] == i)
+            .chain((0..modules.len()).filter(|&i| first[i] != i));
+        let mut pool: Vec<(usize, f64)> = order
+            .flat_map(|i| ratios[&first[i]].iter().map(move |&r| (i, r)))
+            .collect();
+        pool.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let budget = cfg.r * modules.len();
+        let mut ranks = vec![0usize; modules.len()];
+        for &(i, _) in pool.iter().take(budget) {
+            ranks[i] += 1;
+        }
+        // A layer sharing its input never ranks above the layer whose PCA it shares.
+        for i in 0..modules.len() {
+            let f = first[i];
+            if f != i && ranks[i] > ranks[f] {
+                ranks.swap(i, f);
+            }
+        }
+        Ok(modules
+            .iter()
+            .zip(ranks)
+            .map(|(m, r)| {
+                let alpha = Alpha::from(cfg.alpha.value() * r as f64 / cfg.r as f64);
+                (m.clone(), ModuleRank { r, alpha })
+            })
+            .collect())
     }
 
     fn init_calibrated(
@@ -45,18 +131,25 @@ impl Variant for Eva {
         cfg: &Config,
         round: &dyn Fn(&mut ArrayD<f32>),
     ) -> Result<()> {
-        let gram = stats.gram.as_ref().expect("the input Gram matrix");
-        if gram.tokens < cfg.r as u64 {
+        let (g, tokens) = gram(stats, cfg)?;
+        if tokens < cfg.r as u64 {
             return Err(Error::Usage(format!(
-                "only {} calibration tokens reach this layer; EVA needs at least r = {} (give more --calibration data or --calibration-batches)",
-                gram.tokens, cfg.r
+                "only {tokens} calibration tokens reach this layer; EVA needs at least r = {} (give more --calibration data or --calibration-batches)",
+                cfg.r
             )));
         }
-        let (_, v) = crate::linalg::sym_eigen_top(&gram.xtx, cfg.r)?;
+        let (_, v) = crate::linalg::sym_eigen_top(&g, cfg.r)?;
         let mut a: ArrayD<f32> = v.t().mapv(|x| x as f32).into_dyn();
         round(&mut a);
         p.insert("lora_A", a);
         Ok(())
+    }
+
+    fn cfg_fields(&self, cfg: &Config) -> Vec<(&'static str, serde_json::Value)> {
+        match cfg.eva_peft {
+            Some(rho) => vec![("eva_peft_rho", rho.into())],
+            None => Vec::new(),
+        }
     }
 
     fn branch(

@@ -85,6 +85,9 @@ pub struct Config {
     pub seed: u64,
     /// LoRA-GA's direction and scaling.
     pub lora_ga: lora_ga::LoraGaOptions,
+    /// EVA as PEFT computes it (centered PCA of the unpadded tokens, ranks redistributed
+    /// by explained variance), with this `rho`; `None`: lora-lite's EVA.
+    pub eva_peft: Option<f64>,
     /// Modules whose rank or alpha differ from `r` and `alpha` (PEFT's `rank_pattern`,
     /// `alpha_pattern`), by module path.
     pub modules: BTreeMap<String, ModuleRank>,
@@ -112,6 +115,7 @@ impl Default for Config {
             road_group_size: 64,
             seed: 0,
             lora_ga: lora_ga::LoraGaOptions::default(),
+            eva_peft: None,
             modules: BTreeMap::new(),
         }
     }
@@ -373,6 +377,18 @@ pub trait Variant: Sync {
     /// statistics, LoRA-GA's weight gradients); `None`: it needs no data.
     fn calibration(&self, _cfg: &Config) -> Option<crate::calibrate::Statistic> {
         None
+    }
+
+    /// Per-module ranks and alphas the variant picks from the whole calibration run
+    /// before any layer is initialised (PEFT EVA's redistribution of the rank budget);
+    /// rank 0 leaves a module out. `modules` are the target modules in graph order.
+    fn calibrated_ranks(
+        &self,
+        _cal: &crate::calibrate::Calibration,
+        _modules: &[String],
+        _cfg: &Config,
+    ) -> Result<BTreeMap<String, ModuleRank>> {
+        Ok(BTreeMap::new())
     }
 
     /// The data-calibrated init, after [`Variant::init`], from the module's statistics

@@ -15,7 +15,7 @@ use crate::jobs::request::{AdapterDtype, GraftRequest};
 use crate::model::Model;
 use crate::passes::target::{self, Filters, Role, Targeting};
 use crate::passes::variants::delora::DeloraInit;
-use crate::passes::variants::{self, Alpha, Variant};
+use crate::passes::variants::{self, Alpha, ModuleRank, Variant};
 use crate::tensor::Array;
 
 /// An adapter file read for applying or merging: the request it implies and its tensors
@@ -143,6 +143,26 @@ impl LoadedAdapter {
                         g.as_u64().filter(|&g| g <= 1 << 20).ok_or_else(|| {
                             bad(format!("group_size {g} is not a small positive integer"))
                         })? as usize;
+                }
+                if let Some(ranks) = cfg.extra("rank_pattern").and_then(|v| v.as_object()) {
+                    for (module, r) in ranks {
+                        let r = r
+                            .as_u64()
+                            .filter(|&r| (1..=1 << 20).contains(&r))
+                            .ok_or_else(|| {
+                                bad(format!(
+                                    "rank_pattern: '{module}' has rank {r}, not a positive integer"
+                                ))
+                            })? as usize;
+                        let alpha = (cfg.extra("alpha_pattern"))
+                            .and_then(|a| a.get(module))
+                            .and_then(|a| a.as_number())
+                            .map(|a| Alpha(a.clone()))
+                            .unwrap_or_else(|| req.cfg.alpha.clone());
+                        req.cfg
+                            .modules
+                            .insert(module.clone(), ModuleRank { r, alpha });
+                    }
                 }
                 req.filter_text = cfg.filters.clone();
                 (cfg.variant, req)

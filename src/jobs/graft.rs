@@ -26,6 +26,9 @@ pub struct Outcome {
     pub targeting: Targeting,
     /// The adapters.
     pub grafted: Grafted,
+    /// The settings grafted with: the request's, with the per-module ranks a calibrated
+    /// init chose (PEFT's EVA).
+    pub cfg: crate::passes::variants::Config,
 }
 
 /// Targets and grafts `model` in memory.
@@ -48,9 +51,32 @@ pub fn graft(model: &mut Model, req: &GraftRequest) -> Result<Outcome> {
             )))
         }
     };
+    let mut cfg = req.cfg.clone();
+    if let Some(cal) = &calibration {
+        let modules: Vec<String> = graft::by_module(&targeting.targets)
+            .into_iter()
+            .map(|(m, _)| m)
+            .collect();
+        let ranks = variant.calibrated_ranks(cal, &modules, &cfg)?;
+        targeting
+            .targets
+            .retain(|t| ranks.get(&t.module).is_none_or(|m| m.r > 0));
+        if targeting.targets.is_empty() {
+            return Err(Error::Usage(format!(
+                "{}: {} left every layer at rank 0",
+                model.path.display(),
+                variant.name()
+            )));
+        }
+        for (module, own) in ranks {
+            if own.r > 0 && (own.r != cfg.r || own.alpha.value() != cfg.alpha.value()) {
+                cfg.modules.insert(module, own);
+            }
+        }
+    }
     let opts = GraftOptions {
         variant,
-        cfg: req.cfg.clone(),
+        cfg: cfg.clone(),
         adapter_dtype: req.adapter_dtype.onnx(),
         // Slots mix adapters of any variant in one batch: all against the original weights.
         adapter_inputs: match req.adapter_slots {
@@ -72,6 +98,7 @@ pub fn graft(model: &mut Model, req: &GraftRequest) -> Result<Outcome> {
         variant,
         targeting,
         grafted,
+        cfg,
     })
 }
 
@@ -111,15 +138,33 @@ impl Outcome {
                 .collect(),
             version: env!("CARGO_PKG_VERSION").into(),
         };
+        let mut extra: Vec<(String, serde_json::Value)> = (self.variant.cfg_fields(&self.cfg))
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        // Per-module ranks and alphas under PEFT's names, so the file loads elsewhere.
+        if !self.cfg.modules.is_empty() {
+            let (ranks, alphas): (serde_json::Map<_, _>, serde_json::Map<_, _>) = self
+                .cfg
+                .modules
+                .iter()
+                .map(|(m, own)| {
+                    (
+                        (m.clone(), own.r.into()),
+                        (m.clone(), own.alpha.0.clone().into()),
+                    )
+                })
+                .unzip();
+            extra.push(("rank_pattern".into(), ranks.into()));
+            extra.push(("alpha_pattern".into(), alphas.into()));
+        }
         let cfg = LiteCfg {
             variant: self.variant.name().into(),
             r: req.cfg.r,
             alpha: req.cfg.alpha.0.clone(),
             dtype: req.adapter_dtype.torch_name().into(),
             filters: req.filter_text.clone(),
-            extra: (self.variant.cfg_fields(&req.cfg).into_iter())
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+            extra,
         };
         let metadata = BTreeMap::from([
             (CFG_KEY.to_string(), cfg.to_json()),
