@@ -53,6 +53,9 @@ pub enum Statistic {
     },
     /// The mean over batches of the loss's gradient with respect to each target's weight.
     WeightGradient,
+    /// `Σ_n |x_n · v_k|` over the tokens for every right singular vector `v_k` of each
+    /// target's weight (AntiPaSTO's Wanda-style selection).
+    InputBasisL1,
 }
 
 /// `Σ xᵀx` and `Σ x` over a target's input tokens, in f64.
@@ -112,6 +115,9 @@ pub struct ModuleStats {
     pub gram: Option<Arc<InputGram>>,
     /// Its weight's gradient, torch layout `[d_out, d_in]`.
     pub grad: Option<Array2<f64>>,
+    /// `Σ_n |x_n · v_k|` per right singular vector of its weight (singular values in
+    /// descending order), and the tokens summed over.
+    pub basis_l1: Option<(Array1<f64>, u64)>,
 }
 
 /// The statistics of every target module.
@@ -131,7 +137,8 @@ pub fn calibrate(
     req: &CalibrationRequest,
 ) -> Result<Calibration> {
     match what {
-        Statistic::InputGram { masked } => input_grams(model, targets, masked, req),
+        Statistic::InputGram { masked } => input_statistics(model, targets, what, masked, req),
+        Statistic::InputBasisL1 => input_statistics(model, targets, what, false, req),
         Statistic::WeightGradient => weight_gradients(model, targets, req),
     }
 }
@@ -198,9 +205,12 @@ fn lowered(mut model: Model) -> Result<Model> {
     Ok(model)
 }
 
-fn input_grams(
+/// The statistics of the targets' inputs (`what`: their Gram matrices or their
+/// projections on the weights' singular vectors), in one pass over the data.
+fn input_statistics(
     model: &Model,
     targets: &[Target],
+    what: Statistic,
     masked: bool,
     req: &CalibrationRequest,
 ) -> Result<Calibration> {
@@ -242,7 +252,24 @@ fn input_grams(
             .map(|t| t.d_in)
             .expect("a target reads it")
     };
-    let mut grams: Vec<InputGram> = names.iter().map(|n| InputGram::new(width(n))).collect();
+    let gram_wanted = matches!(what, Statistic::InputGram { .. });
+    let mut grams: Vec<InputGram> = names
+        .iter()
+        .map(|n| InputGram::new(if gram_wanted { width(n) } else { 0 }))
+        .collect();
+    // AntiPaSTO: every target's right singular vectors `[d_in, k]` and their sums.
+    let mut bases: Vec<(usize, Array2<f32>, Array1<f64>, u64)> = Vec::new();
+    if what == Statistic::InputBasisL1 {
+        for t in targets {
+            let w = crate::passes::graft::effective_weight(&model.graph, t)?;
+            let k = w.nrows().min(w.ncols());
+            let v = crate::linalg::svd_exact(&w, k)?.v.mapv(|x| x as f32);
+            let input = names
+                .iter()
+                .position(|n| *n == model.graph.value(t.input).name);
+            bases.push((input.expect("named"), v, Array1::zeros(k), 0));
+        }
+    }
     for batch in &batches {
         let outs = workers.run(&batch.rows, &BTreeMap::new())?;
         for (w, out) in outs.iter().enumerate() {
@@ -250,7 +277,7 @@ fn input_grams(
             let part = &batch.rows[first..first + slice];
             for (k, gram) in grams.iter_mut().enumerate() {
                 let x = out[k].to_f32();
-                let d = gram.sum.len();
+                let d = *x.shape().last().unwrap_or(&0);
                 if x.len() % (slice * d) != 0 || x.shape().last() != Some(&d) {
                     return Err(Error::Runtime(format!(
                         "calibration: '{}' is {:?}, not [{slice}, ..., {d}]",
@@ -268,12 +295,23 @@ fn input_grams(
                     }
                     let tokens =
                         x.slice(tract_core::ndarray::s![i * per_row..(i + 1) * per_row, ..]);
-                    match (masked, counted_tokens(row, per_row)) {
+                    let tokens = match (masked, counted_tokens(row, per_row)) {
                         (true, Some(keep)) => {
                             let kept: Vec<usize> = (0..per_row).filter(|&j| keep[j]).collect();
-                            gram.add(tokens.select(Axis(0), &kept).view());
+                            tokens.select(Axis(0), &kept)
                         }
-                        _ => gram.add(tokens),
+                        _ => tokens.to_owned(),
+                    };
+                    if gram_wanted {
+                        gram.add(tokens.view());
+                    }
+                    for (_, v, sums, n) in bases.iter_mut().filter(|b| b.0 == k) {
+                        for row in tokens.dot(v).outer_iter() {
+                            for (s, p) in sums.iter_mut().zip(row) {
+                                *s += p.abs() as f64;
+                            }
+                        }
+                        *n += tokens.nrows() as u64;
                     }
                 }
             }
@@ -281,14 +319,15 @@ fn input_grams(
     }
     let grams: Vec<Arc<InputGram>> = grams.into_iter().map(Arc::new).collect();
     let mut modules = BTreeMap::new();
-    for t in targets {
+    for (i, t) in targets.iter().enumerate() {
         let name = &model.graph.value(t.input).name;
         let k = names.iter().position(|n| n == name).expect("named");
         modules.insert(
             t.module.clone(),
             ModuleStats {
-                gram: Some(grams[k].clone()),
+                gram: gram_wanted.then(|| grams[k].clone()),
                 grad: None,
+                basis_l1: bases.get(i).map(|(_, _, sums, n)| (sums.clone(), *n)),
             },
         );
     }
@@ -407,8 +446,8 @@ fn weight_gradients(
         modules.insert(
             module.to_string(),
             ModuleStats {
-                gram: None,
                 grad: Some(g.reversed_axes().as_standard_layout().to_owned()),
+                ..Default::default()
             },
         );
     }

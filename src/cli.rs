@@ -12,6 +12,7 @@ use lora_graft::jobs::{AdapterDtype, GraftRequest};
 use lora_graft::passes::grad::loss::Loss;
 use lora_graft::passes::merge::PissaBase;
 use lora_graft::passes::target::{Filters, Role};
+use lora_graft::passes::variants::antipasto::{AntipastoOptions, RotateBasis};
 use lora_graft::passes::variants::delora::DeloraInit;
 use lora_graft::passes::variants::lora_ga::{Direction, LoraGaOptions, Scale};
 use lora_graft::passes::variants::road::RoadVariant;
@@ -85,6 +86,15 @@ pub struct VariantArgs {
     /// LoRA-GA: γ of the stable scaling (B · d_out^¼ / √γ).
     #[arg(long, default_value_t = 16.0, value_parser = finite_positive)]
     pub lora_ga_gamma: f64,
+    /// AntiPaSTO: rows of the basis each rotation block turns (2 or 4).
+    #[arg(long, default_value_t = 4)]
+    pub antipasto_block_size: usize,
+    /// AntiPaSTO: θmax, the bound of the rotation's tanh, in radians.
+    #[arg(long, default_value_t = 0.5, value_parser = finite_positive)]
+    pub max_rotation_angle: f64,
+    /// AntiPaSTO: the basis the rotation turns.
+    #[arg(long, value_enum, default_value_t = RotateBasis::V)]
+    pub rotate_basis: RotateBasis,
     /// EVA as PEFT computes it: the centered PCA of the unpadded tokens and the rank
     /// budget r × layers redistributed by explained variance (alpha scaled with each
     /// layer's rank), instead of lora-lite's uncentered SVD at rank r everywhere.
@@ -157,6 +167,13 @@ impl VariantArgs {
                 road_group_size: self.road_group_size,
                 seed: self.seed,
                 eva_peft: self.eva_peft.then_some(self.eva_rho),
+                antipasto: AntipastoOptions {
+                    block_size: self.antipasto_block_size,
+                    max_angle: self.max_rotation_angle,
+                    basis: self.rotate_basis,
+                    // With calibration data, the Wanda-style selection.
+                    select: self.calibration.calibration.is_some(),
+                },
                 lora_ga: LoraGaOptions {
                     direction: self.lora_ga_direction,
                     scale: self.lora_ga_scale,

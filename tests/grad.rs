@@ -65,6 +65,10 @@ fn feeds(t: &Training, name: &str, seed: u64) -> HashMap<String, Array> {
             if *p == "lora_lambda" {
                 v.fill(2.0);
             }
+            // AntiPaSTO's rotations: far enough from 0 for tanh and the Cayley map to bend.
+            if *p == "lora_rot_T" {
+                v.mapv_inplace(|_| rng.uniform_in(-1.0, 1.0) as f32);
+            }
             feeds.insert(format!("{}.{p}", m.module), Array::F32(v));
         }
     }

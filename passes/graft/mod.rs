@@ -311,7 +311,7 @@ fn prepare_module(
     }
     if let Some(stats) = opts.calibration.and_then(|c| c.modules.get(module)) {
         variant
-            .init_calibrated(stats, &mut params, cfg, &round)
+            .init_calibrated(weight.as_ref(), stats, &mut params, cfg, &round)
             .map_err(|e| e.context(format!("{} on '{module}'", variant.name())))?;
     }
     if serve_residual {

@@ -126,6 +126,7 @@ impl Variant for Eva {
 
     fn init_calibrated(
         &self,
+        _w: Option<&Array2<f32>>,
         stats: &ModuleStats,
         p: &mut Params,
         cfg: &Config,

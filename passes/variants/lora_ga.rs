@@ -104,6 +104,7 @@ impl Variant for LoraGa {
     // G = U S Vᵀ (top 2r); A, B by the direction, B scaled; A₀ = A, B₀ = B.
     fn init_calibrated(
         &self,
+        _w: Option<&Array2<f32>>,
         stats: &ModuleStats,
         p: &mut Params,
         cfg: &Config,

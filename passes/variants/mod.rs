@@ -2,6 +2,7 @@
 //! contract: parameter specs, an optional weight-reading init, the subgraph spliced
 //! around the linear output, and the merge formula. [`VARIANTS`] is the registry.
 
+pub mod antipasto;
 pub mod delora;
 pub mod dora;
 pub mod eva;
@@ -38,6 +39,7 @@ pub const VARIANTS: &[&dyn Variant] = &[
     &vera::Vera,
     &eva::Eva,
     &lora_ga::LoraGa,
+    &antipasto::Antipasto,
 ];
 
 impl std::fmt::Debug for dyn Variant {
@@ -85,6 +87,8 @@ pub struct Config {
     pub seed: u64,
     /// LoRA-GA's direction and scaling.
     pub lora_ga: lora_ga::LoraGaOptions,
+    /// AntiPaSTO's block size, rotation bound, rotated basis and calibrated selection.
+    pub antipasto: antipasto::AntipastoOptions,
     /// EVA as PEFT computes it (centered PCA of the unpadded tokens, ranks redistributed
     /// by explained variance), with this `rho`; `None`: lora-lite's EVA.
     pub eva_peft: Option<f64>,
@@ -116,6 +120,7 @@ impl Default for Config {
             seed: 0,
             lora_ga: lora_ga::LoraGaOptions::default(),
             eva_peft: None,
+            antipasto: antipasto::AntipastoOptions::default(),
             modules: BTreeMap::new(),
         }
     }
@@ -202,6 +207,13 @@ pub enum Init {
     Zeros,
     /// Every element `v`.
     Constant(f64),
+    /// Normal with this mean and standard deviation (AntiPaSTO's `δ`).
+    Normal {
+        /// Mean.
+        mean: f64,
+        /// Standard deviation.
+        std: f64,
+    },
     /// Kaiming on half the rows, each row then repeated (`u_2k = u_2k+1`): HRA's
     /// paired reflections, whose product is the identity.
     KaimingPairs,
@@ -235,6 +247,9 @@ pub fn init_params(specs: &[ParamSpec], rng: &mut Rng) -> Params {
             let values: Vec<f32> = match spec.init {
                 Init::Zeros | Init::Start => vec![0.0; n],
                 Init::Constant(v) => vec![v as f32; n],
+                Init::Normal { mean, std } => {
+                    (0..n).map(|_| (mean + std * rng.normal()) as f32).collect()
+                }
                 Init::Kaiming => {
                     let fan_in = *spec.shape.last().unwrap_or(&1) as f64;
                     let bound = 1.0 / fan_in.sqrt();
@@ -392,9 +407,10 @@ pub trait Variant: Sync {
     }
 
     /// The data-calibrated init, after [`Variant::init`], from the module's statistics
-    /// of the calibration run.
+    /// of the calibration run (and the weight, `Some` when [`Variant::reads_weight`]).
     fn init_calibrated(
         &self,
+        _w: Option<&Array2<f32>>,
         _stats: &crate::calibrate::ModuleStats,
         _params: &mut Params,
         _cfg: &Config,

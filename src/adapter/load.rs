@@ -144,6 +144,21 @@ impl LoadedAdapter {
                             bad(format!("group_size {g} is not a small positive integer"))
                         })? as usize;
                 }
+                let o = &mut req.cfg.antipasto;
+                if let Some(bs) = cfg.extra("block_size").and_then(|v| v.as_u64()) {
+                    o.block_size = bs.min(1 << 20) as usize;
+                }
+                if let Some(a) = cfg.extra("max_rotation_angle").and_then(|v| v.as_f64()) {
+                    o.max_angle = a;
+                }
+                if let Some(v) = cfg.extra("rotate_basis") {
+                    o.basis = v
+                        .as_str()
+                        .and_then(crate::passes::variants::antipasto::RotateBasis::from_name)
+                        .ok_or_else(|| {
+                            bad(format!("unknown rotate_basis {v}; use V, U or none"))
+                        })?;
+                }
                 if let Some(ranks) = cfg.extra("rank_pattern").and_then(|v| v.as_object()) {
                     for (module, r) in ranks {
                         let r = r

@@ -552,6 +552,11 @@ pub fn request_r(variant: &str, r: usize, alpha: f64) -> lora_graft::jobs::Graft
             alpha: alpha.into(),
             // ROAD's groups must divide every layer's outputs (16 in handmade, 32 in llama).
             road_group_size: 8,
+            // AntiPaSTO's rotation blocks must divide r.
+            antipasto: lora_graft::passes::variants::antipasto::AntipastoOptions {
+                block_size: if r % 4 == 0 { 4 } else { 2 },
+                ..Default::default()
+            },
             ..Default::default()
         },
         ..Default::default()
