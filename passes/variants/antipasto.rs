@@ -146,7 +146,7 @@ impl Variant for Antipasto {
                 "block size {bs}: lora-graft builds the Cayley rotation for blocks of 2 or 4"
             ));
         }
-        if cfg.r % bs != 0 {
+        if !cfg.r.is_multiple_of(bs) {
             return Err(format!(
                 "r = {} is not a multiple of the block size {bs}",
                 cfg.r
