@@ -554,7 +554,7 @@ pub fn request_r(variant: &str, r: usize, alpha: f64) -> lora_graft::jobs::Graft
             road_group_size: 8,
             // AntiPaSTO's rotation blocks must divide r.
             antipasto: lora_graft::passes::variants::antipasto::AntipastoOptions {
-                block_size: if r % 4 == 0 { 4 } else { 2 },
+                block_size: if r.is_multiple_of(4) { 4 } else { 2 },
                 ..Default::default()
             },
             ..Default::default()
