@@ -40,7 +40,12 @@ pub struct CalibrationRequest {
     pub loss: Option<Loss>,
     /// Worker threads.
     pub threads: usize,
+    /// The bytes the exact Gram matrices may hold; inputs beyond it are sketched.
+    pub memory: usize,
 }
+
+/// The default of [`CalibrationRequest::memory`]: 1 GiB.
+pub const GRAM_MEMORY: usize = 1 << 30;
 
 /// What an init reads from the calibration run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +55,8 @@ pub enum Statistic {
     InputGram {
         /// Leave out padding (tokens whose label is -100).
         masked: bool,
+        /// The eigenpairs the init reads (the size of a sketch, when one is needed).
+        components: usize,
     },
     /// The mean over batches of the loss's gradient with respect to each target's weight.
     WeightGradient,
@@ -58,27 +65,45 @@ pub enum Statistic {
     InputBasisL1,
 }
 
-/// `Σ xᵀx` and `Σ x` over a target's input tokens, in f64.
+/// `Σ xᵀx` and `Σ x` over a target's input tokens, in f64: exact, or, for an input
+/// whose `d × d` matrix would not fit the memory budget, the one-pass sketch
+/// `XᵀX Ω` (`Ω` `[d, k]`, orthonormal) from which [`InputGram::top_eigen`] recovers the
+/// leading eigenpairs (Nyström).
 #[derive(Debug, Clone)]
 pub struct InputGram {
-    /// `XᵀX`, `[d_in, d_in]`.
+    /// `XᵀX` `[d, d]`, or `XᵀX Ω` `[d, k]` when sketched.
     pub xtx: Array2<f64>,
-    /// `Σ x`, `[d_in]`.
+    /// The sketch's `Ω` (`None`: exact).
+    pub omega: Option<Array2<f64>>,
+    /// `Σ x`, `[d]`.
     pub sum: Array1<f64>,
+    /// `Σ x²` per feature (the diagonal of `XᵀX`), `[d]`.
+    pub squares: Array1<f64>,
     /// Tokens counted.
     pub tokens: u64,
 }
 
 impl InputGram {
-    fn new(d: usize) -> InputGram {
+    fn new(d: usize, sketch: Option<usize>, seed: u64) -> InputGram {
+        let omega = sketch.map(|k| {
+            let mut rng = crate::rng::Rng::new(seed);
+            crate::linalg::orthonormal_gaussian(d, k, &mut rng)
+        });
         InputGram {
-            xtx: Array2::zeros((d, d)),
+            xtx: Array2::zeros((d, omega.as_ref().map_or(d, |o| o.ncols()))),
+            omega,
             sum: Array1::zeros(d),
+            squares: Array1::zeros(d),
             tokens: 0,
         }
     }
 
-    /// Adds the tokens `x` (`[n, d]`): the product in f32 on faer's kernels, summed in f64.
+    /// Bytes it holds.
+    pub fn bytes(&self) -> usize {
+        8 * (self.xtx.len() + self.omega.as_ref().map_or(0, |o| o.len()))
+    }
+
+    /// Adds the tokens `x` (`[n, d]`): the products in f32 on faer's kernels, summed in f64.
     fn add(&mut self, x: ArrayView2<f32>) {
         let (n, d) = x.dim();
         if n == 0 {
@@ -86,25 +111,67 @@ impl InputGram {
         }
         let x = x.as_standard_layout();
         let m = faer::MatRef::from_row_major_slice(x.as_slice().expect("standard"), n, d);
-        let g = m.transpose() * m;
+        let g = match &self.omega {
+            None => m.transpose() * m,
+            Some(o) => {
+                let o = faer::Mat::<f32>::from_fn(d, o.ncols(), |i, j| o[[i, j]] as f32);
+                m.transpose() * (m * &o)
+            }
+        };
         for ((i, j), v) in self.xtx.indexed_iter_mut() {
             *v += g[(i, j)] as f64;
         }
-        for (s, c) in self.sum.iter_mut().zip(x.axis_iter(Axis(1))) {
-            *s += c.iter().map(|&v| v as f64).sum::<f64>();
+        for (k, c) in x.axis_iter(Axis(1)).enumerate() {
+            self.sum[k] += c.iter().map(|&v| v as f64).sum::<f64>();
+            self.squares[k] += c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
         }
         self.tokens += n as u64;
     }
 
-    /// The covariance-free centered Gram `XᵀX − n·μμᵀ` (PEFT's PCA is centered).
-    pub fn centered(&self) -> Array2<f64> {
+    /// Whether it is the sketch.
+    pub fn is_sketch(&self) -> bool {
+        self.omega.is_some()
+    }
+
+    /// `n·μμᵀ M` for `M` = the identity (`None`) or `Ω`: what centering subtracts.
+    fn mean_part(&self, m: Option<&Array2<f64>>) -> Array2<f64> {
         let n = self.tokens.max(1) as f64;
         let mu = &self.sum / n;
-        let outer = mu
-            .view()
+        let right = match m {
+            None => mu.clone(),
+            Some(o) => o.t().dot(&mu),
+        };
+        mu.view()
             .insert_axis(Axis(1))
-            .dot(&mu.view().insert_axis(Axis(0)));
-        &self.xtx - &(outer * n)
+            .dot(&right.view().insert_axis(Axis(0)))
+            * n
+    }
+
+    /// The trace of the Gram matrix (`centered`: of `XᵀX − nμμᵀ`).
+    pub fn trace(&self, centered: bool) -> f64 {
+        let n = self.tokens.max(1) as f64;
+        let t = self.squares.sum();
+        if centered {
+            t - self.sum.dot(&self.sum) / n
+        } else {
+            t
+        }
+    }
+
+    /// The `q` largest eigenpairs of `XᵀX` (`centered`: of `XᵀX − nμμᵀ`, PEFT's PCA),
+    /// largest first, each eigenvector's largest entry positive; from the sketch by
+    /// Nyström's approximation (exact when the inputs span at most `k` dimensions).
+    pub fn top_eigen(&self, q: usize, centered: bool) -> Result<(Array1<f64>, Array2<f64>)> {
+        match &self.omega {
+            None if centered => {
+                crate::linalg::sym_eigen_top(&(&self.xtx - &self.mean_part(None)), q)
+            }
+            None => crate::linalg::sym_eigen_top(&self.xtx, q),
+            Some(o) if centered => {
+                crate::linalg::nystrom_top(&(&self.xtx - &self.mean_part(Some(o))), o, q)
+            }
+            Some(o) => crate::linalg::nystrom_top(&self.xtx, o, q),
+        }
     }
 }
 
@@ -127,6 +194,8 @@ pub struct Calibration {
     pub modules: BTreeMap<String, ModuleStats>,
     /// Batches run.
     pub batches: usize,
+    /// What it held (the Gram matrices' memory, the inputs sketched), for the user.
+    pub report: String,
 }
 
 /// Runs the calibration for `targets` of `model`.
@@ -137,7 +206,7 @@ pub fn calibrate(
     req: &CalibrationRequest,
 ) -> Result<Calibration> {
     match what {
-        Statistic::InputGram { masked } => input_statistics(model, targets, what, masked, req),
+        Statistic::InputGram { masked, .. } => input_statistics(model, targets, what, masked, req),
         Statistic::InputBasisL1 => input_statistics(model, targets, what, false, req),
         Statistic::WeightGradient => weight_gradients(model, targets, req),
     }
@@ -252,11 +321,51 @@ fn input_statistics(
             .map(|t| t.d_in)
             .expect("a target reads it")
     };
+    // Exact Gram matrices in graph order while they fit the budget; the rest sketched
+    // with 2q + 16 columns (q: the eigenpairs the init reads).
+    let mut left = req.memory;
+    let mut sketched = Vec::new();
+    let mut grams: Vec<InputGram> = Vec::new();
+    for (k, n) in names.iter().enumerate() {
+        let (d, sketch) = match what {
+            Statistic::InputGram { components, .. } => {
+                let d = width(n);
+                let exact = 8 * d * d;
+                if exact <= left {
+                    left -= exact;
+                    (d, None)
+                } else {
+                    let reader = targets
+                        .iter()
+                        .find(|t| model.graph.value(t.input).name == *n);
+                    sketched.push(reader.map_or(n.clone(), |t| t.module.clone()));
+                    (d, Some((2 * components + 16).min(d)))
+                }
+            }
+            _ => (0, None),
+        };
+        grams.push(InputGram::new(d, sketch, 0x5EED ^ k as u64));
+    }
     let gram_wanted = matches!(what, Statistic::InputGram { .. });
-    let mut grams: Vec<InputGram> = names
-        .iter()
-        .map(|n| InputGram::new(if gram_wanted { width(n) } else { 0 }))
-        .collect();
+    let mut report = String::new();
+    if gram_wanted {
+        let bytes: usize = grams.iter().map(InputGram::bytes).sum();
+        report = format!(
+            "calibration: {} Gram matrices of {} inputs, {:.1} MB{}",
+            names.len() - sketched.len(),
+            names.len(),
+            bytes as f64 / 1e6,
+            if sketched.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} inputs sketched (their exact matrices would exceed --calibration-memory), e.g. the input of '{}'",
+                    sketched.len(),
+                    sketched[0]
+                )
+            }
+        );
+    }
     // AntiPaSTO: every target's right singular vectors `[d_in, k]` and their sums.
     let mut bases: Vec<(usize, Array2<f32>, Array1<f64>, u64)> = Vec::new();
     if what == Statistic::InputBasisL1 {
@@ -334,6 +443,7 @@ fn input_statistics(
     Ok(Calibration {
         modules,
         batches: batches.len(),
+        report,
     })
 }
 
@@ -454,5 +564,9 @@ fn weight_gradients(
     Ok(Calibration {
         modules,
         batches: batches.len(),
+        report: format!(
+            "calibration: the weight gradients over {} batches",
+            batches.len()
+        ),
     })
 }

@@ -117,6 +117,10 @@ pub struct CalibrationArgs {
     /// At most this many calibration batches.
     #[arg(long, default_value_t = 8, value_parser = at_least_one)]
     pub calibration_batches: usize,
+    /// Megabytes the exact Gram matrices of eva's calibration may hold; inputs beyond
+    /// it are sketched (a randomized one-pass sketch of the leading directions).
+    #[arg(long, default_value_t = 1024, value_parser = at_least_one)]
+    pub calibration_memory: usize,
 }
 
 impl CalibrationArgs {
@@ -141,6 +145,7 @@ impl CalibrationArgs {
                     .map(|n| n.get())
                     .unwrap_or(1)
             }),
+            memory: self.calibration_memory.saturating_mul(1 << 20),
         })
     }
 }

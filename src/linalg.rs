@@ -229,3 +229,46 @@ pub fn svd_flipped<T: Copy + Into<f64>>(w: &Array2<T>, q: usize) -> Result<Svd> 
     }
     Ok(svd)
 }
+
+/// `k` orthonormal columns `[d, k]` spanning a Gaussian random subspace.
+pub fn orthonormal_gaussian(d: usize, k: usize, rng: &mut Rng) -> Array2<f64> {
+    let g = Mat::from_fn(d, k, |_, _| rng.normal());
+    from_faer(thin_q(&g).as_ref())
+}
+
+/// The `q` largest eigenpairs of a symmetric positive semi-definite `A` `[d, d]` from
+/// its sketch `y = A·omega` (`omega` `[d, k]` orthonormal), by the stable Nyström
+/// approximation `A ≈ Y (ΩᵀY)⁺ Yᵀ` (Tropp et al. 2017, with a small shift): exact when
+/// `A` has rank at most `k`. Signed as [`sym_eigen_top`].
+pub fn nystrom_top(
+    y: &Array2<f64>,
+    omega: &Array2<f64>,
+    q: usize,
+) -> Result<(Array1<f64>, Array2<f64>)> {
+    let (d, k) = y.dim();
+    let norm = y.iter().map(|v| v * v).sum::<f64>().sqrt();
+    let nu = (d as f64).sqrt() * f64::EPSILON * norm;
+    let y_nu = y + &(omega * nu);
+    let b = omega.t().dot(&y_nu);
+    let b = (&b + &b.t()) / 2.0;
+    // B^{-1/2} on its positive eigenspace.
+    let (vals, vecs) = sym_eigen_top(&b, k)?;
+    let keep: Vec<usize> = (0..k).filter(|&i| vals[i] > vals[0] * 1e-12).collect();
+    let inv_sqrt = Array2::from_shape_fn((k, keep.len()), |(i, j)| {
+        vecs[[i, keep[j]]] / vals[keep[j]].sqrt()
+    });
+    let f = y_nu.dot(&inv_sqrt); // [d, k'], A_ν ≈ F Fᵀ
+    let svd = svd_exact(&f, q.min(keep.len()))?;
+    let values = svd.s.mapv(|s| (s * s - nu).max(0.0));
+    let mut vectors = svd.u;
+    for mut col in vectors.columns_mut() {
+        let big = col.iter().copied().fold(
+            0.0f64,
+            |best, v| if v.abs() > best.abs() { v } else { best },
+        );
+        if big < 0.0 {
+            col.mapv_inplace(|v| -v);
+        }
+    }
+    Ok((values, vectors))
+}

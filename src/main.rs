@@ -402,6 +402,9 @@ fn graft(args: GraftArgs) -> Result<()> {
         .write("adapter file", &adapter_path)
         .check()?;
     let mut outcome = jobs::graft(&mut model, &req)?;
+    if !outcome.calibration_report.is_empty() {
+        println!("{}", outcome.calibration_report);
+    }
     if args.lower {
         let lowered = jobs::lower(&mut model, &mut outcome)?;
         let list: Vec<String> = lowered.iter().map(|(op, n)| format!("{op} x{n}")).collect();

@@ -69,6 +69,7 @@ fn calibrated_selection_and_reload() {
         seq: 16,
         loss: Some(Loss::CausalLm),
         threads: 2,
+        memory: lora_graft::calibrate::GRAM_MEMORY,
     });
     let outcome = jobs::graft(&mut model, &req).unwrap();
     let mut not_top = 0;

@@ -32,6 +32,7 @@ fn calibration(name: &str) -> CalibrationRequest {
         seq: 16,
         loss: Some(Loss::CausalLm),
         threads: 2,
+        memory: lora_graft::calibrate::GRAM_MEMORY,
     }
 }
 
@@ -422,4 +423,62 @@ fn bad_calibration_data_is_a_one_line_error() {
         !std::path::Path::new(out).exists(),
         "no output after an error"
     );
+}
+
+#[test]
+fn nystrom_recovers_a_low_rank_gram_exactly() {
+    use lora_graft::linalg::{nystrom_top, orthonormal_gaussian, sym_eigen_top};
+    let mut rng = lora_graft::rng::Rng::new(3);
+    let (d, rank, k) = (60, 6, 20);
+    let g = Array2::from_shape_fn((d, rank), |(_, j)| rng.normal() * (1.0 + j as f64));
+    let a = g.dot(&g.t());
+    let omega = orthonormal_gaussian(d, k, &mut rng);
+    let (vals, vecs) = nystrom_top(&a.dot(&omega), &omega, rank).unwrap();
+    let (want_vals, want_vecs) = sym_eigen_top(&a, rank).unwrap();
+    for i in 0..rank {
+        assert!(
+            (vals[i] - want_vals[i]).abs() <= 1e-8 * want_vals[0],
+            "eigenvalue {i}"
+        );
+    }
+    // Same signs by construction (largest entry positive).
+    let err = (&vecs - &want_vecs)
+        .iter()
+        .fold(0f64, |m, v| m.max(v.abs()));
+    assert!(err <= 1e-8, "eigenvectors off by {err:e}");
+}
+
+#[test]
+fn inputs_beyond_the_memory_budget_are_sketched() {
+    let model = Model::load(&common::fixture("llama")).unwrap();
+    let targeting = target::run(&model.graph, &common::request("eva").filters).unwrap();
+    let what = Statistic::InputGram {
+        masked: false,
+        components: 4,
+    };
+    let exact = calibrate(&model, &targeting.targets, what, &calibration("llama")).unwrap();
+    let mut small = calibration("llama");
+    small.memory = 0;
+    let sketched = calibrate(&model, &targeting.targets, what, &small).unwrap();
+    for (module, stats) in &sketched.modules {
+        let g = stats.gram.as_ref().unwrap();
+        assert!(g.is_sketch(), "{module}: not sketched with no memory");
+        let full = exact.modules[module].gram.as_ref().unwrap();
+        assert!(!full.is_sketch());
+        // The variance the sketched top-4 directions capture, against the exact top 4's.
+        let (_, v) = g.top_eigen(4, false).unwrap();
+        let (want, _) = full.top_eigen(4, false).unwrap();
+        let captured: f64 = v.t().dot(&full.xtx).dot(&v).diag().sum();
+        let ratio = captured / want.sum();
+        // One pass, 2·4 + 16 = 24 of 64 or 128 columns, on this random model's flat
+        // spectra: 92-98 % (measured); an exact matrix gives 100 %.
+        assert!(
+            ratio >= 0.9,
+            "{module}: the sketch captures {ratio:.3} of the variance"
+        );
+        assert!(
+            g.bytes() < full.bytes(),
+            "{module}: the sketch is not smaller"
+        );
+    }
 }

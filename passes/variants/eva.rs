@@ -29,13 +29,14 @@ use crate::ir::ValueId;
 /// `lora_B = 0`.
 pub struct Eva;
 
-/// The Gram matrix EVA decomposes: uncentered (lora-lite) or centered (PEFT).
-fn gram(stats: &ModuleStats, cfg: &Config) -> Result<(Array2<f64>, u64)> {
-    let g: &InputGram = stats.gram.as_deref().expect("the input Gram matrix");
-    Ok(match cfg.eva_peft {
-        None => (g.xtx.clone(), g.tokens),
-        Some(_) => (g.centered(), g.tokens),
-    })
+/// PEFT's components per layer: `round(r·rho)`, Python's rounding (half to even).
+fn components(r: usize, rho: f64) -> usize {
+    ((r as f64 * rho).round_ties_even() as usize).max(1)
+}
+
+/// The module's input statistics.
+fn gram(stats: &ModuleStats) -> &InputGram {
+    stats.gram.as_deref().expect("the input Gram matrix")
 }
 
 impl Variant for Eva {
@@ -57,6 +58,10 @@ impl Variant for Eva {
     fn calibration(&self, cfg: &Config) -> Option<Statistic> {
         Some(Statistic::InputGram {
             masked: cfg.eva_peft.is_some(),
+            components: match cfg.eva_peft {
+                Some(rho) => components(cfg.r, rho),
+                None => cfg.r,
+            },
         })
     }
 
@@ -69,7 +74,7 @@ impl Variant for Eva {
         let Some(rho) = cfg.eva_peft else {
             return Ok(BTreeMap::new());
         };
-        let components = ((cfg.r as f64 * rho).round_ties_even() as usize).max(1);
+        let components = components(cfg.r, rho);
         let stats = |m: &String| &cal.modules[m];
         // The first module reading each input does the PCA; the others share it.
         let first: Vec<usize> = (0..modules.len())
@@ -82,9 +87,9 @@ impl Variant for Eva {
             .collect();
         let mut ratios: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         for i in (0..modules.len()).filter(|&i| first[i] == i) {
-            let (c, _) = gram(stats(&modules[i]), cfg)?;
-            let total: f64 = c.diag().sum();
-            let (values, _) = crate::linalg::sym_eigen_top(&c, components)?;
+            let g = gram(stats(&modules[i]));
+            let total = g.trace(true);
+            let (values, _) = g.top_eigen(components, true)?;
             ratios.insert(
                 i,
                 values
@@ -132,14 +137,15 @@ impl Variant for Eva {
         cfg: &Config,
         round: &dyn Fn(&mut ArrayD<f32>),
     ) -> Result<()> {
-        let (g, tokens) = gram(stats, cfg)?;
+        let g = gram(stats);
+        let tokens = g.tokens;
         if tokens < cfg.r as u64 {
             return Err(Error::Usage(format!(
                 "only {tokens} calibration tokens reach this layer; EVA needs at least r = {} (give more --calibration data or --calibration-batches)",
                 cfg.r
             )));
         }
-        let (_, v) = crate::linalg::sym_eigen_top(&g, cfg.r)?;
+        let (_, v) = g.top_eigen(cfg.r, cfg.eva_peft.is_some())?;
         let mut a: ArrayD<f32> = v.t().mapv(|x| x as f32).into_dyn();
         round(&mut a);
         p.insert("lora_A", a);

@@ -29,6 +29,8 @@ pub struct Outcome {
     /// The settings grafted with: the request's, with the per-module ranks a calibrated
     /// init chose (PEFT's EVA).
     pub cfg: crate::passes::variants::Config,
+    /// What the calibration run did, for the user (empty without one).
+    pub calibration_report: String,
 }
 
 /// Targets and grafts `model` in memory.
@@ -99,6 +101,7 @@ pub fn graft(model: &mut Model, req: &GraftRequest) -> Result<Outcome> {
         targeting,
         grafted,
         cfg,
+        calibration_report: calibration.map(|c| c.report).unwrap_or_default(),
     })
 }
 

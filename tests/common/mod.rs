@@ -578,6 +578,7 @@ pub fn calibrated(
             seq: 8,
             loss: None,
             threads: 2,
+            memory: lora_graft::calibrate::GRAM_MEMORY,
         });
     }
     req
