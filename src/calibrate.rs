@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tract_core::ndarray::{Array1, Array2, ArrayD, ArrayView2, Axis};
 
@@ -109,23 +110,78 @@ impl InputGram {
         if n == 0 {
             return;
         }
+        use faer::linalg::matmul::triangular::{matmul, BlockStructure};
         let x = x.as_standard_layout();
-        let m = faer::MatRef::from_row_major_slice(x.as_slice().expect("standard"), n, d);
-        let g = match &self.omega {
-            None => m.transpose() * m,
-            Some(o) => {
-                let o = faer::Mat::<f32>::from_fn(d, o.ncols(), |i, j| o[[i, j]] as f32);
-                m.transpose() * (m * &o)
+        let rows = x.as_slice().expect("standard");
+        match &self.omega {
+            None => {
+                // Xᵀ stored row-major (X column-major): faer's kernels run it twice as fast.
+                let xt = x.t().as_standard_layout().into_owned();
+                let a = faer::MatRef::from_row_major_slice(xt.as_slice().expect("standard"), d, n);
+                // XᵀX's lower triangle only (it is symmetric).
+                let mut g = faer::Mat::<f32>::zeros(d, d);
+                let full = BlockStructure::Rectangular;
+                matmul(
+                    g.as_mut(),
+                    BlockStructure::TriangularLower,
+                    faer::Accum::Replace,
+                    a,
+                    full,
+                    a.transpose(),
+                    full,
+                    1.0f32,
+                    faer::Par::Seq,
+                );
+                // Column j of g's lower triangle into row j of xtx's upper one, both
+                // contiguous; [`InputGram::finish`] mirrors it once.
+                for j in 0..d {
+                    let col = g
+                        .col(j)
+                        .try_as_col_major()
+                        .expect("column-major")
+                        .as_slice();
+                    let mut row = self.xtx.row_mut(j);
+                    let row = row.as_slice_mut().expect("row-major");
+                    for (r, &c) in row[j..].iter_mut().zip(&col[j..]) {
+                        *r += c as f64;
+                    }
+                }
             }
-        };
-        for ((i, j), v) in self.xtx.indexed_iter_mut() {
-            *v += g[(i, j)] as f64;
+            Some(o) => {
+                // Xᵀ(XΩ): thin products, on X as it is.
+                let m = faer::MatRef::from_row_major_slice(rows, n, d);
+                let o = faer::Mat::<f32>::from_fn(d, o.ncols(), |i, j| o[[i, j]] as f32);
+                let g = m.transpose() * (m * &o);
+                for ((i, j), v) in self.xtx.indexed_iter_mut() {
+                    *v += g[(i, j)] as f64;
+                }
+            }
         }
-        for (k, c) in x.axis_iter(Axis(1)).enumerate() {
-            self.sum[k] += c.iter().map(|&v| v as f64).sum::<f64>();
-            self.squares[k] += c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>();
+        let (sum, squares) = (
+            self.sum.as_slice_mut().expect("contiguous"),
+            self.squares.as_slice_mut().expect("contiguous"),
+        );
+        for token in rows.chunks_exact(d) {
+            for ((s, q), &v) in sum.iter_mut().zip(squares.iter_mut()).zip(token) {
+                let v = v as f64;
+                *s += v;
+                *q += v * v;
+            }
         }
         self.tokens += n as u64;
+    }
+
+    /// Completes the exact matrix's lower triangle from the upper one [`InputGram::add`]
+    /// accumulates.
+    fn finish(&mut self) {
+        if self.omega.is_none() {
+            let d = self.xtx.nrows();
+            for i in 0..d {
+                for j in 0..i {
+                    self.xtx[[i, j]] = self.xtx[[j, i]];
+                }
+            }
+        }
     }
 
     /// Whether it is the sketch.
@@ -367,7 +423,7 @@ fn input_statistics(
         );
     }
     // AntiPaSTO: every target's right singular vectors `[d_in, k]` and their sums.
-    let mut bases: Vec<(usize, Array2<f32>, Array1<f64>, u64)> = Vec::new();
+    let mut bases: Vec<BasisSums> = Vec::new();
     if what == Statistic::InputBasisL1 {
         for t in targets {
             let w = crate::passes::graft::effective_weight(&model.graph, t)?;
@@ -379,54 +435,82 @@ fn input_statistics(
             bases.push((input.expect("named"), v, Array1::zeros(k), 0));
         }
     }
+    let threads = req.threads.max(1);
+    let (mut forward, mut statistics) = (Duration::ZERO, Duration::ZERO);
     for batch in &batches {
+        let start = Instant::now();
         let outs = workers.run(&batch.rows, &BTreeMap::new())?;
-        for (w, out) in outs.iter().enumerate() {
-            let first = w * slice;
-            let part = &batch.rows[first..first + slice];
-            for (k, gram) in grams.iter_mut().enumerate() {
-                let x = out[k].to_f32();
-                let d = *x.shape().last().unwrap_or(&0);
-                if x.len() % (slice * d) != 0 || x.shape().last() != Some(&d) {
-                    return Err(Error::Runtime(format!(
-                        "calibration: '{}' is {:?}, not [{slice}, ..., {d}]",
-                        names[k],
-                        x.shape()
-                    )));
-                }
-                let per_row = x.len() / (slice * d);
-                let x = x
-                    .into_shape_with_order((slice * per_row, d))
-                    .map_err(|e| Error::Runtime(e.to_string()))?;
-                for (i, row) in part.iter().enumerate() {
-                    if first + i >= batch.real {
-                        continue;
+        forward += start.elapsed();
+        let start = Instant::now();
+        // Each input's outputs over the workers, taken without a copy.
+        let mut per_input: Vec<Vec<crate::tensor::Array>> =
+            names.iter().map(|_| Vec::new()).collect();
+        for out in outs {
+            for (k, a) in out.into_iter().enumerate().take(names.len()) {
+                per_input[k].push(a);
+            }
+        }
+        let inputs = per_input
+            .into_iter()
+            .enumerate()
+            .map(|(k, parts)| batch_tokens(parts, &names[k], batch, slice, masked))
+            .collect::<Result<Vec<_>>>()?;
+        // The inputs' statistics on every thread, each input on one.
+        std::thread::scope(|scope| {
+            let mut work: Vec<ThreadShare> =
+                (0..threads).map(|_| (Vec::new(), Vec::new())).collect();
+            // Largest first, each to the least loaded thread (cost: d² for an exact
+            // matrix, d·k for a sketch).
+            let mut order: Vec<(usize, &mut InputGram)> = grams
+                .iter_mut()
+                .enumerate()
+                .filter(|_| gram_wanted)
+                .collect();
+            order.sort_by_key(|(_, g)| std::cmp::Reverse(g.xtx.len()));
+            let mut load = vec![0usize; threads];
+            for (k, g) in order {
+                let t = (0..threads).min_by_key(|&t| load[t]).expect("a thread");
+                load[t] += g.xtx.len();
+                work[t].0.push((k, g));
+            }
+            for b in bases.iter_mut() {
+                work[b.0 % threads].1.push(b);
+            }
+            for (gs, bs) in work {
+                let inputs = &inputs;
+                scope.spawn(move || {
+                    for (k, g) in gs {
+                        g.add(inputs[k].view());
                     }
-                    let tokens =
-                        x.slice(tract_core::ndarray::s![i * per_row..(i + 1) * per_row, ..]);
-                    let tokens = match (masked, counted_tokens(row, per_row)) {
-                        (true, Some(keep)) => {
-                            let kept: Vec<usize> = (0..per_row).filter(|&j| keep[j]).collect();
-                            tokens.select(Axis(0), &kept)
-                        }
-                        _ => tokens.to_owned(),
-                    };
-                    if gram_wanted {
-                        gram.add(tokens.view());
-                    }
-                    for (_, v, sums, n) in bases.iter_mut().filter(|b| b.0 == k) {
-                        for row in tokens.dot(v).outer_iter() {
+                    for (k, v, sums, n) in bs {
+                        let x = &inputs[*k];
+                        for row in x.dot(&*v).outer_iter() {
                             for (s, p) in sums.iter_mut().zip(row) {
                                 *s += p.abs() as f64;
                             }
                         }
-                        *n += tokens.nrows() as u64;
+                        *n += x.nrows() as u64;
                     }
-                }
+                });
             }
-        }
+        });
+        statistics += start.elapsed();
     }
-    let grams: Vec<Arc<InputGram>> = grams.into_iter().map(Arc::new).collect();
+    if !report.is_empty() {
+        report.push_str(&format!(
+            "; forward {:.2} s, statistics {:.2} s ({:.2}x the forward)",
+            forward.as_secs_f64(),
+            statistics.as_secs_f64(),
+            (forward + statistics).as_secs_f64() / forward.as_secs_f64().max(1e-9)
+        ));
+    }
+    let grams: Vec<Arc<InputGram>> = grams
+        .into_iter()
+        .map(|mut g| {
+            g.finish();
+            Arc::new(g)
+        })
+        .collect();
     let mut modules = BTreeMap::new();
     for (i, t) in targets.iter().enumerate() {
         let name = &model.graph.value(t.input).name;
@@ -445,6 +529,63 @@ fn input_statistics(
         batches: batches.len(),
         report,
     })
+}
+
+/// A target's input index, its weight's right singular vectors `[d_in, k]`, the sums
+/// `Σ_n |x_n · v_k|` and the tokens summed over (AntiPaSTO's selection).
+type BasisSums = (usize, Array2<f32>, Array1<f64>, u64);
+
+/// One statistics thread's share of a batch: Gram matrices (with their input index) and
+/// basis sums.
+type ThreadShare<'a> = (Vec<(usize, &'a mut InputGram)>, Vec<&'a mut BasisSums>);
+
+/// The tokens `[n, d]` of one input over a batch's real rows, from each worker's output
+/// (`masked`: only the counted ones); no copy when one worker ran whole rows.
+fn batch_tokens(
+    parts: Vec<crate::tensor::Array>,
+    name: &str,
+    batch: &Batch,
+    slice: usize,
+    masked: bool,
+) -> Result<Array2<f32>> {
+    let workers = parts.len();
+    let mut kept = Vec::new();
+    for (w, part) in parts.into_iter().enumerate() {
+        let first = w * slice;
+        let x = part.into_f32();
+        let d = *x.shape().last().unwrap_or(&0);
+        if d == 0 || x.len() % (slice * d) != 0 {
+            return Err(Error::Runtime(format!(
+                "calibration: '{name}' is {:?}, not [{slice}, ..., d]",
+                x.shape()
+            )));
+        }
+        let per_row = x.len() / (slice * d);
+        let x: Array2<f32> = x
+            .into_shape_with_order((slice * per_row, d))
+            .map_err(|e| Error::Runtime(e.to_string()))?;
+        let rows = &batch.rows[first..first + slice];
+        let all = first + slice <= batch.real
+            && !(masked
+                && rows
+                    .iter()
+                    .any(|r| counted_tokens(r, per_row).is_some_and(|c| c.iter().any(|&k| !k))));
+        if all && workers == 1 {
+            return Ok(x);
+        }
+        let keep: Vec<usize> = (0..slice)
+            .filter(|&i| first + i < batch.real)
+            .flat_map(|i| {
+                let counted = counted_tokens(&rows[i], per_row).filter(|_| masked);
+                (0..per_row)
+                    .filter(move |&j| counted.as_ref().is_none_or(|c| c[j]))
+                    .map(move |j| i * per_row + j)
+            })
+            .collect();
+        kept.push(if all { x } else { x.select(Axis(0), &keep) });
+    }
+    let views: Vec<_> = kept.iter().map(|p| p.view()).collect();
+    tract_core::ndarray::concatenate(Axis(0), &views).map_err(|e| Error::Runtime(e.to_string()))
 }
 
 /// Which of a row's `n` tokens count (label not -100), when the row has labels of

@@ -18,7 +18,8 @@
 //!   file's bytes are the same either way, and are hashed;
 //! - `"tokens_per_s":<number>` (`"examples_per_s"` for class/mse) in train's
 //!   `*.metrics.jsonl` -> `"tokens_per_s":<t>`
-//!   (wall-clock throughput); that file is shown, sized and hashed normalised.
+//!   (wall-clock throughput); that file is shown, sized and hashed normalised;
+//! - the calibration's `; forward X s, statistics Y s (Zx the forward)` -> `<times>`.
 
 mod common;
 
@@ -108,7 +109,7 @@ impl Session {
         for (path, with) in &self.replacements {
             s = s.replace(path.as_str(), with);
         }
-        normalise_data_placement(&s)
+        normalise_calibration_times(&normalise_data_placement(&s))
     }
 
     /// Runs `lora-graft args` in a new folder `<tmp>/<step>` and appends its section to
@@ -264,6 +265,27 @@ fn normalise_data_placement(text: &str) -> String {
             None => out.push_str(body),
         }
         out.push_str(end);
+    }
+    out
+}
+
+/// The calibration report's wall-clock times -> `; <times>`.
+fn normalise_calibration_times(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.split_inclusive('\n') {
+        match line
+            .find("; forward ")
+            .filter(|_| line.starts_with("calibration: "))
+        {
+            Some(at) => {
+                out.push_str(&line[..at]);
+                out.push_str("; <times>");
+                if line.ends_with('\n') {
+                    out.push('\n');
+                }
+            }
+            None => out.push_str(line),
+        }
     }
     out
 }

@@ -16,6 +16,17 @@ use tract_core::ndarray::{ArrayD, IxDyn};
 
 fn training(name: &str, variant: &str, loss: Loss, batch: usize, seq: usize) -> Training {
     let graft = common::calibrated(common::request_r(variant, 2, 4.0), name);
+    training_of(name, graft, loss, batch, seq)
+}
+
+fn training_of(
+    name: &str,
+    graft: lora_graft::jobs::GraftRequest,
+    loss: Loss,
+    batch: usize,
+    seq: usize,
+) -> Training {
+    let variant = graft.variant.name();
     let req = TrainingRequest::new(graft, loss, batch, seq);
     jobs::training_graph(Model::load(&fixture(name)).unwrap(), &req)
         .unwrap_or_else(|e| panic!("{name} {variant}: {e}"))
@@ -113,7 +124,16 @@ fn frozen_session(t: &Training, base: &HashMap<String, Array>) -> Session {
 }
 
 fn check_fd(name: &str, variant: &str, loss: Loss, batch: usize, seq: usize, h: f64, tol: f64) {
-    let t = training(name, variant, loss, batch, seq);
+    check_fd_of(
+        &training(name, variant, loss, batch, seq),
+        name,
+        variant,
+        h,
+        tol,
+    );
+}
+
+fn check_fd_of(t: &Training, name: &str, variant: &str, h: f64, tol: f64) {
     let s = Session::new(&t);
     let base = feeds(&t, name, 3);
     let out = s.run(&base);
@@ -154,6 +174,19 @@ fn check_fd(name: &str, variant: &str, loss: Loss, batch: usize, seq: usize, h: 
             diff <= tol * norm + noise,
             "{name} {variant} {tensor}: fd {num:?} vs grad {ana:?}"
         );
+    }
+}
+
+#[test]
+fn antipasto_rotations_of_four_match_finite_differences() {
+    // Blocks of 4: the Cayley map's polynomial with its Pfaffian term, both bases.
+    use lora_graft::passes::variants::antipasto::RotateBasis;
+    for basis in [RotateBasis::V, RotateBasis::U] {
+        let mut graft = common::request_r("antipasto", 4, 8.0);
+        graft.cfg.antipasto.basis = basis;
+        assert_eq!(graft.cfg.antipasto.block_size, 4);
+        let t = training_of("llama", graft, Loss::CausalLm, 2, 7);
+        check_fd_of(&t, "llama", &format!("antipasto {basis:?}"), 1e-2, 3e-2);
     }
 }
 
