@@ -134,11 +134,11 @@ fn check_fd(name: &str, variant: &str, loss: Loss, batch: usize, seq: usize, h: 
 }
 
 fn check_fd_of(t: &Training, name: &str, variant: &str, h: f64, tol: f64) {
-    let s = Session::new(&t);
-    let base = feeds(&t, name, 3);
+    let s = Session::new(t);
+    let base = feeds(t, name, 3);
     let out = s.run(&base);
     assert!(scalar(&out["loss"]).is_finite());
-    let frozen = frozen_session(&t, &base);
+    let frozen = frozen_session(t, &base);
     let mut rng = Rng::new(9);
     for (tensor, grad_name) in &t.graph.gradients {
         let g = out[grad_name].to_f64();
