@@ -140,11 +140,7 @@ impl CalibrationArgs {
             batch,
             seq,
             loss,
-            threads: threads.unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            }),
+            threads: threads.unwrap_or_else(every_core),
             memory: self.calibration_memory.saturating_mul(1 << 20),
         })
     }
@@ -548,6 +544,13 @@ impl TargetArgs {
 /// alpha as given (`16` stays an integer, `16.0` a float).
 pub fn parse_alpha(text: &str) -> Result<Alpha> {
     Alpha::parse(text).ok_or_else(|| Error::Usage(format!("--alpha '{text}' is not a number")))
+}
+
+/// The number of cores (the default of `--threads`).
+pub fn every_core() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// A count that must be at least 1 (`--batch`, `--seq`, `--steps`).

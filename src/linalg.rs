@@ -183,6 +183,13 @@ fn apply_reflection(
     }
 }
 
+/// The entry of largest magnitude of `v` (its sign decides a vector's orientation).
+fn largest_entry(v: tract_core::ndarray::ArrayView1<f64>) -> f64 {
+    v.iter()
+        .copied()
+        .fold(0.0, |best, x| if x.abs() > best.abs() { x } else { best })
+}
+
 /// The `q` largest eigenpairs of the symmetric `a` (`[n, n]`), largest first: values
 /// `[q]` and unit eigenvectors as the columns of `[n, q]`, each signed so that its
 /// entry of largest magnitude is positive (sklearn's `svd_flip`), for a deterministic
@@ -199,11 +206,7 @@ pub fn sym_eigen_top(a: &Array2<f64>, q: usize) -> Result<(Array1<f64>, Array2<f
     let values = Array1::from_shape_fn(q, |k| s[n - 1 - k]);
     let mut vectors = Array2::from_shape_fn((n, q), |(i, k)| u[(i, n - 1 - k)]);
     for mut col in vectors.columns_mut() {
-        let big = col.iter().copied().fold(
-            0.0f64,
-            |best, v| if v.abs() > best.abs() { v } else { best },
-        );
-        if big < 0.0 {
+        if largest_entry(col.view()) < 0.0 {
             col.mapv_inplace(|v| -v);
         }
     }
@@ -215,14 +218,7 @@ pub fn sym_eigen_top(a: &Array2<f64>, q: usize) -> Result<(Array1<f64>, Array2<f
 pub fn svd_flipped<T: Copy + Into<f64>>(w: &Array2<T>, q: usize) -> Result<Svd> {
     let mut svd = svd_exact(w, q)?;
     for k in 0..svd.s.len() {
-        let big = svd.u.column(k).iter().copied().fold(0.0f64, |best, v| {
-            if v.abs() > best.abs() {
-                v
-            } else {
-                best
-            }
-        });
-        if big < 0.0 {
+        if largest_entry(svd.u.column(k)) < 0.0 {
             svd.u.column_mut(k).mapv_inplace(|v| -v);
             svd.v.column_mut(k).mapv_inplace(|v| -v);
         }
@@ -262,11 +258,7 @@ pub fn nystrom_top(
     let values = svd.s.mapv(|s| (s * s - nu).max(0.0));
     let mut vectors = svd.u;
     for mut col in vectors.columns_mut() {
-        let big = col.iter().copied().fold(
-            0.0f64,
-            |best, v| if v.abs() > best.abs() { v } else { best },
-        );
-        if big < 0.0 {
+        if largest_entry(col.view()) < 0.0 {
             col.mapv_inplace(|v| -v);
         }
     }

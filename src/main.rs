@@ -158,11 +158,7 @@ fn run(cli: Cli) -> Result<()> {
                 resume,
                 output,
                 emit_model,
-                threads: threads.unwrap_or_else(|| {
-                    std::thread::available_parallelism()
-                        .map(|n| n.get())
-                        .unwrap_or(1)
-                }),
+                threads: threads.unwrap_or_else(cli::every_core),
                 quiet,
             };
             let stop = Arc::new(AtomicBool::new(false));
