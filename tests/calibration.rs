@@ -419,6 +419,17 @@ fn bad_calibration_data_is_a_one_line_error() {
         "ids beyond the vocabulary",
         "99999",
     );
+    // A tokenizer made for another vocabulary (ids 9000, 9001; the model has 512).
+    let tokenizer = write(
+        "tokenizer.json",
+        r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"hello":9000,"[UNK]":9001},"unk_token":"[UNK]"}}"#,
+    );
+    let text = write("text.txt", "hello hello hello\n");
+    common::assert_one_line_error(
+        &run("eva", &["--calibration", &text, "--tokenizer", &tokenizer]),
+        "a tokenizer for another vocabulary",
+        "outside the model's vocabulary",
+    );
     assert!(
         !std::path::Path::new(out).exists(),
         "no output after an error"
