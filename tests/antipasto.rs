@@ -5,9 +5,7 @@
 mod common;
 
 use lora_graft::adapter::{AdapterFile, LoadedAdapter};
-use lora_graft::calibrate::CalibrationRequest;
 use lora_graft::jobs;
-use lora_graft::passes::grad::loss::Loss;
 use lora_graft::Model;
 
 fn antipasto_file(file: &str) -> std::path::PathBuf {
@@ -61,16 +59,7 @@ fn calibrated_selection_and_reload() {
     let mut model = Model::load(&common::fixture("llama")).unwrap();
     let mut req = common::request_r("antipasto", 8, 16.0);
     req.cfg.antipasto.select = true;
-    req.calibration = Some(CalibrationRequest {
-        data: common::root().join("fixtures/eva/llama.calib.jsonl"),
-        tokenizer: None,
-        batches: 2,
-        batch: 4,
-        seq: 16,
-        loss: Some(Loss::CausalLm),
-        threads: 2,
-        memory: lora_graft::calibrate::GRAM_MEMORY,
-    });
+    req.calibration = Some(common::oracle_calibration("llama"));
     let outcome = jobs::graft(&mut model, &req).unwrap();
     let mut not_top = 0;
     for m in &outcome.grafted.modules {

@@ -8,9 +8,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use lora_graft::adapter::AdapterFile;
-use lora_graft::calibrate::{calibrate, CalibrationRequest, Statistic};
+use lora_graft::calibrate::{calibrate, Statistic};
 use lora_graft::jobs::{self, Outcome};
-use lora_graft::passes::grad::loss::Loss;
 use lora_graft::passes::target;
 use lora_graft::tensor::Array;
 use lora_graft::Model;
@@ -21,20 +20,7 @@ fn eva_file(file: &str) -> PathBuf {
     common::root().join("fixtures/eva").join(file)
 }
 
-/// The calibration `fixtures/make.py eva` ran PyTorch on: the 8 rows of
-/// `<name>.calib.jsonl` as 2 batches of 4 × 16 tokens.
-fn calibration(name: &str) -> CalibrationRequest {
-    CalibrationRequest {
-        data: eva_file(&format!("{name}.calib.jsonl")),
-        tokenizer: None,
-        batches: 2,
-        batch: 4,
-        seq: 16,
-        loss: Some(Loss::CausalLm),
-        threads: 2,
-        memory: lora_graft::calibrate::GRAM_MEMORY,
-    }
-}
+use common::oracle_calibration as calibration;
 
 /// `name` grafted with `variant` (r = 4, alpha = 8) calibrated on its data.
 fn grafted(name: &str, variant: &str) -> (Model, Outcome) {

@@ -584,6 +584,22 @@ pub fn calibrated(
     req
 }
 
+/// The calibration `fixtures/make.py eva` ran PyTorch on (the oracles of the calibrated
+/// inits): the 8 rows of `fixtures/eva/<name>.calib.jsonl` as 2 batches of 4 × 16
+/// tokens, the causal-LM loss.
+pub fn oracle_calibration(name: &str) -> lora_graft::calibrate::CalibrationRequest {
+    lora_graft::calibrate::CalibrationRequest {
+        data: root().join(format!("fixtures/eva/{name}.calib.jsonl")),
+        tokenizer: None,
+        batches: 2,
+        batch: 4,
+        seq: 16,
+        loss: Some(lora_graft::passes::grad::loss::Loss::CausalLm),
+        threads: 2,
+        memory: lora_graft::calibrate::GRAM_MEMORY,
+    }
+}
+
 /// [`request`] of `variant` for fixture `name` ([`calibrated`]).
 pub fn request_for(name: &str, variant: &str) -> lora_graft::jobs::GraftRequest {
     calibrated(request(variant), name)
