@@ -5,7 +5,7 @@
 //! gradient pass on a zero probe `y + x·P` around every target (`∂L/∂P = ∂L/∂Wᵀ`).
 //! Both run on the data-parallel workers that training uses.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,15 +18,19 @@ use crate::ir::GraphIo;
 use crate::passes::grad::loss::Loss;
 use crate::passes::target::Target;
 use crate::passes::{run_pass, PassContext};
-use crate::train::workers::{fields_of, split, Workers};
+use crate::tensor::Array;
+use crate::train::workers::{batch_input, fields_of, split, Workers};
 use crate::Model;
 
 mod gram;
 mod probe;
+mod stream;
 
 pub use gram::InputGram;
 use probe::weight_gradients;
 pub use probe::WeightProbe;
+pub use stream::SEGMENT_BYTES;
+use stream::Segments;
 
 /// Where the calibration data comes from and how it is batched.
 #[derive(Debug, Clone)]
@@ -48,6 +52,8 @@ pub struct CalibrationRequest {
     pub threads: usize,
     /// The bytes the exact Gram matrices may hold; inputs beyond it are sketched.
     pub memory: usize,
+    /// The weight bytes of one streamed segment of the model ([`SEGMENT_BYTES`]).
+    pub segment: usize,
 }
 
 /// The default of [`CalibrationRequest::memory`]: 1 GiB.
@@ -204,12 +210,10 @@ fn input_statistics(
     let (threads, slice) = split(req.batch, req.threads);
     let shapes = crate::jobs::input_shapes(&capture, slice, req.seq)?;
     // Token data for a model of token ids, else examples of its inputs.
-    let tokens = crate::runtime::input_names(&capture)
-        .iter()
-        .any(|n| n == "input_ids");
+    let graph_inputs = crate::runtime::input_names(&capture);
+    let tokens = graph_inputs.iter().any(|n| n == "input_ids");
     let fields = fields_of(&capture, &shapes, &[], "", None);
     let batches = read_batches(model, req, (!tokens).then_some(&fields))?;
-    let workers = Workers::new(&capture, shapes, fields, threads, slice)?;
     let width = |name: &str| {
         targets
             .iter()
@@ -243,25 +247,6 @@ fn input_statistics(
         grams.push(InputGram::new(d, sketch, 0x5EED ^ k as u64));
     }
     let gram_wanted = matches!(what, Statistic::InputGram { .. });
-    let mut report = String::new();
-    if gram_wanted {
-        let bytes: usize = grams.iter().map(InputGram::bytes).sum();
-        report = format!(
-            "calibration: {} Gram matrices of {} inputs, {:.1} MB{}",
-            names.len() - sketched.len(),
-            names.len(),
-            bytes as f64 / 1e6,
-            if sketched.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "; {} inputs sketched (their exact matrices would exceed --calibration-memory), e.g. the input of '{}'",
-                    sketched.len(),
-                    sketched[0]
-                )
-            }
-        );
-    }
     // AntiPaSTO: every target's right singular vectors `[d_in, k]` and their sums.
     let mut bases: Vec<BasisSums> = Vec::new();
     if what == Statistic::InputBasisL1 {
@@ -275,74 +260,111 @@ fn input_statistics(
             bases.push((input.expect("named"), v, Array1::zeros(k), 0));
         }
     }
-    let threads = req.threads.max(1);
-    let (mut forward, mut statistics) = (Duration::ZERO, Duration::ZERO);
+    // The model streamed a segment at a time over every batch. The store holds, per
+    // batch and worker, the values that cross the cuts (the graph inputs to start).
+    let segments = Segments::cut(&capture, req.segment)?;
+    let mut store: Vec<Vec<HashMap<String, Array>>> = Vec::new();
     for batch in &batches {
-        let start = Instant::now();
-        let outs = workers.run(&batch.rows, &BTreeMap::new())?;
-        forward += start.elapsed();
-        let start = Instant::now();
-        // Each input's outputs over the workers, taken without a copy.
-        let mut per_input: Vec<Vec<crate::tensor::Array>> =
-            names.iter().map(|_| Vec::new()).collect();
-        for out in outs {
-            for (k, a) in out.into_iter().enumerate().take(names.len()) {
-                per_input[k].push(a);
-            }
+        let mut per_worker = Vec::new();
+        for w in 0..threads {
+            let part = &batch.rows[w * slice..(w + 1) * slice];
+            let values = graph_inputs
+                .iter()
+                .map(|n| Ok((n.clone(), batch_input(&fields, &shapes, n, part)?)))
+                .collect::<Result<HashMap<_, _>>>()?;
+            per_worker.push(values);
         }
-        let inputs = per_input
-            .into_iter()
-            .enumerate()
-            .map(|(k, parts)| batch_tokens(parts, &names[k], batch, slice, masked))
-            .collect::<Result<Vec<_>>>()?;
-        // The inputs' statistics on every thread, each input on one.
-        std::thread::scope(|scope| {
-            let mut work: Vec<ThreadShare> =
-                (0..threads).map(|_| (Vec::new(), Vec::new())).collect();
-            // Largest first, each to the least loaded thread (cost: d² for an exact
-            // matrix, d·k for a sketch).
-            let mut order: Vec<(usize, &mut InputGram)> = grams
-                .iter_mut()
-                .enumerate()
-                .filter(|_| gram_wanted)
-                .collect();
-            order.sort_by_key(|(_, g)| std::cmp::Reverse(g.xtx.len()));
-            let mut load = vec![0usize; threads];
-            for (k, g) in order {
-                let t = (0..threads).min_by_key(|&t| load[t]).expect("a thread");
-                load[t] += g.xtx.len();
-                work[t].0.push((k, g));
-            }
-            for b in bases.iter_mut() {
-                work[b.0 % threads].1.push(b);
-            }
-            for (gs, bs) in work {
-                let inputs = &inputs;
-                scope.spawn(move || {
-                    for (k, g) in gs {
-                        g.add(inputs[k].view());
-                    }
-                    for (k, v, sums, n) in bs {
-                        let x = &inputs[*k];
-                        for row in x.dot(&*v).outer_iter() {
-                            for (s, p) in sums.iter_mut().zip(row) {
-                                *s += p.abs() as f64;
-                            }
-                        }
-                        *n += x.nrows() as u64;
-                    }
-                });
-            }
-        });
-        statistics += start.elapsed();
+        store.push(per_worker);
     }
-    if !report.is_empty() {
-        report.push_str(&format!(
-            "; forward {:.2} s, statistics {:.2} s ({:.2}x the forward)",
+    // The segment after which each captured input is complete.
+    let ready_after: Vec<usize> = names
+        .iter()
+        .map(|n| {
+            (0..segments.len())
+                .find(|&s| segments.makes[s].contains(n))
+                .unwrap_or(0)
+        })
+        .collect();
+    let (mut forward, mut statistics, mut loading) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    for s in 0..segments.len() {
+        let start = Instant::now();
+        let workers = {
+            let first = &store[0][0];
+            let part = segments.model(&capture, s, &|n| first.get(n))?;
+            let part_shapes = crate::runtime::input_names(&part)
+                .into_iter()
+                .map(|n| {
+                    let shape = first[&n].shape().to_vec();
+                    (n, shape)
+                })
+                .collect();
+            Workers::new(&part, part_shapes, fields.clone(), threads, slice)?
+        };
+        loading += start.elapsed();
+        let outputs = workers.outputs().to_vec();
+        let ready: Vec<usize> = (0..names.len()).filter(|&k| ready_after[k] == s).collect();
+        let later: HashSet<&String> = segments.reads[s + 1..].iter().flatten().collect();
+        for (batch, values) in batches.iter().zip(store.iter_mut()) {
+            let start = Instant::now();
+            let outs = workers.run_with(&|w, name| {
+                values[w].get(name).cloned().ok_or_else(|| {
+                    Error::Runtime(format!("calibration: '{name}' was not carried"))
+                })
+            })?;
+            forward += start.elapsed();
+            let start = Instant::now();
+            for (w, out) in outs.into_iter().enumerate() {
+                values[w].extend(outputs.iter().cloned().zip(out));
+            }
+            // The inputs complete after this segment, taken out of the store unless a
+            // later segment reads them.
+            let mut inputs: Vec<Option<Array2<f32>>> = names.iter().map(|_| None).collect();
+            for &k in &ready {
+                let parts = values
+                    .iter_mut()
+                    .map(|v| {
+                        if later.contains(&names[k]) {
+                            v[&names[k]].clone()
+                        } else {
+                            v.remove(&names[k]).expect("captured")
+                        }
+                    })
+                    .collect();
+                inputs[k] = Some(batch_tokens(parts, &names[k], batch, slice, masked)?);
+            }
+            for name in &segments.last_use[s] {
+                for v in values.iter_mut() {
+                    v.remove(name);
+                }
+            }
+            add_statistics(&inputs, &mut grams, &mut bases, gram_wanted, req.threads);
+            statistics += start.elapsed();
+        }
+    }
+    let mut report = String::new();
+    if gram_wanted {
+        let bytes: usize = grams.iter().map(InputGram::bytes).sum();
+        report = format!(
+            "calibration: {} Gram matrices of {} inputs, {:.1} MB{}; {} segment{} loaded in {:.2} s; forward {:.2} s, statistics {:.2} s ({:.2}x the forward)",
+            names.len() - sketched.len(),
+            names.len(),
+            bytes as f64 / 1e6,
+            if sketched.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; {} inputs sketched (their exact matrices would exceed --calibration-memory), e.g. the input of '{}'",
+                    sketched.len(),
+                    sketched[0]
+                )
+            },
+            segments.len(),
+            if segments.len() == 1 { "" } else { "s" },
+            loading.as_secs_f64(),
             forward.as_secs_f64(),
             statistics.as_secs_f64(),
             (forward + statistics).as_secs_f64() / forward.as_secs_f64().max(1e-9)
-        ));
+        );
     }
     let grams: Vec<Arc<InputGram>> = grams
         .into_iter()
@@ -369,6 +391,53 @@ fn input_statistics(
         batches: batches.len(),
         report,
     })
+}
+
+/// Adds a batch's tokens `[n, d]` of the inputs it has (`Some`) to their statistics, on
+/// `threads` threads, each input on one, largest first, each to the least loaded thread
+/// (cost: d² for an exact matrix, d·k for a sketch).
+fn add_statistics(
+    inputs: &[Option<Array2<f32>>],
+    grams: &mut [InputGram],
+    bases: &mut [BasisSums],
+    gram_wanted: bool,
+    threads: usize,
+) {
+    let threads = threads.max(1);
+    std::thread::scope(|scope| {
+        let mut work: Vec<ThreadShare> = (0..threads).map(|_| (Vec::new(), Vec::new())).collect();
+        let mut order: Vec<(usize, &mut InputGram)> = grams
+            .iter_mut()
+            .enumerate()
+            .filter(|(k, _)| gram_wanted && inputs[*k].is_some())
+            .collect();
+        order.sort_by_key(|(_, g)| std::cmp::Reverse(g.xtx.len()));
+        let mut load = vec![0usize; threads];
+        for (k, g) in order {
+            let t = (0..threads).min_by_key(|&t| load[t]).expect("a thread");
+            load[t] += g.xtx.len();
+            work[t].0.push((k, g));
+        }
+        for b in bases.iter_mut().filter(|b| inputs[b.0].is_some()) {
+            work[b.0 % threads].1.push(b);
+        }
+        for (gs, bs) in work {
+            scope.spawn(move || {
+                for (k, g) in gs {
+                    g.add(inputs[k].as_ref().expect("ready").view());
+                }
+                for (k, v, sums, n) in bs {
+                    let x = inputs[*k].as_ref().expect("ready");
+                    for row in x.dot(&*v).outer_iter() {
+                        for (s, p) in sums.iter_mut().zip(row) {
+                            *s += p.abs() as f64;
+                        }
+                    }
+                    *n += x.nrows() as u64;
+                }
+            });
+        }
+    });
 }
 
 /// A target's input index, its weight's right singular vectors `[d_in, k]`, the sums

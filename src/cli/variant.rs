@@ -121,6 +121,7 @@ impl CalibrationArgs {
             loss,
             threads: threads.unwrap_or_else(every_core),
             memory: self.calibration_memory.saturating_mul(1 << 20),
+            segment: lora_graft::calibrate::SEGMENT_BYTES,
         })
     }
 }

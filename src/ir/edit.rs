@@ -73,6 +73,46 @@ impl Graph {
         self.outputs.push(io);
     }
 
+    /// Keeps the graph inputs `keep` accepts (their values stay).
+    pub fn retain_inputs(&mut self, keep: impl Fn(&GraphIo) -> bool) {
+        self.inputs.retain(keep);
+    }
+
+    /// A copy that holds only the initializers `keep` accepts; the others become
+    /// undefined values (cheap when most of a large model's weights are left out).
+    pub fn clone_keeping(&self, keep: impl Fn(ValueId) -> bool) -> Graph {
+        let kept = |i: usize| keep(ValueId(i as u32));
+        Graph {
+            nodes: self.nodes.clone(),
+            values: self
+                .values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v.def {
+                    Def::Initializer if !kept(i) => Value {
+                        name: v.name.clone(),
+                        def: Def::Undefined,
+                        users: v.users.clone(),
+                        init: None,
+                    },
+                    _ => v.clone(),
+                })
+                .collect(),
+            inputs: self.inputs.clone(),
+            outputs: self.outputs.clone(),
+            initializer_order: self
+                .initializer_order
+                .iter()
+                .copied()
+                .filter(|v| keep(*v))
+                .collect(),
+            names: self.names.clone(),
+            node_names: self.node_names.clone(),
+            node_suffix_hint: self.node_suffix_hint.clone(),
+            rest: self.rest.clone(),
+        }
+    }
+
     /// Removes every graph output (their values stay).
     pub fn clear_outputs(&mut self) {
         self.outputs.clear();

@@ -1,6 +1,6 @@
-//! Data parallelism: one tract plan per worker thread, each on an equal slice of a
-//! batch; the inputs a row does not give take their defaults. Training and calibration
-//! both run on it.
+//! Data parallelism: one tract plan, run by every worker thread on an equal slice of a
+//! batch (the plan is shared: its weights are held once); the inputs a row does not
+//! give take their defaults. Training and calibration both run on it.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -12,9 +12,10 @@ use crate::runtime::Runner;
 use crate::tensor::Array;
 use crate::Model;
 
-/// One plan per worker, each on `slice` rows of a batch.
+/// One plan, run by `threads` workers, each on `slice` rows of a batch.
 pub struct Workers {
-    runners: Vec<Runner>,
+    runner: Runner,
+    threads: usize,
     /// Rows per worker.
     pub slice: usize,
     /// Concrete shapes of the model's inputs for one worker's slice.
@@ -34,7 +35,8 @@ pub fn split(batch: usize, threads: usize) -> (usize, usize) {
 }
 
 impl Workers {
-    /// `threads` plans of `model` for inputs of `shapes` (a slice of the batch each).
+    /// The plan of `model` for inputs of `shapes` (a slice of the batch), for `threads`
+    /// workers.
     pub fn new(
         model: &Model,
         shapes: HashMap<String, Vec<usize>>,
@@ -42,11 +44,9 @@ impl Workers {
         threads: usize,
         slice: usize,
     ) -> Result<Workers> {
-        let runners = (0..threads)
-            .map(|_| Runner::new(model, &shapes))
-            .collect::<Result<Vec<_>>>()?;
         Ok(Workers {
-            runners,
+            runner: Runner::new(model, &shapes)?,
+            threads: threads.max(1),
             slice,
             shapes,
             fields,
@@ -55,33 +55,18 @@ impl Workers {
 
     /// The names of the outputs each worker returns, in order.
     pub fn outputs(&self) -> &[String] {
-        &self.runners[0].outputs
+        &self.runner.outputs
+    }
+
+    /// The number of workers.
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// Input `name` for the rows of one worker: stacked from the rows, or its default
     /// (all-ones attention mask...).
-    fn batch_input(&self, name: &str, part: &[Row]) -> Result<Array> {
-        let given: Option<Vec<&Array>> = part.iter().map(|r| r.fields.get(name)).collect();
-        if let Some(given) = given {
-            return Array::stack(&given).ok_or_else(|| {
-                Error::Usage(format!(
-                    "the rows disagree in the type or shape of '{name}'"
-                ))
-            });
-        }
-        let shape = self.shapes.get(name).cloned().unwrap_or_default();
-        let elem_type = self
-            .fields
-            .inputs
-            .iter()
-            .find(|f| f.0 == name)
-            .map(|f| f.1)
-            .unwrap_or(crate::proto::tensor_proto::DataType::Int64 as i32);
-        crate::data::default_field(name, elem_type, &shape).ok_or_else(|| {
-            Error::Usage(format!(
-                "the model wants input '{name}', which the data does not give"
-            ))
-        })
+    pub fn batch_input(&self, name: &str, part: &[Row]) -> Result<Array> {
+        batch_input(&self.fields, &self.shapes, name, part)
     }
 
     /// Runs every worker on its slice of `rows` (a whole batch), with the inputs named
@@ -91,21 +76,27 @@ impl Workers {
         rows: &[Row],
         given: &BTreeMap<String, ArrayD<f32>>,
     ) -> Result<Vec<Vec<Array>>> {
+        self.run_with(&|w, name| match given.get(name) {
+            Some(p) => Ok(Array::F32(p.clone())),
+            None => self.batch_input(name, &rows[w * self.slice..(w + 1) * self.slice]),
+        })
+    }
+
+    /// Runs every worker, each on the inputs `input(worker, name)` gives; each worker's
+    /// outputs, in order.
+    pub fn run_with(
+        &self,
+        input: &(dyn Fn(usize, &str) -> Result<Array> + Sync),
+    ) -> Result<Vec<Vec<Array>>> {
+        let runner = &self.runner;
         let results: Vec<Result<Vec<Array>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = self
-                .runners
-                .iter()
-                .enumerate()
-                .map(|(w, runner)| {
-                    let part = &rows[w * self.slice..(w + 1) * self.slice];
+            let handles: Vec<_> = (0..self.threads)
+                .map(|w| {
                     scope.spawn(move || -> Result<Vec<Array>> {
                         let inputs = runner
                             .inputs
                             .iter()
-                            .map(|n| match given.get(n) {
-                                Some(p) => Ok(Array::F32(p.clone())),
-                                None => self.batch_input(n, part),
-                            })
+                            .map(|n| input(w, n))
                             .collect::<Result<Vec<_>>>()?;
                         runner.run(inputs)
                     })
@@ -121,6 +112,36 @@ impl Workers {
         });
         results.into_iter().collect()
     }
+}
+
+/// Input `name` for `part`, the rows of one worker (`shapes`: one worker's input
+/// shapes): stacked from the rows, or its default (all-ones attention mask...).
+pub fn batch_input(
+    fields: &Fields,
+    shapes: &HashMap<String, Vec<usize>>,
+    name: &str,
+    part: &[Row],
+) -> Result<Array> {
+    let given: Option<Vec<&Array>> = part.iter().map(|r| r.fields.get(name)).collect();
+    if let Some(given) = given {
+        return Array::stack(&given).ok_or_else(|| {
+            Error::Usage(format!(
+                "the rows disagree in the type or shape of '{name}'"
+            ))
+        });
+    }
+    let shape = shapes.get(name).cloned().unwrap_or_default();
+    let elem_type = fields
+        .inputs
+        .iter()
+        .find(|f| f.0 == name)
+        .map(|f| f.1)
+        .unwrap_or(crate::proto::tensor_proto::DataType::Int64 as i32);
+    crate::data::default_field(name, elem_type, &shape).ok_or_else(|| {
+        Error::Usage(format!(
+            "the model wants input '{name}', which the data does not give"
+        ))
+    })
 }
 
 /// What one row of `model` holds: its inputs other than `skip` (trainable tensors),

@@ -579,6 +579,7 @@ pub fn calibrated(
             loss: None,
             threads: 2,
             memory: lora_graft::calibrate::GRAM_MEMORY,
+            segment: lora_graft::calibrate::SEGMENT_BYTES,
         });
     }
     req
@@ -597,6 +598,7 @@ pub fn oracle_calibration(name: &str) -> lora_graft::calibrate::CalibrationReque
         loss: Some(lora_graft::passes::grad::loss::Loss::CausalLm),
         threads: 2,
         memory: lora_graft::calibrate::GRAM_MEMORY,
+        segment: lora_graft::calibrate::SEGMENT_BYTES,
     }
 }
 
