@@ -7,11 +7,15 @@ use crate::error::Result;
 /// `Σ xᵀx` and `Σ x` over a target's input tokens, in f64: exact, or, for an input
 /// whose `d × d` matrix would not fit the memory budget, the one-pass sketch
 /// `XᵀX Ω` (`Ω` `[d, k]`, orthonormal) from which [`InputGram::top_eigen`] recovers the
-/// leading eigenpairs (Nyström).
+/// leading eigenpairs (Nyström). Once complete, a large exact matrix is moved to the
+/// scratch file (page cache, not resident memory) until an init reads it.
 #[derive(Debug, Clone)]
 pub struct InputGram {
-    /// `XᵀX` `[d, d]`, or `XᵀX Ω` `[d, k]` when sketched.
-    pub xtx: Array2<f64>,
+    /// `XᵀX` `[d, d]`, or `XᵀX Ω` `[d, k]` when sketched (empty once spilled: read
+    /// [`InputGram::matrix`]).
+    pub(super) xtx: Array2<f64>,
+    /// The exact matrix's bytes in the scratch file, once spilled.
+    spilled: Option<crate::ir::ExternalBytes>,
     /// The sketch's `Ω` (`None`: exact).
     pub omega: Option<Array2<f64>>,
     /// `Σ x`, `[d]`.
@@ -31,15 +35,32 @@ impl InputGram {
         InputGram {
             xtx: Array2::zeros((d, omega.as_ref().map_or(d, |o| o.ncols()))),
             omega,
+            spilled: None,
             sum: Array1::zeros(d),
             squares: Array1::zeros(d),
             tokens: 0,
         }
     }
 
-    /// Bytes it holds.
+    /// Bytes its matrices take (in memory or spilled).
     pub fn bytes(&self) -> usize {
-        8 * (self.xtx.len() + self.omega.as_ref().map_or(0, |o| o.len()))
+        let spilled = self.spilled.as_ref().map_or(0, |s| s.length);
+        8 * (self.xtx.len() + self.omega.as_ref().map_or(0, |o| o.len())) + spilled
+    }
+
+    /// The accumulated matrix: `XᵀX` (read back when spilled) or the sketch `XᵀX Ω`.
+    pub fn matrix(&self) -> std::borrow::Cow<'_, Array2<f64>> {
+        let Some(spilled) = &self.spilled else {
+            return std::borrow::Cow::Borrowed(&self.xtx);
+        };
+        let d = self.sum.len();
+        let values: Vec<f64> = spilled
+            .bytes()
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        spilled.release_pages();
+        std::borrow::Cow::Owned(Array2::from_shape_vec((d, d), values).expect("d × d"))
     }
 
     /// Adds the tokens `x` (`[n, d]`): the products in f32 on faer's kernels, summed in f64.
@@ -110,14 +131,22 @@ impl InputGram {
     }
 
     /// Completes the exact matrix's lower triangle from the upper one [`InputGram::add`]
-    /// accumulates.
+    /// accumulates, and moves it to the scratch file from [`crate::ir::SPILL_BYTES`] on
+    /// (it stays in memory if the file cannot be written).
     pub(super) fn finish(&mut self) {
-        if self.omega.is_none() {
-            let d = self.xtx.nrows();
-            for i in 0..d {
-                for j in 0..i {
-                    self.xtx[[i, j]] = self.xtx[[j, i]];
-                }
+        if self.omega.is_some() || self.spilled.is_some() {
+            return;
+        }
+        let d = self.xtx.nrows();
+        for i in 0..d {
+            for j in 0..i {
+                self.xtx[[i, j]] = self.xtx[[j, i]];
+            }
+        }
+        if 8 * self.xtx.len() >= crate::ir::SPILL_BYTES {
+            if let Ok(spilled) = crate::ir::spill_f64(self.xtx.as_slice().expect("standard")) {
+                self.spilled = Some(spilled);
+                self.xtx = Array2::zeros((0, 0));
             }
         }
     }
@@ -158,13 +187,36 @@ impl InputGram {
     pub fn top_eigen(&self, q: usize, centered: bool) -> Result<(Array1<f64>, Array2<f64>)> {
         match &self.omega {
             None if centered => {
-                crate::linalg::sym_eigen_top(&(&self.xtx - &self.mean_part(None)), q)
+                crate::linalg::sym_eigen_top(&(&*self.matrix() - &self.mean_part(None)), q)
             }
-            None => crate::linalg::sym_eigen_top(&self.xtx, q),
+            None => crate::linalg::sym_eigen_top(&self.matrix(), q),
             Some(o) if centered => {
                 crate::linalg::nystrom_top(&(&self.xtx - &self.mean_part(Some(o))), o, q)
             }
             Some(o) => crate::linalg::nystrom_top(&self.xtx, o, q),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_gram_is_spilled_and_read_back_exactly() {
+        let d = 400; // 1.28 MB: over the spill threshold
+        let mut rng = crate::rng::Rng::new(7);
+        let x = Array2::from_shape_fn((64, d), |_| rng.normal() as f32);
+        let mut g = InputGram::new(d, None, 0);
+        g.add(x.view());
+        let x = x.mapv(f64::from);
+        let want = x.t().dot(&x);
+        g.finish();
+        assert!(g.spilled.is_some() && g.xtx.is_empty(), "not spilled");
+        assert_eq!(g.bytes(), 8 * d * d);
+        // f32 products summed in f64: within float32 rounding of the f64 product.
+        let err = (&*g.matrix() - &want).iter().fold(0f64, |m, v| m.max(v.abs()));
+        assert!(err <= 1e-4, "read back off by {err:e}");
+        assert_eq!(*g.matrix(), g.matrix().t(), "not symmetric");
     }
 }

@@ -340,6 +340,9 @@ fn input_statistics(
             add_statistics(&inputs, &mut grams, &mut bases, gram_wanted, req.threads);
             statistics += start.elapsed();
         }
+        for &k in &ready {
+            grams[k].finish();
+        }
     }
     let mut report = String::new();
     if gram_wanted {
@@ -366,13 +369,7 @@ fn input_statistics(
             (forward + statistics).as_secs_f64() / forward.as_secs_f64().max(1e-9)
         );
     }
-    let grams: Vec<Arc<InputGram>> = grams
-        .into_iter()
-        .map(|mut g| {
-            g.finish();
-            Arc::new(g)
-        })
-        .collect();
+    let grams: Vec<Arc<InputGram>> = grams.into_iter().map(Arc::new).collect();
     let mut modules = BTreeMap::new();
     for (i, t) in targets.iter().enumerate() {
         let name = &model.graph.value(t.input).name;

@@ -14,7 +14,7 @@ mod storage;
 pub mod validate;
 
 pub use edit::Remap;
-pub use storage::{DataFile, ExternalBytes, Initializer, SPILL_BYTES};
+pub use storage::{spill_f64, DataFile, ExternalBytes, Initializer, SPILL_BYTES};
 
 use std::collections::HashMap;
 

@@ -91,7 +91,7 @@ impl Initializer {
     /// `None` when the tensor keeps its values in the typed fields.
     pub fn raw_bytes(&self) -> Option<&[u8]> {
         match &self.external {
-            Some(ext) => Some(&ext.file.map[ext.offset..ext.offset + ext.length]),
+            Some(ext) => Some(ext.bytes()),
             None if self.proto.raw_data.is_some() => self.proto.raw_data.as_deref(),
             None => None,
         }
@@ -102,15 +102,7 @@ impl Initializer {
     /// reading every weight of a large model once costs one weight of memory.
     pub fn release_pages(&self) {
         if let Some(ext) = &self.external {
-            // SAFETY: the mapping is read-only and file-backed: DONTNEED only drops
-            // resident pages, and a later access re-reads the same bytes from the file.
-            let _ = unsafe {
-                ext.file.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    ext.offset,
-                    ext.length,
-                )
-            };
+            ext.release_pages();
         }
     }
 
@@ -122,6 +114,27 @@ impl Initializer {
     /// The tensor's ONNX element type.
     pub fn elem_type(&self) -> i32 {
         self.proto.data_type()
+    }
+}
+
+impl ExternalBytes {
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.file.map[self.offset..self.offset + self.length]
+    }
+
+    /// Drops the mapped pages from the resident set (the page cache keeps them; a
+    /// later read faults them back in).
+    pub fn release_pages(&self) {
+        // SAFETY: the mapping is read-only and file-backed: DONTNEED only drops
+        // resident pages, and a later access re-reads the same bytes from the file.
+        let _ = unsafe {
+            self.file.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.offset,
+                self.length,
+            )
+        };
     }
 }
 
@@ -141,19 +154,39 @@ fn open_scratch() -> std::io::Result<File> {
 }
 
 fn write_scratch(bytes: &[u8]) -> std::io::Result<ExternalBytes> {
+    write_scratch_with(bytes.len(), |file| file.write_all(bytes))
+}
+
+/// Appends `values` to the scratch file as little-endian bytes, a chunk at a time (no
+/// second copy of them in memory), and maps them back.
+pub fn spill_f64(values: &[f64]) -> std::io::Result<ExternalBytes> {
+    write_scratch_with(8 * values.len(), |file| {
+        for chunk in values.chunks(1 << 16) {
+            let bytes: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+            file.write_all(&bytes)?;
+        }
+        Ok(())
+    })
+}
+
+/// Appends `length` bytes that `write` writes to the scratch file and maps them back.
+fn write_scratch_with(
+    length: usize,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> std::io::Result<ExternalBytes> {
     let mut guard = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
     if guard.is_none() {
         *guard = Some(open_scratch()?);
     }
     let file = guard.as_mut().expect("opened");
     let offset = file.seek(SeekFrom::End(0))?;
-    file.write_all(bytes)?;
+    write(file)?;
     file.flush()?;
     // SAFETY: the region was just written and is never written again.
     let map = unsafe {
         memmap2::MmapOptions::new()
             .offset(offset)
-            .len(bytes.len())
+            .len(length)
             .map(&*file)?
     };
     Ok(ExternalBytes {
@@ -162,6 +195,6 @@ fn write_scratch(bytes: &[u8]) -> std::io::Result<ExternalBytes> {
             map,
         }),
         offset: 0,
-        length: bytes.len(),
+        length,
     })
 }
