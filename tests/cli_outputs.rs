@@ -19,7 +19,8 @@
 //! - `"tokens_per_s":<number>` (`"examples_per_s"` for class/mse) in train's
 //!   `*.metrics.jsonl` -> `"tokens_per_s":<t>`
 //!   (wall-clock throughput); that file is shown, sized and hashed normalised;
-//! - the calibration's `; forward X s, statistics Y s (Zx the forward)` -> `<times>`.
+//! - the calibration's `; loaded in W s, forward X s, statistics Y s (Zx the forward)`
+//!   -> `<times>`.
 
 mod common;
 
@@ -274,7 +275,7 @@ fn normalise_calibration_times(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for line in text.split_inclusive('\n') {
         match line
-            .find("; forward ")
+            .find("; loaded in ")
             .filter(|_| line.starts_with("calibration: "))
         {
             Some(at) => {

@@ -215,7 +215,9 @@ mod tests {
         assert!(g.spilled.is_some() && g.xtx.is_empty(), "not spilled");
         assert_eq!(g.bytes(), 8 * d * d);
         // f32 products summed in f64: within float32 rounding of the f64 product.
-        let err = (&*g.matrix() - &want).iter().fold(0f64, |m, v| m.max(v.abs()));
+        let err = (&*g.matrix() - &want)
+            .iter()
+            .fold(0f64, |m, v| m.max(v.abs()));
         assert!(err <= 1e-4, "read back off by {err:e}");
         assert_eq!(*g.matrix(), g.matrix().t(), "not symmetric");
     }

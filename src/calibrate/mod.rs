@@ -29,8 +29,8 @@ mod stream;
 pub use gram::InputGram;
 use probe::weight_gradients;
 pub use probe::WeightProbe;
-pub use stream::SEGMENT_BYTES;
 use stream::Segments;
+pub use stream::SEGMENT_BYTES;
 
 /// Where the calibration data comes from and how it is batched.
 #[derive(Debug, Clone)]
@@ -285,7 +285,8 @@ fn input_statistics(
                 .unwrap_or(0)
         })
         .collect();
-    let (mut forward, mut statistics, mut loading) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    let (mut forward, mut statistics, mut loading) =
+        (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     for s in 0..segments.len() {
         let start = Instant::now();
         let workers = {
@@ -307,9 +308,10 @@ fn input_statistics(
         for (batch, values) in batches.iter().zip(store.iter_mut()) {
             let start = Instant::now();
             let outs = workers.run_with(&|w, name| {
-                values[w].get(name).cloned().ok_or_else(|| {
-                    Error::Runtime(format!("calibration: '{name}' was not carried"))
-                })
+                values[w]
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| Error::Runtime(format!("calibration: '{name}' was not carried")))
             })?;
             forward += start.elapsed();
             let start = Instant::now();
@@ -348,7 +350,7 @@ fn input_statistics(
     if gram_wanted {
         let bytes: usize = grams.iter().map(InputGram::bytes).sum();
         report = format!(
-            "calibration: {} Gram matrices of {} inputs, {:.1} MB{}; {} segment{} loaded in {:.2} s; forward {:.2} s, statistics {:.2} s ({:.2}x the forward)",
+            "calibration: {} Gram matrices of {} inputs, {:.1} MB{}; {} segment{}; loaded in {:.2} s, forward {:.2} s, statistics {:.2} s ({:.2}x the forward)",
             names.len() - sketched.len(),
             names.len(),
             bytes as f64 / 1e6,
