@@ -11,14 +11,20 @@ thread).  float32, or float16 for the *_fp16 cases (SkipLayerNormalization's mea
 inv_std_var are float32 there too: the schema's type U is float only).  OUT_DIR/manifest.json
 lists {"case", "op", "domain", "inputs", "outputs", "node_inputs", "node_outputs",
 "attributes", "dtype", "reference"}; "inputs" and "outputs" are the graph's, "node_inputs" and
-"node_outputs" the node's lists where "" marks an optional one left out; "reference" is
+"node_outputs" the node's lists where "" marks an optional one left out, plus "output_dtypes"
+({output: "int32"}) where an output is not of the case's dtype; "reference" is
 "onnxruntime", or "numpy" where ONNX Runtime's CPU build has no kernel for the op (BiasAdd:
 CUDA/ROCm only), with the formula below.  Cases whose ONNX Runtime outputs were also checked
-against an independent numpy computation (GroupQueryAttention, RotaryEmbedding) carry "checked_by":
-"numpy <max abs difference>".  Inputs are float (the case's dtype) except GroupQueryAttention's
-seqlens_k / total_sequence_length (int32; the latter a scalar, shape []); its past_key /
-past_value have a zero-length axis ([B, kv_num_heads, 0, D], zero elements).
+against an independent numpy computation (GroupQueryAttention, RotaryEmbedding, Attention,
+MultiHeadAttention, EmbedLayerNormalization) carry "checked_by": "numpy <max abs difference>".
+Inputs are float (the case's dtype) except GroupQueryAttention's seqlens_k /
+total_sequence_length (int32; the latter a scalar, shape []) and position_ids (int64 [B, S]);
+its past_key / past_value have a zero-length axis ([B, kv_num_heads, 0, D], zero elements).
 RotaryEmbedding's position_ids is int64 [B, S]; its cos/sin caches are fixed float32 inputs.
+Attention's mask_index and MultiHeadAttention's key_padding_mask are fixed int32 inputs
+([B, T] 0/1 or [B] lengths); Attention's weights a fixed float32 one.  EmbedLayerNormalization's
+input_ids, segment_ids, mask and position_ids are fixed int32 inputs, and its mask_index OUTPUT
+is int32 [B].
 
 Formulas are those of the op schemas onnxruntime 1.32 registers (the text of
 docs/ContribOperators.md) and of its CPU kernels, checked against the kernels' outputs.
@@ -43,17 +49,21 @@ BIAS = ("bias", [HIDDEN])
 
 
 def case(name, op, inputs, outputs, attributes=None, domain="com.microsoft", dtype="float32",
-         numpy_reference=None, node_inputs=None, output_shapes=None, numpy_check=None):
+         numpy_reference=None, node_inputs=None, output_shapes=None, numpy_check=None,
+         output_dtypes=None):
     """`inputs`: [(name, shape)] graph inputs, seeded normal of `dtype`, or (name, shape, array)
     for a fixed value of its own dtype (int32 lengths, rotary caches); `outputs`: node outputs,
     "" for one left out; `node_inputs`: the node's input list where it differs from the graph
     inputs' names ("" for an optional input left out); `output_shapes`: {output: shape} where an
-    output's shape is not the first input's; `numpy_check(feeds, attributes)`: an independent
-    numpy computation ONNX Runtime's outputs must match (max abs difference <= 1e-4)."""
+    output's shape is not the first input's; `output_dtypes`: {output: numpy dtype} where an
+    output is not of the case's dtype (EmbedLayerNormalization's int32 mask_index);
+    `numpy_check(feeds, attributes)`: an independent numpy computation ONNX Runtime's outputs
+    must match (max abs difference <= 1e-4)."""
     return {"case": name, "op": op, "domain": domain, "inputs": inputs, "node_outputs": outputs,
             "attributes": attributes or {}, "dtype": dtype, "numpy_reference": numpy_reference,
             "node_inputs": node_inputs or [i[0] for i in inputs],
-            "output_shapes": output_shapes or {}, "numpy_check": numpy_check}
+            "output_shapes": output_shapes or {}, "numpy_check": numpy_check,
+            "output_dtypes": output_dtypes or {}}
 
 
 SLN_IN = [("input", SHAPE), ("skip", SHAPE), ("gamma", [HIDDEN])]
@@ -213,7 +223,8 @@ def gqa_rotary(x, cos, sin, interleaved):
 
 def gqa_numpy(feeds, attrs):
     """GroupQueryAttention from the op's documentation, in float64 (full rows: every
-    seqlens_k[b] + 1 == past length + S)."""
+    seqlens_k[b] + 1 == past length + S), with what ONNX Runtime 1.32's CPU kernel does with
+    local_window_size, position_ids and attention_bias (see the comments above the cases)."""
     nh, kvh = attrs["num_heads"], attrs["kv_num_heads"]
     f = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in feeds.items()}
     q = f["query"]
@@ -230,7 +241,10 @@ def gqa_numpy(feeds, attrs):
     past = f["past_key"].shape[2] if "past_key" in f else 0
     assert np.all(feeds["seqlens_k"] == past + s - 1), "full rows only"
     if attrs.get("do_rotary", 0):
-        pos = np.arange(past, past + s)
+        # prompt (past 0) with position_ids: ITS FIRST ELEMENT starts every row's positions
+        start = int(feeds["position_ids"].flat[0]) if "position_ids" in feeds else past
+        assert "position_ids" not in feeds or past == 0, "prompt only"
+        pos = np.arange(start, start + s)
         cos, sin = f["cos_cache"][pos], f["sin_cache"][pos]
         q = gqa_rotary(q, cos, sin, attrs.get("rotary_interleaved", 0))
         k = gqa_rotary(k, cos, sin, attrs.get("rotary_interleaved", 0))
@@ -243,8 +257,14 @@ def gqa_numpy(feeds, attrs):
     cap = attrs.get("softcap", 0.0)
     if cap > 0:
         scores = cap * np.tanh(scores / cap)
+    if "attention_bias" in f:  # [B or 1, H or 1, S, T], after the scale and the softcap
+        scores = scores + f["attention_bias"]
     t = past + s
-    causal = np.arange(t)[None, :] <= past + np.arange(s)[:, None]
+    query_pos, key_pos = past + np.arange(s)[:, None], np.arange(t)[None, :]
+    causal = key_pos <= query_pos
+    window = attrs.get("local_window_size", -1)
+    if window > 0:  # the last `window` keys, the query's own included
+        causal &= query_pos - key_pos < window
     scores = np.where(causal, scores, -np.inf)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
@@ -252,7 +272,9 @@ def gqa_numpy(feeds, attrs):
     return {"output": out, "present_key": k, "present_value": v}
 
 
-def gqa_case(name, packed, attributes, rotary):
+def gqa_case(name, packed, attributes, rotary, position_ids=None, attention_bias=None):
+    """`position_ids`: an int64 [B, S] array for input 9; `attention_bias`: the shape of
+    input 10 (seeded normal)."""
     b, s, h, kv, d = GQA_B, GQA_S, GQA_H, GQA_KV, GQA_D
     qkv = ([("query", [b, s, (h + 2 * kv) * d])] if packed else
            [("query", [b, s, h * d]), ("key", [b, s, kv * d]), ("value", [b, s, kv * d])])
@@ -261,9 +283,15 @@ def gqa_case(name, packed, attributes, rotary):
               ("total_sequence_length", [], np.array(s, dtype=np.int32))]
     caches = [("cos_cache", [GQA_MAX_SEQ, d // 2], GQA_COS),
               ("sin_cache", [GQA_MAX_SEQ, d // 2], GQA_SIN)] if rotary else []
-    inputs = qkv + common + caches
+    extra = ([("position_ids", [b, s], position_ids)] if position_ids is not None else []) + (
+        [("attention_bias", attention_bias)] if attention_bias is not None else [])
+    inputs = qkv + common + caches + extra
     node_inputs = ["query"] + (["", ""] if packed else ["key", "value"]) + [
         n for n, *_ in common + caches]
+    if extra:  # inputs 7 .. 10: cos_cache, sin_cache, position_ids, attention_bias
+        node_inputs += ["", ""] if not rotary else []
+        node_inputs += ["position_ids" if position_ids is not None else ""]
+        node_inputs += ["attention_bias"] if attention_bias is not None else []
     outputs = ["output", "present_key", "present_value"]
     shapes = {"output": [b, s, h * d], "present_key": [b, kv, s, d],
               "present_value": [b, kv, s, d]}
@@ -293,7 +321,12 @@ CASES += [
 # [B, S, N, H]) with gqa_rotary's halves / interleaved formula.
 # Also seen in ONNX Runtime 1.32's CPU kernel (not in these cases): a 3-D input without
 # num_heads gives the same outputs (head size = 2 * cache width); position_ids of shape [1]
-# = [p0] acts as positions p0 .. p0+S-1 for every row; scale (2.0 tried) changes nothing.
+# = [p0] acts as positions p0 .. p0+S-1 for every row.
+# scale and is_packed_batching: the CPU kernel ignores both (outputs of rotary_3d_scale2 and
+# rotary_3d_packed_batching are those of the plain formula; scale 0.5 and 0.0 tried too, 4-D
+# too: `scale` multiplies neither the output nor the angles).  is_packed_batching=1 with a 2-D
+# [tokens, hidden] input is rejected ("Input 'x' is expected to have 3 or 4 dimensions"); a
+# [1, B*S, hidden] input with position_ids [1, B*S] is plain 3-D rotary.
 ROT_B, ROT_S, ROT_N, ROT_H, ROT_MAX_SEQ = 2, 5, 4, 16, 32
 ROT_POS = np.stack([np.arange(0, ROT_S), np.arange(3, 3 + ROT_S)]).astype(np.int64)
 ROT_COS, ROT_SIN = genai_rotary_caches(ROT_MAX_SEQ, ROT_H)
@@ -331,6 +364,306 @@ CASES += [
     rotary_case("rotary_3d_interleaved", [ROT_B, ROT_S, ROT_N * ROT_H],
                 {"num_heads": ROT_N, "interleaved": 1}),
     rotary_case("rotary_4d", [ROT_B, ROT_N, ROT_S, ROT_H], {"interleaved": 0}),
+    rotary_case("rotary_3d_scale2", [ROT_B, ROT_S, ROT_N * ROT_H],
+                {"num_heads": ROT_N, "interleaved": 0, "scale": 2.0}),
+    rotary_case("rotary_3d_packed_batching", [ROT_B, ROT_S, ROT_N * ROT_H],
+                {"num_heads": ROT_N, "interleaved": 0, "is_packed_batching": 1}),
+]
+
+# GroupQueryAttention's sliding window, position_ids and attention_bias, as ONNX Runtime
+# 1.32's CPU kernel computes them (gqa_numpy above):
+# local_window_size W > 0: query i (absolute position P + i) sees key j iff
+#   P + i - W < j <= P + i, i.e. its W most recent keys, its own included (W = 1: itself only;
+#   W keys, NOT W + 1).  W = 1, 2, 3 checked; W >= P + S is no window; the default -1 means no
+#   window; W = 0 (seen, not in these cases) lets a query see no key: its output row is all 0.
+#   The window goes with the causal mask (excluded keys: probability exactly 0), after the
+#   scale, softcap and attention_bias.
+# position_ids (input 9, int64 [B, S]; read only with do_rotary=1): in the prompt (empty past)
+#   the kernel reads ONE value, p0 = position_ids[0, 0] (the tensor's first element), and
+#   rotates q and k of EVERY batch row at positions p0 .. p0+S-1; the other entries, row 1's
+#   first included, are ignored (gqa_position_ids: row 1 holds 0 .. 4, present_key row 1 is
+#   rotated at 2 .. 6).  Without position_ids the positions are P .. P+S-1.  (Rows shifted
+#   uniformly give the same `output`, RoPE being relative; present_key tells them apart.)
+# attention_bias (input 10, [B or 1, num_heads or 1, S, T], T = total_sequence_length):
+#   added to the scores after the scale AND after the softcap:
+#   scores = softcap * tanh(scale * q k^T / softcap) + attention_bias (bias before the
+#   softcap does not match), then the causal/window mask; dims of 1 broadcast ([1, H, S, T],
+#   [B, H, S, T], [B, 1, S, T], [1, 1, S, T] all accepted).
+GQA_POS = np.stack([np.arange(2, 2 + GQA_S), np.arange(0, GQA_S)]).astype(np.int64)
+CASES += [
+    gqa_case("gqa_local_window", False, {"do_rotary": 0, "local_window_size": 2}, rotary=False),
+    gqa_case("gqa_local_window_rotary", True, {**GQA_GENAI, "local_window_size": 3,
+                                               "rotary_interleaved": 0}, rotary=True),
+    gqa_case("gqa_position_ids", True, {**GQA_GENAI, "rotary_interleaved": 0}, rotary=True,
+             position_ids=GQA_POS),
+    gqa_case("gqa_attention_bias", False, {"do_rotary": 0},
+             rotary=False, attention_bias=[GQA_B, 1, GQA_S, GQA_S]),
+    gqa_case("gqa_attention_bias_softcap_window", False,
+             {"do_rotary": 0, "scale": 0.3, "softcap": 2.0, "local_window_size": 3},
+             rotary=False, attention_bias=[1, GQA_H, GQA_S, GQA_S]),
+]
+
+# Attention and MultiHeadAttention, as ONNX Runtime 1.32's CPU kernels compute them (batch 2,
+# sequence 5, hidden 16, 2 heads of 8).  Both share attention_core below:
+#   scores = scale * q k^T + M + attention_bias  (attention_bias added unscaled, after the
+#   scale; scale default 1/sqrt(q/k head size), scale=0 the same), softmax over the keys,
+#   out = P v, heads back to [B, S, N * dv] (head h = columns h*d .. h*d+d-1).
+#   M [B, 1, S, T] (T = key length, no past here): 0 for a kept key, mask_filter_value
+#   (default -10000.0) ADDED for a masked one (not -inf, not the type's lowest: with a small
+#   mask_filter_value, -3 here, masked keys keep some weight), from the int32 mask:
+#     2-D [B, T] raw mask: key j of row b masked iff mask[b, j] <= 0 (1, 2, 3 keep; 0, -1 mask);
+#     1-D [B] right-padding lengths: key j masked iff j >= mask[b] (a length > T masks none);
+#     also seen, not in these cases: 1-D [2B] (Attention) = B exclusive ends then B inclusive
+#     starts, masked iff j >= end[b] or j < start[b]; 3-D [B, S, T] raw per query row (<= 0
+#     masks); Attention's 4-D [B, 1, M, M] is rejected on CPU ("4D mask in attention cpu kernel
+#     is not supported").
+#   unidirectional=1: key j > i is EXCLUDED (probability exactly 0, as -inf, whatever
+#     mask_filter_value is) for the query rows i < S - 1 only (the kernel's loop stops before
+#     the last row: with T = S that row has no later key anyway).  On top of M: in
+#     *_unidirectional_mask row 1's key 0 is padded, and its query 0, whose only causal key it
+#     is, still puts all its weight on it.
+ATT_B, ATT_S, ATT_HIDDEN, ATT_N = 2, 5, 16, 2
+ATT_RAW_MASK = np.array([[1, 1, 1, 0, 0], [0, 1, 1, 0, 1]], dtype=np.int32)  # row 1: holes
+ATT_LENGTHS = np.array([5, 3], dtype=np.int32)
+ATT_BIAS_INPUTS = ["", "", "attention_bias"]  # (mask_index or key_padding_mask), past, bias
+
+
+def attention_mask_numpy(mask, b, s, t, filter_value):
+    """An int32 mask_index / key_padding_mask -> the additive M [B, 1, S, T]."""
+    key = np.arange(t)
+    if mask.ndim == 1 and mask.shape[0] == b:  # right padding: valid lengths
+        keep = np.broadcast_to((key[None, :] < mask[:, None])[:, None, :], (b, s, t))
+    elif mask.ndim == 1 and mask.shape[0] == 2 * b:  # exclusive ends, inclusive starts
+        keep = (key[None, :] < mask[:b, None]) & (key[None, :] >= mask[b:, None])
+        keep = np.broadcast_to(keep[:, None, :], (b, s, t))
+    elif mask.ndim == 2:  # raw [B, T]
+        keep = np.broadcast_to((mask > 0)[:, None, :], (b, s, t))
+    else:  # raw [B, S, T]
+        keep = mask > 0
+    return np.where(keep, 0.0, filter_value)[:, None]
+
+
+def attention_core(q, k, v, attrs, mask=None, attention_bias=None):
+    """q [B, S, N*d], k [B, T, N*d], v [B, T, N*dv] (float64) -> [B, S, N*dv]."""
+    n = attrs["num_heads"]
+    (b, s, _), t = q.shape, k.shape[1]
+    d, dv = q.shape[-1] // n, v.shape[-1] // n
+    q = q.reshape(b, s, n, d).transpose(0, 2, 1, 3)
+    k = k.reshape(b, t, n, d).transpose(0, 2, 1, 3)
+    v = v.reshape(b, t, n, dv).transpose(0, 2, 1, 3)
+    scores = (attrs.get("scale") or 1.0 / np.sqrt(d)) * (q @ k.transpose(0, 1, 3, 2))
+    if mask is not None:
+        scores = scores + attention_mask_numpy(mask, b, s, t,
+                                               attrs.get("mask_filter_value", -10000.0))
+    if attention_bias is not None:
+        scores = scores + attention_bias.astype(np.float64)
+    if attrs.get("unidirectional", 0):
+        i, j = np.arange(s)[:, None], np.arange(t)[None, :]
+        scores = np.where((i < s - 1) & (j > i), -np.inf, scores)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return (p @ v).transpose(0, 2, 1, 3).reshape(b, s, n * dv)
+
+
+def attention_numpy(feeds, attrs):
+    """Attention: the merged input projection, then attention_core."""
+    f = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+    qkv = f["input"] @ f["weights"] + f.get("bias", 0.0)
+    hq, hk, _ = attrs.get("qkv_hidden_sizes", [qkv.shape[-1] // 3] * 3)
+    q, k, v = qkv[..., :hq], qkv[..., hq:hq + hk], qkv[..., hq + hk:]
+    return {"output": attention_core(q, k, v, attrs, f.get("mask_index"),
+                                     f.get("attention_bias"))}
+
+
+# weights: a fixed normal * 0.25, so the scores stay O(1) and the softmax is not one-hot
+ATT_WEIGHTS = (np.random.default_rng(7).normal(size=[ATT_HIDDEN, 3 * ATT_HIDDEN]) * 0.25
+               ).astype(np.float32)
+
+
+def attention_case(name, attributes, extra=(), node_extra=None, hidden_sizes=None):
+    """`extra`: inputs after (input, weights, bias); `node_extra`: the node's inputs after
+    bias where they are not `extra`'s names (\"\" for one left out)."""
+    hq, hk, hv = hidden_sizes or [ATT_HIDDEN] * 3
+    b, s = ATT_B, ATT_S
+    weights = (ATT_WEIGHTS if hidden_sizes is None else
+               (np.random.default_rng(8).normal(size=[ATT_HIDDEN, hq + hk + hv]) * 0.25
+                ).astype(np.float32))
+    inputs = [("input", [b, s, ATT_HIDDEN]), ("weights", list(weights.shape), weights),
+              ("bias", [hq + hk + hv])] + list(extra)
+    node_inputs = ["input", "weights", "bias"] + (
+        node_extra if node_extra is not None else [i[0] for i in extra])
+    attrs = {"num_heads": ATT_N, **attributes}
+    if hidden_sizes is not None:
+        attrs["qkv_hidden_sizes"] = list(hidden_sizes)
+    return case(name, "Attention", inputs, ["output"], attrs, node_inputs=node_inputs,
+                output_shapes={"output": [b, s, hv]}, numpy_check=attention_numpy)
+
+
+# Attention (com.microsoft; what onnxruntime's transformer optimizer fuses BERT's / GPT-2's
+# self-attention into): inputs (input [B, S, H_in], weights [H_in, Hq + Hk + Hv], bias
+# [Hq + Hk + Hv] (optional), mask_index int32 (3), past (4), attention_bias (5),
+# past_sequence_length (6)); outputs (output [B, S, Hv], present (left out here)); attributes
+# num_heads (required), qkv_hidden_sizes [Hq, Hk, Hv] (default the weights' columns / 3 each;
+# Hq == Hk), scale (default 1/sqrt(Hq / num_heads)), mask_filter_value (default -10000.0),
+# unidirectional (default 0).  Checked against attention_numpy:
+#   qkv = input @ weights + bias; q, k, v = its column blocks [0, Hq), [Hq, Hq + Hk),
+#   [Hq + Hk, end); then attention_core above (T = S).  qkv_hidden_sizes [16, 16, 8]: v heads
+#   of 4, output [B, S, 8]; [8, 8, 16] (q/k heads of 4: default scale 1/sqrt(4)) works too.
+CASES += [
+    attention_case("attention", {}),
+    attention_case("attention_mask_raw", {},
+                   [("mask_index", [ATT_B, ATT_S], ATT_RAW_MASK)]),
+    attention_case("attention_mask_lengths", {},
+                   [("mask_index", [ATT_B], ATT_LENGTHS)]),
+    attention_case("attention_unidirectional", {"unidirectional": 1}),
+    attention_case("attention_unidirectional_mask", {"unidirectional": 1,
+                                                     "mask_filter_value": -3.0},
+                   [("mask_index", [ATT_B, ATT_S], ATT_RAW_MASK)]),
+    attention_case("attention_scale_mask_filter", {"scale": 0.3, "mask_filter_value": -3.0},
+                   [("mask_index", [ATT_B, ATT_S], ATT_RAW_MASK)]),
+    attention_case("attention_qkv_hidden_sizes", {}, hidden_sizes=[16, 16, 8]),
+    attention_case("attention_bias", {},
+                   [("attention_bias", [1, ATT_N, ATT_S, ATT_S])], ATT_BIAS_INPUTS),
+    attention_case("attention_bias_mask", {"scale": 0.3, "mask_filter_value": -3.0},
+                   [("mask_index", [ATT_B, ATT_S], ATT_RAW_MASK),
+                    ("attention_bias", [ATT_B, 1, ATT_S, ATT_S])],
+                   ["mask_index", "", "attention_bias"]),
+]
+
+# MultiHeadAttention (com.microsoft): inputs (query [B, S, D], key [B, L, D], value
+# [B, L, Dv], bias [D + D + Dv] (3), key_padding_mask int32 (4), attention_bias (5), past_key
+# (6), past_value (7), past_sequence_length (8), cache_indirection (9)); outputs (output
+# [B, S, Dv], present_key, present_value, qk (left out here)); attributes num_heads
+# (required), scale (default 1/sqrt(D / num_heads)), mask_filter_value (default -10000.0),
+# unidirectional (default 0).  Separate q/k/v only here (query 5 rows, key/value 6 rows:
+# cross attention).  Checked against mha_numpy:
+#   q = query + bias[:D], k = key + bias[D:2D], v = value + bias[2D:] (no projection), then
+#   attention_core above with key_padding_mask as its mask ([B, L] raw, [B] lengths; [B, S, L]
+#   raw also seen) and attention_bias [B or 1, N or 1, S, L].
+#   unidirectional=1, as Attention's: key j > i excluded for query rows i < S - 1 — with L > S
+#   the LAST query row then sees all L keys and the others keys 0 .. i (seen with L = 6, 7,
+#   not in these cases: neither corner-aligned causal mask); mha_unidirectional uses L = S.
+MHA_L = 6
+MHA_RAW_MASK = np.array([[1, 1, 1, 1, 1, 0], [0, 1, 1, 0, 1, 1]], dtype=np.int32)
+MHA_LENGTHS = np.array([6, 4], dtype=np.int32)
+
+
+def mha_numpy(feeds, attrs):
+    f = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+    q, k, v = f["query"], f["key"], f["value"]
+    if "bias" in f:
+        d = q.shape[-1]
+        q, k, v = q + f["bias"][:d], k + f["bias"][d:2 * d], v + f["bias"][2 * d:]
+    return {"output": attention_core(q, k, v, attrs, f.get("key_padding_mask"),
+                                     f.get("attention_bias"))}
+
+
+def mha_case(name, attributes, bias=False, extra=(), length=MHA_L):
+    """`extra`: (input index, (name, shape[, array])) for inputs 4 and 5."""
+    b, s, d = ATT_B, ATT_S, ATT_HIDDEN
+    inputs = [("query", [b, s, d]), ("key", [b, length, d]), ("value", [b, length, d])]
+    node_inputs = ["query", "key", "value", "bias" if bias else ""]
+    if bias:
+        inputs.append(("bias", [3 * d]))
+    for index, spec in extra:
+        node_inputs += [""] * (index - len(node_inputs)) + [spec[0]]
+        inputs.append(spec)
+    while node_inputs[-1] == "":
+        node_inputs.pop()
+    return case(name, "MultiHeadAttention", inputs, ["output"],
+                {"num_heads": ATT_N, **attributes}, node_inputs=node_inputs,
+                output_shapes={"output": [b, s, d]}, numpy_check=mha_numpy)
+
+
+CASES += [
+    mha_case("mha", {}),
+    mha_case("mha_bias", {}, bias=True),
+    mha_case("mha_key_padding_mask", {"mask_filter_value": -3.0}, bias=True,
+             extra=[(4, ("key_padding_mask", [ATT_B, MHA_L], MHA_RAW_MASK))]),
+    mha_case("mha_key_padding_lengths", {},
+             extra=[(4, ("key_padding_mask", [ATT_B], MHA_LENGTHS))]),
+    mha_case("mha_attention_bias", {},
+             extra=[(5, ("attention_bias", [1, ATT_N, ATT_S, MHA_L]))]),
+    mha_case("mha_attention_bias_mask_scale", {"scale": 0.4, "mask_filter_value": -3.0},
+             bias=True, extra=[(4, ("key_padding_mask", [ATT_B, MHA_L], MHA_RAW_MASK)),
+                               (5, ("attention_bias", [ATT_B, 1, ATT_S, MHA_L]))]),
+    mha_case("mha_unidirectional", {"unidirectional": 1}, bias=True, length=ATT_S),
+    mha_case("mha_unidirectional_mask", {"unidirectional": 1, "mask_filter_value": -3.0},
+             extra=[(4, ("key_padding_mask", [ATT_B, ATT_S], ATT_RAW_MASK))], length=ATT_S),
+]
+
+# EmbedLayerNormalization (com.microsoft): inputs (input_ids int32 [B, S], segment_ids int32
+# [B, S] (1, optional), word_embedding [V, H], position_embedding [P, H], segment_embedding
+# [G, H] (4, optional: with segment_ids; segment_ids without it is rejected), gamma [H], beta
+# [H], mask int32 [B, S] (7, optional), position_ids int32 [B, S] or [1, S] (8, optional));
+# outputs (output [B, S, H], mask_index int32 [B], embedding_sum [B, S, H] (2, optional));
+# attribute epsilon (default 1e-12, float 1e-12f).  Checked against embed_ln_numpy:
+#   e = word_embedding[input_ids] + position_embedding[pos] (+ segment_embedding[segment_ids]),
+#   added in that order in float; pos = position_ids (a [1, S] one for every row), without it
+#   arange(S) for every row;  embedding_sum = e (before the normalization);
+#   output = (e - mean) / sqrt(var + epsilon) * gamma + beta over H (population variance);
+#   mask_index[b] = the number of entries of mask[b, :] EQUAL to 1 (a count, not the first
+#   0's position: [1, 0, 1, 1, 0] gives 3; [1, 2, 1, 1, 0] gives 3 too), all 0 without mask.
+# Also seen: the node needs its output 1 listed (a name or ""): with `output` alone the
+# op's shape inference fails ("output index 1 is out of range").
+ELN_B, ELN_S, ELN_H, ELN_V, ELN_P = 2, 5, 16, 11, 8
+ELN_IDS = np.array([[1, 5, 10, 0, 3], [7, 7, 2, 9, 4]], dtype=np.int32)
+ELN_SEGMENTS = np.array([[0, 0, 1, 1, 1], [0, 1, 0, 1, 1]], dtype=np.int32)
+ELN_MASK = np.array([[1, 1, 1, 1, 0], [1, 0, 1, 1, 0]], dtype=np.int32)
+ELN_POS = np.array([[0, 1, 2, 3, 4], [3, 4, 5, 7, 6]], dtype=np.int32)
+
+
+def embed_ln_numpy(feeds, attrs, outputs):
+    f = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+    b, s = f["input_ids"].shape
+    pos = f.get("position_ids", np.arange(s)[None, :])
+    e = f["word_embedding"][f["input_ids"]] + f["position_embedding"][np.broadcast_to(pos, (b, s))]
+    if "segment_embedding" in f:
+        e = e + f["segment_embedding"][f["segment_ids"]]
+    mean = e.mean(-1, keepdims=True)
+    var = ((e - mean) ** 2).mean(-1, keepdims=True)
+    out = {"output": (e - mean) / np.sqrt(var + attrs.get("epsilon", 1e-12)) * f["gamma"] +
+           f["beta"], "embedding_sum": e,
+           "mask_index": ((f["mask"] == 1).sum(-1) if "mask" in f else np.zeros(b)
+                          ).astype(np.int32)}
+    return {k: out[k] for k in outputs if k}
+
+
+def embed_ln_case(name, attributes, segments=True, mask=True, position_ids=None,
+                  outputs=("output", "mask_index")):
+    b, s, h = ELN_B, ELN_S, ELN_H
+    named = {"input_ids": ("input_ids", [b, s], ELN_IDS),
+             "segment_ids": ("segment_ids", [b, s], ELN_SEGMENTS) if segments else None,
+             "word_embedding": ("word_embedding", [ELN_V, h]),
+             "position_embedding": ("position_embedding", [ELN_P, h]),
+             "segment_embedding": ("segment_embedding", [2, h]) if segments else None,
+             "gamma": ("gamma", [h]), "beta": ("beta", [h]),
+             "mask": ("mask", [b, s], ELN_MASK) if mask else None,
+             "position_ids": (("position_ids", list(position_ids.shape), position_ids)
+                              if position_ids is not None else None)}
+    node_inputs = [n if spec is not None else "" for n, spec in named.items()]
+    while node_inputs[-1] == "":
+        node_inputs.pop()
+    inputs = [spec for spec in named.values() if spec is not None]
+    return case(name, "EmbedLayerNormalization", inputs, list(outputs), attributes,
+                node_inputs=node_inputs,
+                output_shapes={"output": [b, s, h], "mask_index": [b], "embedding_sum": [b, s, h]},
+                output_dtypes={"mask_index": np.int32},
+                numpy_check=lambda feeds, attrs: embed_ln_numpy(feeds, attrs, outputs))
+
+
+CASES += [
+    embed_ln_case("embed_ln_segments_mask", {"epsilon": 1e-12}),
+    embed_ln_case("embed_ln_no_segments_no_mask", {"epsilon": 1e-5}, segments=False,
+                  mask=False),
+    embed_ln_case("embed_ln_position_ids", {"epsilon": 1e-12}, position_ids=ELN_POS),
+    embed_ln_case("embed_ln_position_ids_1s", {"epsilon": 1e-12}, segments=False,
+                  position_ids=ELN_POS[1:] - 2),
+    # epsilon left out: the default 1e-12
+    embed_ln_case("embed_ln_embedding_sum", {},
+                  outputs=("output", "mask_index", "embedding_sum")),
+    embed_ln_case("embed_ln_embedding_sum_only", {"epsilon": 1e-12}, mask=False,
+                  outputs=("output", "", "embedding_sum")),
 ]
 
 ELEM = {"float32": (TensorProto.FLOAT, np.float32), "float16": (TensorProto.FLOAT16, np.float16)}
@@ -348,6 +681,14 @@ def output_shape(c, name):
     return shape[:axis] + [1] * (len(shape) - axis)
 
 
+def output_dtype(c, name):
+    """numpy dtype of an output: `output_dtypes`'s, float for the layer norms' statistics, else
+    the case's dtype."""
+    if name in c["output_dtypes"]:
+        return np.dtype(c["output_dtypes"][name])
+    return np.dtype(np.float32) if name in FLOAT_STATS else np.dtype(ELEM[c["dtype"]][1])
+
+
 def build(c) -> onnx.ModelProto:
     elem, _ = ELEM[c["dtype"]]
     node = helper.make_node(c["op"], c["node_inputs"], c["node_outputs"],
@@ -355,7 +696,7 @@ def build(c) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info(
         i[0], helper.np_dtype_to_tensor_dtype(i[2].dtype) if len(i) > 2 else elem, i[1])
         for i in c["inputs"]]
-    outputs = [helper.make_tensor_value_info(o, TensorProto.FLOAT if o in FLOAT_STATS else elem,
+    outputs = [helper.make_tensor_value_info(o, helper.np_dtype_to_tensor_dtype(output_dtype(c, o)),
                                              output_shape(c, o))
                for o in c["node_outputs"] if o]
     graph = helper.make_graph([node], c["case"], inputs, outputs)
@@ -430,8 +771,7 @@ def main():
             outputs = [o for o in c["node_outputs"] if o]
             assert sorted(got) == sorted(outputs), (sorted(got), outputs)
             for name, v in got.items():
-                want_dtype = np.float32 if name in FLOAT_STATS else ELEM[c["dtype"]][1]
-                assert v.dtype == want_dtype, (name, v.dtype)
+                assert v.dtype == output_dtype(c, name), (name, v.dtype)
                 assert np.all(np.isfinite(v)), f"{name} is not finite"
             checked = ""
             if c["numpy_check"] is not None:
@@ -450,6 +790,9 @@ def main():
                      "inputs": [i[0] for i in c["inputs"]], "outputs": outputs,
                      "node_inputs": c["node_inputs"], "node_outputs": c["node_outputs"],
                      "attributes": c["attributes"], "dtype": c["dtype"], "reference": reference}
+            if c["output_dtypes"]:
+                entry["output_dtypes"] = {k: np.dtype(v).name
+                                          for k, v in c["output_dtypes"].items()}
             if checked:
                 entry["checked_by"] = checked
             manifest.append(entry)

@@ -79,22 +79,11 @@ pub(super) fn group_query_attention(b: &mut Builder, n: &Node) -> Result<Vec<Opt
             "num_heads {heads} is not a multiple of kv_num_heads {kv_heads}"
         )));
     }
-    if n.attr_int("local_window_size", -1) > 0 {
-        return Err(refuse(
-            "local_window_size (sliding-window attention) is not lowered yet".into(),
-        ));
+    if optional(n, 11).is_some() {
+        return Err(refuse("the head_sink input is not lowered".into()));
     }
-    if optional(n, 9).is_some() || optional(n, 10).is_some() || optional(n, 11).is_some() {
-        return Err(refuse(
-            "position_ids, attention_bias and head_sink inputs are not lowered yet".into(),
-        ));
-    }
+
     let query = input(n, 0)?;
-    let to_heads = |b: &mut Builder, x: ValueId, count: i64| -> Result<ValueId> {
-        let shape = b.ints("heads", &[0, 0, count, -1]);
-        let r = b.op("Reshape", &[x, shape], vec![])?;
-        b.op("Transpose", &[r], vec![ints_attr("perm", &[0, 2, 1, 3])]) // [B, N, S, D]
-    };
     let (q, k, v) = match (optional(n, 1), optional(n, 2)) {
         (Some(key), Some(value)) => (
             to_heads(b, query, heads)?,
@@ -140,8 +129,23 @@ pub(super) fn group_query_attention(b: &mut Builder, n: &Node) -> Result<Vec<Opt
         let cache_shape = b.op("Shape", &[cos_cache], vec![])?;
         let w = dim(b, cache_shape, 1)?; // rotary_dim / 2
         let axis0 = b.ints("rows", &[0]);
+        // Rows past .. past + S; with position_ids, onnxruntime's CPU kernel reads only
+        // position_ids[0, 0] = p and takes rows p .. p + S for every sequence (gathered:
+        // the row count stays S, which tract must see).
         let rows = |b: &mut Builder, cache: ValueId| -> Result<ValueId> {
-            let r = b.op("Slice", &[cache, past, end, axis0], vec![])?; // [S, w]
+            let r = match optional(n, 9) {
+                Some(ids) => {
+                    let flat = b.ints("flat", &[-1]);
+                    let ids = b.op("Reshape", &[ids, flat], vec![])?;
+                    let (zero, one) = (b.ints("zero", &[0]), b.ints("one", &[1]));
+                    let first = b.op("Slice", &[ids, zero, one], vec![])?;
+                    let first = b.op("Cast", &[first], vec![int_attr("to", 7)])?;
+                    let steps = range(b, zero, s_len)?;
+                    let at = b.op("Add", &[steps, first], vec![])?; // [S]
+                    b.op("Gather", &[cache, at], vec![int_attr("axis", 0)])?
+                }
+                None => b.op("Slice", &[cache, past, end, axis0], vec![])?,
+            }; // [S, w]
             b.unsqueeze(r, &[0, 1])
         };
         let (cos, sin) = (rows(b, cos_cache)?, rows(b, sin_cache)?);
@@ -175,39 +179,12 @@ pub(super) fn group_query_attention(b: &mut Builder, n: &Node) -> Result<Vec<Opt
         b.op("Reshape", &[e, target], vec![])
     };
     let (k_all, v_all) = (repeat(b, present_k)?, repeat(b, present_v)?);
-    let kt = b.op(
-        "Transpose",
-        &[k_all],
-        vec![ints_attr("perm", &[0, 1, 3, 2])],
-    )?;
-    let mut scores = b.op("MatMul", &[q, kt], vec![])?; // [B, N, S, T]
     let scale = n.attr_float("scale", 0.0) as f64;
-    let scale = if scale != 0.0 {
-        b.scalar("scale", scale)
-    } else {
-        let d = dim(b, q_shape, 3)?;
-        let d = b.op("Cast", &[d], vec![int_attr("to", b.dtype as i64)])?;
-        let root = b.op("Sqrt", &[d], vec![])?;
-        let one = b.scalar("one", 1.0);
-        b.op("Div", &[one, root], vec![])?
-    };
-    scores = b.op("Mul", &[scores, scale], vec![])?;
     let softcap = n.attr_float("softcap", 0.0) as f64;
-    if softcap > 0.0 {
-        let c = b.scalar("softcap", softcap);
-        let x = b.op("Div", &[scores, c], vec![])?;
-        let t = b.op("Tanh", &[x], vec![])?;
-        scores = b.op("Mul", &[t, c], vec![])?;
-    }
     // Key j is seen by query i (at position past + i) when j ≤ past + i and j ≤ seqlens_k.
     let t_shape = b.op("Shape", &[present_k], vec![])?;
     let t_len = dim(b, t_shape, 2)?;
     let zero = b.ints("zero", &[0]);
-    let one = b.ints("step", &[1]);
-    let range = |b: &mut Builder, from: ValueId, to: ValueId| -> Result<ValueId> {
-        let (f, t, s) = (scalar_of(b, from)?, scalar_of(b, to)?, scalar_of(b, one)?);
-        b.op("Range", &[f, t, s], vec![])
-    };
     let rows = range(b, past, end)?; // [S]
     let rows = b.unsqueeze(rows, &[1])?; // [S, 1]
     let cols = range(b, zero, t_len)?; // [T]
@@ -220,20 +197,29 @@ pub(super) fn group_query_attention(b: &mut Builder, n: &Node) -> Result<Vec<Opt
         let valid = b.unsqueeze(valid, &[1, 2])?; // [B, 1, 1, T]
         mask = b.op("And", &[causal, valid], vec![])?;
     }
-    let lowest = b.scalar(
-        "masked",
-        if b.dtype == crate::proto::tensor_proto::DataType::Float16 as i32 {
-            -65504.0
-        } else {
-            -3.0e38
-        },
-    );
-    scores = b.op("Where", &[mask, scores, lowest], vec![])?;
-    let p = b.op("Softmax", &[scores], vec![int_attr("axis", -1)])?;
-    let out = b.op("MatMul", &[p, v_all], vec![])?; // [B, N, S, D]
-    let out = b.op("Transpose", &[out], vec![ints_attr("perm", &[0, 2, 1, 3])])?;
-    let flat = b.ints("flat", &[0, 0, -1]);
-    let out = b.op("Reshape", &[out, flat], vec![])?;
+    let window = n.attr_int("local_window_size", -1);
+    if window > 0 {
+        // Sliding window: key j is seen by query i when i − j < window.
+        let w = b.ints("window", &[window]);
+        let gap = b.op("Sub", &[rows, cols], vec![])?; // [S, T]
+        let near = b.op("Less", &[gap, w], vec![])?;
+        mask = b.op("And", &[mask, near], vec![])?;
+    }
+    let bias = optional(n, 10);
+    let out = attend(b, q, k_all, v_all, scale, |b, mut scores| {
+        if softcap > 0.0 {
+            let c = b.scalar("softcap", softcap);
+            let x = b.op("Div", &[scores, c], vec![])?;
+            let t = b.op("Tanh", &[x], vec![])?;
+            scores = b.op("Mul", &[t, c], vec![])?;
+        }
+        // The attention bias after the softcap, before the mask.
+        if let Some(a) = bias {
+            scores = b.op("Add", &[scores, a], vec![])?;
+        }
+        let lowest = lowest(b);
+        b.op("Where", &[mask, scores, lowest], vec![])
+    })?;
     Ok(vec![Some(out), Some(present_k), Some(present_v)])
 }
 
@@ -241,13 +227,8 @@ pub(super) fn rotary_embedding(b: &mut Builder, n: &Node) -> Result<Vec<Option<V
     use crate::ir::build::int_attr;
     let (x, pos) = (input(n, 0)?, input(n, 1)?);
     let (cos_cache, sin_cache) = (input(n, 2)?, input(n, 3)?);
-    if n.attr_int("is_packed_batching", 0) != 0 || n.attr_float("scale", 1.0) != 1.0 {
-        return Err(Error::Node {
-            node: n.name().to_string(),
-            op: n.op().to_string(),
-            reason: "packed batching and a scale other than 1 are not lowered yet".into(),
-        });
-    }
+    // onnxruntime's CPU kernel ignores `scale` and `is_packed_batching` (checked against
+    // it); so does the lowering.
     let heads = n.attr_int("num_heads", 0);
     let interleaved = n.attr_int("interleaved", 0) != 0;
     let cache_shape = b.op("Shape", &[cos_cache], vec![])?;
@@ -266,4 +247,313 @@ pub(super) fn rotary_embedding(b: &mut Builder, n: &Node) -> Result<Vec<Option<V
         return Ok(vec![Some(b.op("Reshape", &[out, flat], vec![])?)]);
     }
     Ok(vec![Some(rotary(b, x, cos, sin, w, interleaved)?)])
+}
+
+/// `from .. to` (int64 `[1]` bounds) as a 1-D int64 range.
+fn range(b: &mut Builder, from: ValueId, to: ValueId) -> Result<ValueId> {
+    let one = b.ints("step", &[1]);
+    let (f, t, s) = (scalar_of(b, from)?, scalar_of(b, to)?, scalar_of(b, one)?);
+    b.op("Range", &[f, t, s], vec![])
+}
+
+/// The score a masked key gets where the op masks by exclusion: the dtype's lowest.
+fn lowest(b: &mut Builder) -> ValueId {
+    let fp16 = b.dtype == crate::proto::tensor_proto::DataType::Float16 as i32;
+    b.scalar("masked", if fp16 { -65504.0 } else { -3.0e38 })
+}
+
+/// Scaled dot-product attention: `q` `[B, N, S, D]`, `k`, `v` `[B, N, T, D]` (one key
+/// head per query head) → `[B, S, N·D]`: softmax over the keys of `edit(scale·q kᵀ)`
+/// (`scale` 0: `1/√D`; `edit` adds the op's masks and biases), times `v`.
+fn attend(
+    b: &mut Builder,
+    q: ValueId,
+    k: ValueId,
+    v: ValueId,
+    scale: f64,
+    edit: impl FnOnce(&mut Builder, ValueId) -> Result<ValueId>,
+) -> Result<ValueId> {
+    use crate::ir::build::{int_attr, ints_attr};
+    let kt = b.op("Transpose", &[k], vec![ints_attr("perm", &[0, 1, 3, 2])])?;
+    let scores = b.op("MatMul", &[q, kt], vec![])?; // [B, N, S, T]
+    let scale = if scale != 0.0 {
+        b.scalar("scale", scale)
+    } else {
+        let q_shape = b.op("Shape", &[q], vec![])?;
+        let d = dim(b, q_shape, 3)?;
+        let d = b.op("Cast", &[d], vec![int_attr("to", b.dtype as i64)])?;
+        let root = b.op("Sqrt", &[d], vec![])?;
+        let one = b.scalar("one", 1.0);
+        b.op("Div", &[one, root], vec![])?
+    };
+    let scores = b.op("Mul", &[scores, scale], vec![])?;
+    let scores = edit(b, scores)?;
+    let p = b.op("Softmax", &[scores], vec![int_attr("axis", -1)])?;
+    let out = b.op("MatMul", &[p, v], vec![])?; // [B, N, S, D]
+    let out = b.op("Transpose", &[out], vec![ints_attr("perm", &[0, 2, 1, 3])])?;
+    let flat = b.ints("flat", &[0, 0, -1]);
+    b.op("Reshape", &[out, flat], vec![])
+}
+
+/// `x` `[B, S, N·D]` → `[B, N, S, D]`.
+fn to_heads(b: &mut Builder, x: ValueId, heads: i64) -> Result<ValueId> {
+    let shape = b.ints("heads", &[0, 0, heads, -1]);
+    let r = b.op("Reshape", &[x, shape], vec![])?;
+    b.op(
+        "Transpose",
+        &[r],
+        vec![crate::ir::build::ints_attr("perm", &[0, 2, 1, 3])],
+    )
+}
+
+/// The additive mask of onnxruntime's `Attention` and `MultiHeadAttention` CPU kernels,
+/// `[B or 1, 1, S or 1, T]`: `mask_filter_value` on every key the mask index excludes
+/// (a raw `[B, T]` or `[B, S, T]` mask: where it is not positive; `[B]` end positions,
+/// or `[2B]` end and start positions: outside them); `None` without a mask index.
+/// `cols` is the keys' positions `0..T`.
+fn additive_mask(
+    b: &mut Builder,
+    n: &Node,
+    mask_index: Option<ValueId>,
+    cols: ValueId,
+) -> Result<Option<ValueId>> {
+    use crate::ir::build::int_attr;
+    let filter = b.scalar(
+        "mask_filter_value",
+        n.attr_float("mask_filter_value", -10000.0) as f64,
+    );
+    let zero_f = b.scalar("zero", 0.0);
+    let zero = b.ints("zero", &[0]);
+    let mut mask = None;
+    if let Some(m) = mask_index {
+        let rank = crate::ir::infer::rank(b.graph, m);
+        let excluded = match rank {
+            Some(2) | Some(3) => {
+                let m = b.op("Cast", &[m], vec![int_attr("to", 7)])?;
+                let keep = b.op("Greater", &[m, zero], vec![])?;
+                let out = b.op("Not", &[keep], vec![])?;
+                // [B, T] → [B, 1, 1, T]; [B, S, T] → [B, 1, S, T]
+                let axes: &[i64] = if rank == Some(2) { &[1, 2] } else { &[1] };
+                b.unsqueeze(out, axes)?
+            }
+            Some(1) => {
+                // End positions [B], then start positions when [2B] (else 0).
+                let m = b.op("Cast", &[m], vec![int_attr("to", 7)])?;
+                let batch = {
+                    let s = b.op("Shape", &[input(n, 0)?], vec![])?;
+                    dim(b, s, 0)?
+                };
+                let ends = b.op("Slice", &[m, zero, batch], vec![])?; // [B]
+                let double = b.op("Add", &[batch, batch], vec![])?;
+                let starts = b.op("Slice", &[m, batch, double], vec![])?; // [B] or [0]
+                let none = b.op("Sub", &[ends, ends], vec![])?; // zeros [B]
+                let padded = b.op("Concat", &[starts, none], vec![int_attr("axis", 0)])?;
+                let starts = b.op("Slice", &[padded, zero, batch], vec![])?; // [B]
+                let (ends, starts) = (b.unsqueeze(ends, &[1])?, b.unsqueeze(starts, &[1])?);
+                let after = b.op("GreaterOrEqual", &[cols, ends], vec![])?; // [B, T]
+                let before = b.op("Less", &[cols, starts], vec![])?;
+                let out = b.op("Or", &[after, before], vec![])?;
+                b.unsqueeze(out, &[1, 2])?
+            }
+            other => {
+                return Err(Error::Node {
+                    node: n.name().to_string(),
+                    op: n.op().to_string(),
+                    reason: match other {
+                        Some(r) => {
+                            format!("a {r}-D mask index is not lowered (1-D, 2-D or 3-D are)")
+                        }
+                        None => "the mask index's rank is not known from the graph".into(),
+                    },
+                })
+            }
+        };
+        mask = Some(b.op("Where", &[excluded, filter, zero_f], vec![])?);
+    }
+    Ok(mask)
+}
+
+/// The scores' edit of `Attention` and `MultiHeadAttention`: the additive mask, the
+/// attention bias `[B or 1, N or 1, S, T]`, then, when `future` (`[S, T]`, true for key j
+/// > query i) is given, those keys excluded outright (onnxruntime's `unidirectional`).
+fn add_masks(
+    b: &mut Builder,
+    scores: ValueId,
+    mask: Option<ValueId>,
+    bias: Option<ValueId>,
+    future: Option<ValueId>,
+) -> Result<ValueId> {
+    let mut scores = scores;
+    if let Some(m) = mask {
+        scores = b.op("Add", &[scores, m], vec![])?;
+    }
+    if let Some(a) = bias {
+        scores = b.op("Add", &[scores, a], vec![])?;
+    }
+    if let Some(f) = future {
+        let lowest = lowest(b);
+        scores = b.op("Where", &[f, lowest, scores], vec![])?;
+    }
+    Ok(scores)
+}
+
+fn node_error(n: &Node, reason: &str) -> Error {
+    Error::Node {
+        node: n.name().to_string(),
+        op: n.op().to_string(),
+        reason: reason.to_string(),
+    }
+}
+
+/// onnxruntime's `Attention` (the transformer optimizer's BERT and GPT-2 fusion):
+/// `[Q K V] = x·W + bias`, split by `qkv_hidden_sizes` (equal thirds by default), then
+/// scaled dot-product attention with the additive mask and attention bias.
+pub(super) fn attention(b: &mut Builder, n: &Node) -> Result<Vec<Option<ValueId>>> {
+    use crate::ir::build::int_attr;
+    let heads = n.attr_int("num_heads", 0);
+    if heads <= 0 {
+        return Err(node_error(n, "num_heads must be positive"));
+    }
+    if optional(n, 4).is_some() || optional(n, 6).is_some() {
+        return Err(node_error(
+            n,
+            "a past state is not lowered (training runs without one)",
+        ));
+    }
+    if n.attr_int("do_rotary", 0) != 0 {
+        return Err(node_error(n, "do_rotary is not lowered"));
+    }
+    let (x, w) = (input(n, 0)?, input(n, 1)?);
+    let mut qkv = b.op("MatMul", &[x, w], vec![])?;
+    if let Some(bias) = optional(n, 2) {
+        qkv = b.op("Add", &[qkv, bias], vec![])?;
+    }
+    let sizes: Vec<i64> = match n.attr_ints("qkv_hidden_sizes") {
+        Some(s) if s.len() == 3 => s.to_vec(),
+        Some(_) => return Err(node_error(n, "qkv_hidden_sizes must hold 3 sizes")),
+        None => {
+            // Equal thirds of the weight's columns.
+            let shape = b.op("Shape", &[w], vec![])?;
+            let cols = dim(b, shape, 1)?;
+            let three = b.ints("three", &[3]);
+            let third = b.op("Div", &[cols, three], vec![])?;
+            let sizes = b.op("Concat", &[third, third, third], vec![int_attr("axis", 0)])?;
+            return attention_with(b, n, qkv, sizes, heads);
+        }
+    };
+    let sizes = b.ints("qkv_sizes", &sizes);
+    attention_with(b, n, qkv, sizes, heads)
+}
+
+fn attention_with(
+    b: &mut Builder,
+    n: &Node,
+    qkv: ValueId,
+    sizes: ValueId,
+    heads: i64,
+) -> Result<Vec<Option<ValueId>>> {
+    use crate::ir::build::int_attr;
+    let (_, parts) = b.graph.add_op(
+        "Split",
+        &format!("{}.Split", n.name()),
+        &[qkv, sizes],
+        vec![int_attr("axis", -1)],
+        3,
+    )?;
+    let (q, k, v) = (
+        to_heads(b, parts[0], heads)?,
+        to_heads(b, parts[1], heads)?,
+        to_heads(b, parts[2], heads)?,
+    );
+    let out = masked_attention(b, n, q, k, v, optional(n, 3), optional(n, 5))?;
+    Ok(vec![Some(out)])
+}
+
+/// Attention of `q` `[B, N, S, D]` on `k`, `v` `[B, N, T, D]` with `Attention`'s and
+/// `MultiHeadAttention`'s masks (`mask_index`, `unidirectional`) and attention bias.
+fn masked_attention(
+    b: &mut Builder,
+    n: &Node,
+    q: ValueId,
+    k: ValueId,
+    v: ValueId,
+    mask_index: Option<ValueId>,
+    bias: Option<ValueId>,
+) -> Result<ValueId> {
+    let q_shape = b.op("Shape", &[q], vec![])?;
+    let s_len = dim(b, q_shape, 2)?;
+    let k_shape = b.op("Shape", &[k], vec![])?;
+    let t_len = dim(b, k_shape, 2)?;
+    let zero = b.ints("zero", &[0]);
+    let cols = range(b, zero, t_len)?; // [T]
+    let mask = additive_mask(b, n, mask_index, cols)?;
+    let future = if n.attr_int("unidirectional", 0) != 0 {
+        let rows = range(b, zero, s_len)?;
+        let rows = b.unsqueeze(rows, &[1])?; // [S, 1]
+        Some(b.op("Greater", &[cols, rows], vec![])?) // [S, T]
+    } else {
+        None
+    };
+    let scale = n.attr_float("scale", 0.0) as f64;
+    attend(b, q, k, v, scale, |b, scores| {
+        add_masks(b, scores, mask, bias, future)
+    })
+}
+
+/// onnxruntime's `MultiHeadAttention` on separate query `[B, S, D]`, key `[B, L, D]` and
+/// value `[B, L, Dv]` (plus `bias` `[D + D + Dv]`), with the key padding mask and the
+/// attention bias.
+pub(super) fn multi_head_attention(b: &mut Builder, n: &Node) -> Result<Vec<Option<ValueId>>> {
+    use crate::ir::build::int_attr;
+    let heads = n.attr_int("num_heads", 0);
+    if heads <= 0 {
+        return Err(node_error(n, "num_heads must be positive"));
+    }
+    if (6..n.inputs.len()).any(|i| optional(n, i).is_some()) {
+        return Err(node_error(
+            n,
+            "a past state is not lowered (training runs without one)",
+        ));
+    }
+    let (Some(key), Some(value)) = (optional(n, 1), optional(n, 2)) else {
+        return Err(node_error(
+            n,
+            "packed query/key/value is not lowered (separate ones are)",
+        ));
+    };
+    let query = input(n, 0)?;
+    if [query, key, value]
+        .iter()
+        .any(|&x| crate::ir::infer::rank(b.graph, x).is_some_and(|r| r != 3))
+    {
+        return Err(node_error(
+            n,
+            "only 3-D query, key and value ([batch, sequence, hidden]) are lowered",
+        ));
+    }
+    let (mut q, mut k, mut val) = (query, key, value);
+    if let Some(bias) = optional(n, 3) {
+        let q_shape = b.op("Shape", &[query], vec![])?;
+        let d = dim(b, q_shape, 2)?;
+        let v_shape = b.op("Shape", &[value], vec![])?;
+        let dv = dim(b, v_shape, 2)?;
+        let sizes = b.op("Concat", &[d, d, dv], vec![int_attr("axis", 0)])?;
+        let (_, parts) = b.graph.add_op(
+            "Split",
+            &format!("{}.Split", n.name()),
+            &[bias, sizes],
+            vec![int_attr("axis", 0)],
+            3,
+        )?;
+        q = b.op("Add", &[q, parts[0]], vec![])?;
+        k = b.op("Add", &[k, parts[1]], vec![])?;
+        val = b.op("Add", &[val, parts[2]], vec![])?;
+    }
+    let (q, k, val) = (
+        to_heads(b, q, heads)?,
+        to_heads(b, k, heads)?,
+        to_heads(b, val, heads)?,
+    );
+    let out = masked_attention(b, n, q, k, val, optional(n, 4), optional(n, 5))?;
+    Ok(vec![Some(out)])
 }

@@ -46,8 +46,20 @@ pub(super) fn skip_layer_norm(b: &mut Builder, n: &Node) -> Result<Vec<Option<Va
     if let Some(bias) = optional(n, 4) {
         s = b.op("Add", &[s, bias], vec![])?;
     }
-    // Mean and variance over the last axis, in the input's type (as onnxruntime's CPU
-    // kernel, which accumulates in float for float16 inputs and rounds the results).
+    let (y, mean, inv) = layer_norm(b, s, gamma, optional(n, 3), eps)?;
+    Ok(vec![Some(y), Some(mean), Some(inv), Some(s)])
+}
+
+/// `(s − mean)/√(var + eps)·γ (+ β)` over the last axis, with the mean and `1/√(var + eps)`:
+/// mean and variance in the input's type (as onnxruntime's CPU kernels, which accumulate
+/// in float for float16 inputs and round the results).
+fn layer_norm(
+    b: &mut Builder,
+    s: ValueId,
+    gamma: ValueId,
+    beta: Option<ValueId>,
+    eps: f64,
+) -> Result<(ValueId, ValueId, ValueId)> {
     let mean = b.reduce_op("ReduceMean", s, &[-1], true, "axes", None)?;
     let d = b.op("Sub", &[s, mean], vec![])?;
     let d2 = b.op("Mul", &[d, d], vec![])?;
@@ -59,9 +71,55 @@ pub(super) fn skip_layer_norm(b: &mut Builder, n: &Node) -> Result<Vec<Option<Va
     let inv = b.op("Div", &[one, std], vec![])?;
     let normed = b.op("Mul", &[d, inv], vec![])?;
     let mut y = b.op("Mul", &[normed, gamma], vec![])?;
-    if let Some(beta) = optional(n, 3) {
+    if let Some(beta) = beta {
         y = b.op("Add", &[y, beta], vec![])?;
     }
-    Ok(vec![Some(y), Some(mean), Some(inv), Some(s)])
+    Ok((y, mean, inv))
 }
 
+/// onnxruntime's `EmbedLayerNormalization`: inputs input_ids `[B, S]`, segment_ids,
+/// word, position and segment embeddings, γ, β, mask `[B, S]`, position_ids; outputs
+/// the normed sum, the mask index (per row, the mask's entries equal to 1; zeros
+/// without a mask, int32) and the sum itself.
+pub(super) fn embed_layer_norm(b: &mut Builder, n: &Node) -> Result<Vec<Option<ValueId>>> {
+    use crate::ir::build::int_attr;
+    let ids = input(n, 0)?;
+    let (word, position) = (input(n, 2)?, input(n, 3)?);
+    let (gamma, beta) = (input(n, 5)?, input(n, 6)?);
+    let eps = n.attr_float("epsilon", 1e-12) as f64;
+    let gather = |b: &mut Builder, table: ValueId, at: ValueId| {
+        b.op("Gather", &[table, at], vec![int_attr("axis", 0)])
+    };
+    let mut s = gather(b, word, ids)?; // [B, S, H]
+    let positions = match optional(n, 8) {
+        Some(p) => gather(b, position, p)?, // [B or 1, S, H]
+        None => {
+            // Rows 0..S of the table, [S, H].
+            let shape = b.op("Shape", &[ids], vec![])?;
+            let len = super::dim(b, shape, 1)?;
+            let (zero, axis) = (b.ints("zero", &[0]), b.ints("axis", &[0]));
+            b.op("Slice", &[position, zero, len, axis], vec![])?
+        }
+    };
+    s = b.op("Add", &[s, positions], vec![])?;
+    if let (Some(segments), Some(table)) = (optional(n, 1), optional(n, 4)) {
+        let seg = gather(b, table, segments)?;
+        s = b.op("Add", &[s, seg], vec![])?;
+    }
+    let (y, _, _) = layer_norm(b, s, gamma, Some(beta), eps)?;
+    let mask_index = match optional(n, 7) {
+        Some(mask) => {
+            let one = b.ints("one", &[1]);
+            let m = b.op("Cast", &[mask], vec![int_attr("to", 7)])?;
+            let ones = b.op("Equal", &[m, one], vec![])?;
+            let ones = b.op("Cast", &[ones], vec![int_attr("to", 6)])?; // int32
+            b.reduce_op("ReduceSum", ones, &[1], false, "axes", None)?
+        }
+        None => {
+            let ids32 = b.op("Cast", &[ids], vec![int_attr("to", 6)])?;
+            let zeros = b.op("Sub", &[ids32, ids32], vec![])?;
+            b.reduce_op("ReduceSum", zeros, &[1], false, "axes", None)?
+        }
+    };
+    Ok(vec![Some(y), Some(mask_index), Some(s)])
+}

@@ -15,8 +15,8 @@ use crate::ir::{Graph, Node, NodeId, ValueId};
 mod attention;
 mod elementwise;
 
-use attention::{group_query_attention, rotary_embedding};
-use elementwise::{fast_gelu, gelu, skip_layer_norm};
+use attention::{attention, group_query_attention, multi_head_attention, rotary_embedding};
+use elementwise::{embed_layer_norm, fast_gelu, gelu, skip_layer_norm};
 
 /// Builds the default-domain form of `node` and returns one value per output slot
 /// (`None` for an output the lowering does not produce: it must be unused).
@@ -59,6 +59,14 @@ pub const LOWERINGS: &[(&str, &str, Lowering)] = &[
         "GroupQueryAttention",
         group_query_attention,
     ),
+    // onnxruntime's fused BERT/GPT-2 attention: [Q K V] = x·W + bias, then softmax(scale·Q Kᵀ
+    // + mask + attention_bias) V, the mask additive (mask_filter_value) as its CPU kernel's
+    ("com.microsoft", "Attention", attention),
+    // The same on separate query, key and value (+ bias), with the key padding mask
+    ("com.microsoft", "MultiHeadAttention", multi_head_attention),
+    // LayerNorm(word[ids] + position[position_ids or 0..S] + segment[segment_ids])·γ + β;
+    // outputs: y, mask_index (the mask's ones per row), the sum before the norm
+    ("com.microsoft", "EmbedLayerNormalization", embed_layer_norm),
     // x [B, N, S, H] (or [B, S, N·H], which needs num_heads) rotated at rows position_ids
     // [B, S] of the caches, halves or interleaved pairs (as GroupQueryAttention's)
     ("com.microsoft", "RotaryEmbedding", rotary_embedding),
@@ -88,12 +96,14 @@ impl super::Pass for Lower {
                 continue;
             };
             let node = node.clone();
+            // The compute type: the first floating-point input's (EmbedLayerNormalization
+            // reads token ids first).
             let dtype = node
                 .inputs
-                .first()
-                .copied()
+                .iter()
                 .flatten()
-                .and_then(|v| dtypes.get(&v).copied())
+                .filter_map(|v| dtypes.get(v).copied())
+                .find(|&t| crate::dtype::is_float(t))
                 .unwrap_or(crate::proto::tensor_proto::DataType::Float as i32);
             let mut b = Builder::new(graph, cx.opset, dtype, node.name().to_string(), '.');
             let outs = lowering(&mut b, &node)
@@ -169,8 +179,12 @@ pub(super) fn scalar_of(b: &mut Builder, v: ValueId) -> Result<ValueId> {
 }
 
 /// `x[..., start..end]` on the last axis (bounds: int64 `[1]` values).
-pub(super) fn last_axis(b: &mut Builder, x: ValueId, start: ValueId, end: ValueId) -> Result<ValueId> {
+pub(super) fn last_axis(
+    b: &mut Builder,
+    x: ValueId,
+    start: ValueId,
+    end: ValueId,
+) -> Result<ValueId> {
     let a = b.ints("axes", &[-1]);
     b.op("Slice", &[x, start, end, a], vec![])
 }
-

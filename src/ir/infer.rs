@@ -70,3 +70,56 @@ pub fn value_dtypes(graph: &Graph) -> Result<HashMap<ValueId, i32>> {
     }
     Ok(types)
 }
+
+/// The rank of `v` where the graph tells it: declared (an initializer, a graph input
+/// with a shape), or followed back through ops whose output rank their inputs' give
+/// (elementwise ops, casts, reductions, Unsqueeze and Squeeze with constant axes, and
+/// `EmbedLayerNormalization`'s 1-D mask index). `None` when that is not known.
+pub fn rank(graph: &Graph, v: ValueId) -> Option<usize> {
+    if let Some(init) = graph.initializer(v) {
+        return Some(init.dims().len());
+    }
+    if let Some(io) = graph.inputs.iter().find(|io| io.value == v) {
+        return match io.info.r#type.as_ref()?.value.as_ref()? {
+            crate::proto::type_proto::Value::TensorType(t) => Some(t.shape.as_ref()?.dim.len()),
+            _ => None,
+        };
+    }
+    let crate::ir::Def::Node(n, slot) = graph.value(v).def else {
+        return None;
+    };
+    let node = graph.node(n);
+    let input = |i: usize| rank(graph, node.inputs.get(i).copied().flatten()?);
+    // The number of axes a node names, by attribute or constant input 1.
+    let axes = || {
+        node.attr_ints("axes").map(<[i64]>::len).or_else(|| {
+            let a = node.inputs.get(1).copied().flatten()?;
+            graph
+                .initializer(a)
+                .map(|i| i.dims().iter().product::<i64>() as usize)
+        })
+    };
+    match node.op() {
+        "EmbedLayerNormalization" if slot == 1 => Some(1),
+        "Cast" | "Identity" | "Not" | "Neg" | "Abs" | "Relu" | "Sigmoid" | "Tanh" | "Erf"
+        | "Sqrt" | "Exp" | "Log" | "Softmax" => input(0),
+        "Add" | "Sub" | "Mul" | "Div" | "Pow" | "Equal" | "Less" | "Greater" | "LessOrEqual"
+        | "GreaterOrEqual" | "And" | "Or" | "Xor" | "Where" | "Max" | "Min" => {
+            (0..node.inputs.len())
+                .map(input)
+                .collect::<Option<Vec<usize>>>()?
+                .into_iter()
+                .max()
+        }
+        op if op.starts_with("Reduce") => {
+            if node.attr_int("keepdims", 1) != 0 {
+                input(0)
+            } else {
+                input(0)?.checked_sub(axes()?)
+            }
+        }
+        "Unsqueeze" => Some(input(0)? + axes()?),
+        "Squeeze" => input(0)?.checked_sub(axes()?),
+        _ => None,
+    }
+}
