@@ -268,13 +268,18 @@ fn gpt2_and_bert_gradients_match_finite_differences() {
     }
 }
 
-/// onnxruntime-genai's int4 Llama: the gradient pass runs through the lowered
-/// GroupQueryAttention (rotary embeddings, grouped heads, causal mask, empty KV cache),
-/// `MatMulNBits` and the RMS norms.
+/// onnxruntime-genai's int4 Llama (every variant), Qwen2 and Phi-3 (LoRA, DeLoRA): the
+/// gradient pass runs through the lowered GroupQueryAttention (rotary embeddings,
+/// grouped heads, causal mask, empty KV cache), `MatMulNBits` and the RMS norms.
 #[test]
 fn genai_int4_gradients_match_finite_differences_through_lowered_attention() {
     for variant in common::variant_names().filter(|v| !common::refused_on_int4(v)) {
         check_fd("genai_int4", variant, Loss::CausalLm, 1, 7, 1e-2, 3e-2);
+    }
+    for name in ["genai_qwen2", "genai_phi3"] {
+        for variant in ["lora", "delora"] {
+            check_fd(name, variant, Loss::CausalLm, 1, 7, 1e-2, 3e-2);
+        }
     }
 }
 

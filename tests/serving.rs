@@ -295,7 +295,7 @@ fn onnxruntime_genai_switches_adapters() {
     let (_, adapter) = common::trained("genai_int4", &common::request("lora"), 7, &adapter_path);
     let mut baked = Model::load(&fixture("genai_int4")).unwrap();
     jobs::apply(&mut baked, &adapter).unwrap();
-    common::genai_serves(dir.path(), &adapter, &baked);
+    common::genai_serves("genai_int4", dir.path(), &adapter, &baked);
 }
 
 fn run_serving(dir: &std::path::Path, manifest: &[serde_json::Value]) {

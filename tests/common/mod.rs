@@ -273,16 +273,17 @@ pub fn trained(
     (model, adapter)
 }
 
-/// onnxruntime-genai serves `adapter` on the genai int4 fixture (`tests/genai.py`): the
-/// fixture grafted with `--adapter-inputs` and the adapter's `.onnx_adapter` active give
+/// onnxruntime-genai serves `adapter` on the genai int4 fixture `name` (`tests/genai.py`):
+/// the fixture grafted with `--adapter-inputs` and the adapter's `.onnx_adapter` active give
 /// the greedy tokens of `baked` (the fixture with the adapter baked in), which differ
 /// from the base model's; with no adapter active, the base model's.
 pub fn genai_serves(
+    name: &str,
     dir: &std::path::Path,
     adapter: &lora_graft::adapter::LoadedAdapter,
     baked: &lora_graft::Model,
 ) {
-    let fx = fixture("genai_int4");
+    let fx = fixture(name);
     let folder = |n: &str| {
         let d = dir.join(n);
         std::fs::create_dir_all(&d).unwrap();
