@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from safetensors.numpy import save_file
 
 SHAPE = [2, 5, 16]
@@ -50,7 +50,7 @@ BIAS = ("bias", [HIDDEN])
 
 def case(name, op, inputs, outputs, attributes=None, domain="com.microsoft", dtype="float32",
          numpy_reference=None, node_inputs=None, output_shapes=None, numpy_check=None,
-         output_dtypes=None):
+         output_dtypes=None, initializers=None):
     """`inputs`: [(name, shape)] graph inputs, seeded normal of `dtype`, or (name, shape, array)
     for a fixed value of its own dtype (int32 lengths, rotary caches); `outputs`: node outputs,
     "" for one left out; `node_inputs`: the node's input list where it differs from the graph
@@ -58,12 +58,14 @@ def case(name, op, inputs, outputs, attributes=None, domain="com.microsoft", dty
     output's shape is not the first input's; `output_dtypes`: {output: numpy dtype} where an
     output is not of the case's dtype (EmbedLayerNormalization's int32 mask_index);
     `numpy_check(feeds, attributes)`: an independent numpy computation ONNX Runtime's outputs
-    must match (max abs difference <= 1e-4)."""
+    must match (max abs difference <= 1e-4); `initializers`: {name: array} node inputs stored
+    as initializers, not graph inputs (MatMulNBits' packed weights; numpy_check sees them in
+    feeds)."""
     return {"case": name, "op": op, "domain": domain, "inputs": inputs, "node_outputs": outputs,
             "attributes": attributes or {}, "dtype": dtype, "numpy_reference": numpy_reference,
             "node_inputs": node_inputs or [i[0] for i in inputs],
             "output_shapes": output_shapes or {}, "numpy_check": numpy_check,
-            "output_dtypes": output_dtypes or {}}
+            "output_dtypes": output_dtypes or {}, "initializers": initializers or {}}
 
 
 SLN_IN = [("input", SHAPE), ("skip", SHAPE), ("gamma", [HIDDEN])]
@@ -666,6 +668,38 @@ CASES += [
                   outputs=("output", "", "embedding_sum")),
 ]
 
+
+# MatMulNBits (com.microsoft), 8 bits (lowered: tract runs only 2 and 4): Y = A · Wᵀ with
+# W[n, k] = (B[n, k / bs, k % bs] − zero_points[n, k / bs]) · scales[n, k / bs], B uint8
+# [N, K / bs, bs], scales [N, K / bs], zero_points uint8 [N, K / bs] (8 bits: one byte a
+# block); A [2, 5, K].  Weights are initializers, as the quantizer writes them.
+NB_K, NB_N, NB_BS = 64, 24, 32
+
+
+def nbits8_case(name, zero_points):
+    rng = np.random.default_rng(77)
+    blocks = NB_K // NB_BS
+    inits = {"B": rng.integers(0, 256, size=(NB_N, blocks, NB_BS), dtype=np.uint8),
+             "scales": (rng.uniform(0.01, 0.05, size=(NB_N, blocks))).astype(np.float32)}
+    names = ["a", "B", "scales"]
+    if zero_points:
+        inits["zero_points"] = rng.integers(100, 156, size=(NB_N, blocks), dtype=np.uint8)
+        names.append("zero_points")
+
+    def numpy_nbits(feeds, attrs):
+        zp = (feeds["zero_points"].astype(np.float32)[:, :, None] if zero_points else 128.0)
+        w = ((feeds["B"].astype(np.float32) - zp) * feeds["scales"][:, :, None])
+        w = w.reshape(NB_N, -1)[:, :NB_K]
+        return {"y": feeds["a"] @ w.T}
+
+    return case(name, "MatMulNBits", [("a", [2, 5, NB_K])], ["y"],
+                attributes={"K": NB_K, "N": NB_N, "bits": 8, "block_size": NB_BS},
+                node_inputs=names, initializers=inits, output_shapes={"y": [2, 5, NB_N]},
+                numpy_check=lambda feeds, attrs: numpy_nbits({**feeds, **inits}, attrs))
+
+
+CASES += [nbits8_case("matmul_nbits8_zero_points", True), nbits8_case("matmul_nbits8", False)]
+
 ELEM = {"float32": (TensorProto.FLOAT, np.float32), "float16": (TensorProto.FLOAT16, np.float16)}
 FLOAT_STATS = {"mean", "inv_std_var"}  # type U of the layer norms: float whatever T is
 
@@ -699,7 +733,9 @@ def build(c) -> onnx.ModelProto:
     outputs = [helper.make_tensor_value_info(o, helper.np_dtype_to_tensor_dtype(output_dtype(c, o)),
                                              output_shape(c, o))
                for o in c["node_outputs"] if o]
-    graph = helper.make_graph([node], c["case"], inputs, outputs)
+    graph = helper.make_graph([node], c["case"], inputs, outputs,
+                              initializer=[numpy_helper.from_array(v, k)
+                                           for k, v in c["initializers"].items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
                                                     helper.make_opsetid("com.microsoft", 1)],
                               producer_name="lora-graft tests/lowering.py")

@@ -31,7 +31,7 @@ fn every_lowering_matches_onnx_runtime_op_by_op() {
     for case in &manifest {
         let name = case["case"].as_str().unwrap();
         let op = case["op"].as_str().unwrap();
-        if !LOWERINGS.iter().any(|(_, o, _)| *o == op) {
+        if !LOWERINGS.iter().any(|(_, o, _, _)| *o == op) {
             continue; // ops tract and the gradient rules take as they are
         }
         let mut model = Model::load(&dir.path().join(format!("{name}.onnx"))).unwrap();
@@ -79,7 +79,7 @@ fn every_lowering_matches_onnx_runtime_op_by_op() {
         }
         covered.insert(op.to_string());
     }
-    for (_, op, _) in LOWERINGS {
+    for (_, op, _, _) in LOWERINGS {
         assert!(
             covered.contains(*op),
             "no ONNX Runtime case checks the lowering of {op}"

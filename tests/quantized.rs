@@ -1,6 +1,6 @@
 //! Weight-only int8 models, as deployed: `bert_int8` (`MatMul(x, Mul(Cast(int8 q),
-//! scale))`, generic weight names) and `llama_int8` (`DequantizeLinear` per output
-//! channel). Every variant grafts on them and computes what it computes on the
+//! scale))`, generic weight names), `llama_int8` (`DequantizeLinear` per output
+//! channel) and `llama_nbits8` (onnxruntime's 8-bit `MatMulNBits`). Every variant grafts on them and computes what it computes on the
 //! dequantized float model (DeLoRA's norms, PiSSA's SVD, OLoRA's QR and DoRA's in-graph
 //! norm read the dequantized weight, which stays quantized); ONNX Runtime runs every
 //! grafted model as tract does.
@@ -16,6 +16,10 @@ use lora_graft::tensor::Array;
 use lora_graft::Model;
 
 const INT8: &[&str] = &["bert_int8", "llama_int8"];
+
+/// Fixtures whose linears are onnxruntime's `MatMulNBits` (`llama_nbits8`: 8 bits, blocks
+/// of 32, zero points, made by onnxruntime's own quantizer).
+const NBITS: &[&str] = &["llama_nbits8"];
 
 /// Checks that the adapter moves fixture `name`'s output (`got`, tract's output of the
 /// grafted `model`), saves the model and its inputs and output under `dir`, and returns
@@ -73,7 +77,6 @@ fn dequantized(name: &str) -> Model {
     let targets = target::run(&model.graph, &filters).unwrap().targets;
     let mut replaced = 0;
     for t in targets.iter().filter(|t| t.quantized) {
-        assert_eq!(t.layout, Layout::InOut, "{}", t.module);
         let w = effective_weight(&model.graph, t).unwrap(); // [d_out, d_in]
         let onnx = w.t().as_standard_layout().into_owned().into_dyn();
         let init = lora_graft::ir::Initializer::new(Array::F32(onnx).to_proto(""));
@@ -81,6 +84,24 @@ fn dequantized(name: &str) -> Model {
             .graph
             .add_initializer(&format!("{}.float_weight", t.module), init);
         model.graph.set_input(t.node, 1, Some(id));
+        if model.graph.node(t.node).op() == "MatMulNBits" {
+            // MatMul(x, W) in its place: packed weight, scales and zero points dropped.
+            assert!(
+                model.graph.node(t.node).inputs.len() <= 4,
+                "{}: a bias",
+                t.module
+            );
+            for slot in 2..model.graph.node(t.node).inputs.len() {
+                model.graph.set_input(t.node, slot, None);
+            }
+            let node = model.graph.node_mut(t.node);
+            node.inputs.truncate(2);
+            node.proto.op_type = Some("MatMul".into());
+            node.proto.domain = None;
+            node.proto.attribute.clear();
+        } else {
+            assert_eq!(t.layout, Layout::InOut, "{}", t.module);
+        }
         replaced += 1;
     }
     assert!(replaced >= 12, "{name}: {replaced} quantized weights");
@@ -92,10 +113,13 @@ fn dequantized(name: &str) -> Model {
 fn variants_on_int8_weights_compute_what_they_do_on_the_dequantized_model() {
     let dir = tempfile::tempdir().unwrap();
     let mut manifest = Vec::new();
-    for name in INT8 {
+    for name in INT8.iter().chain(NBITS) {
         let (inputs, _) = reference(name);
         std::fs::create_dir_all(dir.path().join(name)).unwrap();
-        for variant in common::variant_names() {
+        // DoRA needs the dense weight in the graph, which MatMulNBits does not hold.
+        let variants = common::variant_names()
+            .filter(|v| !(NBITS.contains(name) && common::refused_on_int4(v)));
+        for variant in variants {
             let req = common::request_for(name, variant);
             let mut model = Model::load(&fixture(name)).unwrap();
             let mut outcome =
@@ -112,7 +136,11 @@ fn variants_on_int8_weights_compute_what_they_do_on_the_dequantized_model() {
                 modules(&float_outcome),
                 "{name} {variant}"
             );
-            let got = run_tract(&model, &inputs).remove(0);
+            // tract runs MatMulNBits of 2 and 4 bits only: 8 bits are lowered (to a
+            // MatMul on the weight dequantized once), as training and calibration do.
+            let mut lowered = model.clone();
+            jobs::lower(&mut lowered, &mut outcome.clone()).unwrap();
+            let got = run_tract(&lowered, &inputs).remove(0);
             let want = run_tract(&float, &inputs).remove(0);
             // 1e-5 relative: the same float weights, read through the dequantization
             // chain or stored; products summed in the same order.

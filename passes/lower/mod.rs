@@ -22,21 +22,28 @@ use elementwise::{embed_layer_norm, fast_gelu, gelu, skip_layer_norm};
 /// (`None` for an output the lowering does not produce: it must be unused).
 type Lowering = fn(&mut Builder, &Node) -> Result<Vec<Option<ValueId>>>;
 
+/// Whether a line applies to a node (most apply to every node of their op).
+type Applies = fn(&Node) -> bool;
+
+fn always(_: &Node) -> bool {
+    true
+}
+
 /// Every lowering: domain, op, and its builder. One line per op.
-pub const LOWERINGS: &[(&str, &str, Lowering)] = &[
+pub const LOWERINGS: &[(&str, &str, Applies, Lowering)] = &[
     // 0.5·x·(1 + erf(x/√2))
-    ("com.microsoft", "Gelu", |b, n| {
+    ("com.microsoft", "Gelu", always, |b, n| {
         Ok(vec![Some(gelu(b, input(n, 0)?)?)])
     }),
     // Gelu(a + bias)
-    ("com.microsoft", "BiasGelu", |b, n| {
+    ("com.microsoft", "BiasGelu", always, |b, n| {
         let x = b.op("Add", &[input(n, 0)?, input(n, 1)?], vec![])?;
         Ok(vec![Some(gelu(b, x)?)])
     }),
     // y = x (+ bias): 0.5·y·(1 + tanh(√(2/π)·(y + 0.044715·y³)))
-    ("com.microsoft", "FastGelu", fast_gelu),
+    ("com.microsoft", "FastGelu", always, fast_gelu),
     // x·σ(α·x), α = 1.702 by default
-    ("com.microsoft", "QuickGelu", |b, n| {
+    ("com.microsoft", "QuickGelu", always, |b, n| {
         let x = input(n, 0)?;
         let alpha = b.scalar("alpha", n.attr_float("alpha", 1.702) as f64);
         let ax = b.op("Mul", &[x, alpha], vec![])?;
@@ -44,32 +51,56 @@ pub const LOWERINGS: &[(&str, &str, Lowering)] = &[
         Ok(vec![Some(b.op("Mul", &[x, s], vec![])?)])
     }),
     // x + bias + skip
-    ("com.microsoft", "BiasAdd", |b, n| {
+    ("com.microsoft", "BiasAdd", always, |b, n| {
         let xb = b.op("Add", &[input(n, 0)?, input(n, 1)?], vec![])?;
         Ok(vec![Some(b.op("Add", &[xb, input(n, 2)?], vec![])?)])
     }),
     // s = input + skip (+ bias); LayerNorm(s)·γ (+ β) over the last axis;
     // outputs: y, mean, inv_std_var, s
-    ("com.microsoft", "SkipLayerNormalization", skip_layer_norm),
+    (
+        "com.microsoft",
+        "SkipLayerNormalization",
+        always,
+        skip_layer_norm,
+    ),
     // Grouped-query attention with rotary embeddings (onnxruntime-genai's builder):
     // softmax(scale·Q Kᵀ, causal, keys up to seqlens_k) V, each group of num_heads /
     // kv_num_heads query heads on one key/value head; present = past ++ new keys, values.
     (
         "com.microsoft",
         "GroupQueryAttention",
+        always,
         group_query_attention,
     ),
     // onnxruntime's fused BERT/GPT-2 attention: [Q K V] = x·W + bias, then softmax(scale·Q Kᵀ
     // + mask + attention_bias) V, the mask additive (mask_filter_value) as its CPU kernel's
-    ("com.microsoft", "Attention", attention),
+    ("com.microsoft", "Attention", always, attention),
     // The same on separate query, key and value (+ bias), with the key padding mask
-    ("com.microsoft", "MultiHeadAttention", multi_head_attention),
+    (
+        "com.microsoft",
+        "MultiHeadAttention",
+        always,
+        multi_head_attention,
+    ),
     // LayerNorm(word[ids] + position[position_ids or 0..S] + segment[segment_ids])·γ + β;
     // outputs: y, mask_index (the mask's ones per row), the sum before the norm
-    ("com.microsoft", "EmbedLayerNormalization", embed_layer_norm),
+    (
+        "com.microsoft",
+        "EmbedLayerNormalization",
+        always,
+        embed_layer_norm,
+    ),
     // x [B, N, S, H] (or [B, S, N·H], which needs num_heads) rotated at rows position_ids
     // [B, S] of the caches, halves or interleaved pairs (as GroupQueryAttention's)
-    ("com.microsoft", "RotaryEmbedding", rotary_embedding),
+    ("com.microsoft", "RotaryEmbedding", always, rotary_embedding),
+    // 8-bit blocks (tract runs 2 and 4 bits itself): x · W with W dequantized once,
+    // (q − zero_point)·scale per block, as a float initializer (+ bias)
+    (
+        "com.microsoft",
+        "MatMulNBits",
+        |n| n.attr_int("bits", 4) == 8,
+        matmul_nbits,
+    ),
 ];
 
 /// The pass: lowers every node that has a line in [`LOWERINGS`].
@@ -89,9 +120,9 @@ impl super::Pass for Lower {
         let nodes: Vec<NodeId> = graph.node_ids().collect();
         for id in nodes {
             let node = graph.node(id);
-            let Some(&(_, op, lowering)) = LOWERINGS
+            let Some(&(_, op, _, lowering)) = LOWERINGS
                 .iter()
-                .find(|(d, o, _)| *d == domain(node) && *o == node.op())
+                .find(|(d, o, applies, _)| *d == domain(node) && *o == node.op() && applies(node))
             else {
                 continue;
             };
@@ -187,4 +218,24 @@ pub(super) fn last_axis(
 ) -> Result<ValueId> {
     let a = b.ints("axes", &[-1]);
     b.op("Slice", &[x, start, end, a], vec![])
+}
+
+/// `MatMulNBits` as `MatMul(a, W)` (+ bias) with its weight dequantized once into a float
+/// initializer `[K, N]`.
+fn matmul_nbits(b: &mut Builder, n: &Node) -> Result<Vec<Option<ValueId>>> {
+    let w = crate::quant::dequantize_nbits(b.graph, n).map_err(|reason| Error::Node {
+        node: n.name().to_string(),
+        op: n.op().to_string(),
+        reason,
+    })?;
+    let onnx = crate::tensor::Array::F32(w.t().as_standard_layout().into_owned().into_dyn());
+    let init = crate::ir::Initializer::from_array(&onnx)?;
+    let weight = b
+        .graph
+        .add_initializer(&format!("{}.weight", n.name()), init);
+    let mut y = b.op("MatMul", &[input(n, 0)?, weight], vec![])?;
+    if let Some(bias) = optional(n, 5) {
+        y = b.op("Add", &[y, bias], vec![])?;
+    }
+    Ok(vec![Some(y)])
 }

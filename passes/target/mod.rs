@@ -171,18 +171,43 @@ impl Default for Filters {
 impl Targeting {
     /// Follows [`Graph::compact`]'s renumbering after a pass edited the graph: a weight
     /// the pass replaced (PiSSA's `W_res`) is found again as the linear node's weight.
+    /// A linear node the pass replaced (lowering's 8-bit `MatMulNBits` → `MatMul`) is
+    /// found again as the product that now makes the target's output.
     pub fn remap(&mut self, remap: &crate::ir::Remap, graph: &Graph) {
         for t in &mut self.targets {
-            t.node = remap.node(t.node).expect("a pass removed a target node");
             t.input = remap.value(t.input).expect("a pass dropped a target input");
             t.output = remap
                 .value(t.output)
                 .expect("a pass dropped a target output");
+            t.node = match remap.node(t.node) {
+                Some(node) => node,
+                None => {
+                    let node = replacement(graph, t.output).expect("a pass removed a target node");
+                    t.op = graph.node(node).op().to_string();
+                    node
+                }
+            };
             t.weight = remap
                 .value(t.weight)
                 .or_else(|| graph.value_by_name(&t.weight_name))
                 .or_else(|| graph.node(t.node).inputs.get(1).copied().flatten())
                 .expect("a linear node has a weight");
+        }
+    }
+}
+
+/// The product node that makes `output` through the Identity and bias `Add` a lowering
+/// leaves after it.
+fn replacement(graph: &Graph, output: ValueId) -> Option<NodeId> {
+    let mut v = output;
+    loop {
+        let crate::ir::Def::Node(n, _) = graph.value(v).def else {
+            return None;
+        };
+        match graph.node(n).op() {
+            "Identity" | "Add" => v = graph.node(n).inputs.first().copied().flatten()?,
+            "MatMul" | "Gemm" => return Some(n),
+            _ => return None,
         }
     }
 }
