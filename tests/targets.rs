@@ -521,3 +521,64 @@ fn generic_names_take_the_module_from_an_unshared_bias() {
         "a shared bias named a module: {names:?}"
     );
 }
+
+/// An export of a module that wraps the model (`inner.` before every parameter name, as
+/// in the weight-only int8 MiniLM of issue 15, whose generic nodes are named by their
+/// `inner.encoder….bias`): targets are named as the unwrapped model's, so adapters
+/// trained in PyTorch on the model apply by name; `--strip-prefix ''` keeps the names as
+/// they are. Models whose own paths share a first component are left alone (the fixtures
+/// above: `model.` beside `lm_head`, `transformer.`, `encoder.` beside `embeddings.`).
+#[test]
+fn a_wrapper_prefix_is_taken_off_every_module_name() {
+    for name in ["bert_int8", "bert"] {
+        let plain = targets(name, &all_roles()).unwrap();
+        assert_eq!(plain.wrapper_prefix, None, "{name}");
+        let mut model = Model::load(&fixture(name)).unwrap();
+        let renames: Vec<_> = model
+            .graph
+            .initializers()
+            .map(|(v, _)| (v, model.graph.value(v).name.clone()))
+            .filter(|(_, n)| n.contains('.'))
+            .collect();
+        for (v, n) in renames {
+            model.graph.rename_value(v, &format!("inner.{n}"));
+        }
+        let wrapped = target::run(&model.graph, &all_roles()).unwrap();
+        assert_eq!(
+            wrapped.wrapper_prefix.as_deref(),
+            Some("inner."),
+            "{name}: {:?}",
+            modules(&wrapped)
+        );
+        assert_eq!(modules(&wrapped), modules(&plain), "{name}");
+        assert!(wrapped.to_string().contains("wrapper prefix 'inner.'"));
+        let kept = target::run(
+            &model.graph,
+            &Filters {
+                strip_prefix: Some(String::new()),
+                ..all_roles()
+            },
+        )
+        .unwrap();
+        assert!(
+            kept.targets.iter().all(|t| t.module.starts_with("inner.")),
+            "{name}: {:?}",
+            modules(&kept)
+        );
+        // An adapter trained on the wrapped names (lora-graft before it stripped them)
+        // still applies: its names keep the prefix.
+        let adapter = target::run(
+            &model.graph,
+            &Filters {
+                modules: Some(modules(&kept).into_iter().collect()),
+                ..all_roles()
+            },
+        )
+        .unwrap();
+        assert_eq!(modules(&adapter), modules(&kept), "{name}");
+    }
+    for name in FIXTURES {
+        let t = targets(name, &all_roles()).unwrap();
+        assert_eq!(t.wrapper_prefix, None, "{name}");
+    }
+}

@@ -227,6 +227,62 @@ pub struct Targeting {
     pub target_params: u64,
     /// Weight parameters of the whole model (every initializer).
     pub model_params: u64,
+    /// The wrapper prefix taken off every module name (see [`wrapper_prefix`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wrapper_prefix: Option<String>,
+}
+
+/// The first attribute names of Hugging Face models (`model.layers…`, `transformer.h…`,
+/// `encoder.layer…`): a wrapper is recognised by holding one of them, and is never one.
+const MODEL_ROOTS: &[&str] = &[
+    "model",
+    "transformer",
+    "encoder",
+    "decoder",
+    "embeddings",
+    "pooler",
+    "lm_head",
+    "embed_tokens",
+    "layers",
+    "norm",
+    "h",
+    "wte",
+    "wpe",
+    "ln_f",
+    "bert",
+    "roberta",
+    "distilbert",
+    "gpt_neox",
+    "classifier",
+    "score",
+    "shared",
+];
+
+/// The first path component (with its dot) that every module path of the model shares,
+/// when it is a wrapper: an export of a module that holds the model as one attribute
+/// (`inner.encoder.layer.0…`, `inner.embeddings…`). Read from the linears' module
+/// paths and the parameter names of the initializers (`….weight`, `….bias`): a wrapper
+/// holds a model's root attributes (see [`MODEL_ROOTS`]), and is not one itself.
+pub fn wrapper_prefix(graph: &Graph, linears: &[Target]) -> Option<String> {
+    let params = graph
+        .initializers()
+        .map(|(v, _)| graph.value(v).name.as_str())
+        .filter(|n| {
+            (n.ends_with(".weight") || n.ends_with(".bias")) && n.matches('.').count() >= 2
+        });
+    let mut first: Option<&str> = None;
+    let mut roots = false;
+    for name in linears.iter().map(|t| t.module.as_str()).chain(params) {
+        let (head, rest) = name.split_once('.')?;
+        if first.is_some_and(|f| f != head) {
+            return None;
+        }
+        first = Some(head);
+        let child = rest.split('.').next().unwrap_or(rest);
+        roots |= MODEL_ROOTS.contains(&child);
+    }
+    let first = first?;
+    (roots && !MODEL_ROOTS.contains(&first)).then(|| format!("{first}."))
 }
 
 /// The linear layer at node `id` (module named under `filters`), role left unsettled
@@ -244,6 +300,22 @@ pub fn run(graph: &Graph, filters: &Filters) -> Result<Targeting> {
         .filter_map(|&id| linear(graph, id, filters))
         .collect();
     let found = linears.len();
+    // A wrapper's prefix comes off unless the user says otherwise or the adapter being
+    // applied names its modules with it.
+    let wrapper = match filters.strip_prefix {
+        Some(_) => None,
+        None => wrapper_prefix(graph, &linears).filter(|p| {
+            filters
+                .modules
+                .as_ref()
+                .is_none_or(|ms| !ms.iter().any(|m| m.starts_with(p.as_str())))
+        }),
+    };
+    if let Some(p) = &wrapper {
+        for t in &mut linears {
+            t.module = t.module[p.len()..].to_string();
+        }
+    }
     let all_linears = linears.clone();
     if found == 0 {
         return Err(Error::Usage(
@@ -339,6 +411,7 @@ pub fn run(graph: &Graph, filters: &Filters) -> Result<Targeting> {
         targets: linears,
         target_params,
         model_params,
+        wrapper_prefix: wrapper,
     })
 }
 
@@ -455,6 +528,13 @@ impl std::fmt::Display for Targeting {
             self.d_model_source,
             self.target_params,
             self.model_params
-        )
+        )?;
+        if let Some(p) = &self.wrapper_prefix {
+            writeln!(
+                f,
+                "module names without the wrapper prefix '{p}' every module path shares (--strip-prefix '' keeps it)"
+            )?;
+        }
+        Ok(())
     }
 }

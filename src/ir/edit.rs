@@ -113,6 +113,18 @@ impl Graph {
         }
     }
 
+    /// Renames value `v` to `name` (which must be free), its initializer's proto too.
+    pub fn rename_value(&mut self, v: ValueId, name: &str) {
+        debug_assert!(!self.names.contains_key(name), "{name} is taken");
+        let value = &mut self.values[v.0 as usize];
+        self.names.remove(&value.name);
+        value.name = name.to_string();
+        if let Some(init) = &mut value.init {
+            init.proto.name = Some(name.to_string());
+        }
+        self.names.insert(name.to_string(), v);
+    }
+
     /// Removes every graph output (their values stay).
     pub fn clear_outputs(&mut self) {
         self.outputs.clear();
