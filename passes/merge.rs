@@ -26,6 +26,18 @@ pub enum PissaBase {
     Residual,
 }
 
+/// What a merge writes into a quantized weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantizedWeights {
+    /// Nothing: it refuses, saying which of the others would do.
+    Refuse,
+    /// The merged weight as float, the dequantization chain dropped.
+    Dequantize,
+    /// The merged weight quantized again in the weight's own format (`MatMulNBits`: same
+    /// bits, block size and zero-point scheme, as onnxruntime's quantizer writes it).
+    Requantize,
+}
+
 /// The pass: folds `adapters` (module -> torch-layout tensors) into the weights of
 /// `targets`.
 pub struct Merge<'a> {
@@ -41,10 +53,13 @@ pub struct Merge<'a> {
     pub adapter_dtype: i32,
     /// What the base weights hold.
     pub base: PissaBase,
-    /// Write a quantized weight's merge as a float weight (else refuse it).
-    pub dequantize: bool,
+    /// What to write into quantized weights.
+    pub quantized: QuantizedWeights,
     /// How many modules it merged.
     pub merged: usize,
+    /// Per requantized module, `‖W_q − W‖ / ‖W‖`: the requantized weight against the
+    /// float merged one.
+    pub requantized: Vec<(String, f64)>,
 }
 
 impl super::Pass for Merge<'_> {
@@ -53,13 +68,15 @@ impl super::Pass for Merge<'_> {
     }
 
     fn run(&mut self, graph: &mut Graph, _: &super::PassContext) -> Result<()> {
-        self.merged = self.merge(graph)?;
+        let (merged, requantized) = self.merge(graph)?;
+        self.merged = merged;
+        self.requantized = requantized;
         Ok(())
     }
 }
 
 impl Merge<'_> {
-    fn merge(&self, graph: &mut Graph) -> Result<usize> {
+    fn merge(&self, graph: &mut Graph) -> Result<(usize, Vec<(String, f64)>)> {
         let (targets, variant, cfg) = (self.targets, self.variant, self.cfg);
         let modules: Vec<(&String, &Params)> = self.adapters.iter().collect();
         let dtypes = crate::ir::infer::value_dtypes(graph)?;
@@ -84,10 +101,10 @@ impl Merge<'_> {
             PARALLEL_MEMORY_BUDGET,
             |&(module, params)| {
                 let group: Vec<&Target> = targets.iter().filter(|t| &t.module == module).collect();
-                let patch = self
+                let (patch, error) = self
                     .merged_weight(graph, &dtypes, module, &group, params)
                     .map_err(|e| e.context(format!("merging '{module}'")))?;
-                Ok::<_, Error>((group, patch))
+                Ok::<_, Error>((group, patch, error))
             },
         );
         // Biases the variant changes (IA3 scales them, ROAD rotates them): small, here.
@@ -100,16 +117,19 @@ impl Merge<'_> {
                 biases.push(patch);
             }
         }
-        let mut merged = 0;
+        let (mut merged, mut requantized) = (0, Vec::new());
         for (&(module, _), patch) in modules.iter().zip(patches) {
-            let (group, patch) = patch?;
+            let (group, patch, error) = patch?;
             apply_weight(graph, module, &group, patch);
             merged += 1;
+            if let Some(e) = error {
+                requantized.push((module.clone(), e));
+            }
         }
         for (value, init) in biases {
             graph.replace_initializer(value, init);
         }
-        Ok(merged)
+        Ok((merged, requantized))
     }
 
     /// The new bias initializer of target `t`, when the variant changes its bias.
@@ -166,7 +186,8 @@ impl Merge<'_> {
         )))
     }
 
-    /// The patch that writes `module`'s merged weight.
+    /// The patch that writes `module`'s merged weight, and its requantization error when
+    /// it was requantized.
     fn merged_weight(
         &self,
         graph: &Graph,
@@ -174,23 +195,36 @@ impl Merge<'_> {
         module: &str,
         group: &[&Target],
         params: &Params,
-    ) -> Result<WeightPatch> {
+    ) -> Result<(WeightPatch, Option<f64>)> {
         let (variant, cfg) = (self.variant, &*self.cfg.for_module(module));
         let t0 = group
             .first()
             .ok_or_else(|| Error::Usage(format!("no target '{module}' in the model")))?;
-        if t0.quantized && (t0.layout == super::target::Layout::Packed || t0.op == "MatMulInteger")
-        {
-            return Err(Error::Usage(format!(
-                "cannot merge into '{module}': its weight is quantized ({}) and packed; use the grafted model, or merge into a float model and quantize after",
-                t0.op
-            )));
-        }
-        if t0.quantized && !self.dequantize {
-            return Err(Error::Usage(format!(
-                "cannot merge into '{module}': its weight is quantized ({}); --dequantize writes the merged weight as float, or use the grafted model",
-                t0.chain.join(" <- ")
-            )));
+        let nbits = t0.op == "MatMulNBits";
+        let packed = t0.quantized
+            && (t0.layout == super::target::Layout::Packed || t0.op == "MatMulInteger");
+        match self.quantized {
+            QuantizedWeights::Requantize if t0.quantized && !nbits => {
+                return Err(Error::Usage(format!(
+                    "cannot merge into '{module}': --requantize writes MatMulNBits weights back, and this one is {}; use --dequantize, or the grafted model",
+                    t0.chain.join(" <- ")
+                )))
+            }
+            QuantizedWeights::Requantize => {}
+            _ if packed => {
+                return Err(Error::Usage(format!(
+                    "cannot merge into '{module}': its weight is quantized ({}) and packed; {}use the grafted model, or merge into a float model and quantize after",
+                    t0.op,
+                    if nbits { "--requantize writes it back in its format; or " } else { "" }
+                )))
+            }
+            QuantizedWeights::Refuse if t0.quantized => {
+                return Err(Error::Usage(format!(
+                    "cannot merge into '{module}': its weight is quantized ({}); --dequantize writes the merged weight as float, or use the grafted model",
+                    t0.chain.join(" <- ")
+                )))
+            }
+            _ => {}
         }
         let w = effective_weight(graph, t0)?;
         let merged_w =
@@ -214,6 +248,98 @@ impl Merge<'_> {
             cfg.scale()
         )));
         }
-        weight_patch(graph, dtypes, module, group, merged_w)
+        if self.quantized == QuantizedWeights::Requantize && nbits {
+            return requantized(graph, module, group, &merged_w).map(|(p, e)| (p, Some(e)));
+        }
+        Ok((weight_patch(graph, dtypes, module, group, merged_w)?, None))
     }
+}
+
+/// `merged` `[N, K]` written back into the `MatMulNBits` node's own initializers (its
+/// bits, block size, zero-point scheme and scale type), and `‖W_q − W‖ / ‖W‖`.
+fn requantized(
+    graph: &Graph,
+    module: &str,
+    group: &[&Target],
+    merged: &tract_core::ndarray::Array2<f32>,
+) -> Result<(WeightPatch, f64)> {
+    use crate::tensor::Array;
+    let node = graph.node(group[0].node);
+    let bits = node.attr_int("bits", 4) as usize;
+    let block = node.attr_int("block_size", 0) as usize;
+    let cannot = |why: String| Error::Usage(format!("cannot requantize '{module}': {why}"));
+    // B, scales and zero points must be this module's own initializers.
+    let slot = |i: usize| -> Result<Option<(crate::ir::ValueId, &crate::ir::Initializer)>> {
+        let Some(v) = node.inputs.get(i).copied().flatten() else {
+            return Ok(None);
+        };
+        let init = graph
+            .initializer(v)
+            .ok_or_else(|| cannot(format!("its input {i} is computed, not stored")))?;
+        let users: std::collections::HashSet<_> = graph.value(v).users.iter().collect();
+        if users.len() > 1 || group.len() > 1 {
+            return Err(cannot(format!("its input {i} is shared with other nodes")));
+        }
+        Ok(Some((v, init)))
+    };
+    let (b, scales, zp) = (slot(1)?, slot(2)?, slot(3)?);
+    let ((b, b_init), (s, s_init)) = (
+        b.ok_or_else(|| cannot("no B".into()))?,
+        scales.ok_or_else(|| cannot("no scales".into()))?,
+    );
+    if zp.is_some_and(|(_, z)| z.elem_type() != crate::proto::tensor_proto::DataType::Uint8 as i32)
+    {
+        return Err(cannot("its zero points are not packed uint8".into()));
+    }
+    let scale_type = s_init.elem_type();
+    let fp16 = scale_type == crate::proto::tensor_proto::DataType::Float16 as i32;
+    let q = crate::quant::quantize_nbits(merged, bits, block, zp.is_none(), |x| {
+        if fp16 {
+            half::f16::from_f32(x).to_f32()
+        } else {
+            x
+        }
+    });
+    let (n, k) = merged.dim();
+    let back = crate::quant::dequantized_nbits(&q, n, k, bits, block);
+    let norm = |a: &tract_core::ndarray::Array2<f32>| {
+        a.iter()
+            .map(|&v| (v as f64) * (v as f64))
+            .sum::<f64>()
+            .sqrt()
+    };
+    let error = norm(&(&back - merged)) / norm(merged).max(f64::MIN_POSITIVE);
+    let shaped = |values: Array, old: &crate::ir::Initializer| -> Result<crate::ir::Initializer> {
+        let dims: Vec<usize> = old.dims().iter().map(|&d| d as usize).collect();
+        let values = match values {
+            Array::U8(a) => Array::U8(
+                a.into_shape_with_order(dims)
+                    .map_err(|e| cannot(e.to_string()))?,
+            ),
+            Array::F32(a) => Array::F32(
+                a.into_shape_with_order(dims)
+                    .map_err(|e| cannot(e.to_string()))?,
+            ),
+            other => other,
+        };
+        let mut init = crate::ir::Initializer::from_array(&values)?;
+        init.proto.name = old.proto.name.clone();
+        Ok(init)
+    };
+    let dyn1 = |v: Vec<u8>| {
+        Array::U8(tract_core::ndarray::ArrayD::from_shape_vec(vec![v.len()], v).expect("1-D"))
+    };
+    let scale_values =
+        tract_core::ndarray::ArrayD::from_shape_vec(vec![q.scales.len()], q.scales.clone())
+            .expect("1-D");
+    let scale_values = Array::from_f32(scale_values, scale_type)
+        .ok_or_else(|| cannot("its scales are not float".into()))?;
+    let mut inits = vec![
+        (b, shaped(dyn1(q.packed), b_init)?),
+        (s, shaped(scale_values, s_init)?),
+    ];
+    if let (Some((z, z_init)), Some(zps)) = (zp, q.zero_points) {
+        inits.push((z, shaped(dyn1(zps), z_init)?));
+    }
+    Ok((WeightPatch::Requantized(inits), error))
 }

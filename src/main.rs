@@ -184,8 +184,15 @@ fn run(cli: Cli) -> Result<()> {
             output,
             pissa_base,
             dequantize,
+            requantize,
             file,
         } => {
+            use lora_graft::passes::merge::QuantizedWeights;
+            let quantized = match (dequantize, requantize) {
+                (true, _) => QuantizedWeights::Dequantize,
+                (_, true) => QuantizedWeights::Requantize,
+                _ => QuantizedWeights::Refuse,
+            };
             let overrides = file.overrides()?;
             let adapter = LoadedAdapter::read(&adapter, &overrides)?;
             let out = output.unwrap_or_else(|| jobs::default_paths(&model, "merged", None, None).0);
@@ -195,13 +202,29 @@ fn run(cli: Cli) -> Result<()> {
                 .read("adapter file", &adapter.path)
                 .write_model("output model", &m, &out)?
                 .check()?;
-            let merged = jobs::merge(&mut m, &adapter, pissa_base, dequantize)?;
+            let merged = jobs::merge(&mut m, &adapter, pissa_base, quantized)?;
             let report = m.save(&out, &SaveOptions::default())?;
             println!(
-                "merged {merged} modules of {} ({}) into their weights",
+                "merged {} modules of {} ({}) into their weights",
+                merged.modules,
                 adapter.path.display(),
                 adapter.req.variant.name()
             );
+            if !merged.requantized.is_empty() {
+                let mut errors: Vec<f64> = merged.requantized.iter().map(|e| e.1).collect();
+                errors.sort_by(f64::total_cmp);
+                println!(
+                    "requantized {} weights in their own format: ‖W_q − W‖/‖W‖ median {:.3e}, max {:.3e} ('{}')",
+                    errors.len(),
+                    errors[errors.len() / 2],
+                    errors[errors.len() - 1],
+                    merged
+                        .requantized
+                        .iter()
+                        .max_by(|a, b| a.1.total_cmp(&b.1))
+                        .map_or("", |e| e.0.as_str())
+                );
+            }
             print_saved(&report);
         }
         Command::ExportAdapter {

@@ -91,3 +91,102 @@ pub fn dequantize_nbits(graph: &Graph, node: &Node) -> Result<Array2<f32>, Strin
         (v - zero_points[r * blocks + b]) * scales[r * blocks + b]
     }))
 }
+
+/// A `MatMulNBits` weight: the packed values `[N, blocks, blob]`, the scales
+/// `[N·blocks]` and, when asymmetric, the packed zero points `[N, ⌈blocks·bits/8⌉]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nbits {
+    /// `B`, uint8.
+    pub packed: Vec<u8>,
+    /// One scale per block, row by row.
+    pub scales: Vec<f32>,
+    /// The zero points, packed like `B` (`None`: symmetric, `2^(bits−1)` implied).
+    pub zero_points: Option<Vec<u8>>,
+}
+
+/// Quantizes `w` `[N, K]` as onnxruntime's block quantizer (MLAS, what
+/// `MatMulNBitsQuantizer` and onnxruntime-genai's builder call) does, block by block
+/// along K (the last block padded with zeros): symmetric, `scale = m / −2^(bits−1)` for
+/// the entry `m` of largest magnitude and the zero point `2^(bits−1)`; else
+/// `scale = (max(max, 0) − min(min, 0)) / (2^bits − 1)` and the zero point
+/// `round(−min/scale)`; then `q = clamp(round(v·(1/scale) + zp), 0, 2^bits − 1)`, rounding
+/// half away from zero, in float32. `round_scale` rounds each scale to the scales'
+/// storage type first (float16 models), as the quantizer reads them back.
+pub fn quantize_nbits(
+    w: &Array2<f32>,
+    bits: usize,
+    block: usize,
+    symmetric: bool,
+    round_scale: impl Fn(f32) -> f32,
+) -> Nbits {
+    let (n, k) = w.dim();
+    let blocks = k.div_ceil(block);
+    let blob = block * bits / 8;
+    let per_byte = 8 / bits;
+    let (max_q, mid) = (((1u32 << bits) - 1) as f32, (1u32 << (bits - 1)) as f32);
+    let zp_row = blocks.div_ceil(per_byte);
+    let mut packed = vec![0u8; n * blocks * blob];
+    let mut scales = vec![0f32; n * blocks];
+    let mut zero_points = (!symmetric).then(|| vec![0u8; n * zp_row]);
+    let mut values = vec![0f32; block];
+    for r in 0..n {
+        for b in 0..blocks {
+            values.fill(0.0);
+            for (i, v) in values.iter_mut().enumerate() {
+                if let Some(&x) = w.get((r, b * block + i)) {
+                    *v = x;
+                }
+            }
+            let (min, max) = values
+                .iter()
+                .fold((f32::MAX, -f32::MAX), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let (scale, zp) = if symmetric {
+                let m = if max.abs() > min.abs() { max } else { min };
+                (round_scale(m / -mid), mid)
+            } else {
+                let (lo, hi) = (min.min(0.0), max.max(0.0));
+                let scale = (hi - lo) / max_q;
+                let zp = if scale != 0.0 { -lo / scale } else { lo };
+                (round_scale(scale), zp.clamp(0.0, max_q).round())
+            };
+            scales[r * blocks + b] = scale;
+            if let Some(zps) = &mut zero_points {
+                let i = b * bits;
+                zps[r * zp_row + i / 8] |= (zp as u8) << (i % 8);
+            }
+            let recip = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+            let out = &mut packed[(r * blocks + b) * blob..(r * blocks + b + 1) * blob];
+            for (i, &v) in values.iter().enumerate() {
+                let q = (v * recip + zp).round().clamp(0.0, max_q) as u8;
+                out[i / per_byte] |= q << ((i % per_byte) * bits);
+            }
+        }
+    }
+    Nbits {
+        packed,
+        scales,
+        zero_points,
+    }
+}
+
+/// The float weight `[N, K]` an [`Nbits`] holds (for the requantization error).
+pub fn dequantized_nbits(q: &Nbits, n: usize, k: usize, bits: usize, block: usize) -> Array2<f32> {
+    let blocks = k.div_ceil(block);
+    let (blob, per_byte) = (block * bits / 8, 8 / bits);
+    let mask = ((1u16 << bits) - 1) as u8;
+    let zp_row = blocks.div_ceil(per_byte);
+    let zp = |r: usize, b: usize| match &q.zero_points {
+        None => (1u32 << (bits - 1)) as f32,
+        Some(z) => {
+            let i = b * bits;
+            f32::from((z[r * zp_row + i / 8] >> (i % 8)) & mask)
+        }
+    };
+    Array2::from_shape_fn((n, k), |(r, c)| {
+        let b = c / block;
+        let i = c % block;
+        let byte = q.packed[(r * blocks + b) * blob + i / per_byte];
+        let v = f32::from((byte >> ((i % per_byte) * bits)) & mask);
+        (v - zp(r, b)) * q.scales[r * blocks + b]
+    })
+}

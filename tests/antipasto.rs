@@ -37,7 +37,7 @@ fn lora_lites_adapters_give_lora_lites_outputs() {
             &mut merged,
             &adapter,
             lora_graft::passes::merge::PissaBase::Original,
-            false,
+            lora_graft::passes::merge::QuantizedWeights::Refuse,
         )
         .unwrap();
         let m = common::run_tract(&merged, &inputs);

@@ -4,6 +4,8 @@
 
 mod common;
 
+use lora_graft::passes::merge::QuantizedWeights;
+
 use common::{fixture, perturb, reference, run_tract, FIXTURES};
 use lora_graft::adapter::{AdapterOverrides, LoadedAdapter};
 use lora_graft::jobs;
@@ -117,7 +119,13 @@ fn grafted_models_run_in_onnx_runtime_as_in_tract() {
                 relative,
             ));
             let mut merged = Model::load(&fixture(name)).unwrap();
-            jobs::merge(&mut merged, &adapter, PissaBase::Original, false).unwrap();
+            jobs::merge(
+                &mut merged,
+                &adapter,
+                PissaBase::Original,
+                QuantizedWeights::Refuse,
+            )
+            .unwrap();
             merged
                 .save(
                     &dir.path().join(format!("{stem}.merged.onnx")),

@@ -2,6 +2,8 @@
 
 mod common;
 
+use lora_graft::passes::merge::QuantizedWeights;
+
 use common::{fixture, max_abs_diff, perturb, reference, run_tract};
 use lora_graft::adapter::AdapterFile;
 use lora_graft::adapter::{AdapterOverrides, LoadedAdapter};
@@ -56,7 +58,14 @@ fn merged_model_equals_the_adapted_one_and_keeps_the_base_graph() {
             let (adapted, path) = trained(name, variant, dir.path());
             let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
             let mut merged = base.clone();
-            let n = jobs::merge(&mut merged, &adapter, PissaBase::Original, false).unwrap();
+            let n = jobs::merge(
+                &mut merged,
+                &adapter,
+                PissaBase::Original,
+                QuantizedWeights::Refuse,
+            )
+            .unwrap()
+            .modules;
             assert_eq!(n, adapter.tensors.len());
             assert_eq!(
                 merged.graph.dump().unwrap(),
@@ -82,7 +91,13 @@ fn merge_writes_only_rewritten_weights_to_the_new_data_file() {
     let (_, path) = trained("llama", "lora", dir.path());
     let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
     let mut merged = Model::load(&fixture("llama")).unwrap();
-    jobs::merge(&mut merged, &adapter, PissaBase::Original, false).unwrap();
+    jobs::merge(
+        &mut merged,
+        &adapter,
+        PissaBase::Original,
+        QuantizedWeights::Refuse,
+    )
+    .unwrap();
     let out = dir.path().join("merged.onnx");
     let report = merged.save(&out, &Default::default()).unwrap();
     let own = report
@@ -170,7 +185,13 @@ fn a_hand_written_lora_lite_and_peft_adapter_apply_correctly() {
         outputs.push(run_tract(&model, &inputs).remove(0));
         // And it is what merging gives.
         let mut merged = Model::load(&fixture("llama")).unwrap();
-        jobs::merge(&mut merged, &adapter, PissaBase::Original, false).unwrap();
+        jobs::merge(
+            &mut merged,
+            &adapter,
+            PissaBase::Original,
+            QuantizedWeights::Refuse,
+        )
+        .unwrap();
         let m = run_tract(&merged, &inputs).remove(0);
         assert!(max_abs_diff(&m, outputs.last().unwrap()) / common::max_abs(&m) <= 1e-4);
     }
@@ -250,10 +271,15 @@ fn a_quantized_target_cannot_be_merged() {
     std::fs::write(&path, outcome.adapter_file(&req).to_bytes().unwrap()).unwrap();
     let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
     let mut base = Model::load(&fixture("genai_int4")).unwrap();
-    let err = jobs::merge(&mut base, &adapter, PissaBase::Original, false)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = jobs::merge(
+        &mut base,
+        &adapter,
+        PissaBase::Original,
+        QuantizedWeights::Refuse,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("quantized (MatMulNBits)"), "{err}");
 }
 

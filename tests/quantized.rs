@@ -7,6 +7,8 @@
 
 mod common;
 
+use lora_graft::passes::merge::QuantizedWeights;
+
 use common::{fixture, perturb, reference, run_tract};
 use lora_graft::jobs;
 use lora_graft::model::SaveOptions;
@@ -104,7 +106,7 @@ fn dequantized(name: &str) -> Model {
         }
         replaced += 1;
     }
-    assert!(replaced >= 12, "{name}: {replaced} quantized weights");
+    assert!(replaced >= 10, "{name}: {replaced} quantized weights");
     model.graph.compact();
     model
 }
@@ -170,13 +172,23 @@ fn merge_dequantize_writes_float_weights_that_compute_the_adapted_model() {
                 common::trained(name, &common::request_for(name, variant), 4, &path);
             let want = run_tract(&adapted, &inputs).remove(0);
             let mut refused = Model::load(&fixture(name)).unwrap();
-            let e = jobs::merge(&mut refused, &adapter, PissaBase::Original, false)
-                .expect_err("quantized")
-                .to_string();
+            let e = jobs::merge(
+                &mut refused,
+                &adapter,
+                PissaBase::Original,
+                QuantizedWeights::Refuse,
+            )
+            .expect_err("quantized")
+            .to_string();
             assert!(e.contains("--dequantize"), "{name} {variant}: {e}");
             let mut merged = Model::load(&fixture(name)).unwrap();
-            jobs::merge(&mut merged, &adapter, PissaBase::Original, true)
-                .unwrap_or_else(|e| panic!("{name} {variant}: {e}"));
+            jobs::merge(
+                &mut merged,
+                &adapter,
+                PissaBase::Original,
+                QuantizedWeights::Dequantize,
+            )
+            .unwrap_or_else(|e| panic!("{name} {variant}: {e}"));
             // Every linear of these fixtures is a target: no int8 weight is left.
             let int8 = lora_graft::proto::tensor_proto::DataType::Int8 as i32;
             let left = merged
@@ -266,11 +278,127 @@ fn variants_on_dynamically_quantized_bert() {
             let adapter =
                 lora_graft::adapter::LoadedAdapter::read(&path, &Default::default()).unwrap();
             let mut m = Model::load(&fixture(name)).unwrap();
-            let e = jobs::merge(&mut m, &adapter, PissaBase::Original, true)
-                .expect_err("MatMulInteger")
-                .to_string();
+            let e = jobs::merge(
+                &mut m,
+                &adapter,
+                PissaBase::Original,
+                QuantizedWeights::Dequantize,
+            )
+            .expect_err("MatMulInteger")
+            .to_string();
             assert!(e.contains("MatMulInteger"), "{e}");
         }
     }
     common::run_interop(dir.path(), &manifest);
+}
+
+/// `merge --requantize` on `MatMulNBits` weights (`genai_int4`: 4 bits, symmetric, as
+/// onnxruntime-genai's builder writes them; `llama_nbits8`: 8 bits with zero points, from
+/// onnxruntime's quantizer): each merged weight is written back in its node's format
+/// exactly as onnxruntime's own quantizer writes the float merged weight (the same merge
+/// on the dequantized model) — packed values, scales and zero points equal — and the
+/// requantization error is reported; without `--requantize` the merge says to use it.
+#[test]
+fn merge_requantize_writes_matmulnbits_weights_as_onnxruntimes_quantizer_does() {
+    use lora_graft::adapter::AdapterFile;
+    use lora_graft::passes::merge::PissaBase;
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [("genai_int4", 4, "1", 0.2), ("llama_nbits8", 8, "0", 0.02)];
+    for (name, bits, symmetric, worst) in cases {
+        for variant in ["lora", "pissa"] {
+            let path = dir.path().join(format!("{name}.{variant}.safetensors"));
+            let (_, adapter) = common::trained(name, &common::request_for(name, variant), 4, &path);
+            let mut refused = Model::load(&fixture(name)).unwrap();
+            let e = jobs::merge(
+                &mut refused,
+                &adapter,
+                PissaBase::Original,
+                QuantizedWeights::Refuse,
+            )
+            .expect_err("packed")
+            .to_string();
+            assert!(e.contains("--requantize"), "{name} {variant}: {e}");
+            let mut merged = Model::load(&fixture(name)).unwrap();
+            let done = jobs::merge(
+                &mut merged,
+                &adapter,
+                PissaBase::Original,
+                QuantizedWeights::Requantize,
+            )
+            .unwrap_or_else(|e| panic!("{name} {variant}: {e}"));
+            assert!(done.modules >= 10, "{name} {variant}: {}", done.modules);
+            assert_eq!(done.requantized.len(), done.modules, "{name} {variant}");
+            for (module, e) in &done.requantized {
+                // Measured: 4 bits 0.08-0.10, 8 bits 0.004-0.005 of ‖W‖ on these random
+                // weights (a block's range over 15 or 255 steps).
+                assert!(
+                    e.is_finite() && *e > 0.0 && *e < worst,
+                    "{name} {variant} {module}: requantization error {e}"
+                );
+            }
+            // The float merge, on the dequantized model.
+            let mut float = dequantized(name);
+            jobs::merge(
+                &mut float,
+                &adapter,
+                PissaBase::Original,
+                QuantizedWeights::Refuse,
+            )
+            .unwrap();
+            let filters = adapter.req.filters.clone();
+            let ours = target::run(&merged.graph, &filters).unwrap().targets;
+            let theirs = target::run(&float.graph, &filters).unwrap().targets;
+            let mut file = AdapterFile {
+                metadata: [
+                    ("bits".to_string(), bits.to_string()),
+                    ("block_size".to_string(), "32".to_string()),
+                    ("symmetric".to_string(), symmetric.to_string()),
+                ]
+                .into(),
+                tensors: Default::default(),
+            };
+            for t in &ours {
+                let Some(f) = theirs.iter().find(|f| f.module == t.module) else {
+                    continue;
+                };
+                let w = effective_weight(&float.graph, f).unwrap(); // [N, K]
+                let w = w.t().as_standard_layout().into_owned().into_dyn();
+                let node = merged.graph.node(t.node);
+                assert_eq!(node.attr_int("block_size", 0), 32, "{}", t.module);
+                // As float32 (exact for bytes): the adapter file format holds no uint8.
+                let input = |i: usize| {
+                    let v = node.inputs[i].unwrap();
+                    let a = lora_graft::interp::evaluate(&merged.graph, v).unwrap();
+                    Array::F32(a.to_f32())
+                };
+                let m = &t.module;
+                file.tensors.insert(format!("w.{m}"), Array::F32(w));
+                file.tensors.insert(format!("b.{m}"), input(1));
+                file.tensors.insert(format!("scales.{m}"), input(2));
+                if symmetric == "0" {
+                    file.tensors.insert(format!("zp.{m}"), input(3));
+                }
+            }
+            assert!(
+                file.tensors.len() >= 30,
+                "{name} {variant}: {}",
+                file.tensors.len()
+            );
+            let cases = dir
+                .path()
+                .join(format!("{name}.{variant}.cases.safetensors"));
+            std::fs::write(&cases, file.to_bytes().unwrap()).unwrap();
+            let out = std::process::Command::new(common::python())
+                .arg(common::root().join("tests/quantizer.py"))
+                .arg(&cases)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.trim_end().ends_with("quantizer: ok"),
+                "{name} {variant}:\n{stdout}\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
 }

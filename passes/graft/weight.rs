@@ -108,6 +108,9 @@ pub enum WeightPatch {
     InPlace(ValueId, Initializer),
     /// A new initializer the module's nodes read directly (a tied weight's own copy).
     Own(Initializer),
+    /// New contents of the initializers a quantized weight is stored in (`MatMulNBits`'
+    /// packed values, scales and zero points), in their format.
+    Requantized(Vec<(ValueId, Initializer)>),
 }
 
 /// Writes `w_res` (torch layout, alpha folded in) as the weight of every node of `group`:
@@ -175,6 +178,11 @@ pub fn weight_patch(
 pub fn apply_weight(graph: &mut Graph, module: &str, group: &[&Target], patch: WeightPatch) {
     match patch {
         WeightPatch::InPlace(root, init) => graph.replace_initializer(root, init),
+        WeightPatch::Requantized(inits) => {
+            for (value, init) in inits {
+                graph.replace_initializer(value, init);
+            }
+        }
         WeightPatch::Own(init) => {
             let res = graph.add_initializer(&format!("{module}.weight_res"), init);
             for t in group {

@@ -113,10 +113,15 @@ pub enum Command {
         /// A₀, B₀ subtracted; recomputed from W when the file has none) or PEFT's W_res.
         #[arg(long, value_enum, default_value_t = PissaBase::Original)]
         pissa_base: PissaBase,
-        /// Merge into quantized weights (DequantizeLinear, Mul(Cast(int8), scale)) by
-        /// writing the merged weights as float.
-        #[arg(long)]
+        /// Merge into quantized weights (DequantizeLinear, Mul(Cast(int8), scale),
+        /// MatMulNBits) by writing the merged weights as float.
+        #[arg(long, conflicts_with = "requantize")]
         dequantize: bool,
+        /// Merge into MatMulNBits weights by quantizing the merged weights again in their
+        /// format (same bits, block size and zero-point scheme, as onnxruntime's quantizer
+        /// does); prints the requantization error against the float merge.
+        #[arg(long)]
+        requantize: bool,
         #[command(flatten)]
         file: FileArgs,
     },

@@ -3,18 +3,18 @@
 use crate::adapter::LoadedAdapter;
 use crate::error::Result;
 use crate::model::Model;
-use crate::passes::merge::{Merge, PissaBase};
+use crate::passes::merge::{Merge, PissaBase, QuantizedWeights};
 use crate::passes::{graft::default_opset, run_pass, PassContext};
 
-/// Folds a trained adapter file into `model`'s weights; returns the modules merged.
-/// With `dequantize`, a quantized weight (`DequantizeLinear`, `Mul(Cast(int8), scale)`)
-/// is replaced by its merged float values; without, it is refused.
+/// Folds a trained adapter file into `model`'s weights. A quantized weight is refused,
+/// replaced by its merged float values (`DequantizeLinear`, `Mul(Cast(int8), scale)`), or
+/// quantized again in its format (`MatMulNBits`), as `quantized` says.
 pub fn merge(
     model: &mut Model,
     adapter: &LoadedAdapter,
     base: PissaBase,
-    dequantize: bool,
-) -> Result<usize> {
+    quantized: QuantizedWeights,
+) -> Result<Merged> {
     let targeting = adapter.targets(model)?;
     adapter.check(model, &targeting)?;
     let modules: Vec<String> = adapter.tensors.keys().cloned().collect();
@@ -26,13 +26,27 @@ pub fn merge(
         adapters: &params,
         adapter_dtype: adapter.req.adapter_dtype.onnx(),
         base,
-        dequantize,
+        quantized,
         merged: 0,
+        requantized: Vec::new(),
     };
     let cx = PassContext {
         opset: default_opset(&model.proto),
     };
     run_pass(&mut model.graph, &cx, &mut pass)
         .map_err(|e| e.context(model.path.display().to_string()))?;
-    Ok(pass.merged)
+    Ok(Merged {
+        modules: pass.merged,
+        requantized: pass.requantized,
+    })
+}
+
+/// What a merge did.
+#[derive(Debug, Clone)]
+pub struct Merged {
+    /// Modules folded into their weights.
+    pub modules: usize,
+    /// Per module written back into its quantized format, `‖W_q − W‖ / ‖W‖` against the
+    /// float merged weight.
+    pub requantized: Vec<(String, f64)>,
 }
