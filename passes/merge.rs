@@ -213,9 +213,13 @@ impl Merge<'_> {
             QuantizedWeights::Requantize => {}
             _ if packed => {
                 return Err(Error::Usage(format!(
-                    "cannot merge into '{module}': its weight is quantized ({}) and packed; {}use the grafted model, or merge into a float model and quantize after",
+                    "cannot merge into '{module}': its weight is quantized ({}) and packed; {}",
                     t0.op,
-                    if nbits { "--requantize writes it back in its format; or " } else { "" }
+                    if nbits {
+                        "--requantize writes the merged weight back in that format, or use the grafted model"
+                    } else {
+                        "use the grafted model, or merge into a float model and quantize after"
+                    }
                 )))
             }
             QuantizedWeights::Refuse if t0.quantized => {
