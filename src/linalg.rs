@@ -52,6 +52,92 @@ fn thin_q(a: &Mat<f64>) -> Mat<f64> {
     a.qr().compute_thin_Q()
 }
 
+/// How [`svd_top`] found the triplets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopSvdPath {
+    /// Certified by block subspace iteration after this many steps.
+    Iterated(usize),
+    /// The full SVD after this many steps: a small matrix (none), or a gap at the rank
+    /// boundary too small to certify in [`TOP_SVD_STEPS`] steps.
+    Full(usize),
+}
+
+/// The most block subspace iteration steps [`svd_top`] takes before the full SVD.
+pub const TOP_SVD_STEPS: usize = 60;
+
+/// The `q` largest singular triplets of `w` to f64 precision, each signed so that the
+/// left vector's entry of largest magnitude is positive, without a full SVD where the
+/// spectrum allows it. Block subspace iteration on `k = 2q + 8` columns with a
+/// Rayleigh–Ritz step each time (`B = QᵀW = Ũ Σ Vᵀ`, `U = QŨ`) stops on a residual
+/// certificate: every `‖W v_i − σ_i u_i‖` (`Wᵀu_i = σ_i v_i` holds by construction)
+/// at most `1e-11·σ_1`, and at most `1e-9` of the gap `σ_q − σ_{q+1}`, which bounds each
+/// vector's angle to the exact one (Wedin). A gap too small to certify (a repeated
+/// singular value at the rank boundary), convergence too slow to finish in
+/// [`TOP_SVD_STEPS`] steps, or a small matrix, take the full SVD instead.
+pub fn svd_top<T: Copy + Into<f64>>(w: &Array2<T>, q: usize) -> Result<(Svd, TopSvdPath)> {
+    let (m, n) = w.dim();
+    let small = m.min(n);
+    let k = (2 * q + 8).min(small);
+    if q == 0 || 3 * k > small {
+        return Ok((signed(svd_exact(w, q.min(small))?), TopSvdPath::Full(0)));
+    }
+    let a = to_faer(w);
+    let mut rng = Rng::new(0x5EED_7095);
+    let omega = Mat::from_fn(n, k, |_, _| rng.normal());
+    let mut qm = thin_q(&(&a * &omega));
+    let mut last = f64::INFINITY;
+    let mut tried = 0;
+    for step in 0..TOP_SVD_STEPS {
+        tried = step + 1;
+        let b = qm.transpose() * &a; // [k, n]
+        let (ub, s, vb) = thin_svd(&b)?;
+        let u = &qm * &ub; // [m, k]
+        let av = &a * vb.as_ref().subcols(0, q); // [m, q]
+        let residual = (0..q)
+            .map(|i| {
+                (0..m)
+                    .map(|r| (av[(r, i)] - s[i] * u[(r, i)]).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            })
+            .fold(0.0, f64::max);
+        let gap = s[q - 1] - s[q];
+        if residual <= 1e-11 * s[0] && residual <= 1e-9 * gap {
+            let svd = Svd {
+                u: from_faer(u.as_ref().subcols(0, q)),
+                s: Array1::from(s[..q].to_vec()),
+                v: from_faer(vb.as_ref().subcols(0, q)),
+            };
+            return Ok((signed(svd), TopSvdPath::Iterated(step)));
+        }
+        // Converged to rounding with no gap to certify, or too slow to finish: the
+        // residual falls by about (σ_{k+1}/σ_q)² a step.
+        let rate = residual / last;
+        let target = (1e-11 * s[0]).min(1e-9 * gap.max(0.0));
+        let steps_left = (TOP_SVD_STEPS - step) as f64;
+        let hopeless = gap <= 1e-9 * s[0]
+            || (step >= 3 && (rate >= 1.0 || rate.powf(steps_left) * residual > target));
+        if hopeless {
+            break;
+        }
+        last = residual;
+        qm = thin_q(&(&a * &thin_q(&(a.transpose() * &qm))));
+    }
+    Ok((signed(svd_exact(w, q)?), TopSvdPath::Full(tried)))
+}
+
+/// `svd` with each left singular vector signed so that its entry of largest magnitude
+/// is positive (and the right one with it).
+fn signed(mut svd: Svd) -> Svd {
+    for k in 0..svd.s.len() {
+        if largest_entry(svd.u.column(k)) < 0.0 {
+            svd.u.column_mut(k).mapv_inplace(|v| -v);
+            svd.v.column_mut(k).mapv_inplace(|v| -v);
+        }
+    }
+    svd
+}
+
 /// torch's `svd_lowrank(w, q, niter)` with sketch `omega [min(m, n), q]` (Gaussian from
 /// `rng` when `None`).
 pub fn svd_lowrank<T: Copy + Into<f64>>(
@@ -216,14 +302,7 @@ pub fn sym_eigen_top(a: &Array2<f64>, q: usize) -> Result<(Array1<f64>, Array2<f
 /// [`svd_exact`] with each left singular vector signed so that its entry of largest
 /// magnitude is positive (and the right one with it).
 pub fn svd_flipped<T: Copy + Into<f64>>(w: &Array2<T>, q: usize) -> Result<Svd> {
-    let mut svd = svd_exact(w, q)?;
-    for k in 0..svd.s.len() {
-        if largest_entry(svd.u.column(k)) < 0.0 {
-            svd.u.column_mut(k).mapv_inplace(|v| -v);
-            svd.v.column_mut(k).mapv_inplace(|v| -v);
-        }
-    }
-    Ok(svd)
+    Ok(signed(svd_exact(w, q)?))
 }
 
 /// `k` orthonormal columns `[d, k]` spanning a Gaussian random subspace.
@@ -263,4 +342,69 @@ pub fn nystrom_top(
         }
     }
     Ok((values, vectors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `U diag(s) Vᵀ` `[m, n]` with random orthonormal `U`, `V`.
+    fn planted(m: usize, n: usize, s: &[f64], seed: u64) -> Array2<f64> {
+        let mut rng = Rng::new(seed);
+        let u = orthonormal_gaussian(m, s.len(), &mut rng);
+        let v = orthonormal_gaussian(n, s.len(), &mut rng);
+        (&u * &Array1::from(s.to_vec())
+            .view()
+            .insert_axis(tract_core::ndarray::Axis(0)))
+            .dot(&v.t())
+    }
+
+    fn max_diff(a: &Array2<f64>, b: &Array2<f64>) -> f64 {
+        (a - b).iter().fold(0.0, |m, v| m.max(v.abs()))
+    }
+
+    /// A decaying spectrum: certified by iteration, and the full SVD's triplets (both
+    /// signed the same way) to 1e-9.
+    #[test]
+    fn svd_top_iterates_to_the_full_svds_triplets() {
+        let s: Vec<f64> = (0..150).map(|i| 10.0 * 0.85f64.powi(i)).collect();
+        let w = planted(300, 200, &s, 1);
+        let (top, path) = svd_top(&w, 8).unwrap();
+        // (σ_25/σ_8)² = 0.85^34: about 1e-2.4 a step.
+        assert!(
+            matches!(path, TopSvdPath::Iterated(n) if n <= 10),
+            "{path:?}"
+        );
+        let full = signed(svd_exact(&w, 8).unwrap());
+        assert!(max_diff(&top.u, &full.u) <= 1e-9, "U");
+        assert!(max_diff(&top.v, &full.v) <= 1e-9, "V");
+        let ds = (&top.s - &full.s)
+            .iter()
+            .fold(0.0f64, |m, v| m.max(v.abs()));
+        assert!(ds <= 1e-12 * s[0], "S off by {ds:e}");
+    }
+
+    /// A singular value repeated across the rank boundary (σ_8 = σ_9): the top 8 are
+    /// not unique, no certificate can hold, and the full SVD decides.
+    #[test]
+    fn svd_top_falls_back_on_a_repeated_value_at_the_rank_boundary() {
+        let mut s: Vec<f64> = (0..150).map(|i| 10.0 * 0.85f64.powi(i)).collect();
+        s[8] = s[7];
+        let w = planted(300, 200, &s, 2);
+        let (top, path) = svd_top(&w, 8).unwrap();
+        assert!(matches!(path, TopSvdPath::Full(n) if n < 10), "{path:?}");
+        let full = signed(svd_exact(&w, 8).unwrap());
+        assert_eq!(top.s, full.s);
+        assert!(max_diff(&top.u, &full.u) == 0.0);
+    }
+
+    /// A flat spectrum (a Gaussian matrix): too slow to certify, the full SVD, and it
+    /// gives up early rather than after every step.
+    #[test]
+    fn svd_top_gives_up_early_on_a_flat_spectrum() {
+        let mut rng = Rng::new(3);
+        let w = Array2::from_shape_fn((300, 200), |_| rng.normal());
+        let (_, path) = svd_top(&w, 8).unwrap();
+        assert!(matches!(path, TopSvdPath::Full(n) if n < 10), "{path:?}");
+    }
 }

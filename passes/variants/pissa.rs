@@ -60,7 +60,7 @@ impl Variant for Pissa {
         round: &dyn Fn(&mut ArrayD<f32>),
     ) -> Result<Option<Array2<f32>>> {
         let svd = match cfg.pissa_niter {
-            None => linalg::svd_exact(w, cfg.r)?,
+            None => linalg::svd_top(w, cfg.r)?.0,
             Some(niter) => linalg::svd_lowrank(w, cfg.r, niter, None, rng)?,
         };
         let (a, b) = factors(&svd, cfg.scale());
