@@ -10,7 +10,6 @@ use common::{fixture, perturb, reference, run_tract, FIXTURES};
 use lora_graft::adapter::{AdapterOverrides, LoadedAdapter};
 use lora_graft::jobs;
 use lora_graft::model::SaveOptions;
-use lora_graft::passes::merge::PissaBase;
 use lora_graft::Model;
 
 #[test]
@@ -118,14 +117,7 @@ fn grafted_models_run_in_onnx_runtime_as_in_tract() {
                 tol,
                 relative,
             ));
-            let mut merged = Model::load(&fixture(name)).unwrap();
-            jobs::merge(
-                &mut merged,
-                &adapter,
-                PissaBase::Original,
-                QuantizedWeights::Refuse,
-            )
-            .unwrap();
+            let merged = common::merged(name, &adapter, QuantizedWeights::Refuse).unwrap();
             merged
                 .save(
                     &dir.path().join(format!("{stem}.merged.onnx")),

@@ -90,14 +90,7 @@ fn merge_writes_only_rewritten_weights_to_the_new_data_file() {
     let dir = tempfile::tempdir().unwrap();
     let (_, path) = trained("llama", "lora", dir.path());
     let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
-    let mut merged = Model::load(&fixture("llama")).unwrap();
-    jobs::merge(
-        &mut merged,
-        &adapter,
-        PissaBase::Original,
-        QuantizedWeights::Refuse,
-    )
-    .unwrap();
+    let merged = common::merged("llama", &adapter, QuantizedWeights::Refuse).unwrap();
     let out = dir.path().join("merged.onnx");
     let report = merged.save(&out, &Default::default()).unwrap();
     let own = report
@@ -184,14 +177,7 @@ fn a_hand_written_lora_lite_and_peft_adapter_apply_correctly() {
         assert_eq!(outcome.grafted.modules.len(), 2, "only the file's modules");
         outputs.push(run_tract(&model, &inputs).remove(0));
         // And it is what merging gives.
-        let mut merged = Model::load(&fixture("llama")).unwrap();
-        jobs::merge(
-            &mut merged,
-            &adapter,
-            PissaBase::Original,
-            QuantizedWeights::Refuse,
-        )
-        .unwrap();
+        let merged = common::merged("llama", &adapter, QuantizedWeights::Refuse).unwrap();
         let m = run_tract(&merged, &inputs).remove(0);
         assert!(max_abs_diff(&m, outputs.last().unwrap()) / common::max_abs(&m) <= 1e-4);
     }
@@ -270,16 +256,10 @@ fn a_quantized_target_cannot_be_merged() {
     let path = dir.path().join("int4.safetensors");
     std::fs::write(&path, outcome.adapter_file(&req).to_bytes().unwrap()).unwrap();
     let adapter = LoadedAdapter::read(&path, &AdapterOverrides::default()).unwrap();
-    let mut base = Model::load(&fixture("genai_int4")).unwrap();
-    let err = jobs::merge(
-        &mut base,
-        &adapter,
-        PissaBase::Original,
-        QuantizedWeights::Refuse,
-    )
-    .err()
-    .unwrap()
-    .to_string();
+    let err = common::merged("genai_int4", &adapter, QuantizedWeights::Refuse)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("quantized (MatMulNBits)"), "{err}");
 }
 

@@ -162,7 +162,6 @@ fn variants_on_int8_weights_compute_what_they_do_on_the_dequantized_model() {
 /// without `--dequantize` the merge says why it cannot.
 #[test]
 fn merge_dequantize_writes_float_weights_that_compute_the_adapted_model() {
-    use lora_graft::passes::merge::PissaBase;
     let dir = tempfile::tempdir().unwrap();
     for name in INT8 {
         let (inputs, _) = reference(name);
@@ -171,24 +170,12 @@ fn merge_dequantize_writes_float_weights_that_compute_the_adapted_model() {
             let (adapted, adapter) =
                 common::trained(name, &common::request_for(name, variant), 4, &path);
             let want = run_tract(&adapted, &inputs).remove(0);
-            let mut refused = Model::load(&fixture(name)).unwrap();
-            let e = jobs::merge(
-                &mut refused,
-                &adapter,
-                PissaBase::Original,
-                QuantizedWeights::Refuse,
-            )
-            .expect_err("quantized")
-            .to_string();
+            let e = common::merged(name, &adapter, QuantizedWeights::Refuse)
+                .expect_err("quantized")
+                .to_string();
             assert!(e.contains("--dequantize"), "{name} {variant}: {e}");
-            let mut merged = Model::load(&fixture(name)).unwrap();
-            jobs::merge(
-                &mut merged,
-                &adapter,
-                PissaBase::Original,
-                QuantizedWeights::Dequantize,
-            )
-            .unwrap_or_else(|e| panic!("{name} {variant}: {e}"));
+            let merged = common::merged(name, &adapter, QuantizedWeights::Dequantize)
+                .unwrap_or_else(|e| panic!("{name} {variant}: {e}"));
             // Every linear of these fixtures is a target: no int8 weight is left.
             let int8 = lora_graft::proto::tensor_proto::DataType::Int8 as i32;
             let left = merged
@@ -216,7 +203,6 @@ fn merge_dequantize_writes_float_weights_that_compute_the_adapted_model() {
 /// weight at every step) and merging say why they cannot.
 #[test]
 fn variants_on_dynamically_quantized_bert() {
-    use lora_graft::passes::merge::PissaBase;
     let name = "bert_qdyn";
     let (inputs, _) = reference(name);
     let dir = tempfile::tempdir().unwrap();
@@ -277,15 +263,9 @@ fn variants_on_dynamically_quantized_bert() {
             std::fs::write(&path, outcome.adapter_file(&req).to_bytes().unwrap()).unwrap();
             let adapter =
                 lora_graft::adapter::LoadedAdapter::read(&path, &Default::default()).unwrap();
-            let mut m = Model::load(&fixture(name)).unwrap();
-            let e = jobs::merge(
-                &mut m,
-                &adapter,
-                PissaBase::Original,
-                QuantizedWeights::Dequantize,
-            )
-            .expect_err("MatMulInteger")
-            .to_string();
+            let e = common::merged(name, &adapter, QuantizedWeights::Dequantize)
+                .expect_err("MatMulInteger")
+                .to_string();
             assert!(e.contains("MatMulInteger"), "{e}");
         }
     }
@@ -308,15 +288,9 @@ fn merge_requantize_writes_matmulnbits_weights_as_onnxruntimes_quantizer_does() 
         for variant in ["lora", "pissa"] {
             let path = dir.path().join(format!("{name}.{variant}.safetensors"));
             let (_, adapter) = common::trained(name, &common::request_for(name, variant), 4, &path);
-            let mut refused = Model::load(&fixture(name)).unwrap();
-            let e = jobs::merge(
-                &mut refused,
-                &adapter,
-                PissaBase::Original,
-                QuantizedWeights::Refuse,
-            )
-            .expect_err("packed")
-            .to_string();
+            let e = common::merged(name, &adapter, QuantizedWeights::Refuse)
+                .expect_err("packed")
+                .to_string();
             assert!(e.contains("--requantize"), "{name} {variant}: {e}");
             let mut merged = Model::load(&fixture(name)).unwrap();
             let done = jobs::merge(

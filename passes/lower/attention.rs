@@ -95,13 +95,7 @@ pub(super) fn group_query_attention(b: &mut Builder, n: &Node) -> Result<Vec<Opt
             let shape = b.ints("qkv_heads", &[0, 0, heads + 2 * kv_heads, -1]);
             let packed = b.op("Reshape", &[query, shape], vec![])?;
             let sizes = b.ints("qkv_split", &[heads, kv_heads, kv_heads]);
-            let (_, outs) = b.graph.add_op(
-                "Split",
-                &format!("{}.Split", n.name()),
-                &[packed, sizes],
-                vec![int_attr("axis", 2)],
-                3,
-            )?;
+            let outs = split3(b, n, packed, sizes, 2)?;
             let perm = |b: &mut Builder, x: ValueId| {
                 b.op("Transpose", &[x], vec![ints_attr("perm", &[0, 2, 1, 3])])
             };
@@ -295,6 +289,24 @@ fn attend(
     b.op("Reshape", &[out, flat], vec![])
 }
 
+/// `x` split in three along `axis` by `sizes` (an int64 `[3]` value).
+fn split3(
+    b: &mut Builder,
+    n: &Node,
+    x: ValueId,
+    sizes: ValueId,
+    axis: i64,
+) -> Result<Vec<ValueId>> {
+    let (_, parts) = b.graph.add_op(
+        "Split",
+        &format!("{}.Split", n.name()),
+        &[x, sizes],
+        vec![crate::ir::build::int_attr("axis", axis)],
+        3,
+    )?;
+    Ok(parts)
+}
+
 /// `x` `[B, S, N·D]` → `[B, N, S, D]`.
 fn to_heads(b: &mut Builder, x: ValueId, heads: i64) -> Result<ValueId> {
     let shape = b.ints("heads", &[0, 0, heads, -1]);
@@ -452,14 +464,7 @@ fn attention_with(
     sizes: ValueId,
     heads: i64,
 ) -> Result<Vec<Option<ValueId>>> {
-    use crate::ir::build::int_attr;
-    let (_, parts) = b.graph.add_op(
-        "Split",
-        &format!("{}.Split", n.name()),
-        &[qkv, sizes],
-        vec![int_attr("axis", -1)],
-        3,
-    )?;
+    let parts = split3(b, n, qkv, sizes, -1)?;
     let (q, k, v) = (
         to_heads(b, parts[0], heads)?,
         to_heads(b, parts[1], heads)?,
@@ -538,13 +543,7 @@ pub(super) fn multi_head_attention(b: &mut Builder, n: &Node) -> Result<Vec<Opti
         let v_shape = b.op("Shape", &[value], vec![])?;
         let dv = dim(b, v_shape, 2)?;
         let sizes = b.op("Concat", &[d, d, dv], vec![int_attr("axis", 0)])?;
-        let (_, parts) = b.graph.add_op(
-            "Split",
-            &format!("{}.Split", n.name()),
-            &[bias, sizes],
-            vec![int_attr("axis", 0)],
-            3,
-        )?;
+        let parts = split3(b, n, bias, sizes, 0)?;
         q = b.op("Add", &[q, parts[0]], vec![])?;
         k = b.op("Add", &[k, parts[1]], vec![])?;
         val = b.op("Add", &[val, parts[2]], vec![])?;

@@ -736,3 +736,20 @@ impl Session {
 pub fn scalar(a: &Array) -> f64 {
     a.to_f64().iter().next().copied().unwrap()
 }
+
+/// Fixture `name` with `adapter` merged into its weights (the original base; `quantized`
+/// says what becomes of quantized weights).
+pub fn merged(
+    name: &str,
+    adapter: &lora_graft::adapter::LoadedAdapter,
+    quantized: lora_graft::passes::merge::QuantizedWeights,
+) -> lora_graft::Result<lora_graft::Model> {
+    let mut model = lora_graft::Model::load(&fixture(name)).unwrap();
+    lora_graft::jobs::merge(
+        &mut model,
+        adapter,
+        lora_graft::passes::merge::PissaBase::Original,
+        quantized,
+    )?;
+    Ok(model)
+}
