@@ -338,11 +338,15 @@ def rotary_numpy(feeds, attrs):
     """RotaryEmbedding in float64, full rotary (cache width == head size / 2)."""
     x = feeds["input"].astype(np.float64)
     pos = feeds["position_ids"]
+    seq = x.shape[1] if x.ndim == 3 else x.shape[2]
+    if pos.ndim == 1:  # [1]: a start offset for every row
+        pos = (pos[0] + np.arange(seq))[None, :]
     cos = feeds["cos_cache"].astype(np.float64)[pos][:, None]  # [B, 1, S, H/2]
     sin = feeds["sin_cache"].astype(np.float64)[pos][:, None]
     if x.ndim == 3:
         b, s, hidden = x.shape
-        n = attrs["num_heads"]
+        # Without num_heads the head size is twice the cache width.
+        n = attrs.get("num_heads") or hidden // (2 * feeds["cos_cache"].shape[1])
         x4 = x.reshape(b, s, n, hidden // n).transpose(0, 2, 1, 3)
     else:
         x4 = x
@@ -352,8 +356,8 @@ def rotary_numpy(feeds, attrs):
     return {"output": out}
 
 
-def rotary_case(name, shape, attributes):
-    inputs = [("input", shape), ("position_ids", [ROT_B, ROT_S], ROT_POS),
+def rotary_case(name, shape, attributes, pos=ROT_POS):
+    inputs = [("input", shape), ("position_ids", list(pos.shape), pos),
               ("cos_cache", [ROT_MAX_SEQ, ROT_H // 2], ROT_COS),
               ("sin_cache", [ROT_MAX_SEQ, ROT_H // 2], ROT_SIN)]
     return case(name, "RotaryEmbedding", inputs, ["output"], attributes,
@@ -370,6 +374,11 @@ CASES += [
                 {"num_heads": ROT_N, "interleaved": 0, "scale": 2.0}),
     rotary_case("rotary_3d_packed_batching", [ROT_B, ROT_S, ROT_N * ROT_H],
                 {"num_heads": ROT_N, "interleaved": 0, "is_packed_batching": 1}),
+]
+CASES += [
+    rotary_case("rotary_3d_no_num_heads", [ROT_B, ROT_S, ROT_N * ROT_H], {"interleaved": 0}),
+    rotary_case("rotary_start_offset", [ROT_B, ROT_N, ROT_S, ROT_H], {"interleaved": 1},
+                pos=np.array([4], dtype=np.int64)),
 ]
 
 # GroupQueryAttention's sliding window, position_ids and attention_bias, as ONNX Runtime

@@ -227,14 +227,33 @@ pub(super) fn rotary_embedding(b: &mut Builder, n: &Node) -> Result<Vec<Option<V
     let interleaved = n.attr_int("interleaved", 0) != 0;
     let cache_shape = b.op("Shape", &[cos_cache], vec![])?;
     let w = dim(b, cache_shape, 1)?;
+    // [B, S, N·H] (heads from num_heads, else of size 2w: full rotary), or [B, N, S, H].
+    let three_d = heads > 0 || crate::ir::infer::rank(b.graph, x) == Some(3);
+    // Positions [B, S], or a start offset [1] for every row.
+    let pos = if crate::ir::infer::rank(b.graph, pos) == Some(1) {
+        let x_shape = b.op("Shape", &[x], vec![])?;
+        let s_len = dim(b, x_shape, if three_d { 1 } else { 2 })?;
+        let zero = b.ints("zero", &[0]);
+        let steps = range(b, zero, s_len)?;
+        let at = b.op("Add", &[steps, pos], vec![])?;
+        b.unsqueeze(at, &[0])? // [1, S]
+    } else {
+        pos
+    };
     let rows = |b: &mut Builder, cache: ValueId| -> Result<ValueId> {
         let r = b.op("Gather", &[cache, pos], vec![int_attr("axis", 0)])?; // [B, S, w]
                                                                            // Against [B, N, S, H], or [B, S, N, H] for a 3-D input.
-        b.unsqueeze(r, &[if heads > 0 { 2 } else { 1 }])
+        b.unsqueeze(r, &[if three_d { 2 } else { 1 }])
     };
     let (cos, sin) = (rows(b, cos_cache)?, rows(b, sin_cache)?);
-    if heads > 0 {
-        let split = b.ints("per_head", &[0, 0, heads, -1]);
+    if three_d {
+        let split = if heads > 0 {
+            b.ints("per_head", &[0, 0, heads, -1])
+        } else {
+            let lead = b.ints("heads", &[0, 0, -1]);
+            let head = b.op("Add", &[w, w], vec![])?;
+            b.op("Concat", &[lead, head], vec![int_attr("axis", 0)])?
+        };
         let x4 = b.op("Reshape", &[x, split], vec![])?;
         let out = rotary(b, x4, cos, sin, w, interleaved)?;
         let flat = b.ints("flat", &[0, 0, -1]);

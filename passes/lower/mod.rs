@@ -90,8 +90,9 @@ pub const LOWERINGS: &[(&str, &str, Applies, Lowering)] = &[
         always,
         embed_layer_norm,
     ),
-    // x [B, N, S, H] (or [B, S, N·H], which needs num_heads) rotated at rows position_ids
-    // [B, S] of the caches, halves or interleaved pairs (as GroupQueryAttention's)
+    // x [B, N, S, H] (or [B, S, N·H]: num_heads, else heads of twice the cache width)
+    // rotated at rows position_ids [B, S] (or a start offset [1]) of the caches, halves or
+    // interleaved pairs (as GroupQueryAttention's)
     ("com.microsoft", "RotaryEmbedding", always, rotary_embedding),
     // 8-bit blocks (tract runs 2 and 4 bits itself): x · W with W dequantized once,
     // (q − zero_point)·scale per block, as a float initializer (+ bias)
