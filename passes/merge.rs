@@ -204,10 +204,10 @@ impl Merge<'_> {
         let packed = t0.quantized
             && (t0.layout == super::target::Layout::Packed || t0.op == "MatMulInteger");
         match self.quantized {
-            QuantizedWeights::Requantize if t0.quantized && !nbits => {
+            QuantizedWeights::Requantize if packed && !nbits => {
                 return Err(Error::Usage(format!(
-                    "cannot merge into '{module}': --requantize writes MatMulNBits weights back, and this one is {}; use --dequantize, or the grafted model",
-                    t0.chain.join(" <- ")
+                    "cannot merge into '{module}': --requantize writes MatMulNBits, DequantizeLinear and Mul(Cast(int8)) weights back, and this one is {}; use the grafted model",
+                    t0.op
                 )))
             }
             QuantizedWeights::Requantize => {}
@@ -255,8 +255,181 @@ impl Merge<'_> {
         if self.quantized == QuantizedWeights::Requantize && nbits {
             return requantized(graph, module, group, &merged_w).map(|(p, e)| (p, Some(e)));
         }
+        if self.quantized == QuantizedWeights::Requantize && t0.quantized {
+            return requantized_int8(graph, module, group, &merged_w).map(|(p, e)| (p, Some(e)));
+        }
         Ok((weight_patch(graph, dtypes, module, group, merged_w)?, None))
     }
+}
+
+/// `‖a − b‖ / ‖b‖`.
+fn relative_error(
+    a: &tract_core::ndarray::Array2<f32>,
+    b: &tract_core::ndarray::Array2<f32>,
+) -> f64 {
+    let norm = |x: &tract_core::ndarray::Array2<f32>| {
+        x.iter()
+            .map(|&v| (v as f64) * (v as f64))
+            .sum::<f64>()
+            .sqrt()
+    };
+    norm(&(a - b)) / norm(b).max(f64::MIN_POSITIVE)
+}
+
+/// `merged` (torch layout) written back into the symmetric int8 weight that
+/// `DequantizeLinear(q, scale[, zero point 0], axis)` or `Mul(Cast(q), scale)` makes:
+/// per tensor or per channel as its scale is, as onnxruntime's quantizer does
+/// ([`crate::quant::quantize_int8_symmetric`]); and `‖W_q − W‖ / ‖W‖`.
+fn requantized_int8(
+    graph: &Graph,
+    module: &str,
+    group: &[&Target],
+    merged: &tract_core::ndarray::Array2<f32>,
+) -> Result<(WeightPatch, f64)> {
+    use crate::ir::{Def, ValueId};
+    use crate::proto::tensor_proto::DataType;
+    use crate::tensor::Array;
+    use tract_core::ndarray::{Array2, ArrayD, Axis, IxDyn};
+    let t0 = group[0];
+    let cannot = |why: &str| {
+        Error::Usage(format!(
+            "cannot requantize '{module}': {why}; use --dequantize"
+        ))
+    };
+    let node = graph.node(t0.node);
+    let producer = |v: ValueId| match graph.value(v).def {
+        Def::Node(n, _) => Some(graph.node(n)),
+        _ => None,
+    };
+    let weight = node.inputs[1].ok_or_else(|| cannot("no weight input"))?;
+    let dq = producer(weight).ok_or_else(|| cannot("its weight is stored, not dequantized"))?;
+    // The int8 values, the scale, and the axis the scale runs along (None: one scale).
+    let constant = |v: Option<ValueId>| v.filter(|&v| graph.initializer(v).is_some());
+    let (q, scale, axis_attr) = match dq.op() {
+        "DequantizeLinear" => {
+            if dq.attr_int("block_size", 0) > 0 {
+                return Err(cannot("its DequantizeLinear is blocked"));
+            }
+            if let Some(zp) = constant(dq.inputs.get(2).copied().flatten()) {
+                let zero =
+                    crate::interp::evaluate(graph, zp).map_err(|e| cannot(&e.to_string()))?;
+                if zero.to_f64().iter().any(|&z| z != 0.0) {
+                    return Err(cannot("its zero points are not 0 (asymmetric)"));
+                }
+            }
+            (
+                constant(dq.inputs[0]),
+                constant(dq.inputs.get(1).copied().flatten()),
+                Some(dq.attr_int("axis", 1)),
+            )
+        }
+        "Mul" => {
+            let (a, b) = (dq.inputs[0], dq.inputs.get(1).copied().flatten());
+            let cast_of = |v: Option<ValueId>| {
+                let n = producer(v?)?;
+                (n.op() == "Cast").then(|| constant(n.inputs[0])).flatten()
+            };
+            match (cast_of(a), cast_of(b)) {
+                (Some(q), None) => (Some(q), constant(b), None),
+                (None, Some(q)) => (Some(q), constant(a), None),
+                _ => return Err(cannot("its Mul is not Cast(int8) times a scale")),
+            }
+        }
+        _ => {
+            return Err(cannot(
+                "its dequantization is neither DequantizeLinear nor Mul(Cast)",
+            ))
+        }
+    };
+    let (q, scale) = (
+        q.ok_or_else(|| cannot("its int8 values are computed"))?,
+        scale.ok_or_else(|| cannot("its scale is computed"))?,
+    );
+    let (q_init, s_init) = (
+        graph.initializer(q).expect("stored"),
+        graph.initializer(scale).expect("stored"),
+    );
+    if q_init.elem_type() != DataType::Int8 as i32 || s_init.elem_type() != DataType::Float as i32 {
+        return Err(cannot("it is not int8 with a float32 scale"));
+    }
+    if group.len() > 1 || graph.value(q).users.len() > 1 || graph.value(scale).users.len() > 1 {
+        return Err(cannot("its quantized weight is shared with other nodes"));
+    }
+    // What the node reads: [d_in, d_out] (MatMul; Gemm transB=0) or [d_out, d_in].
+    let seen: Array2<f32> = if t0.op == "Gemm" && t0.layout == super::target::Layout::OutIn {
+        merged.clone()
+    } else {
+        merged.t().to_owned()
+    };
+    let dims: Vec<usize> = q_init.dims().iter().map(|&d| d as usize).collect();
+    if dims != seen.shape() {
+        return Err(cannot("its int8 values are not the weight's shape"));
+    }
+    let s_dims: Vec<usize> = s_init.dims().iter().map(|&d| d as usize).collect();
+    let channels: usize = s_dims.iter().product();
+    // The axis of `seen` the scale runs along.
+    let axis = if channels <= 1 {
+        None
+    } else {
+        let axis = match axis_attr {
+            Some(a) => Some(if a < 0 { (a + 2) as usize } else { a as usize }),
+            None => (s_dims.len() == 2)
+                .then(|| (0..2).find(|&i| s_dims[i] > 1))
+                .flatten(),
+        };
+        match axis {
+            Some(a) if a < 2 && seen.shape()[a] == channels => Some(a),
+            _ => return Err(cannot("its scale is neither one value nor one per channel")),
+        }
+    };
+    let mut q_new = Array2::<i8>::zeros(seen.dim());
+    let mut scales = Vec::new();
+    match axis {
+        None => {
+            let values: Vec<f32> = seen.iter().copied().collect();
+            let (s, qs) = crate::quant::quantize_int8_symmetric(&values);
+            q_new = Array2::from_shape_vec(seen.dim(), qs).expect("same size");
+            scales.push(s);
+        }
+        Some(a) => {
+            for (c, lane) in seen.axis_iter(Axis(a)).enumerate() {
+                let values: Vec<f32> = lane.iter().copied().collect();
+                let (s, qs) = crate::quant::quantize_int8_symmetric(&values);
+                for (dst, v) in q_new.index_axis_mut(Axis(a), c).iter_mut().zip(qs) {
+                    *dst = v;
+                }
+                scales.push(s);
+            }
+        }
+    }
+    let back: Array2<f32> = {
+        let mut b = q_new.mapv(f32::from);
+        match axis {
+            None => b.mapv_inplace(|v| v * scales[0]),
+            Some(a) => {
+                for (c, mut lane) in b.axis_iter_mut(Axis(a)).enumerate() {
+                    lane.mapv_inplace(|v| v * scales[c]);
+                }
+            }
+        }
+        b
+    };
+    let error = relative_error(&back, &seen);
+    let named = |array: Array, old: &crate::ir::Initializer| -> Result<crate::ir::Initializer> {
+        let mut init = crate::ir::Initializer::from_array(&array)?;
+        init.proto.name = old.proto.name.clone();
+        Ok(init)
+    };
+    let q_array = Array::I8(q_new.into_dyn());
+    let s_array =
+        Array::F32(ArrayD::from_shape_vec(IxDyn(&s_dims), scales).expect("one per channel"));
+    Ok((
+        WeightPatch::Requantized(vec![
+            (q, named(q_array, q_init)?),
+            (scale, named(s_array, s_init)?),
+        ]),
+        error,
+    ))
 }
 
 /// `merged` `[N, K]` written back into the `MatMulNBits` node's own initializers (its

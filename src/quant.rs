@@ -190,3 +190,22 @@ pub fn dequantized_nbits(q: &Nbits, n: usize, k: usize, bits: usize, block: usiz
         (v - zp(r, b)) * q.scales[r * blocks + b]
     })
 }
+
+/// `values` quantized to symmetric int8 as onnxruntime's weight quantizer
+/// (`quant_utils.quantize_data(…, INT8, symmetric=True)`) does: `scale = 2·max|v| / 254`
+/// (in f64, stored as float32; 1 when that is below float32's smallest normal), then
+/// `q = clamp(round_half_even(v / scale), −128, 127)` with a float32 division.
+pub fn quantize_int8_symmetric(values: &[f32]) -> (f32, Vec<i8>) {
+    let absmax = values.iter().fold(0f32, |m, &v| m.max(v.abs()));
+    let scale = ((2.0 * absmax as f64) / 254.0) as f32;
+    let scale = if scale < f32::MIN_POSITIVE {
+        1.0
+    } else {
+        scale
+    };
+    let q = values
+        .iter()
+        .map(|&v| (v / scale).round_ties_even().clamp(-128.0, 127.0) as i8)
+        .collect();
+    (scale, q)
+}
