@@ -138,9 +138,40 @@ fn signed(mut svd: Svd) -> Svd {
     svd
 }
 
+/// The large matrix of a randomized SVD in its own precision (float32 weights stay
+/// float32, as torch keeps them: half the memory traffic of each product), multiplied by
+/// thin f64 matrices; `transposed` reads it as its transpose.
+enum Large {
+    F32(Mat<f32>),
+    F64(Mat<f64>),
+}
+
+impl Large {
+    fn of<T: Copy + Into<f64> + 'static>(w: &Array2<T>) -> Large {
+        match (w as &dyn std::any::Any).downcast_ref::<Array2<f32>>() {
+            Some(w) => Large::F32(Mat::from_fn(w.nrows(), w.ncols(), |i, j| w[[i, j]])),
+            None => Large::F64(to_faer(w)),
+        }
+    }
+
+    /// `A·x`, or `Aᵀ·x` when `transposed`.
+    fn times(&self, x: &Mat<f64>, transposed: bool) -> Mat<f64> {
+        match self {
+            Large::F64(a) if transposed => a.transpose() * x,
+            Large::F64(a) => a * x,
+            Large::F32(a) => {
+                let x = Mat::<f32>::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] as f32);
+                let y = if transposed { a.transpose() * &x } else { a * &x };
+                Mat::from_fn(y.nrows(), y.ncols(), |i, j| y[(i, j)] as f64)
+            }
+        }
+    }
+}
+
 /// torch's `svd_lowrank(w, q, niter)` with sketch `omega [min(m, n), q]` (Gaussian from
-/// `rng` when `None`).
-pub fn svd_lowrank<T: Copy + Into<f64>>(
+/// `rng` when `None`): the products with `w` in its own precision (float32 for float32
+/// weights, as torch), the thin QR and SVD steps in f64.
+pub fn svd_lowrank<T: Copy + Into<f64> + 'static>(
     w: &Array2<T>,
     q: usize,
     niter: usize,
@@ -148,23 +179,22 @@ pub fn svd_lowrank<T: Copy + Into<f64>>(
     rng: &mut Rng,
 ) -> Result<Svd> {
     let (m, n) = w.dim();
+    // torch works on the tall orientation A ([p, k], p ≥ k): A = W, or Wᵀ for a wide W.
     let tall = m >= n;
-    let a0 = if tall {
-        to_faer(w)
-    } else {
-        to_faer(&w.t().to_owned())
-    }; // [p, k]
-    let k = a0.ncols();
+    let large = Large::of(w);
+    let a = |x: &Mat<f64>| large.times(x, !tall); // A·x
+    let at = |x: &Mat<f64>| large.times(x, tall); // Aᵀ·x
+    let k = m.min(n);
     let omega = match omega {
         Some(o) => to_faer(o),
         None => Mat::from_fn(k, q, |_, _| rng.normal()),
     };
-    let mut qm = thin_q(&(&a0 * &omega));
+    let mut qm = thin_q(&a(&omega));
     for _ in 0..niter {
-        qm = thin_q(&(a0.transpose() * &qm));
-        qm = thin_q(&(&a0 * &qm));
+        qm = thin_q(&at(&qm));
+        qm = thin_q(&a(&qm));
     }
-    let bk = qm.transpose() * &a0; // [q, k]
+    let bk = at(&qm).transpose().to_owned(); // QᵀA [q, k]
     let (ub, s, vb) = thin_svd(&bk)?;
     let u = &qm * &ub; // [p, q]
     let (u, v) = if tall { (u, vb) } else { (vb, u) };
