@@ -32,6 +32,10 @@ def main():
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--spectrum", choices=["flat", "decaying"], default="flat",
+                    help="2-D weights: Gaussian (flat top spectrum), or a Gaussian floor plus "
+                         "64 directions of geometrically decaying strength (0.93^i), the shape "
+                         "of trained weights' top spectra")
     a = ap.parse_args()
 
     H, L, V = a.hidden, a.layers, a.vocab
@@ -61,6 +65,12 @@ def main():
         else:
             arr = rng.standard_normal(n, dtype=np.float32)
             arr *= np.float32(0.02)
+            if a.spectrum == "decaying" and len(shape) == 2 and min(shape) >= 256:
+                k = 64
+                left = rng.standard_normal((shape[0], k), dtype=np.float32) / np.float32(np.sqrt(shape[0]))
+                right = rng.standard_normal((k, shape[1]), dtype=np.float32) / np.float32(np.sqrt(shape[1]))
+                strength = np.float32(0.02 * 8 * np.sqrt(max(shape))) * (np.float32(0.93) ** np.arange(k, dtype=np.float32))
+                arr = (arr.reshape(shape) + (left * strength) @ right).reshape(-1)
         f.write(arr.tobytes())
         del arr
         t = TensorProto()
