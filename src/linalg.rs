@@ -161,7 +161,11 @@ impl Large {
             Large::F64(a) => a * x,
             Large::F32(a) => {
                 let x = Mat::<f32>::from_fn(x.nrows(), x.ncols(), |i, j| x[(i, j)] as f32);
-                let y = if transposed { a.transpose() * &x } else { a * &x };
+                let y = if transposed {
+                    a.transpose() * &x
+                } else {
+                    a * &x
+                };
                 Mat::from_fn(y.nrows(), y.ncols(), |i, j| y[(i, j)] as f64)
             }
         }

@@ -260,6 +260,10 @@ pub fn from_tract(t: Tensor) -> Result<Array> {
         Array::U8(t.into_plain_array::<u8>().map_err(tract_err)?)
     } else if dt == bool::datum_type() {
         Array::Bool(t.into_plain_array::<bool>().map_err(tract_err)?)
+    } else if dt == TDim::datum_type() {
+        // A shape computation tract kept symbolic: concrete once the inputs are.
+        let t = t.cast_to::<i64>().map_err(tract_err)?.into_owned();
+        Array::I64(t.into_plain_array::<i64>().map_err(tract_err)?)
     } else {
         return Err(Error::Runtime(format!(
             "output of type {dt:?} is not supported"
