@@ -272,6 +272,28 @@ fn variants_on_dynamically_quantized_bert() {
     common::run_interop(dir.path(), &manifest);
 }
 
+/// `tests/quantizer.py` on `cases` (written under `dir` as `<label>.safetensors`):
+/// onnxruntime's own quantizer gives lora-graft's requantized values.
+fn onnxruntime_quantizer_agrees(
+    dir: &std::path::Path,
+    label: &str,
+    cases: &lora_graft::adapter::AdapterFile,
+) {
+    let path = dir.join(format!("{label}.safetensors"));
+    std::fs::write(&path, cases.to_bytes().unwrap()).unwrap();
+    let out = std::process::Command::new(common::python())
+        .arg(common::root().join("tests/quantizer.py"))
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("quantizer: ok"),
+        "{label}:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `merge --requantize` on `MatMulNBits` weights (`genai_int4`: 4 bits, symmetric, as
 /// onnxruntime-genai's builder writes them; `llama_nbits8`: 8 bits with zero points, from
 /// onnxruntime's quantizer): each merged weight is written back in its node's format
@@ -358,21 +380,7 @@ fn merge_requantize_writes_matmulnbits_weights_as_onnxruntimes_quantizer_does() 
                 "{name} {variant}: {}",
                 file.tensors.len()
             );
-            let cases = dir
-                .path()
-                .join(format!("{name}.{variant}.cases.safetensors"));
-            std::fs::write(&cases, file.to_bytes().unwrap()).unwrap();
-            let out = std::process::Command::new(common::python())
-                .arg(common::root().join("tests/quantizer.py"))
-                .arg(&cases)
-                .output()
-                .unwrap();
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success() && stdout.trim_end().ends_with("quantizer: ok"),
-                "{name} {variant}:\n{stdout}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            onnxruntime_quantizer_agrees(dir.path(), &format!("{name}.{variant}"), &file);
         }
     }
 }
@@ -456,21 +464,7 @@ fn merge_requantize_writes_int8_weights_as_onnxruntimes_quantizer_does() {
                 "{name} {variant}: {}",
                 file.tensors.len()
             );
-            let cases = dir
-                .path()
-                .join(format!("{name}.{variant}.int8.safetensors"));
-            std::fs::write(&cases, file.to_bytes().unwrap()).unwrap();
-            let out = std::process::Command::new(common::python())
-                .arg(common::root().join("tests/quantizer.py"))
-                .arg(&cases)
-                .output()
-                .unwrap();
-            let stdout = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success() && stdout.trim_end().ends_with("quantizer: ok"),
-                "{name} {variant}:\n{stdout}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            onnxruntime_quantizer_agrees(dir.path(), &format!("{name}.{variant}.int8"), &file);
             // The requantized model against the float merge: within int8 rounding of every
             // weight (measured 5e-4-1e-3 on bert, 3.4e-2-3.7e-2 on llama, whose random
             // logits move that much under int8 rounding anyway).
