@@ -84,12 +84,38 @@ pub fn dequantize_nbits(graph: &Graph, node: &Node) -> Result<Array2<f32>, Strin
             ))
         }
     };
-    Ok(Array2::from_shape_fn((n, k), |(r, c)| {
+    Ok(blocks_to_float(
+        &q,
+        &scales,
+        &zero_points,
+        n,
+        k,
+        bits,
+        block,
+    ))
+}
+
+/// `W[n, k] = (q[n, k] − zp[n, b])·scale[n, b]` for the block `b = k / block_size`, `q`
+/// packed low bits first `[N, blocks, blob]`, one scale and one zero point per block.
+fn blocks_to_float(
+    q: &[u8],
+    scales: &[f32],
+    zero_points: &[f32],
+    n: usize,
+    k: usize,
+    bits: usize,
+    block: usize,
+) -> Array2<f32> {
+    let blocks = k.div_ceil(block);
+    let (blob, per_byte) = (block * bits / 8, 8 / bits);
+    let mask = ((1u16 << bits) - 1) as u8;
+    Array2::from_shape_fn((n, k), |(r, c)| {
         let b = c / block;
-        let row = &q[(r * blocks + b) * blob..];
-        let v = f32::from(unpack(row, c % block));
+        let i = c % block;
+        let byte = q[(r * blocks + b) * blob + i / per_byte];
+        let v = f32::from((byte >> ((i % per_byte) * bits)) & mask);
         (v - zero_points[r * blocks + b]) * scales[r * blocks + b]
-    }))
+    })
 }
 
 /// A `MatMulNBits` weight: the packed values `[N, blocks, blob]`, the scales
@@ -172,23 +198,18 @@ pub fn quantize_nbits(
 /// The float weight `[N, K]` an [`Nbits`] holds (for the requantization error).
 pub fn dequantized_nbits(q: &Nbits, n: usize, k: usize, bits: usize, block: usize) -> Array2<f32> {
     let blocks = k.div_ceil(block);
-    let (blob, per_byte) = (block * bits / 8, 8 / bits);
     let mask = ((1u16 << bits) - 1) as u8;
-    let zp_row = blocks.div_ceil(per_byte);
-    let zp = |r: usize, b: usize| match &q.zero_points {
-        None => (1u32 << (bits - 1)) as f32,
-        Some(z) => {
-            let i = b * bits;
-            f32::from((z[r * zp_row + i / 8] >> (i % 8)) & mask)
-        }
-    };
-    Array2::from_shape_fn((n, k), |(r, c)| {
-        let b = c / block;
-        let i = c % block;
-        let byte = q.packed[(r * blocks + b) * blob + i / per_byte];
-        let v = f32::from((byte >> ((i % per_byte) * bits)) & mask);
-        (v - zp(r, b)) * q.scales[r * blocks + b]
-    })
+    let zp_row = blocks.div_ceil(8 / bits);
+    let zero_points: Vec<f32> = (0..n * blocks)
+        .map(|i| match &q.zero_points {
+            None => (1u32 << (bits - 1)) as f32,
+            Some(z) => {
+                let at = (i % blocks) * bits;
+                f32::from((z[(i / blocks) * zp_row + at / 8] >> (at % 8)) & mask)
+            }
+        })
+        .collect();
+    blocks_to_float(&q.packed, &q.scales, &zero_points, n, k, bits, block)
 }
 
 /// `values` quantized to symmetric int8 as onnxruntime's weight quantizer
