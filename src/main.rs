@@ -91,7 +91,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             let name = format!("{}.train", req.graft.variant.name());
             let (out, adapter_path) = jobs::default_paths(&model, &name, output.as_deref(), None);
-            let training = jobs::training_graph(Model::load(&model)?, &req)?;
+            let mut training = jobs::training_graph(Model::load(&model)?, &req)?;
+            // Written for any runtime: no lora-graft kernels in it.
+            lora_graft::passes::grad::portable(&mut training.model.graph)?;
             let adapter = training.outcome.adapter_file(&req.graft);
             let report = jobs::write(&training.model, &adapter, &out, &adapter_path)?;
             println!(

@@ -1,121 +1,187 @@
 //! Block-quantized weights (onnxruntime's `MatMulNBits`) back to floats.
 
+use std::ops::Range;
+
 use tract_core::ndarray::Array2;
 
 use crate::ir::{Graph, Node};
 use crate::tensor::Array;
 
-/// The `[N, K]` float weight of a `MatMulNBits` node whose `B`, `scales` and
-/// `zero_points` are initializers: `W[n, k] = (q[n, k] - zp[n, b])·scale[n, b]` for the
-/// block `b = k / block_size`; `q` packed low bits first, `zp` packed the same way
-/// (or float), `2^(bits-1)` when absent.
-pub fn dequantize_nbits(graph: &Graph, node: &Node) -> Result<Array2<f32>, String> {
-    let attr = |name: &str| node.attr_int(name, 0);
-    let (k, n, bits, block) = (
-        attr("K"),
-        attr("N"),
-        node.attr_int("bits", 4),
-        attr("block_size"),
-    );
-    if !(bits == 2 || bits == 4 || bits == 8) || k <= 0 || n <= 0 || block <= 0 {
-        return Err(format!(
-            "MatMulNBits: unsupported K={k} N={n} bits={bits} block_size={block}"
-        ));
-    }
-    let (k, n, bits, block) = (k as usize, n as usize, bits as usize, block as usize);
-    let input = |i: usize| -> Result<Option<Array>, String> {
-        let Some(v) = node.inputs.get(i).copied().flatten() else {
-            return Ok(None);
-        };
-        crate::interp::evaluate(graph, v)
-            .map(Some)
-            .map_err(|e| e.to_string())
-    };
-    if input(4)?.is_some() {
-        return Err("MatMulNBits: g_idx (act-order) is not supported".into());
-    }
-    let blocks = k.div_ceil(block);
-    let blob = block * bits / 8;
-    let per_byte = 8 / bits;
-    let mask = ((1u16 << bits) - 1) as u8;
-    let unpack = |bytes: &[u8], i: usize| (bytes[i / per_byte] >> ((i % per_byte) * bits)) & mask;
-    let q = match input(1)?.ok_or("MatMulNBits: no B input")? {
-        Array::U8(a) if a.len() == n * blocks * blob => a.iter().copied().collect::<Vec<u8>>(),
-        other => {
-            return Err(format!(
-                "MatMulNBits: B has shape {:?}, expected [{n}, {blocks}, {blob}] uint8",
-                other.shape()
-            ))
-        }
-    };
-    let scales: Vec<f32> = match input(2)?.ok_or("MatMulNBits: no scales input")? {
-        a if a.len() == n * blocks => a.into_f32().iter().copied().collect(),
-        a => {
-            return Err(format!(
-                "MatMulNBits: scales has {} values, expected {}",
-                a.len(),
-                n * blocks
-            ))
-        }
-    };
-    let default_zp = (1u32 << (bits - 1)) as f32;
-    let zero_points: Vec<f32> = match input(3)? {
-        None => vec![default_zp; n * blocks],
-        Some(Array::U8(a)) => {
-            let bytes: Vec<u8> = a.iter().copied().collect();
-            let row = blocks.div_ceil(per_byte);
-            if bytes.len() != n * row {
-                return Err(format!(
-                    "MatMulNBits: zero_points has {} bytes, expected {}",
-                    bytes.len(),
-                    n * row
-                ));
-            }
-            (0..n * blocks)
-                .map(|i| f32::from(unpack(&bytes[(i / blocks) * row..], i % blocks)))
-                .collect()
-        }
-        Some(a) if a.len() == n * blocks => a.into_f32().iter().copied().collect(),
-        Some(a) => {
-            return Err(format!(
-                "MatMulNBits: zero_points has {} values, expected {}",
-                a.len(),
-                n * blocks
-            ))
-        }
-    };
-    Ok(blocks_to_float(
-        &q,
-        &scales,
-        &zero_points,
-        n,
-        k,
-        bits,
-        block,
-    ))
+/// A `MatMulNBits` weight `[N, K]` as stored: `W[n, k] = (q[n, k] − zp[n, b])·scale[n, b]`
+/// for the block `b = k / block_size`, `q` packed low bits first `[N, blocks, blob]`, one
+/// scale and one zero point per block. Dequantized whole ([`NbitsMatrix::to_float`]) or a
+/// few rows at a time ([`NbitsMatrix::rows_to_float`], what the runtime's kernels do).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NbitsMatrix {
+    /// Rows (output features).
+    pub n: usize,
+    /// Columns (input features).
+    pub k: usize,
+    /// Bits per value: 2, 4 or 8.
+    pub bits: usize,
+    /// Values per block along K.
+    pub block: usize,
+    packed: Vec<u8>,
+    scales: Vec<f32>,
+    zero_points: Vec<f32>,
 }
 
-/// `W[n, k] = (q[n, k] − zp[n, b])·scale[n, b]` for the block `b = k / block_size`, `q`
-/// packed low bits first `[N, blocks, blob]`, one scale and one zero point per block.
-fn blocks_to_float(
-    q: &[u8],
-    scales: &[f32],
-    zero_points: &[f32],
-    n: usize,
-    k: usize,
-    bits: usize,
-    block: usize,
-) -> Array2<f32> {
-    let blocks = k.div_ceil(block);
-    let (blob, per_byte) = (block * bits / 8, 8 / bits);
+/// The zero points of a [`NbitsMatrix`], as `MatMulNBits` takes them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ZeroPoints {
+    /// None given: `2^(bits−1)`.
+    Symmetric,
+    /// uint8, packed like `B`, each row `⌈blocks·bits/8⌉` bytes.
+    Packed(Vec<u8>),
+    /// One float per block.
+    Float(Vec<f32>),
+}
+
+impl NbitsMatrix {
+    /// Checks the sizes of `packed`, `scales` and `zero_points` against `[n, k]` in
+    /// blocks of `block` values of `bits` bits.
+    pub fn new(
+        (n, k): (usize, usize),
+        bits: usize,
+        block: usize,
+        packed: Vec<u8>,
+        scales: Vec<f32>,
+        zero_points: ZeroPoints,
+    ) -> Result<NbitsMatrix, String> {
+        if !matches!(bits, 2 | 4 | 8) || n == 0 || k == 0 || block == 0 || block * bits % 8 != 0 {
+            return Err(format!(
+                "MatMulNBits: unsupported K={k} N={n} bits={bits} block_size={block}"
+            ));
+        }
+        let blocks = k.div_ceil(block);
+        let blob = block * bits / 8;
+        if packed.len() != n * blocks * blob {
+            return Err(format!(
+                "MatMulNBits: B has {} bytes, expected [{n}, {blocks}, {blob}] uint8",
+                packed.len()
+            ));
+        }
+        if scales.len() != n * blocks {
+            return Err(format!(
+                "MatMulNBits: scales has {} values, expected {}",
+                scales.len(),
+                n * blocks
+            ));
+        }
+        let zero_points = match zero_points {
+            ZeroPoints::Symmetric => vec![(1u32 << (bits - 1)) as f32; n * blocks],
+            ZeroPoints::Packed(bytes) => {
+                let row = blocks.div_ceil(8 / bits);
+                if bytes.len() != n * row {
+                    return Err(format!(
+                        "MatMulNBits: zero_points has {} bytes, expected {}",
+                        bytes.len(),
+                        n * row
+                    ));
+                }
+                (0..n * blocks)
+                    .map(|i| f32::from(unpack(&bytes[(i / blocks) * row..], i % blocks, bits)))
+                    .collect()
+            }
+            ZeroPoints::Float(values) if values.len() == n * blocks => values,
+            ZeroPoints::Float(values) => {
+                return Err(format!(
+                    "MatMulNBits: zero_points has {} values, expected {}",
+                    values.len(),
+                    n * blocks
+                ))
+            }
+        };
+        Ok(NbitsMatrix {
+            n,
+            k,
+            bits,
+            block,
+            packed,
+            scales,
+            zero_points,
+        })
+    }
+
+    /// The weight of a `MatMulNBits` node whose `B`, `scales` and `zero_points` are
+    /// initializers (or computed from them alone).
+    pub fn of_node(graph: &Graph, node: &Node) -> Result<NbitsMatrix, String> {
+        let attr = |name: &str| usize::try_from(node.attr_int(name, 0)).unwrap_or(0);
+        let bits = usize::try_from(node.attr_int("bits", 4)).unwrap_or(0);
+        let input = |i: usize| -> Result<Option<Array>, String> {
+            let Some(v) = node.inputs.get(i).copied().flatten() else {
+                return Ok(None);
+            };
+            crate::interp::evaluate(graph, v)
+                .map(Some)
+                .map_err(|e| e.to_string())
+        };
+        if input(4)?.is_some() {
+            return Err("MatMulNBits: g_idx (act-order) is not supported".into());
+        }
+        let packed = match input(1)?.ok_or("MatMulNBits: no B input")? {
+            Array::U8(a) => a.iter().copied().collect(),
+            other => {
+                return Err(format!(
+                    "MatMulNBits: B is {}, expected uint8",
+                    crate::dtype::name(other.elem_type())
+                ))
+            }
+        };
+        let scales = input(2)?.ok_or("MatMulNBits: no scales input")?;
+        let zero_points = match input(3)? {
+            None => ZeroPoints::Symmetric,
+            Some(Array::U8(a)) => ZeroPoints::Packed(a.iter().copied().collect()),
+            Some(a) => ZeroPoints::Float(a.into_f32().iter().copied().collect()),
+        };
+        NbitsMatrix::new(
+            (attr("N"), attr("K")),
+            bits,
+            attr("block_size"),
+            packed,
+            scales.into_f32().iter().copied().collect(),
+            zero_points,
+        )
+    }
+
+    /// Rows `rows` of the float weight into `out` (row-major, `rows.len()·K` values).
+    pub fn rows_to_float(&self, rows: Range<usize>, out: &mut [f32]) {
+        let (k, block, bits) = (self.k, self.block, self.bits);
+        let blocks = k.div_ceil(block);
+        let blob = block * bits / 8;
+        assert!(rows.end <= self.n && out.len() == rows.len() * k);
+        for (r, row_out) in rows.zip(out.chunks_exact_mut(k)) {
+            for (b, values) in row_out.chunks_mut(block).enumerate() {
+                let at = r * blocks + b;
+                let (scale, zero) = (self.scales[at], self.zero_points[at]);
+                let bytes = &self.packed[at * blob..(at + 1) * blob];
+                for (i, v) in values.iter_mut().enumerate() {
+                    *v = (f32::from(unpack(bytes, i, bits)) - zero) * scale;
+                }
+            }
+        }
+    }
+
+    /// The whole float weight `[N, K]`.
+    pub fn to_float(&self) -> Array2<f32> {
+        let mut out = Array2::zeros((self.n, self.k));
+        let slice = out.as_slice_mut().expect("standard layout");
+        self.rows_to_float(0..self.n, slice);
+        out
+    }
+}
+
+/// Value `i` of `bits` bits packed low bits first in `bytes`.
+fn unpack(bytes: &[u8], i: usize, bits: usize) -> u8 {
+    let per_byte = 8 / bits;
     let mask = ((1u16 << bits) - 1) as u8;
-    Array2::from_shape_fn((n, k), |(r, c)| {
-        let b = c / block;
-        let i = c % block;
-        let byte = q[(r * blocks + b) * blob + i / per_byte];
-        let v = f32::from((byte >> ((i % per_byte) * bits)) & mask);
-        (v - zero_points[r * blocks + b]) * scales[r * blocks + b]
-    })
+    (bytes[i / per_byte] >> ((i % per_byte) * bits)) & mask
+}
+
+/// The `[N, K]` float weight of a `MatMulNBits` node whose `B`, `scales` and
+/// `zero_points` are initializers ([`NbitsMatrix::of_node`], dequantized).
+pub fn dequantize_nbits(graph: &Graph, node: &Node) -> Result<Array2<f32>, String> {
+    Ok(NbitsMatrix::of_node(graph, node)?.to_float())
 }
 
 /// A `MatMulNBits` weight: the packed values `[N, blocks, blob]`, the scales
@@ -197,19 +263,20 @@ pub fn quantize_nbits(
 
 /// The float weight `[N, K]` an [`Nbits`] holds (for the requantization error).
 pub fn dequantized_nbits(q: &Nbits, n: usize, k: usize, bits: usize, block: usize) -> Array2<f32> {
-    let blocks = k.div_ceil(block);
-    let mask = ((1u16 << bits) - 1) as u8;
-    let zp_row = blocks.div_ceil(8 / bits);
-    let zero_points: Vec<f32> = (0..n * blocks)
-        .map(|i| match &q.zero_points {
-            None => (1u32 << (bits - 1)) as f32,
-            Some(z) => {
-                let at = (i % blocks) * bits;
-                f32::from((z[(i / blocks) * zp_row + at / 8] >> (at % 8)) & mask)
-            }
-        })
-        .collect();
-    blocks_to_float(&q.packed, &q.scales, &zero_points, n, k, bits, block)
+    let zero_points = match &q.zero_points {
+        None => ZeroPoints::Symmetric,
+        Some(z) => ZeroPoints::Packed(z.clone()),
+    };
+    NbitsMatrix::new(
+        (n, k),
+        bits,
+        block,
+        q.packed.clone(),
+        q.scales.clone(),
+        zero_points,
+    )
+    .expect("quantize_nbits made these sizes")
+    .to_float()
 }
 
 /// `values` quantized to symmetric int8 as onnxruntime's weight quantizer

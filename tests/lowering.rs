@@ -224,18 +224,7 @@ fn genai_models_lowered_run_as_onnx_runtime_does() {
 fn genai_lowered_runs_as_onnx_runtime_does(name: &str) {
     let (inputs, _) = common::reference(name);
     let mut model = Model::load(&common::fixture(name)).unwrap();
-    let ids: Vec<_> = model.graph.node_ids().collect();
-    for id in ids {
-        let node = model.graph.node_mut(id);
-        for a in node
-            .proto
-            .attribute
-            .iter_mut()
-            .filter(|a| a.name() == "accuracy_level")
-        {
-            a.i = Some(0);
-        }
-    }
+    common::float_accuracy(&mut model);
     let dir = tempfile::tempdir().unwrap();
     let float = dir.path().join("float.onnx");
     model.save(&float, &Default::default()).unwrap();

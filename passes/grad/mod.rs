@@ -7,7 +7,10 @@
 //! non-differentiable entries.
 
 pub mod loss;
+mod portable;
 pub mod rules;
+
+pub use portable::portable;
 
 use crate::ir::build::{tensor_type, Builder};
 use crate::ir::infer::value_dtypes;

@@ -966,18 +966,30 @@ fn matmul_nbits(
                 .into(),
         ));
     }
-    let a = n.inputs[0].unwrap();
-    let weight = crate::quant::dequantize_nbits(e.graph, n).map_err(Error::Graph)?;
-    let (big_n, k) = weight.dim();
-    let weight = crate::tensor::Array::from_f32(weight.into_dyn(), e.dtype)
-        .ok_or_else(|| Error::Graph("MatMulNBits: a non-float activation".into()))?;
-    let name = format!("{}/weight", e.prefix);
-    let wv = e
-        .graph
-        .add_initializer(&name, crate::ir::Initializer::from_array(&weight)?);
-    e.shapes.insert(wv, vec![big_n, k]);
-    let mut shape = e.shape(a)?;
-    *shape.last_mut().expect("rank >= 1") = k;
-    let d = e.op_shaped("MatMul", &[g[0].unwrap(), wv], vec![], shape)?;
+    // dA = dY · W on the packed weight (its attributes and weight inputs, shared with
+    // the forward node): the training graph keeps the weight quantized. `portable`
+    // turns it into a float MatMul for other runtimes.
+    crate::quant::NbitsMatrix::of_node(e.graph, n).map_err(Error::Graph)?;
+    let attributes = ["K", "N", "bits", "block_size"]
+        .into_iter()
+        .filter_map(|name| n.attr(name).cloned())
+        .collect();
+    // dY, B, scales and (when present) zero_points.
+    let weight_inputs = n.inputs.iter().take(4).skip(1).map_while(|v| *v);
+    let inputs: Vec<ValueId> = std::iter::once(g[0].unwrap())
+        .chain(weight_inputs)
+        .collect();
+    let mut shape = e.shape(n.inputs[0].unwrap())?;
+    *shape.last_mut().expect("rank >= 1") = n.attr_int("K", 0) as usize;
+    let d = e.op_shaped(
+        crate::runtime::nbits::INPUT_GRAD_OP,
+        &inputs,
+        attributes,
+        shape,
+    )?;
+    let crate::ir::Def::Node(id, _) = e.graph.value(d).def else {
+        unreachable!("op_shaped defines its output")
+    };
+    e.graph.node_mut(id).proto.domain = Some(crate::runtime::nbits::DOMAIN.into());
     Ok(vec![Some(d)])
 }

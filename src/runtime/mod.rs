@@ -14,7 +14,18 @@ use crate::model::Model;
 use crate::tensor::Array;
 
 mod matmul;
+pub mod nbits;
 pub(crate) mod profile;
+
+/// tract's ONNX front end with lora-graft's kernels: `MatMulNBits` and its input
+/// gradient on the packed weight ([`nbits`]).
+fn onnx() -> tract_onnx::Onnx {
+    let mut onnx = tract_onnx::onnx();
+    onnx.op_register.insert("MatMulNBits", nbits::parse_forward);
+    onnx.op_register
+        .insert(nbits::INPUT_GRAD_OP, nbits::parse_input_grad);
+    onnx
+}
 
 /// A model optimised by tract for fixed input shapes, ready to run many times.
 pub struct Runner {
@@ -88,7 +99,7 @@ fn parse(
         tract_onnx::pb::ModelProto::decode(proto.encode_to_vec().as_slice()).map_err(tract_err)?;
     let dir = model.dir.to_string_lossy().into_owned();
     let parsed = guarded("reading the model", || {
-        tract_onnx::onnx().parse(&pb, Some(&dir)).map_err(tract_err)
+        onnx().parse(&pb, Some(&dir)).map_err(tract_err)
     })?;
     if !parsed.unresolved_inputs.is_empty() {
         return Err(Error::Runtime(format!(

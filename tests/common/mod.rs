@@ -322,6 +322,24 @@ pub fn genai_serves(
     );
 }
 
+/// Sets every `accuracy_level` attribute of `model` to 0. onnxruntime-genai's builder
+/// writes 4, with which ONNX Runtime rounds the activations to int8 inside
+/// `MatMulNBits` (2.7e-2 away from float); 0 computes in float, as tract does.
+pub fn float_accuracy(model: &mut lora_graft::Model) {
+    let ids: Vec<_> = model.graph.node_ids().collect();
+    for id in ids {
+        let node = model.graph.node_mut(id);
+        for a in node
+            .proto
+            .attribute
+            .iter_mut()
+            .filter(|a| a.name() == "accuracy_level")
+        {
+            a.i = Some(0);
+        }
+    }
+}
+
 /// Runs `model` in tract (optimised) on named inputs.
 pub fn run_tract(model: &lora_graft::Model, inputs: &Named) -> Vec<Array> {
     let runner = lora_graft::runtime::Runner::new(model, &shapes(inputs)).unwrap();
