@@ -15,6 +15,11 @@
 # uses THREADS intra-op threads. The tools take turns, REPEAT times each (default 3),
 # and the table gives each one's median run.
 #
+# GENAI=1 also trains onnxruntime-genai's builds of the same checkpoint (made on demand by
+# make_genai_builds.py: fp32 and int4, GroupQueryAttention, MatMulNBits 4 bits in blocks
+# of 32), LoRA on their qkv_proj and o_proj (the builder fuses q, k and v): the int4
+# model's steps/s and peak RSS against the fp32 build's, in the same turns.
+#
 # Columns: steps/s (steady) = steps 2..N (lora-graft: from the tokens_per_s of its
 # metrics file; PyTorch: timed per step); first step s; train s = the N steps; wall s and
 # peak RSS = the whole process (/usr/bin/time -v: imports, model load, graph build, save).
@@ -37,6 +42,10 @@ if [ ! -f "$MODEL" ] || [ ! -f "$MODEL.data" ] || [ ! -d "$OUT/hf" ]; then
     python3 "$HERE/make_train_bench_model.py" "$OUT" --seq "$SEQ" --rows $((STEPS * BATCH)) || exit 1
 else
     python3 "$HERE/make_train_bench_model.py" "$OUT" --data-only --seq "$SEQ" --rows $((STEPS * BATCH)) || exit 1
+fi
+GENAI="${GENAI:-0}"
+if [ "$GENAI" = 1 ]; then
+    python3 "$HERE/make_genai_builds.py" "$OUT" int4 fp32 || exit 1
 fi
 LOGS="$OUT/logs"
 mkdir -p "$LOGS"
@@ -77,6 +86,16 @@ for i in $(seq 1 "$REPEAT"); do
         --target-names 'q_proj|k_proj|v_proj|o_proj' --data "$OUT/data.jsonl" --steps "$STEPS" \
         --batch "$BATCH" --seq "$SEQ" --lr $LR --grad-clip $CLIP --threads "$THREADS" -o "$ADAPTER" --quiet
     cp "$OUT/adapter.metrics.jsonl" "$LOGS/lora_graft.$i.metrics.jsonl"
+    if [ "$GENAI" = 1 ]; then
+        for p in fp32 int4; do
+            rm -f "$OUT"/adapter.*
+            run "lora_graft_genai_$p.$i" "$OUT/lora-graft" train "$OUT/genai_$p/model.onnx" --variant lora \
+                -r $R --alpha $ALPHA --target-names 'qkv_proj|o_proj' --data "$OUT/data.jsonl" \
+                --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" --lr $LR --grad-clip $CLIP \
+                --threads "$THREADS" -o "$ADAPTER" --quiet
+            cp "$OUT/adapter.metrics.jsonl" "$LOGS/lora_graft_genai_$p.$i.metrics.jsonl"
+        done
+    fi
     OMP_NUM_THREADS="$THREADS" MKL_NUM_THREADS="$THREADS" \
         run "pytorch.$i" python3 "$HERE/train_bench_torch.py" "$OUT" --steps "$STEPS" --batch "$BATCH" \
         --seq "$SEQ" --threads "$THREADS" --r $R --alpha $ALPHA --lr $LR --grad-clip $CLIP
@@ -85,9 +104,10 @@ done
 # lora-graft's metrics line k holds tokens_per_s = k * BATCH * (SEQ - 1) / (seconds since
 # the training loop began), so step k ended at k * BATCH * (SEQ - 1) / tokens_per_s.
 echo
-python3 - "$LOGS" "$REPEAT" "$BATCH" "$SEQ" <<'EOF2'
+python3 - "$LOGS" "$REPEAT" "$BATCH" "$SEQ" "$GENAI" <<'EOF2'
 import json, re, statistics, sys
 logs, repeat, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+genai = sys.argv[5] == "1"
 
 def time_v(path):  # wall seconds and peak RSS (MB) from /usr/bin/time -v
     text = open(path).read()
@@ -98,11 +118,11 @@ def time_v(path):  # wall seconds and peak RSS (MB) from /usr/bin/time -v
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", text).group(1)) / 1024
     return secs, rss
 
-def lora_graft(i):
-    lines = [json.loads(l) for l in open(f"{logs}/lora_graft.{i}.metrics.jsonl")]
+def lora_graft(i, tag="lora_graft"):
+    lines = [json.loads(l) for l in open(f"{logs}/{tag}.{i}.metrics.jsonl")]
     ends = [m["step"] * batch * (seq - 1) / m["tokens_per_s"] for m in lines]
     n = len(ends)
-    wall, rss = time_v(f"{logs}/lora_graft.{i}.time")
+    wall, rss = time_v(f"{logs}/{tag}.{i}.time")
     return dict(steady=(n - 1) / (ends[-1] - ends[0]) if n > 1 else None, first=ends[0],
                 train=ends[-1], wall=wall, rss=rss, loss=lines[0]["loss"], last=lines[-1]["loss"])
 
@@ -117,21 +137,34 @@ pt_runs = [pytorch(i) for i in range(1, repeat + 1)]
 info = pt_runs[0][0]
 pt_runs = [r for _, r in pt_runs]
 f = lambda v, fmt: "-" if v is None else format(v, fmt)
+tools = [("lora-graft", lg_runs)]
+if genai:
+    for p in ("fp32", "int4"):
+        tools.append((f"lora-graft genai {p}",
+                      [lora_graft(i, f"lora_graft_genai_{p}") for i in range(1, repeat + 1)]))
+tools.append((f"pytorch+peft ({info['attn']})", pt_runs))
 print("steady steps/s of each run:")
-print("  lora-graft  ", " ".join(f(r["steady"], ".3f") for r in lg_runs))
-print("  pytorch+peft", " ".join(f(r["steady"], ".3f") for r in pt_runs))
+for name, runs in tools:
+    print(f"  {name:22s}", " ".join(f(r["steady"], ".3f") for r in runs))
 med = lambda runs, k: statistics.median(r[k] for r in runs) if all(r[k] is not None for r in runs) else None
-lg = {k: med(lg_runs, k) for k in lg_runs[0]}
-pt = {k: med(pt_runs, k) for k in pt_runs[0]}
+meds = {name: {k: med(runs, k) for k in runs[0]} for name, runs in tools}
 print(f"\nmedians of {repeat} runs each:")
-print(f"{'tool':22s} {'steps/s':>8s} {'first s':>8s} {'train s':>8s} {'wall s':>8s} {'RSS MB':>7s}"
+print(f"{'tool':26s} {'steps/s':>8s} {'first s':>8s} {'train s':>8s} {'wall s':>8s} {'RSS MB':>7s}"
       f" {'loss 1':>9s} {'loss N':>9s}")
-for name, r in (("lora-graft", lg), (f"pytorch+peft ({info['attn']})", pt)):
-    print(f"{name:22s} {f(r['steady'], '8.3f')} {r['first']:8.2f} {r['train']:8.2f} {r['wall']:8.2f}"
+for name, r in meds.items():
+    print(f"{name:26s} {f(r['steady'], '8.3f')} {r['first']:8.2f} {r['train']:8.2f} {r['wall']:8.2f}"
           f" {r['rss']:7.0f} {r['loss']:9.5f} {r['last']:9.5f}")
-ratio = lambda k: None if lg[k] is None or not pt[k] else lg[k] / pt[k]
-print(f"{'lora-graft / pytorch':22s} {f(ratio('steady'), '8.3f')} {f(ratio('first'), '8.3f')}"
-      f" {f(ratio('train'), '8.3f')} {f(ratio('wall'), '8.3f')} {f(ratio('rss'), '7.3f')}")
+
+def ratio_row(label, a, b):
+    ratio = lambda k: None if a[k] is None or not b[k] else a[k] / b[k]
+    print(f"{label:26s} {f(ratio('steady'), '8.3f')} {f(ratio('first'), '8.3f')}"
+          f" {f(ratio('train'), '8.3f')} {f(ratio('wall'), '8.3f')} {f(ratio('rss'), '7.3f')}")
+
+pt = meds[tools[-1][0]]
+for name, _ in tools[:-1]:
+    ratio_row(f"{name} / pytorch", meds[name], pt)
+if genai:
+    ratio_row("genai int4 / genai fp32", meds["lora-graft genai int4"], meds["lora-graft genai fp32"])
 print(f"(torch {info['torch']}, {info['threads']} threads, {info['trainable_params']} trainable params;"
       f" loss 1 should agree: same weights and batch, B = 0)")
 EOF2

@@ -26,6 +26,15 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // One malloc arena for the process (glibc makes one per thread): training workers
+    // free tensors of every size step after step, and per-thread arenas each keep their
+    // own freed pages. Measured on the training benchmark (batch 8 x 128, 2 workers):
+    // peak RSS 470 -> 392 MB (int4), 589 -> 512 MB (fp32), steps/s unchanged or better.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: sets an allocator parameter before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return clap_error(e),

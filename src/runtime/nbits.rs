@@ -36,6 +36,12 @@ pub const DOMAIN: &str = "ai.lora_graft";
 /// fastest (see `runtime::matmul`), and the scratch stays at `512·K` floats.
 const ROWS: usize = 512;
 
+thread_local! {
+    /// Each thread's buffer of dequantized rows, reused by every product it runs (a
+    /// fresh megabyte a call fragments the allocator's per-thread arenas).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Which product of the packed weight `W` `[N, K]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Product {
@@ -76,9 +82,20 @@ impl NbitsMatMul {
     /// `a` `[m, inner]` times the weight into `y` `[m, outer]` (both row-major).
     fn multiply(&self, a: &[f32], y: &mut [f32], m: usize) {
         let w = &self.weight;
-        let (inner, outer) = self.widths();
         let rows = ROWS.min(w.n);
-        let mut scratch = vec![0f32; rows * w.k];
+        SCRATCH.with_borrow_mut(|scratch| {
+            if scratch.len() < rows * w.k {
+                scratch.resize(rows * w.k, 0.0);
+            }
+            self.multiply_with(a, y, m, &mut scratch[..rows * w.k]);
+        });
+    }
+
+    /// [`NbitsMatMul::multiply`] with `scratch` for [`ROWS`] dequantized rows.
+    fn multiply_with(&self, a: &[f32], y: &mut [f32], m: usize, scratch: &mut [f32]) {
+        let w = &self.weight;
+        let (inner, outer) = self.widths();
+        let rows = scratch.len() / w.k;
         let a = MatRef::from_row_major_slice(a, m, inner);
         let mut y = MatMut::from_row_major_slice_mut(y, m, outer);
         for first in (0..w.n).step_by(rows) {
