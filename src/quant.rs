@@ -296,21 +296,62 @@ pub fn dequantized_nbits(q: &Nbits, n: usize, k: usize, bits: usize, block: usiz
     .to_float()
 }
 
-/// `values` quantized to symmetric int8 as onnxruntime's weight quantizer
-/// (`quant_utils.quantize_data(…, INT8, symmetric=True)`) does: `scale = 2·max|v| / 254`
-/// (in f64, stored as float32; 1 when that is below float32's smallest normal), then
-/// `q = clamp(round_half_even(v / scale), −128, 127)` with a float32 division.
-pub fn quantize_int8_symmetric(values: &[f32]) -> (f32, Vec<i8>) {
-    let absmax = values.iter().fold(0f32, |m, &v| m.max(v.abs()));
-    let scale = ((2.0 * absmax as f64) / 254.0) as f32;
-    let scale = if scale < f32::MIN_POSITIVE {
-        1.0
-    } else {
-        scale
+/// 8-bit values, their scale and zero point, as onnxruntime's quantizer writes them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quantized8 {
+    /// The scale, float32.
+    pub scale: f32,
+    /// The zero point (`0` for symmetric int8, `128` for symmetric uint8).
+    pub zero_point: i32,
+    /// The values, in the type's range.
+    pub values: Vec<i32>,
+}
+
+/// `values` quantized to int8 (`signed`) or uint8 as onnxruntime's weight quantizer
+/// does (`quant_utils.quantize_data`: `compute_scale_zp`, then `quantize_nparray`):
+/// the range `[min(min v, 0), max(max v, 0)]`, made `±max|v|` when `symmetric`
+/// (int8's range then is −127..127); `scale = range / (qmax − qmin)` in f64, stored as
+/// float32 (below float32's smallest normal: scale 1, zero point 0); the zero point
+/// `round_half_even(qmin − min / scale)` (symmetric: the range's middle); then
+/// `q = clamp(round_half_even(v / scale) + zp, type's min, type's max)` in float32.
+pub fn quantize_data(values: &[f32], signed: bool, symmetric: bool) -> Quantized8 {
+    let (qmin, qmax) = match (signed, symmetric) {
+        (true, true) => (-127.0, 127.0),
+        (true, false) => (-128.0, 127.0),
+        (false, _) => (0.0, 255.0),
     };
-    let q = values
+    let (lo, hi) = values
         .iter()
-        .map(|&v| (v / scale).round_ties_even().clamp(-128.0, 127.0) as i8)
+        .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = if symmetric {
+        let m = lo.abs().max(hi.abs());
+        (-m, m)
+    } else {
+        (lo, hi)
+    };
+    let scale = (hi as f64 - lo as f64) / (qmax - qmin);
+    let (scale, zero_point) = if scale < f32::MIN_POSITIVE as f64 {
+        (1.0f32, 0.0f32)
+    } else if symmetric {
+        (scale as f32, ((qmin + qmax) / 2.0).round_ties_even() as f32)
+    } else {
+        (
+            scale as f32,
+            (qmin - lo as f64 / scale).round_ties_even() as f32,
+        )
+    };
+    let (full_min, full_max) = if signed {
+        (-128.0, 127.0)
+    } else {
+        (0.0, 255.0)
+    };
+    let values = values
+        .iter()
+        .map(|&v| ((v / scale).round_ties_even() + zero_point).clamp(full_min, full_max) as i32)
         .collect();
-    (scale, q)
+    Quantized8 {
+        scale,
+        zero_point: zero_point as i32,
+        values,
+    }
 }

@@ -69,6 +69,30 @@ macro_rules! array_from {
 array_from!(f32 => F32, f64 => F64, f16 => F16, bf16 => BF16, i64 => I64, i32 => I32,
     i8 => I8, u8 => U8, bool => Bool);
 
+/// The 4-bit values of `t` (packed in `raw`, or a byte per `int32_data` entry), each
+/// nibble through `widen`.
+fn unpack_nibbles<T>(
+    t: &TensorProto,
+    raw: Option<&[u8]>,
+    shape: &[usize],
+    widen: impl Fn(u8) -> T,
+) -> Result<ArrayD<T>, DecodeError> {
+    let n: usize = shape.iter().product();
+    let bytes: Vec<u8> = match raw {
+        Some(bytes) => bytes.to_vec(),
+        None => t.int32_data.iter().map(|&v| v as u8).collect(),
+    };
+    if bytes.len() != n.div_ceil(2) {
+        return Err(DecodeError::Inconsistent(format!(
+            "{} bytes of data for {n} elements of {}",
+            bytes.len(),
+            dtype::name(t.data_type())
+        )));
+    }
+    let values = (0..n).map(|i| widen((bytes[i / 2] >> (4 * (i % 2))) & 0x0f));
+    Ok(ArrayD::from_shape_vec(IxDyn(shape), values.collect()).expect("length checked"))
+}
+
 /// Why a tensor proto could not be decoded.
 #[derive(Debug, Clone, PartialEq)]
 pub enum DecodeError {
@@ -217,6 +241,12 @@ impl Array {
                 |b| b[0] != 0,
                 t.int32_data.iter().map(|&v| v != 0).collect()
             ),
+            // Two values a byte, the first in the low nibble (the ONNX spec), widened
+            // to 8 bits: INT4 sign-extended into I8, UINT4 into U8.
+            Ok(DataType::Int4) => {
+                Array::I8(unpack_nibbles(t, raw, &shape, |v| ((v << 4) as i8) >> 4)?)
+            }
+            Ok(DataType::Uint4) => Array::U8(unpack_nibbles(t, raw, &shape, |v| v)?),
             _ => return Err(DecodeError::Unsupported(dtype::name(ty))),
         })
     }

@@ -481,6 +481,36 @@ fn onnxruntime_rms_norms_and_matmul_nbits() {
             )),
         ],
     );
+    // 8-bit weights, K = 64 in blocks of 32, N = 24, with zero points (one byte a
+    // block), as onnxruntime's 8-bit quantizer writes them.
+    let q8: Vec<u8> = (0..24 * 2 * 32)
+        .map(|_| (rng.next_u64() % 256) as u8)
+        .collect();
+    let zp8: Vec<u8> = (0..24 * 2)
+        .map(|_| 100 + (rng.next_u64() % 56) as u8)
+        .collect();
+    let scales8: Vec<f32> = (0..48).map(|i| 0.01 + 0.001 * (i % 9) as f32).collect();
+    check_f32(
+        "com.microsoft:MatMulNBits",
+        vec![
+            int_attr("K", 64),
+            int_attr("N", 24),
+            int_attr("bits", 8),
+            int_attr("block_size", 32),
+        ],
+        vec![
+            f(&[2, 5, 64]),
+            In::Const(Array::U8(
+                ArrayD::from_shape_vec(IxDyn(&[24, 2, 32]), q8).unwrap(),
+            )),
+            In::Const(Array::F32(
+                ArrayD::from_shape_vec(IxDyn(&[48]), scales8).unwrap(),
+            )),
+            In::Const(Array::U8(
+                ArrayD::from_shape_vec(IxDyn(&[48]), zp8).unwrap(),
+            )),
+        ],
+    );
     // 2-bit weights (four to a byte), default zero point (2).
     let q2: Vec<u8> = (0..3 * 2 * 2)
         .map(|_| (rng.next_u64() % 256) as u8)

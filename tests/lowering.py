@@ -678,37 +678,6 @@ CASES += [
 ]
 
 
-# MatMulNBits (com.microsoft), 8 bits (lowered: tract runs only 2 and 4): Y = A · Wᵀ with
-# W[n, k] = (B[n, k / bs, k % bs] − zero_points[n, k / bs]) · scales[n, k / bs], B uint8
-# [N, K / bs, bs], scales [N, K / bs], zero_points uint8 [N, K / bs] (8 bits: one byte a
-# block); A [2, 5, K].  Weights are initializers, as the quantizer writes them.
-NB_K, NB_N, NB_BS = 64, 24, 32
-
-
-def nbits8_case(name, zero_points):
-    rng = np.random.default_rng(77)
-    blocks = NB_K // NB_BS
-    inits = {"B": rng.integers(0, 256, size=(NB_N, blocks, NB_BS), dtype=np.uint8),
-             "scales": (rng.uniform(0.01, 0.05, size=(NB_N, blocks))).astype(np.float32)}
-    names = ["a", "B", "scales"]
-    if zero_points:
-        inits["zero_points"] = rng.integers(100, 156, size=(NB_N, blocks), dtype=np.uint8)
-        names.append("zero_points")
-
-    def numpy_nbits(feeds, attrs):
-        zp = (feeds["zero_points"].astype(np.float32)[:, :, None] if zero_points else 128.0)
-        w = ((feeds["B"].astype(np.float32) - zp) * feeds["scales"][:, :, None])
-        w = w.reshape(NB_N, -1)[:, :NB_K]
-        return {"y": feeds["a"] @ w.T}
-
-    return case(name, "MatMulNBits", [("a", [2, 5, NB_K])], ["y"],
-                attributes={"K": NB_K, "N": NB_N, "bits": 8, "block_size": NB_BS},
-                node_inputs=names, initializers=inits, output_shapes={"y": [2, 5, NB_N]},
-                numpy_check=lambda feeds, attrs: numpy_nbits({**feeds, **inits}, attrs))
-
-
-CASES += [nbits8_case("matmul_nbits8_zero_points", True), nbits8_case("matmul_nbits8", False)]
-
 ELEM = {"float32": (TensorProto.FLOAT, np.float32), "float16": (TensorProto.FLOAT16, np.float16)}
 FLOAT_STATS = {"mean", "inv_std_var"}  # type U of the layer norms: float whatever T is
 

@@ -19,6 +19,13 @@ use lora_graft::Model;
 
 const INT8: &[&str] = &["bert_int8", "llama_int8"];
 
+/// Fixtures whose weights onnxruntime's quantizers wrote in QDQ form with zero points or
+/// blocks: `llama_qdq4` (`MatMulNBitsQuantizer`'s QDQ format: uint4 `[K, N]` blocked by
+/// 32 along K, with zero points), `llama_qdq4_sym` (the same, int4, symmetric) and
+/// `bert_qdq_u8` (`quantize_static`: uint8 per channel with zero points; its activations
+/// pass through QuantizeLinear/DequantizeLinear too).
+const QDQ: &[&str] = &["llama_qdq4", "llama_qdq4_sym", "bert_qdq_u8"];
+
 /// Fixtures whose linears are onnxruntime's `MatMulNBits` (`llama_nbits8`: 8 bits, blocks
 /// of 32, zero points, made by onnxruntime's own quantizer).
 const NBITS: &[&str] = &["llama_nbits8"];
@@ -115,7 +122,7 @@ fn dequantized(name: &str) -> Model {
 fn variants_on_int8_weights_compute_what_they_do_on_the_dequantized_model() {
     let dir = tempfile::tempdir().unwrap();
     let mut manifest = Vec::new();
-    for name in INT8.iter().chain(NBITS) {
+    for name in INT8.iter().chain(NBITS).chain(QDQ) {
         let (inputs, _) = reference(name);
         std::fs::create_dir_all(dir.path().join(name)).unwrap();
         // DoRA needs the dense weight in the graph, which MatMulNBits does not hold.
@@ -138,11 +145,8 @@ fn variants_on_int8_weights_compute_what_they_do_on_the_dequantized_model() {
                 modules(&float_outcome),
                 "{name} {variant}"
             );
-            // tract runs MatMulNBits of 2 and 4 bits only: 8 bits are lowered (to a
-            // MatMul on the weight dequantized once), as training and calibration do.
-            let mut lowered = model.clone();
-            jobs::lower(&mut lowered, &mut outcome.clone()).unwrap();
-            let got = run_tract(&lowered, &inputs).remove(0);
+            // MatMulNBits runs on the packed weight (lora-graft's kernel, any bits).
+            let got = run_tract(&model, &inputs).remove(0);
             let want = run_tract(&float, &inputs).remove(0);
             // 1e-5 relative: the same float weights, read through the dequantization
             // chain or stored; products summed in the same order.

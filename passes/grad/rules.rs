@@ -231,6 +231,11 @@ pub const RULES: &[(&str, Rule)] = &[
             s,
         )?)])
     }),
+    // Fake quantization (a QuantizeLinear → DequantizeLinear pair on an activation,
+    // per tensor), the straight-through estimator with clipping, as torch's
+    // FakeQuantize: dq = g·s (y = (q − zp)·s); dx = g/s·[qmin ≤ round(x/s) + zp ≤ qmax]
+    ("DequantizeLinear", dequantize_linear),
+    ("QuantizeLinear", quantize_linear),
     // x̂ = (x-μ)·r over the normalised axes: dx = r·(ĝ - mean(ĝ) - x̂·mean(ĝ·x̂)),
     // ĝ = g·scale; dscale = unb(g·x̂), dbias = unb(g)
     ("LayerNormalization", layer_norm),
@@ -248,7 +253,7 @@ pub const MICROSOFT_RULES: &[(&str, Rule)] = &[
         skip_simplified_layer_norm,
     ),
     // Y = A·Wᵀ (+ bias), W [N, K] = (q - zero point)·scale per block of K:
-    // dA = g·W (W dequantized once, at build time, into a constant)
+    // dA = g·W on the packed weight (lora-graft's MatMulNBitsInputGrad)
     ("MatMulNBits", matmul_nbits),
     ("SimplifiedLayerNormalization", simplified_layer_norm),
 ];
@@ -952,6 +957,78 @@ fn skip_simplified_layer_norm(
         out[2] = Some(e.unbroadcast(gx, &shape)?);
     }
     Ok(out)
+}
+
+/// The scale of a per-tensor (De)QuantizeLinear, or why it has no rule.
+fn per_tensor_scale(e: &Builder, n: &Node) -> Result<ValueId> {
+    let scale = n.inputs[1].unwrap();
+    if e.shape(scale)?.iter().product::<usize>() != 1 {
+        return Err(Error::Graph(format!(
+            "{} with a scale per axis or block has no gradient rule (only per-tensor fake quantization of activations)",
+            n.op()
+        )));
+    }
+    Ok(scale)
+}
+
+fn dequantize_linear(
+    e: &mut Builder,
+    n: &Node,
+    g: &[Option<ValueId>],
+    w: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
+    if w.iter().skip(1).any(|&w| w) {
+        return Err(Error::Graph(
+            "only the quantized input of DequantizeLinear gets a gradient (its scale and zero point are frozen)".into(),
+        ));
+    }
+    let scale = per_tensor_scale(e, n)?;
+    Ok(vec![Some(e.bin("Mul", g[0].unwrap(), scale)?)])
+}
+
+fn quantize_linear(
+    e: &mut Builder,
+    n: &Node,
+    g: &[Option<ValueId>],
+    w: &[bool],
+) -> Result<Vec<Option<ValueId>>> {
+    use crate::proto::tensor_proto::DataType;
+    if w.iter().skip(1).any(|&w| w) {
+        return Err(Error::Graph(
+            "only the float input of QuantizeLinear gets a gradient (its scale and zero point are frozen)".into(),
+        ));
+    }
+    let (x, scale) = (n.inputs[0].unwrap(), per_tensor_scale(e, n)?);
+    let zero = n.inputs.get(2).copied().flatten();
+    // The output type: the zero point's, uint8 without one.
+    let (qmin, qmax) = match zero.map(|z| DataType::try_from(e.dtype_of(z))) {
+        None | Some(Ok(DataType::Uint8)) => (0.0, 255.0),
+        Some(Ok(DataType::Int8)) => (-128.0, 127.0),
+        Some(Ok(DataType::Uint16)) => (0.0, 65535.0),
+        Some(Ok(DataType::Int16)) => (-32768.0, 32767.0),
+        Some(other) => {
+            return Err(Error::Graph(format!(
+                "QuantizeLinear to {other:?} has no gradient rule"
+            )))
+        }
+    };
+    let scaled = e.bin("Div", x, scale)?;
+    let mut t = e.un("Round", scaled)?;
+    if let Some(z) = zero {
+        let shape = e.shape(z)?;
+        let to = vec![int_attr("to", e.dtype as i64)];
+        let z = e.op_shaped("Cast", &[z], to, shape)?;
+        t = e.bin("Add", t, z)?;
+    }
+    let mut d = e.bin("Div", g[0].unwrap(), scale)?;
+    for (op, bound) in [("Less", qmin), ("Greater", qmax)] {
+        let bound = e.scalar("c", bound);
+        let out = e.bin(op, t, bound)?;
+        let inside = e.un("Not", out)?;
+        let m = e.mask(inside)?;
+        d = e.bin("Mul", d, m)?;
+    }
+    Ok(vec![Some(d), None, None])
 }
 
 fn matmul_nbits(

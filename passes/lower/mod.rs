@@ -3,7 +3,8 @@
 //! differentiates them with its default-domain rules, so a model that onnxruntime's
 //! transformer optimizer fused (`SkipLayerNormalization`, `BiasGelu`, `FastGelu`, ...)
 //! trains as its unfused export does. Ops without a line are left as they are (tract
-//! runs `MatMulNBits` and the RMS norms itself; the gradient pass has their rules, and
+//! runs `MatMulNBits`, on the packed weight, through `runtime::nbits`, and the RMS norms
+//! itself; the gradient pass has their rules, and
 //! names the ops on an adapter's path that it cannot differentiate).
 
 use std::collections::BTreeMap;
@@ -94,14 +95,6 @@ pub const LOWERINGS: &[(&str, &str, Applies, Lowering)] = &[
     // rotated at rows position_ids [B, S] (or a start offset [1]) of the caches, halves or
     // interleaved pairs (as GroupQueryAttention's)
     ("com.microsoft", "RotaryEmbedding", always, rotary_embedding),
-    // 8-bit blocks (tract runs 2 and 4 bits itself): x · W with W dequantized once,
-    // (q − zero_point)·scale per block, as a float initializer (+ bias)
-    (
-        "com.microsoft",
-        "MatMulNBits",
-        |n| n.attr_int("bits", 4) == 8,
-        matmul_nbits,
-    ),
 ];
 
 /// The pass: lowers every node that has a line in [`LOWERINGS`].
@@ -219,24 +212,4 @@ pub(super) fn last_axis(
 ) -> Result<ValueId> {
     let a = b.ints("axes", &[-1]);
     b.op("Slice", &[x, start, end, a], vec![])
-}
-
-/// `MatMulNBits` as `MatMul(a, W)` (+ bias) with its weight dequantized once into a float
-/// initializer `[K, N]`.
-fn matmul_nbits(b: &mut Builder, n: &Node) -> Result<Vec<Option<ValueId>>> {
-    let w = crate::quant::dequantize_nbits(b.graph, n).map_err(|reason| Error::Node {
-        node: n.name().to_string(),
-        op: n.op().to_string(),
-        reason,
-    })?;
-    let onnx = crate::tensor::Array::F32(w.t().as_standard_layout().into_owned().into_dyn());
-    let init = crate::ir::Initializer::from_array(&onnx)?;
-    let weight = b
-        .graph
-        .add_initializer(&format!("{}.weight", n.name()), init);
-    let mut y = b.op("MatMul", &[input(n, 0)?, weight], vec![])?;
-    if let Some(bias) = optional(n, 5) {
-        y = b.op("Add", &[y, bias], vec![])?;
-    }
-    Ok(vec![Some(y)])
 }

@@ -237,7 +237,28 @@ pub fn dequantize_linear(
         Some(z) => z.to_f64(),
         None => ArrayD::zeros(sf.raw_dim()),
     };
-    let (sf, zf) = if sf.ndim() == 1 && rank > 0 {
+    let block = node.attr_int("block_size", 0);
+    let (sf, zf) = if block > 0 && sf.ndim() == rank && rank > 0 {
+        // Blocked (opset 21): along `axis`, entry j of the scale covers values
+        // j·block .. (j+1)·block; each scale and zero point is repeated over its block.
+        let axis = norm_axis(node.attr_int("axis", 1), rank)?;
+        let (len, block) = (x.shape()[axis], block as usize);
+        let widen = |a: ArrayD<f64>, index: usize| {
+            if a.shape()[axis] != len.div_ceil(block) {
+                return Err(InterpError::BadInput {
+                    index,
+                    reason: format!(
+                        "shape {:?} does not block axis {axis} of {:?} by {block}",
+                        a.shape(),
+                        x.shape()
+                    ),
+                });
+            }
+            let picks: Vec<usize> = (0..len).map(|i| i / block).collect();
+            Ok(a.select(Axis(axis), &picks))
+        };
+        (widen(sf, 1)?, widen(zf, 2)?)
+    } else if sf.ndim() == 1 && rank > 0 {
         let axis = norm_axis(node.attr_int("axis", 1), rank)?;
         let mut shape = vec![1; rank];
         shape[axis] = sf.len();
