@@ -12,10 +12,15 @@ Each `w.M` is quantized by onnxruntime's `quantize_matmul_{2,4,8}bits` (MLAS, wh
 and zero points must be equal.
 
 With metadata `kind` = "int8" instead: `w.M` is the weight as the node reads it, `q.M` the
-int8 values lora-graft wrote (as float32), `scale.M` its scales and `axis.M` ([1]: the axis
+int8 or uint8 values lora-graft wrote (as float32), `scale.M` its scales, `zp.M` its zero
+points (when the weight has them), `signed.M` ([1]: 1 for int8) and `axis.M` ([1]: the axis
 of `w.M` the scales run along, -1 for one scale); each channel (or the whole tensor) is
-quantized by onnxruntime's `quant_utils.quantize_data(…, INT8, symmetric=True)`, what its
-weight quantizers call, and must give the same values and scales.
+quantized by onnxruntime's `quant_utils.quantize_data(…, INT8 or UINT8, symmetric)`, what
+its weight quantizers call (symmetric when there are no zero points or all are the type's
+middle), and must give the same values, scales and zero points.
+With `kind` = "qdq4" (metadata `block_size`, `symmetric`): `w.M` the float weight [K, N],
+`q.M` the 4-bit values, `scale.M` and `zp.M` [K / block, N], against
+`quantize_qdq_matmul_4bits`, what `MatMulNBitsQuantizer`'s QDQ format calls.
 Prints one line per module; exits non-zero on a mismatch.
 """
 import sys
@@ -30,24 +35,70 @@ def int8(f, modules):
     from onnxruntime.quantization.quant_utils import quantize_data
 
     bad = 0
+    keys = set(f.keys())
     for m in modules:
         w = f.get_tensor(f"w.{m}").astype(np.float32)
-        ours_q = f.get_tensor(f"q.{m}").astype(np.int8)
+        signed = f.get_tensor(f"signed.{m}")[0] == 1
+        qtype, middle = (TensorProto.INT8, 0) if signed else (TensorProto.UINT8, 128)
+        ours_q = f.get_tensor(f"q.{m}").astype(np.int64)
         ours_s = f.get_tensor(f"scale.{m}").astype(np.float32).reshape(-1)
+        ours_z = f.get_tensor(f"zp.{m}").astype(np.int64).reshape(-1) if f"zp.{m}" in keys else None
+        # onnxruntime's symmetric quantizer writes the type's middle as every zero point
+        symmetric = ours_z is None or bool(np.all(ours_z == middle))
         axis = int(f.get_tensor(f"axis.{m}")[0])
         lanes = [w] if axis < 0 else [np.take(w, c, axis=axis) for c in range(w.shape[axis])]
-        want_q, want_s = [], []
+        want_q, want_s, want_z = [], [], []
         for lane in lanes:
-            _, scale, q = quantize_data(lane, TensorProto.INT8, True)
-            want_q.append(q)
+            zero, scale, q = quantize_data(lane, qtype, symmetric)
+            want_q.append(q.astype(np.int64))
             want_s.append(float(scale))
+            want_z.append(int(zero))
         want_q = want_q[0] if axis < 0 else np.stack(want_q, axis=axis)
         q_diff = int(np.count_nonzero(want_q != ours_q))
         s_diff = float(np.max(np.abs(np.array(want_s, np.float32) - ours_s)))
-        ok = q_diff == 0 and s_diff == 0.0
+        z_diff = 0 if ours_z is None else int(np.count_nonzero(np.array(want_z) != ours_z))
+        ok = q_diff == 0 and s_diff == 0.0 and z_diff == 0
         bad += not ok
-        print(f"{m}: int8 symmetric, {'per tensor' if axis < 0 else f'per channel (axis {axis})'}: "
-              f"{q_diff} values differ, scales off by {s_diff:.3g}{'' if ok else '  MISMATCH'}")
+        kind = f"{'int8' if signed else 'uint8'} {'symmetric' if symmetric else 'with zero points'}"
+        print(f"{m}: {kind}, {'per tensor' if axis < 0 else f'per channel (axis {axis})'}: "
+              f"{q_diff} values, {z_diff} zero points differ, scales off by {s_diff:.3g}"
+              f"{'' if ok else '  MISMATCH'}")
+    return bad
+
+
+def qdq4(f, modules, block, symmetric):
+    """MatMulNBitsQuantizer's QDQ format: onnxruntime's quantize_qdq_matmul_4bits (MLAS) on
+    the float weight [K, N]: values [K, N] (int4 when symmetric, else uint4), scales and
+    zero points [K / block, N], each packed two a byte, the first in the low nibble."""
+    def nibbles(packed, count, signed):
+        v = np.zeros(2 * len(packed), np.int64)
+        v[0::2], v[1::2] = packed & 15, packed >> 4
+        v = v[:count]
+        return np.where(v >= 8, v - 16, v) if signed else v
+
+    bad = 0
+    for m in modules:
+        w = np.ascontiguousarray(f.get_tensor(f"w.{m}").astype(np.float32))
+        k, n = w.shape
+        blocks = (k + block - 1) // block
+        packed = np.zeros((k * n + 1) // 2, np.uint8)
+        zp = np.zeros((n * blocks + 1) // 2, np.uint8)
+        scales = np.zeros((blocks, n), np.float32)
+        C.quantize_qdq_matmul_4bits(packed, w, scales, zp, block, n, k, symmetric)
+        want_q = nibbles(packed, k * n, symmetric).reshape(k, n)
+        ours_q = f.get_tensor(f"q.{m}").astype(np.int64).reshape(k, n)
+        ours_s = f.get_tensor(f"scale.{m}").reshape(blocks, n)
+        q_diff = int(np.count_nonzero(want_q != ours_q))
+        s_diff = float(np.max(np.abs(ours_s - scales)))
+        z_diff = 0
+        if not symmetric:
+            want_z = nibbles(zp, blocks * n, False).reshape(blocks, n)
+            z_diff = int(np.count_nonzero(f.get_tensor(f"zp.{m}").astype(np.int64).reshape(blocks, n) != want_z))
+        ok = q_diff == 0 and s_diff == 0.0 and z_diff == 0
+        bad += not ok
+        print(f"{m}: QDQ 4 bits, blocks of {block}, {'symmetric' if symmetric else 'zero points'}: "
+              f"{q_diff} values, {z_diff} zero points differ, scales off by {s_diff:.3g}"
+              f"{'' if ok else '  MISMATCH'}")
     return bad
 
 
@@ -55,8 +106,11 @@ def main(path):
     with safe_open(path, "numpy") as f:
         meta = f.metadata()
         modules = sorted(k[2:] for k in f.keys() if k.startswith("w."))
-        if meta.get("kind") == "int8":
-            bad = int8(f, modules)
+        if meta.get("kind") in ("int8", "qdq4"):
+            if meta["kind"] == "int8":
+                bad = int8(f, modules)
+            else:
+                bad = qdq4(f, modules, int(meta["block_size"]), meta["symmetric"] == "1")
             if bad:
                 sys.exit(f"{bad} of {len(modules)} modules differ from onnxruntime's quantizer")
             print("quantizer: ok")
