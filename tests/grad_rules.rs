@@ -136,96 +136,7 @@ fn check_outputs(
         }
     }
     let ys: Vec<ValueId> = read.iter().map(|&k| outs[k]).collect();
-    // y's shape, from tract, with the float inputs as graph inputs.
-    let mut probe = model(g.clone());
-    let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
-    for &t in &trainable {
-        let init = probe.graph.initializer(t).cloned();
-        shapes.insert(
-            probe.graph.value(t).name.clone(),
-            init.as_ref()
-                .unwrap()
-                .dims()
-                .iter()
-                .map(|&d| d as usize)
-                .collect(),
-        );
-        grad::make_input(&mut probe.graph, t, init, dtype);
-    }
-    for &y in &ys {
-        probe.graph.add_output(lora_graft::ir::GraphIo {
-            value: y,
-            info: ValueInfoProto {
-                name: Some(probe.graph.value(y).name.clone()),
-                ..Default::default()
-            },
-        });
-    }
-    let facts = value_facts(&probe, &shapes).unwrap_or_else(|e| panic!("{op}: {e}"));
-    let mut by_name: grad::Shapes = facts
-        .into_iter()
-        .filter_map(|(n, f)| {
-            f.shape
-                .iter()
-                .map(|d| d.parse().ok())
-                .collect::<Option<Vec<usize>>>()
-                .map(|s| (n, s))
-        })
-        .collect();
-    // L = Σ_k ReduceSum(y_k ⊙ G_k)
-    let mut terms = Vec::new();
-    for (k, &y) in ys.iter().enumerate() {
-        let y_shape = by_name[&g.value(y).name].clone();
-        let w = ArrayD::from_shape_fn(IxDyn(&y_shape), |_| rng.uniform_in(-1.0, 1.0));
-        let weights = if dtype == F64 {
-            Array::F64(w)
-        } else {
-            Array::F32(w.mapv(|v| v as f32))
-        };
-        let gw = g.add_initializer(&format!("G{k}"), Initializer::new(weights.to_proto("")));
-        let (_, p) = g.add_op("Mul", "weigh", &[y, gw], vec![], 1).unwrap();
-        let axes: Vec<i64> = (0..y_shape.len() as i64).collect();
-        let ax = g.add_initializer(
-            "axes",
-            Initializer::new(
-                Array::I64(ArrayD::from_shape_vec(IxDyn(&[axes.len()]), axes).unwrap())
-                    .to_proto(""),
-            ),
-        );
-        let (_, l) = g
-            .add_op(
-                "ReduceSum",
-                "sum",
-                &[p[0], ax],
-                vec![int_attr("keepdims", 0)],
-                1,
-            )
-            .unwrap();
-        by_name.insert(g.value(p[0]).name.clone(), y_shape.clone());
-        by_name.insert(g.value(l[0]).name.clone(), vec![]);
-        terms.push(l[0]);
-    }
-    let mut l = vec![terms[0]];
-    for &t in &terms[1..] {
-        l = g.add_op("Add", "total", &[l[0], t], vec![], 1).unwrap().1;
-        by_name.insert(g.value(l[0]).name.clone(), vec![]);
-    }
-    let loss: ValueId = l[0];
-    let mut training = model(g);
-    let loss = grad::loss::BuiltLoss { loss, seed: None };
-    let mut pass = grad::Grad {
-        loss,
-        trainable: &trainable,
-        shapes: &by_name,
-        made: None,
-    };
-    lora_graft::passes::run_pass(
-        &mut training.graph,
-        &lora_graft::passes::PassContext { opset: 18 },
-        &mut pass,
-    )
-    .unwrap_or_else(|e| panic!("{op}: {e}"));
-    let runner = Runner::new(&training, &shapes).unwrap_or_else(|e| panic!("{op}: {e}"));
+    let (runner, _) = differentiate(g, &trainable, &ys, dtype, &mut rng, op);
     let run = |values: &HashMap<String, Array>| -> HashMap<String, Array> {
         let feed = runner.inputs.iter().map(|n| values[n].clone()).collect();
         runner
@@ -271,6 +182,112 @@ fn check_outputs(
             );
         }
     }
+}
+
+/// Adds the loss `L = Σ_k Σ G_k ⊙ y_k` (`G_k` random, returned) to `g`, runs the
+/// gradient pass with respect to `trainable` (initializers, made inputs) and builds
+/// the training graph's runner; `op` labels failures.
+fn differentiate(
+    mut g: Graph,
+    trainable: &[ValueId],
+    ys: &[ValueId],
+    dtype: i32,
+    rng: &mut Rng,
+    op: &str,
+) -> (Runner, Vec<ArrayD<f64>>) {
+    // y's shape, from tract, with the float inputs as graph inputs.
+    let mut probe = model(g.clone());
+    let mut shapes: HashMap<String, Vec<usize>> = HashMap::new();
+    for &t in trainable {
+        let init = probe.graph.initializer(t).cloned();
+        shapes.insert(
+            probe.graph.value(t).name.clone(),
+            init.as_ref()
+                .unwrap()
+                .dims()
+                .iter()
+                .map(|&d| d as usize)
+                .collect(),
+        );
+        grad::make_input(&mut probe.graph, t, init, dtype);
+    }
+    for &y in ys {
+        probe.graph.add_output(lora_graft::ir::GraphIo {
+            value: y,
+            info: ValueInfoProto {
+                name: Some(probe.graph.value(y).name.clone()),
+                ..Default::default()
+            },
+        });
+    }
+    let facts = value_facts(&probe, &shapes).unwrap_or_else(|e| panic!("{op}: {e}"));
+    let mut by_name: grad::Shapes = facts
+        .into_iter()
+        .filter_map(|(n, f)| {
+            f.shape
+                .iter()
+                .map(|d| d.parse().ok())
+                .collect::<Option<Vec<usize>>>()
+                .map(|s| (n, s))
+        })
+        .collect();
+    // L = Σ_k ReduceSum(y_k ⊙ G_k)
+    let mut terms = Vec::new();
+    let mut weights_made = Vec::new();
+    for (k, &y) in ys.iter().enumerate() {
+        let y_shape = by_name[&g.value(y).name].clone();
+        let w = ArrayD::from_shape_fn(IxDyn(&y_shape), |_| rng.uniform_in(-1.0, 1.0));
+        let weights = if dtype == F64 {
+            Array::F64(w)
+        } else {
+            Array::F32(w.mapv(|v| v as f32))
+        };
+        let gw = g.add_initializer(&format!("G{k}"), Initializer::new(weights.to_proto("")));
+        weights_made.push(weights.to_f64());
+        let (_, p) = g.add_op("Mul", "weigh", &[y, gw], vec![], 1).unwrap();
+        let axes: Vec<i64> = (0..y_shape.len() as i64).collect();
+        let ax = g.add_initializer(
+            "axes",
+            Initializer::new(
+                Array::I64(ArrayD::from_shape_vec(IxDyn(&[axes.len()]), axes).unwrap())
+                    .to_proto(""),
+            ),
+        );
+        let (_, l) = g
+            .add_op(
+                "ReduceSum",
+                "sum",
+                &[p[0], ax],
+                vec![int_attr("keepdims", 0)],
+                1,
+            )
+            .unwrap();
+        by_name.insert(g.value(p[0]).name.clone(), y_shape.clone());
+        by_name.insert(g.value(l[0]).name.clone(), vec![]);
+        terms.push(l[0]);
+    }
+    let mut l = vec![terms[0]];
+    for &t in &terms[1..] {
+        l = g.add_op("Add", "total", &[l[0], t], vec![], 1).unwrap().1;
+        by_name.insert(g.value(l[0]).name.clone(), vec![]);
+    }
+    let loss: ValueId = l[0];
+    let mut training = model(g);
+    let loss = grad::loss::BuiltLoss { loss, seed: None };
+    let mut pass = grad::Grad {
+        loss,
+        trainable: &trainable,
+        shapes: &by_name,
+        made: None,
+    };
+    lora_graft::passes::run_pass(
+        &mut training.graph,
+        &lora_graft::passes::PassContext { opset: 18 },
+        &mut pass,
+    )
+    .unwrap_or_else(|e| panic!("{op}: {e}"));
+    let runner = Runner::new(&training, &shapes).unwrap_or_else(|e| panic!("{op}: {e}"));
+    (runner, weights_made)
 }
 
 #[test]
@@ -535,4 +552,50 @@ fn onnxruntime_rms_norms_and_matmul_nbits() {
             )),
         ],
     );
+}
+
+/// Fake quantization of an activation (`QuantizeLinear` → `DequantizeLinear`, per
+/// tensor, uint8 and int8): the gradient is the straight-through estimator with
+/// clipping, as torch's `FakeQuantize` has it: `dx = g·[qmin ≤ round(x/s) + zp ≤ qmax]`
+/// (a staircase has no useful finite differences). x spans twice the representable
+/// range, so both sides of the clip are hit.
+#[test]
+fn fake_quantization_is_straight_through() {
+    for (zero, qmin, qmax) in [
+        (Array::U8(ArrayD::from_elem(IxDyn(&[]), 128)), 0.0, 255.0),
+        (Array::I8(ArrayD::from_elem(IxDyn(&[]), -10)), -128.0, 127.0),
+    ] {
+        let scale = 0.02f32;
+        let mut rng = Rng::new(5);
+        let x = ArrayD::from_shape_fn(IxDyn(&[4, 50]), |_| rng.uniform_in(-5.2, 5.2) as f32);
+        let mut g = Graph::from_proto(GraphProto::default(), |_| Ok(None)).unwrap();
+        let xv = g.add_initializer("x", Initializer::new(Array::F32(x.clone()).to_proto("")));
+        let s = Array::F32(ArrayD::from_elem(IxDyn(&[]), scale));
+        let sv = g.add_initializer("s", Initializer::new(s.to_proto("")));
+        let zv = g.add_initializer("zp", Initializer::new(zero.to_proto("")));
+        let (_, q) = g
+            .add_op("QuantizeLinear", "q", &[xv, sv, zv], vec![], 1)
+            .unwrap();
+        let (_, y) = g
+            .add_op("DequantizeLinear", "dq", &[q[0], sv, zv], vec![], 1)
+            .unwrap();
+        let (runner, weights) = differentiate(g, &[xv], &y, 1, &mut rng, "fake quantization");
+        let out = runner.run(vec![Array::F32(x.clone())]).unwrap();
+        let at = runner.outputs.iter().position(|o| o == "grad.x").unwrap();
+        let grad = out[at].to_f64();
+        let z = zero.to_f64()[[]];
+        let mut clipped = 0;
+        for ((&xi, &gi), &wi) in x.iter().zip(grad.iter()).zip(weights[0].iter()) {
+            let t = (xi / scale).round_ties_even() as f64 + z;
+            let inside = (qmin..=qmax).contains(&t);
+            clipped += !inside as usize;
+            let want = if inside { wi } else { 0.0 };
+            // G·s/s in f32: a rounding of G.
+            assert!(
+                (gi - want).abs() <= 1e-6,
+                "x = {xi}: gradient {gi}, want {want}"
+            );
+        }
+        assert!(clipped > 50 && clipped < 150, "{clipped} of 200 clipped");
+    }
 }
