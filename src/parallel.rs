@@ -70,3 +70,37 @@ pub fn par_map<T: Sync, R: Send>(
         .map(|r| r.expect("every item mapped"))
         .collect()
 }
+
+thread_local! {
+    /// Threads the products run on this thread may use (see [`set_product_threads`]).
+    static PRODUCT_THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(1) };
+}
+
+/// Lets the matrix products run on this thread use `n` threads: a data-parallel worker
+/// gets its share of the cores (`--threads` over the workers), so a batch too small to
+/// split (batch 1) still runs its products on every core.
+pub fn set_product_threads(n: usize) {
+    PRODUCT_THREADS.with(|t| t.set(n.max(1)));
+}
+
+/// The threads this thread's products may use (1 unless [`set_product_threads`] said).
+pub fn product_threads() -> usize {
+    PRODUCT_THREADS.with(|t| t.get())
+}
+
+/// `f(p, range)` for each part `p` of `parts` contiguous, near-equal ranges covering
+/// `0..n`, on scoped threads (this thread runs part 0); `parts` is capped at `n`.
+pub fn split_range(n: usize, parts: usize, f: impl Fn(usize, std::ops::Range<usize>) + Sync) {
+    let parts = parts.clamp(1, n.max(1));
+    let range = |p: usize| p * n / parts..(p + 1) * n / parts;
+    if parts == 1 {
+        return f(0, 0..n);
+    }
+    std::thread::scope(|scope| {
+        for p in 1..parts {
+            let f = &f;
+            scope.spawn(move || f(p, range(p)));
+        }
+        f(0, range(0));
+    });
+}

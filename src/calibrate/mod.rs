@@ -299,7 +299,7 @@ fn input_statistics(
                     (n, shape)
                 })
                 .collect();
-            Workers::new(&part, part_shapes, fields.clone(), threads, slice)?
+            Workers::new(&part, part_shapes, fields.clone(), threads, slice)?.sharing(req.threads)
         };
         loading += start.elapsed();
         let outputs = workers.outputs().to_vec();

@@ -171,20 +171,32 @@ impl EvalOp for FaerMatMul {
                     batch_offset(&c_shape, ix),
                 );
                 // faer runs wide products faster in column blocks (at 512 columns:
-                // 150 GFLOP/s where the whole 512 x 512 x 1376 product gets 120).
-                for j in (0..lc.cols).step_by(COLUMN_BLOCK) {
-                    let w = COLUMN_BLOCK.min(lc.cols - j);
-                    // SAFETY: each layout describes a matrix inside its tensor's
-                    // contiguous row-major buffer at that batch offset (shapes and batch
-                    // broadcasting checked above), the block lies within it, and `c`
-                    // does not alias the inputs.
-                    unsafe {
-                        let am = la.columns(a_data.as_ptr().add(oa), 0, la.cols);
-                        let bm = lb.columns(b_data.as_ptr().add(ob), j, w);
-                        let cm = lc.columns_mut(c_data.as_mut_ptr().add(oc), j, w);
-                        matmul(cm, Accum::Replace, am, bm, 1.0f32, Par::Seq);
-                    }
-                }
+                // 150 GFLOP/s where the whole 512 x 512 x 1376 product gets 120); the
+                // blocks are shared among the threads this worker may use.
+                let blocks = lc.cols.div_ceil(COLUMN_BLOCK);
+                let (a_at, b_at) = (a_data.as_ptr() as usize, b_data.as_ptr() as usize);
+                let c_at = c_data.as_mut_ptr() as usize;
+                crate::parallel::split_range(
+                    blocks,
+                    crate::parallel::product_threads(),
+                    |_, part| {
+                        for block in part {
+                            let j = block * COLUMN_BLOCK;
+                            let w = COLUMN_BLOCK.min(lc.cols - j);
+                            // SAFETY: each layout describes a matrix inside its tensor's
+                            // contiguous row-major buffer at that batch offset (shapes and
+                            // batch broadcasting checked above), the block lies within it,
+                            // `c` does not alias the inputs, and each thread writes its own
+                            // column blocks of `c`.
+                            unsafe {
+                                let am = la.columns((a_at as *const f32).add(oa), 0, la.cols);
+                                let bm = lb.columns((b_at as *const f32).add(ob), j, w);
+                                let cm = lc.columns_mut((c_at as *mut f32).add(oc), j, w);
+                                matmul(cm, Accum::Replace, am, bm, 1.0f32, Par::Seq);
+                            }
+                        }
+                    },
+                );
             }
         }
         Ok(tvec!(c.into_tvalue()))

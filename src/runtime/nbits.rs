@@ -79,53 +79,76 @@ impl NbitsMatMul {
         }
     }
 
-    /// `a` `[m, inner]` times the weight into `y` `[m, outer]` (both row-major).
+    /// `a` `[m, inner]` times the weight into `y` `[m, outer]` (both row-major): the
+    /// weight's rows dequantized [`ROWS`] at a time into this thread's scratch, the
+    /// chunks shared among the threads this worker may use (the forward writes each
+    /// chunk's columns of `y`; the input gradient sums each thread's chunks, then adds
+    /// the threads' partial sums).
     fn multiply(&self, a: &[f32], y: &mut [f32], m: usize) {
         let w = &self.weight;
-        let rows = ROWS.min(w.n);
-        SCRATCH.with_borrow_mut(|scratch| {
-            if scratch.len() < rows * w.k {
-                scratch.resize(rows * w.k, 0.0);
-            }
-            self.multiply_with(a, y, m, &mut scratch[..rows * w.k]);
-        });
-    }
-
-    /// [`NbitsMatMul::multiply`] with `scratch` for [`ROWS`] dequantized rows.
-    fn multiply_with(&self, a: &[f32], y: &mut [f32], m: usize, scratch: &mut [f32]) {
-        let w = &self.weight;
         let (inner, outer) = self.widths();
-        let rows = scratch.len() / w.k;
+        let rows = ROWS.min(w.n);
+        let chunks = w.n.div_ceil(rows);
+        let parts = crate::parallel::product_threads().min(chunks);
         let a = MatRef::from_row_major_slice(a, m, inner);
-        let mut y = MatMut::from_row_major_slice_mut(y, m, outer);
-        for first in (0..w.n).step_by(rows) {
-            let count = rows.min(w.n - first);
-            let part = &mut scratch[..count * w.k];
-            w.rows_to_float(first..first + count, part);
-            let part = MatRef::from_row_major_slice(part, count, w.k);
-            match self.product {
-                // Y[:, rows] = A · W[rows, :]ᵀ
-                Product::Forward => matmul(
-                    y.rb_mut().subcols_mut(first, count),
-                    Accum::Replace,
-                    a,
-                    part.transpose(),
-                    1.0f32,
-                    Par::Seq,
-                ),
-                // Y += A[:, rows] · W[rows, :]
-                Product::InputGradient => matmul(
-                    y.rb_mut(),
-                    if first == 0 {
-                        Accum::Replace
-                    } else {
-                        Accum::Add
-                    },
-                    a.subcols(first, count),
-                    part,
-                    1.0f32,
-                    Par::Seq,
-                ),
+        // Partial sums of the input gradient, one per thread after the first.
+        let mut partials = match self.product {
+            Product::InputGradient => vec![vec![0f32; m * outer]; parts - 1],
+            Product::Forward => Vec::new(),
+        };
+        let y_at = y.as_mut_ptr() as usize;
+        let partial_at: Vec<usize> = partials
+            .iter_mut()
+            .map(|p| p.as_mut_ptr() as usize)
+            .collect();
+        crate::parallel::split_range(chunks, parts, |p, part| {
+            // SAFETY: the forward's threads write disjoint columns of `y` (their own
+            // chunks); the gradient's thread p writes only `y` (p = 0) or its own
+            // partial sum, each `m·outer` floats.
+            let mut out = unsafe {
+                let at = if p == 0 || self.product == Product::Forward {
+                    y_at
+                } else {
+                    partial_at[p - 1]
+                };
+                MatMut::from_raw_parts_mut(at as *mut f32, m, outer, outer as isize, 1)
+            };
+            SCRATCH.with_borrow_mut(|scratch| {
+                if scratch.len() < rows * w.k {
+                    scratch.resize(rows * w.k, 0.0);
+                }
+                for (c, chunk) in part.enumerate() {
+                    let first = chunk * rows;
+                    let count = rows.min(w.n - first);
+                    let values = &mut scratch[..count * w.k];
+                    w.rows_to_float(first..first + count, values);
+                    let values = MatRef::from_row_major_slice(values, count, w.k);
+                    match self.product {
+                        // Y[:, rows] = A · W[rows, :]ᵀ
+                        Product::Forward => matmul(
+                            out.rb_mut().subcols_mut(first, count),
+                            Accum::Replace,
+                            a,
+                            values.transpose(),
+                            1.0f32,
+                            Par::Seq,
+                        ),
+                        // Y += A[:, rows] · W[rows, :]
+                        Product::InputGradient => matmul(
+                            out.rb_mut(),
+                            if c == 0 { Accum::Replace } else { Accum::Add },
+                            a.subcols(first, count),
+                            values,
+                            1.0f32,
+                            Par::Seq,
+                        ),
+                    }
+                }
+            });
+        });
+        for partial in &partials {
+            for (y, v) in y.iter_mut().zip(partial) {
+                *y += v;
             }
         }
     }
@@ -348,14 +371,24 @@ mod tests {
 
     /// Both products equal the float weight's, in f64, within f32 rounding: the
     /// forward and the input gradient, on 2, 4 and 8 bits, with and without zero
-    /// points, a partial last block, and more rows than one dequantized chunk.
+    /// points, a partial last block, and more rows than one dequantized chunk; on one
+    /// thread and with the chunks shared among three.
     #[test]
     fn packed_products_equal_the_float_weights() {
+        for threads in [1, 3] {
+            crate::parallel::set_product_threads(threads);
+            packed_products_on_this_thread();
+        }
+        crate::parallel::set_product_threads(1);
+    }
+
+    fn packed_products_on_this_thread() {
         let cases = [
             (3, 16, 4, 8, true),
             (600, 72, 4, 32, false),
             (40, 50, 8, 16, true),
             (530, 64, 2, 16, true),
+            (1500, 40, 4, 8, false),
         ];
         for (n, k, bits, block, asymmetric) in cases {
             let w = Arc::new(weight(n, k, bits, block, asymmetric));

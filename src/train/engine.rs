@@ -46,7 +46,8 @@ impl Engine {
         req: &TrainingRequest,
         threads: usize,
     ) -> Result<Engine> {
-        let (threads, slice) = split(req.batch, threads);
+        let cores = threads;
+        let (threads, slice) = split(req.batch, cores);
         let slice_req = TrainingRequest {
             batch: slice,
             ..req.clone()
@@ -66,7 +67,8 @@ impl Engine {
             fields,
             threads,
             slice,
-        )?;
+        )?
+        .sharing(cores);
         Ok(Engine {
             training,
             workers,

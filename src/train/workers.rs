@@ -16,6 +16,8 @@ use crate::Model;
 pub struct Workers {
     runner: Runner,
     threads: usize,
+    /// Threads each worker's products may use.
+    product_threads: usize,
     /// Rows per worker.
     pub slice: usize,
     /// Concrete shapes of the model's inputs for one worker's slice.
@@ -47,10 +49,19 @@ impl Workers {
         Ok(Workers {
             runner: Runner::new(model, &shapes)?,
             threads: threads.max(1),
+            product_threads: 1,
             slice,
             shapes,
             fields,
         })
+    }
+
+    /// Lets each worker's matrix products use its share of `cores` (the threads asked
+    /// for): a batch that splits among fewer workers than cores (batch 1) still uses
+    /// every core.
+    pub fn sharing(mut self, cores: usize) -> Workers {
+        self.product_threads = (cores / self.threads).max(1);
+        self
     }
 
     /// The names of the outputs each worker returns, in order.
@@ -89,10 +100,12 @@ impl Workers {
         input: &(dyn Fn(usize, &str) -> Result<Array> + Sync),
     ) -> Result<Vec<Vec<Array>>> {
         let runner = &self.runner;
+        let product_threads = self.product_threads;
         let results: Vec<Result<Vec<Array>>> = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..self.threads)
                 .map(|w| {
                     scope.spawn(move || -> Result<Vec<Array>> {
+                        crate::parallel::set_product_threads(product_threads);
                         let inputs = runner
                             .inputs
                             .iter()
