@@ -552,8 +552,9 @@ CASES += [
 #   attention_core above with key_padding_mask as its mask ([B, L] raw, [B] lengths; [B, S, L]
 #   raw also seen) and attention_bias [B or 1, N or 1, S, L].
 #   unidirectional=1, as Attention's: key j > i excluded for query rows i < S - 1 — with L > S
-#   the LAST query row then sees all L keys and the others keys 0 .. i (seen with L = 6, 7,
-#   not in these cases: neither corner-aligned causal mask); mha_unidirectional uses L = S.
+#   the LAST query row then sees all L keys and the others keys 0 .. i (seen with L = 6, 7:
+#   neither corner-aligned causal mask); mha_unidirectional uses L = S,
+#   mha_unidirectional_longer_keys L = 6 > S = 5.
 MHA_L = 6
 MHA_RAW_MASK = np.array([[1, 1, 1, 1, 1, 0], [0, 1, 1, 0, 1, 1]], dtype=np.int32)
 MHA_LENGTHS = np.array([6, 4], dtype=np.int32)
@@ -599,6 +600,7 @@ CASES += [
              bias=True, extra=[(4, ("key_padding_mask", [ATT_B, MHA_L], MHA_RAW_MASK)),
                                (5, ("attention_bias", [ATT_B, 1, ATT_S, MHA_L]))]),
     mha_case("mha_unidirectional", {"unidirectional": 1}, bias=True, length=ATT_S),
+    mha_case("mha_unidirectional_longer_keys", {"unidirectional": 1}, bias=True),
     mha_case("mha_unidirectional_mask", {"unidirectional": 1, "mask_filter_value": -3.0},
              extra=[(4, ("key_padding_mask", [ATT_B, ATT_S], ATT_RAW_MASK))], length=ATT_S),
 ]

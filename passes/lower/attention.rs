@@ -512,9 +512,16 @@ fn masked_attention(
     let cols = range(b, zero, t_len)?; // [T]
     let mask = additive_mask(b, n, mask_index, cols)?;
     let future = if n.attr_int("unidirectional", 0) != 0 {
+        // onnxruntime's CPU kernel: key j > i excluded for every query row i but the last,
+        // which sees all keys (with as many keys as queries, the causal mask; with more,
+        // the last row alone sees the keys past it).
         let rows = range(b, zero, s_len)?;
         let rows = b.unsqueeze(rows, &[1])?; // [S, 1]
-        Some(b.op("Greater", &[cols, rows], vec![])?) // [S, T]
+        let later = b.op("Greater", &[cols, rows], vec![])?; // [S, T]
+        let one = b.ints("one", &[1]);
+        let last = b.op("Sub", &[s_len, one], vec![])?;
+        let not_last = b.op("Less", &[rows, last], vec![])?; // [S, 1]
+        Some(b.op("And", &[later, not_last], vec![])?)
     } else {
         None
     };
