@@ -48,7 +48,12 @@ impl NbitsMatrix {
         scales: Vec<f32>,
         zero_points: ZeroPoints,
     ) -> Result<NbitsMatrix, String> {
-        if !matches!(bits, 2 | 4 | 8) || n == 0 || k == 0 || block == 0 || block * bits % 8 != 0 {
+        if !matches!(bits, 2 | 4 | 8)
+            || n == 0
+            || k == 0
+            || block == 0
+            || !(block * bits).is_multiple_of(8)
+        {
             return Err(format!(
                 "MatMulNBits: unsupported K={k} N={n} bits={bits} block_size={block}"
             ));

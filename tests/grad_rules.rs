@@ -276,7 +276,7 @@ fn differentiate(
     let loss = grad::loss::BuiltLoss { loss, seed: None };
     let mut pass = grad::Grad {
         loss,
-        trainable: &trainable,
+        trainable,
         shapes: &by_name,
         made: None,
     };

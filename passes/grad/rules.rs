@@ -959,6 +959,17 @@ fn skip_simplified_layer_norm(
     Ok(out)
 }
 
+/// An error unless only `n`'s first input wants a gradient (`why` the others do not).
+fn first_input_only(n: &Node, w: &[bool], why: &str) -> Result<()> {
+    if w.iter().skip(1).any(|&w| w) {
+        return Err(Error::Graph(format!(
+            "only the first input of {} gets a gradient ({why})",
+            n.op()
+        )));
+    }
+    Ok(())
+}
+
 /// The scale of a per-tensor (De)QuantizeLinear, or why it has no rule.
 fn per_tensor_scale(e: &Builder, n: &Node) -> Result<ValueId> {
     let scale = n.inputs[1].unwrap();
@@ -977,11 +988,7 @@ fn dequantize_linear(
     g: &[Option<ValueId>],
     w: &[bool],
 ) -> Result<Vec<Option<ValueId>>> {
-    if w.iter().skip(1).any(|&w| w) {
-        return Err(Error::Graph(
-            "only the quantized input of DequantizeLinear gets a gradient (its scale and zero point are frozen)".into(),
-        ));
-    }
+    first_input_only(n, w, "its scale and zero point are frozen")?;
     let scale = per_tensor_scale(e, n)?;
     Ok(vec![Some(e.bin("Mul", g[0].unwrap(), scale)?)])
 }
@@ -993,11 +1000,7 @@ fn quantize_linear(
     w: &[bool],
 ) -> Result<Vec<Option<ValueId>>> {
     use crate::proto::tensor_proto::DataType;
-    if w.iter().skip(1).any(|&w| w) {
-        return Err(Error::Graph(
-            "only the float input of QuantizeLinear gets a gradient (its scale and zero point are frozen)".into(),
-        ));
-    }
+    first_input_only(n, w, "its scale and zero point are frozen")?;
     let (x, scale) = (n.inputs[0].unwrap(), per_tensor_scale(e, n)?);
     let zero = n.inputs.get(2).copied().flatten();
     // The output type: the zero point's, uint8 without one.
@@ -1037,12 +1040,7 @@ fn matmul_nbits(
     g: &[Option<ValueId>],
     w: &[bool],
 ) -> Result<Vec<Option<ValueId>>> {
-    if w.iter().skip(1).any(|&w| w) {
-        return Err(Error::Graph(
-            "only the activation input of MatMulNBits gets a gradient (its weight is frozen)"
-                .into(),
-        ));
-    }
+    first_input_only(n, w, "its weight is frozen")?;
     // dA = dY · W on the packed weight (its attributes and weight inputs, shared with
     // the forward node): the training graph keeps the weight quantized. `portable`
     // turns it into a float MatMul for other runtimes.
