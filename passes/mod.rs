@@ -3,7 +3,9 @@
 //! the one place that lists them and their pipelines.
 //!
 //! Pipelines:
-//! - analysis: [`target::run`] finds the linear layers to adapt (read-only).
+//! - analysis: [`target::run`] finds the linear layers to adapt (read-only), after
+//!   [`expose::ExposeProjections`] where an adapter lands on a projection that
+//!   onnxruntime's `Attention` fused (`jobs::expose_fused_projections`).
 //! - grafting: targets, then [`graft::Graft`] with a variant of [`variants::VARIANTS`].
 //! - applying a trained adapter: targets (the file's modules), [`graft::Graft`], then
 //!   its values.
@@ -17,6 +19,7 @@
 //! before and after each run of those passes, and their line diff, into
 //! `LORA_GRAFT_DUMP_DIR` (default `lora_graft_dump/`), as rustc's `-Zdump-mir` does.
 
+pub mod expose;
 pub mod fold;
 pub mod gemm_scalars;
 pub mod grad;

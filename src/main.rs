@@ -336,8 +336,10 @@ fn run(cli: Cli) -> Result<()> {
             json,
         } => {
             let path = model;
-            let model = Model::load(&path)?;
-            let targeting = target::run(&model.graph, &filters.filters()?)
+            let mut model = Model::load(&path)?;
+            let filters = filters.filters()?;
+            jobs::expose_fused_projections(&mut model, &filters)?;
+            let targeting = target::run(&model.graph, &filters)
                 .map_err(|e| e.context(format!("{}: targeting", path.display())))?;
             if json {
                 println!(

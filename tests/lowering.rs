@@ -87,23 +87,33 @@ fn every_lowering_matches_onnx_runtime_op_by_op() {
     }
 }
 
-/// BERT as onnxruntime's transformer optimizer leaves it: `bert_optimized` (an sdpa
-/// export: `SkipLayerNormalization` x4, `BiasGelu` x2) and `bert_fused` (an eager export:
-/// also `Attention` x2 on the 1-D mask index that `EmbedLayerNormalization` computes).
-/// Lowered, tract gives ONNX Runtime's outputs, and a LoRA on it trains: its training
-/// graph builds (the fused ops lowered into ops the gradient rules know) and its
-/// gradients match central finite differences.
+/// Models as onnxruntime's transformer optimizer leaves them: `bert_optimized` (an sdpa
+/// export: `SkipLayerNormalization` x4, `BiasGelu` x2), `bert_fused` (an eager export:
+/// also `Attention` x2 on the 1-D mask index that `EmbedLayerNormalization` computes) and
+/// `gpt2_fused` (`Attention` x2 with `unidirectional`, `EmbedLayerNormalization` with
+/// position ids, `FastGelu`). The LoRA on the query, key and value projections inside
+/// `Attention` exposes them (`MultiHeadAttention` then). Lowered, tract gives ONNX
+/// Runtime's outputs, and the LoRA trains: its training graph builds (the fused ops
+/// lowered into ops the gradient rules know) and its gradients match central finite
+/// differences.
 #[test]
-fn optimized_bert_runs_lowered_and_its_gradients_match_finite_differences() {
+fn optimized_models_run_lowered_and_their_gradients_match_finite_differences() {
     let fused = [("SkipLayerNormalization", 4), ("BiasGelu", 2)];
-    optimized_bert("bert_optimized", &fused);
+    optimized_model("bert_optimized", &fused);
     let fused = [
         ("SkipLayerNormalization", 4),
         ("BiasGelu", 2),
-        ("Attention", 2),
+        ("MultiHeadAttention", 2),
         ("EmbedLayerNormalization", 1),
     ];
-    optimized_bert("bert_fused", &fused);
+    optimized_model("bert_fused", &fused);
+    let fused = [
+        ("SkipLayerNormalization", 4),
+        ("FastGelu", 2),
+        ("MultiHeadAttention", 2),
+        ("EmbedLayerNormalization", 1),
+    ];
+    optimized_model("gpt2_fused", &fused);
 }
 
 /// `bert_optimized` in float16 (its weights and activations; float32 at the edges), lowered:
@@ -125,7 +135,7 @@ fn optimized_fp16_bert_runs_lowered() {
     assert!(d <= 2e-3, "{d:e} from ONNX Runtime");
 }
 
-fn optimized_bert(name: &str, fused: &[(&str, usize)]) {
+fn optimized_model(name: &str, fused: &[(&str, usize)]) {
     use lora_graft::jobs::{self, TrainingRequest};
     use lora_graft::passes::grad::loss::Loss;
     use lora_graft::tensor::Array;
@@ -175,8 +185,9 @@ fn optimized_bert(name: &str, fused: &[(&str, usize)]) {
                 .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
                 .unwrap();
             // Large enough that the float32 loss resolves the smallest of these
-            // gradients (bert_fused: 1e-3) ten times over its noise.
-            let h = 3e-2;
+            // gradients (bert_fused: 1e-3) ten times over its noise; gpt2_fused's loss
+            // (512 logits a token) bends within 3e-2 (5 % off), so 3e-3 there.
+            let h = if name == "gpt2_fused" { 3e-3 } else { 3e-2 };
             let at = |delta: f32| {
                 let mut f = feeds.clone();
                 let Array::F32(a) = f.get_mut(&key).unwrap() else {

@@ -307,3 +307,79 @@ fn exported_peft_folders_are_the_ones_peft_loaded() {
         }
     }
 }
+
+/// PEFT's adapters on query, key and value apply by name to the same models optimized
+/// by onnxruntime's transformer optimizer (`bert_fused`, `gpt2_fused`), whose fused
+/// `Attention` holds those projections: they come out as `MatMul`s feeding
+/// `MultiHeadAttention` (BERT: `…attention.self.{query,key,value}`; GPT-2: its one
+/// `attn.c_attn`), and the adapted model gives PEFT's PyTorch output in tract (lowered)
+/// and in ONNX Runtime (fused), within the PEFT bound.
+#[test]
+fn peft_adapters_apply_by_name_to_attention_fused_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut manifest = Vec::new();
+    for (fused, base, modules) in [
+        ("bert_fused", "bert", ["query", "key", "value"].as_slice()),
+        ("gpt2_fused", "gpt2", ["c_attn"].as_slice()),
+    ] {
+        let adapter = LoadedAdapter::read(
+            &peft_dir(&format!("{base}.lora")),
+            &AdapterOverrides::default(),
+        )
+        .unwrap();
+        let mut model = Model::load(&fixture(fused)).unwrap();
+        let mut outcome =
+            jobs::apply(&mut model, &adapter).unwrap_or_else(|e| panic!("{fused}: {e}"));
+        let ops: Vec<&str> = model
+            .graph
+            .node_ids()
+            .map(|id| model.graph.node(id).op())
+            .collect();
+        assert!(
+            !ops.contains(&"Attention") && ops.contains(&"MultiHeadAttention"),
+            "{fused}: {ops:?}"
+        );
+        for m in modules {
+            assert!(
+                outcome
+                    .grafted
+                    .modules
+                    .iter()
+                    .any(|g| g.module.ends_with(&format!("attn.{m}"))
+                        || g.module.ends_with(&format!("self.{m}"))),
+                "{fused}: no adapter on {m}"
+            );
+        }
+        let want = peft_output(base, "lora");
+        let (inputs, _) = reference(base);
+        // ONNX Runtime runs the model as written (MultiHeadAttention, fused kernels).
+        std::fs::create_dir_all(dir.path().join(fused)).unwrap();
+        let stem = format!("{fused}/lora");
+        model
+            .save(
+                &dir.path().join(format!("{stem}.onnx")),
+                &Default::default(),
+            )
+            .unwrap();
+        let output = model
+            .graph
+            .value(model.graph.outputs()[0].value)
+            .name
+            .clone();
+        common::write_io(
+            &dir.path().join(format!("{stem}.io.safetensors")),
+            inputs.clone(),
+            [(output, want.clone())],
+        );
+        manifest.push(serde_json::json!({
+            "model": format!("{stem}.onnx"), "base": fixture(fused), "io": format!("{stem}.io.safetensors"),
+            "full_check": true, "tol": TOL, "relative": true,
+        }));
+        // tract runs it lowered.
+        jobs::lower(&mut model, &mut outcome).unwrap();
+        let got = run_tract(&model, &inputs).remove(0);
+        let d = rel(&got, &want);
+        assert!(d <= TOL, "{fused}: {d:e} from PEFT's output");
+    }
+    common::run_interop(dir.path(), &manifest);
+}

@@ -33,10 +33,46 @@ pub struct Outcome {
     pub calibration_report: String,
 }
 
+/// Rewrites the `Attention` nodes whose fused query, key and value projections `filters`
+/// would adapt into separate `MatMul`s feeding `MultiHeadAttention`
+/// ([`crate::passes::expose`]); leaves the model as it is when no target would land on
+/// one. Returns the modules exposed.
+pub fn expose_fused_projections(
+    model: &mut Model,
+    filters: &target::Filters,
+) -> Result<Vec<String>> {
+    let fused = |g: &crate::ir::Graph| {
+        g.node_ids()
+            .any(|id| g.node(id).op() == "Attention" && g.node(id).domain() == "com.microsoft")
+    };
+    if !fused(&model.graph) {
+        return Ok(Vec::new());
+    }
+    let mut exposed = model.graph.clone();
+    let mut pass = crate::passes::expose::ExposeProjections::default();
+    let cx = PassContext {
+        opset: graft::default_opset(&model.proto),
+    };
+    run_pass(&mut exposed, &cx, &mut pass).map_err(|e| e.context("exposing fused projections"))?;
+    let Ok(targeting) = target::run(&exposed, filters) else {
+        return Ok(Vec::new());
+    };
+    if !targeting
+        .targets
+        .iter()
+        .any(|t| pass.modules.contains(&t.module))
+    {
+        return Ok(Vec::new());
+    }
+    model.graph = exposed;
+    Ok(pass.modules)
+}
+
 /// Targets and grafts `model` in memory.
 pub fn graft(model: &mut Model, req: &GraftRequest) -> Result<Outcome> {
     let variant = req.variant;
     req.cfg.check()?;
+    expose_fused_projections(model, &req.filters)?;
     let mut targeting = target::run(&model.graph, &req.filters)
         .map_err(|e| e.context(format!("{}: targeting", model.path.display())))?;
     let calibration = match (variant.calibration(&req.cfg), &req.calibration) {
@@ -229,6 +265,7 @@ pub fn set_param(
 
 /// Grafts a trained adapter file onto `model` (its values instead of fresh inits).
 pub fn apply(model: &mut Model, adapter: &LoadedAdapter) -> Result<Outcome> {
+    expose_fused_projections(model, &adapter.req.filters)?;
     let targeting = adapter.targets(model)?;
     adapter.check(model, &targeting)?;
     let mut outcome = graft(model, &adapter.req)?;

@@ -15,6 +15,7 @@ pub fn merge(
     base: PissaBase,
     quantized: QuantizedWeights,
 ) -> Result<Merged> {
+    crate::jobs::graft::expose_fused_projections(model, &adapter.req.filters)?;
     let targeting = adapter.targets(model)?;
     adapter.check(model, &targeting)?;
     let modules: Vec<String> = adapter.tensors.keys().cloned().collect();

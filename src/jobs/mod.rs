@@ -9,7 +9,7 @@ pub mod output;
 pub mod request;
 pub mod training_graph;
 
-pub use graft::{apply, graft, lower, set_param, Outcome};
+pub use graft::{apply, expose_fused_projections, graft, lower, set_param, Outcome};
 pub use merge::merge;
 pub use output::{default_paths, write, OutputPlan};
 pub use request::{AdapterDtype, GraftRequest, TrainingRequest};
