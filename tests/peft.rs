@@ -355,22 +355,7 @@ fn peft_adapters_apply_by_name_to_attention_fused_exports() {
         // ONNX Runtime runs the model as written (MultiHeadAttention, fused kernels).
         std::fs::create_dir_all(dir.path().join(fused)).unwrap();
         let stem = format!("{fused}/lora");
-        model
-            .save(
-                &dir.path().join(format!("{stem}.onnx")),
-                &Default::default(),
-            )
-            .unwrap();
-        let output = model
-            .graph
-            .value(model.graph.outputs()[0].value)
-            .name
-            .clone();
-        common::write_io(
-            &dir.path().join(format!("{stem}.io.safetensors")),
-            inputs.clone(),
-            [(output, want.clone())],
-        );
+        common::save_case(dir.path(), &stem, &model, inputs.clone(), want.clone());
         manifest.push(serde_json::json!({
             "model": format!("{stem}.onnx"), "base": fixture(fused), "io": format!("{stem}.io.safetensors"),
             "full_check": true, "tol": TOL, "relative": true,

@@ -11,7 +11,6 @@ use lora_graft::passes::merge::QuantizedWeights;
 
 use common::{fixture, perturb, reference, run_tract};
 use lora_graft::jobs;
-use lora_graft::model::SaveOptions;
 use lora_graft::passes::graft::effective_weight;
 use lora_graft::passes::target::{self, Filters, Layout, Role};
 use lora_graft::tensor::Array;
@@ -49,20 +48,7 @@ fn interop_entry(
         "{name} {variant}: the adapter moves the output by {moved:e}"
     );
     let stem = format!("{name}/{variant}");
-    model
-        .save(&dir.join(format!("{stem}.onnx")), &SaveOptions::default())
-        .unwrap();
-    let output = model
-        .graph
-        .value(model.graph.outputs()[0].value)
-        .name
-        .clone();
-    let (inputs, _) = reference(name);
-    common::write_io(
-        &dir.join(format!("{stem}.io.safetensors")),
-        inputs,
-        [(output, got)],
-    );
+    common::save_case(dir, &stem, model, reference(name).0, got);
     serde_json::json!({
         "model": format!("{stem}.onnx"),
         "base": fixture(name),

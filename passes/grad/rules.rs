@@ -736,17 +736,29 @@ fn clip(
     _: &[bool],
 ) -> Result<Vec<Option<ValueId>>> {
     let x = n.inputs[0].unwrap();
-    let mut d = g[0].unwrap();
-    // [x >= min] = ¬[x < min], [x <= max] = ¬[x > max]
-    for (slot, op) in [(1, "Less"), (2, "Greater")] {
-        if let Some(bound) = n.inputs.get(slot).copied().flatten() {
+    let bound = |slot: usize| n.inputs.get(slot).copied().flatten();
+    let d = keep_inside(e, g[0].unwrap(), x, bound(1), bound(2))?;
+    Ok(vec![Some(d), None, None])
+}
+
+/// `d·[lo ≤ x]·[x ≤ hi]` (an absent bound: no factor), the masks as
+/// `[x >= lo] = ¬[x < lo]`, `[x <= hi] = ¬[x > hi]`.
+fn keep_inside(
+    e: &mut Builder,
+    mut d: ValueId,
+    x: ValueId,
+    lo: Option<ValueId>,
+    hi: Option<ValueId>,
+) -> Result<ValueId> {
+    for (op, bound) in [("Less", lo), ("Greater", hi)] {
+        if let Some(bound) = bound {
             let out = e.bin(op, x, bound)?;
-            let c = e.un("Not", out)?;
-            let m = e.mask(c)?;
+            let inside = e.un("Not", out)?;
+            let m = e.mask(inside)?;
             d = e.bin("Mul", d, m)?;
         }
     }
-    Ok(vec![Some(d), None, None])
+    Ok(d)
 }
 
 fn where_(
@@ -1023,14 +1035,9 @@ fn quantize_linear(
         let z = e.op_shaped("Cast", &[z], to, shape)?;
         t = e.bin("Add", t, z)?;
     }
-    let mut d = e.bin("Div", g[0].unwrap(), scale)?;
-    for (op, bound) in [("Less", qmin), ("Greater", qmax)] {
-        let bound = e.scalar("c", bound);
-        let out = e.bin(op, t, bound)?;
-        let inside = e.un("Not", out)?;
-        let m = e.mask(inside)?;
-        d = e.bin("Mul", d, m)?;
-    }
+    let d = e.bin("Div", g[0].unwrap(), scale)?;
+    let (lo, hi) = (e.scalar("c", qmin), e.scalar("c", qmax));
+    let d = keep_inside(e, d, t, Some(lo), Some(hi))?;
     Ok(vec![Some(d), None, None])
 }
 

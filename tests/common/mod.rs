@@ -340,6 +340,30 @@ pub fn float_accuracy(model: &mut lora_graft::Model) {
     }
 }
 
+/// Saves `model` as `dir/<stem>.onnx`, and `inputs` with `output` (the value its first
+/// output should have) as `dir/<stem>.io.safetensors`: a case for `tests/interop.py`.
+pub fn save_case(
+    dir: &std::path::Path,
+    stem: &str,
+    model: &lora_graft::Model,
+    inputs: Named,
+    output: Array,
+) {
+    model
+        .save(&dir.join(format!("{stem}.onnx")), &Default::default())
+        .unwrap();
+    let name = model
+        .graph
+        .value(model.graph.outputs()[0].value)
+        .name
+        .clone();
+    write_io(
+        &dir.join(format!("{stem}.io.safetensors")),
+        inputs,
+        [(name, output)],
+    );
+}
+
 /// Runs `model` in tract (optimised) on named inputs.
 pub fn run_tract(model: &lora_graft::Model, inputs: &Named) -> Vec<Array> {
     let runner = lora_graft::runtime::Runner::new(model, &shapes(inputs)).unwrap();
