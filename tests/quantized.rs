@@ -502,3 +502,84 @@ fn merge_requantize_writes_qdq_weights_as_onnxruntimes_quantizer_does() {
         }
     }
 }
+
+/// `merge --requantize` on `quantize_dynamic`'s `MatMulInteger` weights (`bert_qdyn`:
+/// int8, symmetric, one scale a weight, in the product's rescaling): each LoRA-merged
+/// weight `W + s·BA` is written back as onnxruntime's `quant_utils.quantize_data` writes
+/// it (values and scale equal, `tests/quantizer.py`), and the requantized model gives the
+/// adapted model's outputs within int8 rounding.
+#[test]
+fn merge_requantize_writes_dynamic_quantized_weights_as_onnxruntimes_quantizer_does() {
+    use lora_graft::adapter::AdapterFile;
+    use tract_core::ndarray::{Array2, Ix2};
+    let name = "bert_qdyn";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lora.safetensors");
+    let (adapted, adapter) = common::trained(name, &common::request_for(name, "lora"), 4, &path);
+    let original = Model::load(&fixture(name)).unwrap();
+    let targets = target::run(&original.graph, &adapter.req.filters)
+        .unwrap()
+        .targets;
+    let mut merged = Model::load(&fixture(name)).unwrap();
+    let done = jobs::merge(
+        &mut merged,
+        &adapter,
+        lora_graft::passes::merge::PissaBase::Original,
+        QuantizedWeights::Requantize,
+    )
+    .unwrap();
+    assert_eq!(done.requantized.len(), done.modules);
+    assert!(done.modules >= 6, "{} modules", done.modules);
+    // Measured about 0.005 of ‖W‖ (254 steps a weight).
+    assert!(
+        done.requantized.iter().all(|(_, e)| *e > 0.0 && *e < 0.01),
+        "{:?}",
+        done.requantized
+    );
+    let mut file = AdapterFile {
+        metadata: [("kind".to_string(), "int8".to_string())].into(),
+        tensors: Default::default(),
+    };
+    let scale = adapter.req.cfg.scale() as f32;
+    let value = |v| {
+        Array::F32(
+            lora_graft::interp::evaluate(&merged.graph, v)
+                .unwrap()
+                .to_f32(),
+        )
+    };
+    let tensor = |v: f32| Array::F32(tract_core::ndarray::ArrayD::from_elem(vec![1], v));
+    for t in &targets {
+        let m = &t.module;
+        let params = &adapter.tensors[m];
+        let a = params["lora_A"]
+            .clone()
+            .into_dimensionality::<Ix2>()
+            .unwrap(); // [r, K]
+        let b = params["lora_B"]
+            .clone()
+            .into_dimensionality::<Ix2>()
+            .unwrap(); // [N, r]
+        let w: Array2<f32> = effective_weight(&original.graph, t).unwrap() + b.dot(&a) * scale;
+        file.tensors.insert(
+            format!("w.{m}"),
+            Array::F32(w.t().as_standard_layout().into_owned().into_dyn()),
+        );
+        let node = merged.graph.node(t.node);
+        let (_, _, w_scale) = target::dynamic_quantized(&merged.graph, t.node).unwrap();
+        file.tensors
+            .insert(format!("q.{m}"), value(node.inputs[1].unwrap()));
+        file.tensors.insert(format!("scale.{m}"), value(w_scale));
+        file.tensors
+            .insert(format!("zp.{m}"), value(node.inputs[3].unwrap()));
+        file.tensors.insert(format!("axis.{m}"), tensor(-1.0));
+        file.tensors.insert(format!("signed.{m}"), tensor(1.0));
+    }
+    onnxruntime_quantizer_agrees(dir.path(), "bert_qdyn.lora.int8", &file);
+    let (inputs, _) = reference(name);
+    let got = run_tract(&merged, &inputs).remove(0);
+    let want = run_tract(&adapted, &inputs).remove(0);
+    // int8 rounding of every merged weight, as on bert_int8 (5e-4-1e-3 there).
+    let d = common::max_abs_diff(&got, &want) / common::max_abs(&want);
+    assert!(d <= 1e-2, "{d:e} from the adapted model");
+}

@@ -206,22 +206,11 @@ impl Merge<'_> {
         let packed = t0.quantized
             && (t0.layout == super::target::Layout::Packed || t0.op == "MatMulInteger");
         match self.quantized {
-            QuantizedWeights::Requantize if packed && !nbits => {
-                return Err(Error::Usage(format!(
-                    "cannot merge into '{module}': --requantize writes MatMulNBits, DequantizeLinear and Mul(Cast(int8)) weights back, and this one is {}; use the grafted model",
-                    t0.op
-                )))
-            }
             QuantizedWeights::Requantize => {}
             _ if packed => {
                 return Err(Error::Usage(format!(
-                    "cannot merge into '{module}': its weight is quantized ({}) and packed; {}",
+                    "cannot merge into '{module}': its weight is quantized ({}) and packed; --requantize writes the merged weight back in that format, or use the grafted model",
                     t0.op,
-                    if nbits {
-                        "--requantize writes the merged weight back in that format, or use the grafted model"
-                    } else {
-                        "use the grafted model, or merge into a float model and quantize after"
-                    }
                 )))
             }
             QuantizedWeights::Refuse if t0.quantized => {

@@ -4,7 +4,8 @@
 //!
 //! - `MatMulNBits` (2, 4, 8 bits): MLAS's block quantizer ([`crate::quant::quantize_nbits`]).
 //! - `DequantizeLinear` int8/uint8, per tensor or per channel, symmetric or with zero
-//!   points, and `Mul(Cast(int8), scale)`: `quant_utils.quantize_data`
+//!   points, `Mul(Cast(int8), scale)` and `quantize_dynamic`'s `MatMulInteger` weight:
+//!   `quant_utils.quantize_data`
 //!   ([`crate::quant::quantize_data`]).
 //! - Blocked `DequantizeLinear` int4/uint4 (`MatMulNBitsQuantizer`'s QDQ format):
 //!   MLAS's QDQ block quantizer, which is the `MatMulNBits` one transposed, signed values
@@ -80,11 +81,29 @@ pub(super) fn dequantized(
         _ => None,
     };
     let weight = node.inputs[1].ok_or_else(|| cannot("no weight input"))?;
-    let dq = producer(weight).ok_or_else(|| cannot("its weight is stored, not dequantized"))?;
     let constant = |v: Option<ValueId>| v.filter(|&v| graph.initializer(v).is_some());
+    // quantize_dynamic's MatMulInteger: the stored int8 weight, its zero point, and its
+    // scale in the product's rescaling.
+    let dynamic = (node.op() == "MatMulInteger")
+        .then(|| crate::passes::target::dynamic_quantized(graph, t0.node))
+        .flatten();
+    let dq = match dynamic {
+        Some(_) => node,
+        None => producer(weight).ok_or_else(|| cannot("its weight is stored, not dequantized"))?,
+    };
     // The quantized values, the scale, the zero point, the axis the scale runs along
     // (None: Mul's broadcast) and the block size.
     let (q, scale, zero, axis_attr, block) = match dq.op() {
+        "MatMulInteger" => {
+            let (_, _, w_scale) = dynamic.expect("matched");
+            (
+                constant(Some(weight)),
+                Some(w_scale),
+                dq.inputs.get(3).copied().flatten(),
+                None,
+                0,
+            )
+        }
         "DequantizeLinear" => {
             let zp = dq.inputs.get(2).copied().flatten();
             if zp.is_some() && constant(zp).is_none() {

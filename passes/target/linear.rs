@@ -18,7 +18,13 @@ pub(super) fn linear(graph: &Graph, id: NodeId, filters: &Filters) -> Option<Tar
     // onnxruntime's dynamic quantization: the layer is float in, float out around it.
     let mut weight_scale = 1.0;
     if op == "MatMulInteger" {
-        (input, output, weight_scale) = dynamic_quantized(graph, id)?;
+        let scale;
+        (input, output, scale) = dynamic_quantized(graph, id)?;
+        let scale = crate::interp::evaluate(graph, scale).ok()?.to_f64();
+        if scale.len() != 1 {
+            return None;
+        }
+        weight_scale = scale.iter().next().copied()? as f32;
     }
     let w = node.inputs.get(1).copied().flatten()?;
     let (weight, chain, layout, d_in, d_out, alpha, bias_input, quantized) = match (domain, op) {
@@ -123,8 +129,8 @@ pub(super) fn linear(graph: &Graph, id: NodeId, filters: &Filters) -> Option<Tar
 /// `(x, y, weight scale)` of a `MatMulInteger` that onnxruntime's `quantize_dynamic`
 /// made: `x` quantized by a `DynamicQuantizeLinear` before it, the int32 product cast
 /// and multiplied by `x_scale · w_scale` after it (`y`), the weight symmetric (zero
-/// point 0) with one scale. Other forms are not layers lora-graft adapts.
-fn dynamic_quantized(graph: &Graph, id: NodeId) -> Option<(ValueId, ValueId, f32)> {
+/// point 0); `w_scale` is the stored one. Other forms are not layers lora-graft adapts.
+pub fn dynamic_quantized(graph: &Graph, id: NodeId) -> Option<(ValueId, ValueId, ValueId)> {
     let node = graph.node(id);
     let a = node.inputs.first().copied().flatten()?;
     let quantizer = graph.node(graph.producer(a)?);
@@ -162,12 +168,8 @@ fn dynamic_quantized(graph: &Graph, id: NodeId) -> Option<(ValueId, ValueId, f32
         .flatten()
         .copied()
         .find(|&v| graph.initializer(v).is_some())?;
-    let w_scale = crate::interp::evaluate(graph, w_scale).ok()?.to_f64();
-    if w_scale.len() != 1 {
-        return None;
-    }
     let y = mul.outputs.first().copied().flatten()?;
-    Some((x, y, w_scale.iter().next().copied()? as f32))
+    Some((x, y, w_scale))
 }
 
 /// Whether `v` is computed from initializers alone.

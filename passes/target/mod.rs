@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::ir::{Def, Graph, NodeId, ValueId};
 
-pub use linear::layer_index;
+pub use linear::{dynamic_quantized, layer_index};
 use linear::{is_constant, linear, weight_chain};
 use roles::{settle_role, AncestorCache};
 
