@@ -258,20 +258,6 @@ pub const MICROSOFT_RULES: &[(&str, Rule)] = &[
     ("SimplifiedLayerNormalization", simplified_layer_norm),
 ];
 
-/// com.microsoft ops known to lie on adapter paths that have no rule and no lowering
-/// yet (`passes/lower.rs` lowers GroupQueryAttention, SkipLayerNormalization, the
-/// Gelus, ...), and why.
-pub const UNSUPPORTED: &[(&str, &str)] = &[
-    (
-        "Attention",
-        "onnxruntime's fused Attention is not lowered yet; export without the transformer optimizer's attention fusion (an sdpa export), or adapt only layers after the last attention",
-    ),
-    (
-        "MultiHeadAttention",
-        "onnxruntime's fused MultiHeadAttention is not lowered yet; adapt only layers after the last attention",
-    ),
-];
-
 /// The rule of `node`'s op (default or com.microsoft domain).
 pub fn rule(node: &Node) -> Option<Rule> {
     let table = match node.domain() {
