@@ -14,7 +14,8 @@ lists {"case", "op", "domain", "inputs", "outputs", "node_inputs", "node_outputs
 "node_outputs" the node's lists where "" marks an optional one left out, plus "output_dtypes"
 ({output: "int32"}) where an output is not of the case's dtype; "reference" is
 "onnxruntime", or "numpy" where ONNX Runtime's CPU build has no kernel for the op (BiasAdd:
-CUDA/ROCm only), with the formula below.  Cases whose ONNX Runtime outputs were also checked
+CUDA/ROCm only), with the formula below, or "onnxruntime, unpacked" where the CPU kernel
+refuses a layout (MultiHeadAttention's packed QKV and KV) and runs the same tensors unpacked.  Cases whose ONNX Runtime outputs were also checked
 against an independent numpy computation (GroupQueryAttention, RotaryEmbedding, Attention,
 MultiHeadAttention, EmbedLayerNormalization) carry "checked_by": "numpy <max abs difference>".
 Inputs are float (the case's dtype) except GroupQueryAttention's seqlens_k /
@@ -50,7 +51,7 @@ BIAS = ("bias", [HIDDEN])
 
 def case(name, op, inputs, outputs, attributes=None, domain="com.microsoft", dtype="float32",
          numpy_reference=None, node_inputs=None, output_shapes=None, numpy_check=None,
-         output_dtypes=None, initializers=None):
+         output_dtypes=None, initializers=None, fallback="numpy"):
     """`inputs`: [(name, shape)] graph inputs, seeded normal of `dtype`, or (name, shape, array)
     for a fixed value of its own dtype (int32 lengths, rotary caches); `outputs`: node outputs,
     "" for one left out; `node_inputs`: the node's input list where it differs from the graph
@@ -60,12 +61,14 @@ def case(name, op, inputs, outputs, attributes=None, domain="com.microsoft", dty
     `numpy_check(feeds, attributes)`: an independent numpy computation ONNX Runtime's outputs
     must match (max abs difference <= 1e-4); `initializers`: {name: array} node inputs stored
     as initializers, not graph inputs (MatMulNBits' packed weights; numpy_check sees them in
-    feeds)."""
+    feeds); `numpy_reference(feeds)`: the outputs where ONNX Runtime's CPU kernel refuses the
+    case, named `fallback` in the manifest."""
     return {"case": name, "op": op, "domain": domain, "inputs": inputs, "node_outputs": outputs,
             "attributes": attributes or {}, "dtype": dtype, "numpy_reference": numpy_reference,
             "node_inputs": node_inputs or [i[0] for i in inputs],
             "output_shapes": output_shapes or {}, "numpy_check": numpy_check,
-            "output_dtypes": output_dtypes or {}, "initializers": initializers or {}}
+            "output_dtypes": output_dtypes or {}, "initializers": initializers or {},
+            "fallback": fallback}
 
 
 SLN_IN = [("input", SHAPE), ("skip", SHAPE), ("gamma", [HIDDEN])]
@@ -605,6 +608,98 @@ CASES += [
              extra=[(4, ("key_padding_mask", [ATT_B, ATT_S], ATT_RAW_MASK))], length=ATT_S),
 ]
 
+# MultiHeadAttention's other layouts of key and value (ONNX Runtime 1.32):
+#   key, value [B, N, L, H] (BNSH, already split into heads): the CPU kernel runs it; the
+#   bias then applies to the query only (bias[D:] is ignored: checked, adding it moves the
+#   output by O(1)).  Checked against mha_numpy on key/value back in [B, L, D].
+#   packed QKV, query [B, S, N, 3, H] with key and value left out, and packed KV, key
+#   [B, L, N, 2, H] with value left out: the CPU kernel refuses both ("not implemented for
+#   CPU"; CUDA only), so the reference is ONNX Runtime's CPU kernel on the same tensors
+#   unpacked into separate query/key/value [B, S or L, N*H] (q = query[:, :, :, 0], ...;
+#   the CUDA kernels' AddBiasTranspose reads the bias as q|k|v, each [N, H], as for
+#   separate inputs).  mha_numpy checks those too.
+MHA_HEAD = ATT_HIDDEN // ATT_N
+
+
+def mha_unpack(feeds):
+    """Separate query/key/value [B, S or L, N*H] from a packed or BNSH case's feeds, and
+    the bias as the separate-input kernel applies it."""
+    f = dict(feeds)
+    q = f["query"]
+    if q.ndim == 5:  # [B, S, N, 3, H]
+        b, s = q.shape[:2]
+        f["query"], f["key"], f["value"] = (q[:, :, :, i].reshape(b, s, -1) for i in range(3))
+    elif f["key"].ndim == 5:  # [B, L, N, 2, H]
+        kv = f["key"]
+        b, l = kv.shape[:2]
+        f["key"], f["value"] = (kv[:, :, :, i].reshape(b, l, -1) for i in range(2))
+    else:  # [B, N, L, H]: the bias is the query's only
+        f["key"], f["value"] = (f[k].transpose(0, 2, 1, 3).reshape(f[k].shape[0], -1,
+                                f[k].shape[1] * f[k].shape[3]) for k in ("key", "value"))
+        if "bias" in f:
+            d = q.shape[-1]
+            f["bias"] = np.concatenate([f["bias"][:d], np.zeros(2 * d, f["bias"].dtype)])
+    return {k: np.ascontiguousarray(v) for k, v in f.items()}
+
+
+def mha_layout_numpy(feeds, attrs):
+    return mha_numpy(mha_unpack(feeds), attrs)
+
+
+def mha_unpacked_ort(attributes):
+    """The reference for the layouts the CPU kernel refuses: its kernel on the unpacked
+    tensors."""
+    def reference(feeds):
+        f = mha_unpack(feeds)
+        names = ["query", "key", "value", "bias", "key_padding_mask", "attention_bias"]
+        node_inputs = [n if n in f else "" for n in names]
+        while node_inputs[-1] == "":
+            node_inputs.pop()
+        c = case("unpacked", "MultiHeadAttention",
+                 [(n, list(f[n].shape), f[n]) for n in node_inputs if n], ["output"],
+                 {"num_heads": ATT_N, **attributes}, node_inputs=node_inputs,
+                 output_shapes={"output": list(f["query"].shape)})
+        return run_ort(build(c), {n: f[n] for n in node_inputs if n})
+    return reference
+
+
+def mha_layout_case(name, layout, attributes, bias=False, extra=()):
+    """`layout`: "bnsh" (key, value [B, N, L, H]), "packed_qkv" or "packed_kv"."""
+    b, s, l, n, h, d = ATT_B, ATT_S, MHA_L, ATT_N, MHA_HEAD, ATT_HIDDEN
+    inputs = {
+        "bnsh": [("query", [b, s, d]), ("key", [b, n, l, h]), ("value", [b, n, l, h])],
+        "packed_qkv": [("query", [b, s, n, 3, h])],
+        "packed_kv": [("query", [b, s, d]), ("key", [b, l, n, 2, h])],
+    }[layout]
+    node_inputs = [i[0] for i in inputs] + [""] * (3 - len(inputs))
+    node_inputs.append("bias" if bias else "")
+    if bias:
+        inputs.append(("bias", [3 * d]))
+    for index, spec in extra:
+        node_inputs += [""] * (index - len(node_inputs)) + [spec[0]]
+        inputs.append(spec)
+    while node_inputs[-1] == "":
+        node_inputs.pop()
+    refused = layout != "bnsh"
+    return case(name, "MultiHeadAttention", inputs, ["output"], {"num_heads": n, **attributes},
+                node_inputs=node_inputs, output_shapes={"output": [b, s, d]},
+                numpy_check=mha_layout_numpy,
+                numpy_reference=mha_unpacked_ort(attributes) if refused else None,
+                fallback="onnxruntime, unpacked")
+
+
+CASES += [
+    mha_layout_case("mha_bnsh_kv", "bnsh", {}),
+    mha_layout_case("mha_bnsh_kv_bias_mask", "bnsh", {"mask_filter_value": -3.0}, bias=True,
+                    extra=[(4, ("key_padding_mask", [ATT_B, MHA_L], MHA_RAW_MASK)),
+                           (5, ("attention_bias", [1, ATT_N, ATT_S, MHA_L]))]),
+    mha_layout_case("mha_packed_qkv", "packed_qkv", {}),
+    mha_layout_case("mha_packed_qkv_bias_unidirectional", "packed_qkv", {"unidirectional": 1},
+                    bias=True),
+    mha_layout_case("mha_packed_kv_bias_mask", "packed_kv", {"scale": 0.4}, bias=True,
+                    extra=[(4, ("key_padding_mask", [ATT_B], MHA_LENGTHS))]),
+]
+
 # EmbedLayerNormalization (com.microsoft): inputs (input_ids int32 [B, S], segment_ids int32
 # [B, S] (1, optional), word_embedding [V, H], position_embedding [P, H], segment_embedding
 # [G, H] (4, optional: with segment_ids; segment_ids without it is rejected), gamma [H], beta
@@ -780,10 +875,11 @@ def main():
                 got = run_ort(model, feeds)
                 reference = "onnxruntime"
             except Exception as e:  # noqa: BLE001
-                if c["numpy_reference"] is None or "NOT_IMPLEMENTED" not in str(e):
+                refused = any(t in str(e).lower() for t in ("not_implemented", "not implemented"))
+                if c["numpy_reference"] is None or not refused:
                     raise
                 got = c["numpy_reference"](feeds)
-                reference = "numpy"
+                reference = c["fallback"]
             outputs = [o for o in c["node_outputs"] if o]
             assert sorted(got) == sorted(outputs), (sorted(got), outputs)
             for name, v in got.items():

@@ -316,14 +316,26 @@ fn split3(
     sizes: ValueId,
     axis: i64,
 ) -> Result<Vec<ValueId>> {
-    let (_, parts) = b.graph.add_op(
+    split(b, n, x, sizes, axis, 3)
+}
+
+/// `x` split along `axis` into `parts` pieces of `sizes`.
+fn split(
+    b: &mut Builder,
+    n: &Node,
+    x: ValueId,
+    sizes: ValueId,
+    axis: i64,
+    parts: usize,
+) -> Result<Vec<ValueId>> {
+    let (_, pieces) = b.graph.add_op(
         "Split",
         &format!("{}.Split", n.name()),
         &[x, sizes],
         vec![crate::ir::build::int_attr("axis", axis)],
-        3,
+        parts,
     )?;
-    Ok(parts)
+    Ok(pieces)
 }
 
 /// `x` `[B, S, N·D]` → `[B, N, S, D]`.
@@ -531,9 +543,14 @@ fn masked_attention(
     })
 }
 
-/// onnxruntime's `MultiHeadAttention` on separate query `[B, S, D]`, key `[B, L, D]` and
-/// value `[B, L, Dv]` (plus `bias` `[D + D + Dv]`), with the key padding mask and the
-/// attention bias.
+/// onnxruntime's `MultiHeadAttention` (plus `bias` `[D + D + Dv]`), with the key padding
+/// mask and the attention bias, on each layout of its query, key and value:
+/// - separate query `[B, S, D]`, key `[B, L, D]` and value `[B, L, Dv]`;
+/// - key and value already in heads, `[B, N, L, H]` (the bias then applies to the query
+///   only, as onnxruntime's kernel does);
+/// - packed QKV, query `[B, S, N, 3, H]` with no key or value;
+/// - packed KV, key `[B, L, N, 2, H]` with no value (onnxruntime runs these two on CUDA
+///   only; the bias is read as for separate inputs, q|k|v each `[N, H]`).
 pub(super) fn multi_head_attention(b: &mut Builder, n: &Node) -> Result<Vec<Option<ValueId>>> {
     use crate::ir::build::int_attr;
     let heads = n.attr_int("num_heads", 0);
@@ -546,39 +563,135 @@ pub(super) fn multi_head_attention(b: &mut Builder, n: &Node) -> Result<Vec<Opti
             "a past state is not lowered (training runs without one)",
         ));
     }
-    let (Some(key), Some(value)) = (optional(n, 1), optional(n, 2)) else {
-        return Err(node_error(
-            n,
-            "packed query/key/value is not lowered (separate ones are)",
-        ));
-    };
     let query = input(n, 0)?;
-    if [query, key, value]
-        .iter()
-        .any(|&x| crate::ir::infer::rank(b.graph, x).is_some_and(|r| r != 3))
-    {
-        return Err(node_error(
-            n,
-            "only 3-D query, key and value ([batch, sequence, hidden]) are lowered",
-        ));
-    }
-    let (mut q, mut k, mut val) = (query, key, value);
-    if let Some(bias) = optional(n, 3) {
-        let q_shape = b.op("Shape", &[query], vec![])?;
-        let d = dim(b, q_shape, 2)?;
-        let v_shape = b.op("Shape", &[value], vec![])?;
-        let dv = dim(b, v_shape, 2)?;
-        let sizes = b.op("Concat", &[d, d, dv], vec![int_attr("axis", 0)])?;
-        let parts = split3(b, n, bias, sizes, 0)?;
-        q = b.op("Add", &[q, parts[0]], vec![])?;
-        k = b.op("Add", &[k, parts[1]], vec![])?;
-        val = b.op("Add", &[val, parts[2]], vec![])?;
-    }
-    let (q, k, val) = (
-        to_heads(b, q, heads)?,
-        to_heads(b, k, heads)?,
-        to_heads(b, val, heads)?,
-    );
-    let out = masked_attention(b, n, q, k, val, optional(n, 4), optional(n, 5))?;
+    let rank = |b: &Builder, x: ValueId| crate::ir::infer::rank(b.graph, x);
+    let layout = match (optional(n, 1), optional(n, 2)) {
+        (None, None) if rank(b, query) == Some(5) => MhaLayout::PackedQkv,
+        (Some(key), None) if rank(b, key) == Some(5) => MhaLayout::PackedKv(key),
+        (Some(key), Some(value)) if rank(b, key) == Some(4) && rank(b, value) == Some(4) => {
+            MhaLayout::Heads(key, value)
+        }
+        (Some(key), Some(value))
+            if [query, key, value]
+                .iter()
+                .all(|&x| rank(b, x).is_none_or(|r| r == 3)) =>
+        {
+            MhaLayout::Separate(key, value)
+        }
+        _ => {
+            return Err(node_error(
+                n,
+                "query, key and value must be [batch, sequence, hidden], key and value \
+                 [batch, heads, sequence, head size], packed QKV [batch, sequence, heads, 3, \
+                 head size] or packed KV [batch, sequence, heads, 2, head size]",
+            ))
+        }
+    };
+    // The bias's q, k and v parts, each [D] (or [Dv]).
+    let bias_parts = match optional(n, 3) {
+        None => None,
+        Some(bias) => {
+            let sizes = match layout {
+                MhaLayout::Separate(_, value) | MhaLayout::Heads(_, value) => {
+                    let q_shape = b.op("Shape", &[query], vec![])?;
+                    let d = dim(b, q_shape, 2)?;
+                    let dv = match layout {
+                        MhaLayout::Heads(..) => {
+                            // N·H of [B, N, L, H]
+                            let v_shape = b.op("Shape", &[value], vec![])?;
+                            let n_heads = dim(b, v_shape, 1)?;
+                            let h = dim(b, v_shape, 3)?;
+                            b.op("Mul", &[n_heads, h], vec![])?
+                        }
+                        _ => {
+                            let v_shape = b.op("Shape", &[value], vec![])?;
+                            dim(b, v_shape, 2)?
+                        }
+                    };
+                    b.op("Concat", &[d, d, dv], vec![int_attr("axis", 0)])?
+                }
+                MhaLayout::PackedQkv | MhaLayout::PackedKv(_) => {
+                    let three = b.ints("three", &[3]);
+                    let b_shape = b.op("Shape", &[bias], vec![])?;
+                    let d = b.op("Div", &[b_shape, three], vec![])?;
+                    b.op("Concat", &[d, d, d], vec![int_attr("axis", 0)])?
+                }
+            };
+            Some(split3(b, n, bias, sizes, 0)?)
+        }
+    };
+    let bias_of = |i: usize| bias_parts.as_ref().map(|p| p[i]);
+    // [B, S, D] (+ bias) → [B, N, S, H]
+    let separate = |b: &mut Builder, x: ValueId, bias: Option<ValueId>| -> Result<ValueId> {
+        let x = match bias {
+            Some(bias) => b.op("Add", &[x, bias], vec![])?,
+            None => x,
+        };
+        to_heads(b, x, heads)
+    };
+    let (q, k, v) = match layout {
+        MhaLayout::Separate(key, value) => (
+            separate(b, query, bias_of(0))?,
+            separate(b, key, bias_of(1))?,
+            separate(b, value, bias_of(2))?,
+        ),
+        MhaLayout::Heads(key, value) => (separate(b, query, bias_of(0))?, key, value),
+        MhaLayout::PackedQkv => {
+            let qkv = unpack_heads(b, n, query, 3, bias_parts.as_deref())?;
+            (qkv[0], qkv[1], qkv[2])
+        }
+        MhaLayout::PackedKv(key) => {
+            let kv_bias = bias_parts.as_ref().map(|p| [p[1], p[2]]);
+            let kv = unpack_heads(b, n, key, 2, kv_bias.as_ref().map(|p| &p[..]))?;
+            (separate(b, query, bias_of(0))?, kv[0], kv[1])
+        }
+    };
+    let out = masked_attention(b, n, q, k, v, optional(n, 4), optional(n, 5))?;
     Ok(vec![Some(out)])
+}
+
+/// Where `MultiHeadAttention` finds its key and value.
+#[derive(Clone, Copy)]
+enum MhaLayout {
+    /// Separate `[B, L, D]` key and value.
+    Separate(ValueId, ValueId),
+    /// Key and value in heads, `[B, N, L, H]`.
+    Heads(ValueId, ValueId),
+    /// All three packed in the query, `[B, S, N, 3, H]`.
+    PackedQkv,
+    /// Key and value packed in the key, `[B, L, N, 2, H]`.
+    PackedKv(ValueId),
+}
+
+/// The `parts` tensors packed in `x` `[B, S, N, parts, H]`, each in heads `[B, N, S, H]`,
+/// with `bias[i]` (`[N·H]`) added to the i-th.
+fn unpack_heads(
+    b: &mut Builder,
+    n: &Node,
+    x: ValueId,
+    parts: usize,
+    bias: Option<&[ValueId]>,
+) -> Result<Vec<ValueId>> {
+    use crate::ir::build::ints_attr;
+    let sizes = b.ints("ones", &vec![1; parts]);
+    let pieces = split(b, n, x, sizes, 3, parts)?;
+    let mut out = Vec::with_capacity(parts);
+    for (i, piece) in pieces.into_iter().enumerate() {
+        let axis = b.ints("axis", &[3]);
+        let mut p = b.op("Squeeze", &[piece, axis], vec![])?; // [B, S, N, H]
+        if let Some(bias) = bias {
+            let heads_shape = b.op("Shape", &[p], vec![])?;
+            let n_heads = dim(b, heads_shape, 2)?;
+            let minus_one = b.ints("minus_one", &[-1]);
+            let shape = b.op(
+                "Concat",
+                &[n_heads, minus_one],
+                vec![crate::ir::build::int_attr("axis", 0)],
+            )?;
+            let bias = b.op("Reshape", &[bias[i], shape], vec![])?; // [N, H]
+            p = b.op("Add", &[p, bias], vec![])?;
+        }
+        out.push(b.op("Transpose", &[p], vec![ints_attr("perm", &[0, 2, 1, 3])])?);
+    }
+    Ok(out)
 }
