@@ -730,4 +730,20 @@ mod tests {
         );
         assert_eq!(top.s, signed(svd_exact(&w, 8).unwrap()).s);
     }
+
+    /// A weight with a NaN or an infinity (untrusted model data): an error or some
+    /// result, never a panic or an endless loop.
+    #[test]
+    fn svd_top_on_non_finite_weights_returns() {
+        for bad in [f32::NAN, f32::INFINITY] {
+            let mut rng = Rng::new(5);
+            let mut w = Array2::from_shape_fn((200, 120), |_| rng.normal() as f32);
+            w[[3, 7]] = bad;
+            let _ = svd_top(&w, 8);
+        }
+        let zero = Array2::<f32>::zeros((200, 120));
+        let (svd, path) = svd_top(&zero, 8).unwrap();
+        assert!(matches!(path, TopSvdPath::Full(_)), "{path:?}");
+        assert!(svd.s.iter().all(|&s| s == 0.0));
+    }
 }
