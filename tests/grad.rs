@@ -356,7 +356,18 @@ fn training_graphs_run_in_onnx_runtime_as_in_tract() {
         let out = Session::new(&t).run(&f);
         let int4 = name == "genai_int4";
         let rewritten = lora_graft::passes::grad::portable(&mut t.model.graph).unwrap();
-        assert_eq!(rewritten > 0, int4, "{name}: {rewritten} packed gradients");
+        assert_eq!(
+            rewritten.packed_gradients > 0,
+            int4,
+            "{name}: {rewritten:?}"
+        );
+        // Llama-family MLPs (silu(gate)·up) take the fused SwiGLU gradient.
+        let swiglu = matches!(name, "llama" | "genai_int4");
+        assert_eq!(
+            rewritten.swiglu_gradients > 0,
+            swiglu,
+            "{name}: {rewritten:?}"
+        );
         if int4 {
             common::float_accuracy(&mut t.model);
         }

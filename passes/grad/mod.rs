@@ -6,11 +6,12 @@
 //! rules are a table ([`rules::RULES`]), one line per op, with explicit
 //! non-differentiable entries.
 
+mod fused;
 pub mod loss;
 mod portable;
 pub mod rules;
 
-pub use portable::portable;
+pub use portable::{portable, Rewritten};
 
 use crate::ir::build::{tensor_type, Builder};
 use crate::ir::infer::value_dtypes;
@@ -150,6 +151,27 @@ fn differentiate(
         if !wanted.iter().any(|&w| w) {
             continue;
         }
+        emit.prefix = format!(
+            "grad/{}",
+            if node.name().is_empty() {
+                node.op()
+            } else {
+                node.name()
+            }
+        );
+        // A SwiGLU gate whose silu input wants a gradient: the fused rule gives the
+        // gate's input its gradient directly, so the silu and sigmoid nodes get none
+        // from here (and their outputs are not kept for the backward).
+        if let (Some(gate), Some(g)) = (fused::swiglu(&emit, &node), out_grads[0]) {
+            if wanted[1 - gate.up_slot] {
+                let (dx, dup) = fused::swiglu_grad(&mut emit, gate, g)?;
+                add_gradient(&mut emit, &mut grads, gate.x, dx)?;
+                if wanted[gate.up_slot] {
+                    add_gradient(&mut emit, &mut grads, gate.up, dup)?;
+                }
+                continue;
+            }
+        }
         let rule = rules::rule(&node).ok_or_else(|| Error::Node {
             node: node.name().to_string(),
             op: node.op().to_string(),
@@ -160,14 +182,6 @@ fn differentiate(
         if let Some(&t) = node.outputs[0].and_then(|o| emit.dtypes.get(&o)) {
             emit.dtype = t;
         }
-        emit.prefix = format!(
-            "grad/{}",
-            if node.name().is_empty() {
-                node.op()
-            } else {
-                node.name()
-            }
-        );
         let input_grads = rule(&mut emit, &node, &out_grads, &wanted).map_err(|e| match e {
             Error::Node { .. } => e,
             other => Error::Node {
@@ -183,11 +197,7 @@ fn differentiate(
             if !wanted[slot] {
                 continue;
             }
-            let total = match grads.get(&input) {
-                Some(&prev) => emit.bin("Add", prev, g)?,
-                None => g,
-            };
-            grads.insert(input, total);
+            add_gradient(&mut emit, &mut grads, input, g)?;
         }
     }
 
@@ -222,6 +232,21 @@ fn differentiate(
         gradients,
         differentiated: path.len(),
     })
+}
+
+/// Adds `g` to the gradient of `v` gathered so far.
+fn add_gradient(
+    emit: &mut Builder,
+    grads: &mut HashMap<ValueId, ValueId>,
+    v: ValueId,
+    g: ValueId,
+) -> Result<()> {
+    let total = match grads.get(&v) {
+        Some(&prev) => emit.bin("Add", prev, g)?,
+        None => g,
+    };
+    grads.insert(v, total);
+    Ok(())
 }
 
 /// Exposes `v` as a graph output called `name` (through an Identity when `v` has

@@ -1,23 +1,105 @@
-//! The training graph for other runtimes: lora-graft's own `MatMulNBitsInputGrad`
-//! (the input gradient of `MatMulNBits` on the packed weight, which tract runs through
-//! `runtime::nbits`) becomes `MatMul(dY, W)` on the weight dequantized into a float
-//! initializer, so the graph holds default-domain ops and the model's own again.
+//! The training graph for other runtimes: lora-graft's own kernels become default-domain
+//! ops, so the graph holds those and the model's own again.
+//! - `MatMulNBitsInputGrad` (the input gradient of `MatMulNBits` on the packed weight,
+//!   which tract runs through `runtime::nbits`) becomes `MatMul(dY, W)` on the weight
+//!   dequantized into a float initializer;
+//! - `SwiGluGrad(g, x, u)` (`runtime::swiglu`) becomes its formula in elementwise ops.
 
 use crate::error::{Error, Result};
-use crate::ir::{Graph, Initializer, NodeId};
+use crate::ir::{Graph, Initializer, NodeId, ValueId};
 use crate::runtime::nbits::{DOMAIN, INPUT_GRAD_OP};
+use crate::runtime::swiglu::SWIGLU_GRAD_OP;
 use crate::tensor::Array;
 
-/// Rewrites every `MatMulNBitsInputGrad` of `graph` as a float `MatMul`; returns how
-/// many. The dequantized weight takes the gradient's element type.
-pub fn portable(graph: &mut Graph) -> Result<usize> {
-    let found: Vec<NodeId> = graph
+/// How many of lora-graft's nodes [`portable`] rewrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rewritten {
+    /// `MatMulNBitsInputGrad`s, now float `MatMul`s.
+    pub packed_gradients: usize,
+    /// `SwiGluGrad`s, now elementwise ops.
+    pub swiglu_gradients: usize,
+}
+
+/// Rewrites every lora-graft kernel of `graph` as default-domain ops (see the module).
+pub fn portable(graph: &mut Graph) -> Result<Rewritten> {
+    Ok(Rewritten {
+        packed_gradients: packed_gradients(graph)?,
+        swiglu_gradients: swiglu_gradients(graph)?,
+    })
+}
+
+/// The nodes of lora-graft's `op`.
+fn own_nodes(graph: &Graph, op: &str) -> Vec<NodeId> {
+    graph
         .node_ids()
         .filter(|&id| {
             let n = graph.node(id);
-            n.domain() == DOMAIN && n.op() == INPUT_GRAD_OP
+            n.domain() == DOMAIN && n.op() == op
         })
-        .collect();
+        .collect()
+}
+
+/// Every `SwiGluGrad(g, x, u)` as `s = σ(x)`, `du = g·(x·s)`,
+/// `dx = (g·u)·s·(1 + x·(1 − s))`; returns how many.
+fn swiglu_gradients(graph: &mut Graph) -> Result<usize> {
+    let found = own_nodes(graph, SWIGLU_GRAD_OP);
+    for &id in &found {
+        let node = graph.node(id).clone();
+        let [Some(g), Some(x), Some(u)] = node.inputs[..] else {
+            return Err(Error::Node {
+                node: node.name().to_string(),
+                op: SWIGLU_GRAD_OP.into(),
+                reason: "needs its three inputs".into(),
+            });
+        };
+        graph.remove_node(id);
+        let one = crate::tensor::Array::from_f32(
+            tract_core::ndarray::ArrayD::from_elem(tract_core::ndarray::IxDyn(&[]), 1.0),
+            crate::proto::tensor_proto::DataType::Float as i32,
+        )
+        .expect("float32");
+        let one_name = graph.fresh_name(&format!("{}.one", node.name()));
+        let one = graph.add_initializer(&one_name, Initializer::from_array(&one)?);
+        let mut op = |op: &str, inputs: &[ValueId], out: Option<ValueId>| -> Result<ValueId> {
+            let name = format!("{}/{op}", node.name());
+            match out {
+                None => Ok(graph.add_op(op, &name, inputs, vec![], 1)?.1[0]),
+                Some(out) => {
+                    let proto = crate::proto::NodeProto {
+                        name: Some(graph.fresh_node_name(&name)),
+                        op_type: Some(op.into()),
+                        ..Default::default()
+                    };
+                    graph.add_node(
+                        proto,
+                        inputs.iter().map(|&v| Some(v)).collect(),
+                        vec![Some(out)],
+                    )?;
+                    Ok(out)
+                }
+            }
+        };
+        let s = op("Sigmoid", &[x], None)?;
+        let xs = op("Mul", &[x, s], None)?;
+        if let Some(du) = node.outputs.get(1).copied().flatten() {
+            op("Mul", &[g, xs], Some(du))?;
+        }
+        if let Some(dx) = node.outputs.first().copied().flatten() {
+            let rest = op("Sub", &[one, s], None)?;
+            let x_rest = op("Mul", &[x, rest], None)?;
+            let factor = op("Add", &[one, x_rest], None)?;
+            let gu = op("Mul", &[g, u], None)?;
+            let gus = op("Mul", &[gu, s], None)?;
+            op("Mul", &[gus, factor], Some(dx))?;
+        }
+    }
+    Ok(found.len())
+}
+
+/// Every `MatMulNBitsInputGrad` as a float `MatMul`; returns how many. The dequantized
+/// weight takes the gradient's element type.
+fn packed_gradients(graph: &mut Graph) -> Result<usize> {
+    let found = own_nodes(graph, INPUT_GRAD_OP);
     if found.is_empty() {
         return Ok(0);
     }

@@ -16,14 +16,18 @@ use crate::tensor::Array;
 mod matmul;
 pub mod nbits;
 pub(crate) mod profile;
+pub mod swiglu;
 
 /// tract's ONNX front end with lora-graft's kernels: `MatMulNBits` and its input
-/// gradient on the packed weight ([`nbits`]).
+/// gradient on the packed weight ([`nbits`]), and the SwiGLU gate's gradient
+/// ([`swiglu`]).
 fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
     onnx.op_register.insert("MatMulNBits", nbits::parse_forward);
     onnx.op_register
         .insert(nbits::INPUT_GRAD_OP, nbits::parse_input_grad);
+    onnx.op_register
+        .insert(swiglu::SWIGLU_GRAD_OP, swiglu::parse);
     onnx
 }
 

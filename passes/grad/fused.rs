@@ -1,0 +1,78 @@
+//! Gradient rules for a pattern of several forward nodes, where the op-by-op rules
+//! would keep more of the forward alive than the pattern's gradient needs.
+//!
+//! One pattern: the SwiGLU gate `silu(x)·u` = `Mul(Mul(x, Sigmoid(x)), u)` (Llama,
+//! Qwen2, Phi-3, Mistral MLPs as exporters write them). Its gradient is lora-graft's
+//! `SwiGluGrad(g, x, u)` (`runtime::swiglu`), which reads `x` and `u` only: `σ(x)` and
+//! `silu(x)` are not kept for the backward. `portable` writes it back as default ops.
+
+use crate::error::Result;
+use crate::ir::build::Builder;
+use crate::ir::{Def, Node, ValueId};
+use crate::proto::tensor_proto::DataType;
+use crate::runtime::nbits::DOMAIN;
+use crate::runtime::swiglu::SWIGLU_GRAD_OP;
+
+/// A SwiGLU gate found at a `Mul` node: `y = silu(x)·up`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SwiGlu {
+    /// The gate's input.
+    pub x: ValueId,
+    /// The other factor.
+    pub up: ValueId,
+    /// Which of the `Mul`'s inputs `up` is.
+    pub up_slot: usize,
+}
+
+/// The SwiGLU gate `node` computes, when it is `Mul(Mul(x, Sigmoid(x)), up)` (operands
+/// in either order) on float32 values of one static shape: the fused kernel's case.
+pub(super) fn swiglu(e: &Builder, node: &Node) -> Option<SwiGlu> {
+    let default_domain = |n: &Node| matches!(n.domain(), "" | "ai.onnx");
+    if node.op() != "Mul" || !default_domain(node) || node.inputs.len() != 2 {
+        return None;
+    }
+    let producer = |v: ValueId| match e.graph.value(v).def {
+        Def::Node(id, _) => Some(e.graph.node(id)),
+        _ => None,
+    };
+    let float = DataType::Float as i32;
+    let same = |a: ValueId, b: ValueId| {
+        e.dtypes.get(&a) == Some(&float)
+            && e.dtypes.get(&b) == Some(&float)
+            && e.shapes.contains_key(&a)
+            && e.shapes.get(&a) == e.shapes.get(&b)
+    };
+    for up_slot in [1, 0] {
+        let (silu, up) = (node.inputs[1 - up_slot]?, node.inputs[up_slot]?);
+        let Some(m) = producer(silu).filter(|m| m.op() == "Mul" && default_domain(m)) else {
+            continue;
+        };
+        let [Some(a), Some(b)] = m.inputs[..] else {
+            continue;
+        };
+        for (x, sig) in [(a, b), (b, a)] {
+            let is_sigmoid_of_x = producer(sig).is_some_and(|s| {
+                s.op() == "Sigmoid" && default_domain(s) && s.inputs.first() == Some(&Some(x))
+            });
+            if is_sigmoid_of_x && same(x, up) && same(x, silu) {
+                return Some(SwiGlu { x, up, up_slot });
+            }
+        }
+    }
+    None
+}
+
+/// `(dx, dup)` of the gate for the incoming gradient `g`, as one `SwiGluGrad` node.
+pub(super) fn swiglu_grad(e: &mut Builder, gate: SwiGlu, g: ValueId) -> Result<(ValueId, ValueId)> {
+    let name = format!("{}/{SWIGLU_GRAD_OP}", e.prefix);
+    let (id, outs) = e
+        .graph
+        .add_op(SWIGLU_GRAD_OP, &name, &[g, gate.x, gate.up], vec![], 2)?;
+    e.graph.node_mut(id).proto.domain = Some(DOMAIN.into());
+    let shape = e.shapes.get(&gate.x).cloned().unwrap_or_default();
+    for &o in &outs {
+        e.shapes.insert(o, shape.clone());
+        e.dtypes.insert(o, DataType::Float as i32);
+    }
+    Ok((outs[0], outs[1]))
+}
