@@ -102,7 +102,8 @@ fn run(cli: Cli) -> Result<()> {
             let (out, adapter_path) = jobs::default_paths(&model, &name, output.as_deref(), None);
             let mut training = jobs::training_graph(Model::load(&model)?, &req)?;
             // Written for any runtime: no lora-graft kernels in it.
-            lora_graft::passes::grad::portable(&mut training.model.graph)?;
+            let opset = lora_graft::passes::graft::default_opset(&training.model.proto);
+            lora_graft::passes::grad::portable(&mut training.model.graph, opset)?;
             let adapter = training.outcome.adapter_file(&req.graft);
             let report = jobs::write(&training.model, &adapter, &out, &adapter_path)?;
             println!(

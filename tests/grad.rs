@@ -355,7 +355,14 @@ fn training_graphs_run_in_onnx_runtime_as_in_tract() {
         let f = feeds(&t, name, 3);
         let out = Session::new(&t).run(&f);
         let int4 = name == "genai_int4";
-        let rewritten = lora_graft::passes::grad::portable(&mut t.model.graph).unwrap();
+        let opset = lora_graft::passes::graft::default_opset(&t.model.proto);
+        let rewritten = lora_graft::passes::grad::portable(&mut t.model.graph, opset).unwrap();
+        let causal = matches!(loss, Loss::CausalLm);
+        assert_eq!(
+            rewritten.cross_entropies > 0,
+            causal,
+            "{name}: {rewritten:?}"
+        );
         assert_eq!(
             rewritten.packed_gradients > 0,
             int4,

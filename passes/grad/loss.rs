@@ -3,9 +3,10 @@
 //! squared error.
 //!
 //! Cross-entropy also brings its gradient with respect to the logits in closed form,
-//! `(softmax(x) − onehot(label)) · mask / count`: one Softmax, one Mul and a scatter
-//! over the logits, where differentiating LogSoftmax and GatherElements op by op costs
-//! five passes and a scatter into a fresh zero tensor. The gradient pass starts there.
+//! `(softmax(x) − onehot(label)) · mask / count`, and the gradient pass starts there:
+//! in float32 one pass of lora-graft's `SoftmaxCrossEntropyGrad` over the logits, in
+//! their own buffer ([`log_softmax_at`] in default ops otherwise, and for other
+//! runtimes).
 
 use crate::error::{Error, Result};
 use crate::ir::build::{int_attr, tensor_type, Builder};
@@ -149,13 +150,11 @@ const IGNORED: i64 = -100;
 /// Mean cross-entropy of logits `x` (`[N.., V]`) against `targets` (`[N..]`, int64,
 /// [`IGNORED`] not counted), with its gradient with respect to `x`:
 ///
-/// `loss = −Σ mask·log_softmax(x)[target] / max(Σ mask, 1)`, with
-/// `log_softmax(x)[t] = x[t] − max x + log max softmax(x)`;
-/// `dloss/dx = (softmax(x) − onehot(target)) · w`, `w = mask / max(Σ mask, 1)`,
-/// built as `ScatterElements(p·w, target, (p·w)[target] − w)`.
+/// `loss = −Σ mask·log_softmax(x)[target] / max(Σ mask, 1)`;
+/// `dloss/dx = (softmax(x) − onehot(target)) · w`, `w = mask / max(Σ mask, 1)`.
 fn cross_entropy(e: &mut Builder, x: ValueId, targets: ValueId) -> Result<BuiltLoss> {
     let shape = e.shape(x)?;
-    let (axis, rows) = (shape.len() - 1, shape[..shape.len() - 1].to_vec());
+    let rows = shape[..shape.len() - 1].to_vec();
     let mut column = rows.clone();
     column.push(1);
     let all: Vec<usize> = (0..rows.len()).collect();
@@ -165,31 +164,82 @@ fn cross_entropy(e: &mut Builder, x: ValueId, targets: ValueId) -> Result<BuiltL
     let zero = e.ints("i", &[0]);
     let safe = e.op_shaped("Where", &[ignored, zero, targets], vec![], rows.clone())?;
     let idx = e.reshape(safe, &column)?;
+    let mask = e.mask(counted)?;
+    let count = e.reduce_sum(mask, &all, false)?;
+    let one = e.scalar("c", 1.0);
+    let count = e.bin("Max", count, one)?;
+    let w = e.bin("Div", mask, count)?;
+    let w = e.reshape(w, &column)?;
+    let (log_p, dx) = if e.dtype == DataType::Float as i32 {
+        fused_log_softmax_at(e, x, idx, w)?
+    } else {
+        log_softmax_at(e, x, idx, w)?
+    };
+    let picked = e.reshape(log_p, &rows)?;
+    let kept = e.bin("Mul", picked, mask)?;
+    let total = e.reduce_sum(kept, &all, false)?;
+    let mean = e.bin("Div", total, count)?;
+    let loss = e.un("Neg", mean)?;
+    Ok(BuiltLoss {
+        loss,
+        seed: Some((x, dx)),
+    })
+}
+
+/// `(log_softmax(x)[idx] [N.., 1], (softmax(x) − onehot(idx))·w [N.., V])` as lora-graft's
+/// one-pass `SoftmaxCrossEntropyGrad` (`runtime::cross_entropy`; float32), which
+/// overwrites the logits with the gradient; its attribute `logits_shape` lets
+/// [`super::portable`] write [`log_softmax_at`] instead for other runtimes.
+fn fused_log_softmax_at(
+    e: &mut Builder,
+    x: ValueId,
+    idx: ValueId,
+    w: ValueId,
+) -> Result<(ValueId, ValueId)> {
+    use crate::runtime::cross_entropy::CROSS_ENTROPY_GRAD_OP;
+    let shape = e.shape(x)?;
+    let column = e.shape(idx)?;
+    let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    let name = format!("{}/{CROSS_ENTROPY_GRAD_OP}", e.prefix);
+    let (id, outs) = e.graph.add_op(
+        CROSS_ENTROPY_GRAD_OP,
+        &name,
+        &[x, idx, w],
+        vec![crate::ir::build::ints_attr("logits_shape", &dims)],
+        2,
+    )?;
+    e.graph.node_mut(id).proto.domain = Some(crate::runtime::nbits::DOMAIN.into());
+    for (&o, s) in outs.iter().zip([column, shape]) {
+        e.shapes.insert(o, s);
+        e.dtypes.insert(o, DataType::Float as i32);
+    }
+    Ok((outs[0], outs[1]))
+}
+
+/// [`fused_log_softmax_at`] in default ops: `log_softmax(x)[t] = x[t] − max x −
+/// log Σ exp(x − max x)`, and the softmax at the argmax is `exp(0) / Σ exp(x − max x)`,
+/// so `log_softmax(x)[t] = x[t] − max x + log max softmax(x)`: no log over the whole
+/// row (max softmax ≥ 1/V never underflows), and the softmax is the one the gradient
+/// needs. The gradient is `ScatterElements(p·w, t, (p·w)[t] − w)`: one Softmax, one Mul
+/// and a scatter, where differentiating LogSoftmax and GatherElements op by op costs
+/// five passes and a scatter into a fresh zero tensor.
+pub(super) fn log_softmax_at(
+    e: &mut Builder,
+    x: ValueId,
+    idx: ValueId,
+    w: ValueId,
+) -> Result<(ValueId, ValueId)> {
+    let shape = e.shape(x)?;
+    let column = e.shape(idx)?;
+    let axis = shape.len() - 1;
     let on_axis = || int_attr("axis", axis as i64);
-    // log softmax(x)[t] = x[t] − max x − log Σ exp(x − max x), and the softmax at the
-    // argmax is exp(0) / Σ exp(x − max x): so log softmax(x)[t] = x[t] − max x +
-    // log max softmax(x). No log over the whole row (max softmax ≥ 1/V never
-    // underflows), and the softmax is the one the gradient needs.
     let p = e.op_shaped("Softmax", &[x], vec![on_axis()], shape.clone())?;
     let x_max = e.reduce("ReduceMax", x, &[axis], true)?;
     let p_max = e.reduce("ReduceMax", p, &[axis], true)?;
     let log_sum = e.un("Log", p_max)?;
     let x_at = e.op_shaped("GatherElements", &[x, idx], vec![on_axis()], column.clone())?;
     let shifted = e.bin("Sub", x_at, x_max)?;
-    let picked = e.bin("Add", shifted, log_sum)?;
-    let picked = e.reshape(picked, &rows)?;
-    let mask = e.mask(counted)?;
-    let kept = e.bin("Mul", picked, mask)?;
-    let total = e.reduce_sum(kept, &all, false)?;
-    let count = e.reduce_sum(mask, &all, false)?;
-    let one = e.scalar("c", 1.0);
-    let count = e.bin("Max", count, one)?;
-    let mean = e.bin("Div", total, count)?;
-    let loss = e.un("Neg", mean)?;
-
-    e.prefix = "loss/grad".into();
-    let w = e.bin("Div", mask, count)?;
-    let w = e.reshape(w, &column)?;
+    let log_p = e.bin("Add", shifted, log_sum)?;
     let pw = e.bin("Mul", p, w)?;
     let at_target = e.op_shaped("GatherElements", &[pw, idx], vec![on_axis()], column)?;
     let update = e.bin("Sub", at_target, w)?;
@@ -199,8 +249,5 @@ fn cross_entropy(e: &mut Builder, x: ValueId, targets: ValueId) -> Result<BuiltL
         vec![on_axis()],
         shape,
     )?;
-    Ok(BuiltLoss {
-        loss,
-        seed: Some((x, dx)),
-    })
+    Ok((log_p, dx))
 }

@@ -3,10 +3,13 @@
 //! - `MatMulNBitsInputGrad` (the input gradient of `MatMulNBits` on the packed weight,
 //!   which tract runs through `runtime::nbits`) becomes `MatMul(dY, W)` on the weight
 //!   dequantized into a float initializer;
-//! - `SwiGluGrad(g, x, u)` (`runtime::swiglu`) becomes its formula in elementwise ops.
+//! - `SwiGluGrad(g, x, u)` (`runtime::swiglu`) becomes its formula in elementwise ops;
+//! - `SoftmaxCrossEntropyGrad` (`runtime::cross_entropy`) becomes the loss's
+//!   default-op form (`loss::log_softmax_at`).
 
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Initializer, NodeId, ValueId};
+use crate::runtime::cross_entropy::CROSS_ENTROPY_GRAD_OP;
 use crate::runtime::nbits::{DOMAIN, INPUT_GRAD_OP};
 use crate::runtime::swiglu::SWIGLU_GRAD_OP;
 use crate::tensor::Array;
@@ -18,14 +21,53 @@ pub struct Rewritten {
     pub packed_gradients: usize,
     /// `SwiGluGrad`s, now elementwise ops.
     pub swiglu_gradients: usize,
+    /// `SoftmaxCrossEntropyGrad`s, now the loss's default ops.
+    pub cross_entropies: usize,
 }
 
-/// Rewrites every lora-graft kernel of `graph` as default-domain ops (see the module).
-pub fn portable(graph: &mut Graph) -> Result<Rewritten> {
+/// Rewrites every lora-graft kernel of `graph` (a model of default-domain `opset`) as
+/// default-domain ops (see the module).
+pub fn portable(graph: &mut Graph, opset: i64) -> Result<Rewritten> {
     Ok(Rewritten {
         packed_gradients: packed_gradients(graph)?,
         swiglu_gradients: swiglu_gradients(graph)?,
+        cross_entropies: cross_entropies(graph, opset)?,
     })
+}
+
+/// Every `SoftmaxCrossEntropyGrad(x, t, w)` as `loss::log_softmax_at`; returns how many.
+fn cross_entropies(graph: &mut Graph, opset: i64) -> Result<usize> {
+    let found = own_nodes(graph, CROSS_ENTROPY_GRAD_OP);
+    for &id in &found {
+        let node = graph.node(id).clone();
+        let fail = |reason: &str| Error::Node {
+            node: node.name().to_string(),
+            op: CROSS_ENTROPY_GRAD_OP.into(),
+            reason: reason.into(),
+        };
+        let ([Some(x), Some(t), Some(w)], [Some(log_p), Some(dx)]) =
+            (&node.inputs[..], &node.outputs[..])
+        else {
+            return Err(fail("needs its three inputs and two outputs"));
+        };
+        let shape: Vec<usize> = node
+            .attr("logits_shape")
+            .map(|a| a.ints.iter().map(|&d| d as usize).collect())
+            .filter(|s: &Vec<usize>| !s.is_empty())
+            .ok_or_else(|| fail("no logits_shape"))?;
+        let mut column = shape.clone();
+        *column.last_mut().expect("non-empty") = 1;
+        graph.remove_node(id);
+        let float = crate::proto::tensor_proto::DataType::Float as i32;
+        let mut e = crate::ir::build::Builder::new(graph, opset, float, node.name().into(), '/');
+        e.shapes.insert(*x, shape);
+        e.shapes.insert(*t, column.clone());
+        e.shapes.insert(*w, column);
+        let (new_log_p, new_dx) = super::loss::log_softmax_at(&mut e, *x, *t, *w)?;
+        graph.replace_uses(*log_p, new_log_p, &[]);
+        graph.replace_uses(*dx, new_dx, &[]);
+    }
+    Ok(found.len())
 }
 
 /// The nodes of lora-graft's `op`.

@@ -58,15 +58,41 @@ impl EvalOp for SwiGluGrad {
         );
         let mut dx = vec![0f32; x.len()];
         let mut du = vec![0f32; x.len()];
-        for i in 0..x.len() {
-            let s = 1.0 / (1.0 + (-x[i]).exp());
-            du[i] = g[i] * x[i] * s;
-            dx[i] = g[i] * u[i] * s * (1.0 + x[i] * (1.0 - s));
-        }
+        pulp::Arch::new().dispatch(Gate {
+            g,
+            x,
+            u,
+            dx: &mut dx,
+            du: &mut du,
+        });
         Ok(tvec!(
             Tensor::from_shape(&shape, &dx)?.into_tvalue(),
             Tensor::from_shape(&shape, &du)?.into_tvalue()
         ))
+    }
+}
+
+/// The pass over the gate's tensors, compiled for each instruction set `pulp`
+/// dispatches to.
+struct Gate<'a> {
+    g: &'a [f32],
+    x: &'a [f32],
+    u: &'a [f32],
+    dx: &'a mut [f32],
+    du: &'a mut [f32],
+}
+
+impl pulp::WithSimd for Gate<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        let inputs = self.g.iter().zip(self.x).zip(self.u);
+        for (((&g, &x), &u), (dx, du)) in inputs.zip(self.dx.iter_mut().zip(self.du.iter_mut())) {
+            let s = 1.0 / (1.0 + super::vexp::exp(-x));
+            *du = g * x * s;
+            *dx = g * u * s * (1.0 + x * (1.0 - s));
+        }
     }
 }
 
