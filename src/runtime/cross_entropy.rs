@@ -163,49 +163,15 @@ impl TypedOp for SoftmaxCrossEntropyGrad {
     as_op!();
 }
 
-/// The ONNX node, for tract's op register: its inference rules, then
-/// [`SoftmaxCrossEntropyGrad`].
-#[derive(Debug, Clone, Hash)]
-struct CrossEntropyGradNode;
-
 /// [`CROSS_ENTROPY_GRAD_OP`], for tract's ONNX op register.
 pub fn parse(
     _ctx: &ParsingContext,
     _node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    Ok((expand(CrossEntropyGradNode), vec![]))
-}
-
-impl Expansion for CrossEntropyGradNode {
-    fn name(&self) -> StaticName {
-        CROSS_ENTROPY_GRAD_OP.into()
-    }
-
-    fn nboutputs(&self) -> TractResult<usize> {
-        Ok(2)
-    }
-
-    fn rules<'r, 'p: 'r, 's: 'r>(
-        &'s self,
-        s: &mut Solver<'r>,
-        inputs: &'p [TensorProxy],
-        outputs: &'p [TensorProxy],
-    ) -> InferenceResult {
-        check_input_arity(inputs, 3)?;
-        check_output_arity(outputs, 2)?;
-        s.equals(&outputs[0].datum_type, &inputs[0].datum_type)?;
-        s.equals(&outputs[1].datum_type, &inputs[0].datum_type)?;
-        s.equals(&outputs[1].shape, &inputs[0].shape)?;
-        s.equals(&outputs[0].shape, &inputs[1].shape)?;
-        Ok(())
-    }
-
-    fn wire(
-        &self,
-        prefix: &str,
-        model: &mut TypedModel,
-        inputs: &[OutletId],
-    ) -> TractResult<TVec<OutletId>> {
-        model.wire_node(prefix, SoftmaxCrossEntropyGrad, inputs)
-    }
+    let node = super::kernel::KernelNode {
+        op: SoftmaxCrossEntropyGrad,
+        inputs: 3,
+        shape_of: &[1, 0],
+    };
+    Ok((expand(node), vec![]))
 }

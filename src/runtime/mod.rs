@@ -14,6 +14,7 @@ use crate::model::Model;
 use crate::tensor::Array;
 
 pub mod cross_entropy;
+mod kernel;
 mod matmul;
 pub mod nbits;
 pub(crate) mod profile;

@@ -114,48 +114,15 @@ impl TypedOp for SwiGluGrad {
     as_op!();
 }
 
-/// The ONNX node, for tract's op register: its inference rules, then [`SwiGluGrad`].
-#[derive(Debug, Clone, Hash)]
-struct SwiGluGradNode;
-
 /// [`SWIGLU_GRAD_OP`], for tract's ONNX op register.
 pub fn parse(
     _ctx: &ParsingContext,
     _node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    Ok((expand(SwiGluGradNode), vec![]))
-}
-
-impl Expansion for SwiGluGradNode {
-    fn name(&self) -> StaticName {
-        SWIGLU_GRAD_OP.into()
-    }
-
-    fn nboutputs(&self) -> TractResult<usize> {
-        Ok(2)
-    }
-
-    fn rules<'r, 'p: 'r, 's: 'r>(
-        &'s self,
-        s: &mut Solver<'r>,
-        inputs: &'p [TensorProxy],
-        outputs: &'p [TensorProxy],
-    ) -> InferenceResult {
-        check_input_arity(inputs, 3)?;
-        check_output_arity(outputs, 2)?;
-        for o in outputs {
-            s.equals(&o.datum_type, &inputs[1].datum_type)?;
-            s.equals(&o.shape, &inputs[1].shape)?;
-        }
-        Ok(())
-    }
-
-    fn wire(
-        &self,
-        prefix: &str,
-        model: &mut TypedModel,
-        inputs: &[OutletId],
-    ) -> TractResult<TVec<OutletId>> {
-        model.wire_node(prefix, SwiGluGrad, inputs)
-    }
+    let node = super::kernel::KernelNode {
+        op: SwiGluGrad,
+        inputs: 3,
+        shape_of: &[1, 1],
+    };
+    Ok((expand(node), vec![]))
 }
