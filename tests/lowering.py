@@ -573,18 +573,28 @@ def mha_numpy(feeds, attrs):
                                      f.get("attention_bias"))}
 
 
-def mha_case(name, attributes, bias=False, extra=(), length=MHA_L):
-    """`extra`: (input index, (name, shape[, array])) for inputs 4 and 5."""
-    b, s, d = ATT_B, ATT_S, ATT_HIDDEN
-    inputs = [("query", [b, s, d]), ("key", [b, length, d]), ("value", [b, length, d])]
-    node_inputs = ["query", "key", "value", "bias" if bias else ""]
+def mha_inputs(qkv, bias, extra):
+    """The graph inputs and the node's input list of a MultiHeadAttention case: `qkv` the
+    (name, shape) of its query/key/value inputs present, the bias [3 D] when `bias`, and
+    `extra`: (input index, (name, shape[, array])) for inputs 4 and 5."""
+    inputs = list(qkv)
+    node_inputs = [i[0] for i in inputs] + [""] * (3 - len(inputs))
+    node_inputs.append("bias" if bias else "")
     if bias:
-        inputs.append(("bias", [3 * d]))
+        inputs.append(("bias", [3 * ATT_HIDDEN]))
     for index, spec in extra:
         node_inputs += [""] * (index - len(node_inputs)) + [spec[0]]
         inputs.append(spec)
     while node_inputs[-1] == "":
         node_inputs.pop()
+    return inputs, node_inputs
+
+
+def mha_case(name, attributes, bias=False, extra=(), length=MHA_L):
+    """Separate query, key and value; `extra` as mha_inputs'."""
+    b, s, d = ATT_B, ATT_S, ATT_HIDDEN
+    inputs, node_inputs = mha_inputs(
+        [("query", [b, s, d]), ("key", [b, length, d]), ("value", [b, length, d])], bias, extra)
     return case(name, "MultiHeadAttention", inputs, ["output"],
                 {"num_heads": ATT_N, **attributes}, node_inputs=node_inputs,
                 output_shapes={"output": [b, s, d]}, numpy_check=mha_numpy)
@@ -666,20 +676,11 @@ def mha_unpacked_ort(attributes):
 def mha_layout_case(name, layout, attributes, bias=False, extra=()):
     """`layout`: "bnsh" (key, value [B, N, L, H]), "packed_qkv" or "packed_kv"."""
     b, s, l, n, h, d = ATT_B, ATT_S, MHA_L, ATT_N, MHA_HEAD, ATT_HIDDEN
-    inputs = {
+    inputs, node_inputs = mha_inputs({
         "bnsh": [("query", [b, s, d]), ("key", [b, n, l, h]), ("value", [b, n, l, h])],
         "packed_qkv": [("query", [b, s, n, 3, h])],
         "packed_kv": [("query", [b, s, d]), ("key", [b, l, n, 2, h])],
-    }[layout]
-    node_inputs = [i[0] for i in inputs] + [""] * (3 - len(inputs))
-    node_inputs.append("bias" if bias else "")
-    if bias:
-        inputs.append(("bias", [3 * d]))
-    for index, spec in extra:
-        node_inputs += [""] * (index - len(node_inputs)) + [spec[0]]
-        inputs.append(spec)
-    while node_inputs[-1] == "":
-        node_inputs.pop()
+    }[layout], bias, extra)
     refused = layout != "bnsh"
     return case(name, "MultiHeadAttention", inputs, ["output"], {"num_heads": n, **attributes},
                 node_inputs=node_inputs, output_shapes={"output": [b, s, d]},
