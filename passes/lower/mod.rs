@@ -15,9 +15,11 @@ use crate::ir::{Graph, Node, NodeId, ValueId};
 
 mod attention;
 mod elementwise;
+mod gqa;
 
-use attention::{attention, group_query_attention, multi_head_attention, rotary_embedding};
+use attention::{attention, multi_head_attention};
 use elementwise::{embed_layer_norm, fast_gelu, gelu, skip_layer_norm};
+use gqa::{group_query_attention, rotary_embedding};
 
 /// Builds the default-domain form of `node` and returns one value per output slot
 /// (`None` for an output the lowering does not produce: it must be unused).
