@@ -18,7 +18,9 @@
 # GENAI=1 also trains onnxruntime-genai's builds of the same checkpoint (made on demand by
 # make_genai_builds.py: fp32 and int4, GroupQueryAttention, MatMulNBits 4 bits in blocks
 # of 32), LoRA on their qkv_proj and o_proj (the builder fuses q, k and v): the int4
-# model's steps/s and peak RSS against the fp32 build's, in the same turns.
+# model's steps/s and peak RSS against the fp32 build's, in the same turns. MICRO=M (with
+# GENAI=1) also trains both builds with --micro-batch M (gradient accumulation over passes
+# of M rows), in the same turns.
 #
 # Columns: steps/s (steady) = steps 2..N (lora-graft: from the tokens_per_s of its
 # metrics file; PyTorch: timed per step); first step s; train s = the N steps; wall s and
@@ -43,7 +45,7 @@ if [ ! -f "$MODEL" ] || [ ! -f "$MODEL.data" ] || [ ! -d "$OUT/hf" ]; then
 else
     python3 "$HERE/make_train_bench_model.py" "$OUT" --data-only --seq "$SEQ" --rows $((STEPS * BATCH)) || exit 1
 fi
-GENAI="${GENAI:-0}"
+GENAI="${GENAI:-0}" MICRO="${MICRO:-}"
 if [ "$GENAI" = 1 ]; then
     python3 "$HERE/make_genai_builds.py" "$OUT" int4 fp32 || exit 1
 fi
@@ -87,11 +89,13 @@ for i in $(seq 1 "$REPEAT"); do
         --batch "$BATCH" --seq "$SEQ" --lr $LR --grad-clip $CLIP --threads "$THREADS" -o "$ADAPTER" --quiet
     cp "$OUT/adapter.metrics.jsonl" "$LOGS/lora_graft.$i.metrics.jsonl"
     if [ "$GENAI" = 1 ]; then
-        for p in fp32 int4; do
+        for p in fp32 int4 ${MICRO:+fp32_micro int4_micro}; do
             rm -f "$OUT"/adapter.*
-            run "lora_graft_genai_$p.$i" "$OUT/lora-graft" train "$OUT/genai_$p/model.onnx" --variant lora \
+            micro=()
+            case "$p" in *_micro) micro=(--micro-batch "$MICRO") ;; esac
+            run "lora_graft_genai_$p.$i" "$OUT/lora-graft" train "$OUT/genai_${p%_micro}/model.onnx" --variant lora \
                 -r $R --alpha $ALPHA --target-names 'qkv_proj|o_proj' --data "$OUT/data.jsonl" \
-                --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" --lr $LR --grad-clip $CLIP \
+                --steps "$STEPS" --batch "$BATCH" "${micro[@]}" --seq "$SEQ" --lr $LR --grad-clip $CLIP \
                 --threads "$THREADS" -o "$ADAPTER" --quiet
             cp "$OUT/adapter.metrics.jsonl" "$LOGS/lora_graft_genai_$p.$i.metrics.jsonl"
         done
@@ -104,10 +108,10 @@ done
 # lora-graft's metrics line k holds tokens_per_s = k * BATCH * (SEQ - 1) / (seconds since
 # the training loop began), so step k ended at k * BATCH * (SEQ - 1) / tokens_per_s.
 echo
-python3 - "$LOGS" "$REPEAT" "$BATCH" "$SEQ" "$GENAI" <<'EOF2'
+python3 - "$LOGS" "$REPEAT" "$BATCH" "$SEQ" "$GENAI" "$MICRO" <<'EOF2'
 import json, re, statistics, sys
 logs, repeat, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-genai = sys.argv[5] == "1"
+genai, micro = sys.argv[5] == "1", sys.argv[6]
 
 def time_v(path):  # wall seconds and peak RSS (MB) from /usr/bin/time -v
     text = open(path).read()
@@ -139,8 +143,9 @@ pt_runs = [r for _, r in pt_runs]
 f = lambda v, fmt: "-" if v is None else format(v, fmt)
 tools = [("lora-graft", lg_runs)]
 if genai:
-    for p in ("fp32", "int4"):
-        tools.append((f"lora-graft genai {p}",
+    for p in ("fp32", "int4") + (("fp32_micro", "int4_micro") if micro else ()):
+        label = p.replace("_micro", f" micro {micro}")
+        tools.append((f"lora-graft genai {label}",
                       [lora_graft(i, f"lora_graft_genai_{p}") for i in range(1, repeat + 1)]))
 tools.append((f"pytorch+peft ({info['attn']})", pt_runs))
 print("steady steps/s of each run:")
@@ -165,6 +170,11 @@ for name, _ in tools[:-1]:
     ratio_row(f"{name} / pytorch", meds[name], pt)
 if genai:
     ratio_row("genai int4 / genai fp32", meds["lora-graft genai int4"], meds["lora-graft genai fp32"])
+    if micro:
+        ratio_row(f"  the same, micro {micro}", meds[f"lora-graft genai int4 micro {micro}"],
+                  meds[f"lora-graft genai fp32 micro {micro}"])
+        ratio_row(f"int4 micro {micro} / fp32", meds[f"lora-graft genai int4 micro {micro}"],
+                  meds["lora-graft genai fp32"])
 print(f"(torch {info['torch']}, {info['threads']} threads, {info['trainable_params']} trainable params;"
       f" loss 1 should agree: same weights and batch, B = 0)")
 EOF2

@@ -95,6 +95,7 @@ fn run(cli: Cli) -> Result<()> {
                 loss,
                 batch,
                 seq,
+                micro_batch: None,
                 output: None,
                 keep_outputs,
             };
@@ -127,6 +128,7 @@ fn run(cli: Cli) -> Result<()> {
             steps,
             batch,
             seq,
+            micro_batch,
             lr,
             weight_decay,
             warmup,
@@ -153,6 +155,7 @@ fn run(cli: Cli) -> Result<()> {
                     loss,
                     batch,
                     seq,
+                    micro_batch,
                     output: loss_output,
                     keep_outputs: false,
                 },

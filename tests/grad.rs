@@ -427,6 +427,7 @@ fn gradients_match_pytorch_autograd() {
                 loss,
                 batch: 2,
                 seq: 7,
+                micro_batch: None,
                 output: None,
                 keep_outputs: false,
             };

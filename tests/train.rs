@@ -257,6 +257,71 @@ fn three_adamw_steps_match_pytorch() {
 }
 
 #[test]
+fn micro_batches_give_the_batch_loss_and_gradient() {
+    // Gradient accumulation: a batch of 4 rows run as passes of 1 or 2 rows, one or two
+    // at a time, gives the loss and gradients of one pass over the 4 (rows with different
+    // counted tokens, so the passes' weights differ).
+    let ids: Vec<i64> = (0..4 * 12).map(|i| (i * 37 % 500) as i64 + 1).collect();
+    let rows: Vec<Row> = ids
+        .chunks(12)
+        .enumerate()
+        .map(|(k, r)| {
+            let mut labels = r.to_vec();
+            labels[..3 * k].fill(-100);
+            Row::tokens(r.to_vec(), labels)
+        })
+        .collect();
+    let engine = |micro_batch: Option<usize>, threads: usize| {
+        let mut req = request("lora", 4, 8.0, 4, 12);
+        req.micro_batch = micro_batch;
+        Engine::new(Model::load(&fixture("llama")).unwrap(), &req, threads).unwrap()
+    };
+    let whole = engine(None, 1);
+    let mut params = whole.initial_params();
+    // B = 0 would make A's gradients zero: give B values.
+    for (name, p) in params.iter_mut() {
+        if name.ends_with("lora_B") {
+            p.iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v = ((i % 7) as f32 - 3.0) * 0.01);
+        }
+    }
+    let want = whole.step(&rows, &params).unwrap();
+    assert_eq!(want.tokens, 11 + 9 + 6 + 3);
+    for (micro_batch, threads) in [(1, 1), (1, 2), (2, 2), (1, 3)] {
+        let got = engine(Some(micro_batch), threads)
+            .step(&rows, &params)
+            .unwrap();
+        assert_eq!(got.tokens, want.tokens);
+        // 1e-5 relative: the same f32 sums, accumulated in another order.
+        assert!(
+            (got.loss - want.loss).abs() <= 1e-5 * want.loss,
+            "micro-batch {micro_batch}: loss {} vs {}",
+            got.loss,
+            want.loss
+        );
+        for (name, w) in &want.grads {
+            let (g, w) = (Array::F32(got.grads[name].clone()), Array::F32(w.clone()));
+            let (diff, scale) = (common::max_abs_diff(&g, &w), common::max_abs(&w));
+            assert!(
+                scale > 0.0 && diff <= 1e-5 * scale,
+                "micro-batch {micro_batch} {name}: off by {diff:e} (scale {scale:e})"
+            );
+        }
+    }
+    let mut req = request("lora", 4, 8.0, 4, 12);
+    req.micro_batch = Some(3);
+    let err = Engine::new(Model::load(&fixture("llama")).unwrap(), &req, 2)
+        .err()
+        .expect("an error")
+        .to_string();
+    assert!(
+        err.contains("--micro-batch 3 does not divide --batch 4"),
+        "{err}"
+    );
+}
+
+#[test]
 fn resuming_gives_the_same_adapter_as_one_run() {
     let dir = tempfile::tempdir().unwrap();
     let whole = dir.path().join("whole.safetensors");

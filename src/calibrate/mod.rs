@@ -307,7 +307,7 @@ fn input_statistics(
         let later: HashSet<&String> = segments.reads[s + 1..].iter().flatten().collect();
         for (batch, values) in batches.iter().zip(store.iter_mut()) {
             let start = Instant::now();
-            let outs = workers.run_with(&|w, name| {
+            let outs = workers.run_with(workers.threads(), &|w, name| {
                 values[w]
                     .get(name)
                     .cloned()

@@ -107,6 +107,9 @@ pub struct TrainingRequest {
     pub batch: usize,
     /// Training sequence length (the second symbolic input dim).
     pub seq: usize,
+    /// Training only: rows of one forward and backward pass, a divisor of `batch`
+    /// (gradient accumulation); `None`: the batch split evenly over the threads.
+    pub micro_batch: Option<usize>,
     /// The model output the loss reads (default: the first).
     pub output: Option<String>,
     /// Also expose the model's outputs.
@@ -121,6 +124,7 @@ impl TrainingRequest {
             loss,
             batch,
             seq,
+            micro_batch: None,
             output: None,
             keep_outputs: false,
         }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use tract_core::ndarray::ArrayD;
 
-use super::workers::{fields_of, split, Workers};
+use super::workers::{fields_of, split_passes, Workers};
 use crate::adapter::split_key;
 use crate::data::{Fields, Row};
 use crate::error::Result;
@@ -33,7 +33,8 @@ pub struct StepResult {
 
 impl Engine {
     /// Builds the training graph for `req` and `threads` workers (the batch must split
-    /// evenly; otherwise fewer workers are used).
+    /// evenly; otherwise fewer workers are used), each pass on `req.micro_batch` rows
+    /// when given.
     pub fn new(mut model: Model, req: &TrainingRequest, threads: usize) -> Result<Engine> {
         let outcome = jobs::graft(&mut model, &req.graft)?;
         Engine::from_grafted(model, outcome, req, threads)
@@ -47,7 +48,7 @@ impl Engine {
         threads: usize,
     ) -> Result<Engine> {
         let cores = threads;
-        let (threads, slice) = split(req.batch, cores);
+        let (threads, slice) = split_passes(req.batch, cores, req.micro_batch)?;
         let slice_req = TrainingRequest {
             batch: slice,
             ..req.clone()
@@ -114,7 +115,11 @@ impl Engine {
     /// Loss and gradients on `rows` (a whole batch) at parameter values `params`.
     pub fn step(&self, rows: &[Row], params: &BTreeMap<String, ArrayD<f32>>) -> Result<StepResult> {
         let t = &self.training;
-        let outs = self.workers.run(rows, params)?;
+        // Passes of `slice` rows, as many at a time as there are workers.
+        let mut outs = Vec::new();
+        for group in rows.chunks(self.workers.threads() * self.workers.slice) {
+            outs.extend(self.workers.run(group, params)?);
+        }
         let results: Vec<(f64, usize, Vec<Array>)> = outs
             .into_iter()
             .zip(rows.chunks(self.workers.slice))

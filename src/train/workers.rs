@@ -36,6 +36,25 @@ pub fn split(batch: usize, threads: usize) -> (usize, usize) {
     (threads, batch / threads)
 }
 
+/// How a training batch of `batch` rows runs on `threads`: the number of workers and
+/// the rows of one forward and backward pass. Without `micro_batch`, the batch splits
+/// evenly over the workers ([`split`]); with it, the batch runs as passes of
+/// `micro_batch` rows (which must divide it), `threads` passes at a time, and their
+/// gradients add up (gradient accumulation: the memory of a pass, the batch's gradient).
+pub fn split_passes(
+    batch: usize,
+    threads: usize,
+    micro_batch: Option<usize>,
+) -> Result<(usize, usize)> {
+    match micro_batch {
+        None => Ok(split(batch, threads)),
+        Some(rows) if rows == 0 || !batch.is_multiple_of(rows) => Err(Error::Usage(format!(
+            "--micro-batch {rows} does not divide --batch {batch}: pick a divisor of the batch"
+        ))),
+        Some(rows) => Ok((threads.clamp(1, batch / rows), rows)),
+    }
+}
+
 impl Workers {
     /// The plan of `model` for inputs of `shapes` (a slice of the batch), for `threads`
     /// workers.
@@ -80,29 +99,32 @@ impl Workers {
         batch_input(&self.fields, &self.shapes, name, part)
     }
 
-    /// Runs every worker on its slice of `rows` (a whole batch), with the inputs named
-    /// in `given` (adapter tensors) fed as they are; each worker's outputs, in order.
+    /// Runs one worker on each slice of `rows` (at most `threads` slices), with the
+    /// inputs named in `given` (adapter tensors) fed as they are; each worker's outputs,
+    /// in order.
     pub fn run(
         &self,
         rows: &[Row],
         given: &BTreeMap<String, ArrayD<f32>>,
     ) -> Result<Vec<Vec<Array>>> {
-        self.run_with(&|w, name| match given.get(name) {
+        let count = rows.len().div_ceil(self.slice).min(self.threads);
+        self.run_with(count, &|w, name| match given.get(name) {
             Some(p) => Ok(Array::F32(p.clone())),
             None => self.batch_input(name, &rows[w * self.slice..(w + 1) * self.slice]),
         })
     }
 
-    /// Runs every worker, each on the inputs `input(worker, name)` gives; each worker's
-    /// outputs, in order.
+    /// Runs `count` workers (at most `threads`), each on the inputs `input(worker, name)`
+    /// gives; each worker's outputs, in order.
     pub fn run_with(
         &self,
+        count: usize,
         input: &(dyn Fn(usize, &str) -> Result<Array> + Sync),
     ) -> Result<Vec<Vec<Array>>> {
         let runner = &self.runner;
         let product_threads = self.product_threads;
         let results: Vec<Result<Vec<Array>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..self.threads)
+            let handles: Vec<_> = (0..count.min(self.threads))
                 .map(|w| {
                     scope.spawn(move || -> Result<Vec<Array>> {
                         crate::parallel::set_product_threads(product_threads);
