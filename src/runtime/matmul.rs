@@ -1,14 +1,13 @@
 //! f32 matrix products through faer's kernels instead of tract's.
 //!
 //! On the machine we measured (AVX-512, one thread), tract's f32 kernels reach 50-90
-//! GFLOP/s on the products of a training step, faer's 100-150 (in 512-column blocks). [`use_faer_matmuls`] turns
-//! every matrix product of a decluttered f32 model into tract's `PrefixMatMul` form
-//! (batch prefix, then rows and columns, with transpose flags) and runs it as
-//! [`FaerMatMul`]. Models with any other product (f16, f64, quantized) keep tract's.
+//! GFLOP/s on the products of a training step, faer's 100-150 (in 512-column blocks).
+//! [`use_faer_matmuls`] runs every `EinSum` product of a decluttered f32 model as
+//! [`FaerMatMul`], which reads its operands in place through strides. Models with any
+//! other product (f16, f64, quantized) keep tract's.
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
-use tract_core::ops::einsum::prefix_matmul::{rewrite_einsum_to_prefix_matmul, PrefixMatMul};
 use tract_core::ops::einsum::EinSum;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -16,105 +15,235 @@ use tract_onnx::tract_core::internal::*;
 /// Columns of C per faer call.
 const COLUMN_BLOCK: usize = 512;
 
-/// `PrefixMatMul` on plain f32 tensors, computed by faer, one thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// An f32 `EinSum` of two plain tensors as a matrix product computed by faer, read in
+/// place: every axis, in any order, becomes an element stride of A, B and C, so no
+/// operand is moved or reshaped first (tract's own matmul form copies any operand whose
+/// axes are not in `[batch.., m, k]` order, and copies shared ones to reshape them).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FaerMatMul {
-    /// A is stored `[.., k, m]`.
-    pub transpose_a: bool,
-    /// B is stored `[.., n, k]`.
-    pub transpose_b: bool,
-    /// C is stored `[.., n, m]`.
-    pub transpose_c: bool,
+    /// Each axis of the sum: its position in A, B and C (absent: `None`).
+    axes: TVec<Place>,
+    /// C's rank.
+    c_rank: usize,
+    /// The EinSum's expression, for profiles.
+    expr: String,
 }
 
-/// A matrix stored in the last two axes of a row-major tensor: its size and strides.
-#[derive(Clone, Copy)]
-struct Layout {
-    rows: usize,
-    cols: usize,
-    row_stride: isize,
-    col_stride: isize,
+/// Where one axis of the sum sits in A, B and C.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Place {
+    a: Option<usize>,
+    b: Option<usize>,
+    c: Option<usize>,
 }
 
-impl Layout {
-    /// The last two axes of `shape`, swapped when `transposed`.
-    fn of(shape: &[usize], transposed: bool) -> Layout {
-        let (d0, d1) = (shape[shape.len() - 2], shape[shape.len() - 1]);
-        let (rows, cols, row_stride, col_stride) = if transposed {
-            (d1, d0, 1, d1 as isize)
-        } else {
-            (d0, d1, d1 as isize, 1)
-        };
-        Layout {
-            rows,
-            cols,
-            row_stride,
-            col_stride,
+/// One axis (or run of merged axes) at run time: its size and its element strides in A,
+/// B and C (0 where absent or of size 1: broadcast).
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    size: usize,
+    a: isize,
+    b: isize,
+    c: isize,
+}
+
+impl Span {
+    /// A unit span: a matrix dimension that is absent.
+    const UNIT: Span = Span {
+        size: 1,
+        a: 0,
+        b: 0,
+        c: 0,
+    };
+
+    /// Whether `self` (outer) and `inner` are one run of memory in every tensor.
+    fn merges_with(&self, inner: &Span) -> bool {
+        let n = inner.size as isize;
+        self.a == inner.a * n && self.b == inner.b * n && self.c == inner.c * n
+    }
+}
+
+/// Row-major strides of `shape`.
+fn natural_strides(shape: &[usize]) -> TVec<isize> {
+    let mut strides: TVec<isize> = tvec![0; shape.len()];
+    let mut s = 1isize;
+    for ix in (0..shape.len()).rev() {
+        strides[ix] = s;
+        s *= shape[ix] as isize;
+    }
+    strides
+}
+
+/// The axes of one role (m, n, k or batch) merged where they are one run of memory in
+/// every tensor, outermost first.
+fn merged(mut spans: Vec<Span>, key: impl Fn(&Span) -> isize) -> Vec<Span> {
+    spans.sort_by_key(|s| std::cmp::Reverse(key(s)));
+    let mut out: Vec<Span> = Vec::new();
+    for s in spans {
+        match out.last_mut() {
+            Some(last) if last.merges_with(&s) => {
+                last.size *= s.size;
+                last.a = s.a;
+                last.b = s.b;
+                last.c = s.c;
+            }
+            _ => out.push(s),
         }
     }
+    out
+}
 
-    /// Columns `first..first + cols` of the matrix starting at `start`.
-    ///
-    /// # Safety
-    /// The layout must describe a matrix starting at `start` inside one allocation, and
-    /// `first + cols` must not exceed `self.cols`.
-    unsafe fn columns<'a>(&self, start: *const f32, first: usize, cols: usize) -> MatRef<'a, f32> {
-        let ptr = start.offset(first as isize * self.col_stride);
-        MatRef::from_raw_parts(ptr, self.rows, cols, self.row_stride, self.col_stride)
-    }
-
-    /// [`Layout::columns`], writable.
-    ///
-    /// # Safety
-    /// As for [`Layout::columns`], and nothing else may access those elements meanwhile.
-    unsafe fn columns_mut<'a>(
-        &self,
-        start: *mut f32,
-        first: usize,
-        cols: usize,
-    ) -> MatMut<'a, f32> {
-        let ptr = start.offset(first as isize * self.col_stride);
-        MatMut::from_raw_parts_mut(ptr, self.rows, cols, self.row_stride, self.col_stride)
+/// Removes and returns the largest span of `spans` (the matrix's own dimension; the rest
+/// are looped over), or a unit span.
+fn take_largest(spans: &mut Vec<Span>) -> Span {
+    match (0..spans.len()).max_by_key(|&i| spans[i].size) {
+        Some(i) => spans.remove(i),
+        None => Span::UNIT,
     }
 }
 
-/// Element offset of batch index `ix` in a row-major tensor of `shape`, broadcasting
-/// its unit batch axes.
-fn batch_offset(shape: &[usize], ix: &[usize]) -> usize {
-    let mut stride = shape[shape.len() - 2] * shape[shape.len() - 1];
-    let mut offset = 0;
-    for axis in (0..ix.len()).rev() {
-        if shape[axis] != 1 {
-            offset += ix[axis] * stride;
-        }
-        stride *= shape[axis];
-    }
-    offset
+/// How one product runs: the matrix dimensions, the axes looped over (their outputs
+/// replace) and the summed axes looped over (their outputs add up).
+struct Plan {
+    m: Span,
+    k: Span,
+    n: Span,
+    loops: Vec<Span>,
+    k_loops: Vec<Span>,
 }
 
 impl FaerMatMul {
-    fn output_shape<D: DimLike>(&self, a: &[D], b: &[D]) -> TractResult<TVec<D>> {
-        let rank = a.len();
-        ensure!(
-            rank >= 2 && b.len() == rank,
-            "FaerMatMul wants two inputs of one rank >= 2"
-        );
-        let mut out: TVec<D> = (0..rank - 2)
-            .map(|ix| {
-                if a[ix].is_one() {
-                    b[ix].clone()
-                } else {
-                    a[ix].clone()
+    /// The product `op` computes on inputs of shapes `a` and `b`, when it is one this
+    /// kernel runs: two inputs, no axis twice in a tensor, and every axis of size other
+    /// than 1 either in C and an input, or summed over both inputs.
+    fn of(op: &EinSum, a: &ShapeFact, b: &ShapeFact) -> Option<FaerMatMul> {
+        let axes = &op.axes;
+        if axes.input_count() != 2 || axes.output_count() != 1 {
+            return None;
+        }
+        let mut places = TVec::new();
+        for axis in axes.iter_all_axes() {
+            let one = |p: &TVec<usize>| -> Option<Option<usize>> {
+                match p.len() {
+                    0 => Some(None),
+                    1 => Some(Some(p[0])),
+                    _ => None,
                 }
-            })
-            .collect();
-        out.push(a[rank - 2 + self.transpose_a as usize].clone());
-        out.push(b[rank - 2 + !self.transpose_b as usize].clone());
-        if self.transpose_c {
-            out.swap(rank - 2, rank - 1);
+            };
+            let place = Place {
+                a: one(&axis.inputs[0])?,
+                b: one(&axis.inputs[1])?,
+                c: one(&axis.outputs[0])?,
+            };
+            let matrix_axis = match place.c {
+                Some(_) => place.a.is_some() || place.b.is_some(),
+                None => place.a.is_some() && place.b.is_some(),
+            };
+            let unit =
+                |pos: Option<usize>, shape: &ShapeFact| pos.is_none_or(|i| shape[i].is_one());
+            if !(matrix_axis || unit(place.a, a) && unit(place.b, b)) {
+                return None;
+            }
+            places.push(place);
+        }
+        Some(FaerMatMul {
+            axes: places,
+            c_rank: axes.rank(InOut::Out(0)),
+            expr: axes.to_string(),
+        })
+    }
+
+    /// C's shape for inputs of shapes `a` and `b` (unit axes broadcast; an axis of C in
+    /// neither input has size 1).
+    fn output_shape<D: DimLike>(&self, a: &[D], b: &[D]) -> TractResult<TVec<D>> {
+        let mut out: TVec<D> = tvec![D::one(); self.c_rank];
+        for p in &self.axes {
+            let Some(c) = p.c else { continue };
+            let (da, db) = (p.a.map(|i| &a[i]), p.b.map(|i| &b[i]));
+            out[c] = match (da, db) {
+                (Some(x), Some(y)) if x.is_one() => y.clone(),
+                (Some(x), _) => x.clone(),
+                (None, Some(y)) => y.clone(),
+                (None, None) => D::one(),
+            };
         }
         Ok(out)
     }
+
+    /// The spans of a product of `a` by `b` into `c` (row-major shapes), by role.
+    fn plan(&self, a: &[usize], b: &[usize], c: &[usize]) -> TractResult<Plan> {
+        let (sa, sb, sc) = (natural_strides(a), natural_strides(b), natural_strides(c));
+        let (mut m, mut n, mut k, mut batch) = (vec![], vec![], vec![], vec![]);
+        for p in &self.axes {
+            let (da, db) = (p.a.map(|i| a[i]), p.b.map(|i| b[i]));
+            let size = match (da, db) {
+                (Some(x), Some(y)) if x == y || y == 1 => x,
+                (Some(1), Some(y)) => y,
+                (Some(x), None) => x,
+                (None, Some(y)) => y,
+                (None, None) => 1,
+                _ => bail!(
+                    "FaerMatMul {}: shapes {a:?} and {b:?} do not multiply",
+                    self.expr
+                ),
+            };
+            if size == 1 {
+                continue;
+            }
+            let stride =
+                |pos: Option<usize>, dim: Option<usize>, strides: &[isize]| match (pos, dim) {
+                    (Some(ix), Some(d)) if d != 1 => strides[ix],
+                    _ => 0,
+                };
+            let span = Span {
+                size,
+                a: stride(p.a, da, &sa),
+                b: stride(p.b, db, &sb),
+                c: p.c.map_or(0, |ix| sc[ix]),
+            };
+            match (span.a != 0, span.b != 0, span.c != 0) {
+                (true, false, true) => m.push(span),
+                (false, true, true) => n.push(span),
+                (true, true, false) => k.push(span),
+                (true, true, true) => batch.push(span),
+                _ => bail!(
+                    "FaerMatMul {}: an axis of size {size} is read by one side only",
+                    self.expr
+                ),
+            }
+        }
+        let (mut m, mut n) = (merged(m, |s| s.c), merged(n, |s| s.c));
+        let mut k = merged(k, |s| s.a.max(s.b));
+        let mut loops = merged(batch, |s| s.c);
+        let (m0, n0, k0) = (
+            take_largest(&mut m),
+            take_largest(&mut n),
+            take_largest(&mut k),
+        );
+        loops.extend(m);
+        loops.extend(n);
+        Ok(Plan {
+            m: m0,
+            k: k0,
+            n: n0,
+            loops,
+            k_loops: k,
+        })
+    }
+}
+
+/// Every combination of indices of `spans`, as (offset in A, in B, in C).
+fn offsets(spans: &[Span]) -> Vec<(isize, isize, isize)> {
+    let mut out = vec![(0isize, 0isize, 0isize)];
+    for s in spans {
+        out = out
+            .iter()
+            .flat_map(|&(a, b, c)| {
+                (0..s.size as isize).map(move |i| (a + i * s.a, b + i * s.b, c + i * s.c))
+            })
+            .collect();
+    }
+    out
 }
 
 impl Op for FaerMatMul {
@@ -123,10 +252,7 @@ impl Op for FaerMatMul {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!(
-            "transpose_a: {} transpose_b: {} transpose_c: {}",
-            self.transpose_a, self.transpose_b, self.transpose_c
-        )])
+        Ok(vec![self.expr.clone()])
     }
 
     op_as_typed_op!();
@@ -139,60 +265,70 @@ impl EvalOp for FaerMatMul {
         let (a, b) = args_2!(inputs);
         let (a_shape, b_shape) = (a.shape(), b.shape());
         let c_shape = self.output_shape(a_shape, b_shape)?;
-        let rank = c_shape.len();
-        let la = Layout::of(a_shape, self.transpose_a);
-        let lb = Layout::of(b_shape, self.transpose_b);
-        let lc = Layout::of(&c_shape, self.transpose_c);
-        ensure!(
-            la.cols == lb.rows
-                && la.rows == lc.rows
-                && lb.cols == lc.cols
-                && (0..rank - 2)
-                    .all(|i| a_shape[i] == b_shape[i] || a_shape[i] == 1 || b_shape[i] == 1),
-            "FaerMatMul: shapes {a_shape:?} and {b_shape:?} do not multiply"
-        );
+        let plan = self.plan(a_shape, b_shape, &c_shape)?;
         let (a_plain, b_plain) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
         let (a_data, b_data) = (a_plain.as_slice::<f32>()?, b_plain.as_slice::<f32>()?);
-        let mut c = if la.cols == 0 {
+        let empty_sum = plan.k.size == 0 || plan.k_loops.iter().any(|s| s.size == 0);
+        let mut c = if empty_sum {
             Tensor::zero::<f32>(&c_shape)?
         } else {
             // SAFETY: f32 has no invalid bit patterns, and every element is written
-            // below (Accum::Replace over a non-empty sum).
+            // below (the first summed block replaces, over a non-empty sum).
             unsafe { Tensor::uninitialized::<f32>(&c_shape)? }
         };
+        if empty_sum || c.len() == 0 {
+            return Ok(tvec!(c.into_tvalue()));
+        }
         {
             let mut c_plain = c.try_as_plain_ram_mut()?;
             let c_data = c_plain.as_slice_mut::<f32>()?;
-            for ix in tract_ndarray::indices(&c_shape[..rank - 2]) {
-                let ix = tract_ndarray::Dimension::slice(&ix);
-                let (oa, ob, oc) = (
-                    batch_offset(a_shape, ix),
-                    batch_offset(b_shape, ix),
-                    batch_offset(&c_shape, ix),
-                );
+            let (a_at, b_at) = (a_data.as_ptr() as usize, b_data.as_ptr() as usize);
+            let c_at = c_data.as_mut_ptr() as usize;
+            let sums = offsets(&plan.k_loops);
+            let Plan { m, k, n, .. } = plan;
+            for (oa, ob, oc) in offsets(&plan.loops) {
                 // faer runs wide products faster in column blocks (at 512 columns:
                 // 150 GFLOP/s where the whole 512 x 512 x 1376 product gets 120); the
                 // blocks are shared among the threads this worker may use.
-                let blocks = lc.cols.div_ceil(COLUMN_BLOCK);
-                let (a_at, b_at) = (a_data.as_ptr() as usize, b_data.as_ptr() as usize);
-                let c_at = c_data.as_mut_ptr() as usize;
+                let blocks = n.size.div_ceil(COLUMN_BLOCK);
                 crate::parallel::split_range(
                     blocks,
                     crate::parallel::product_threads(),
                     |_, part| {
                         for block in part {
-                            let j = block * COLUMN_BLOCK;
-                            let w = COLUMN_BLOCK.min(lc.cols - j);
-                            // SAFETY: each layout describes a matrix inside its tensor's
-                            // contiguous row-major buffer at that batch offset (shapes and
-                            // batch broadcasting checked above), the block lies within it,
-                            // `c` does not alias the inputs, and each thread writes its own
-                            // column blocks of `c`.
-                            unsafe {
-                                let am = la.columns((a_at as *const f32).add(oa), 0, la.cols);
-                                let bm = lb.columns((b_at as *const f32).add(ob), j, w);
-                                let cm = lc.columns_mut((c_at as *mut f32).add(oc), j, w);
-                                matmul(cm, Accum::Replace, am, bm, 1.0f32, Par::Seq);
+                            let j = (block * COLUMN_BLOCK) as isize;
+                            let w = COLUMN_BLOCK.min(n.size - j as usize);
+                            for (ix, &(sa, sb, _)) in sums.iter().enumerate() {
+                                let accum = if ix == 0 { Accum::Replace } else { Accum::Add };
+                                // SAFETY: the spans come from the tensors' own shapes
+                                // and row-major strides (checked to multiply above), so
+                                // every element addressed lies in its buffer; `c` does
+                                // not alias the inputs, and each thread writes its own
+                                // column blocks of `c`.
+                                unsafe {
+                                    let am = MatRef::<f32>::from_raw_parts(
+                                        (a_at as *const f32).offset(oa + sa),
+                                        m.size,
+                                        k.size,
+                                        m.a,
+                                        k.a,
+                                    );
+                                    let bm = MatRef::<f32>::from_raw_parts(
+                                        (b_at as *const f32).offset(ob + sb + j * n.b),
+                                        k.size,
+                                        w,
+                                        k.b,
+                                        n.b,
+                                    );
+                                    let cm = MatMut::<f32>::from_raw_parts_mut(
+                                        (c_at as *mut f32).offset(oc + j * n.c),
+                                        m.size,
+                                        w,
+                                        m.c,
+                                        n.c,
+                                    );
+                                    matmul(cm, accum, am, bm, 1.0f32, Par::Seq);
+                                }
                             }
                         }
                     },
@@ -237,20 +373,21 @@ pub fn use_faer_matmuls(model: &mut TypedModel) -> TractResult<bool> {
     if !all_products_are_f32(model)? {
         return Ok(false);
     }
-    rewrite_einsum_to_prefix_matmul(model, false)?;
     for id in 0..model.nodes.len() {
-        let Some(op) = model.nodes[id].op_as::<PrefixMatMul>().copied() else {
+        let node = &model.nodes[id];
+        let Some(op) = node.op_as::<EinSum>() else {
             continue;
         };
-        ensure!(
-            op.quantize_output.is_none(),
-            "quantized product in an f32 model"
-        );
-        model.nodes[id].op = Box::new(FaerMatMul {
-            transpose_a: op.transpose_a,
-            transpose_b: op.transpose_b,
-            transpose_c: op.transpose_c,
-        });
+        if node.inputs.len() != 2 {
+            continue;
+        }
+        let faer = {
+            let facts = model.node_input_facts(id)?;
+            FaerMatMul::of(op, &facts[0].shape, &facts[1].shape)
+        };
+        if let Some(faer) = faer {
+            model.nodes[id].op = Box::new(faer);
+        }
     }
     Ok(true)
 }
@@ -260,7 +397,8 @@ mod tests {
     use super::*;
     use tract_core::ops::einsum::EinSum;
 
-    /// Runs `expr` on `a` and `b`, through tract's kernels and through faer's.
+    /// Runs `expr` on `a` and `b`, through tract's kernels and through faer's; and
+    /// whether faer's kernel took the product.
     fn both(expr: &str, a: &Tensor, b: &Tensor) -> (Tensor, Tensor, bool) {
         let mut model = TypedModel::default();
         let sa = model.add_source("a", f32::fact(a.shape())).unwrap();
@@ -275,7 +413,9 @@ mod tests {
             plan.run(inputs.clone()).unwrap().remove(0).into_tensor()
         };
         let mut faer = model.clone();
-        let used = use_faer_matmuls(&mut faer).unwrap();
+        let used = use_faer_matmuls(&mut faer).unwrap()
+            && faer.nodes.iter().any(|n| n.op_is::<FaerMatMul>())
+            && !faer.nodes.iter().any(|n| n.op_is::<EinSum>());
         // faer first: its output is uninitialised memory, which must not be a buffer
         // that already held the answer.
         let got = run(faer);
@@ -307,13 +447,24 @@ mod tests {
             ("abmk,abkn->abmn", &[1, 2, 5, 7], &[3, 1, 7, 4]),
             ("mk,kn->mn", &[9, 33], &[33, 1100]),
             ("mk,kn->nm", &[9, 33], &[33, 1100]),
+            // Operands read in place: attention's heads in the middle, rows of a linear
+            // layer over two axes (merged), a weight gradient summed over two axes
+            // (merged, then not mergeable: summed in a loop), no summed axis, no n.
+            ("bshk,bthk->bhst", &[2, 5, 3, 4], &[2, 6, 3, 4]),
+            ("bhst,bthk->bshk", &[2, 3, 5, 6], &[2, 6, 3, 4]),
+            ("bsk,kn->bsn", &[2, 5, 7], &[7, 3]),
+            ("bsk,bsn->kn", &[2, 5, 7], &[2, 5, 3]),
+            ("sbk,bsn->nk", &[5, 2, 7], &[2, 5, 3]),
+            ("m,n->mn", &[5], &[3]),
+            ("mk,k->m", &[5, 7], &[7]),
+            ("bsk,nk->bsn", &[2, 3, 40], &[1100, 40]),
         ];
         for (i, (expr, sa, sb)) in cases.iter().enumerate() {
             let (a, b) = (tensor(sa, i), tensor(sb, i + 100));
             let (want, got, used) = both(expr, &a, &b);
             assert!(used, "{expr}: faer was not used");
             assert_eq!(want.shape(), got.shape(), "{expr}");
-            // f32 sums of at most 33 terms of size <= 1: the two kernels' orders of
+            // f32 sums of at most 40 terms of size <= 1: the two kernels' orders of
             // summation differ by far less than 1e-4.
             let (w, g) = (
                 want.to_plain_array_view::<f32>().unwrap(),
