@@ -105,13 +105,22 @@ for i in $(seq 1 "$REPEAT"); do
         --seq "$SEQ" --threads "$THREADS" --r $R --alpha $ALPHA --lr $LR --grad-clip $CLIP
 done
 
+# One more lora-graft run on the float model with LORA_GRAFT_PROFILE: the matrix products'
+# arithmetic per step and the rate faer's kernel reaches on them in situ.
+rm -f "$OUT"/adapter.*
+LORA_GRAFT_PROFILE="$LOGS/profile.txt" run "lora_graft_profiled" "$OUT/lora-graft" train "$MODEL" \
+    --variant lora -r $R --alpha $ALPHA --target-names 'q_proj|k_proj|v_proj|o_proj' \
+    --data "$OUT/data.jsonl" --steps "$STEPS" --batch "$BATCH" --seq "$SEQ" --lr $LR \
+    --grad-clip $CLIP --threads "$THREADS" -o "$ADAPTER" --quiet
+
 # lora-graft's metrics line k holds tokens_per_s = k * BATCH * (SEQ - 1) / (seconds since
 # the training loop began), so step k ended at k * BATCH * (SEQ - 1) / tokens_per_s.
 echo
-python3 - "$LOGS" "$REPEAT" "$BATCH" "$SEQ" "$GENAI" "$MICRO" <<'EOF2'
-import json, re, statistics, sys
+python3 - "$LOGS" "$REPEAT" "$BATCH" "$SEQ" "$GENAI" "$MICRO" "$STEPS" "$THREADS" <<'EOF2'
+import json, math, re, statistics, sys
 logs, repeat, batch, seq = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 genai, micro = sys.argv[5] == "1", sys.argv[6]
+steps, threads = int(sys.argv[7]), int(sys.argv[8])
 
 def time_v(path):  # wall seconds and peak RSS (MB) from /usr/bin/time -v
     text = open(path).read()
@@ -175,6 +184,25 @@ if genai:
                   meds[f"lora-graft genai fp32 micro {micro}"])
         ratio_row(f"int4 micro {micro} / fp32", meds[f"lora-graft genai int4 micro {micro}"],
                   meds["lora-graft genai fp32"])
+# Matrix products from the profile (seconds, calls, op, node, shapes, einsum expression):
+# 2 x the product of every axis's size, per call; the seconds are summed over workers.
+flops = secs = best = 0.0
+for line in open(f"{logs}/profile.txt"):
+    f_ = line.rstrip("\n").split("\t")
+    if len(f_) < 6 or f_[2] != "FaerMatMul":
+        continue
+    shapes = [[int(d) for d in m.split(",") if d.strip()] for m in re.findall(r"\[([\d, ]*)\]", f_[4])[:2]]
+    ins = f_[5].split("->")[0].split(",")
+    size = {c: d for term, shape in zip(ins, shapes) for c, d in zip(term, shape) if d != 1}
+    node = 2 * math.prod(size.values()) * int(f_[1])
+    flops, secs = flops + node, secs + float(f_[0])
+    best = max(best, node / float(f_[0]) / 1e9)
+per_step = flops / steps / 1e9
+print(f"\nmatrix products: {per_step:.1f} GFLOP a step; faer in situ {flops / secs / 1e9:.0f} GFLOP/s a core"
+      f" (its best node {best:.0f}); each tool's whole step, GFLOP/s a core ({threads} cores):")
+for name, r in meds.items():
+    if r["steady"] and not name.startswith("lora-graft genai"):
+        print(f"  {name:26s} {per_step * r['steady'] / threads:6.0f}")
 print(f"(torch {info['torch']}, {info['threads']} threads, {info['trainable_params']} trainable params;"
       f" loss 1 should agree: same weights and batch, B = 0)")
 EOF2

@@ -375,6 +375,12 @@ fn training_graphs_run_in_onnx_runtime_as_in_tract() {
             swiglu,
             "{name}: {rewritten:?}"
         );
+        // Attention's softmax (over its last axis) takes the one-pass SoftmaxGrad.
+        assert_eq!(
+            rewritten.softmax_gradients > 0,
+            name != "handmade",
+            "{name}: {rewritten:?}"
+        );
         if int4 {
             common::float_accuracy(&mut t.model);
         }

@@ -230,7 +230,9 @@ fn three_adamw_steps_match_pytorch() {
         for step in 0..3 {
             let res = engine.step(&rows, &params).unwrap();
             let want_loss = want.tensors[&format!("loss.{step}")].to_f64()[[]];
-            // 2e-5 relative (measured: 1e-7, 7e-6 and 1.1e-5 at steps 0, 1, 2 for LoRA).
+            // 2e-5 relative (measured for LoRA: 7e-8, 1.1e-5 and 1.8e-5 at steps 0, 1, 2;
+            // from step 1 on, Adam moves entries whose gradient is at round-off by up
+            // to lr either way, so the two implementations drift apart there).
             assert!(
                 (res.loss - want_loss).abs() <= 2e-5 * want_loss,
                 "{variant} step {step}: loss {} vs {want_loss}",

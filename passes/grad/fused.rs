@@ -5,12 +5,17 @@
 //! Qwen2, Phi-3, Mistral MLPs as exporters write them). Its gradient is lora-graft's
 //! `SwiGluGrad(g, x, u)` (`runtime::swiglu`), which reads `x` and `u` only: `σ(x)` and
 //! `silu(x)` are not kept for the backward. `portable` writes it back as default ops.
+//!
+//! One kernel for a single op: a float32 softmax over the last axis differentiates as
+//! lora-graft's `SoftmaxGrad(g, y)` (`runtime::softmax_grad`), one pass in place of
+//! four.
 
 use crate::error::Result;
 use crate::ir::build::Builder;
 use crate::ir::{Def, Node, ValueId};
 use crate::proto::tensor_proto::DataType;
 use crate::runtime::nbits::DOMAIN;
+use crate::runtime::softmax_grad::SOFTMAX_GRAD_OP;
 use crate::runtime::swiglu::SWIGLU_GRAD_OP;
 
 /// A SwiGLU gate found at a `Mul` node: `y = silu(x)·up`.
@@ -64,15 +69,36 @@ pub(super) fn swiglu(e: &Builder, node: &Node) -> Option<SwiGlu> {
 
 /// `(dx, dup)` of the gate for the incoming gradient `g`, as one `SwiGluGrad` node.
 pub(super) fn swiglu_grad(e: &mut Builder, gate: SwiGlu, g: ValueId) -> Result<(ValueId, ValueId)> {
-    let name = format!("{}/{SWIGLU_GRAD_OP}", e.prefix);
-    let (id, outs) = e
-        .graph
-        .add_op(SWIGLU_GRAD_OP, &name, &[g, gate.x, gate.up], vec![], 2)?;
+    let outs = kernel(e, SWIGLU_GRAD_OP, &[g, gate.x, gate.up], vec![], 2, gate.x)?;
+    Ok((outs[0], outs[1]))
+}
+
+/// `dx` of a float32 softmax over the last axis (`y` its output) for the incoming
+/// gradient `g`, as one `SoftmaxGrad` node (`runtime::softmax_grad`); its attribute
+/// `shape` lets `portable` write the default ops back.
+pub(super) fn softmax_grad(e: &mut Builder, y: ValueId, g: ValueId) -> Result<ValueId> {
+    let dims: Vec<i64> = e.shape(y)?.iter().map(|&d| d as i64).collect();
+    let attrs = vec![crate::ir::build::ints_attr("shape", &dims)];
+    Ok(kernel(e, SOFTMAX_GRAD_OP, &[g, y], attrs, 1, y)?[0])
+}
+
+/// A node of lora-graft's kernel `op` on `inputs` with `attrs`, with `outputs` float32
+/// outputs of `like`'s shape.
+fn kernel(
+    e: &mut Builder,
+    op: &str,
+    inputs: &[ValueId],
+    attrs: Vec<crate::proto::AttributeProto>,
+    outputs: usize,
+    like: ValueId,
+) -> Result<Vec<ValueId>> {
+    let name = format!("{}/{op}", e.prefix);
+    let (id, outs) = e.graph.add_op(op, &name, inputs, attrs, outputs)?;
     e.graph.node_mut(id).proto.domain = Some(DOMAIN.into());
-    let shape = e.shapes.get(&gate.x).cloned().unwrap_or_default();
+    let shape = e.shapes.get(&like).cloned().unwrap_or_default();
     for &o in &outs {
         e.shapes.insert(o, shape.clone());
         e.dtypes.insert(o, DataType::Float as i32);
     }
-    Ok((outs[0], outs[1]))
+    Ok(outs)
 }

@@ -4,6 +4,8 @@
 //!   which tract runs through `runtime::nbits`) becomes `MatMul(dY, W)` on the weight
 //!   dequantized into a float initializer;
 //! - `SwiGluGrad(g, x, u)` (`runtime::swiglu`) becomes its formula in elementwise ops;
+//! - `SoftmaxGrad(g, y)` (`runtime::softmax_grad`) becomes the softmax's op-by-op
+//!   gradient (`rules::softmax_grad`);
 //! - `SoftmaxCrossEntropyGrad` (`runtime::cross_entropy`) becomes the loss's
 //!   default-op form (`loss::log_softmax_at`).
 
@@ -11,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::ir::{Graph, Initializer, NodeId, ValueId};
 use crate::runtime::cross_entropy::CROSS_ENTROPY_GRAD_OP;
 use crate::runtime::nbits::{DOMAIN, INPUT_GRAD_OP};
+use crate::runtime::softmax_grad::SOFTMAX_GRAD_OP;
 use crate::runtime::swiglu::SWIGLU_GRAD_OP;
 use crate::tensor::Array;
 
@@ -21,6 +24,8 @@ pub struct Rewritten {
     pub packed_gradients: usize,
     /// `SwiGluGrad`s, now elementwise ops.
     pub swiglu_gradients: usize,
+    /// `SoftmaxGrad`s, now elementwise ops and a `ReduceSum`.
+    pub softmax_gradients: usize,
     /// `SoftmaxCrossEntropyGrad`s, now the loss's default ops.
     pub cross_entropies: usize,
 }
@@ -31,6 +36,7 @@ pub fn portable(graph: &mut Graph, opset: i64) -> Result<Rewritten> {
     Ok(Rewritten {
         packed_gradients: packed_gradients(graph)?,
         swiglu_gradients: swiglu_gradients(graph)?,
+        softmax_gradients: softmax_gradients(graph, opset)?,
         cross_entropies: cross_entropies(graph, opset)?,
     })
 }
@@ -65,6 +71,36 @@ fn cross_entropies(graph: &mut Graph, opset: i64) -> Result<usize> {
         e.shapes.insert(*w, column);
         let (new_log_p, new_dx) = super::loss::log_softmax_at(&mut e, *x, *t, *w)?;
         graph.replace_uses(*log_p, new_log_p, &[]);
+        graph.replace_uses(*dx, new_dx, &[]);
+    }
+    Ok(found.len())
+}
+
+/// Every `SoftmaxGrad(g, y)` as `rules::softmax_grad` over the last axis; returns how
+/// many.
+fn softmax_gradients(graph: &mut Graph, opset: i64) -> Result<usize> {
+    let found = own_nodes(graph, SOFTMAX_GRAD_OP);
+    for &id in &found {
+        let node = graph.node(id).clone();
+        let fail = |reason: &str| Error::Node {
+            node: node.name().to_string(),
+            op: SOFTMAX_GRAD_OP.into(),
+            reason: reason.into(),
+        };
+        let ([Some(g), Some(y)], [Some(dx)]) = (&node.inputs[..], &node.outputs[..]) else {
+            return Err(fail("needs its two inputs and one output"));
+        };
+        let shape: Vec<usize> = node
+            .attr("shape")
+            .map(|a| a.ints.iter().map(|&d| d as usize).collect())
+            .filter(|s: &Vec<usize>| !s.is_empty())
+            .ok_or_else(|| fail("no shape"))?;
+        graph.remove_node(id);
+        let float = crate::proto::tensor_proto::DataType::Float as i32;
+        let mut e = crate::ir::build::Builder::new(graph, opset, float, node.name().into(), '/');
+        e.shapes.insert(*g, shape.clone());
+        e.shapes.insert(*y, shape.clone());
+        let new_dx = super::rules::softmax_grad(&mut e, *y, *g, shape.len() - 1)?;
         graph.replace_uses(*dx, new_dx, &[]);
     }
     Ok(found.len())

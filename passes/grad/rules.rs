@@ -7,6 +7,19 @@ use crate::ir::build::{int_attr, Builder};
 use crate::ir::{Node, ValueId};
 use crate::proto::tensor_proto::DataType;
 
+/// `dx = y·(g − Σ_axis g·y)` of a softmax `y` over `axis`, in default ops.
+pub(super) fn softmax_grad(
+    e: &mut Builder,
+    y: ValueId,
+    g: ValueId,
+    axis: usize,
+) -> Result<ValueId> {
+    let gy = e.bin("Mul", g, y)?;
+    let s = e.reduce_sum(gy, &[axis], true)?;
+    let d = e.bin("Sub", g, s)?;
+    e.bin("Mul", y, d)
+}
+
 /// A rule: the gradients of the inputs (`None` where not wanted or not defined).
 pub type Rule =
     fn(&mut Builder, &Node, &[Option<ValueId>], &[bool]) -> Result<Vec<Option<ValueId>>>;
@@ -133,14 +146,16 @@ pub const RULES: &[(&str, Rule)] = &[
         let m = e.mask(pos)?;
         Ok(vec![Some(e.bin("Mul", g[0].unwrap(), m)?)])
     }),
-    // dx = y·(g - Σ_axis g·y)
+    // dx = y·(g - Σ_axis g·y): one SoftmaxGrad kernel over a float32 last axis
     ("Softmax", |e, n, g, _| {
         let (y, g) = (n.outputs[0].unwrap(), g[0].unwrap());
-        let axis = norm_axis(n.attr_int("axis", -1), e.shape(y)?.len())?;
-        let gy = e.bin("Mul", g, y)?;
-        let s = e.reduce_sum(gy, &[axis], true)?;
-        let d = e.bin("Sub", g, s)?;
-        Ok(vec![Some(e.bin("Mul", y, d)?)])
+        let rank = e.shape(y)?.len();
+        let axis = norm_axis(n.attr_int("axis", -1), rank)?;
+        // (g has y's type: gradients take their value's.)
+        if axis + 1 == rank && e.dtypes.get(&y) == Some(&(DataType::Float as i32)) {
+            return Ok(vec![Some(super::fused::softmax_grad(e, y, g)?)]);
+        }
+        Ok(vec![Some(softmax_grad(e, y, g, axis)?)])
     }),
     // dx = g - exp(y)·Σ_axis g
     ("LogSoftmax", |e, n, g, _| {

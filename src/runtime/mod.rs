@@ -18,12 +18,14 @@ mod kernel;
 mod matmul;
 pub mod nbits;
 pub(crate) mod profile;
+pub mod softmax_grad;
 pub mod swiglu;
 mod vexp;
 
 /// tract's ONNX front end with lora-graft's kernels: `MatMulNBits` and its input
-/// gradient on the packed weight ([`nbits`]), the SwiGLU gate's gradient ([`swiglu`])
-/// and the cross-entropy's value and gradient ([`cross_entropy`]).
+/// gradient on the packed weight ([`nbits`]), the SwiGLU gate's gradient ([`swiglu`]),
+/// a softmax's gradient ([`softmax_grad`]) and the cross-entropy's value and gradient
+/// ([`cross_entropy`]).
 fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
     onnx.op_register.insert("MatMulNBits", nbits::parse_forward);
@@ -31,6 +33,8 @@ fn onnx() -> tract_onnx::Onnx {
         .insert(nbits::INPUT_GRAD_OP, nbits::parse_input_grad);
     onnx.op_register
         .insert(swiglu::SWIGLU_GRAD_OP, swiglu::parse);
+    onnx.op_register
+        .insert(softmax_grad::SOFTMAX_GRAD_OP, softmax_grad::parse);
     onnx.op_register
         .insert(cross_entropy::CROSS_ENTROPY_GRAD_OP, cross_entropy::parse);
     onnx

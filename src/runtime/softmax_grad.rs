@@ -1,0 +1,176 @@
+//! `SoftmaxGrad`: the gradient of a softmax over the last axis, `dx = y·(g − Σ g·y)`,
+//! in one pass over each row, in the incoming gradient's own buffer.
+//!
+//! Differentiated op by op (`passes::grad::rules`, which `passes::grad::portable`
+//! writes back for other runtimes), it takes four passes over attention's largest
+//! tensors (`Mul`, `ReduceSum`, `Sub`, `Mul`) and makes two temporaries of their size.
+//! Here each row is read twice while it is in cache and overwritten: the incoming
+//! gradient's only reader is this op in tract, so it hands over its buffer.
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::NodeProto;
+use tract_onnx::tract_hir::internal::*;
+
+/// The op's name in the training graph (domain [`super::nbits::DOMAIN`]):
+/// `SoftmaxGrad(g, y)` → `dx`, float32 of one shape, the softmax `y` over the last axis.
+pub const SOFTMAX_GRAD_OP: &str = "SoftmaxGrad";
+
+/// [`SOFTMAX_GRAD_OP`] in tract.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SoftmaxGrad;
+
+impl Op for SoftmaxGrad {
+    fn name(&self) -> StaticName {
+        SOFTMAX_GRAD_OP.into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for SoftmaxGrad {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (g, y) = args_2!(inputs);
+        ensure!(
+            g.shape() == y.shape(),
+            "{SOFTMAX_GRAD_OP}: gradient {:?} and softmax {:?} must have one shape",
+            g.shape(),
+            y.shape()
+        );
+        let width = y.shape().last().copied().unwrap_or(1).max(1);
+        let mut dx = g.into_tensor(); // the gradient's buffer, when this is its last reader
+        {
+            let y = y.try_as_plain_ram()?;
+            let y = y.as_slice::<f32>()?;
+            let mut plain = dx.try_as_plain_ram_mut()?;
+            let dx = plain.as_slice_mut::<f32>()?;
+            let rows = dx.len() / width;
+            // Rows shared among the threads this worker may use (all of them at batch 1).
+            let parts = crate::parallel::product_threads().clamp(1, rows.max(1));
+            let per = rows.div_ceil(parts).max(1) * width;
+            std::thread::scope(|scope| {
+                let mut chunks = dx.chunks_mut(per).zip(y.chunks(per)).peekable();
+                while let Some((dx, y)) = chunks.next() {
+                    let rows = Rows { dx, y, width };
+                    if chunks.peek().is_none() {
+                        pulp::Arch::new().dispatch(rows); // the last chunk on this thread
+                    } else {
+                        scope.spawn(move || pulp::Arch::new().dispatch(rows));
+                    }
+                }
+            });
+        }
+        Ok(tvec!(dx.into_tvalue()))
+    }
+}
+
+/// Rows of a softmax and of its incoming gradient (overwritten by `dx`), compiled for
+/// each instruction set `pulp` dispatches to.
+struct Rows<'a> {
+    dx: &'a mut [f32],
+    y: &'a [f32],
+    width: usize,
+}
+
+impl pulp::WithSimd for Rows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _: S) {
+        for (g, y) in self
+            .dx
+            .chunks_exact_mut(self.width)
+            .zip(self.y.chunks_exact(self.width))
+        {
+            let dot: f64 = g.iter().zip(y).map(|(&g, &y)| g as f64 * y as f64).sum();
+            let dot = dot as f32;
+            for (g, &y) in g.iter_mut().zip(y) {
+                *g = y * (*g - dot);
+            }
+        }
+    }
+}
+
+impl TypedOp for SoftmaxGrad {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let [g, y] = inputs else {
+            bail!("{SOFTMAX_GRAD_OP} expects 2 inputs");
+        };
+        ensure!(
+            g.datum_type == f32::datum_type() && y.datum_type == f32::datum_type(),
+            "{SOFTMAX_GRAD_OP} computes in float32"
+        );
+        Ok(tvec!(f32::fact(y.shape.clone())))
+    }
+
+    as_op!();
+}
+
+/// [`SOFTMAX_GRAD_OP`], for tract's ONNX op register.
+pub fn parse(
+    _ctx: &ParsingContext,
+    _node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let node = super::kernel::KernelNode {
+        op: SoftmaxGrad,
+        inputs: 2,
+        shape_of: &[1],
+    };
+    Ok((expand(node), vec![]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `SoftmaxGrad` on rows of `width`, against the formula in f64.
+    fn check(width: usize, rows: usize, threads: usize) {
+        let n = width * rows;
+        let g: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 211) as f32 / 50.0 - 2.0)
+            .collect();
+        let mut y: Vec<f32> = (0..n).map(|i| ((i * 104729) % 97) as f32 + 1.0).collect();
+        for row in y.chunks_mut(width) {
+            let s: f32 = row.iter().sum();
+            row.iter_mut().for_each(|v| *v /= s);
+        }
+        let shape = [rows, width];
+        let mut model = TypedModel::default();
+        let sg = model.add_source("g", f32::fact(shape)).unwrap();
+        let sy = model.add_source("y", f32::fact(shape)).unwrap();
+        let dx = model.wire_node("dx", SoftmaxGrad, &[sg, sy]).unwrap();
+        model.select_output_outlets(&dx).unwrap();
+        let plan = model.into_runnable().unwrap();
+        let inputs = tvec!(
+            Tensor::from_shape(&shape, &g).unwrap().into_tvalue(),
+            Tensor::from_shape(&shape, &y).unwrap().into_tvalue()
+        );
+        crate::parallel::set_product_threads(threads);
+        let out = plan.run(inputs).unwrap().remove(0).into_tensor();
+        crate::parallel::set_product_threads(1);
+        let got = out.to_plain_array_view::<f32>().unwrap();
+        let got = got.as_slice().unwrap();
+        for r in 0..rows {
+            let (g, y) = (&g[r * width..][..width], &y[r * width..][..width]);
+            let dot: f64 = g.iter().zip(y).map(|(&g, &y)| g as f64 * y as f64).sum();
+            for i in 0..width {
+                let want = y[i] as f64 * (g[i] as f64 - dot);
+                // f32 sums of `width` terms of size <= 2: within 1e-6 absolute.
+                let err = (got[r * width + i] as f64 - want).abs();
+                assert!(
+                    err <= 1e-6,
+                    "row {r} col {i}: {} vs {want}",
+                    got[r * width + i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_gradients_follow_the_formula() {
+        check(7, 5, 1);
+        check(128, 33, 3);
+        check(1, 4, 2);
+    }
+}
