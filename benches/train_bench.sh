@@ -95,7 +95,7 @@ for i in $(seq 1 "$REPEAT"); do
             case "$p" in *_micro) micro=(--micro-batch "$MICRO") ;; esac
             run "lora_graft_genai_$p.$i" "$OUT/lora-graft" train "$OUT/genai_${p%_micro}/model.onnx" --variant lora \
                 -r $R --alpha $ALPHA --target-names 'qkv_proj|o_proj' --data "$OUT/data.jsonl" \
-                --steps "$STEPS" --batch "$BATCH" "${micro[@]}" --seq "$SEQ" --lr $LR --grad-clip $CLIP \
+                --steps "$STEPS" --batch "$BATCH" ${micro[@]+"${micro[@]}"} --seq "$SEQ" --lr $LR --grad-clip $CLIP \
                 --threads "$THREADS" -o "$ADAPTER" --quiet
             cp "$OUT/adapter.metrics.jsonl" "$LOGS/lora_graft_genai_$p.$i.metrics.jsonl"
         done
@@ -196,9 +196,12 @@ for line in open(f"{logs}/profile.txt"):
     size = {c: d for term, shape in zip(ins, shapes) for c, d in zip(term, shape) if d != 1}
     node = 2 * math.prod(size.values()) * int(f_[1])
     flops, secs = flops + node, secs + float(f_[0])
-    best = max(best, node / float(f_[0]) / 1e9)
+    if float(f_[0]) >= 0.01:  # the profile prints 4 decimals: time only what it resolves
+        best = max(best, node / float(f_[0]) / 1e9)
 per_step = flops / steps / 1e9
-print(f"\nmatrix products: {per_step:.1f} GFLOP a step; faer in situ {flops / secs / 1e9:.0f} GFLOP/s a core"
+# (Each worker's products run on THREADS / workers threads: "a core" assumes one each,
+# which holds when BATCH >= THREADS.)
+print(f"\nmatrix products: {per_step:.1f} GFLOP a step; faer in situ {flops / max(secs, 1e-9) / 1e9:.0f} GFLOP/s a core"
       f" (its best node {best:.0f}); each tool's whole step, GFLOP/s a core ({threads} cores):")
 for name, r in meds.items():
     if r["steady"] and not name.startswith("lora-graft genai"):

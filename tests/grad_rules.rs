@@ -331,6 +331,9 @@ fn softmax_family() {
     check("Softmax", vec![int_attr("axis", -1)], vec![f(&[2, 3, 5])]);
     check("Softmax", vec![int_attr("axis", 1)], vec![f(&[2, 3, 5])]);
     check("LogSoftmax", vec![int_attr("axis", -1)], vec![f(&[2, 6])]);
+    // float32 over the last axis: lora-graft's one-pass SoftmaxGrad kernel.
+    check_f32("Softmax", vec![int_attr("axis", -1)], vec![f(&[2, 3, 5])]);
+    check_f32("Softmax", vec![int_attr("axis", 2)], vec![f(&[2, 3, 5])]);
 }
 
 #[test]

@@ -100,7 +100,7 @@ fn softmax_gradients(graph: &mut Graph, opset: i64) -> Result<usize> {
         let mut e = crate::ir::build::Builder::new(graph, opset, float, node.name().into(), '/');
         e.shapes.insert(*g, shape.clone());
         e.shapes.insert(*y, shape.clone());
-        let new_dx = super::rules::softmax_grad(&mut e, *y, *g, shape.len() - 1)?;
+        let new_dx = super::rules::softmax_grad(&mut e, *y, *g, &[shape.len() - 1])?;
         graph.replace_uses(*dx, new_dx, &[]);
     }
     Ok(found.len())

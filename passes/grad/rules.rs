@@ -7,15 +7,25 @@ use crate::ir::build::{int_attr, Builder};
 use crate::ir::{Node, ValueId};
 use crate::proto::tensor_proto::DataType;
 
-/// `dx = y·(g − Σ_axis g·y)` of a softmax `y` over `axis`, in default ops.
+/// The axes a `Softmax` or `LogSoftmax` node of rank `rank` normalizes over: its `axis`
+/// (default -1) from opset 13; before, every axis from `axis` (default 1) on, as the
+/// op flattened them.
+fn softmax_axes(e: &Builder, n: &Node, rank: usize) -> Result<Vec<usize>> {
+    if e.opset >= 13 {
+        return Ok(vec![norm_axis(n.attr_int("axis", -1), rank)?]);
+    }
+    Ok((norm_axis(n.attr_int("axis", 1), rank)?..rank).collect())
+}
+
+/// `dx = y·(g − Σ_axes g·y)` of a softmax `y` over `axes`, in default ops.
 pub(super) fn softmax_grad(
     e: &mut Builder,
     y: ValueId,
     g: ValueId,
-    axis: usize,
+    axes: &[usize],
 ) -> Result<ValueId> {
     let gy = e.bin("Mul", g, y)?;
-    let s = e.reduce_sum(gy, &[axis], true)?;
+    let s = e.reduce_sum(gy, axes, true)?;
     let d = e.bin("Sub", g, s)?;
     e.bin("Mul", y, d)
 }
@@ -150,18 +160,18 @@ pub const RULES: &[(&str, Rule)] = &[
     ("Softmax", |e, n, g, _| {
         let (y, g) = (n.outputs[0].unwrap(), g[0].unwrap());
         let rank = e.shape(y)?.len();
-        let axis = norm_axis(n.attr_int("axis", -1), rank)?;
+        let axes = softmax_axes(e, n, rank)?;
         // (g has y's type: gradients take their value's.)
-        if axis + 1 == rank && e.dtypes.get(&y) == Some(&(DataType::Float as i32)) {
+        if axes == [rank - 1] && e.dtypes.get(&y) == Some(&(DataType::Float as i32)) {
             return Ok(vec![Some(super::fused::softmax_grad(e, y, g)?)]);
         }
-        Ok(vec![Some(softmax_grad(e, y, g, axis)?)])
+        Ok(vec![Some(softmax_grad(e, y, g, &axes)?)])
     }),
     // dx = g - exp(y)·Σ_axis g
     ("LogSoftmax", |e, n, g, _| {
         let (y, g) = (n.outputs[0].unwrap(), g[0].unwrap());
-        let axis = norm_axis(n.attr_int("axis", -1), e.shape(y)?.len())?;
-        let s = e.reduce_sum(g, &[axis], true)?;
+        let axes = softmax_axes(e, n, e.shape(y)?.len())?;
+        let s = e.reduce_sum(g, &axes, true)?;
         let p = e.un("Exp", y)?;
         let ps = e.bin("Mul", p, s)?;
         Ok(vec![Some(e.bin("Sub", g, ps)?)])

@@ -185,8 +185,9 @@ pub enum Command {
         #[arg(long, default_value_t = 128, value_parser = at_least_one)]
         seq: usize,
         /// Rows per forward and backward pass, a divisor of --batch: the batch's gradient
-        /// is accumulated over passes, so activations take the memory of M rows, not of
-        /// the batch (default: the batch split evenly over the threads).
+        /// is accumulated over passes, so each worker thread holds the activations of M
+        /// rows, not of its share of the batch (default: the batch split evenly over the
+        /// threads).
         #[arg(long, value_name = "M", value_parser = at_least_one)]
         micro_batch: Option<usize>,
         /// Peak learning rate.

@@ -144,6 +144,12 @@ impl FaerMatMul {
             if !(matrix_axis || unit(place.a, a) && unit(place.b, b)) {
                 return None;
             }
+            // A summed axis broadcast from one side is left to tract.
+            if let (None, Some(i), Some(j)) = (place.c, place.a, place.b) {
+                if a[i] != b[j] {
+                    return None;
+                }
+            }
             places.push(place);
         }
         Some(FaerMatMul {
@@ -265,20 +271,17 @@ impl EvalOp for FaerMatMul {
         let (a, b) = args_2!(inputs);
         let (a_shape, b_shape) = (a.shape(), b.shape());
         let c_shape = self.output_shape(a_shape, b_shape)?;
+        if a.len() == 0 || b.len() == 0 || c_shape.contains(&0) {
+            // An empty sum (zeros) or an empty output; row-major strides of a tensor
+            // with a zero dim would not tell its axes apart.
+            return Ok(tvec!(Tensor::zero::<f32>(&c_shape)?.into_tvalue()));
+        }
         let plan = self.plan(a_shape, b_shape, &c_shape)?;
         let (a_plain, b_plain) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
         let (a_data, b_data) = (a_plain.as_slice::<f32>()?, b_plain.as_slice::<f32>()?);
-        let empty_sum = plan.k.size == 0 || plan.k_loops.iter().any(|s| s.size == 0);
-        let mut c = if empty_sum {
-            Tensor::zero::<f32>(&c_shape)?
-        } else {
-            // SAFETY: f32 has no invalid bit patterns, and every element is written
-            // below (the first summed block replaces, over a non-empty sum).
-            unsafe { Tensor::uninitialized::<f32>(&c_shape)? }
-        };
-        if empty_sum || c.len() == 0 {
-            return Ok(tvec!(c.into_tvalue()));
-        }
+        // SAFETY: f32 has no invalid bit patterns, and every element is written below
+        // (the first summed block replaces, over a non-empty sum: no size is 0 here).
+        let mut c = unsafe { Tensor::uninitialized::<f32>(&c_shape)? };
         {
             let mut c_plain = c.try_as_plain_ram_mut()?;
             let c_data = c_plain.as_slice_mut::<f32>()?;
@@ -458,6 +461,9 @@ mod tests {
             ("m,n->mn", &[5], &[3]),
             ("mk,k->m", &[5, 7], &[7]),
             ("bsk,nk->bsn", &[2, 3, 40], &[1100, 40]),
+            // Empty: a sum of no terms, and no rows.
+            ("mk,kn->mn", &[5, 0], &[0, 3]),
+            ("mk,kn->nm", &[0, 7], &[7, 3]),
         ];
         for (i, (expr, sa, sb)) in cases.iter().enumerate() {
             let (a, b) = (tensor(sa, i), tensor(sb, i + 100));
@@ -476,6 +482,15 @@ mod tests {
                 .position(|(x, y)| (x - y).abs().is_nan() || (x - y).abs() >= 1e-4);
             assert!(bad.is_none(), "{expr}: element {bad:?} differs");
         }
+    }
+
+    #[test]
+    fn a_summed_axis_broadcast_from_one_side_is_not_taken() {
+        // (tract's own optimiser refuses this product too.)
+        let op = EinSum::new("bsk,bsn->kn".parse().unwrap(), f32::datum_type());
+        let shape = |d: &[usize]| f32::fact(d).shape;
+        assert!(FaerMatMul::of(&op, &shape(&[1, 5, 7]), &shape(&[2, 5, 3])).is_none());
+        assert!(FaerMatMul::of(&op, &shape(&[2, 5, 7]), &shape(&[2, 5, 3])).is_some());
     }
 
     #[test]

@@ -40,7 +40,8 @@ pub fn split(batch: usize, threads: usize) -> (usize, usize) {
 /// the rows of one forward and backward pass. Without `micro_batch`, the batch splits
 /// evenly over the workers ([`split`]); with it, the batch runs as passes of
 /// `micro_batch` rows (which must divide it), `threads` passes at a time, and their
-/// gradients add up (gradient accumulation: the memory of a pass, the batch's gradient).
+/// gradients add up (gradient accumulation: each worker's activations are those of
+/// `micro_batch` rows; the gradient is the batch's).
 pub fn split_passes(
     batch: usize,
     threads: usize,
@@ -48,9 +49,11 @@ pub fn split_passes(
 ) -> Result<(usize, usize)> {
     match micro_batch {
         None => Ok(split(batch, threads)),
-        Some(rows) if rows == 0 || !batch.is_multiple_of(rows) => Err(Error::Usage(format!(
-            "--micro-batch {rows} does not divide --batch {batch}: pick a divisor of the batch"
-        ))),
+        Some(rows) if rows == 0 || batch == 0 || !batch.is_multiple_of(rows) => {
+            Err(Error::Usage(format!(
+                "--micro-batch {rows} does not divide --batch {batch}: pick a divisor of the batch"
+            )))
+        }
         Some(rows) => Ok((threads.clamp(1, batch / rows), rows)),
     }
 }
@@ -99,9 +102,9 @@ impl Workers {
         batch_input(&self.fields, &self.shapes, name, part)
     }
 
-    /// Runs one worker on each slice of `rows` (at most `threads` slices), with the
-    /// inputs named in `given` (adapter tensors) fed as they are; each worker's outputs,
-    /// in order.
+    /// Runs one worker on each slice of `rows` (at most `threads` slices of `slice` rows:
+    /// `rows.len()` must be a multiple of `slice`), with the inputs named in `given`
+    /// (adapter tensors) fed as they are; each worker's outputs, in order.
     pub fn run(
         &self,
         rows: &[Row],
