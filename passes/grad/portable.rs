@@ -10,7 +10,8 @@
 //!   default-op form (`loss::log_softmax_at`).
 
 use crate::error::{Error, Result};
-use crate::ir::{Graph, Initializer, NodeId, ValueId};
+use crate::ir::build::Builder;
+use crate::ir::{Graph, Initializer, Node, NodeId, ValueId};
 use crate::runtime::cross_entropy::CROSS_ENTROPY_GRAD_OP;
 use crate::runtime::nbits::{DOMAIN, INPUT_GRAD_OP};
 use crate::runtime::softmax_grad::SOFTMAX_GRAD_OP;
@@ -43,67 +44,78 @@ pub fn portable(graph: &mut Graph, opset: i64) -> Result<Rewritten> {
 
 /// Every `SoftmaxCrossEntropyGrad(x, t, w)` as `loss::log_softmax_at`; returns how many.
 fn cross_entropies(graph: &mut Graph, opset: i64) -> Result<usize> {
-    let found = own_nodes(graph, CROSS_ENTROPY_GRAD_OP);
-    for &id in &found {
-        let node = graph.node(id).clone();
-        let fail = |reason: &str| Error::Node {
-            node: node.name().to_string(),
-            op: CROSS_ENTROPY_GRAD_OP.into(),
-            reason: reason.into(),
+    let op = CROSS_ENTROPY_GRAD_OP;
+    rewrite_each(graph, opset, op, "logits_shape", |e, node, shape| {
+        let [Some(x), Some(t), Some(w)] = node.inputs[..] else {
+            return Err(node_error(node, op, "needs its three inputs"));
         };
-        let ([Some(x), Some(t), Some(w)], [Some(log_p), Some(dx)]) =
-            (&node.inputs[..], &node.outputs[..])
-        else {
-            return Err(fail("needs its three inputs and two outputs"));
-        };
-        let shape: Vec<usize> = node
-            .attr("logits_shape")
-            .map(|a| a.ints.iter().map(|&d| d as usize).collect())
-            .filter(|s: &Vec<usize>| !s.is_empty())
-            .ok_or_else(|| fail("no logits_shape"))?;
         let mut column = shape.clone();
         *column.last_mut().expect("non-empty") = 1;
-        graph.remove_node(id);
-        let float = crate::proto::tensor_proto::DataType::Float as i32;
-        let mut e = crate::ir::build::Builder::new(graph, opset, float, node.name().into(), '/');
-        e.shapes.insert(*x, shape);
-        e.shapes.insert(*t, column.clone());
-        e.shapes.insert(*w, column);
-        let (new_log_p, new_dx) = super::loss::log_softmax_at(&mut e, *x, *t, *w)?;
-        graph.replace_uses(*log_p, new_log_p, &[]);
-        graph.replace_uses(*dx, new_dx, &[]);
-    }
-    Ok(found.len())
+        e.shapes.insert(x, shape);
+        e.shapes.insert(t, column.clone());
+        e.shapes.insert(w, column);
+        let (log_p, dx) = super::loss::log_softmax_at(e, x, t, w)?;
+        Ok(vec![log_p, dx])
+    })
 }
 
 /// Every `SoftmaxGrad(g, y)` as `rules::softmax_grad` over the last axis; returns how
 /// many.
 fn softmax_gradients(graph: &mut Graph, opset: i64) -> Result<usize> {
-    let found = own_nodes(graph, SOFTMAX_GRAD_OP);
+    let op = SOFTMAX_GRAD_OP;
+    rewrite_each(graph, opset, op, "shape", |e, node, shape| {
+        let [Some(g), Some(y)] = node.inputs[..] else {
+            return Err(node_error(node, op, "needs its two inputs"));
+        };
+        let last = shape.len() - 1;
+        e.shapes.insert(g, shape.clone());
+        e.shapes.insert(y, shape);
+        Ok(vec![super::rules::softmax_grad(e, y, g, &[last])?])
+    })
+}
+
+/// Rewrites every node of lora-graft's float32 kernel `op` in default ops:
+/// `rewrite(builder, node, shape)` (the shape from the node's ints attribute
+/// `shape_attr`) builds them and returns the values that replace the node's outputs, in
+/// order. Returns how many nodes it rewrote.
+fn rewrite_each(
+    graph: &mut Graph,
+    opset: i64,
+    op: &str,
+    shape_attr: &str,
+    rewrite: impl Fn(&mut Builder, &Node, Vec<usize>) -> Result<Vec<ValueId>>,
+) -> Result<usize> {
+    let found = own_nodes(graph, op);
     for &id in &found {
         let node = graph.node(id).clone();
-        let fail = |reason: &str| Error::Node {
-            node: node.name().to_string(),
-            op: SOFTMAX_GRAD_OP.into(),
-            reason: reason.into(),
-        };
-        let ([Some(g), Some(y)], [Some(dx)]) = (&node.inputs[..], &node.outputs[..]) else {
-            return Err(fail("needs its two inputs and one output"));
-        };
         let shape: Vec<usize> = node
-            .attr("shape")
+            .attr(shape_attr)
             .map(|a| a.ints.iter().map(|&d| d as usize).collect())
             .filter(|s: &Vec<usize>| !s.is_empty())
-            .ok_or_else(|| fail("no shape"))?;
+            .ok_or_else(|| node_error(&node, op, &format!("no {shape_attr}")))?;
         graph.remove_node(id);
         let float = crate::proto::tensor_proto::DataType::Float as i32;
-        let mut e = crate::ir::build::Builder::new(graph, opset, float, node.name().into(), '/');
-        e.shapes.insert(*g, shape.clone());
-        e.shapes.insert(*y, shape.clone());
-        let new_dx = super::rules::softmax_grad(&mut e, *y, *g, &[shape.len() - 1])?;
-        graph.replace_uses(*dx, new_dx, &[]);
+        let mut e = Builder::new(graph, opset, float, node.name().into(), '/');
+        let new = rewrite(&mut e, &node, shape)?;
+        if new.len() != node.outputs.len() {
+            return Err(node_error(&node, op, "has an unexpected number of outputs"));
+        }
+        for (old, new) in node.outputs.iter().zip(new) {
+            if let Some(old) = old {
+                graph.replace_uses(*old, new, &[]);
+            }
+        }
     }
     Ok(found.len())
+}
+
+/// The error for `node` of lora-graft's `op`.
+fn node_error(node: &Node, op: &str, reason: &str) -> Error {
+    Error::Node {
+        node: node.name().to_string(),
+        op: op.into(),
+        reason: reason.into(),
+    }
 }
 
 /// The nodes of lora-graft's `op`.
