@@ -69,7 +69,15 @@ pub(super) fn swiglu(e: &Builder, node: &Node) -> Option<SwiGlu> {
 
 /// `(dx, dup)` of the gate for the incoming gradient `g`, as one `SwiGluGrad` node.
 pub(super) fn swiglu_grad(e: &mut Builder, gate: SwiGlu, g: ValueId) -> Result<(ValueId, ValueId)> {
-    let outs = kernel(e, SWIGLU_GRAD_OP, &[g, gate.x, gate.up], vec![], 2, gate.x)?;
+    let shape = e.shapes.get(&gate.x).cloned().unwrap_or_default();
+    let inputs = [g, gate.x, gate.up];
+    let outs = kernel(
+        e,
+        SWIGLU_GRAD_OP,
+        &inputs,
+        vec![],
+        vec![shape.clone(), shape],
+    )?;
     Ok((outs[0], outs[1]))
 }
 
@@ -77,27 +85,26 @@ pub(super) fn swiglu_grad(e: &mut Builder, gate: SwiGlu, g: ValueId) -> Result<(
 /// gradient `g`, as one `SoftmaxGrad` node (`runtime::softmax_grad`); its attribute
 /// `shape` lets `portable` write the default ops back.
 pub(super) fn softmax_grad(e: &mut Builder, y: ValueId, g: ValueId) -> Result<ValueId> {
-    let dims: Vec<i64> = e.shape(y)?.iter().map(|&d| d as i64).collect();
+    let shape = e.shape(y)?;
+    let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
     let attrs = vec![crate::ir::build::ints_attr("shape", &dims)];
-    Ok(kernel(e, SOFTMAX_GRAD_OP, &[g, y], attrs, 1, y)?[0])
+    Ok(kernel(e, SOFTMAX_GRAD_OP, &[g, y], attrs, vec![shape])?[0])
 }
 
-/// A node of lora-graft's kernel `op` on `inputs` with `attrs`, with `outputs` float32
-/// outputs of `like`'s shape.
-fn kernel(
+/// A node of lora-graft's kernel `op` on `inputs` with `attrs`, with one float32 output
+/// of each shape of `shapes`.
+pub(super) fn kernel(
     e: &mut Builder,
     op: &str,
     inputs: &[ValueId],
     attrs: Vec<crate::proto::AttributeProto>,
-    outputs: usize,
-    like: ValueId,
+    shapes: Vec<Vec<usize>>,
 ) -> Result<Vec<ValueId>> {
     let name = format!("{}/{op}", e.prefix);
-    let (id, outs) = e.graph.add_op(op, &name, inputs, attrs, outputs)?;
+    let (id, outs) = e.graph.add_op(op, &name, inputs, attrs, shapes.len())?;
     e.graph.node_mut(id).proto.domain = Some(DOMAIN.into());
-    let shape = e.shapes.get(&like).cloned().unwrap_or_default();
-    for &o in &outs {
-        e.shapes.insert(o, shape.clone());
+    for (&o, shape) in outs.iter().zip(shapes) {
+        e.shapes.insert(o, shape);
         e.dtypes.insert(o, DataType::Float as i32);
     }
     Ok(outs)

@@ -200,19 +200,9 @@ fn fused_log_softmax_at(
     let shape = e.shape(x)?;
     let column = e.shape(idx)?;
     let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-    let name = format!("{}/{CROSS_ENTROPY_GRAD_OP}", e.prefix);
-    let (id, outs) = e.graph.add_op(
-        CROSS_ENTROPY_GRAD_OP,
-        &name,
-        &[x, idx, w],
-        vec![crate::ir::build::ints_attr("logits_shape", &dims)],
-        2,
-    )?;
-    e.graph.node_mut(id).proto.domain = Some(crate::runtime::nbits::DOMAIN.into());
-    for (&o, s) in outs.iter().zip([column, shape]) {
-        e.shapes.insert(o, s);
-        e.dtypes.insert(o, DataType::Float as i32);
-    }
+    let attrs = vec![crate::ir::build::ints_attr("logits_shape", &dims)];
+    let op = CROSS_ENTROPY_GRAD_OP;
+    let outs = super::fused::kernel(e, op, &[x, idx, w], attrs, vec![column, shape])?;
     Ok((outs[0], outs[1]))
 }
 
