@@ -12,8 +12,7 @@ use tract_core::ops::einsum::EinSum;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-/// Columns of C per faer call.
-const COLUMN_BLOCK: usize = 512;
+use super::tiles::{self, Operand};
 
 /// An f32 `EinSum` of two plain tensors as a matrix product computed by faer, read in
 /// place: every axis, in any order, becomes an element stride of A, B and C, so no
@@ -290,48 +289,72 @@ impl EvalOp for FaerMatMul {
             let sums = offsets(&plan.k_loops);
             let Plan { m, k, n, .. } = plan;
             for (oa, ob, oc) in offsets(&plan.loops) {
-                // faer runs wide products faster in column blocks (at 512 columns:
-                // 150 GFLOP/s where the whole 512 x 512 x 1376 product gets 120); the
-                // blocks are shared among the threads this worker may use.
-                let blocks = n.size.div_ceil(COLUMN_BLOCK);
+                let tiles = if sums.len() == 1 {
+                    let (sa, sb, _) = sums[0];
+                    let a = Operand {
+                        at: (a_at as *const f32).wrapping_offset(oa + sa),
+                        outer: m.a,
+                        k: k.a,
+                    };
+                    let b = Operand {
+                        at: (b_at as *const f32).wrapping_offset(ob + sb),
+                        outer: n.b,
+                        k: k.b,
+                    };
+                    // SAFETY: the spans come from the tensors' own shapes and row-major
+                    // strides, so A's m × k and B's k × n lie in their buffers.
+                    unsafe { tiles::cut(m.size, n.size, k.size, a, b) }
+                } else {
+                    tiles::dense(m.size, n.size, k.size)
+                };
+                // The tiles are shared among the threads this worker may use.
                 crate::parallel::split_range(
-                    blocks,
+                    tiles.len(),
                     crate::parallel::product_threads(),
                     |_, part| {
-                        for block in part {
-                            let j = (block * COLUMN_BLOCK) as isize;
-                            let w = COLUMN_BLOCK.min(n.size - j as usize);
+                        for tile in &tiles[part] {
+                            let (i, j) = (tile.m.start as isize, tile.n.start as isize);
+                            let l = tile.k.start as isize;
+                            // SAFETY: as above, every element addressed lies in its
+                            // buffer; `c` does not alias the inputs, and each thread
+                            // writes its own tiles of `c`.
+                            let mut cm = unsafe {
+                                MatMut::<f32>::from_raw_parts_mut(
+                                    (c_at as *mut f32).offset(oc + i * m.c + j * n.c),
+                                    tile.m.len(),
+                                    tile.n.len(),
+                                    m.c,
+                                    n.c,
+                                )
+                            };
+                            if tile.k.is_empty() {
+                                cm.fill(0.0); // a block of A or B that is all zero
+                                continue;
+                            }
                             for (ix, &(sa, sb, _)) in sums.iter().enumerate() {
                                 let accum = if ix == 0 { Accum::Replace } else { Accum::Add };
-                                // SAFETY: the spans come from the tensors' own shapes
-                                // and row-major strides (checked to multiply above), so
-                                // every element addressed lies in its buffer; `c` does
-                                // not alias the inputs, and each thread writes its own
-                                // column blocks of `c`.
-                                unsafe {
-                                    let am = MatRef::<f32>::from_raw_parts(
-                                        (a_at as *const f32).offset(oa + sa),
-                                        m.size,
-                                        k.size,
-                                        m.a,
-                                        k.a,
-                                    );
-                                    let bm = MatRef::<f32>::from_raw_parts(
-                                        (b_at as *const f32).offset(ob + sb + j * n.b),
-                                        k.size,
-                                        w,
-                                        k.b,
-                                        n.b,
-                                    );
-                                    let cm = MatMut::<f32>::from_raw_parts_mut(
-                                        (c_at as *mut f32).offset(oc + j * n.c),
-                                        m.size,
-                                        w,
-                                        m.c,
-                                        n.c,
-                                    );
-                                    matmul(cm, accum, am, bm, 1.0f32, Par::Seq);
-                                }
+                                // SAFETY: as above.
+                                let (am, bm) = unsafe {
+                                    (
+                                        MatRef::<f32>::from_raw_parts(
+                                            (a_at as *const f32)
+                                                .offset(oa + sa + i * m.a + l * k.a),
+                                            tile.m.len(),
+                                            tile.k.len(),
+                                            m.a,
+                                            k.a,
+                                        ),
+                                        MatRef::<f32>::from_raw_parts(
+                                            (b_at as *const f32)
+                                                .offset(ob + sb + l * k.b + j * n.b),
+                                            tile.k.len(),
+                                            tile.n.len(),
+                                            k.b,
+                                            n.b,
+                                        ),
+                                    )
+                                };
+                                matmul(cm.as_mut(), accum, am, bm, 1.0f32, Par::Seq);
                             }
                         }
                     },
@@ -482,6 +505,57 @@ mod tests {
                 .position(|(x, y)| (x - y).abs().is_nan() || (x - y).abs() >= 1e-4);
             assert!(bad.is_none(), "{expr}: element {bad:?} differs");
         }
+    }
+
+    /// Causal attention's products, whose probabilities (or their gradient) are zero
+    /// above the diagonal and are summed only below it (`tiles::cut`), as A (`P·V`,
+    /// `dS·K`), transposed (`dSᵀ·Q`), and as B (`dOᵀ·P`): tract's results, zeros
+    /// included where a block is all zero.
+    #[test]
+    fn causal_products_skip_zero_ends_and_equal_tracts() {
+        let (h, s, d) = (3, 200, 16);
+        let causal = |zero_first_head: bool| {
+            let dense = tensor(&[h, s, s], 1);
+            let mut p: Vec<f32> = dense
+                .to_plain_array_view::<f32>()
+                .unwrap()
+                .iter()
+                .copied()
+                .collect();
+            for (ix, x) in p.iter_mut().enumerate() {
+                if ix % s > (ix / s) % s || zero_first_head && ix < s * s {
+                    *x = 0.0;
+                }
+            }
+            tract_ndarray::ArrayD::from_shape_vec(vec![h, s, s], p)
+                .unwrap()
+                .into_tensor()
+        };
+        let p = causal(false);
+        let v = tensor(&[h, s, d], 2);
+        let cases = [
+            ("hqk,hkd->hqd", &p, &v),
+            ("hkq,hkd->hqd", &p, &v),
+            ("hkd,hkq->hdq", &v, &p),
+        ];
+        for (expr, a, b) in cases {
+            let (want, got, used) = both(expr, a, b);
+            assert!(used, "{expr}: faer was not used");
+            // f32 sums of at most 200 terms of size <= 1 in different orders.
+            let (w, g) = (
+                want.to_plain_array_view::<f32>().unwrap(),
+                got.to_plain_array_view::<f32>().unwrap(),
+            );
+            let worst = w
+                .iter()
+                .zip(g.iter())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            assert!(worst < 1e-4, "{expr}: off by {worst}");
+        }
+        // A head all zero: zeros (the output buffer is not initialised).
+        let (want, got, _) = both("hqk,hkd->hqd", &causal(true), &v);
+        assert_eq!(want, got);
     }
 
     #[test]

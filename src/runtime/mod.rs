@@ -20,6 +20,7 @@ pub mod nbits;
 pub(crate) mod profile;
 pub mod softmax_grad;
 pub mod swiglu;
+mod tiles;
 mod vexp;
 
 /// tract's ONNX front end with lora-graft's kernels: `MatMulNBits` and its input
