@@ -288,8 +288,20 @@ impl EvalOp for FaerMatMul {
             let c_at = c_data.as_mut_ptr() as usize;
             let sums = offsets(&plan.k_loops);
             let Plan { m, k, n, .. } = plan;
-            for (oa, ob, oc) in offsets(&plan.loops) {
-                let tiles = if sums.len() == 1 {
+            let loops = offsets(&plan.loops);
+            let threads = crate::parallel::product_threads();
+            // Threads a product is worth: only a large one pays for their start.
+            let work = loops.len() * sums.len() * m.size * n.size * k.size;
+            let threads = if work >= tiles::PARALLEL_WORK {
+                threads
+            } else {
+                1
+            };
+            // Column (or row) blocks enough for every thread when the loops are not.
+            let split = if loops.len() >= threads { 1 } else { threads };
+            let mut tiles = Vec::new();
+            for &(oa, ob, oc) in &loops {
+                let cut = if sums.len() == 1 {
                     let (sa, sb, _) = sums[0];
                     let a = Operand {
                         at: (a_at as *const f32).wrapping_offset(oa + sa),
@@ -303,63 +315,59 @@ impl EvalOp for FaerMatMul {
                     };
                     // SAFETY: the spans come from the tensors' own shapes and row-major
                     // strides, so A's m × k and B's k × n lie in their buffers.
-                    unsafe { tiles::cut(m.size, n.size, k.size, a, b) }
+                    unsafe { tiles::cut(m.size, n.size, k.size, a, b, split) }
                 } else {
-                    tiles::dense(m.size, n.size, k.size)
+                    tiles::dense(m.size, n.size, k.size, split)
                 };
-                // The tiles are shared among the threads this worker may use.
-                crate::parallel::split_range(
-                    tiles.len(),
-                    crate::parallel::product_threads(),
-                    |_, part| {
-                        for tile in &tiles[part] {
-                            let (i, j) = (tile.m.start as isize, tile.n.start as isize);
-                            let l = tile.k.start as isize;
-                            // SAFETY: as above, every element addressed lies in its
-                            // buffer; `c` does not alias the inputs, and each thread
-                            // writes its own tiles of `c`.
-                            let mut cm = unsafe {
-                                MatMut::<f32>::from_raw_parts_mut(
-                                    (c_at as *mut f32).offset(oc + i * m.c + j * n.c),
-                                    tile.m.len(),
-                                    tile.n.len(),
-                                    m.c,
-                                    n.c,
-                                )
-                            };
-                            if tile.k.is_empty() {
-                                cm.fill(0.0); // a block of A or B that is all zero
-                                continue;
-                            }
-                            for (ix, &(sa, sb, _)) in sums.iter().enumerate() {
-                                let accum = if ix == 0 { Accum::Replace } else { Accum::Add };
-                                // SAFETY: as above.
-                                let (am, bm) = unsafe {
-                                    (
-                                        MatRef::<f32>::from_raw_parts(
-                                            (a_at as *const f32)
-                                                .offset(oa + sa + i * m.a + l * k.a),
-                                            tile.m.len(),
-                                            tile.k.len(),
-                                            m.a,
-                                            k.a,
-                                        ),
-                                        MatRef::<f32>::from_raw_parts(
-                                            (b_at as *const f32)
-                                                .offset(ob + sb + l * k.b + j * n.b),
-                                            tile.k.len(),
-                                            tile.n.len(),
-                                            k.b,
-                                            n.b,
-                                        ),
-                                    )
-                                };
-                                matmul(cm.as_mut(), accum, am, bm, 1.0f32, Par::Seq);
-                            }
-                        }
-                    },
-                );
+                tiles.extend(cut.into_iter().map(|tile| ((oa, ob, oc), tile)));
             }
+            // Dealt out in turn, so that the blocks of a triangle (cut by its zero ends)
+            // are shared evenly.
+            let threads = threads.min(tiles.len());
+            crate::parallel::split_range(threads, threads, |thread, _| {
+                for ((oa, ob, oc), tile) in tiles.iter().skip(thread).step_by(threads) {
+                    let (i, j) = (tile.m.start as isize, tile.n.start as isize);
+                    let l = tile.k.start as isize;
+                    // SAFETY: as above, every element addressed lies in its buffer; `c`
+                    // does not alias the inputs, and each thread writes its own tiles.
+                    let mut cm = unsafe {
+                        MatMut::<f32>::from_raw_parts_mut(
+                            (c_at as *mut f32).offset(oc + i * m.c + j * n.c),
+                            tile.m.len(),
+                            tile.n.len(),
+                            m.c,
+                            n.c,
+                        )
+                    };
+                    if tile.k.is_empty() {
+                        cm.fill(0.0); // a block of A or B that is all zero
+                        continue;
+                    }
+                    for (ix, &(sa, sb, _)) in sums.iter().enumerate() {
+                        let accum = if ix == 0 { Accum::Replace } else { Accum::Add };
+                        // SAFETY: as above.
+                        let (am, bm) = unsafe {
+                            (
+                                MatRef::<f32>::from_raw_parts(
+                                    (a_at as *const f32).offset(oa + sa + i * m.a + l * k.a),
+                                    tile.m.len(),
+                                    tile.k.len(),
+                                    m.a,
+                                    k.a,
+                                ),
+                                MatRef::<f32>::from_raw_parts(
+                                    (b_at as *const f32).offset(ob + sb + l * k.b + j * n.b),
+                                    tile.k.len(),
+                                    tile.n.len(),
+                                    k.b,
+                                    n.b,
+                                ),
+                            )
+                        };
+                        matmul(cm.as_mut(), accum, am, bm, 1.0f32, Par::Seq);
+                    }
+                }
+            });
         }
         Ok(tvec!(c.into_tvalue()))
     }
@@ -556,6 +564,50 @@ mod tests {
         // A head all zero: zeros (the output buffer is not initialised).
         let (want, got, _) = both("hqk,hkd->hqd", &causal(true), &v);
         assert_eq!(want, got);
+    }
+
+    /// Products large enough to share among 2 threads (column blocks, row blocks, heads,
+    /// and a causal triangle's blocks dealt out in turn): tract's results.
+    #[test]
+    fn products_shared_among_threads_equal_tracts() {
+        crate::parallel::set_product_threads(2);
+        let (s, d) = (256, 64);
+        let mut p: Vec<f32> = tensor(&[2, s, s], 3)
+            .to_plain_array_view::<f32>()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect();
+        for (ix, x) in p.iter_mut().enumerate() {
+            if ix % s > (ix / s) % s {
+                *x = 0.0;
+            }
+        }
+        let p = tract_ndarray::ArrayD::from_shape_vec(vec![2, s, s], p)
+            .unwrap()
+            .into_tensor();
+        let cases = [
+            ("mk,kn->mn", tensor(&[128, 512], 1), tensor(&[512, 1376], 2)),
+            ("mk,kn->mn", tensor(&[512, 512], 1), tensor(&[512, 16], 2)),
+            ("hqk,hkd->hqd", p, tensor(&[2, s, d], 4)),
+        ];
+        for (expr, a, b) in &cases {
+            let (want, got, used) = both(expr, a, b);
+            assert!(used, "{expr}: faer was not used");
+            // f32 sums of 512 terms of size <= 1 (results up to about 20) in different
+            // orders and blocks: far within 1e-3.
+            let (w, g) = (
+                want.to_plain_array_view::<f32>().unwrap(),
+                got.to_plain_array_view::<f32>().unwrap(),
+            );
+            let worst = w
+                .iter()
+                .zip(g.iter())
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            assert!(worst < 1e-3, "{expr}: off by {worst}");
+        }
+        crate::parallel::set_product_threads(1);
     }
 
     #[test]

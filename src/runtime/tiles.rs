@@ -21,6 +21,13 @@ pub(super) const COLUMN_BLOCK: usize = 512;
 /// Rows (of A) or columns (of B) a block covers when the product skips zero ends.
 pub(super) const EDGE_BLOCK: usize = 64;
 
+/// Multiply-adds from which a product is shared among threads (about 30 µs of one
+/// core's work: starting a thread costs some).
+pub(super) const PARALLEL_WORK: usize = 1 << 22;
+
+/// The fewest columns (or rows) a block gets when a product is split for threads.
+const SPLIT_MIN: usize = 32;
+
 /// One faer call: rows `m` and columns `n` of C, summed over `k` (empty: zeros).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Tile {
@@ -39,15 +46,23 @@ pub(super) struct Operand {
 }
 
 /// The tiles of a product of `m` rows, `n` columns and `k` summed terms, column blocks
-/// of the whole sum unless A (by rows) or else B (by columns) has zero ends.
+/// of the whole sum (at least `split` of them where the size allows, see [`dense`])
+/// unless A (by rows) or else B (by columns) has zero ends.
 ///
 /// # Safety
 ///
 /// `a` must address `m × k` elements and `b` `k × n` through their strides, all
 /// readable for the call.
-pub(super) unsafe fn cut(m: usize, n: usize, k: usize, a: Operand, b: Operand) -> Vec<Tile> {
+pub(super) unsafe fn cut(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    b: Operand,
+    split: usize,
+) -> Vec<Tile> {
     if k < 2 * EDGE_BLOCK {
-        return dense(m, n, k);
+        return dense(m, n, k, split);
     }
     let blocks = |len: usize| {
         (0..len)
@@ -62,7 +77,7 @@ pub(super) unsafe fn cut(m: usize, n: usize, k: usize, a: Operand, b: Operand) -
         if ranges.iter().any(|(ks, _)| *ks != (0..k)) {
             return ranges
                 .into_iter()
-                .flat_map(|(ks, rows)| column_blocks(rows, n, ks))
+                .flat_map(|(ks, rows)| column_blocks(rows, n, n.div_ceil(COLUMN_BLOCK), ks))
                 .collect();
         }
     }
@@ -82,21 +97,48 @@ pub(super) unsafe fn cut(m: usize, n: usize, k: usize, a: Operand, b: Operand) -
                 .collect();
         }
     }
-    dense(m, n, k)
+    dense(m, n, k, split)
 }
 
-/// Column blocks of the whole product.
-pub(super) fn dense(m: usize, n: usize, k: usize) -> Vec<Tile> {
-    column_blocks(0..m, n, 0..k)
+/// Column blocks of the whole product, of at most [`COLUMN_BLOCK`] columns; to be shared
+/// by `split` threads, a multiple of `split` of them (3 blocks for 2 threads would keep
+/// one idle for a third of the time), or, when the columns are too few, row blocks too.
+pub(super) fn dense(m: usize, n: usize, k: usize, split: usize) -> Vec<Tile> {
+    let mut blocks = n.div_ceil(COLUMN_BLOCK);
+    if split > 1 {
+        blocks = blocks
+            .next_multiple_of(split)
+            .min(n.div_ceil(SPLIT_MIN))
+            .max(1);
+    }
+    let tiles = column_blocks(0..m, n, blocks, 0..k);
+    let rows = split
+        .div_ceil(tiles.len())
+        .min(m.div_ceil(SPLIT_MIN))
+        .max(1);
+    if rows == 1 {
+        return tiles;
+    }
+    let height = m.div_ceil(rows);
+    tiles
+        .into_iter()
+        .flat_map(|t| {
+            (0..m).step_by(height).map(move |i| Tile {
+                m: i..m.min(i + height),
+                ..t.clone()
+            })
+        })
+        .collect()
 }
 
-/// Column blocks of `rows` of C, each summed over `k`.
-fn column_blocks(rows: Range<usize>, n: usize, k: Range<usize>) -> Vec<Tile> {
+/// `blocks` near-equal column blocks of `rows` of C, each summed over `k`.
+fn column_blocks(rows: Range<usize>, n: usize, blocks: usize, k: Range<usize>) -> Vec<Tile> {
+    let width = n.div_ceil(blocks.max(1));
     (0..n)
-        .step_by(COLUMN_BLOCK)
+        .step_by(width.max(1))
         .map(|j| Tile {
             m: rows.clone(),
-            n: j..n.min(j + COLUMN_BLOCK),
+            n: j..n.min(j + width),
             k: k.clone(),
         })
         .collect()
@@ -204,7 +246,7 @@ mod tests {
             outer: s as isize,
             k: 1,
         };
-        let tiles = unsafe { cut(s, n, s, a, b) };
+        let tiles = unsafe { cut(s, n, s, a, b, 1) };
         let want: Vec<Tile> = (0..4)
             .map(|i| Tile {
                 m: 64 * i..64 * (i + 1),
@@ -219,7 +261,7 @@ mod tests {
             outer: 1,
             k: s as isize,
         };
-        let tiles = unsafe { cut(s, n, s, a_t, b) };
+        let tiles = unsafe { cut(s, n, s, a_t, b, 1) };
         let want: Vec<Tile> = (0..4)
             .map(|i| Tile {
                 m: 64 * i..64 * (i + 1),
@@ -246,7 +288,7 @@ mod tests {
             outer: 1,
             k: s as isize,
         };
-        let tiles = unsafe { cut(m, s, s, a, b) };
+        let tiles = unsafe { cut(m, s, s, a, b, 1) };
         assert_eq!(
             tiles,
             vec![
@@ -287,10 +329,10 @@ mod tests {
                 k: n as isize,
             },
         );
-        let tiles = unsafe { cut(m, n, k, ao, bo) };
+        let tiles = unsafe { cut(m, n, k, ao, bo, 1) };
         assert_eq!(tiles.len(), 3);
         assert!(tiles.iter().all(|t| t.m == (0..m) && t.k == (0..k)));
-        assert_eq!(tiles[2].n, 1024..1100);
+        assert_eq!(tiles[2].n, 734..1100); // near-equal blocks
         let mut nan = vec![0.0f32; m * k];
         nan[5 * k + k - 1] = f32::NAN;
         let tiles = unsafe {
@@ -303,6 +345,7 @@ mod tests {
                     ..ao
                 },
                 bo,
+                1,
             )
         };
         let blocks: Vec<_> = tiles
@@ -312,5 +355,21 @@ mod tests {
             .collect();
         // (rounded out to whole chunks of 16 from k = 0)
         assert_eq!(blocks, vec![192..k, 0..0, 0..0]);
+    }
+
+    /// Split for 2 threads: an even number of column blocks, or rows where the columns
+    /// are too few; for 1 thread, blocks of at most 512 columns.
+    #[test]
+    fn dense_products_split_evenly_for_threads() {
+        let widths = |t: &[Tile]| t.iter().map(|t| t.n.len()).collect::<Vec<_>>();
+        assert_eq!(widths(&dense(128, 512, 512, 2)), vec![256, 256]);
+        assert_eq!(widths(&dense(128, 1376, 512, 2)), vec![344; 4]);
+        assert_eq!(widths(&dense(128, 1376, 512, 1)), vec![459, 459, 458]);
+        let rows: Vec<_> = dense(512, 16, 512, 2)
+            .into_iter()
+            .map(|t| (t.m, t.n))
+            .collect();
+        assert_eq!(rows, vec![(0..256, 0..16), (256..512, 0..16)]);
+        assert_eq!(dense(16, 16, 512, 2).len(), 1);
     }
 }
