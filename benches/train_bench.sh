@@ -185,7 +185,11 @@ if genai:
         ratio_row(f"int4 micro {micro} / fp32", meds[f"lora-graft genai int4 micro {micro}"],
                   meds["lora-graft genai fp32"])
 # Matrix products from the profile (seconds, calls, op, node, shapes, einsum expression):
-# 2 x the product of every axis's size, per call; the seconds are summed over workers.
+# 2 x the product of every axis's size, per call (causal attention's products count
+# whole, though lora-graft skips their zero blocks); the seconds are summed over workers.
+# A worker's products of 4M multiply-adds or more run on THREADS / workers threads
+# (batch 1: all of them), so their seconds count that many cores.
+workers = max(d for d in range(1, threads + 1) if batch % d == 0)
 flops = secs = best = 0.0
 for line in open(f"{logs}/profile.txt"):
     f_ = line.rstrip("\n").split("\t")
@@ -195,12 +199,12 @@ for line in open(f"{logs}/profile.txt"):
     ins = f_[5].split("->")[0].split(",")
     size = {c: d for term, shape in zip(ins, shapes) for c, d in zip(term, shape) if d != 1}
     node = 2 * math.prod(size.values()) * int(f_[1])
-    flops, secs = flops + node, secs + float(f_[0])
+    cores = threads // workers if math.prod(size.values()) >= 1 << 22 else 1
+    core_secs = float(f_[0]) * cores
+    flops, secs = flops + node, secs + core_secs
     if float(f_[0]) >= 0.01:  # the profile prints 4 decimals: time only what it resolves
-        best = max(best, node / float(f_[0]) / 1e9)
+        best = max(best, node / core_secs / 1e9)
 per_step = flops / steps / 1e9
-# (Each worker's products run on THREADS / workers threads: "a core" assumes one each,
-# which holds when BATCH >= THREADS.)
 print(f"\nmatrix products: {per_step:.1f} GFLOP a step; faer in situ {flops / max(secs, 1e-9) / 1e9:.0f} GFLOP/s a core"
       f" (its best node {best:.0f}); each tool's whole step, GFLOP/s a core ({threads} cores):")
 for name, r in meds.items():

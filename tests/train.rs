@@ -230,11 +230,15 @@ fn three_adamw_steps_match_pytorch() {
         for step in 0..3 {
             let res = engine.step(&rows, &params).unwrap();
             let want_loss = want.tensors[&format!("loss.{step}")].to_f64()[[]];
-            // 2e-5 relative (measured for LoRA: 7e-8, 1.1e-5 and 1.8e-5 at steps 0, 1, 2;
-            // from step 1 on, Adam moves entries whose gradient is at round-off by up
-            // to lr either way, so the two implementations drift apart there).
+            // Step 0 (the forward of the same weights) to 1e-6 relative; later steps to
+            // 5e-5. From step 1 on, Adam moves entries whose gradient is at round-off by
+            // up to lr either way, so any change in the order of a sum (a kernel's
+            // blocking, an exp's last bit) moves the loss: measured for LoRA, 7e-8 at
+            // step 0 and 1.1e-5 to 2.8e-5 at step 2 across kernels that differ only so
+            // (PiSSA and DeLoRA, whose gradients are not at round-off: 1e-7).
+            let bound = if step == 0 { 1e-6 } else { 5e-5 };
             assert!(
-                (res.loss - want_loss).abs() <= 2e-5 * want_loss,
+                (res.loss - want_loss).abs() <= bound * want_loss,
                 "{variant} step {step}: loss {} vs {want_loss}",
                 res.loss
             );

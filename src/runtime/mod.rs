@@ -15,6 +15,7 @@ use crate::tensor::Array;
 
 pub mod cross_entropy;
 mod kernel;
+mod masked_softmax;
 mod matmul;
 pub mod nbits;
 pub(crate) mod profile;
@@ -190,6 +191,7 @@ impl Runner {
             let mut typed = typed.into_decluttered().map_err(tract_err)?;
             if optimise {
                 matmul::use_faer_matmuls(&mut typed).map_err(tract_err)?;
+                masked_softmax::use_masked_softmax(&mut typed).map_err(tract_err)?;
                 typed = typed.into_optimized().map_err(tract_err)?;
             }
             typed.into_runnable().map_err(tract_err)
