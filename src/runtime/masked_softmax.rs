@@ -5,7 +5,7 @@
 //! broadcast over the heads) and then its softmax (another). Here each row is scaled,
 //! masked, exponentiated and normalized while it is in cache. A term whose exponent is
 //! below `exp`'s range (a mask's `-inf` or float minimum) is exactly 0, as in tract's
-//! softmax: the products after it skip those blocks ([`super::tiles`]).
+//! softmax: the products after it skip those blocks (see [`super::matmul`]).
 //!
 //! [`use_masked_softmax`] finds the pattern in a decluttered model; the training graph
 //! and every ONNX file keep the plain ops.

@@ -21,7 +21,6 @@ pub mod nbits;
 pub(crate) mod profile;
 pub mod softmax_grad;
 pub mod swiglu;
-mod tiles;
 mod vexp;
 
 /// tract's ONNX front end with lora-graft's kernels: `MatMulNBits` and its input
@@ -191,6 +190,7 @@ impl Runner {
             let mut typed = typed.into_decluttered().map_err(tract_err)?;
             if optimise {
                 matmul::use_faer_matmuls(&mut typed).map_err(tract_err)?;
+                matmul::fold_scalar_factors(&mut typed).map_err(tract_err)?;
                 masked_softmax::use_masked_softmax(&mut typed).map_err(tract_err)?;
                 typed = typed.into_optimized().map_err(tract_err)?;
             }

@@ -12,13 +12,17 @@ use tract_core::ops::einsum::EinSum;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-use super::tiles::{self, Operand};
+mod scalars;
+mod tiles;
+
+pub use scalars::fold_scalar_factors;
+use tiles::Operand;
 
 /// An f32 `EinSum` of two plain tensors as a matrix product computed by faer, read in
 /// place: every axis, in any order, becomes an element stride of A, B and C, so no
 /// operand is moved or reshaped first (tract's own matmul form copies any operand whose
 /// axes are not in `[batch.., m, k]` order, and copies shared ones to reshape them).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct FaerMatMul {
     /// Each axis of the sum: its position in A, B and C (absent: `None`).
     axes: TVec<Place>,
@@ -26,7 +30,13 @@ pub struct FaerMatMul {
     c_rank: usize,
     /// The EinSum's expression, for profiles.
     expr: String,
+    /// A factor on the product, `C = alpha·A·B`: a `Mul` by a constant folded in
+    /// ([`fold_scalar_factors`]).
+    alpha: f32,
 }
+
+// Ops compare by value; a folded factor is a model's finite constant.
+impl Eq for FaerMatMul {}
 
 /// Where one axis of the sum sits in A, B and C.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +165,7 @@ impl FaerMatMul {
             axes: places,
             c_rank: axes.rank(InOut::Out(0)),
             expr: axes.to_string(),
+            alpha: 1.0,
         })
     }
 
@@ -257,7 +268,10 @@ impl Op for FaerMatMul {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![self.expr.clone()])
+        if self.alpha == 1.0 {
+            return Ok(vec![self.expr.clone()]);
+        }
+        Ok(vec![format!("{} x{}", self.expr, self.alpha)])
     }
 
     op_as_typed_op!();
@@ -288,6 +302,7 @@ impl EvalOp for FaerMatMul {
             let c_at = c_data.as_mut_ptr() as usize;
             let sums = offsets(&plan.k_loops);
             let Plan { m, k, n, .. } = plan;
+            let alpha = self.alpha;
             let loops = offsets(&plan.loops);
             let threads = crate::parallel::product_threads();
             // Threads a product is worth: only a large one pays for their start.
@@ -364,7 +379,7 @@ impl EvalOp for FaerMatMul {
                                 ),
                             )
                         };
-                        matmul(cm.as_mut(), accum, am, bm, 1.0f32, Par::Seq);
+                        matmul(cm.as_mut(), accum, am, bm, alpha, Par::Seq);
                     }
                 }
             });
@@ -427,208 +442,4 @@ pub fn use_faer_matmuls(model: &mut TypedModel) -> TractResult<bool> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use tract_core::ops::einsum::EinSum;
-
-    /// Runs `expr` on `a` and `b`, through tract's kernels and through faer's; and
-    /// whether faer's kernel took the product.
-    fn both(expr: &str, a: &Tensor, b: &Tensor) -> (Tensor, Tensor, bool) {
-        let mut model = TypedModel::default();
-        let sa = model.add_source("a", f32::fact(a.shape())).unwrap();
-        let sb = model.add_source("b", f32::fact(b.shape())).unwrap();
-        let op = EinSum::new(expr.parse().unwrap(), f32::datum_type());
-        let c = model.wire_node("c", op, &[sa, sb]).unwrap();
-        model.select_output_outlets(&c).unwrap();
-        let model = model.into_decluttered().unwrap();
-        let inputs = tvec!(a.clone().into_tvalue(), b.clone().into_tvalue());
-        let run = |m: TypedModel| {
-            let plan = m.into_optimized().unwrap().into_runnable().unwrap();
-            plan.run(inputs.clone()).unwrap().remove(0).into_tensor()
-        };
-        let mut faer = model.clone();
-        let used = use_faer_matmuls(&mut faer).unwrap()
-            && faer.nodes.iter().any(|n| n.op_is::<FaerMatMul>())
-            && !faer.nodes.iter().any(|n| n.op_is::<EinSum>());
-        // faer first: its output is uninitialised memory, which must not be a buffer
-        // that already held the answer.
-        let got = run(faer);
-        (run(model), got, used)
-    }
-
-    fn tensor(shape: &[usize], seed: usize) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|i| ((i * 7919 + seed * 104729) % 1000) as f32 / 500.0 - 1.0)
-            .collect();
-        tract_ndarray::ArrayD::from_shape_vec(shape, v)
-            .unwrap()
-            .into_tensor()
-    }
-
-    #[test]
-    fn faer_products_equal_tracts() {
-        // Plain, transposed operands and output, batch prefixes (broadcast too), and a
-        // product wide enough to take several column blocks.
-        let cases: &[(&str, &[usize], &[usize])] = &[
-            ("mk,kn->mn", &[5, 7], &[7, 3]),
-            ("km,kn->mn", &[7, 5], &[7, 3]),
-            ("mk,nk->mn", &[5, 7], &[3, 7]),
-            ("mk,kn->nm", &[5, 7], &[7, 3]),
-            ("bmk,kn->bmn", &[2, 5, 7], &[7, 3]),
-            ("bmk,bkn->bmn", &[2, 5, 7], &[2, 7, 3]),
-            ("bmk,bnk->bnm", &[2, 5, 7], &[2, 3, 7]),
-            ("abmk,abkn->abmn", &[1, 2, 5, 7], &[3, 1, 7, 4]),
-            ("mk,kn->mn", &[9, 33], &[33, 1100]),
-            ("mk,kn->nm", &[9, 33], &[33, 1100]),
-            // Operands read in place: attention's heads in the middle, rows of a linear
-            // layer over two axes (merged), a weight gradient summed over two axes
-            // (merged, then not mergeable: summed in a loop), no summed axis, no n.
-            ("bshk,bthk->bhst", &[2, 5, 3, 4], &[2, 6, 3, 4]),
-            ("bhst,bthk->bshk", &[2, 3, 5, 6], &[2, 6, 3, 4]),
-            ("bsk,kn->bsn", &[2, 5, 7], &[7, 3]),
-            ("bsk,bsn->kn", &[2, 5, 7], &[2, 5, 3]),
-            ("sbk,bsn->nk", &[5, 2, 7], &[2, 5, 3]),
-            ("m,n->mn", &[5], &[3]),
-            ("mk,k->m", &[5, 7], &[7]),
-            ("bsk,nk->bsn", &[2, 3, 40], &[1100, 40]),
-            // Empty: a sum of no terms, and no rows.
-            ("mk,kn->mn", &[5, 0], &[0, 3]),
-            ("mk,kn->nm", &[0, 7], &[7, 3]),
-        ];
-        for (i, (expr, sa, sb)) in cases.iter().enumerate() {
-            let (a, b) = (tensor(sa, i), tensor(sb, i + 100));
-            let (want, got, used) = both(expr, &a, &b);
-            assert!(used, "{expr}: faer was not used");
-            assert_eq!(want.shape(), got.shape(), "{expr}");
-            // f32 sums of at most 40 terms of size <= 1: the two kernels' orders of
-            // summation differ by far less than 1e-4.
-            let (w, g) = (
-                want.to_plain_array_view::<f32>().unwrap(),
-                got.to_plain_array_view::<f32>().unwrap(),
-            );
-            let bad = w
-                .iter()
-                .zip(g.iter())
-                .position(|(x, y)| (x - y).abs().is_nan() || (x - y).abs() >= 1e-4);
-            assert!(bad.is_none(), "{expr}: element {bad:?} differs");
-        }
-    }
-
-    /// Causal attention's products, whose probabilities (or their gradient) are zero
-    /// above the diagonal and are summed only below it (`tiles::cut`), as A (`P·V`,
-    /// `dS·K`), transposed (`dSᵀ·Q`), and as B (`dOᵀ·P`): tract's results, zeros
-    /// included where a block is all zero.
-    #[test]
-    fn causal_products_skip_zero_ends_and_equal_tracts() {
-        let (h, s, d) = (3, 200, 16);
-        let causal = |zero_first_head: bool| {
-            let dense = tensor(&[h, s, s], 1);
-            let mut p: Vec<f32> = dense
-                .to_plain_array_view::<f32>()
-                .unwrap()
-                .iter()
-                .copied()
-                .collect();
-            for (ix, x) in p.iter_mut().enumerate() {
-                if ix % s > (ix / s) % s || zero_first_head && ix < s * s {
-                    *x = 0.0;
-                }
-            }
-            tract_ndarray::ArrayD::from_shape_vec(vec![h, s, s], p)
-                .unwrap()
-                .into_tensor()
-        };
-        let p = causal(false);
-        let v = tensor(&[h, s, d], 2);
-        let cases = [
-            ("hqk,hkd->hqd", &p, &v),
-            ("hkq,hkd->hqd", &p, &v),
-            ("hkd,hkq->hdq", &v, &p),
-        ];
-        for (expr, a, b) in cases {
-            let (want, got, used) = both(expr, a, b);
-            assert!(used, "{expr}: faer was not used");
-            // f32 sums of at most 200 terms of size <= 1 in different orders.
-            let (w, g) = (
-                want.to_plain_array_view::<f32>().unwrap(),
-                got.to_plain_array_view::<f32>().unwrap(),
-            );
-            let worst = w
-                .iter()
-                .zip(g.iter())
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0, f32::max);
-            assert!(worst < 1e-4, "{expr}: off by {worst}");
-        }
-        // A head all zero: zeros (the output buffer is not initialised).
-        let (want, got, _) = both("hqk,hkd->hqd", &causal(true), &v);
-        assert_eq!(want, got);
-    }
-
-    /// Products large enough to share among 2 threads (column blocks, row blocks, heads,
-    /// and a causal triangle's blocks dealt out in turn): tract's results.
-    #[test]
-    fn products_shared_among_threads_equal_tracts() {
-        crate::parallel::set_product_threads(2);
-        let (s, d) = (256, 64);
-        let mut p: Vec<f32> = tensor(&[2, s, s], 3)
-            .to_plain_array_view::<f32>()
-            .unwrap()
-            .iter()
-            .copied()
-            .collect();
-        for (ix, x) in p.iter_mut().enumerate() {
-            if ix % s > (ix / s) % s {
-                *x = 0.0;
-            }
-        }
-        let p = tract_ndarray::ArrayD::from_shape_vec(vec![2, s, s], p)
-            .unwrap()
-            .into_tensor();
-        let cases = [
-            ("mk,kn->mn", tensor(&[128, 512], 1), tensor(&[512, 1376], 2)),
-            ("mk,kn->mn", tensor(&[512, 512], 1), tensor(&[512, 16], 2)),
-            ("hqk,hkd->hqd", p, tensor(&[2, s, d], 4)),
-        ];
-        for (expr, a, b) in &cases {
-            let (want, got, used) = both(expr, a, b);
-            assert!(used, "{expr}: faer was not used");
-            // f32 sums of 512 terms of size <= 1 (results up to about 20) in different
-            // orders and blocks: far within 1e-3.
-            let (w, g) = (
-                want.to_plain_array_view::<f32>().unwrap(),
-                got.to_plain_array_view::<f32>().unwrap(),
-            );
-            let worst = w
-                .iter()
-                .zip(g.iter())
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0, f32::max);
-            assert!(worst < 1e-3, "{expr}: off by {worst}");
-        }
-        crate::parallel::set_product_threads(1);
-    }
-
-    #[test]
-    fn a_summed_axis_broadcast_from_one_side_is_not_taken() {
-        // (tract's own optimiser refuses this product too.)
-        let op = EinSum::new("bsk,bsn->kn".parse().unwrap(), f32::datum_type());
-        let shape = |d: &[usize]| f32::fact(d).shape;
-        assert!(FaerMatMul::of(&op, &shape(&[1, 5, 7]), &shape(&[2, 5, 3])).is_none());
-        assert!(FaerMatMul::of(&op, &shape(&[2, 5, 7]), &shape(&[2, 5, 3])).is_some());
-    }
-
-    #[test]
-    fn models_with_other_products_keep_tracts_kernels() {
-        let mut model = TypedModel::default();
-        let sa = model.add_source("a", f64::fact([2, 3])).unwrap();
-        let sb = model.add_source("b", f64::fact([3, 4])).unwrap();
-        let op = EinSum::new("mk,kn->mn".parse().unwrap(), f64::datum_type());
-        let c = model.wire_node("c", op, &[sa, sb]).unwrap();
-        model.select_output_outlets(&c).unwrap();
-        let mut model = model.into_decluttered().unwrap();
-        assert!(!use_faer_matmuls(&mut model).unwrap());
-        assert!(model.nodes.iter().any(|n| n.op_is::<EinSum>()));
-    }
-}
+mod tests;
