@@ -192,6 +192,7 @@ impl Runner {
                 matmul::use_faer_matmuls(&mut typed).map_err(tract_err)?;
                 matmul::fold_scalar_factors(&mut typed).map_err(tract_err)?;
                 masked_softmax::use_masked_softmax(&mut typed).map_err(tract_err)?;
+                matmul::restrict_to_live_outputs(&mut typed).map_err(tract_err)?;
                 typed = typed.into_optimized().map_err(tract_err)?;
             }
             typed.into_runnable().map_err(tract_err)

@@ -12,11 +12,13 @@ use tract_core::ops::einsum::EinSum;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
+mod live;
 mod scalars;
 mod tiles;
 
+pub use live::restrict_to_live_outputs;
 pub use scalars::fold_scalar_factors;
-use tiles::Operand;
+use tiles::{Live, Operand};
 
 /// An f32 `EinSum` of two plain tensors as a matrix product computed by faer, read in
 /// place: every axis, in any order, becomes an element stride of A, B and C, so no
@@ -33,6 +35,9 @@ pub struct FaerMatMul {
     /// A factor on the product, `C = alpha·A·B`: a `Mul` by a constant folded in
     /// ([`fold_scalar_factors`]).
     alpha: f32,
+    /// Where C is read at all, from a third input shaped like C (or broadcast to it);
+    /// elsewhere C is written as zeros ([`restrict_to_live_outputs`]).
+    live: Option<Live>,
 }
 
 // Ops compare by value; a folded factor is a model's finite constant.
@@ -47,13 +52,14 @@ struct Place {
 }
 
 /// One axis (or run of merged axes) at run time: its size and its element strides in A,
-/// B and C (0 where absent or of size 1: broadcast).
+/// B, C and the live-output reference (0 where absent or of size 1: broadcast).
 #[derive(Debug, Clone, Copy)]
 struct Span {
     size: usize,
     a: isize,
     b: isize,
     c: isize,
+    r: isize,
 }
 
 impl Span {
@@ -63,12 +69,16 @@ impl Span {
         a: 0,
         b: 0,
         c: 0,
+        r: 0,
     };
 
     /// Whether `self` (outer) and `inner` are one run of memory in every tensor.
     fn merges_with(&self, inner: &Span) -> bool {
         let n = inner.size as isize;
-        self.a == inner.a * n && self.b == inner.b * n && self.c == inner.c * n
+        self.a == inner.a * n
+            && self.b == inner.b * n
+            && self.c == inner.c * n
+            && self.r == inner.r * n
     }
 }
 
@@ -95,6 +105,7 @@ fn merged(mut spans: Vec<Span>, key: impl Fn(&Span) -> isize) -> Vec<Span> {
                 last.a = s.a;
                 last.b = s.b;
                 last.c = s.c;
+                last.r = s.r;
             }
             _ => out.push(s),
         }
@@ -166,6 +177,7 @@ impl FaerMatMul {
             c_rank: axes.rank(InOut::Out(0)),
             expr: axes.to_string(),
             alpha: 1.0,
+            live: None,
         })
     }
 
@@ -186,9 +198,17 @@ impl FaerMatMul {
         Ok(out)
     }
 
-    /// The spans of a product of `a` by `b` into `c` (row-major shapes), by role.
-    fn plan(&self, a: &[usize], b: &[usize], c: &[usize]) -> TractResult<Plan> {
+    /// The spans of a product of `a` by `b` into `c` (row-major shapes), by role, with
+    /// the strides of the live-output reference of shape `r` (C's rank) if any.
+    fn plan(
+        &self,
+        a: &[usize],
+        b: &[usize],
+        c: &[usize],
+        r: Option<&[usize]>,
+    ) -> TractResult<Plan> {
         let (sa, sb, sc) = (natural_strides(a), natural_strides(b), natural_strides(c));
+        let sr = r.map(natural_strides);
         let (mut m, mut n, mut k, mut batch) = (vec![], vec![], vec![], vec![]);
         for p in &self.axes {
             let (da, db) = (p.a.map(|i| a[i]), p.b.map(|i| b[i]));
@@ -216,6 +236,10 @@ impl FaerMatMul {
                 a: stride(p.a, da, &sa),
                 b: stride(p.b, db, &sb),
                 c: p.c.map_or(0, |ix| sc[ix]),
+                r: match (p.c, r, &sr) {
+                    (Some(ix), Some(r), Some(sr)) if r[ix] != 1 => sr[ix],
+                    _ => 0,
+                },
             };
             match (span.a != 0, span.b != 0, span.c != 0) {
                 (true, false, true) => m.push(span),
@@ -248,14 +272,15 @@ impl FaerMatMul {
     }
 }
 
-/// Every combination of indices of `spans`, as (offset in A, in B, in C).
-fn offsets(spans: &[Span]) -> Vec<(isize, isize, isize)> {
-    let mut out = vec![(0isize, 0isize, 0isize)];
+/// Every combination of indices of `spans`, as offsets in A, B, C and the reference.
+fn offsets(spans: &[Span]) -> Vec<[isize; 4]> {
+    let mut out = vec![[0isize; 4]];
     for s in spans {
         out = out
             .iter()
-            .flat_map(|&(a, b, c)| {
-                (0..s.size as isize).map(move |i| (a + i * s.a, b + i * s.b, c + i * s.c))
+            .flat_map(|&[a, b, c, r]| {
+                (0..s.size as isize)
+                    .map(move |i| [a + i * s.a, b + i * s.b, c + i * s.c, r + i * s.r])
             })
             .collect();
     }
@@ -281,7 +306,10 @@ impl EvalOp for FaerMatMul {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let (a, b) = args_2!(inputs);
+        let mut inputs = inputs.into_iter();
+        let (Some(a), Some(b), reference) = (inputs.next(), inputs.next(), inputs.next()) else {
+            bail!("FaerMatMul takes 2 inputs, and a live-output reference");
+        };
         let (a_shape, b_shape) = (a.shape(), b.shape());
         let c_shape = self.output_shape(a_shape, b_shape)?;
         if a.len() == 0 || b.len() == 0 || c_shape.contains(&0) {
@@ -289,7 +317,32 @@ impl EvalOp for FaerMatMul {
             // with a zero dim would not tell its axes apart.
             return Ok(tvec!(Tensor::zero::<f32>(&c_shape)?.into_tvalue()));
         }
-        let plan = self.plan(a_shape, b_shape, &c_shape)?;
+        let live = match (self.live, &reference) {
+            (Some(live), Some(r)) => {
+                let fits = r.rank() == c_shape.len()
+                    && r.shape()
+                        .iter()
+                        .zip(&c_shape)
+                        .all(|(&r, &c)| r == 1 || r == c);
+                ensure!(
+                    fits,
+                    "FaerMatMul: reference {:?} for C {c_shape:?}",
+                    r.shape()
+                );
+                Some((live, r.try_as_plain_ram()?))
+            }
+            _ => None,
+        };
+        let r_data = match &live {
+            Some((_, r)) => Some(r.as_slice::<f32>()?),
+            None => None,
+        };
+        let plan = self.plan(
+            a_shape,
+            b_shape,
+            &c_shape,
+            reference.as_ref().map(|r| r.shape()),
+        )?;
         let (a_plain, b_plain) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
         let (a_data, b_data) = (a_plain.as_slice::<f32>()?, b_plain.as_slice::<f32>()?);
         // SAFETY: f32 has no invalid bit patterns, and every element is written below
@@ -315,9 +368,27 @@ impl EvalOp for FaerMatMul {
             // Column (or row) blocks enough for every thread when the loops are not.
             let split = if loops.len() >= threads { 1 } else { threads };
             let mut tiles = Vec::new();
-            for &(oa, ob, oc) in &loops {
-                let cut = if sums.len() == 1 {
-                    let (sa, sb, _) = sums[0];
+            // The live tiles of the last reference offset (heads share a mask).
+            let mut last_live: Option<(isize, Vec<tiles::Tile>)> = None;
+            for &[oa, ob, oc, or] in &loops {
+                let cut = if let (Some((live, _)), Some(r)) = (&live, r_data) {
+                    match &last_live {
+                        Some((at, cut)) if *at == or => cut.clone(),
+                        _ => {
+                            let r = Operand {
+                                at: r.as_ptr().wrapping_offset(or),
+                                outer: m.r,
+                                k: n.r,
+                            };
+                            // SAFETY: the reference's strides come from its shape, C's
+                            // or broadcast to it (checked above): its m × n lie in it.
+                            let cut = unsafe { tiles::cut_live(m.size, n.size, k.size, r, *live) };
+                            last_live = Some((or, cut.clone()));
+                            cut
+                        }
+                    }
+                } else if sums.len() == 1 {
+                    let [sa, sb, _, _] = sums[0];
                     let a = Operand {
                         at: (a_at as *const f32).wrapping_offset(oa + sa),
                         outer: m.a,
@@ -355,10 +426,10 @@ impl EvalOp for FaerMatMul {
                         )
                     };
                     if tile.k.is_empty() {
-                        cm.fill(0.0); // a block of A or B that is all zero
+                        cm.fill(0.0); // a block of A or B all zero, or of C not read
                         continue;
                     }
-                    for (ix, &(sa, sb, _)) in sums.iter().enumerate() {
+                    for (ix, &[sa, sb, _, _]) in sums.iter().enumerate() {
                         let accum = if ix == 0 { Accum::Replace } else { Accum::Add };
                         // SAFETY: as above.
                         let (am, bm) = unsafe {
@@ -390,8 +461,9 @@ impl EvalOp for FaerMatMul {
 
 impl TypedOp for FaerMatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let [a, b] = inputs else {
-            bail!("FaerMatMul expects 2 inputs");
+        let (a, b) = match (inputs, self.live) {
+            ([a, b], None) | ([a, b, _], Some(_)) => (a, b),
+            _ => bail!("FaerMatMul takes 2 inputs, and a live-output reference"),
         };
         ensure!(a.datum_type == f32::datum_type() && b.datum_type == f32::datum_type());
         Ok(tvec!(f32::fact(self.output_shape(&a.shape, &b.shape)?)))

@@ -263,3 +263,67 @@ fn constant_factors_fold_into_products() {
         assert!(worst < 1e-3, "off by {worst}");
     }
 }
+
+/// Attention's scores into a masked softmax, and a gradient into the softmax's gradient,
+/// with a causal mask and one row masked whole: both products computed only where
+/// read, and the outputs those of tract's own ops.
+#[test]
+fn products_read_in_part_equal_tracts() {
+    use crate::runtime::masked_softmax::use_masked_softmax;
+    use crate::runtime::softmax_grad::SoftmaxGrad;
+    use tract_core::ops::binary::TypedBinOp;
+    use tract_core::ops::math::Add;
+    use tract_core::ops::nn::{Softmax, SoftmaxKind};
+    let (h, s, d) = (2, 150, 16);
+    let mut model = TypedModel::default();
+    let q = model.add_source("q", f32::fact([h, s, d])).unwrap();
+    let k = model.add_source("k", f32::fact([h, s, d])).unwrap();
+    let mut mask: Vec<f32> = (0..s * s)
+        .map(|x| if x % s > x / s { f32::MIN } else { 0.0 })
+        .collect();
+    mask[100 * s..101 * s].fill(f32::MIN);
+    let mask = model
+        .add_const("mask", Tensor::from_shape(&[1, s, s], &mask).unwrap())
+        .unwrap();
+    let einsum = |e: &str| EinSum::new(e.parse().unwrap(), f32::datum_type());
+    let scores = model
+        .wire_node("qk", einsum("hqd,hkd->hqk"), &[q, k])
+        .unwrap()[0];
+    let add = TypedBinOp(Box::new(Add), None);
+    let z = model.wire_node("z", add, &[scores, mask]).unwrap()[0];
+    let softmax = Softmax::new(tvec![2], None, SoftmaxKind::Softmax);
+    let y = model.wire_node("y", softmax, &[z]).unwrap()[0];
+    let g = model
+        .wire_node("g", einsum("hqd,hkd->hqk"), &[k, q])
+        .unwrap()[0];
+    let dx = model.wire_node("dx", SoftmaxGrad, &[g, y]).unwrap()[0];
+    model.select_output_outlets(&[y, dx]).unwrap();
+    let model = model.into_decluttered().unwrap();
+    let mut fused = model.clone();
+    assert!(use_faer_matmuls(&mut fused).unwrap());
+    assert_eq!(use_masked_softmax(&mut fused).unwrap(), 1);
+    assert_eq!(restrict_to_live_outputs(&mut fused).unwrap(), 2);
+    let inputs = tvec!(
+        tensor(&[h, s, d], 1).into_tvalue(),
+        tensor(&[h, s, d], 2).into_tvalue()
+    );
+    let run = |m: TypedModel| {
+        let plan = m.into_optimized().unwrap().into_runnable().unwrap();
+        plan.run(inputs.clone()).unwrap()
+    };
+    let (want, got) = (run(model), run(fused));
+    for (w, g) in want.iter().zip(&got) {
+        let (w, g) = (
+            w.to_plain_array_view::<f32>().unwrap(),
+            g.to_plain_array_view::<f32>().unwrap(),
+        );
+        // Probabilities and gradients of size <= 20, from two exp implementations and
+        // sums in different orders: within 1e-5.
+        let worst = w
+            .iter()
+            .zip(g.iter())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-5, "off by {worst}");
+    }
+}

@@ -100,6 +100,76 @@ pub(super) unsafe fn cut(
     dense(m, n, k, split)
 }
 
+/// The tiles of a product of `m` rows, `n` columns and `k` summed terms whose output is
+/// read only where `reference` (C's m × n, through its strides: `outer` along m, `k`
+/// along n) is `live`: for each block of [`EDGE_BLOCK`] rows, the columns between its
+/// first and last live ones, in column blocks of the whole sum, and zeros (an empty
+/// sum) on either side.
+///
+/// # Safety
+///
+/// `reference` must address `m × n` readable elements through its strides.
+pub(super) unsafe fn cut_live(
+    m: usize,
+    n: usize,
+    k: usize,
+    reference: Operand,
+    live: Live,
+) -> Vec<Tile> {
+    let mut tiles = Vec::new();
+    for i in (0..m).step_by(EDGE_BLOCK) {
+        let rows = i..m.min(i + EDGE_BLOCK);
+        // SAFETY: the rows lie in the reference's m × n (the caller's contract).
+        let cols = if live == Live::UnmaskedRows
+            && unsafe { any_row_masked(reference, rows.clone(), n) }
+        {
+            0..n
+        } else {
+            unsafe { live_k(reference, rows.clone(), n, live) }
+        };
+        let zeros = |n: Range<usize>| Tile {
+            m: rows.clone(),
+            n,
+            k: 0..0,
+        };
+        if cols.is_empty() {
+            tiles.push(zeros(0..n));
+            continue;
+        }
+        if cols.start > 0 {
+            tiles.push(zeros(0..cols.start));
+        }
+        let blocks = cols.len().div_ceil(COLUMN_BLOCK);
+        let width = cols.len().div_ceil(blocks);
+        tiles.extend(cols.clone().step_by(width).map(|j| Tile {
+            m: rows.clone(),
+            n: j..cols.end.min(j + width),
+            k: 0..k,
+        }));
+        if cols.end < n {
+            tiles.push(zeros(cols.end..n));
+        }
+    }
+    tiles
+}
+
+/// Whether any of the `lines` of `op` (of `k` elements each) is masked whole; true
+/// unless the lines are contiguous (then unknown: read as masked).
+///
+/// # Safety
+///
+/// As [`nonzero_k`].
+unsafe fn any_row_masked(op: Operand, lines: Range<usize>, k: usize) -> bool {
+    if op.k != 1 {
+        return true;
+    }
+    lines.into_iter().any(|line| {
+        // SAFETY: a line of k contiguous elements, in bounds by the contract.
+        let row = unsafe { std::slice::from_raw_parts(op.at.offset(line as isize * op.outer), k) };
+        !any_live(row, Live::Unmasked)
+    })
+}
+
 /// Column blocks of the whole product, of at most [`COLUMN_BLOCK`] columns; to be shared
 /// by `split` threads, a multiple of `split` of them (3 blocks for 2 threads would keep
 /// one idle for a third of the time), or, when the columns are too few, row blocks too.
@@ -148,11 +218,36 @@ fn column_blocks(rows: Range<usize>, n: usize, blocks: usize, k: Range<usize>) -
 /// rounded out to multiples of it.
 const CHUNK: usize = 16;
 
-/// Whether any of `xs` is non-zero (a NaN is; `-0.0` is not), with no early exit, so
-/// that it compiles to a few vector instructions.
+/// A mask value at or below which a score is masked: `x + mask` is `mask` itself for
+/// any score below about 1e22, and its softmax is exactly 0 (or uniform, if the whole
+/// row is masked, as with the score 0).
+pub(super) const MASKED: f32 = -1e30;
+
+/// Which elements of a tensor count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Live {
+    /// The non-zero ones (a NaN is; `-0.0` is not): a product's operand, or a softmax's
+    /// output that multiplies an incoming gradient.
+    NonZero,
+    /// The ones above [`MASKED`] (or NaN): an additive attention mask.
+    Unmasked,
+    /// As `Unmasked`, and every element of a row that is masked whole: a mask read for
+    /// the softmax's output, which is uniform (not 0) on such a row.
+    UnmaskedRows,
+}
+
+/// Whether any of `xs` is live, with no early exit, so that it compiles to a few vector
+/// instructions.
 #[inline(always)]
-fn any_nonzero(xs: &[f32]) -> bool {
-    xs.iter().fold(0u32, |acc, x| acc | (x.to_bits() << 1)) != 0
+fn any_live(xs: &[f32], live: Live) -> bool {
+    match live {
+        Live::NonZero => xs.iter().fold(0u32, |acc, x| acc | (x.to_bits() << 1)) != 0,
+        // (`!(x <= MASKED)`: a NaN counts as live.)
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        Live::Unmasked | Live::UnmaskedRows => {
+            xs.iter().fold(false, |acc, &x| acc | !(x <= MASKED))
+        }
+    }
 }
 
 /// A range of k outside which the `lines` (rows of A, or columns of B) of `op` are all
@@ -163,6 +258,16 @@ fn any_nonzero(xs: &[f32]) -> bool {
 ///
 /// Every element of `lines` × `0..k` must be readable through `op`'s strides.
 unsafe fn nonzero_k(op: Operand, lines: Range<usize>, k: usize) -> Range<usize> {
+    // SAFETY: the caller's contract.
+    unsafe { live_k(op, lines, k, Live::NonZero) }
+}
+
+/// [`nonzero_k`] for any [`Live`] test.
+///
+/// # Safety
+///
+/// As [`nonzero_k`].
+unsafe fn live_k(op: Operand, lines: Range<usize>, k: usize, live: Live) -> Range<usize> {
     let (mut lo, mut hi) = (k, 0);
     if op.k == 1 {
         for line in lines {
@@ -172,7 +277,7 @@ unsafe fn nonzero_k(op: Operand, lines: Range<usize>, k: usize) -> Range<usize> 
             let mut end = k;
             while end > hi {
                 let start = end.saturating_sub(CHUNK).max(hi);
-                if any_nonzero(&row[start..end]) {
+                if any_live(&row[start..end], live) {
                     hi = end;
                     break;
                 }
@@ -181,7 +286,7 @@ unsafe fn nonzero_k(op: Operand, lines: Range<usize>, k: usize) -> Range<usize> 
             let mut start = 0;
             while start < lo.min(hi) {
                 let end = (start + CHUNK).min(lo).min(hi);
-                if any_nonzero(&row[start..end]) {
+                if any_live(&row[start..end], live) {
                     lo = start;
                     break;
                 }
@@ -194,12 +299,12 @@ unsafe fn nonzero_k(op: Operand, lines: Range<usize>, k: usize) -> Range<usize> 
             if op.outer == 1 {
                 // SAFETY: the lines are contiguous at this k, in bounds by the contract.
                 let xs = unsafe { std::slice::from_raw_parts(at.add(lines.start), lines.len()) };
-                any_nonzero(xs)
+                any_live(xs, live)
             } else {
                 // SAFETY: in bounds by the contract.
                 lines
                     .clone()
-                    .any(|line| unsafe { *at.offset(line as isize * op.outer) } != 0.0)
+                    .any(|line| any_live(&[unsafe { *at.offset(line as isize * op.outer) }], live))
             }
         };
         hi = (0..k).rev().find(|&i| any(i)).map_or(0, |i| i + 1);
@@ -371,5 +476,66 @@ mod tests {
             .collect();
         assert_eq!(rows, vec![(0..256, 0..16), (256..512, 0..16)]);
         assert_eq!(dense(16, 16, 512, 2).len(), 1);
+    }
+
+    /// A causal mask of the float minimum, read for the scores (by rows of 64: up to
+    /// each block's last row, zeros after) and for the softmax's gradient with a row
+    /// masked whole (its block computed whole).
+    #[test]
+    fn live_outputs_follow_the_mask() {
+        let (s, k) = (192, 8);
+        let mut mask: Vec<f32> = (0..s * s)
+            .map(|x| if x % s > x / s { f32::MIN } else { 0.0 })
+            .collect();
+        let r = Operand {
+            at: mask.as_ptr(),
+            outer: s as isize,
+            k: 1,
+        };
+        let tiles = unsafe { cut_live(s, s, k, r, Live::Unmasked) };
+        let want = vec![
+            Tile {
+                m: 0..64,
+                n: 0..64,
+                k: 0..k,
+            },
+            Tile {
+                m: 0..64,
+                n: 64..192,
+                k: 0..0,
+            },
+            Tile {
+                m: 64..128,
+                n: 0..128,
+                k: 0..k,
+            },
+            Tile {
+                m: 64..128,
+                n: 128..192,
+                k: 0..0,
+            },
+            Tile {
+                m: 128..192,
+                n: 0..192,
+                k: 0..k,
+            },
+        ];
+        assert_eq!(tiles, want);
+        mask[70 * s..71 * s].fill(f32::MIN); // row 70 masked whole
+        let r = Operand {
+            at: mask.as_ptr(),
+            ..r
+        };
+        let tiles = unsafe { cut_live(s, s, k, r, Live::UnmaskedRows) };
+        assert_eq!(
+            tiles[2],
+            Tile {
+                m: 64..128,
+                n: 0..192,
+                k: 0..k
+            }
+        );
+        let tiles = unsafe { cut_live(s, s, k, r, Live::Unmasked) };
+        assert_eq!(tiles[2], want[2]);
     }
 }
