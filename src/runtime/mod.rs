@@ -164,19 +164,34 @@ fn datum_type(elem: i32) -> Option<DatumType> {
     })
 }
 
+/// Which kernels a [`Runner`] picks beyond tract's decluttered ops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// Every op as written (no kernel choice that depends on the rest of the graph).
+    Plain,
+    /// tract's optimiser with lora-graft's products (faer, constant factors folded,
+    /// attention's masked softmax and products read in part). A subgraph rounds the
+    /// same whatever is added beside it: a grafted model at init gives its base model's
+    /// outputs bit for bit.
+    Fused,
+    /// [`Kernels::Fused`], and sums of products accumulated in place: an `Add` after a
+    /// product rounds once instead of twice, so a subgraph's last bits depend on what
+    /// reads it. For training graphs, which promise no bit-identity with another graph.
+    Training,
+}
+
 impl Runner {
-    /// Prepares `model` for inputs of the given shapes (`name -> dims`), optimised.
+    /// Prepares `model` for inputs of the given shapes (`name -> dims`), with
+    /// [`Kernels::Fused`].
     pub fn new(model: &Model, shapes: &HashMap<String, Vec<usize>>) -> Result<Runner> {
-        Runner::with_optimisation(model, shapes, true)
+        Runner::with_kernels(model, shapes, Kernels::Fused)
     }
 
-    /// Like [`Runner::new`]; with `optimise = false` tract only declutters, so every op
-    /// runs as written (no kernel choice that depends on the rest of the graph: the
-    /// numerics of a subgraph do not change when other branches are added).
-    pub fn with_optimisation(
+    /// Like [`Runner::new`], with the given kernels.
+    pub fn with_kernels(
         model: &Model,
         shapes: &HashMap<String, Vec<usize>>,
-        optimise: bool,
+        kernels: Kernels,
     ) -> Result<Runner> {
         let (m, _) = parse(model, shapes)?;
         let outputs = model
@@ -188,11 +203,14 @@ impl Runner {
         let plan = guarded("optimising the model", || {
             let typed = m.into_typed().map_err(tract_err)?;
             let mut typed = typed.into_decluttered().map_err(tract_err)?;
-            if optimise {
+            if kernels != Kernels::Plain {
                 matmul::use_faer_matmuls(&mut typed).map_err(tract_err)?;
                 matmul::fold_scalar_factors(&mut typed).map_err(tract_err)?;
                 masked_softmax::use_masked_softmax(&mut typed).map_err(tract_err)?;
                 matmul::restrict_to_live_outputs(&mut typed).map_err(tract_err)?;
+                if kernels == Kernels::Training {
+                    matmul::accumulate_sums(&mut typed).map_err(tract_err)?;
+                }
                 typed = typed.into_optimized().map_err(tract_err)?;
             }
             typed.into_runnable().map_err(tract_err)

@@ -8,7 +8,7 @@ use tract_core::ndarray::ArrayD;
 
 use crate::data::{Fields, Row};
 use crate::error::{Error, Result};
-use crate::runtime::Runner;
+use crate::runtime::{Kernels, Runner};
 use crate::tensor::Array;
 use crate::Model;
 
@@ -69,7 +69,7 @@ impl Workers {
         slice: usize,
     ) -> Result<Workers> {
         Ok(Workers {
-            runner: Runner::new(model, &shapes)?,
+            runner: Runner::with_kernels(model, &shapes, Kernels::Training)?,
             threads: threads.max(1),
             product_threads: 1,
             slice,

@@ -51,7 +51,12 @@ pub fn restrict_to_live_outputs(model: &mut TypedModel) -> TractResult<usize> {
             }
             _ => false,
         };
-        if op.live.is_some() || !only_reader || !fits || r.datum_type != f32::datum_type() {
+        if op.live.is_some()
+            || op.add_to
+            || !only_reader
+            || !fits
+            || r.datum_type != f32::datum_type()
+        {
             continue;
         }
         let op = FaerMatMul {

@@ -12,10 +12,12 @@ use tract_core::ops::einsum::EinSum;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
+mod accumulate;
 mod live;
 mod scalars;
 mod tiles;
 
+pub use accumulate::accumulate_sums;
 pub use live::restrict_to_live_outputs;
 pub use scalars::fold_scalar_factors;
 use tiles::{Live, Operand};
@@ -38,6 +40,9 @@ pub struct FaerMatMul {
     /// Where C is read at all, from a third input shaped like C (or broadcast to it);
     /// elsewhere C is written as zeros ([`restrict_to_live_outputs`]).
     live: Option<Live>,
+    /// Whether a third input is added to the product, `C = X + alpha·A·B`, summed in
+    /// X's buffer ([`accumulate_sums`]).
+    add_to: bool,
 }
 
 // Ops compare by value; a folded factor is a model's finite constant.
@@ -178,6 +183,7 @@ impl FaerMatMul {
             expr: axes.to_string(),
             alpha: 1.0,
             live: None,
+            add_to: false,
         })
     }
 
@@ -307,15 +313,30 @@ impl EvalOp for FaerMatMul {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let mut inputs = inputs.into_iter();
-        let (Some(a), Some(b), reference) = (inputs.next(), inputs.next(), inputs.next()) else {
-            bail!("FaerMatMul takes 2 inputs, and a live-output reference");
+        let (Some(a), Some(b), third) = (inputs.next(), inputs.next(), inputs.next()) else {
+            bail!("FaerMatMul takes 2 inputs, and a live-output reference or an addend");
+        };
+        let (addend, reference) = if self.add_to {
+            (third, None)
+        } else {
+            (None, third)
         };
         let (a_shape, b_shape) = (a.shape(), b.shape());
         let c_shape = self.output_shape(a_shape, b_shape)?;
+        if let Some(x) = &addend {
+            ensure!(
+                x.shape() == &c_shape[..],
+                "FaerMatMul: addend {:?} for C {c_shape:?}",
+                x.shape()
+            );
+        }
         if a.len() == 0 || b.len() == 0 || c_shape.contains(&0) {
             // An empty sum (zeros) or an empty output; row-major strides of a tensor
             // with a zero dim would not tell its axes apart.
-            return Ok(tvec!(Tensor::zero::<f32>(&c_shape)?.into_tvalue()));
+            return Ok(tvec!(match addend {
+                Some(x) => x,
+                None => Tensor::zero::<f32>(&c_shape)?.into_tvalue(),
+            }));
         }
         let live = match (self.live, &reference) {
             (Some(live), Some(r)) => {
@@ -345,9 +366,15 @@ impl EvalOp for FaerMatMul {
         )?;
         let (a_plain, b_plain) = (a.try_as_plain_ram()?, b.try_as_plain_ram()?);
         let (a_data, b_data) = (a_plain.as_slice::<f32>()?, b_plain.as_slice::<f32>()?);
-        // SAFETY: f32 has no invalid bit patterns, and every element is written below
-        // (the first summed block replaces, over a non-empty sum: no size is 0 here).
-        let mut c = unsafe { Tensor::uninitialized::<f32>(&c_shape)? };
+        let mut c = match addend {
+            // X's buffer when this is its last reader (else a copy), summed into.
+            Some(x) => x.into_tensor(),
+            // SAFETY: f32 has no invalid bit patterns, and every element is written
+            // below (the first summed block replaces, over a non-empty sum: no size is
+            // 0 here).
+            None => unsafe { Tensor::uninitialized::<f32>(&c_shape)? },
+        };
+        let add_to = self.add_to;
         {
             let mut c_plain = c.try_as_plain_ram_mut()?;
             let c_data = c_plain.as_slice_mut::<f32>()?;
@@ -426,11 +453,17 @@ impl EvalOp for FaerMatMul {
                         )
                     };
                     if tile.k.is_empty() {
-                        cm.fill(0.0); // a block of A or B all zero, or of C not read
+                        if !add_to {
+                            cm.fill(0.0); // a block of A or B all zero, or of C not read
+                        }
                         continue;
                     }
                     for (ix, &[sa, sb, _, _]) in sums.iter().enumerate() {
-                        let accum = if ix == 0 { Accum::Replace } else { Accum::Add };
+                        let accum = if ix == 0 && !add_to {
+                            Accum::Replace
+                        } else {
+                            Accum::Add
+                        };
                         // SAFETY: as above.
                         let (am, bm) = unsafe {
                             (
@@ -461,12 +494,19 @@ impl EvalOp for FaerMatMul {
 
 impl TypedOp for FaerMatMul {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        let (a, b) = match (inputs, self.live) {
-            ([a, b], None) | ([a, b, _], Some(_)) => (a, b),
-            _ => bail!("FaerMatMul takes 2 inputs, and a live-output reference"),
+        let (a, b) = match (inputs, self.live.is_some() || self.add_to) {
+            ([a, b], false) | ([a, b, _], true) => (a, b),
+            _ => bail!("FaerMatMul takes 2 inputs, and a live-output reference or an addend"),
         };
         ensure!(a.datum_type == f32::datum_type() && b.datum_type == f32::datum_type());
-        Ok(tvec!(f32::fact(self.output_shape(&a.shape, &b.shape)?)))
+        let shape = self.output_shape(&a.shape, &b.shape)?;
+        if self.add_to {
+            ensure!(
+                inputs[2].shape.to_tvec() == shape,
+                "FaerMatMul: the addend is not C's shape"
+            );
+        }
+        Ok(tvec!(f32::fact(shape)))
     }
 
     as_op!();

@@ -301,6 +301,16 @@ fn products_read_in_part_equal_tracts() {
     let model = model.into_decluttered().unwrap();
     let mut fused = model.clone();
     assert!(use_faer_matmuls(&mut fused).unwrap());
+    for n in &fused.nodes {
+        eprintln!(
+            "{} {} {:?} {:?} {:?}",
+            n.id,
+            n.name,
+            n.op.name(),
+            n.inputs,
+            fused.outlet_fact(OutletId::new(n.id, 0)).unwrap()
+        );
+    }
     assert_eq!(use_masked_softmax(&mut fused).unwrap(), 1);
     assert_eq!(restrict_to_live_outputs(&mut fused).unwrap(), 2);
     let inputs = tvec!(
@@ -325,5 +335,65 @@ fn products_read_in_part_equal_tracts() {
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max);
         assert!(worst < 1e-5, "off by {worst}");
+    }
+}
+
+/// `x + A·B + A·C` (a chain of sums, as a tensor's gradients add up), and a sum with a
+/// broadcast tensor (left alone): the products sum into the tensor's buffer, tract's
+/// results.
+#[test]
+fn sums_of_products_accumulate_in_place() {
+    use tract_core::ops::binary::TypedBinOp;
+    use tract_core::ops::math::Add;
+    let mut model = TypedModel::default();
+    let x = model.add_source("x", f32::fact([6, 5])).unwrap();
+    let row = model.add_source("row", f32::fact([1, 5])).unwrap();
+    let sa = model.add_source("a", f32::fact([6, 40])).unwrap();
+    let [sb, sc, sd] = ["b", "c", "d"].map(|n| model.add_source(n, f32::fact([40, 5])).unwrap());
+    let einsum = |e: &str| EinSum::new(e.parse().unwrap(), f32::datum_type());
+    let add = || TypedBinOp(Box::new(Add), None);
+    let ab = model
+        .wire_node("ab", einsum("mk,kn->mn"), &[sa, sb])
+        .unwrap()[0];
+    let ac = model
+        .wire_node("ac", einsum("mk,kn->mn"), &[sa, sc])
+        .unwrap()[0];
+    let ad = model
+        .wire_node("ad", einsum("mk,kn->mn"), &[sa, sd])
+        .unwrap()[0];
+    let s1 = model.wire_node("s1", add(), &[x, ab]).unwrap()[0];
+    let s2 = model.wire_node("s2", add(), &[ac, s1]).unwrap()[0];
+    let s3 = model.wire_node("s3", add(), &[row, ad]).unwrap()[0];
+    model.select_output_outlets(&[s2, s3]).unwrap();
+    let model = model.into_decluttered().unwrap();
+    let mut fused = model.clone();
+    assert!(use_faer_matmuls(&mut fused).unwrap());
+    assert_eq!(
+        accumulate_sums(&mut fused).unwrap(),
+        2,
+        "s1 and s2; s3 broadcasts"
+    );
+    let inputs: TVec<TValue> = [[6, 5], [1, 5], [6, 40], [40, 5], [40, 5], [40, 5]]
+        .iter()
+        .enumerate()
+        .map(|(i, shape)| tensor(shape, i).into_tvalue())
+        .collect();
+    let run = |m: TypedModel| {
+        let plan = m.into_optimized().unwrap().into_runnable().unwrap();
+        plan.run(inputs.clone()).unwrap()
+    };
+    let (want, got) = (run(model), run(fused));
+    for (w, g) in want.iter().zip(&got) {
+        let (w, g) = (
+            w.to_plain_array_view::<f32>().unwrap(),
+            g.to_plain_array_view::<f32>().unwrap(),
+        );
+        // Sums of 40 terms of size <= 1, and of three such: within 1e-4.
+        let worst = w
+            .iter()
+            .zip(g.iter())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-4, "off by {worst}");
     }
 }
