@@ -8,7 +8,7 @@ use tract_core::ops::binary::TypedBinOp;
 use tract_core::ops::math::Add;
 use tract_onnx::prelude::*;
 
-use super::FaerMatMul;
+use super::{rewire_with_third_input, FaerMatMul};
 
 /// Folds every float32 `Add` of a tensor and a [`FaerMatMul`]'s output of one shape (the
 /// product read by the `Add` only) into the product. Returns how many.
@@ -47,16 +47,7 @@ pub fn accumulate_sums(model: &mut TypedModel) -> TractResult<usize> {
                 .expect("a product")
                 .clone()
         };
-        let inputs = model.nodes[product.node].inputs.clone();
-        let name = model.nodes[product.node].name.clone();
-        let mut patch = TypedModelPatch::default();
-        let mut taps = tvec![];
-        for input in inputs.iter().chain([&x]) {
-            taps.push(patch.tap_model(model, *input)?);
-        }
-        let sum = patch.wire_node(name, op, &taps)?;
-        patch.shunt_outside(model, OutletId::new(id, 0), sum[0])?;
-        patch.apply(model)?;
+        rewire_with_third_input(model, product, op, x, OutletId::new(id, 0))?;
         folded += 1;
     }
     Ok(folded)

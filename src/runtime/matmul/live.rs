@@ -14,7 +14,7 @@
 use tract_onnx::prelude::*;
 
 use super::tiles::Live;
-use super::FaerMatMul;
+use super::{rewire_with_third_input, FaerMatMul};
 use crate::runtime::masked_softmax::MaskedSoftmax;
 use crate::runtime::softmax_grad::SoftmaxGrad;
 
@@ -63,16 +63,7 @@ pub fn restrict_to_live_outputs(model: &mut TypedModel) -> TractResult<usize> {
             live: Some(live),
             ..op.clone()
         };
-        let inputs = model.nodes[product.node].inputs.clone();
-        let name = model.nodes[product.node].name.clone();
-        let mut patch = TypedModelPatch::default();
-        let mut taps = tvec![];
-        for input in inputs.iter().chain([&reference]) {
-            taps.push(patch.tap_model(model, *input)?);
-        }
-        let out = patch.wire_node(name, op, &taps)?;
-        patch.shunt_outside(model, product, out[0])?;
-        patch.apply(model)?;
+        rewire_with_third_input(model, product, op, reference, product)?;
         restricted += 1;
     }
     Ok(restricted)

@@ -512,6 +512,28 @@ impl TypedOp for FaerMatMul {
     as_op!();
 }
 
+/// Replaces the product at `product` by `op` on its inputs and `third` (a live-output
+/// reference or an addend), the result taking the place of `replaced` (the product's
+/// own output, or the `Add` it now computes).
+fn rewire_with_third_input(
+    model: &mut TypedModel,
+    product: OutletId,
+    op: FaerMatMul,
+    third: OutletId,
+    replaced: OutletId,
+) -> TractResult<()> {
+    let node = &model.nodes[product.node];
+    let (inputs, name) = (node.inputs.clone(), node.name.clone());
+    let mut patch = TypedModelPatch::default();
+    let mut taps = tvec![];
+    for input in inputs.iter().chain([&third]) {
+        taps.push(patch.tap_model(model, *input)?);
+    }
+    let out = patch.wire_node(name, op, &taps)?;
+    patch.shunt_outside(model, replaced, out[0])?;
+    patch.apply(model)
+}
+
 /// Whether every matrix product of `model` multiplies plain f32 tensors in f32.
 fn all_products_are_f32(model: &TypedModel) -> TractResult<bool> {
     for node in &model.nodes {

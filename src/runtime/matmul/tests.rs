@@ -122,15 +122,7 @@ fn causal_products_skip_zero_ends_and_equal_tracts() {
         let (want, got, used) = both(expr, a, b);
         assert!(used, "{expr}: faer was not used");
         // f32 sums of at most 200 terms of size <= 1 in different orders.
-        let (w, g) = (
-            want.to_plain_array_view::<f32>().unwrap(),
-            got.to_plain_array_view::<f32>().unwrap(),
-        );
-        let worst = w
-            .iter()
-            .zip(g.iter())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
+        let worst = worst_diff(&want, &got);
         assert!(worst < 1e-4, "{expr}: off by {worst}");
     }
     // A head all zero: zeros (the output buffer is not initialised).
@@ -168,15 +160,7 @@ fn products_shared_among_threads_equal_tracts() {
         assert!(used, "{expr}: faer was not used");
         // f32 sums of 512 terms of size <= 1 (results up to about 20) in different
         // orders and blocks: far within 1e-3.
-        let (w, g) = (
-            want.to_plain_array_view::<f32>().unwrap(),
-            got.to_plain_array_view::<f32>().unwrap(),
-        );
-        let worst = w
-            .iter()
-            .zip(g.iter())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
+        let worst = worst_diff(&want, &got);
         assert!(worst < 1e-3, "{expr}: off by {worst}");
     }
     crate::parallel::set_product_threads(1);
@@ -248,20 +232,9 @@ fn constant_factors_fold_into_products() {
         plan.run(inputs.clone()).unwrap()
     };
     let (want, got) = (run(model), run(folded));
-    for (w, g) in want.iter().zip(&got) {
-        let (w, g) = (
-            w.to_plain_array_view::<f32>().unwrap(),
-            g.to_plain_array_view::<f32>().unwrap(),
-        );
-        // Sums of 40 (then 6) terms of size <= 3 (then <= 60): the factor applied to
-        // the sum or to each term differs by far less than 1e-3.
-        let worst = w
-            .iter()
-            .zip(g.iter())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
-        assert!(worst < 1e-3, "off by {worst}");
-    }
+    // Sums of 40 (then 6) terms of size <= 3 (then <= 60): the factor applied to
+    // the sum or to each term differs by far less than 1e-3.
+    assert_all_close(&want, &got, 1e-3);
 }
 
 /// Attention's scores into a masked softmax, and a gradient into the softmax's gradient,
@@ -322,20 +295,9 @@ fn products_read_in_part_equal_tracts() {
         plan.run(inputs.clone()).unwrap()
     };
     let (want, got) = (run(model), run(fused));
-    for (w, g) in want.iter().zip(&got) {
-        let (w, g) = (
-            w.to_plain_array_view::<f32>().unwrap(),
-            g.to_plain_array_view::<f32>().unwrap(),
-        );
-        // Probabilities and gradients of size <= 20, from two exp implementations and
-        // sums in different orders: within 1e-5.
-        let worst = w
-            .iter()
-            .zip(g.iter())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
-        assert!(worst < 1e-5, "off by {worst}");
-    }
+    // Probabilities and gradients of size <= 20, from two exp implementations and
+    // sums in different orders: within 1e-5.
+    assert_all_close(&want, &got, 1e-5);
 }
 
 /// `x + A·B + A·C` (a chain of sums, as a tensor's gradients add up), and a sum with a
@@ -383,17 +345,26 @@ fn sums_of_products_accumulate_in_place() {
         plan.run(inputs.clone()).unwrap()
     };
     let (want, got) = (run(model), run(fused));
-    for (w, g) in want.iter().zip(&got) {
-        let (w, g) = (
-            w.to_plain_array_view::<f32>().unwrap(),
-            g.to_plain_array_view::<f32>().unwrap(),
-        );
-        // Sums of 40 terms of size <= 1, and of three such: within 1e-4.
-        let worst = w
-            .iter()
-            .zip(g.iter())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max);
-        assert!(worst < 1e-4, "off by {worst}");
+    // Sums of 40 terms of size <= 1, and of three such: within 1e-4.
+    assert_all_close(&want, &got, 1e-4);
+}
+
+/// The largest absolute difference between two float32 tensors of one shape (NaN if
+/// any difference is NaN).
+fn worst_diff(want: &Tensor, got: &Tensor) -> f32 {
+    assert_eq!(want.shape(), got.shape());
+    let (w, g) = (
+        want.to_plain_array_view::<f32>().unwrap(),
+        got.to_plain_array_view::<f32>().unwrap(),
+    );
+    let diffs = w.iter().zip(g.iter()).map(|(x, y)| (x - y).abs());
+    diffs.fold(0.0, |m, d| if m.is_nan() || d.is_nan() { f32::NAN } else { m.max(d) })
+}
+
+/// Every output of `got` within `tol` (absolute) of `want`'s.
+fn assert_all_close(want: &[TValue], got: &[TValue], tol: f32) {
+    for (w, g) in want.iter().zip(got) {
+        let worst = worst_diff(w, g);
+        assert!(worst < tol, "off by {worst}");
     }
 }
