@@ -13,6 +13,7 @@ use crate::ir::Def;
 use crate::model::Model;
 use crate::tensor::Array;
 
+mod add_into;
 pub mod cross_entropy;
 mod kernel;
 mod masked_softmax;
@@ -170,7 +171,8 @@ pub enum Kernels {
     /// Every op as written (no kernel choice that depends on the rest of the graph).
     Plain,
     /// tract's optimiser with lora-graft's products (faer, constant factors folded,
-    /// attention's masked softmax and products read in part). A subgraph rounds the
+    /// attention's masked softmax and products read in part) and sums into a region
+    /// (a zero `Pad` added, as a `Slice`'s gradient is). A subgraph rounds the
     /// same whatever is added beside it: a grafted model at init gives its base model's
     /// outputs bit for bit.
     Fused,
@@ -208,6 +210,7 @@ impl Runner {
                 matmul::fold_scalar_factors(&mut typed).map_err(tract_err)?;
                 masked_softmax::use_masked_softmax(&mut typed).map_err(tract_err)?;
                 matmul::restrict_to_live_outputs(&mut typed).map_err(tract_err)?;
+                add_into::use_add_into(&mut typed).map_err(tract_err)?;
                 if kernels == Kernels::Training {
                     matmul::accumulate_sums(&mut typed).map_err(tract_err)?;
                 }

@@ -358,7 +358,13 @@ fn worst_diff(want: &Tensor, got: &Tensor) -> f32 {
         got.to_plain_array_view::<f32>().unwrap(),
     );
     let diffs = w.iter().zip(g.iter()).map(|(x, y)| (x - y).abs());
-    diffs.fold(0.0, |m, d| if m.is_nan() || d.is_nan() { f32::NAN } else { m.max(d) })
+    diffs.fold(0.0, |m, d| {
+        if m.is_nan() || d.is_nan() {
+            f32::NAN
+        } else {
+            m.max(d)
+        }
+    })
 }
 
 /// Every output of `got` within `tol` (absolute) of `want`'s.
