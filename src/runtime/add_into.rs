@@ -7,10 +7,11 @@
 //! written. Exact: outside the region `x + 0` is `x`.
 
 use tract_core::ops::array::{Pad, PadMode};
-use tract_core::ops::binary::TypedBinOp;
 use tract_core::ops::math::Add;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+
+use super::pattern::{is_binary, replace_with, single_reader};
 
 /// `x` with `a` added at `start..start + a.shape[axis]` along `axis` (every other dim
 /// equal). Float32.
@@ -86,7 +87,7 @@ fn zero_pad(model: &TypedModel, id: usize) -> Option<(OutletId, usize, usize)> {
     let padded: Vec<usize> = (0..pad.pads.len())
         .filter(|&i| pad.pads[i] != (0, 0))
         .collect();
-    let single = model.outlet_successors(OutletId::new(id, 0)).len() == 1;
+    let single = single_reader(model, OutletId::new(id, 0));
     (zero && single && padded.len() == 1)
         .then(|| (node.inputs[0], padded[0], pad.pads[padded[0]].0))
 }
@@ -96,11 +97,10 @@ fn zero_pad(model: &TypedModel, id: usize) -> Option<(OutletId, usize, usize)> {
 pub fn use_add_into(model: &mut TypedModel) -> TractResult<usize> {
     let mut fused = 0;
     for id in 0..model.nodes.len() {
-        let node = &model.nodes[id];
-        let is_add = node.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Add>());
-        if !is_add || node.inputs.len() != 2 {
+        if !is_binary::<Add>(model, id) {
             continue;
         }
+        let node = &model.nodes[id];
         let out = model.outlet_fact(OutletId::new(id, 0))?;
         if out.datum_type != f32::datum_type() {
             continue;
@@ -117,12 +117,8 @@ pub fn use_add_into(model: &mut TypedModel) -> TractResult<usize> {
         let Some((x, a, axis, start)) = pick else {
             continue;
         };
-        let name = node.name.clone();
-        let mut patch = TypedModelPatch::default();
-        let inputs = [patch.tap_model(model, x)?, patch.tap_model(model, a)?];
-        let y = patch.wire_node(name, AddInto { axis, start }, &inputs)?;
-        patch.shunt_outside(model, OutletId::new(id, 0), y[0])?;
-        patch.apply(model)?;
+        let (name, op) = (node.name.clone(), AddInto { axis, start });
+        replace_with(model, name, op, &[x, a], OutletId::new(id, 0))?;
         fused += 1;
     }
     Ok(fused)
@@ -131,6 +127,7 @@ pub fn use_add_into(model: &mut TypedModel) -> TractResult<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tract_core::ops::binary::TypedBinOp;
 
     /// `x + Pad(a)` along the last axis (at its start and at its end) and a middle one:
     /// fused, and tract's result exactly.

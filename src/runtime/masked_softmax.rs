@@ -10,11 +10,12 @@
 //! [`use_masked_softmax`] finds the pattern in a decluttered model; the training graph
 //! and every ONNX file keep the plain ops.
 
-use tract_core::ops::binary::TypedBinOp;
-use tract_core::ops::math::{Add, Mul};
+use tract_core::ops::math::Add;
 use tract_core::ops::nn::{Softmax, SoftmaxKind};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
+
+use super::pattern::{broadcasts_to, is_binary, replace_with, scalar_mul, single_reader};
 
 /// `softmax(x·scale + mask)` over the last axis; `mask` has x's rank, each of its dims
 /// 1 (broadcast) or x's. Float32.
@@ -48,12 +49,7 @@ impl EvalOp for MaskedSoftmax {
         let shape: TVec<usize> = x.shape().into();
         let width = shape.last().copied().unwrap_or(1);
         ensure!(
-            mask.rank() == shape.len()
-                && mask
-                    .shape()
-                    .iter()
-                    .zip(&shape)
-                    .all(|(&m, &x)| m == 1 || m == x),
+            broadcasts_to(mask.shape(), &shape),
             "MaskedSoftmax: mask {:?} does not broadcast to scores {shape:?}",
             mask.shape()
         );
@@ -192,29 +188,6 @@ impl TypedOp for MaskedSoftmax {
     as_op!();
 }
 
-/// The factor of a `Mul` by a one-element float32 constant at `id` (either side), and
-/// the other input.
-fn scaled(model: &TypedModel, id: usize) -> Option<(OutletId, f32)> {
-    let node = &model.nodes[id];
-    let bin = node.op_as::<TypedBinOp>()?;
-    if !bin.0.is::<Mul>() || node.inputs.len() != 2 {
-        return None;
-    }
-    (0..2).find_map(|c| {
-        let k = model.outlet_fact(node.inputs[c]).ok()?.konst.clone()?;
-        if k.len() != 1 || k.datum_type() != f32::datum_type() {
-            return None;
-        }
-        let factor = k.cast_to_scalar::<f32>().ok()?;
-        Some((node.inputs[1 - c], factor))
-    })
-}
-
-/// Whether `outlet` is read by one node only (so that fusing it away drops nothing).
-fn single_reader(model: &TypedModel, outlet: OutletId) -> bool {
-    model.outlet_successors(outlet).len() == 1 && !model.outputs.contains(&outlet)
-}
-
 /// Runs every float32 `Softmax` over the last axis of `Add(x·c, mask)` (or
 /// `Add(x, mask)`) as [`MaskedSoftmax`], when the intermediates have no other reader
 /// and the mask only broadcasts. Returns how many it fused.
@@ -239,10 +212,7 @@ pub fn use_masked_softmax(model: &mut TypedModel) -> TractResult<usize> {
         }
         let add_out = node.inputs[0];
         let add = &model.nodes[add_out.node];
-        if !add.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Add>())
-            || add.inputs.len() != 2
-            || !single_reader(model, add_out)
-        {
+        if !is_binary::<Add>(model, add_out.node) || !single_reader(model, add_out) {
             continue;
         }
         // Which side is the scores (x's full shape, its own reader) and which the mask.
@@ -252,11 +222,7 @@ pub fn use_masked_softmax(model: &mut TypedModel) -> TractResult<usize> {
             let mask_shape = mask_fact.shape.as_concrete()?;
             let scores_fact = model.outlet_fact(scores).ok()?;
             let broadcasts = mask_fact.datum_type == f32::datum_type()
-                && mask_shape.len() == rank
-                && mask_shape
-                    .iter()
-                    .zip(&shape)
-                    .all(|(&m, &x)| m == 1 || m == x)
+                && broadcasts_to(mask_shape, &shape)
                 && scores_fact.shape.as_concrete() == Some(&shape[..])
                 && scores_fact.datum_type == f32::datum_type();
             broadcasts.then_some((scores, mask))
@@ -264,19 +230,15 @@ pub fn use_masked_softmax(model: &mut TypedModel) -> TractResult<usize> {
         let Some((scores, mask)) = pick else {
             continue;
         };
-        let (x, scale) = match scaled(model, scores.node) {
+        let (x, scale) = match scalar_mul(model, scores.node) {
             Some((x, factor)) if single_reader(model, scores) => (x, Some(factor)),
             _ => (scores, None),
         };
         if model.outlet_fact(x)?.shape.as_concrete() != Some(&shape[..]) {
             continue;
         }
-        let name = node.name.clone();
-        let mut patch = TypedModelPatch::default();
-        let inputs = [patch.tap_model(model, x)?, patch.tap_model(model, mask)?];
-        let y = patch.wire_node(name, MaskedSoftmax { scale }, &inputs)?;
-        patch.shunt_outside(model, OutletId::new(id, 0), y[0])?;
-        patch.apply(model)?;
+        let (name, op) = (node.name.clone(), MaskedSoftmax { scale });
+        replace_with(model, name, op, &[x, mask], OutletId::new(id, 0))?;
         fused += 1;
     }
     Ok(fused)
@@ -286,6 +248,7 @@ pub fn use_masked_softmax(model: &mut TypedModel) -> TractResult<usize> {
 mod tests {
     use super::*;
     use tract_core::ops::binary::TypedBinOp;
+    use tract_core::ops::math::Mul;
 
     /// `softmax(x·0.125 + mask)` with a causal mask of the float minimum broadcast over
     /// heads, as PyTorch exports it: fused, within 1e-6 of tract's ops, and exact zeros

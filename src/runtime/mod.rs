@@ -19,6 +19,7 @@ mod kernel;
 mod masked_softmax;
 mod matmul;
 pub mod nbits;
+mod pattern;
 pub(crate) mod profile;
 pub mod softmax_grad;
 pub mod swiglu;

@@ -16,6 +16,7 @@ use tract_onnx::prelude::*;
 use super::tiles::Live;
 use super::{rewire_with_third_input, FaerMatMul};
 use crate::runtime::masked_softmax::MaskedSoftmax;
+use crate::runtime::pattern::{broadcasts_to, single_reader};
 use crate::runtime::softmax_grad::SoftmaxGrad;
 
 /// Gives each [`FaerMatMul`] whose only reader is a [`MaskedSoftmax`] (as its scores)
@@ -41,14 +42,11 @@ pub fn restrict_to_live_outputs(model: &mut TypedModel) -> TractResult<usize> {
         let Some(op) = model.nodes[product.node].op_as::<FaerMatMul>() else {
             continue;
         };
-        let only_reader = model.outlet_successors(product).len() == 1
-            && !model.output_outlets()?.contains(&product);
+        let only_reader = single_reader(model, product);
         let c = model.outlet_fact(product)?;
         let r = model.outlet_fact(reference)?;
         let fits = match (c.shape.as_concrete(), r.shape.as_concrete()) {
-            (Some(c), Some(r)) => {
-                r.len() == c.len() && r.iter().zip(c).all(|(&r, &c)| r == 1 || r == c)
-            }
+            (Some(c), Some(r)) => broadcasts_to(r, c),
             _ => false,
         };
         if op.live.is_some()

@@ -340,11 +340,7 @@ impl EvalOp for FaerMatMul {
         }
         let live = match (self.live, &reference) {
             (Some(live), Some(r)) => {
-                let fits = r.rank() == c_shape.len()
-                    && r.shape()
-                        .iter()
-                        .zip(&c_shape)
-                        .all(|(&r, &c)| r == 1 || r == c);
+                let fits = super::pattern::broadcasts_to(r.shape(), &c_shape);
                 ensure!(
                     fits,
                     "FaerMatMul: reference {:?} for C {c_shape:?}",
@@ -523,15 +519,8 @@ fn rewire_with_third_input(
     replaced: OutletId,
 ) -> TractResult<()> {
     let node = &model.nodes[product.node];
-    let (inputs, name) = (node.inputs.clone(), node.name.clone());
-    let mut patch = TypedModelPatch::default();
-    let mut taps = tvec![];
-    for input in inputs.iter().chain([&third]) {
-        taps.push(patch.tap_model(model, *input)?);
-    }
-    let out = patch.wire_node(name, op, &taps)?;
-    patch.shunt_outside(model, replaced, out[0])?;
-    patch.apply(model)
+    let inputs: TVec<OutletId> = node.inputs.iter().copied().chain([third]).collect();
+    super::pattern::replace_with(model, node.name.clone(), op, &inputs, replaced)
 }
 
 /// Whether every matrix product of `model` multiplies plain f32 tensors in f32.

@@ -8,32 +8,10 @@
 //! the last bit unless the factor is a power of two (as attention's `1/√64` and LoRA's
 //! `alpha/r` usually are).
 
-use tract_core::ops::binary::TypedBinOp;
-use tract_core::ops::math::Mul;
 use tract_onnx::prelude::*;
 
 use super::FaerMatMul;
-
-/// A `Mul` at `id` of a float32 tensor by a one-element float32 constant that keeps its
-/// shape: the tensor and the factor.
-fn scalar_mul(model: &TypedModel, id: usize) -> Option<(OutletId, f32)> {
-    let node = &model.nodes[id];
-    let bin = node.op_as::<TypedBinOp>()?;
-    if !bin.0.is::<Mul>() || node.inputs.len() != 2 {
-        return None;
-    }
-    let out = model.outlet_fact(OutletId::new(id, 0)).ok()?;
-    (0..2).find_map(|c| {
-        let k = model.outlet_fact(node.inputs[c]).ok()?.konst.clone()?;
-        let x = node.inputs[1 - c];
-        let x_fact = model.outlet_fact(x).ok()?;
-        let keeps = k.len() == 1
-            && k.datum_type() == f32::datum_type()
-            && x_fact.datum_type == f32::datum_type()
-            && x_fact.shape == out.shape;
-        keeps.then(|| Some((x, k.cast_to_scalar::<f32>().ok()?)))?
-    })
-}
+use crate::runtime::pattern::{scalar_mul, single_reader};
 
 /// Folds every foldable `Mul` by a constant into the [`FaerMatMul`]s beside it (see the
 /// module) and returns how many.
@@ -48,10 +26,9 @@ pub fn fold_scalar_factors(model: &mut TypedModel) -> TractResult<usize> {
         }
         let mul_out = OutletId::new(id, 0);
         let is_product = |node: usize| model.nodes[node].op_is::<FaerMatMul>();
-        let outputs = model.output_outlets()?;
         // Which products take the factor: the one that makes x, when the Mul is x's
         // only reader; else the ones that read the Mul, when nothing else does.
-        let x_alone = model.outlet_successors(x).len() == 1 && !outputs.contains(&x);
+        let x_alone = single_reader(model, x);
         let readers: Vec<usize> = model
             .outlet_successors(mul_out)
             .iter()
@@ -67,7 +44,7 @@ pub fn fold_scalar_factors(model: &mut TypedModel) -> TractResult<usize> {
             vec![x.node]
         } else if !readers.is_empty()
             && distinct
-            && !outputs.contains(&mul_out)
+            && !model.outputs.contains(&mul_out)
             && readers.iter().all(|&r| is_product(r))
         {
             readers

@@ -14,10 +14,7 @@ fn both(expr: &str, a: &Tensor, b: &Tensor) -> (Tensor, Tensor, bool) {
     model.select_output_outlets(&c).unwrap();
     let model = model.into_decluttered().unwrap();
     let inputs = tvec!(a.clone().into_tvalue(), b.clone().into_tvalue());
-    let run = |m: TypedModel| {
-        let plan = m.into_optimized().unwrap().into_runnable().unwrap();
-        plan.run(inputs.clone()).unwrap().remove(0).into_tensor()
-    };
+    let run = |m: TypedModel| optimized(m, &inputs).remove(0).into_tensor();
     let mut faer = model.clone();
     let used = use_faer_matmuls(&mut faer).unwrap()
         && faer.nodes.iter().any(|n| n.op_is::<FaerMatMul>())
@@ -94,24 +91,7 @@ fn faer_products_equal_tracts() {
 #[test]
 fn causal_products_skip_zero_ends_and_equal_tracts() {
     let (h, s, d) = (3, 200, 16);
-    let causal = |zero_first_head: bool| {
-        let dense = tensor(&[h, s, s], 1);
-        let mut p: Vec<f32> = dense
-            .to_plain_array_view::<f32>()
-            .unwrap()
-            .iter()
-            .copied()
-            .collect();
-        for (ix, x) in p.iter_mut().enumerate() {
-            if ix % s > (ix / s) % s || zero_first_head && ix < s * s {
-                *x = 0.0;
-            }
-        }
-        tract_ndarray::ArrayD::from_shape_vec(vec![h, s, s], p)
-            .unwrap()
-            .into_tensor()
-    };
-    let p = causal(false);
+    let p = causal(h, s, 1, false);
     let v = tensor(&[h, s, d], 2);
     let cases = [
         ("hqk,hkd->hqd", &p, &v),
@@ -126,7 +106,7 @@ fn causal_products_skip_zero_ends_and_equal_tracts() {
         assert!(worst < 1e-4, "{expr}: off by {worst}");
     }
     // A head all zero: zeros (the output buffer is not initialised).
-    let (want, got, _) = both("hqk,hkd->hqd", &causal(true), &v);
+    let (want, got, _) = both("hqk,hkd->hqd", &causal(h, s, 1, true), &v);
     assert_eq!(want, got);
 }
 
@@ -136,24 +116,14 @@ fn causal_products_skip_zero_ends_and_equal_tracts() {
 fn products_shared_among_threads_equal_tracts() {
     crate::parallel::set_product_threads(2);
     let (s, d) = (256, 64);
-    let mut p: Vec<f32> = tensor(&[2, s, s], 3)
-        .to_plain_array_view::<f32>()
-        .unwrap()
-        .iter()
-        .copied()
-        .collect();
-    for (ix, x) in p.iter_mut().enumerate() {
-        if ix % s > (ix / s) % s {
-            *x = 0.0;
-        }
-    }
-    let p = tract_ndarray::ArrayD::from_shape_vec(vec![2, s, s], p)
-        .unwrap()
-        .into_tensor();
     let cases = [
         ("mk,kn->mn", tensor(&[128, 512], 1), tensor(&[512, 1376], 2)),
         ("mk,kn->mn", tensor(&[512, 512], 1), tensor(&[512, 16], 2)),
-        ("hqk,hkd->hqd", p, tensor(&[2, s, d], 4)),
+        (
+            "hqk,hkd->hqd",
+            causal(2, s, 3, false),
+            tensor(&[2, s, d], 4),
+        ),
     ];
     for (expr, a, b) in &cases {
         let (want, got, used) = both(expr, a, b);
@@ -227,11 +197,7 @@ fn constant_factors_fold_into_products() {
         tensor(&[6, 40], 1).into_tvalue(),
         tensor(&[40, 5], 2).into_tvalue()
     );
-    let run = |m: TypedModel| {
-        let plan = m.into_optimized().unwrap().into_runnable().unwrap();
-        plan.run(inputs.clone()).unwrap()
-    };
-    let (want, got) = (run(model), run(folded));
+    let (want, got) = (optimized(model, &inputs), optimized(folded, &inputs));
     // Sums of 40 (then 6) terms of size <= 3 (then <= 60): the factor applied to
     // the sum or to each term differs by far less than 1e-3.
     assert_all_close(&want, &got, 1e-3);
@@ -274,27 +240,13 @@ fn products_read_in_part_equal_tracts() {
     let model = model.into_decluttered().unwrap();
     let mut fused = model.clone();
     assert!(use_faer_matmuls(&mut fused).unwrap());
-    for n in &fused.nodes {
-        eprintln!(
-            "{} {} {:?} {:?} {:?}",
-            n.id,
-            n.name,
-            n.op.name(),
-            n.inputs,
-            fused.outlet_fact(OutletId::new(n.id, 0)).unwrap()
-        );
-    }
     assert_eq!(use_masked_softmax(&mut fused).unwrap(), 1);
     assert_eq!(restrict_to_live_outputs(&mut fused).unwrap(), 2);
     let inputs = tvec!(
         tensor(&[h, s, d], 1).into_tvalue(),
         tensor(&[h, s, d], 2).into_tvalue()
     );
-    let run = |m: TypedModel| {
-        let plan = m.into_optimized().unwrap().into_runnable().unwrap();
-        plan.run(inputs.clone()).unwrap()
-    };
-    let (want, got) = (run(model), run(fused));
+    let (want, got) = (optimized(model, &inputs), optimized(fused, &inputs));
     // Probabilities and gradients of size <= 20, from two exp implementations and
     // sums in different orders: within 1e-5.
     assert_all_close(&want, &got, 1e-5);
@@ -340,11 +292,7 @@ fn sums_of_products_accumulate_in_place() {
         .enumerate()
         .map(|(i, shape)| tensor(shape, i).into_tvalue())
         .collect();
-    let run = |m: TypedModel| {
-        let plan = m.into_optimized().unwrap().into_runnable().unwrap();
-        plan.run(inputs.clone()).unwrap()
-    };
-    let (want, got) = (run(model), run(fused));
+    let (want, got) = (optimized(model, &inputs), optimized(fused, &inputs));
     // Sums of 40 terms of size <= 1, and of three such: within 1e-4.
     assert_all_close(&want, &got, 1e-4);
 }
@@ -365,6 +313,34 @@ fn worst_diff(want: &Tensor, got: &Tensor) -> f32 {
             m.max(d)
         }
     })
+}
+
+/// `heads` causal `[s, s]` matrices ([`tensor`]'s values on and below the diagonal,
+/// zeros above), the first all zero if `zero_first_head`.
+fn causal(heads: usize, s: usize, seed: usize, zero_first_head: bool) -> Tensor {
+    let dense = tensor(&[heads, s, s], seed);
+    let dense = dense.to_plain_array_view::<f32>().unwrap();
+    let p: Vec<f32> = dense
+        .iter()
+        .enumerate()
+        .map(|(ix, &x)| {
+            let above = ix % s > (ix / s) % s;
+            if above || zero_first_head && ix < s * s {
+                0.0
+            } else {
+                x
+            }
+        })
+        .collect();
+    tract_ndarray::ArrayD::from_shape_vec(vec![heads, s, s], p)
+        .unwrap()
+        .into_tensor()
+}
+
+/// `m`'s outputs on `inputs`, through tract's optimiser.
+fn optimized(m: TypedModel, inputs: &TVec<TValue>) -> TVec<TValue> {
+    let plan = m.into_optimized().unwrap().into_runnable().unwrap();
+    plan.run(inputs.clone()).unwrap()
 }
 
 /// Every output of `got` within `tol` (absolute) of `want`'s.
