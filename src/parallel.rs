@@ -1,5 +1,10 @@
 //! Work on every core under a memory budget: per-module weight reads, SVDs and merges
-//! run in parallel, read-only, before a pass edits the graph in order.
+//! run in parallel, read-only, before a pass edits the graph in order; kernels split
+//! their work among a pool of helper threads ([`for_each_part`]).
+
+mod pool;
+
+pub use pool::for_each_part;
 
 /// How much memory layers being initialised at once may hold (see
 /// [`crate::passes::variants::Variant::working_set`]); a layer needing more runs alone.
@@ -89,18 +94,24 @@ pub fn product_threads() -> usize {
 }
 
 /// `f(p, range)` for each part `p` of `parts` contiguous, near-equal ranges covering
-/// `0..n`, on scoped threads (this thread runs part 0); `parts` is capped at `n`.
+/// `0..n`, on this thread and the pool's helpers ([`for_each_part`]); `parts` is
+/// capped at `n`.
 pub fn split_range(n: usize, parts: usize, f: impl Fn(usize, std::ops::Range<usize>) + Sync) {
     let parts = parts.clamp(1, n.max(1));
-    let range = |p: usize| p * n / parts..(p + 1) * n / parts;
-    if parts == 1 {
-        return f(0, 0..n);
-    }
-    std::thread::scope(|scope| {
-        for p in 1..parts {
-            let f = &f;
-            scope.spawn(move || f(p, range(p)));
+    for_each_part(parts, parts, |p| f(p, p * n / parts..(p + 1) * n / parts));
+}
+
+/// `f(i, item)` for each of `items`, on up to `threads` threads (this one and the
+/// pool's helpers): for handing out disjoint mutable chunks of an output.
+pub fn for_each_item<T: Send>(items: Vec<T>, threads: usize, f: impl Fn(usize, T) + Sync) {
+    let slots: Vec<std::sync::Mutex<Option<T>>> = items
+        .into_iter()
+        .map(|item| std::sync::Mutex::new(Some(item)))
+        .collect();
+    for_each_part(slots.len(), threads, |i| {
+        let item = slots[i].lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(item) = item {
+            f(i, item);
         }
-        f(0, range(0));
     });
 }

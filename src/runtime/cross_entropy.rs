@@ -61,30 +61,19 @@ impl EvalOp for SoftmaxCrossEntropyGrad {
             // Rows shared among the threads this worker may use (all of them at batch 1).
             let parts = crate::parallel::product_threads().clamp(1, rows.max(1));
             let per = rows.div_ceil(parts).max(1);
-            let chunk_count = rows.div_ceil(per);
-            std::thread::scope(|scope| {
-                let chunks = logits
-                    .chunks_mut(per * width.max(1))
-                    .zip(log_p.chunks_mut(per))
-                    .enumerate();
-                for (c, (block, out)) in chunks {
-                    let first = c * per;
-                    let run = move |block: &mut [f32], out: &mut [f32]| {
-                        let rows = Rows {
-                            logits: block,
-                            log_p: out,
-                            width,
-                            target: &target[first..],
-                            weight: &weight[first..],
-                        };
-                        pulp::Arch::new().dispatch(rows);
-                    };
-                    if c + 1 == chunk_count {
-                        run(block, out); // the last chunk on this thread
-                    } else {
-                        scope.spawn(move || run(block, out));
-                    }
-                }
+            let chunks: Vec<_> = logits
+                .chunks_mut(per * width.max(1))
+                .zip(log_p.chunks_mut(per))
+                .collect();
+            crate::parallel::for_each_item(chunks, parts, |c, (logits, log_p)| {
+                let first = c * per;
+                pulp::Arch::new().dispatch(Rows {
+                    logits,
+                    log_p,
+                    width,
+                    target: &target[first..],
+                    weight: &weight[first..],
+                });
             });
         }
         Ok(tvec!(

@@ -86,25 +86,16 @@ impl EvalOp for MaskedSoftmax {
             // Rows shared among the threads this worker may use (all of them at batch 1).
             let parts = crate::parallel::product_threads().clamp(1, rows);
             let per = rows.div_ceil(parts);
-            std::thread::scope(|scope| {
-                let mut chunks = y.chunks_mut(per * width).enumerate().peekable();
-                while let Some((part, y)) = chunks.next() {
-                    let mut work = move || {
-                        for (i, row) in y.chunks_exact_mut(width).enumerate() {
-                            let at = mask_row(part * per + i) as usize;
-                            let mask = if last == 0 {
-                                MaskRow::Splat(mask[at])
-                            } else {
-                                MaskRow::Slice(&mask[at..at + width])
-                            };
-                            pulp::Arch::new().dispatch(Row { row, mask, scale });
-                        }
-                    };
-                    if chunks.peek().is_none() {
-                        work(); // the last chunk on this thread
+            let chunks: Vec<_> = y.chunks_mut(per * width).collect();
+            crate::parallel::for_each_item(chunks, parts, |part, y| {
+                for (i, row) in y.chunks_exact_mut(width).enumerate() {
+                    let at = mask_row(part * per + i) as usize;
+                    let mask = if last == 0 {
+                        MaskRow::Splat(mask[at])
                     } else {
-                        scope.spawn(work);
-                    }
+                        MaskRow::Slice(&mask[at..at + width])
+                    };
+                    pulp::Arch::new().dispatch(Row { row, mask, scale });
                 }
             });
         }

@@ -49,16 +49,9 @@ impl EvalOp for SoftmaxGrad {
             // Rows shared among the threads this worker may use (all of them at batch 1).
             let parts = crate::parallel::product_threads().clamp(1, rows.max(1));
             let per = rows.div_ceil(parts).max(1) * width;
-            std::thread::scope(|scope| {
-                let mut chunks = dx.chunks_mut(per).zip(y.chunks(per)).peekable();
-                while let Some((dx, y)) = chunks.next() {
-                    let rows = Rows { dx, y, width };
-                    if chunks.peek().is_none() {
-                        pulp::Arch::new().dispatch(rows); // the last chunk on this thread
-                    } else {
-                        scope.spawn(move || pulp::Arch::new().dispatch(rows));
-                    }
-                }
+            let chunks: Vec<_> = dx.chunks_mut(per).zip(y.chunks(per)).collect();
+            crate::parallel::for_each_item(chunks, parts, |_, (dx, y)| {
+                pulp::Arch::new().dispatch(Rows { dx, y, width })
             });
         }
         Ok(tvec!(dx.into_tvalue()))

@@ -430,57 +430,55 @@ impl EvalOp for FaerMatMul {
                 };
                 tiles.extend(cut.into_iter().map(|tile| ((oa, ob, oc), tile)));
             }
-            // Dealt out in turn, so that the blocks of a triangle (cut by its zero ends)
-            // are shared evenly.
-            let threads = threads.min(tiles.len());
-            crate::parallel::split_range(threads, threads, |thread, _| {
-                for ((oa, ob, oc), tile) in tiles.iter().skip(thread).step_by(threads) {
-                    let (i, j) = (tile.m.start as isize, tile.n.start as isize);
-                    let l = tile.k.start as isize;
-                    // SAFETY: as above, every element addressed lies in its buffer; `c`
-                    // does not alias the inputs, and each thread writes its own tiles.
-                    let mut cm = unsafe {
-                        MatMut::<f32>::from_raw_parts_mut(
-                            (c_at as *mut f32).offset(oc + i * m.c + j * n.c),
-                            tile.m.len(),
-                            tile.n.len(),
-                            m.c,
-                            n.c,
+            // Claimed in order by whichever thread is free, so that the blocks of a
+            // triangle (cut by its zero ends) are shared evenly.
+            crate::parallel::for_each_part(tiles.len(), threads, |t| {
+                let ((oa, ob, oc), tile) = &tiles[t];
+                let (i, j) = (tile.m.start as isize, tile.n.start as isize);
+                let l = tile.k.start as isize;
+                // SAFETY: as above, every element addressed lies in its buffer; `c`
+                // does not alias the inputs, and each thread writes its own tiles.
+                let mut cm = unsafe {
+                    MatMut::<f32>::from_raw_parts_mut(
+                        (c_at as *mut f32).offset(oc + i * m.c + j * n.c),
+                        tile.m.len(),
+                        tile.n.len(),
+                        m.c,
+                        n.c,
+                    )
+                };
+                if tile.k.is_empty() {
+                    if !add_to {
+                        cm.fill(0.0); // a block of A or B all zero, or of C not read
+                    }
+                    return;
+                }
+                for (ix, &[sa, sb, _, _]) in sums.iter().enumerate() {
+                    let accum = if ix == 0 && !add_to {
+                        Accum::Replace
+                    } else {
+                        Accum::Add
+                    };
+                    // SAFETY: as above.
+                    let (am, bm) = unsafe {
+                        (
+                            MatRef::<f32>::from_raw_parts(
+                                (a_at as *const f32).offset(oa + sa + i * m.a + l * k.a),
+                                tile.m.len(),
+                                tile.k.len(),
+                                m.a,
+                                k.a,
+                            ),
+                            MatRef::<f32>::from_raw_parts(
+                                (b_at as *const f32).offset(ob + sb + l * k.b + j * n.b),
+                                tile.k.len(),
+                                tile.n.len(),
+                                k.b,
+                                n.b,
+                            ),
                         )
                     };
-                    if tile.k.is_empty() {
-                        if !add_to {
-                            cm.fill(0.0); // a block of A or B all zero, or of C not read
-                        }
-                        continue;
-                    }
-                    for (ix, &[sa, sb, _, _]) in sums.iter().enumerate() {
-                        let accum = if ix == 0 && !add_to {
-                            Accum::Replace
-                        } else {
-                            Accum::Add
-                        };
-                        // SAFETY: as above.
-                        let (am, bm) = unsafe {
-                            (
-                                MatRef::<f32>::from_raw_parts(
-                                    (a_at as *const f32).offset(oa + sa + i * m.a + l * k.a),
-                                    tile.m.len(),
-                                    tile.k.len(),
-                                    m.a,
-                                    k.a,
-                                ),
-                                MatRef::<f32>::from_raw_parts(
-                                    (b_at as *const f32).offset(ob + sb + l * k.b + j * n.b),
-                                    tile.k.len(),
-                                    tile.n.len(),
-                                    k.b,
-                                    n.b,
-                                ),
-                            )
-                        };
-                        matmul(cm.as_mut(), accum, am, bm, alpha, Par::Seq);
-                    }
+                    matmul(cm.as_mut(), accum, am, bm, alpha, Par::Seq);
                 }
             });
         }
