@@ -5,6 +5,10 @@
 #   benches/train_bench.sh [OUT_DIR]          (default /tmp/lora-graft-train-bench)
 #   LAYERS=1 HIDDEN=64 VOCAB=512 STEPS=3 SEQ=16 BATCH=2 benches/train_bench.sh /tmp/lg_tiny
 #
+# The summary ends with the products' GFLOP a step, faer's rate on them in situ and each
+# tool's whole-step rate, beside this core's ceiling (benches/fma_peak.rs, built and run
+# with cargo before the runs: the f32 multiply-add peak and faer's hot 512^3 product).
+#
 # Model: a random Llama (LAYERS 4, HIDDEN 512, HEADS 8, INTERMEDIATE 1376, VOCAB 8192),
 # written to OUT_DIR by make_train_bench_model.py if OUT_DIR/model.onnx is absent (delete
 # OUT_DIR after changing these). Data (STEPS x BATCH rows of SEQ random ids) is rewritten
@@ -78,6 +82,10 @@ run() {
     fi
     echo "   wall $(wall_s "$LOGS/$name.time") s, peak RSS $(rss_mb "$LOGS/$name.time") MB" >&2
 }
+
+# This core's arithmetic ceiling, before the runs (a build, if any, must not overlap them).
+(cd "$ROOT" && cargo bench --quiet --bench fma_peak) > "$LOGS/peak.txt" 2> "$LOGS/peak.log" \
+    || echo "(cargo bench --bench fma_peak failed: see $LOGS/peak.log)" > "$LOGS/peak.txt"
 
 ADAPTER="$OUT/adapter.safetensors"
 # The two tools alternate, REPEAT times each, so that a slow spell of a shared machine
@@ -210,6 +218,9 @@ print(f"\nmatrix products: {per_step:.1f} GFLOP a step; faer in situ {flops / ma
 for name, r in meds.items():
     if r["steady"] and not name.startswith("lora-graft genai"):
         print(f"  {name:26s} {per_step * r['steady'] / threads:6.0f}")
+print("this core's ceiling (benches/fma_peak.rs, one thread):")
+for line in open(f"{logs}/peak.txt"):
+    print(f"  {line.strip()}")
 print(f"(torch {info['torch']}, {info['threads']} threads, {info['trainable_params']} trainable params;"
       f" loss 1 should agree: same weights and batch, B = 0)")
 EOF2

@@ -56,22 +56,32 @@ impl EvalOp for SwiGluGrad {
             x.as_slice::<f32>()?,
             u.as_slice::<f32>()?,
         );
-        let mut dx = vec![0f32; x.len()];
-        let mut du = vec![0f32; x.len()];
-        // Shared among the threads this worker may use (all of them at batch 1), in
-        // chunks of whole cache lines.
-        let threads = crate::parallel::product_threads();
-        let per = x.len().div_ceil(threads).next_multiple_of(16).max(16);
-        let chunks: Vec<_> = (dx.chunks_mut(per).zip(du.chunks_mut(per)))
-            .zip(g.chunks(per).zip(x.chunks(per)).zip(u.chunks(per)))
-            .collect();
-        crate::parallel::for_each_item(chunks, threads, |_, ((dx, du), ((g, x), u))| {
-            pulp::Arch::new().dispatch(Gate { g, x, u, dx, du })
-        });
-        Ok(tvec!(
-            Tensor::from_shape(&shape, &dx)?.into_tvalue(),
-            Tensor::from_shape(&shape, &du)?.into_tvalue()
-        ))
+        // SAFETY: every element of both is written below (the chunks cover them).
+        let (mut dx, mut du) = unsafe {
+            (
+                Tensor::uninitialized::<f32>(&shape)?,
+                Tensor::uninitialized::<f32>(&shape)?,
+            )
+        };
+        {
+            let (mut dx_plain, mut du_plain) =
+                (dx.try_as_plain_ram_mut()?, du.try_as_plain_ram_mut()?);
+            let (dx, du) = (
+                dx_plain.as_slice_mut::<f32>()?,
+                du_plain.as_slice_mut::<f32>()?,
+            );
+            // Shared among the threads this worker may use (all of them at batch 1), in
+            // chunks of whole cache lines.
+            let threads = crate::parallel::product_threads();
+            let per = x.len().div_ceil(threads).next_multiple_of(16).max(16);
+            let chunks: Vec<_> = (dx.chunks_mut(per).zip(du.chunks_mut(per)))
+                .zip(g.chunks(per).zip(x.chunks(per)).zip(u.chunks(per)))
+                .collect();
+            crate::parallel::for_each_item(chunks, threads, |_, ((dx, du), ((g, x), u))| {
+                pulp::Arch::new().dispatch(Gate { g, x, u, dx, du })
+            });
+        }
+        Ok(tvec!(dx.into_tvalue(), du.into_tvalue()))
     }
 }
 
