@@ -76,13 +76,32 @@ impl pulp::WithSimd for Rows<'_> {
             .chunks_exact_mut(self.width)
             .zip(self.y.chunks_exact(self.width))
         {
-            let dot: f64 = g.iter().zip(y).map(|(&g, &y)| g as f64 * y as f64).sum();
-            let dot = dot as f32;
+            let dot = dot_f64(g, y) as f32;
             for (g, &y) in g.iter_mut().zip(y) {
                 *g = y * (*g - dot);
             }
         }
     }
+}
+
+/// Partial sums of the dot product kept apart, so that it vectorizes (one f64 sum in
+/// order is a chain of dependent adds: it made the op latency-bound).
+const LANES: usize = 8;
+
+/// `Σ g·y` in f64: [`LANES`] partial sums of the products in order, then their sum.
+#[inline(always)]
+fn dot_f64(g: &[f32], y: &[f32]) -> f64 {
+    let mut sums = [0.0f64; LANES];
+    let (gc, yc) = (g.chunks_exact(LANES), y.chunks_exact(LANES));
+    let tail: f64 = (gc.remainder().iter().zip(yc.remainder()))
+        .map(|(&g, &y)| g as f64 * y as f64)
+        .sum();
+    for (g, y) in gc.zip(yc) {
+        for ((s, &g), &y) in sums.iter_mut().zip(g).zip(y) {
+            *s += g as f64 * y as f64;
+        }
+    }
+    sums.iter().sum::<f64>() + tail
 }
 
 impl TypedOp for SoftmaxGrad {

@@ -170,7 +170,8 @@ unsafe fn any_row_masked(op: Operand, lines: Range<usize>, k: usize) -> bool {
     lines.into_iter().any(|line| {
         // SAFETY: a line of k contiguous elements, in bounds by the contract.
         let row = unsafe { std::slice::from_raw_parts(op.at.offset(line as isize * op.outer), k) };
-        !any_live(row, Live::Unmasked)
+        // Read until its first live chunk (a causal row's first).
+        !row.chunks(CHUNK).any(|chunk| any_live(chunk, Live::Unmasked))
     })
 }
 
