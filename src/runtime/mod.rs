@@ -211,6 +211,7 @@ impl Runner {
                 matmul::fold_scalar_factors(&mut typed).map_err(tract_err)?;
                 masked_softmax::use_masked_softmax(&mut typed).map_err(tract_err)?;
                 matmul::restrict_to_live_outputs(&mut typed).map_err(tract_err)?;
+                matmul::fuse_attention_gradients(&mut typed).map_err(tract_err)?;
                 add_into::use_add_into(&mut typed).map_err(tract_err)?;
                 if kernels == Kernels::Training {
                     matmul::accumulate_sums(&mut typed).map_err(tract_err)?;

@@ -50,12 +50,16 @@ impl EvalOp for SoftmaxGrad {
             let parts = crate::parallel::product_threads().clamp(1, rows.max(1));
             let per = rows.div_ceil(parts).max(1) * width;
             let chunks: Vec<_> = dx.chunks_mut(per).zip(y.chunks(per)).collect();
-            crate::parallel::for_each_item(chunks, parts, |_, (dx, y)| {
-                pulp::Arch::new().dispatch(Rows { dx, y, width })
-            });
+            crate::parallel::for_each_item(chunks, parts, |_, (dx, y)| self::rows(dx, y, width));
         }
         Ok(tvec!(dx.into_tvalue()))
     }
+}
+
+/// `dx = y·(g − Σ g·y)` on each row of `width` of `dx` (holding `g`, overwritten) and
+/// `y`.
+pub(crate) fn rows(dx: &mut [f32], y: &[f32], width: usize) {
+    pulp::Arch::new().dispatch(Rows { dx, y, width })
 }
 
 /// Rows of a softmax and of its incoming gradient (overwritten by `dx`), compiled for

@@ -13,11 +13,13 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 mod accumulate;
+mod attention_grad;
 mod live;
 mod scalars;
 mod tiles;
 
 pub use accumulate::accumulate_sums;
+pub use attention_grad::fuse_attention_gradients;
 pub use live::restrict_to_live_outputs;
 pub use scalars::fold_scalar_factors;
 use tiles::{Live, Operand};

@@ -25,7 +25,7 @@ fn both(expr: &str, a: &Tensor, b: &Tensor) -> (Tensor, Tensor, bool) {
     (run(model), got, used)
 }
 
-fn tensor(shape: &[usize], seed: usize) -> Tensor {
+pub(super) fn tensor(shape: &[usize], seed: usize) -> Tensor {
     let n: usize = shape.iter().product();
     let v: Vec<f32> = (0..n)
         .map(|i| ((i * 7919 + seed * 104729) % 1000) as f32 / 500.0 - 1.0)
@@ -338,13 +338,13 @@ fn causal(heads: usize, s: usize, seed: usize, zero_first_head: bool) -> Tensor 
 }
 
 /// `m`'s outputs on `inputs`, through tract's optimiser.
-fn optimized(m: TypedModel, inputs: &TVec<TValue>) -> TVec<TValue> {
+pub(super) fn optimized(m: TypedModel, inputs: &TVec<TValue>) -> TVec<TValue> {
     let plan = m.into_optimized().unwrap().into_runnable().unwrap();
     plan.run(inputs.clone()).unwrap()
 }
 
 /// Every output of `got` within `tol` (absolute) of `want`'s.
-fn assert_all_close(want: &[TValue], got: &[TValue], tol: f32) {
+pub(super) fn assert_all_close(want: &[TValue], got: &[TValue], tol: f32) {
     for (w, g) in want.iter().zip(got) {
         let worst = worst_diff(w, g);
         assert!(worst < tol, "off by {worst}");

@@ -121,16 +121,8 @@ pub(super) unsafe fn cut_live(
     live: Live,
 ) -> Vec<Tile> {
     let mut tiles = Vec::new();
-    for i in (0..m).step_by(EDGE_BLOCK) {
-        let rows = i..m.min(i + EDGE_BLOCK);
-        // SAFETY: the rows lie in the reference's m × n (the caller's contract).
-        let cols = if live == Live::UnmaskedRows
-            && unsafe { any_row_masked(reference, rows.clone(), n) }
-        {
-            0..n
-        } else {
-            unsafe { live_k(reference, rows.clone(), n, live) }
-        };
+    // SAFETY: the caller's contract.
+    for (rows, cols) in unsafe { live_blocks(m, n, reference, live) } {
         let zeros = |n: Range<usize>| Tile {
             m: rows.clone(),
             n,
@@ -157,6 +149,37 @@ pub(super) unsafe fn cut_live(
     tiles
 }
 
+/// For each block of [`EDGE_BLOCK`] rows of an `m × n` output read only where
+/// `reference` is `live`: the rows and the columns between their first and last live
+/// ones (empty: none), rounded out to [`CHUNK`]s where the reference's rows are
+/// contiguous.
+///
+/// # Safety
+///
+/// `reference` must address `m × n` readable elements through its strides.
+pub(super) unsafe fn live_blocks(
+    m: usize,
+    n: usize,
+    reference: Operand,
+    live: Live,
+) -> Vec<(Range<usize>, Range<usize>)> {
+    (0..m)
+        .step_by(EDGE_BLOCK)
+        .map(|i| {
+            let rows = i..m.min(i + EDGE_BLOCK);
+            // SAFETY: the rows lie in the reference's m × n (the caller's contract).
+            let cols = if live == Live::UnmaskedRows
+                && unsafe { any_row_masked(reference, rows.clone(), n) }
+            {
+                0..n
+            } else {
+                unsafe { live_k(reference, rows.clone(), n, live) }
+            };
+            (rows, cols)
+        })
+        .collect()
+}
+
 /// Whether any of the `lines` of `op` (of `k` elements each) is masked whole; true
 /// unless the lines are contiguous (then unknown: read as masked).
 ///
@@ -171,7 +194,8 @@ unsafe fn any_row_masked(op: Operand, lines: Range<usize>, k: usize) -> bool {
         // SAFETY: a line of k contiguous elements, in bounds by the contract.
         let row = unsafe { std::slice::from_raw_parts(op.at.offset(line as isize * op.outer), k) };
         // Read until its first live chunk (a causal row's first).
-        !row.chunks(CHUNK).any(|chunk| any_live(chunk, Live::Unmasked))
+        !row.chunks(CHUNK)
+            .any(|chunk| any_live(chunk, Live::Unmasked))
     })
 }
 
