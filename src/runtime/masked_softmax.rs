@@ -25,6 +25,13 @@ pub struct MaskedSoftmax {
     scale: Option<f32>,
 }
 
+impl MaskedSoftmax {
+    /// The scores' factor (`None`: none).
+    pub(crate) fn scale(&self) -> Option<f32> {
+        self.scale
+    }
+}
+
 // Ops compare by value; a model's constant factor is never NaN after the pattern read it
 // (a NaN factor would make every score NaN, and two such ops are not merged anyway).
 impl Eq for MaskedSoftmax {}
@@ -95,7 +102,7 @@ impl EvalOp for MaskedSoftmax {
                     } else {
                         MaskRow::Slice(&mask[at..at + width])
                     };
-                    pulp::Arch::new().dispatch(Row { row, mask, scale });
+                    softmax_row(row, mask, scale);
                 }
             });
         }
@@ -105,9 +112,15 @@ impl EvalOp for MaskedSoftmax {
 
 /// A row's mask: its own values, or one value broadcast along the row.
 #[derive(Clone, Copy)]
-enum MaskRow<'a> {
+pub(crate) enum MaskRow<'a> {
     Slice(&'a [f32]),
     Splat(f32),
+}
+
+/// `softmax(row·scale + mask)` in place, rounded as tract's `Mul`, `Add` and `Softmax`
+/// would be but for the `exp` (masked scores are exactly 0).
+pub(crate) fn softmax_row(row: &mut [f32], mask: MaskRow<'_>, scale: Option<f32>) {
+    pulp::Arch::new().dispatch(Row { row, mask, scale })
 }
 
 /// One row of scores (overwritten by its softmax) and its mask, compiled for each

@@ -212,6 +212,7 @@ impl Runner {
                 masked_softmax::use_masked_softmax(&mut typed).map_err(tract_err)?;
                 matmul::restrict_to_live_outputs(&mut typed).map_err(tract_err)?;
                 matmul::fuse_attention_gradients(&mut typed).map_err(tract_err)?;
+                matmul::fuse_attention(&mut typed).map_err(tract_err)?;
                 add_into::use_add_into(&mut typed).map_err(tract_err)?;
                 if kernels == Kernels::Training {
                     matmul::accumulate_sums(&mut typed).map_err(tract_err)?;

@@ -13,12 +13,14 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 mod accumulate;
+mod attention;
 mod attention_grad;
 mod live;
 mod scalars;
 mod tiles;
 
 pub use accumulate::accumulate_sums;
+pub use attention::fuse_attention;
 pub use attention_grad::fuse_attention_gradients;
 pub use live::restrict_to_live_outputs;
 pub use scalars::fold_scalar_factors;

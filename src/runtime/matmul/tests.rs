@@ -350,3 +350,19 @@ pub(super) fn assert_all_close(want: &[TValue], got: &[TValue], tol: f32) {
         assert!(worst < tol, "off by {worst}");
     }
 }
+
+/// A mask `[s, s]` for attention, causal or not, with row `whole` masked whole and the
+/// first `pad` columns masked in every row (left padding).
+pub(super) fn attention_mask(s: usize, causal: bool, whole: usize, pad: usize) -> Vec<f32> {
+    (0..s * s)
+        .map(|x| {
+            let (row, col) = (x / s, x % s);
+            let masked = causal && col > row || row == whole || col < pad;
+            if masked {
+                f32::MIN
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}

@@ -40,11 +40,12 @@ pub struct AttentionGrad {
     key_grad: Reader,
 }
 
-/// A product that reads `dS`, and which of its inputs `dS` is (0: A, 1: B).
+/// A product that reads `dS` (or a softmax `P`), and which of its inputs that is (0: A,
+/// 1: B).
 #[derive(Debug, Clone, PartialEq)]
-struct Reader {
-    op: FaerMatMul,
-    scores_input: usize,
+pub(super) struct Reader {
+    pub op: FaerMatMul,
+    pub scores_input: usize,
 }
 
 impl Reader {
@@ -58,7 +59,7 @@ impl Reader {
     }
 
     /// C's shape for `dS` and the other operand.
-    fn output_shape<D: DimLike>(&self, scores: &[D], other: &[D]) -> TractResult<TVec<D>> {
+    pub fn output_shape<D: DimLike>(&self, scores: &[D], other: &[D]) -> TractResult<TVec<D>> {
         let [a, b] = self.inputs(scores, other);
         self.op.output_shape(a, b)
     }
@@ -67,7 +68,7 @@ impl Reader {
     /// it sums (`kept`, `summed`), the other operand's and C's strides, and each loop's
     /// offsets `[dS, other, C]`; `None` unless C runs along one axis of `dS` of stride
     /// `kept` and sums the other, of stride `summed`, with no summed axis looped over.
-    fn view(
+    pub fn view(
         &self,
         scores: &[usize],
         other: &[usize],
@@ -116,18 +117,18 @@ impl Reader {
 
 /// A product reading `dS`, per head: C (`along` × `width`) = `alpha`·(`dS` or `dSᵀ`)
 /// times the other operand (summed axis × `width`).
-struct View {
+pub(super) struct View {
     /// The head's width (its vectors' length).
-    width: usize,
+    pub width: usize,
     /// The other operand's strides along the summed axis and along the width.
-    other_sum: isize,
-    other_width: isize,
+    pub other_sum: isize,
+    pub other_width: isize,
     /// C's strides along `dS`'s kept axis and along the width.
-    c_along: isize,
-    c_width: isize,
-    alpha: f32,
+    pub c_along: isize,
+    pub c_width: isize,
+    pub alpha: f32,
     /// Each loop's offsets in `dS`, the other operand and C.
-    loops: Vec<[isize; 3]>,
+    pub loops: Vec<[isize; 3]>,
 }
 
 // As FaerMatMul's: a folded factor is a model's finite constant.
@@ -233,19 +234,19 @@ impl Op for AttentionGrad {
 
 /// A raw element pointer shared by a call's threads (each writes its own heads).
 #[derive(Clone, Copy)]
-struct At(usize);
+pub(super) struct At(usize);
 
 impl At {
-    fn of(data: &[f32]) -> At {
+    pub fn of(data: &[f32]) -> At {
         At(data.as_ptr() as usize)
     }
 
-    fn of_mut(data: &mut [f32]) -> At {
+    pub fn of_mut(data: &mut [f32]) -> At {
         At(data.as_mut_ptr() as usize)
     }
 
     /// The element `offset` elements in.
-    fn plus(self, offset: isize) -> *mut f32 {
+    pub fn plus(self, offset: isize) -> *mut f32 {
         (self.0 as *mut f32).wrapping_offset(offset)
     }
 }

@@ -1,6 +1,6 @@
 //! [`AttentionGrad`] against tract's own ops.
 
-use super::super::tests::{assert_all_close, optimized, tensor};
+use super::super::tests::{assert_all_close, attention_mask, optimized, tensor};
 use super::super::{fold_scalar_factors, restrict_to_live_outputs, use_faer_matmuls};
 use super::*;
 use crate::runtime::masked_softmax::use_masked_softmax;
@@ -67,32 +67,36 @@ fn check(shape: &[usize], exprs: [&str; 3], mask: Vec<f32>, threads: usize) {
     assert_all_close(&want, &got, 1e-5);
 }
 
-/// A mask `[s, s]`, causal or not, with row `whole` masked whole and the first
-/// `pad` columns masked in every row (left padding).
-fn mask(s: usize, causal: bool, whole: usize, pad: usize) -> Vec<f32> {
-    (0..s * s)
-        .map(|x| {
-            let (row, col) = (x / s, x % s);
-            let masked = causal && col > row || row == whole || col < pad;
-            if masked {
-                f32::MIN
-            } else {
-                0.0
-            }
-        })
-        .collect()
-}
-
 #[test]
 fn fused_attention_gradients_equal_tracts() {
     // Heads first (a worker of one row at seq 512), 150 rows: two full blocks of
     // 64 and a short one.
     let heads_first = ["hqd,hkd->hqk", "hqk,hkd->hqd", "hqd,hqk->hkd"];
-    check(&[2, 150, 16], heads_first, mask(150, true, 100, 0), 1);
-    check(&[2, 150, 16], heads_first, mask(150, true, 100, 0), 2);
+    check(
+        &[2, 150, 16],
+        heads_first,
+        attention_mask(150, true, 100, 0),
+        1,
+    );
+    check(
+        &[2, 150, 16],
+        heads_first,
+        attention_mask(150, true, 100, 0),
+        2,
+    );
     // Tokens first, heads in the middle (rows of several sequences), padding.
     let tokens_first = ["aqhd,akhd->ahqk", "ahqk,akhd->aqhd", "aqhd,ahqk->akhd"];
-    check(&[2, 70, 3, 8], tokens_first, mask(70, true, 69, 5), 2);
+    check(
+        &[2, 70, 3, 8],
+        tokens_first,
+        attention_mask(70, true, 69, 5),
+        2,
+    );
     // Not causal, padded past a chunk: blocks whose live columns start at 16.
-    check(&[2, 70, 16], heads_first, mask(70, false, 200, 20), 1);
+    check(
+        &[2, 70, 16],
+        heads_first,
+        attention_mask(70, false, 200, 20),
+        1,
+    );
 }
