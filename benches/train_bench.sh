@@ -199,15 +199,26 @@ if genai:
 # (batch 1: all of them), so their seconds count that many cores.
 workers = max(d for d in range(1, threads + 1) if batch % d == 0)
 flops = secs = best = 0.0
+# The attention kernels count as the products they run: Attention (inputs Q, K, mask,
+# V; outputs P, O) two of 2 x |P| x the head's width, AttentionGrad (dO, V, mask, P, K,
+# Q) three.
+fused_products = {"Attention": (0, 4, 2), "AttentionGrad": (0, 3, 3)}  # width from, P at, products
 for line in open(f"{logs}/profile.txt"):
     f_ = line.rstrip("\n").split("\t")
-    if len(f_) < 6 or f_[2] != "FaerMatMul":
+    if len(f_) < 5 or f_[2] not in ("FaerMatMul", *fused_products):
         continue
-    shapes = [[int(d) for d in m.split(",") if d.strip()] for m in re.findall(r"\[([\d, ]*)\]", f_[4])[:2]]
-    ins = f_[5].split("->")[0].split(",")
-    size = {c: d for term, shape in zip(ins, shapes) for c, d in zip(term, shape) if d != 1}
-    node = 2 * math.prod(size.values()) * int(f_[1])
-    cores = threads // workers if math.prod(size.values()) >= 1 << 22 else 1
+    shapes = [[int(d) for d in m.split(",") if d.strip()] for m in re.findall(r"\[([\d, ]*)\]", f_[4])]
+    if f_[2] == "FaerMatMul":
+        if len(f_) < 6:
+            continue
+        ins = f_[5].split("->")[0].split(",")
+        size = {c: d for term, shape in zip(ins, shapes[:2]) for c, d in zip(term, shape) if d != 1}
+        macs = math.prod(size.values())
+    else:
+        width_of, p_at, products = fused_products[f_[2]]
+        macs = products * math.prod(shapes[p_at]) * shapes[width_of][-1]
+    node = 2 * macs * int(f_[1])
+    cores = threads // workers if macs >= 1 << 22 else 1
     core_secs = float(f_[0]) * cores
     flops, secs = flops + node, secs + core_secs
     if float(f_[0]) >= 0.01:  # the profile prints 4 decimals: time only what it resolves
