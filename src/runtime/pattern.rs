@@ -52,12 +52,26 @@ pub fn replace_with(
     inputs: &[OutletId],
     replaced: OutletId,
 ) -> TractResult<()> {
+    replace_outputs_with(model, name, op, inputs, &[replaced])
+}
+
+/// Wires `op` (named `name`) on `inputs` and makes its output `i` take the place of
+/// `replaced[i]` for every reader.
+pub fn replace_outputs_with(
+    model: &mut TypedModel,
+    name: String,
+    op: impl Into<Box<dyn TypedOp>>,
+    inputs: &[OutletId],
+    replaced: &[OutletId],
+) -> TractResult<()> {
     let mut patch = TypedModelPatch::default();
     let taps = inputs
         .iter()
         .map(|&input| patch.tap_model(model, input))
         .collect::<TractResult<TVec<_>>>()?;
-    let out = patch.wire_node(name, op, &taps)?;
-    patch.shunt_outside(model, replaced, out[0])?;
+    let outs = patch.wire_node(name, op, &taps)?;
+    for (&old, new) in replaced.iter().zip(outs) {
+        patch.shunt_outside(model, old, new)?;
+    }
     patch.apply(model)
 }

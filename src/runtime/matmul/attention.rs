@@ -19,11 +19,11 @@ use faer::{Accum, MatMut, MatRef, Par};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-use super::attention_grad::{At, Reader, View};
-use super::tiles::{live_blocks, Live, Operand};
+use super::attention_grad::{take_inputs, At, MaskBlocks, Reader, View};
+use super::tiles::Live;
 use super::{offsets, FaerMatMul, Plan};
 use crate::runtime::masked_softmax::{softmax_row, MaskRow, MaskedSoftmax};
-use crate::runtime::pattern::{broadcasts_to, single_reader};
+use crate::runtime::pattern::{broadcasts_to, replace_outputs_with, single_reader};
 
 /// `(Q, K, mask, V)` → `(P, O)`: `P = softmax(scale·Q·Kᵀ + mask)` over its last axis and
 /// `O = P·V`, in one pass per head ([`fuse_attention`]).
@@ -117,11 +117,7 @@ impl EvalOp for Attention {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let [q, k, mask, v]: [TValue; 4] = inputs
-            .into_iter()
-            .collect::<Vec<_>>()
-            .try_into()
-            .map_err(|_| format_err!("Attention takes Q, K, mask and V"))?;
+        let [q, k, mask, v] = take_inputs::<4>(inputs, "Attention")?;
         let [p_shape, o_shape] = self.shapes(q.shape(), k.shape(), v.shape())?;
         ensure!(
             broadcasts_to(mask.shape(), &p_shape),
@@ -151,21 +147,8 @@ impl EvalOp for Attention {
             v.as_slice::<f32>()?,
         ];
         let (rows, cols) = (sp.m, sp.n);
-        let mut blocks: Vec<(isize, Vec<_>)> = Vec::new();
-        for head in &heads {
-            if !blocks.iter().any(|(at, _)| *at == head.mask) {
-                let reference = Operand {
-                    at: mask.as_ptr().wrapping_offset(head.mask),
-                    outer: rows.r,
-                    k: cols.r,
-                };
-                // SAFETY: the mask broadcasts to the scores (checked above), so its
-                // strides address rows × cols elements of it from each head's offset.
-                let live =
-                    unsafe { live_blocks(rows.size, cols.size, reference, Live::UnmaskedRows) };
-                blocks.push((head.mask, live));
-            }
-        }
+        // SAFETY: the mask broadcasts to the scores (checked above).
+        let blocks = unsafe { MaskBlocks::read(mask, heads.iter().map(|h| h.mask), rows, cols) };
         {
             let mut p_plain = p.try_as_plain_ram_mut()?;
             let mut o_plain = o.try_as_plain_ram_mut()?;
@@ -177,11 +160,7 @@ impl EvalOp for Attention {
             let threads = crate::parallel::product_threads();
             crate::parallel::for_each_part(heads.len(), threads, |h| {
                 let head = heads[h];
-                let live = &blocks
-                    .iter()
-                    .find(|(at, _)| *at == head.mask)
-                    .expect("read")
-                    .1;
+                let live = blocks.of(head.mask);
                 for (block, span) in live {
                     let span = if span.is_empty() {
                         0..cols.size
@@ -373,15 +352,13 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         };
         let name = format!("{}.attention", model.nodes[id].name);
-        let mut patch = TypedModelPatch::default();
-        let taps = [q, k, mask, v]
-            .iter()
-            .map(|&input| patch.tap_model(model, input))
-            .collect::<TractResult<TVec<_>>>()?;
-        let outs = patch.wire_node(name, attention, &taps)?;
-        patch.shunt_outside(model, p, outs[0])?;
-        patch.shunt_outside(model, OutletId::new(values_node, 0), outs[1])?;
-        patch.apply(model)?;
+        replace_outputs_with(
+            model,
+            name,
+            attention,
+            &[q, k, mask, v],
+            &[p, OutletId::new(values_node, 0)],
+        )?;
         fused += 1;
     }
     Ok(fused)
@@ -389,42 +366,22 @@ pub fn fuse_attention(model: &mut TypedModel) -> TractResult<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{assert_all_close, attention_mask, optimized, tensor};
+    use super::super::tests::{
+        assert_all_close, attention_mask, optimized, tensor, wire_probabilities, wire_product,
+    };
     use super::super::{fold_scalar_factors, restrict_to_live_outputs, use_faer_matmuls};
     use super::*;
     use crate::runtime::masked_softmax::use_masked_softmax;
-    use tract_core::ops::binary::TypedBinOp;
-    use tract_core::ops::einsum::EinSum;
-    use tract_core::ops::math::{Add, Mul};
-    use tract_core::ops::nn::{Softmax, SoftmaxKind};
 
     /// Attention's forward as an exported model has it, `P = softmax(q·kᵀ·scale + mask)`
     /// and `O = P·v` in the layout of `exprs` (scores, output), both outputs: the fused
     /// model's `P` bit for bit the unfused kernels', and both within 1e-5 of tract's own
     /// ops, on `threads` threads.
     fn check(shape: &[usize], exprs: [&str; 2], mask: Vec<f32>, threads: usize) {
-        let s = (mask.len() as f64).sqrt() as usize;
         let mut model = TypedModel::default();
         let [q, k, v] = ["q", "k", "v"].map(|n| model.add_source(n, f32::fact(shape)).unwrap());
-        let rank = exprs[0].split("->").nth(1).unwrap().len();
-        let mut mask_shape = vec![1; rank];
-        mask_shape[rank - 2..].copy_from_slice(&[s, s]);
-        let mask = model
-            .add_const("mask", Tensor::from_shape(&mask_shape, &mask).unwrap())
-            .unwrap();
-        let quarter = Tensor::from_shape(&vec![1; rank], &[0.25f32]).unwrap();
-        let scale = model.add_const("scale", quarter).unwrap();
-        let einsum = |e: &str| EinSum::new(e.parse().unwrap(), f32::datum_type());
-        let bin = |op: Box<dyn tract_core::ops::binary::BinMiniOp>| TypedBinOp(op, None);
-        let mut wire = |name: &str, op: Box<dyn TypedOp>, inputs: &[OutletId]| {
-            model.wire_node(name, op, inputs).unwrap()[0]
-        };
-        let scores = wire("qk", Box::new(einsum(exprs[0])), &[q, k]);
-        let scaled = wire("scaled", Box::new(bin(Box::new(Mul))), &[scores, scale]);
-        let z = wire("z", Box::new(bin(Box::new(Add))), &[scaled, mask]);
-        let softmax = Softmax::new(tvec![rank - 1], None, SoftmaxKind::Softmax);
-        let p = wire("p", Box::new(softmax), &[z]);
-        let o = wire("o", Box::new(einsum(exprs[1])), &[p, v]);
+        let p = wire_probabilities(&mut model, exprs[0], [q, k], mask);
+        let o = wire_product(&mut model, "o", exprs[1], [p, v], false);
         model.select_output_outlets(&[p, o]).unwrap();
         let model = model.into_decluttered().unwrap();
         let mut unfused = model.clone();
@@ -447,30 +404,16 @@ mod tests {
     #[test]
     fn fused_attention_equals_tracts() {
         let heads_first = ["hqd,hkd->hqk", "hqk,hkd->hqd"];
-        check(
-            &[2, 150, 16],
-            heads_first,
-            attention_mask(150, true, 100, 0),
-            1,
-        );
-        check(
-            &[2, 150, 16],
-            heads_first,
-            attention_mask(150, true, 100, 0),
-            2,
-        );
         let tokens_first = ["aqhd,akhd->ahqk", "ahqk,akhd->aqhd"];
-        check(
-            &[2, 70, 3, 8],
-            tokens_first,
-            attention_mask(70, true, 69, 5),
-            2,
-        );
-        check(
-            &[2, 70, 16],
-            heads_first,
-            attention_mask(70, false, 200, 20),
-            1,
-        );
+        // (shape, layout, mask: s, causal, row masked whole, padding; threads)
+        let cases: [(&[usize], _, _, _); 4] = [
+            (&[2, 150, 16], heads_first, (150, true, 100, 0), 1),
+            (&[2, 150, 16], heads_first, (150, true, 100, 0), 2),
+            (&[2, 70, 3, 8], tokens_first, (70, true, 69, 5), 2),
+            (&[2, 70, 16], heads_first, (70, false, 200, 20), 1),
+        ];
+        for (shape, exprs, (s, causal, whole, pad), threads) in cases {
+            check(shape, exprs, attention_mask(s, causal, whole, pad), threads);
+        }
     }
 }

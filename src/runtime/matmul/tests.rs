@@ -366,3 +366,53 @@ pub(super) fn attention_mask(s: usize, causal: bool, whole: usize, pad: usize) -
         })
         .collect()
 }
+
+/// Wires into `model` an einsum `expr` of `a` and `b` (`mul`: times 0.25, a constant
+/// of the product's rank, as a model's `1/√d` is).
+pub(super) fn wire_product(
+    model: &mut TypedModel,
+    name: &str,
+    expr: &str,
+    [a, b]: [OutletId; 2],
+    mul: bool,
+) -> OutletId {
+    use tract_core::ops::binary::TypedBinOp;
+    use tract_core::ops::math::Mul;
+    let op = EinSum::new(expr.parse().unwrap(), f32::datum_type());
+    let c = model.wire_node(name, op, &[a, b]).unwrap()[0];
+    if !mul {
+        return c;
+    }
+    // (typed binary ops take operands of one rank)
+    let rank = model.outlet_fact(c).unwrap().rank();
+    let quarter = Tensor::from_shape(&vec![1; rank], &[0.25f32]).unwrap();
+    let quarter = model.add_const(format!("{name}.scale"), quarter).unwrap();
+    let mul = TypedBinOp(Box::new(Mul), None);
+    model
+        .wire_node(format!("{name}.scaled"), mul, &[c, quarter])
+        .unwrap()[0]
+}
+
+/// Wires into `model` attention's probabilities `softmax(q·kᵀ·0.25 + mask)`, the
+/// scores in the layout `expr`, the mask `[s, s]` broadcast to them.
+pub(super) fn wire_probabilities(
+    model: &mut TypedModel,
+    expr: &str,
+    [q, k]: [OutletId; 2],
+    mask: Vec<f32>,
+) -> OutletId {
+    use tract_core::ops::binary::TypedBinOp;
+    use tract_core::ops::math::Add;
+    use tract_core::ops::nn::{Softmax, SoftmaxKind};
+    let s = (mask.len() as f64).sqrt() as usize;
+    let scores = wire_product(model, "qk", expr, [q, k], true);
+    let rank = model.outlet_fact(scores).unwrap().rank();
+    let mut mask_shape = vec![1; rank];
+    mask_shape[rank - 2..].copy_from_slice(&[s, s]);
+    let mask = Tensor::from_shape(&mask_shape, &mask).unwrap();
+    let mask = model.add_const("mask", mask).unwrap();
+    let add = TypedBinOp(Box::new(Add), None);
+    let z = model.wire_node("z", add, &[scores, mask]).unwrap()[0];
+    let softmax = Softmax::new(tvec![rank - 1], None, SoftmaxKind::Softmax);
+    model.wire_node("p", softmax, &[z]).unwrap()[0]
+}

@@ -24,7 +24,7 @@ use tract_onnx::tract_core::internal::*;
 
 use super::tiles::{live_blocks, Live, Operand, EDGE_BLOCK};
 use super::{offsets, FaerMatMul, Plan, Span};
-use crate::runtime::pattern::{broadcasts_to, single_reader};
+use crate::runtime::pattern::{broadcasts_to, replace_outputs_with, single_reader};
 use crate::runtime::softmax_grad::{self, SoftmaxGrad};
 
 /// `(dO, V, mask, P, K, Q)` → `(dQ, dK)`: the products `dP = dO·Vᵀ` (read where the mask
@@ -251,15 +251,72 @@ impl At {
     }
 }
 
+/// The live column range of each block of rows of the scores, per mask offset: heads
+/// that share a mask share its blocks, read once.
+pub(super) struct MaskBlocks(Vec<(isize, Vec<LiveBlock>)>);
+
+/// A block of rows of the scores and the columns where its mask is live.
+type LiveBlock = (std::ops::Range<usize>, std::ops::Range<usize>);
+
+impl MaskBlocks {
+    /// The blocks of the scores' `rows` × `cols` (spans whose `r` strides are the
+    /// mask's) for the mask at each of `offsets`; a block with a row masked whole is
+    /// live whole (`Live::UnmaskedRows`: that row's softmax is uniform).
+    ///
+    /// # Safety
+    ///
+    /// `mask` must broadcast to the scores, so that its strides address rows × cols of
+    /// its elements from each offset.
+    pub unsafe fn read(
+        mask: &[f32],
+        offsets: impl IntoIterator<Item = isize>,
+        rows: Span,
+        cols: Span,
+    ) -> MaskBlocks {
+        let mut blocks: Vec<(isize, Vec<LiveBlock>)> = Vec::new();
+        for at in offsets {
+            if blocks.iter().any(|(seen, _)| *seen == at) {
+                continue;
+            }
+            let reference = Operand {
+                at: mask.as_ptr().wrapping_offset(at),
+                outer: rows.r,
+                k: cols.r,
+            };
+            // SAFETY: the caller's contract.
+            let live = unsafe { live_blocks(rows.size, cols.size, reference, Live::UnmaskedRows) };
+            blocks.push((at, live));
+        }
+        MaskBlocks(blocks)
+    }
+
+    /// The blocks of the mask at `offset` (one of those [`MaskBlocks::read`] was given).
+    pub fn of(&self, offset: isize) -> &[LiveBlock] {
+        self.0
+            .iter()
+            .find(|(at, _)| *at == offset)
+            .map_or(&[], |(_, blocks)| blocks)
+    }
+}
+
+/// An op's `N` inputs as an array, or an error saying what `op` takes.
+pub(super) fn take_inputs<const N: usize>(
+    inputs: TVec<TValue>,
+    op: &str,
+) -> TractResult<[TValue; N]> {
+    let count = inputs.len();
+    inputs
+        .into_iter()
+        .collect::<Vec<_>>()
+        .try_into()
+        .map_err(|_| format_err!("{op} takes {N} inputs, not {count}"))
+}
+
 impl EvalOp for AttentionGrad {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let [d_o, v, mask, p, k, q]: [TValue; 6] = inputs
-            .into_iter()
-            .collect::<Vec<_>>()
-            .try_into()
-            .map_err(|_| format_err!("AttentionGrad takes dO, V, mask, P, K and Q"))?;
+        let [d_o, v, mask, p, k, q] = take_inputs::<6>(inputs, "AttentionGrad")?;
         let [scores, d_q_shape, d_k_shape] =
             self.shapes(d_o.shape(), v.shape(), k.shape(), q.shape())?;
         ensure!(
@@ -291,22 +348,8 @@ impl EvalOp for AttentionGrad {
             q.as_slice::<f32>()?,
         );
         let (rows, cols) = (dp.m, dp.n);
-        // The live column range of each row block, per mask offset (heads share one).
-        let mut blocks: Vec<(isize, Vec<_>)> = Vec::new();
-        for head in &heads {
-            if !blocks.iter().any(|(at, _)| *at == head.mask) {
-                let reference = Operand {
-                    at: mask.as_ptr().wrapping_offset(head.mask),
-                    outer: rows.r,
-                    k: cols.r,
-                };
-                // SAFETY: the mask broadcasts to the scores (checked above), so its
-                // strides address rows × cols elements of it from each head's offset.
-                let live =
-                    unsafe { live_blocks(rows.size, cols.size, reference, Live::UnmaskedRows) };
-                blocks.push((head.mask, live));
-            }
-        }
+        // SAFETY: the mask broadcasts to the scores (checked above).
+        let blocks = unsafe { MaskBlocks::read(mask, heads.iter().map(|h| h.mask), rows, cols) };
         {
             let mut d_q_plain = d_q.try_as_plain_ram_mut()?;
             let mut d_k_plain = d_k.try_as_plain_ram_mut()?;
@@ -318,11 +361,7 @@ impl EvalOp for AttentionGrad {
             let threads = crate::parallel::product_threads();
             crate::parallel::for_each_part(heads.len(), threads, |h| {
                 let head = heads[h];
-                let live = &blocks
-                    .iter()
-                    .find(|(at, _)| *at == head.mask)
-                    .expect("read")
-                    .1;
+                let live = blocks.of(head.mask);
                 let mut scratch = vec![0f32; EDGE_BLOCK * cols.size];
                 for (block, span) in live {
                     // SAFETY: the offsets and strides come from the products' plans on
@@ -571,15 +610,13 @@ pub fn fuse_attention_gradients(model: &mut TypedModel) -> TractResult<usize> {
             continue;
         };
         let name = format!("{}.attention_grad", model.nodes[id].name);
-        let mut patch = TypedModelPatch::default();
-        let taps = [d_o, v, mask, p, k, q]
-            .iter()
-            .map(|&input| patch.tap_model(model, input))
-            .collect::<TractResult<TVec<_>>>()?;
-        let outs = patch.wire_node(name, op, &taps)?;
-        patch.shunt_outside(model, OutletId::new(dq_node, 0), outs[0])?;
-        patch.shunt_outside(model, OutletId::new(dk_node, 0), outs[1])?;
-        patch.apply(model)?;
+        replace_outputs_with(
+            model,
+            name,
+            op,
+            &[d_o, v, mask, p, k, q],
+            &[OutletId::new(dq_node, 0), OutletId::new(dk_node, 0)],
+        )?;
         fused += 1;
     }
     Ok(fused)
