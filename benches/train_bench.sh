@@ -195,8 +195,8 @@ if genai:
 # Matrix products from the profile (seconds, calls, op, node, shapes, einsum expression):
 # 2 x the product of every axis's size, per call (causal attention's products count
 # whole, though lora-graft skips their zero blocks); the seconds are summed over workers.
-# A worker's products of 4M multiply-adds or more run on THREADS / workers threads
-# (batch 1: all of them), so their seconds count that many cores.
+# A worker's products of 4M multiply-adds or more, and its attention kernels, run on
+# THREADS / workers threads (batch 1: all of them), so their seconds count that many cores.
 workers = max(d for d in range(1, threads + 1) if batch % d == 0)
 flops = secs = best = 0.0
 # The attention kernels count as the products they run: Attention (inputs Q, K, mask,
@@ -218,7 +218,8 @@ for line in open(f"{logs}/profile.txt"):
         width_of, p_at, products = fused_products[f_[2]]
         macs = products * math.prod(shapes[p_at]) * shapes[width_of][-1]
     node = 2 * macs * int(f_[1])
-    cores = threads // workers if macs >= 1 << 22 else 1
+    # (the attention kernels share their heads among the worker's threads at any size)
+    cores = threads // workers if macs >= 1 << 22 or f_[2] in fused_products else 1
     core_secs = float(f_[0]) * cores
     flops, secs = flops + node, secs + core_secs
     if float(f_[0]) >= 0.01:  # the profile prints 4 decimals: time only what it resolves

@@ -5,8 +5,9 @@
 //! Measured at batch 1 (one training worker whose products use both cores), a scoped
 //! thread per call started about 110 µs late (median), and a third of the time on the
 //! caller's own core, where it ran only after the caller's part: the second core
-//! barely helped. Helpers here stay on their core, spinning for [`SPIN`] after each
-//! part before they sleep, and parts are claimed, not assigned: the caller takes every
+//! barely helped. Helpers here live for the process and spin for [`SPIN`] after each
+//! part before they sleep, so the next call finds them running (where they run is the
+//! scheduler's choice); and parts are claimed, not assigned: the caller takes every
 //! part no helper has taken by the time it is free, so a late helper never delays a call
 //! beyond running its parts in turn.
 

@@ -69,7 +69,9 @@ impl Attention {
         let [p, o] = self.shapes(q, k, v)?;
         let sp = self.scores.plan(q, k, &p, Some(mask))?;
         let (rows, cols) = (sp.m, sp.n);
-        if !sp.k_loops.is_empty() || cols.c != 1 || cols.r > 1 {
+        // (the softmax runs along the scores' last axis: it must be the columns, whole)
+        let last = p.last() == Some(&cols.size);
+        if !sp.k_loops.is_empty() || cols.c != 1 || cols.r > 1 || !last {
             return Ok(None);
         }
         let Some(pv) = self.values.view(&p, v, &o, (rows, cols))? else {

@@ -81,7 +81,7 @@ pub(super) unsafe fn cut(
         if ranges.iter().any(|(ks, _)| *ks != (0..k)) {
             return ranges
                 .into_iter()
-                .flat_map(|(ks, rows)| column_blocks(rows, n, n.div_ceil(COLUMN_BLOCK), ks))
+                .flat_map(|(ks, rows)| column_blocks(rows, n, n.div_ceil(COLUMN_BLOCK), ks, true))
                 .collect();
         }
     }
@@ -199,9 +199,10 @@ unsafe fn any_row_masked(op: Operand, lines: Range<usize>, k: usize) -> bool {
     })
 }
 
-/// Column blocks of the whole product, of at most [`COLUMN_BLOCK`] columns; to be shared
-/// by `split` threads, a multiple of `split` of them (3 blocks for 2 threads would keep
-/// one idle for a third of the time), or, when the columns are too few, row blocks too.
+/// Column blocks of the whole product, of at most [`COLUMN_BLOCK`] columns (of whole
+/// panels for one thread); to be shared by `split` threads, a multiple of `split`
+/// near-equal ones (3 blocks for 2 threads would keep one idle for a third of the
+/// time), or, when the columns are too few, row blocks too.
 pub(super) fn dense(m: usize, n: usize, k: usize, split: usize) -> Vec<Tile> {
     let mut blocks = n.div_ceil(COLUMN_BLOCK);
     if split > 1 {
@@ -210,7 +211,7 @@ pub(super) fn dense(m: usize, n: usize, k: usize, split: usize) -> Vec<Tile> {
             .min(n.div_ceil(SPLIT_MIN))
             .max(1);
     }
-    let tiles = column_blocks(0..m, n, blocks, 0..k);
+    let tiles = column_blocks(0..m, n, blocks, 0..k, split == 1);
     let rows = split
         .div_ceil(tiles.len())
         .min(m.div_ceil(SPLIT_MIN))
@@ -230,13 +231,21 @@ pub(super) fn dense(m: usize, n: usize, k: usize, split: usize) -> Vec<Tile> {
         .collect()
 }
 
-/// Column blocks of `rows` of C, each summed over `k`: `blocks` of them (or fewer),
-/// each as wide as the first of `blocks` near-equal ones, rounded up to whole panels of
-/// faer's kernel ([`PANEL`] columns of row-major C) so that only the last block has a
+/// Column blocks of `rows` of C, each summed over `k`: `blocks` near-equal ones, or,
+/// with `whole_panels`, blocks as wide as the first of those rounded up to whole panels
+/// of faer's kernel ([`PANEL`] columns of row-major C), so that only the last one has a
 /// partial panel (1376 columns: 512 + 512 + 352, where 459 + 459 + 458 ran 3% slower).
-fn column_blocks(rows: Range<usize>, n: usize, blocks: usize, k: Range<usize>) -> Vec<Tile> {
+/// Blocks shared among threads stay near-equal: whole panels would load one thread more
+/// (1376 on 2 threads: 768 + 608 columns, not 688 + 688).
+fn column_blocks(
+    rows: Range<usize>,
+    n: usize,
+    blocks: usize,
+    k: Range<usize>,
+    whole_panels: bool,
+) -> Vec<Tile> {
     let width = n.div_ceil(blocks.max(1));
-    let width = if width > PANEL {
+    let width = if whole_panels && width > PANEL {
         width.next_multiple_of(PANEL)
     } else {
         width
@@ -499,14 +508,13 @@ mod tests {
         assert_eq!(blocks, vec![192..k, 0..0, 0..0]);
     }
 
-    /// Split for 2 threads: an even number of column blocks (of whole panels, where
-    /// wider than one), or rows where the columns are too few; for 1 thread, blocks of at
-    /// most 512 columns.
+    /// Split for 2 threads: an even number of near-equal column blocks, or rows where the
+    /// columns are too few; for 1 thread, blocks of at most 512 columns, of whole panels.
     #[test]
     fn dense_products_split_evenly_for_threads() {
         let widths = |t: &[Tile]| t.iter().map(|t| t.n.len()).collect::<Vec<_>>();
         assert_eq!(widths(&dense(128, 512, 512, 2)), vec![256, 256]);
-        assert_eq!(widths(&dense(128, 1376, 512, 2)), vec![384, 384, 384, 224]);
+        assert_eq!(widths(&dense(128, 1376, 512, 2)), vec![344; 4]);
         assert_eq!(widths(&dense(128, 1376, 512, 1)), vec![512, 512, 352]);
         assert_eq!(widths(&dense(128, 96, 512, 2)), vec![48, 48]);
         let rows: Vec<_> = dense(512, 16, 512, 2)

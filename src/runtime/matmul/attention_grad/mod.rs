@@ -11,11 +11,13 @@
 //! where, read once for the heads that share it), `dS` on those columns, and its share
 //! of `dQ` (its own rows) and `dK` (summed over the blocks).
 //!
-//! It computes what the four ops do: the same products over the same terms (a masked
-//! entry's `dS` is `0·(0 − Σ)`: skipping it is what the unfused products' zero-end cut
-//! did) and the same row kernel for `dS`. Only the order of some sums differs: `dK`
-//! adds the blocks' products one after another, where the unfused product summed every
-//! row in one pass, so its last bits differ.
+//! It computes what the four ops do: the same products over the same non-zero terms (a
+//! masked entry's `dS` is `0·(0 − Σ)`: skipping it is what the unfused products'
+//! zero-end cut did) and the same row kernel for `dS`. Only the order of some sums
+//! differs, so `dQ` and `dK` may differ in their last bits: `dK` adds the blocks'
+//! products one after another where the unfused product summed every row in one pass,
+//! and `dQ` sums over the mask's live columns (with zeros where `dS` underflowed) where
+//! the unfused product summed over `dS`'s non-zero ones.
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
@@ -179,7 +181,8 @@ impl AttentionGrad {
         let [scores, d_q, d_k] = self.shapes(d_o, v, k, q)?;
         let dp = self.scores_grad.plan(d_o, v, &scores, Some(mask))?;
         let (rows, cols) = (dp.m, dp.n);
-        if !dp.k_loops.is_empty() || cols.c != 1 {
+        // (the softmax runs along the scores' last axis: it must be the columns, whole)
+        if !dp.k_loops.is_empty() || cols.c != 1 || scores.last() != Some(&cols.size) {
             return Ok(None);
         }
         let (Some(dq), Some(dk)) = (
@@ -533,9 +536,9 @@ impl TypedOp for AttentionGrad {
 
 /// Runs each [`SoftmaxGrad`] whose incoming gradient is a product read where a mask is
 /// live (`dP = dO·Vᵀ`, from [`super::restrict_to_live_outputs`]) and whose output is
-/// read by exactly two products, as A (`dS·K` along its rows and `dSᵀ·Q` along its
-/// columns), together with those three products as one [`AttentionGrad`], when their
-/// shapes line up head by head. Returns how many.
+/// read by exactly two products, as either operand (`dS·K` along its rows and `dSᵀ·Q`
+/// along its columns), together with those three products as one [`AttentionGrad`],
+/// when their shapes line up head by head. Returns how many.
 pub fn fuse_attention_gradients(model: &mut TypedModel) -> TractResult<usize> {
     let mut fused = 0;
     for id in 0..model.nodes.len() {
