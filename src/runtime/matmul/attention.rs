@@ -19,7 +19,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-use super::attention_grad::{take_inputs, At, MaskBlocks, Reader, View};
+use super::heads::{take_inputs, At, MaskBlocks, Reader, View};
 use super::tiles::Live;
 use super::{offsets, FaerMatMul, Plan};
 use crate::runtime::masked_softmax::{softmax_row, MaskRow, MaskedSoftmax};

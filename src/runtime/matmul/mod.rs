@@ -15,6 +15,7 @@ use tract_onnx::tract_core::internal::*;
 mod accumulate;
 mod attention;
 mod attention_grad;
+mod heads;
 mod live;
 mod scalars;
 mod tiles;
