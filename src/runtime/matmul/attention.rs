@@ -19,7 +19,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-use super::heads::{take_inputs, At, MaskBlocks, Reader, View};
+use super::heads::{At, MaskBlocks, Reader, View};
 use super::tiles::Live;
 use super::{offsets, FaerMatMul, Plan};
 use crate::runtime::masked_softmax::{softmax_row, MaskRow, MaskedSoftmax};
@@ -119,7 +119,7 @@ impl EvalOp for Attention {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let [q, k, mask, v] = take_inputs::<4>(inputs, "Attention")?;
+        let (q, k, mask, v) = args_4!(inputs);
         let [p_shape, o_shape] = self.shapes(q.shape(), k.shape(), v.shape())?;
         ensure!(
             broadcasts_to(mask.shape(), &p_shape),

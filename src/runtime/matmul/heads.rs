@@ -1,7 +1,7 @@
 //! What the attention kernels ([`super::attention`], [`super::attention_grad`]) share:
 //! the products around a softmax seen from the softmax's side ([`Reader`], [`View`]),
-//! the mask's live blocks read once per offset ([`MaskBlocks`]), raw pointers shared by
-//! a call's threads ([`At`]), and their inputs as arrays ([`take_inputs`]).
+//! the mask's live blocks read once per offset ([`MaskBlocks`]), and raw pointers
+//! shared by a call's threads ([`At`]).
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -165,14 +165,4 @@ impl MaskBlocks {
             .find(|(at, _)| *at == offset)
             .map_or(&[], |(_, blocks)| blocks)
     }
-}
-
-/// An op's `N` inputs as an array, or an error saying what `op` takes.
-pub fn take_inputs<const N: usize>(inputs: TVec<TValue>, op: &str) -> TractResult<[TValue; N]> {
-    let count = inputs.len();
-    inputs
-        .into_iter()
-        .collect::<Vec<_>>()
-        .try_into()
-        .map_err(|_| format_err!("{op} takes {N} inputs, not {count}"))
 }

@@ -24,7 +24,7 @@ use faer::{Accum, MatMut, MatRef, Par};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-use super::heads::{take_inputs, At, MaskBlocks, Reader, View};
+use super::heads::{At, MaskBlocks, Reader, View};
 use super::tiles::{Live, EDGE_BLOCK};
 use super::{offsets, FaerMatMul, Plan};
 use crate::runtime::pattern::{broadcasts_to, replace_outputs_with, single_reader};
@@ -149,7 +149,7 @@ impl EvalOp for AttentionGrad {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let [d_o, v, mask, p, k, q] = take_inputs::<6>(inputs, "AttentionGrad")?;
+        let (d_o, v, mask, p, k, q) = args_6!(inputs);
         let [scores, d_q_shape, d_k_shape] =
             self.shapes(d_o.shape(), v.shape(), k.shape(), q.shape())?;
         ensure!(
