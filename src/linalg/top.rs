@@ -36,13 +36,15 @@ type BlockRow = [f64; TOP_SVD_BLOCK];
 /// and `Z = AᵀAV` is kept. Rayleigh–Ritz on `T = VᵀZ` gives `v = Vw`, `σ² = wᵀTw`,
 /// `u = Av/σ`; then `Av = σu` by construction and `‖Aᵀu − σv‖ = ‖Zw − σ²v‖/σ` with no
 /// further product. It stops when every such residual is at most `1e-11·σ_1` and at
-/// most `1e-9` of the gap `σ_q − σ_{q+1}`, which bounds each vector's angle to the
-/// exact one (Wedin). A Krylov space converges where subspace iteration crawls: its
-/// polynomial filter separates `σ_q` from the rest in about the square root of the
-/// steps, so even a Gaussian matrix's flat top is certified well before the basis
-/// costs what a full SVD does. A gap too small to certify (a repeated singular value at
-/// the rank boundary), a basis reaching half the smaller side, or a small matrix, take
-/// the full SVD instead.
+/// most `1e-9` of the triplet's own gap (to `σ_{k−1}` and `σ_{k+1}`; for the last, to
+/// `σ_{q+1}`), which bounds each vector's angle to the exact one (Wedin). A Krylov
+/// space converges where subspace iteration crawls: its polynomial filter separates
+/// `σ_q` from the rest in about the square root of the steps, so even a Gaussian
+/// matrix's flat top is certified well before the basis costs what a full SVD does.
+/// Rayleigh–Ritz runs where the certificate's rate of convergence says it may hold
+/// ([`Checks`]). A gap too small to certify (a repeated singular value in the top `q`
+/// or at its boundary), a basis reaching half the smaller side, or a small matrix,
+/// take the full SVD instead.
 pub fn svd_top<T: Copy + Into<f64>>(w: &Array2<T>, q: usize) -> Result<(Svd, TopSvdPath)> {
     let small = w.nrows().min(w.ncols());
     if q == 0 || 2 * (q + 2 * TOP_SVD_BLOCK) > small {
@@ -83,13 +85,17 @@ fn krylov_top<T: Copy + Into<f64>>(
     let mut ritz = Mat::<f64>::zeros(max_dim, max_dim); // T = VᵀZ, lower triangle
     let mut rng = Rng::new(0x5EED_7095);
     let mut next = Mat::from_fn(cols, block, |_, _| rng.normal());
+    // next = AᵀA y's coefficients on the basis, Vᵀ(AᵀA y) = (AᵀA V)ᵀ y: y's row block
+    // of T, known before next is orthogonalized.
+    let mut next_on_basis: Option<Mat<f64>> = None;
     let (mut dim, mut steps) = (0, 0);
-    // Rayleigh–Ritz costs about 10·dim³ flops; it runs once the steps since the last
-    // one cost as much (the pass over A, and orthogonalizing against the basis), and
-    // before the basis would outgrow its bound.
-    let mut unchecked = 0.0;
+    let mut checks = Checks::default();
     while dim + block <= max_dim {
-        let y = orthonormalize(&next, basis.as_ref().subcols(0, dim));
+        let y = orthonormalize(
+            &next,
+            next_on_basis.as_ref(),
+            basis.as_ref().subcols(0, dim),
+        );
         let y_rows: Vec<BlockRow> = (0..cols)
             .map(|i| std::array::from_fn(|k| y[(i, k)]))
             .collect();
@@ -107,16 +113,15 @@ fn krylov_top<T: Copy + Into<f64>>(
         ritz.as_mut()
             .submatrix_mut(dim, 0, block, dim + block)
             .copy_from(&t_rows);
+        next_on_basis = Some(t_rows.transpose().to_owned());
+        next = z;
         dim += block;
         steps += 1;
-        unchecked += (4 * rows * cols * block + 12 * cols * dim * block) as f64;
-        next = z;
-        let last = dim + block > max_dim;
-        if dim <= q || (unchecked < 10.0 * (dim as f64).powi(3) && !last) {
+        let step_flops = (4 * rows * cols * block + 8 * cols * dim * block) as f64;
+        if dim <= q || !checks.due(dim, step_flops, dim + block > max_dim) {
             continue;
         }
-        unchecked = 0.0;
-        let eigen = ritz
+        let ritz_pairs = ritz
             .as_ref()
             .submatrix(0, 0, dim, dim)
             .self_adjoint_eigen(faer::Side::Lower)
@@ -124,62 +129,143 @@ fn krylov_top<T: Copy + Into<f64>>(
                 Error::Usage(format!("the eigendecomposition did not converge ({e:?})"))
             })?;
         // Ascending: the largest q + 1 are the last.
-        let sigma = |i: usize| eigen.S()[dim - 1 - i].max(0.0).sqrt();
-        let top = Mat::from_fn(dim, q, |i, k| eigen.U()[(i, dim - 1 - k)]);
+        let s: Vec<f64> = (0..=q)
+            .map(|i| ritz_pairs.S()[dim - 1 - i].max(0.0).sqrt())
+            .collect();
+        let top = Mat::from_fn(dim, q, |i, k| ritz_pairs.U()[(i, dim - 1 - k)]);
         let v = basis.as_ref().subcols(0, dim) * &top;
         let zw = gram_basis.as_ref().subcols(0, dim) * &top;
-        let residual = (0..q)
+        // ‖Aᵀu − σv‖ = ‖Zw − σ²v‖/σ for each triplet; the vector's own gap is to its
+        // neighbours (Wedin bounds its angle by residual / gap).
+        let worst = (0..q)
             .map(|k| {
-                let s2 = sigma(k).powi(2);
+                let s2 = s[k] * s[k];
                 let r = (0..cols)
                     .map(|i| (zw[(i, k)] - s2 * v[(i, k)]).powi(2))
                     .sum::<f64>()
                     .sqrt();
-                r / sigma(k)
+                let below = s[k] - s[k + 1];
+                let gap = if k == 0 {
+                    below
+                } else {
+                    below.min(s[k - 1] - s[k])
+                };
+                (r / s[k]) / (1e-11 * s[0]).min(1e-9 * gap)
             })
             .fold(0.0, f64::max);
-        let gap = sigma(q - 1) - sigma(q);
-        if gap <= 1e-9 * sigma(0) {
-            break; // a repeated value at the rank boundary (or a zero matrix)
+        let min_gap = (0..q)
+            .map(|k| s[k] - s[k + 1])
+            .fold(f64::INFINITY, f64::min);
+        if min_gap <= 1e-9 * s[0] || !worst.is_finite() {
+            break; // a repeated value in the top q or at its boundary (or a zero matrix)
         }
-        if residual <= 1e-11 * sigma(0) && residual <= 1e-9 * gap {
-            let s: Vec<f64> = (0..q).map(sigma).collect();
-            // u = Av/σ (A = w, or wᵀ), a block of columns at a time.
-            let mut u = Mat::<f64>::zeros(rows, q);
-            for k0 in (0..q).step_by(block) {
-                let width = block.min(q - k0);
-                let v_rows: Vec<BlockRow> = (0..cols)
-                    .map(|i| std::array::from_fn(|k| if k < width { v[(i, k0 + k)] } else { 0.0 }))
-                    .collect();
-                let op = if tall {
-                    BlockOp::Times
-                } else {
-                    BlockOp::TransposeTimes
-                };
-                let av = block_pass(w, op, &v_rows, rows);
-                for (i, row) in av.iter().enumerate() {
-                    for k in 0..width {
-                        u[(i, k0 + k)] = row[k] / s[k0 + k];
-                    }
-                }
-            }
+        if worst <= 1.0 {
+            let u = left_vectors(w, tall, &v, &s[..q]);
             let (u, v) = if tall { (u, v) } else { (v, u) };
             let svd = Svd {
                 u: from_faer(u.as_ref()),
-                s: Array1::from(s),
+                s: Array1::from(s[..q].to_vec()),
                 v: from_faer(v.as_ref()),
             };
             return Ok((Some(svd), TopSvdPath::Iterated(steps)));
         }
+        checks.record(dim, worst.ln(), block);
     }
     Ok((None, TopSvdPath::Full(steps)))
 }
 
-/// The columns of `y` made orthonormal and orthogonal to the orthonormal `basis`:
-/// projected out twice (one pass loses orthogonality when `y` lies mostly in the
-/// basis), then a thin QR, whose arbitrary completion of a rank-deficient `y` is
-/// projected out once more.
-fn orthonormalize(y: &Mat<f64>, basis: faer::MatRef<'_, f64>) -> Mat<f64> {
+/// When [`krylov_top`] runs Rayleigh–Ritz (about `10·dim³` flops with the vectors).
+/// Once the certificate's log-ratio falls from one check to the next, the next check is
+/// where that rate of fall reaches the certificate: 60 % of the way there while it is
+/// more than four steps off (Krylov convergence speeds up, so the rate under-promises),
+/// half a step past it once it is closer (there a check costs more than a step), and
+/// at the latest once the steps since the last check cost three checks. Before that,
+/// once they cost one.
+#[derive(Default)]
+struct Checks {
+    /// Flops spent on steps since the last check.
+    unchecked: f64,
+    /// The last check: basis size and ln(worst residual / its bound).
+    last: Option<(usize, f64)>,
+    /// The basis size the falling rate points to, if any.
+    planned: Option<usize>,
+}
+
+impl Checks {
+    /// Whether to check at basis size `dim`, after a step of `step_flops`; `last`: the
+    /// basis cannot grow further.
+    fn due(&mut self, dim: usize, step_flops: f64, last: bool) -> bool {
+        self.unchecked += step_flops;
+        let check_flops = 10.0 * (dim as f64).powi(3);
+        last || match self.planned {
+            Some(planned) => dim >= planned || self.unchecked >= 3.0 * check_flops,
+            None => self.unchecked >= check_flops,
+        }
+    }
+
+    /// A check at `dim` found ln(worst residual / bound) = `log_ratio` (> 0).
+    fn record(&mut self, dim: usize, log_ratio: f64, block: usize) {
+        self.unchecked = 0.0;
+        self.planned = self.last.and_then(|(last_dim, last_ratio)| {
+            let rate = (last_ratio - log_ratio) / (dim - last_dim) as f64;
+            let remaining = log_ratio / rate;
+            // Near the end a step costs less than a check: aim just past the estimate.
+            let ahead = if remaining <= 4.0 * block as f64 {
+                remaining + 0.5 * block as f64
+            } else {
+                0.6 * remaining
+            };
+            (rate > 0.0).then(|| dim + (ahead as usize).max(block))
+        });
+        self.last = Some((dim, log_ratio));
+    }
+}
+
+/// `u = Av/σ` (`A` = `w`, or `wᵀ` when `w` is wide), a block of columns at a time.
+fn left_vectors<T: Copy + Into<f64>>(
+    w: ArrayView2<'_, T>,
+    tall: bool,
+    v: &Mat<f64>,
+    s: &[f64],
+) -> Mat<f64> {
+    let block = TOP_SVD_BLOCK;
+    let (rows, cols) = if tall {
+        w.dim()
+    } else {
+        (w.ncols(), w.nrows())
+    };
+    let mut u = Mat::<f64>::zeros(rows, s.len());
+    for k0 in (0..s.len()).step_by(block) {
+        let width = block.min(s.len() - k0);
+        let v_rows: Vec<BlockRow> = (0..cols)
+            .map(|i| std::array::from_fn(|k| if k < width { v[(i, k0 + k)] } else { 0.0 }))
+            .collect();
+        let op = if tall {
+            BlockOp::Times
+        } else {
+            BlockOp::TransposeTimes
+        };
+        let av = block_pass(w, op, &v_rows, rows);
+        for (i, row) in av.iter().enumerate() {
+            for k in 0..width {
+                u[(i, k0 + k)] = row[k] / s[k0 + k];
+            }
+        }
+    }
+    u
+}
+
+/// The columns of `y` made orthonormal and orthogonal to the orthonormal `basis`
+/// (classical Gram–Schmidt twice): projected out with `on_basis` (`basisᵀy`, when the
+/// caller knows it) or computed coefficients, projected out again (one pass loses
+/// orthogonality when `y` lies mostly in the basis), then a thin QR; a `y` of
+/// (numerically) lower rank, whose QR completion is arbitrary, is projected out once
+/// more.
+fn orthonormalize(
+    y: &Mat<f64>,
+    on_basis: Option<&Mat<f64>>,
+    basis: faer::MatRef<'_, f64>,
+) -> Mat<f64> {
     let project = |y: &mut Mat<f64>| {
         if basis.ncols() > 0 {
             let coef = basis.transpose() * &*y;
@@ -187,9 +273,20 @@ fn orthonormalize(y: &Mat<f64>, basis: faer::MatRef<'_, f64>) -> Mat<f64> {
         }
     };
     let mut y = y.clone();
+    let scale = (0..y.ncols())
+        .map(|k| y.col(k).norm_l2())
+        .fold(0.0, f64::max);
+    match on_basis {
+        Some(coef) if basis.ncols() > 0 => y -= basis * coef.as_ref().subrows(0, basis.ncols()),
+        _ => project(&mut y),
+    }
     project(&mut y);
-    project(&mut y);
-    let mut q = thin_q(&y);
+    let q = thin_q(&y);
+    let r = q.transpose() * &y;
+    if (0..r.ncols()).all(|k| r[(k, k)].abs() > 1e-10 * scale) {
+        return q;
+    }
+    let mut q = q;
     project(&mut q);
     thin_q(&q)
 }
@@ -241,84 +338,121 @@ impl<T: Copy + Into<f64>> pulp::WithSimd for BlockPass<'_, T> {
 
     #[inline(always)]
     fn with_simd<S: pulp::Simd>(self, simd: S) {
-        const R: usize = 4;
-        let (rows, cols) = self.a.dim();
-        let mut wide = vec![0.0f64; R * cols];
-        for i0 in (0..rows).step_by(R) {
-            let r = R.min(rows - i0);
-            for (k, row) in wide.chunks_exact_mut(cols).take(r).enumerate() {
-                let src = self.a.row(i0 + k);
-                let src = src.as_slice().expect("a standard-layout matrix");
-                for (d, &x) in row.iter_mut().zip(src) {
-                    *d = x.into();
-                }
-            }
-            let quad: [&[f64]; R] = std::array::from_fn(|k| &wide[k * cols..(k + 1) * cols]);
-            if r == R {
-                rows_step(simd, self.op, quad, i0, self.y, self.out);
-            } else {
-                for (k, &row) in quad.iter().take(r).enumerate() {
-                    rows_step(simd, self.op, [row], i0 + k, self.y, self.out);
-                }
+        // y's and the output's rows are read (and written) once per group of rows, from
+        // L2: as many rows a group as the registers hold accumulators for.
+        if S::F64_LANES >= TOP_SVD_BLOCK {
+            pass_in_groups::<S, 16, T>(simd, self);
+        } else {
+            pass_in_groups::<S, 4, T>(simd, self);
+        }
+    }
+}
+
+/// Columns of a group of rows widened at a time: `R · CHUNK` f64 stay in L1.
+const CHUNK: usize = 256;
+
+/// [`BlockPass`] over groups of `R` rows, widened to f64 a chunk of columns at a time
+/// into L1 (twice for [`BlockOp::Gram`]: once for `t = a·y`, once for `z += aᵀt`;
+/// the group's stored rows are in L2 by then).
+#[inline(always)]
+fn pass_in_groups<S: pulp::Simd, const R: usize, T: Copy + Into<f64>>(
+    simd: S,
+    mut pass: BlockPass<'_, T>,
+) {
+    let rows = pass.a.nrows();
+    let mut wide = vec![0.0f64; R * CHUNK];
+    for i0 in (0..rows).step_by(R) {
+        if rows - i0 >= R {
+            group_step::<S, R, T>(simd, &mut pass, i0, &mut wide);
+        } else {
+            for i in i0..rows {
+                group_step::<S, 1, T>(simd, &mut pass, i, &mut wide);
             }
         }
     }
 }
 
-/// [`BlockOp`] on the `R` rows `a` of the matrix starting at row `i0`.
+/// [`BlockOp`] on the `R` rows of `pass.a` from `i0`, `wide` a scratch of `R · CHUNK`.
 #[inline(always)]
-fn rows_step<S: pulp::Simd, const R: usize>(
+fn group_step<S: pulp::Simd, const R: usize, T: Copy + Into<f64>>(
     simd: S,
-    op: BlockOp,
-    a: [&[f64]; R],
+    pass: &mut BlockPass<'_, T>,
     i0: usize,
-    y: &[BlockRow],
-    out: &mut [BlockRow],
+    wide: &mut [f64],
 ) {
-    match op {
-        BlockOp::Gram => {
-            let t = rows_dot(simd, a, y);
-            rows_axpy(simd, a, &t, out);
+    let cols = pass.a.ncols();
+    let src: [&[T]; R] = std::array::from_fn(|r| {
+        pass.a
+            .row(i0 + r)
+            .to_slice()
+            .expect("a standard-layout matrix")
+    });
+    // The group's columns c0..c1 as f64, row after row in `wide`.
+    let widen = |wide: &mut [f64], c0: usize, c1: usize| {
+        for (row, src) in wide.chunks_exact_mut(c1 - c0).zip(src) {
+            for (d, &x) in row.iter_mut().zip(&src[c0..c1]) {
+                *d = x.into();
+            }
         }
-        BlockOp::Times => {
-            let t = rows_dot(simd, a, y);
-            for (r, t) in t.iter().enumerate() {
-                let (o, _) = S::as_mut_simd_f64s(&mut out[i0 + r]);
-                o.copy_from_slice(&t[..o.len()]);
+    };
+    let chunks = (0..cols)
+        .step_by(CHUNK)
+        .map(|c0| (c0, (c0 + CHUNK).min(cols)));
+    let mut t = [[simd.splat_f64s(0.0); TOP_SVD_BLOCK]; R];
+    match pass.op {
+        BlockOp::Gram | BlockOp::Times => {
+            for (c0, c1) in chunks.clone() {
+                widen(wide, c0, c1);
+                let a: [&[f64]; R] = std::array::from_fn(|r| &wide[r * (c1 - c0)..][..c1 - c0]);
+                rows_dot(simd, a, &pass.y[c0..c1], &mut t);
             }
         }
         BlockOp::TransposeTimes => {
-            let t: [[S::f64s; TOP_SVD_BLOCK]; R] = std::array::from_fn(|r| {
-                let (yv, _) = S::as_simd_f64s(&y[i0 + r]);
-                std::array::from_fn(|v| yv.get(v).copied().unwrap_or(simd.splat_f64s(0.0)))
-            });
-            rows_axpy(simd, a, &t, out);
+            for (r, t) in t.iter_mut().enumerate() {
+                let (yv, _) = S::as_simd_f64s(&pass.y[i0 + r]);
+                t[..yv.len()].copy_from_slice(yv);
+            }
         }
+    }
+    if let BlockOp::Times = pass.op {
+        for (r, t) in t.iter().enumerate() {
+            let (o, _) = S::as_mut_simd_f64s(&mut pass.out[i0 + r]);
+            o.copy_from_slice(&t[..o.len()]);
+        }
+        return;
+    }
+    for (c0, c1) in chunks {
+        widen(wide, c0, c1);
+        let a: [&[f64]; R] = std::array::from_fn(|r| &wide[r * (c1 - c0)..][..c1 - c0]);
+        rows_axpy(simd, a, &t, &mut pass.out[c0..c1]);
     }
 }
 
-/// `a_r·y` for each of the `R` rows (as vectors of `S`).
+/// `t_r += a_r·y` for each of the `R` rows (as vectors of `S`).
 #[inline(always)]
 fn rows_dot<S: pulp::Simd, const R: usize>(
     simd: S,
     a: [&[f64]; R],
     y: &[BlockRow],
-) -> [[S::f64s; TOP_SVD_BLOCK]; R] {
+    t: &mut [[S::f64s; TOP_SVD_BLOCK]; R],
+) {
     let vectors = TOP_SVD_BLOCK / S::F64_LANES;
-    let mut t = [[simd.splat_f64s(0.0); TOP_SVD_BLOCK]; R];
+    assert!(a.iter().all(|row| row.len() >= y.len()));
     for (j, yj) in y.iter().enumerate() {
         let (yv, _) = S::as_simd_f64s(yj);
         for r in 0..R {
-            let x = simd.splat_f64s(a[r][j]);
+            // SAFETY: j < y.len() ≤ a[r].len(), asserted above (indexing would check
+            // each of the R rows at every j, as many compares as multiply-adds).
+            let x = simd.splat_f64s(unsafe { *a[r].get_unchecked(j) });
             for v in 0..vectors {
                 t[r][v] = simd.mul_add_e_f64s(x, yv[v], t[r][v]);
             }
         }
     }
-    t
 }
 
-/// `z += Σ_r a_rᵀ t_r`.
+/// `z += Σ_r a_rᵀ t_r`, the rows summed in four interleaved chains (one chain of `R`
+/// dependent multiply-adds a column would stall on their latency).
 #[inline(always)]
 fn rows_axpy<S: pulp::Simd, const R: usize>(
     simd: S,
@@ -326,15 +460,22 @@ fn rows_axpy<S: pulp::Simd, const R: usize>(
     t: &[[S::f64s; TOP_SVD_BLOCK]; R],
     z: &mut [BlockRow],
 ) {
+    const CHAINS: usize = 4;
     let vectors = TOP_SVD_BLOCK / S::F64_LANES;
+    assert!(a.iter().all(|row| row.len() >= z.len()));
     for (j, zj) in z.iter_mut().enumerate() {
         let (zv, _) = S::as_mut_simd_f64s(zj);
         for v in 0..vectors {
-            let mut acc = zv[v];
+            let mut acc = [simd.splat_f64s(0.0); CHAINS];
+            acc[0] = zv[v];
             for r in 0..R {
-                acc = simd.mul_add_e_f64s(simd.splat_f64s(a[r][j]), t[r][v], acc);
+                let c = r % CHAINS;
+                // SAFETY: j < z.len() ≤ a[r].len(), asserted above.
+                let x = simd.splat_f64s(unsafe { *a[r].get_unchecked(j) });
+                acc[c] = simd.mul_add_e_f64s(x, t[r][v], acc[c]);
             }
-            zv[v] = acc;
+            let pair = [simd.add_f64s(acc[0], acc[1]), simd.add_f64s(acc[2], acc[3])];
+            zv[v] = simd.add_f64s(pair[0], pair[1]);
         }
     }
 }
@@ -421,6 +562,47 @@ mod tests {
         let full = signed(svd_exact(&w, 8).unwrap());
         assert_eq!(top.s, full.s);
         assert!(max_diff(&top.u, &full.u) == 0.0);
+    }
+
+    /// A singular value repeated inside the top q (σ_3 = σ_4): those two vectors are
+    /// not unique, so no certificate holds for them and the full SVD decides.
+    #[test]
+    fn svd_top_falls_back_on_a_repeated_value_inside_the_top() {
+        let mut s: Vec<f64> = (0..150).map(|i| 10.0 * 0.85f64.powi(i)).collect();
+        s[4] = s[3];
+        let w = planted(300, 200, &s, 6);
+        let (top, path) = svd_top(&w, 8).unwrap();
+        assert!(matches!(path, TopSvdPath::Full(n) if n < 10), "{path:?}");
+        assert_eq!(top.s, signed(svd_exact(&w, 8).unwrap()).s);
+    }
+
+    /// A matrix of rank 20 < the basis it would grow: the Krylov space becomes
+    /// invariant after three blocks, the next block is (numerically) in the basis, and
+    /// its orthonormalization still gives new orthonormal directions; certified.
+    #[test]
+    fn svd_top_certifies_a_low_rank_matrix() {
+        let s: Vec<f64> = (0..20).map(|i| 10.0 * 0.8f64.powi(i)).collect();
+        let w = planted(300, 200, &s, 7);
+        let path = assert_top_matches_full(&w, 8, 1e-9);
+        assert!(matches!(path, TopSvdPath::Iterated(_)), "{path:?}");
+    }
+
+    /// Rayleigh–Ritz is planned where the certificate's rate of fall reaches it: 60 %
+    /// of the way while far, just past it when near, never beyond three checks' cost.
+    #[test]
+    fn checks_follow_the_rate_of_convergence() {
+        let mut checks = Checks::default();
+        checks.record(100, 10.0, 8); // no rate yet: the cost rule
+        assert!(!checks.due(108, 1.0, false));
+        assert!(checks.due(108, 2e7, false)); // 10·108³ ≈ 1.26e7 flops
+        checks.record(116, 8.0, 8); // falls 0.125 a column: 64 to go, plan 116 + 38
+        assert!(!checks.due(150, 0.0, false));
+        assert!(checks.due(154, 0.0, false));
+        assert!(checks.due(120, 1e8, false)); // three checks' cost
+        assert!(checks.due(120, 0.0, true)); // the basis is full
+        checks.record(154, 2.0, 8); // 0.16 a column: 12.7 to go, plan 154 + 16
+        assert!(!checks.due(169, 0.0, false));
+        assert!(checks.due(170, 0.0, false));
     }
 
     /// A flat spectrum on a small matrix: no certificate before the basis spans half

@@ -1,0 +1,51 @@
+//! Exact PiSSA's cost per matrix: `linalg::svd_top` (the certified top-`r` triplets)
+//! beside `linalg::svd_lowrank` with `niter = 4` (the fast path) on float32 Gaussian
+//! weights, whose top spectrum is flat (the hard case for a Krylov method), at the
+//! shapes of a 2048-wide Llama layer (attention, MLP up/gate as ONNX stores them
+//! `[in, out]`, MLP down). Medians of 3 runs, one thread each.
+//!
+//!     cargo bench --bench svd_top [-- ROWS COLS]
+
+use std::time::Instant;
+
+use lora_graft::linalg::{svd_lowrank, svd_top};
+use lora_graft::rng::Rng;
+use tract_core::ndarray::Array2;
+
+/// The median seconds of 3 runs of `f`.
+fn median_seconds(mut f: impl FnMut()) -> f64 {
+    let mut times: Vec<f64> = (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[1]
+}
+
+fn main() {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let shapes = match args[..] {
+        [m, n] => vec![(m, n)],
+        _ => vec![(2048, 2048), (2048, 5504), (5504, 2048)],
+    };
+    let r = 16;
+    for (m, n) in shapes {
+        let mut rng = Rng::new(7);
+        let w = Array2::from_shape_fn((m, n), |_| rng.normal() as f32);
+        let mut path = None;
+        let exact = median_seconds(|| path = Some(svd_top(&w, r).expect("svd_top").1));
+        let fast = median_seconds(|| {
+            svd_lowrank(&w, r, 4, None, &mut Rng::new(1)).expect("svd_lowrank");
+        });
+        println!(
+            "{m} x {n}, r {r}: svd_top {exact:.3} s ({path:?}), svd_lowrank niter 4 {fast:.3} s, ratio {:.1}",
+            exact / fast
+        );
+    }
+}
