@@ -7,6 +7,8 @@
 #   benches/pissa_bench.sh OUT_DIR            (a model.onnx + model.onnx.data in it;
 #                                              made by make_synthetic.py if absent)
 #   SPECTRUM=decaying LAYERS=4 benches/pissa_bench.sh /tmp/lg_decay
+#   BASE=/path/to/older/lora-graft benches/pissa_bench.sh OUT_DIR   (adds its exact PiSSA,
+#                                              "base", to the same rounds)
 set -uo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -14,6 +16,7 @@ ROOT="$(dirname "$HERE")"
 BIN="${BIN:-$ROOT/target/release/lora-graft}"
 OUT="${1:?usage: pissa_bench.sh OUT_DIR}"
 ROUNDS="${ROUNDS:-3}"
+BASE="${BASE:-}"
 TIME=/usr/bin/time
 [ -x "$BIN" ] || { echo "missing $BIN (build it with cargo build --release)" >&2; exit 1; }
 [ -x "$TIME" ] || { echo "missing $TIME (apt-get install -y time)" >&2; exit 1; }
@@ -46,12 +49,16 @@ for round in $(seq "$ROUNDS"); do
     rm -f "$OUT"/out.fast.*
     run exact "$BIN" "$MODEL" --variant pissa -r 16 -o "$OUT/out.exact.onnx"
     rm -f "$OUT"/out.exact.*
+    if [ -n "$BASE" ]; then
+        run base "$BASE" "$MODEL" --variant pissa -r 16 -o "$OUT/out.base.onnx"
+        rm -f "$OUT"/out.base.*
+    fi
 done
 median() { tr ' ' '\n' | grep . | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 fast="$(echo "${TIMES[fast]}" | median)"
 copy="$(echo "${TIMES[copy]}" | median)"
 printf '%-6s %12s %14s %9s %9s\n' run "median s" "median RSS MB" "/ fast" "/ copy"
-for n in copy fast exact; do
+for n in copy fast exact ${BASE:+base}; do
     t="$(echo "${TIMES[$n]}" | median)"; r="$(echo "${PEAKS[$n]}" | median)"
     awk -v n="$n" -v t="$t" -v r="$r" -v f="$fast" -v c="$copy" \
         'BEGIN { printf "%-6s %12.2f %14d %9.2f %9.2f\n", n, t, r, t / f, t / c }'

@@ -39,15 +39,16 @@ impl Variant for Pissa {
         true
     }
 
-    // The f32 weight, plus the Krylov basis of the exact path (at most 10·min(m, n)²
-    // bytes, see `linalg::svd_top`), or the sketches of the randomized one (small).
+    // The f32 weight, plus the exact path's row-major copy of it when it is wide and
+    // its Krylov basis (at most 10·min(m, n)² bytes, see `linalg::svd_top`), or the
+    // sketches of the randomized one (small).
     // The rare matrix whose spectrum sends the exact path to the full SVD holds about
     // 4 matrices of f64 more while it runs; budgeting every matrix for that would
     // serialize the common case.
     fn working_set(&self, d: Dims, cfg: &Config) -> usize {
         let n = d.d_in * d.d_out;
         match cfg.pissa_niter {
-            None => 4 * n + 10 * d.d_in.min(d.d_out).pow(2),
+            None => 8 * n + 10 * d.d_in.min(d.d_out).pow(2),
             Some(_) => 4 * n + 8 * n,
         }
     }

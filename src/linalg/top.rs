@@ -3,7 +3,7 @@
 //! pass over the weight as stored ([`block_pass`]).
 
 use faer::Mat;
-use tract_core::ndarray::{Array1, Array2, ArrayView2};
+use tract_core::ndarray::{Array1, Array2, ArrayView2, CowArray};
 
 use super::{from_faer, signed, svd_exact, thin_q, Svd};
 use crate::error::{Error, Result};
@@ -50,12 +50,16 @@ pub fn svd_top<T: Copy + Into<f64>>(w: &Array2<T>, q: usize) -> Result<(Svd, Top
     if q == 0 || 2 * (q + 2 * TOP_SVD_BLOCK) > small {
         return Ok((signed(svd_exact(w, q.min(small))?), TopSvdPath::Full(0)));
     }
-    // Rows in memory order, in w's own precision (a float32 weight is read as it is
-    // stored): w, or wᵀ when w is column-major (a transposed ONNX weight), whose SVD
-    // is w's with U and V swapped.
-    let transposed = !w.is_standard_layout() && w.t().is_standard_layout();
-    let x = if transposed { w.t() } else { w.view() };
-    let x = x.as_standard_layout();
+    // A tall matrix in row-major order, in w's own precision (a float32 weight is
+    // read as it is stored): w, or wᵀ when w is wide, whose SVD is w's with U and V
+    // swapped. A row-major copy when w is not already one (a wide weight, half of a
+    // Llama MLP's): each Krylov step is then one pass over it, not two.
+    let transposed = w.nrows() < w.ncols();
+    let tall = if transposed { w.t() } else { w.view() };
+    let x = match w.as_slice() {
+        Some(stored) if transposed => CowArray::from(transpose_rows(stored, w.dim())),
+        _ => tall.as_standard_layout(),
+    };
     let (top, path) = krylov_top(x.view(), q)?;
     let svd = match top {
         Some(svd) if transposed => Svd {
@@ -69,15 +73,31 @@ pub fn svd_top<T: Copy + Into<f64>>(w: &Array2<T>, q: usize) -> Result<(Svd, Top
     Ok((signed(svd), path))
 }
 
-/// [`svd_top`]'s Krylov iteration on the row-major `w`: the triplets (unsigned) when
-/// certified.
+/// `wᵀ` `[n, m]` of the row-major `w` `[m, n]`, `stored` its elements, in tiles that
+/// stay in cache (ndarray's copy of a transposed view reads a column at a time).
+fn transpose_rows<T: Copy>(stored: &[T], (m, n): (usize, usize)) -> Array2<T> {
+    const TILE: usize = 32;
+    let mut out = stored.to_vec();
+    for i0 in (0..m).step_by(TILE) {
+        for j0 in (0..n).step_by(TILE) {
+            for j in j0..(j0 + TILE).min(n) {
+                for i in i0..(i0 + TILE).min(m) {
+                    out[j * m + i] = stored[i * n + j];
+                }
+            }
+        }
+    }
+    Array2::from_shape_vec((n, m), out).expect("n·m elements")
+}
+
+/// [`svd_top`]'s Krylov iteration on the tall, row-major `w` (`A`): the triplets
+/// (unsigned) when certified.
 fn krylov_top<T: Copy + Into<f64>>(
     w: ArrayView2<'_, T>,
     q: usize,
 ) -> Result<(Option<Svd>, TopSvdPath)> {
-    let (m, n) = w.dim();
-    let tall = m >= n;
-    let (rows, cols) = if tall { (m, n) } else { (n, m) };
+    let (rows, cols) = w.dim();
+    debug_assert!(rows >= cols);
     let block = TOP_SVD_BLOCK;
     let max_dim = cols / 2;
     let mut basis = Mat::<f64>::zeros(cols, max_dim); // V
@@ -99,13 +119,7 @@ fn krylov_top<T: Copy + Into<f64>>(
         let y_rows: Vec<BlockRow> = (0..cols)
             .map(|i| std::array::from_fn(|k| y[(i, k)]))
             .collect();
-        let z_rows = if tall {
-            block_pass(w, BlockOp::Gram, &y_rows, cols)
-        } else {
-            // AᵀA = w wᵀ: t = wᵀy, then w t.
-            let t = block_pass(w, BlockOp::TransposeTimes, &y_rows, rows);
-            block_pass(w, BlockOp::Times, &t, cols)
-        };
+        let z_rows = block_pass(w, BlockOp::Gram, &y_rows, cols);
         let z = Mat::from_fn(cols, block, |i, k| z_rows[i][k]);
         basis.as_mut().subcols_mut(dim, block).copy_from(&y);
         gram_basis.as_mut().subcols_mut(dim, block).copy_from(&z);
@@ -160,8 +174,7 @@ fn krylov_top<T: Copy + Into<f64>>(
             break; // a repeated value in the top q or at its boundary (or a zero matrix)
         }
         if worst <= 1.0 {
-            let u = left_vectors(w, tall, &v, &s[..q]);
-            let (u, v) = if tall { (u, v) } else { (v, u) };
+            let u = left_vectors(w, &v, &s[..q]);
             let svd = Svd {
                 u: from_faer(u.as_ref()),
                 s: Array1::from(s[..q].to_vec()),
@@ -221,31 +234,17 @@ impl Checks {
     }
 }
 
-/// `u = Av/σ` (`A` = `w`, or `wᵀ` when `w` is wide), a block of columns at a time.
-fn left_vectors<T: Copy + Into<f64>>(
-    w: ArrayView2<'_, T>,
-    tall: bool,
-    v: &Mat<f64>,
-    s: &[f64],
-) -> Mat<f64> {
+/// `u = Av/σ` (`A` = `w`), a block of columns at a time.
+fn left_vectors<T: Copy + Into<f64>>(w: ArrayView2<'_, T>, v: &Mat<f64>, s: &[f64]) -> Mat<f64> {
     let block = TOP_SVD_BLOCK;
-    let (rows, cols) = if tall {
-        w.dim()
-    } else {
-        (w.ncols(), w.nrows())
-    };
+    let (rows, cols) = w.dim();
     let mut u = Mat::<f64>::zeros(rows, s.len());
     for k0 in (0..s.len()).step_by(block) {
         let width = block.min(s.len() - k0);
         let v_rows: Vec<BlockRow> = (0..cols)
             .map(|i| std::array::from_fn(|k| if k < width { v[(i, k0 + k)] } else { 0.0 }))
             .collect();
-        let op = if tall {
-            BlockOp::Times
-        } else {
-            BlockOp::TransposeTimes
-        };
-        let av = block_pass(w, op, &v_rows, rows);
+        let av = block_pass(w, BlockOp::Times, &v_rows, rows);
         for (i, row) in av.iter().enumerate() {
             for k in 0..width {
                 u[(i, k0 + k)] = row[k] / s[k0 + k];
@@ -300,15 +299,13 @@ enum BlockOp {
     Gram,
     /// `a·y`, `y` `[cols]`, one row at a time.
     Times,
-    /// `aᵀ·y`, `y` `[rows]`, accumulated a row at a time.
-    TransposeTimes,
 }
 
-/// `op` on `a` and `y`, giving `out_len` rows. Four rows of `a` at a time are widened
-/// to f64 once and used while in cache; `y`, the output and the per-row sums stay in
-/// cache too, so `a` is streamed once in its own precision (half the bytes of an f64
-/// copy for a float32 weight), where library products would stream (and repack) an
-/// f64 copy twice. Vectorized for the machine it runs on.
+/// `op` on `a` and `y`, giving `out_len` rows. A group of rows of `a` is widened to f64
+/// a chunk of columns at a time and used while in cache; `y`, the output and the
+/// per-row sums stay in cache too, so `a` is streamed once in its own precision (half
+/// the bytes of an f64 copy for a float32 weight), where library products would stream
+/// (and repack) an f64 copy twice. Vectorized for the machine it runs on.
 fn block_pass<T: Copy + Into<f64>>(
     a: ArrayView2<'_, T>,
     op: BlockOp,
@@ -399,20 +396,10 @@ fn group_step<S: pulp::Simd, const R: usize, T: Copy + Into<f64>>(
         .step_by(CHUNK)
         .map(|c0| (c0, (c0 + CHUNK).min(cols)));
     let mut t = [[simd.splat_f64s(0.0); TOP_SVD_BLOCK]; R];
-    match pass.op {
-        BlockOp::Gram | BlockOp::Times => {
-            for (c0, c1) in chunks.clone() {
-                widen(wide, c0, c1);
-                let a: [&[f64]; R] = std::array::from_fn(|r| &wide[r * (c1 - c0)..][..c1 - c0]);
-                rows_dot(simd, a, &pass.y[c0..c1], &mut t);
-            }
-        }
-        BlockOp::TransposeTimes => {
-            for (r, t) in t.iter_mut().enumerate() {
-                let (yv, _) = S::as_simd_f64s(&pass.y[i0 + r]);
-                t[..yv.len()].copy_from_slice(yv);
-            }
-        }
+    for (c0, c1) in chunks.clone() {
+        widen(wide, c0, c1);
+        let a: [&[f64]; R] = std::array::from_fn(|r| &wide[r * (c1 - c0)..][..c1 - c0]);
+        rows_dot(simd, a, &pass.y[c0..c1], &mut t);
     }
     if let BlockOp::Times = pass.op {
         for (r, t) in t.iter().enumerate() {
