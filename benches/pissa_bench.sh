@@ -20,6 +20,7 @@ BASE="${BASE:-}"
 TIME=/usr/bin/time
 [ -x "$BIN" ] || { echo "missing $BIN (build it with cargo build --release)" >&2; exit 1; }
 [ -x "$TIME" ] || { echo "missing $TIME (apt-get install -y time)" >&2; exit 1; }
+[ -z "$BASE" ] || [ -x "$BASE" ] || { echo "BASE=$BASE is not an executable" >&2; exit 1; }
 
 MODEL="$OUT/model.onnx"
 DATA="$OUT/model.onnx.data"
