@@ -1,0 +1,331 @@
+//! The `q` largest singular triplets to f64 precision without a full SVD: block
+//! Lanczos on `AᵀA` with a residual certificate ([`svd_top`]), each step one vectorized
+//! pass over the weight (as stored, or transposed once when that is wide) in its own
+//! precision ([`block_pass`]).
+
+use faer::Mat;
+use tract_core::ndarray::{Array1, Array2, ArrayView2, CowArray};
+
+mod pass;
+
+use pass::{block_pass, BlockOp};
+
+use super::{from_faer, signed, svd_exact, thin_q, Svd};
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// How [`svd_top`] found the triplets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopSvdPath {
+    /// Certified from a Krylov basis of this many blocks.
+    Iterated(usize),
+    /// The full SVD after this many Krylov blocks: a matrix too small to gain from
+    /// them (none), a gap in the top `q` or at its boundary too small to certify, or a
+    /// basis that grew to half the matrix's smaller side without a certificate.
+    Full(usize),
+}
+
+/// Columns [`svd_top`] adds to its Krylov basis a step: one 512-bit vector of f64.
+pub const TOP_SVD_BLOCK: usize = 8;
+
+/// A row of a Krylov block.
+pub(crate) type BlockRow = [f64; TOP_SVD_BLOCK];
+
+/// The `q` largest singular triplets of `w` to f64 precision, each signed so that the
+/// left vector's entry of largest magnitude is positive, without a full SVD where the
+/// spectrum allows it.
+///
+/// Block Lanczos on `AᵀA` (`A` = `w` or `wᵀ`, whichever is tall) with full
+/// reorthogonalization: the basis `V` of `span{Ω, AᵀAΩ, (AᵀA)²Ω, …}` grows by
+/// [`TOP_SVD_BLOCK`] columns a step, each step one pass over `A` ([`block_pass`]),
+/// and `Z = AᵀAV` is kept. Rayleigh–Ritz on `T = VᵀZ` gives `v = Vw`, `σ² = wᵀTw`,
+/// `u = Av/σ`; then `Av = σu` by construction and `‖Aᵀu − σv‖ = ‖Zw − σ²v‖/σ` with no
+/// further product. It stops when every such residual is at most `1e-11·σ_1` and at
+/// most `1e-9` of the triplet's own gap (to `σ_{k−1}` and `σ_{k+1}`; for the last, to
+/// `σ_{q+1}`), which bounds each vector's angle to the exact one (Wedin). A Krylov
+/// space converges where subspace iteration crawls: its polynomial filter separates
+/// `σ_q` from the rest in about the square root of the steps, so even a Gaussian
+/// matrix's flat top is certified well before the basis costs what a full SVD does.
+/// Rayleigh–Ritz runs where the certificate's rate of convergence says it may hold
+/// ([`Checks`]). A gap too small to certify (a singular value repeated, or nearly so,
+/// in the top `q` or at its boundary: the residuals reach round-off first), a basis
+/// reaching half the smaller side, or a small matrix, take the full SVD instead.
+pub fn svd_top<T: Copy + Into<f64>>(w: &Array2<T>, q: usize) -> Result<(Svd, TopSvdPath)> {
+    let small = w.nrows().min(w.ncols());
+    if q == 0 || 2 * (q + 2 * TOP_SVD_BLOCK) > small {
+        return Ok((signed(svd_exact(w, q.min(small))?), TopSvdPath::Full(0)));
+    }
+    // A tall matrix in row-major order, in w's own precision (a float32 weight is
+    // read as it is stored): w or wᵀ, whichever is row-major as stored (an ONNX
+    // weight reaches here as a column-major view), whose SVD is w's with U and V
+    // swapped; that transposed once more (in cache-sized tiles) when it is wide (half
+    // of a Llama MLP's weights): each Krylov step is then one pass over it, not two.
+    let (stored, mut transposed) = if !w.is_standard_layout() && w.t().is_standard_layout() {
+        (w.t(), true)
+    } else {
+        (w.view(), false)
+    };
+    let x = match stored.as_slice() {
+        Some(elements) if stored.nrows() < stored.ncols() => {
+            transposed = !transposed;
+            CowArray::from(transpose_rows(elements, stored.dim()))
+        }
+        _ if stored.nrows() < stored.ncols() => {
+            transposed = !transposed;
+            CowArray::from(stored.t().as_standard_layout().into_owned())
+        }
+        _ => stored.as_standard_layout(),
+    };
+    let (top, path) = krylov_top(x.view(), q)?;
+    let svd = match top {
+        Some(svd) if transposed => Svd {
+            u: svd.v,
+            s: svd.s,
+            v: svd.u,
+        },
+        Some(svd) => svd,
+        None => svd_exact(w, q)?,
+    };
+    Ok((signed(svd), path))
+}
+
+/// `wᵀ` `[n, m]` of the row-major `w` `[m, n]`, `stored` its elements, in tiles that
+/// stay in cache (ndarray's copy of a transposed view reads a column at a time).
+fn transpose_rows<T: Copy>(stored: &[T], (m, n): (usize, usize)) -> Array2<T> {
+    const TILE: usize = 32;
+    let mut out = stored.to_vec();
+    for i0 in (0..m).step_by(TILE) {
+        for j0 in (0..n).step_by(TILE) {
+            for j in j0..(j0 + TILE).min(n) {
+                for i in i0..(i0 + TILE).min(m) {
+                    out[j * m + i] = stored[i * n + j];
+                }
+            }
+        }
+    }
+    Array2::from_shape_vec((n, m), out).expect("n·m elements")
+}
+
+/// [`svd_top`]'s Krylov iteration on the tall, row-major `w` (`A`): the triplets
+/// (unsigned) when certified.
+fn krylov_top<T: Copy + Into<f64>>(
+    w: ArrayView2<'_, T>,
+    q: usize,
+) -> Result<(Option<Svd>, TopSvdPath)> {
+    let (rows, cols) = w.dim();
+    debug_assert!(rows >= cols);
+    let block = TOP_SVD_BLOCK;
+    let max_dim = cols / 2;
+    let mut basis = Mat::<f64>::zeros(cols, max_dim); // V
+    let mut gram_basis = Mat::<f64>::zeros(cols, max_dim); // Z = AᵀA V
+    let mut ritz = Mat::<f64>::zeros(max_dim, max_dim); // T = VᵀZ, lower triangle
+    let mut rng = Rng::new(0x5EED_7095);
+    let mut next = Mat::from_fn(cols, block, |_, _| rng.normal());
+    // next = AᵀA y's coefficients on the basis, Vᵀ(AᵀA y) = (AᵀA V)ᵀ y: y's row block
+    // of T, known before next is orthogonalized.
+    let mut next_on_basis: Option<Mat<f64>> = None;
+    let (mut dim, mut steps) = (0, 0);
+    let mut checks = Checks::default();
+    while dim + block <= max_dim {
+        let y = orthonormalize(
+            &next,
+            next_on_basis.as_ref(),
+            basis.as_ref().subcols(0, dim),
+        );
+        let y_rows: Vec<BlockRow> = (0..cols)
+            .map(|i| std::array::from_fn(|k| y[(i, k)]))
+            .collect();
+        let z_rows = block_pass(w, BlockOp::Gram, &y_rows, cols);
+        let z = Mat::from_fn(cols, block, |i, k| z_rows[i][k]);
+        basis.as_mut().subcols_mut(dim, block).copy_from(&y);
+        gram_basis.as_mut().subcols_mut(dim, block).copy_from(&z);
+        let t_rows = y.transpose() * gram_basis.as_ref().subcols(0, dim + block);
+        ritz.as_mut()
+            .submatrix_mut(dim, 0, block, dim + block)
+            .copy_from(&t_rows);
+        next_on_basis = Some(t_rows.transpose().to_owned());
+        next = z;
+        dim += block;
+        steps += 1;
+        let step_flops = (4 * rows * cols * block + 8 * cols * dim * block) as f64;
+        if dim <= q || !checks.due(dim, step_flops, dim + block > max_dim) {
+            continue;
+        }
+        let ritz_pairs = ritz
+            .as_ref()
+            .submatrix(0, 0, dim, dim)
+            .self_adjoint_eigen(faer::Side::Lower)
+            .map_err(|e| {
+                Error::Usage(format!("the eigendecomposition did not converge ({e:?})"))
+            })?;
+        // Ascending: the largest q + 1 are the last.
+        let s: Vec<f64> = (0..=q)
+            .map(|i| ritz_pairs.S()[dim - 1 - i].max(0.0).sqrt())
+            .collect();
+        let top = Mat::from_fn(dim, q, |i, k| ritz_pairs.U()[(i, dim - 1 - k)]);
+        let v = basis.as_ref().subcols(0, dim) * &top;
+        let zw = gram_basis.as_ref().subcols(0, dim) * &top;
+        // ‖Aᵀu − σv‖ = ‖Zw − σ²v‖/σ for each triplet; the vector's own gap is to its
+        // neighbours (Wedin bounds its angle by residual / gap).
+        let worst = (0..q)
+            .map(|k| {
+                let s2 = s[k] * s[k];
+                let r = (0..cols)
+                    .map(|i| (zw[(i, k)] - s2 * v[(i, k)]).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                let below = s[k] - s[k + 1];
+                let gap = if k == 0 {
+                    below
+                } else {
+                    below.min(s[k - 1] - s[k])
+                };
+                let residual = r / s[k];
+                (residual, residual / (1e-11 * s[0]).min(1e-9 * gap))
+            })
+            .fold((0.0f64, 0.0f64), |(r0, w0), (r, w)| {
+                // A NaN stays (f64::max would drop it).
+                let worst = if w.is_nan() || w0.is_nan() {
+                    f64::NAN
+                } else {
+                    w0.max(w)
+                };
+                (r0.max(r), worst)
+            });
+        let (residual, worst) = worst;
+        let min_gap = (0..q)
+            .map(|k| s[k] - s[k + 1])
+            .fold(f64::INFINITY, f64::min);
+        if min_gap <= 1e-9 * s[0] || !worst.is_finite() {
+            break; // a repeated value in the top q or at its boundary (or a zero matrix)
+        }
+        if worst <= 1.0 {
+            let u = left_vectors(w, &v, &s[..q]);
+            let svd = Svd {
+                u: from_faer(u.as_ref()),
+                s: Array1::from(s[..q].to_vec()),
+                v: from_faer(v.as_ref()),
+            };
+            return Ok((Some(svd), TopSvdPath::Iterated(steps)));
+        }
+        if residual <= 1e-13 * s[0] {
+            // The residuals are at round-off and still too large for some gap: a
+            // value nearly repeated in the top q or at its boundary.
+            break;
+        }
+        checks.record(dim, worst.ln(), block);
+    }
+    Ok((None, TopSvdPath::Full(steps)))
+}
+
+/// When [`krylov_top`] runs Rayleigh–Ritz (about `10·dim³` flops with the vectors).
+/// Once the certificate's log-ratio falls from one check to the next, the next check is
+/// where that rate of fall reaches the certificate: 60 % of the way there while it is
+/// more than four steps off (Krylov convergence speeds up, so the rate under-promises),
+/// half a step past it once it is closer (there a check costs more than a step), and
+/// at the latest once the steps since the last check cost three checks. Before that,
+/// once they cost one.
+#[derive(Default)]
+struct Checks {
+    /// Flops spent on steps since the last check.
+    unchecked: f64,
+    /// The last check: basis size and ln(worst residual / its bound).
+    last: Option<(usize, f64)>,
+    /// The basis size the falling rate points to, if any.
+    planned: Option<usize>,
+}
+
+impl Checks {
+    /// Whether to check at basis size `dim`, after a step of `step_flops`; `last`: the
+    /// basis cannot grow further.
+    fn due(&mut self, dim: usize, step_flops: f64, last: bool) -> bool {
+        self.unchecked += step_flops;
+        let check_flops = 10.0 * (dim as f64).powi(3);
+        last || match self.planned {
+            Some(planned) => dim >= planned || self.unchecked >= 3.0 * check_flops,
+            None => self.unchecked >= check_flops,
+        }
+    }
+
+    /// A check at `dim` found ln(worst residual / bound) = `log_ratio` (> 0).
+    fn record(&mut self, dim: usize, log_ratio: f64, block: usize) {
+        self.unchecked = 0.0;
+        self.planned = self.last.and_then(|(last_dim, last_ratio)| {
+            let rate = (last_ratio - log_ratio) / (dim - last_dim) as f64;
+            let remaining = log_ratio / rate;
+            // Near the end a step costs less than a check: aim just past the estimate.
+            let ahead = if remaining <= 4.0 * block as f64 {
+                remaining + 0.5 * block as f64
+            } else {
+                0.6 * remaining
+            };
+            (rate > 0.0).then(|| dim.saturating_add((ahead as usize).max(block)))
+        });
+        self.last = Some((dim, log_ratio));
+    }
+}
+
+/// `u = Av/σ` (`A` = `w`), a block of columns at a time.
+fn left_vectors<T: Copy + Into<f64>>(w: ArrayView2<'_, T>, v: &Mat<f64>, s: &[f64]) -> Mat<f64> {
+    let block = TOP_SVD_BLOCK;
+    let (rows, cols) = w.dim();
+    let mut u = Mat::<f64>::zeros(rows, s.len());
+    for k0 in (0..s.len()).step_by(block) {
+        let width = block.min(s.len() - k0);
+        let v_rows: Vec<BlockRow> = (0..cols)
+            .map(|i| std::array::from_fn(|k| if k < width { v[(i, k0 + k)] } else { 0.0 }))
+            .collect();
+        let av = block_pass(w, BlockOp::Times, &v_rows, rows);
+        for (i, row) in av.iter().enumerate() {
+            for k in 0..width {
+                u[(i, k0 + k)] = row[k] / s[k0 + k];
+            }
+        }
+    }
+    u
+}
+
+/// The columns of `y` made orthonormal and orthogonal to the orthonormal `basis`
+/// (classical Gram–Schmidt twice): projected out with `on_basis` (`basisᵀy`, when the
+/// caller knows it) or computed coefficients, projected out again (one pass loses
+/// orthogonality when `y` lies mostly in the basis), then a thin QR; a `y` whose
+/// columns are (nearly) dependent, whose QR amplifies round-off or completes it
+/// arbitrarily, is projected out once more.
+fn orthonormalize(
+    y: &Mat<f64>,
+    on_basis: Option<&Mat<f64>>,
+    basis: faer::MatRef<'_, f64>,
+) -> Mat<f64> {
+    let project = |y: &mut Mat<f64>| {
+        if basis.ncols() > 0 {
+            let coef = basis.transpose() * &*y;
+            *y -= basis * &coef;
+        }
+    };
+    let mut y = y.clone();
+    let scale = (0..y.ncols())
+        .map(|k| y.col(k).norm_l2())
+        .fold(0.0, f64::max);
+    match on_basis {
+        Some(coef) if basis.ncols() > 0 => y -= basis * coef.as_ref().subrows(0, basis.ncols()),
+        _ => project(&mut y),
+    }
+    project(&mut y);
+    let q = thin_q(&y);
+    // Each column's part new to the basis and to the columns before it, |r_kk|, beside
+    // the block's size: where it is small the QR divided round-off by it, and the
+    // column may lean on the basis.
+    let r = q.transpose() * &y;
+    let left = (0..y.ncols())
+        .map(|k| y.col(k).norm_l2())
+        .fold(0.0, f64::max);
+    if (0..r.ncols()).all(|k| r[(k, k)].abs() > (1e-4 * left).max(1e-10 * scale)) {
+        return q;
+    }
+    let mut q = q;
+    project(&mut q);
+    thin_q(&q)
+}
+
+#[cfg(test)]
+mod tests;

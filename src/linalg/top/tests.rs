@@ -1,0 +1,165 @@
+use super::*;
+use crate::linalg::orthonormal_gaussian;
+
+/// `U diag(s) Vᵀ` `[m, n]` with random orthonormal `U`, `V`.
+fn planted(m: usize, n: usize, s: &[f64], seed: u64) -> Array2<f64> {
+    let mut rng = Rng::new(seed);
+    let u = orthonormal_gaussian(m, s.len(), &mut rng);
+    let v = orthonormal_gaussian(n, s.len(), &mut rng);
+    (&u * &Array1::from(s.to_vec())
+        .view()
+        .insert_axis(tract_core::ndarray::Axis(0)))
+        .dot(&v.t())
+}
+
+fn max_diff(a: &Array2<f64>, b: &Array2<f64>) -> f64 {
+    (a - b).iter().fold(0.0, |m, v| m.max(v.abs()))
+}
+
+/// The same triplets as the full SVD (both signed the same way): vectors to `tol`,
+/// values to `1e-12·σ_1`.
+fn assert_top_matches_full(w: &Array2<f64>, q: usize, tol: f64) -> TopSvdPath {
+    let (top, path) = svd_top(w, q).unwrap();
+    let full = signed(svd_exact(w, q).unwrap());
+    assert!(max_diff(&top.u, &full.u) <= tol, "U ({path:?})");
+    assert!(max_diff(&top.v, &full.v) <= tol, "V ({path:?})");
+    let ds = (&top.s - &full.s)
+        .iter()
+        .fold(0.0f64, |m, v| m.max(v.abs()));
+    assert!(ds <= 1e-12 * full.s[0], "S off by {ds:e} ({path:?})");
+    path
+}
+
+/// A decaying spectrum, tall, wide, and stored column-major (a transposed weight):
+/// certified in a few blocks, and the full SVD's triplets to 1e-9.
+#[test]
+fn svd_top_iterates_to_the_full_svds_triplets() {
+    use tract_core::ndarray::ShapeBuilder;
+    let s: Vec<f64> = (0..150).map(|i| 10.0 * 0.85f64.powi(i)).collect();
+    for (m, n) in [(300, 200), (200, 300)] {
+        let w = planted(m, n, &s, 1);
+        let mut column_major = Array2::zeros((m, n).f());
+        column_major.assign(&w);
+        for w in [w, column_major] {
+            let path = assert_top_matches_full(&w, 8, 1e-9);
+            assert!(
+                matches!(path, TopSvdPath::Iterated(k) if k <= 8),
+                "{m}x{n}: {path:?}"
+            );
+        }
+    }
+}
+
+/// A flat spectrum (a Gaussian matrix, relative gaps of about 1 %), where subspace
+/// iteration would need hundreds of steps: the Krylov basis certifies it with far
+/// fewer columns than the matrix has, tall or wide.
+#[test]
+fn svd_top_certifies_a_flat_spectrum() {
+    let mut rng = Rng::new(4);
+    for (m, n) in [(1000, 800), (800, 1000)] {
+        let w = Array2::from_shape_fn((m, n), |_| rng.normal());
+        let path = assert_top_matches_full(&w, 8, 1e-9);
+        assert!(
+            matches!(path, TopSvdPath::Iterated(k) if k * TOP_SVD_BLOCK <= 400),
+            "{m}x{n}: {path:?}"
+        );
+    }
+}
+
+/// A singular value repeated across the rank boundary (σ_8 = σ_9): the top 8 are
+/// not unique, no certificate can hold, and the full SVD decides.
+#[test]
+fn svd_top_falls_back_on_a_repeated_value_at_the_rank_boundary() {
+    let mut s: Vec<f64> = (0..150).map(|i| 10.0 * 0.85f64.powi(i)).collect();
+    s[8] = s[7];
+    let w = planted(300, 200, &s, 2);
+    let (top, path) = svd_top(&w, 8).unwrap();
+    assert!(matches!(path, TopSvdPath::Full(n) if n < 10), "{path:?}");
+    let full = signed(svd_exact(&w, 8).unwrap());
+    assert_eq!(top.s, full.s);
+    assert!(max_diff(&top.u, &full.u) == 0.0);
+}
+
+/// A singular value repeated inside the top q (σ_3 = σ_4): those two vectors are
+/// not unique, so no certificate holds for them and the full SVD decides.
+#[test]
+fn svd_top_falls_back_on_a_repeated_value_inside_the_top() {
+    let mut s: Vec<f64> = (0..150).map(|i| 10.0 * 0.85f64.powi(i)).collect();
+    s[4] = s[3];
+    let w = planted(300, 200, &s, 6);
+    let (top, path) = svd_top(&w, 8).unwrap();
+    assert!(matches!(path, TopSvdPath::Full(n) if n < 10), "{path:?}");
+    assert_eq!(top.s, signed(svd_exact(&w, 8).unwrap()).s);
+}
+
+/// A matrix of rank 20 < the basis it would grow: the Krylov space becomes
+/// invariant after three blocks, the next block is (numerically) in the basis, and
+/// its orthonormalization still gives new orthonormal directions; certified.
+#[test]
+fn svd_top_certifies_a_low_rank_matrix() {
+    let s: Vec<f64> = (0..20).map(|i| 10.0 * 0.8f64.powi(i)).collect();
+    let w = planted(300, 200, &s, 7);
+    let path = assert_top_matches_full(&w, 8, 1e-9);
+    assert!(matches!(path, TopSvdPath::Iterated(_)), "{path:?}");
+}
+
+/// Rayleigh–Ritz is planned where the certificate's rate of fall reaches it: 60 %
+/// of the way while far, just past it when near, never beyond three checks' cost.
+#[test]
+fn checks_follow_the_rate_of_convergence() {
+    let mut checks = Checks::default();
+    checks.record(100, 10.0, 8); // no rate yet: the cost rule
+    assert!(!checks.due(108, 1.0, false));
+    assert!(checks.due(108, 2e7, false)); // 10·108³ ≈ 1.26e7 flops
+    checks.record(116, 8.0, 8); // falls 0.125 a column: 64 to go, plan 116 + 38
+    assert!(!checks.due(150, 0.0, false));
+    assert!(checks.due(154, 0.0, false));
+    assert!(checks.due(120, 1e8, false)); // three checks' cost
+    assert!(checks.due(120, 0.0, true)); // the basis is full
+    checks.record(154, 2.0, 8); // 0.16 a column: 12.7 to go, plan 154 + 16
+    assert!(!checks.due(169, 0.0, false));
+    assert!(checks.due(170, 0.0, false));
+}
+
+/// A value nearly repeated inside the top q (σ_4 = σ_3·(1 − 1e-7)): its residuals
+/// reach round-off before they reach 1e-9 of that gap, and the full SVD decides
+/// soon after, not at the basis bound.
+#[test]
+fn svd_top_falls_back_soon_on_a_nearly_repeated_value() {
+    let mut s: Vec<f64> = (0..150).map(|i| 10.0 * 0.85f64.powi(i)).collect();
+    s[4] = s[3] * (1.0 - 1e-7);
+    let w = planted(300, 200, &s, 8);
+    let (top, path) = svd_top(&w, 8).unwrap();
+    assert!(matches!(path, TopSvdPath::Full(n) if n <= 8), "{path:?}");
+    assert_eq!(top.s, signed(svd_exact(&w, 8).unwrap()).s);
+}
+
+/// A flat spectrum on a small matrix: no certificate before the basis spans half
+/// of it, so the full SVD, after a bounded number of blocks.
+#[test]
+fn svd_top_bounds_its_work_before_the_full_svd() {
+    let mut rng = Rng::new(3);
+    let w = Array2::from_shape_fn((300, 200), |_| rng.normal());
+    let (top, path) = svd_top(&w, 8).unwrap();
+    assert!(
+        matches!(path, TopSvdPath::Full(k) if k > 0 && k * TOP_SVD_BLOCK <= 100),
+        "{path:?}"
+    );
+    assert_eq!(top.s, signed(svd_exact(&w, 8).unwrap()).s);
+}
+
+/// A weight with a NaN or an infinity (untrusted model data): an error or some
+/// result, never a panic or an endless loop.
+#[test]
+fn svd_top_on_non_finite_weights_returns() {
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut rng = Rng::new(5);
+        let mut w = Array2::from_shape_fn((200, 120), |_| rng.normal() as f32);
+        w[[3, 7]] = bad;
+        let _ = svd_top(&w, 8);
+    }
+    let zero = Array2::<f32>::zeros((200, 120));
+    let (svd, path) = svd_top(&zero, 8).unwrap();
+    assert!(matches!(path, TopSvdPath::Full(_)), "{path:?}");
+    assert!(svd.s.iter().all(|&s| s == 0.0));
+}
