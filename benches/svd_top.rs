@@ -1,10 +1,11 @@
 //! Exact PiSSA's cost per matrix: `linalg::svd_top` (the certified top-`r` triplets)
 //! beside `linalg::svd_lowrank` with `niter = 4` (the fast path) on float32 Gaussian
 //! weights, whose top spectrum is flat (the hard case for a Krylov method), at the
-//! shapes of a 2048-wide Llama layer (attention, MLP up/gate as ONNX stores them
-//! `[in, out]`, MLP down). Medians of 3 runs, one thread each.
+//! shapes of a 2048-wide Llama layer, `[out, in]` (attention, MLP gate/up, MLP down).
+//! Each weight is what the graft passes: a column-major view of ONNX's row-major
+//! `[in, out]`. Medians of 3 runs, one thread each.
 //!
-//!     cargo bench --bench svd_top [-- ROWS COLS]
+//!     cargo bench --bench svd_top [-- OUT IN]
 
 use std::time::Instant;
 
@@ -32,12 +33,13 @@ fn main() {
         .collect();
     let shapes = match args[..] {
         [m, n] => vec![(m, n)],
-        _ => vec![(2048, 2048), (2048, 5504), (5504, 2048)],
+        _ => vec![(2048, 2048), (5504, 2048), (2048, 5504)],
     };
     let r = 16;
     for (m, n) in shapes {
         let mut rng = Rng::new(7);
-        let w = Array2::from_shape_fn((m, n), |_| rng.normal() as f32);
+        let stored = Array2::from_shape_fn((n, m), |_| rng.normal() as f32);
+        let w = stored.reversed_axes();
         let mut path = None;
         let exact = median_seconds(|| path = Some(svd_top(&w, r).expect("svd_top").1));
         let fast = median_seconds(|| {
