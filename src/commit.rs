@@ -54,6 +54,7 @@ impl Commit {
                 target.display()
             )));
         }
+        not_a_folder(target)?;
         let temp = temp_path(target);
         self.staged.push((temp.clone(), target.to_path_buf()));
         Ok(temp)
@@ -67,6 +68,12 @@ impl Commit {
         };
         let journal = journal_path(last);
         let _locks = lock_folders(staged.iter().map(|(_, t)| t.as_path()))?;
+        // A rename over a folder fails, and once the journal is written a failed rename
+        // is left for the next run: check (again, under the locks) before it.
+        if let Err(e) = staged.iter().try_for_each(|(_, t)| not_a_folder(t)) {
+            self.staged = staged; // removed by Drop
+            return Err(e);
+        }
         kill_point();
         let text = serde_json::to_string(&staged).map_err(|_| {
             Error::Usage(format!(
@@ -95,6 +102,17 @@ impl Drop for Commit {
         for (temp, _) in &self.staged {
             let _ = fs::remove_file(temp);
         }
+    }
+}
+
+/// An error when `target` is an existing folder (no file can be renamed over it).
+fn not_a_folder(target: &Path) -> Result<()> {
+    match fs::symlink_metadata(target) {
+        Ok(meta) if meta.is_dir() => Err(Error::Usage(format!(
+            "{}: is a folder; choose a file path for this output",
+            target.display()
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 
 use common::{copy_fixture, listing};
 use lora_graft::adapter::{AdapterFile, GRAFT_KEY};
+use lora_graft::proto::tensor_proto::DataType;
+use lora_graft::proto::{ModelProto, TensorProto};
 use lora_graft::tensor::Array;
+use prost::Message;
 
 /// Runs the binary with `args`; fails unless it exits 1 within 20 s with one line on
 /// stderr holding `needle`.
@@ -155,6 +158,14 @@ fn adapter_contents_cannot_drive_bad_numbers_or_unbounded_work() {
             }),
             "pissa_niter 1000000000",
         ),
+        (
+            // Settings that cannot be read are not guessed.
+            "lora",
+            Box::new(|f: &mut AdapterFile| {
+                f.metadata.insert(GRAFT_KEY.into(), "[".into());
+            }),
+            "metadata 'lora_graft' is not lora-graft's settings",
+        ),
     ];
     for (variant, edit, needle) in cases {
         let a = adapter(d, variant, edit);
@@ -213,6 +224,44 @@ fn options_out_of_range_are_refused_before_any_work() {
         &[s(&model), "--variant", "lora", "--alpha", "1e308"],
         "float32 cannot hold",
     );
+    fails_fast(
+        &[s(&model), "--variant", "delora", "--lambda0", "nan"],
+        "--lambda0",
+    );
+    fails_fast(
+        &[s(&model), "--variant", "lora", "--d-model", "0"],
+        "--d-model",
+    );
+    // regex's own message spans four lines.
+    fails_fast(
+        &[s(&model), "--variant", "lora", "--target-names", "("],
+        "is not a valid regex: unclosed group",
+    );
+    // Refused before the batch is built (it would need 61 TB).
+    fails_fast(
+        &[
+            s(&model),
+            "--variant",
+            "eva",
+            "--calibration",
+            s(&data),
+            "--calibration-batch",
+            "1000000000",
+        ],
+        "lower them",
+    );
+    // Before VeRA's shared projections are allocated for the widest layer.
+    fails_fast(
+        &[s(&model), "--variant", "vera", "-r", "100000000"],
+        "r must be between 1 and",
+    );
+    assert_eq!(listing(d), before, "nothing written");
+    // A plain adapter (no optimizer state beside it) to resume from.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let plain = adapter(elsewhere.path(), "lora", |_| {});
+    let before = listing(d);
+    let resume = [base.as_slice(), &["--steps", "2", "--resume", &plain]].concat();
+    fails_fast(&resume, "no optimizer state");
     assert_eq!(listing(d), before, "nothing written");
 }
 
@@ -285,4 +334,86 @@ fn duplicate_external_data_keys_and_stray_labels_are_refused() {
         ],
         "data.jsonl:1: label -7 is neither -100",
     );
+}
+
+/// The handmade fixture's model with its first stored MatMul weight changed by `edit`
+/// (a new name renames its uses too), written to `dir/m.onnx`.
+fn handmade_with(dir: &Path, edit: impl FnOnce(&mut TensorProto)) -> String {
+    let mut proto = ModelProto::decode(
+        std::fs::read(common::fixture("handmade"))
+            .unwrap()
+            .as_slice(),
+    )
+    .unwrap();
+    let graph = proto.graph.as_mut().unwrap();
+    let stored = |name: &str| graph.initializer.iter().position(|t| t.name() == name);
+    let w = graph
+        .node
+        .iter()
+        .filter(|n| n.op_type() == "MatMul")
+        .find_map(|n| stored(&n.input[1]))
+        .unwrap();
+    let old = graph.initializer[w].name().to_string();
+    edit(&mut graph.initializer[w]);
+    let new = graph.initializer[w].name().to_string();
+    for input in graph.node.iter_mut().flat_map(|n| n.input.iter_mut()) {
+        if *input == old {
+            *input = new.clone();
+        }
+    }
+    let path = dir.join("m.onnx");
+    std::fs::write(&path, proto.encode_to_vec()).unwrap();
+    s(&path).to_string()
+}
+
+#[test]
+fn hostile_weights_get_one_line_errors_and_long_names_no_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A weight of strings: named, not grafted into an invalid model.
+    let m = handmade_with(d, |w| w.data_type = Some(DataType::String as i32));
+    fails_fast(&["targets", &m], "not a number");
+    fails_fast(
+        &[&m, "--variant", "lora", "-o", s(&d.join("o.onnx"))],
+        "not a number",
+    );
+    // A bfloat16 weight grafts, but the gradient pass runs on tract, which has none.
+    let m = handmade_with(d, |w| {
+        let values: Vec<f32> = match w.raw_data.as_deref() {
+            Some(raw) if !raw.is_empty() => raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            _ => w.float_data.clone(),
+        };
+        let bits: Vec<u8> = values
+            .iter()
+            .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+            .collect();
+        w.float_data.clear();
+        w.raw_data = Some(bits);
+        w.data_type = Some(DataType::Bfloat16 as i32);
+    });
+    fails_fast(
+        &[
+            "grad",
+            &m,
+            "--variant",
+            "lora",
+            "--loss",
+            "mse",
+            "--batch",
+            "2",
+            "-o",
+            s(&d.join("g.onnx")),
+        ],
+        "bfloat16",
+    );
+    // A module name longer than a format width may be (u16::MAX) is printed in full.
+    let long = "w".repeat(70_000);
+    let m = handmade_with(d, |w| w.name = Some(long.clone()));
+    let out = common::cli(&["targets", &m]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&long));
 }

@@ -221,3 +221,52 @@ fn an_output_named_like_the_input_in_another_folder_is_valid() {
         assert!(diff <= 1e-5, "{variant}: {diff}");
     }
 }
+
+/// An output path that is a folder (given, or made from another output's name: the
+/// model's data file, train's optimizer state) is refused before any work, leaving no
+/// temporary file, journal or other output behind.
+#[test]
+fn an_output_that_is_a_folder_is_refused_before_any_work() {
+    let (dir, _) = copy_fixture("llama");
+    let d = dir.path();
+    std::fs::copy(
+        common::root().join("fixtures/corpus.jsonl"),
+        d.join("data.jsonl"),
+    )
+    .unwrap();
+    for folder in [
+        "out.onnx",
+        "ad.safetensors",
+        "o.onnx.data",
+        "t.optim.safetensors",
+    ] {
+        std::fs::create_dir(d.join(folder)).unwrap();
+    }
+    let folder = "would be written over a folder";
+    let graft = ["model.onnx", "--variant", "lora"];
+    let with = |extra: &[&'static str]| [graft.as_slice(), extra].concat();
+    refused(d, &with(&["-o", "out.onnx"]), folder);
+    refused(
+        d,
+        &with(&["-o", "x.onnx", "--adapter", "ad.safetensors"]),
+        folder,
+    );
+    refused(d, &with(&["-o", "o.onnx"]), folder);
+    let train = [
+        "train",
+        "model.onnx",
+        "--variant",
+        "lora",
+        "--data",
+        "data.jsonl",
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--seq",
+        "8",
+        "-o",
+        "t.safetensors",
+    ];
+    refused(d, &train, folder);
+}

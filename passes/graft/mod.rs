@@ -172,6 +172,9 @@ fn graft_targets(
     opts: &GraftOptions,
 ) -> Result<Grafted> {
     let groups = by_module(targets);
+    for (module, group) in &groups {
+        check_module(module, group[0], opts)?;
+    }
     let dtypes = crate::ir::infer::value_dtypes(graph)?;
     // Shared tensors, once, for the widest layer.
     let shared = if opts.variant.shared_params().is_empty() {
@@ -233,6 +236,28 @@ struct Prepared {
     weight: Option<WeightPatch>,
 }
 
+/// The settings against one module's layer (the rank, the variant's own checks), before
+/// anything is allocated for them.
+fn check_module(module: &str, t: &Target, opts: &GraftOptions) -> Result<()> {
+    let (cfg, variant) = (&opts.cfg, opts.variant);
+    let dims = Dims {
+        d_in: t.d_in,
+        d_out: t.d_out,
+    };
+    if variant.uses_rank() && (cfg.r == 0 || cfg.r > dims.d_in.min(dims.d_out)) {
+        return Err(Error::Usage(format!(
+            "r = {} does not fit layer '{module}' ({} -> {}): r must be between 1 and {}",
+            cfg.r,
+            dims.d_in,
+            dims.d_out,
+            dims.d_in.min(dims.d_out)
+        )));
+    }
+    variant
+        .check_layer(dims, cfg)
+        .map_err(|why| Error::Usage(format!("{} on layer '{module}': {why}", variant.name())))
+}
+
 fn prepare_module(
     graph: &Graph,
     dtypes: &HashMap<ValueId, i32>,
@@ -248,18 +273,6 @@ fn prepare_module(
     };
     let cfg = &opts.cfg;
     let variant = opts.variant;
-    if variant.uses_rank() && (cfg.r == 0 || cfg.r > dims.d_in.min(dims.d_out)) {
-        return Err(Error::Usage(format!(
-            "r = {} does not fit layer '{module}' ({} -> {}): r must be between 1 and {}",
-            cfg.r,
-            dims.d_in,
-            dims.d_out,
-            dims.d_in.min(dims.d_out)
-        )));
-    }
-    variant
-        .check_layer(dims, cfg)
-        .map_err(|why| Error::Usage(format!("{} on layer '{module}': {why}", variant.name())))?;
     // A quantized weight is read dequantized (DeLoRA's norms, PiSSA's SVD); MatMulNBits
     // has no dense weight in the graph for DoRA's norm.
     let serve_residual =

@@ -292,6 +292,28 @@ pub fn linear_at(graph: &Graph, id: NodeId, filters: &Filters) -> Option<Target>
     linear(graph, id, filters)
 }
 
+/// An error naming the weight when a linear layer's stored weight holds no numbers
+/// (a string, boolean, complex or unknown element type): no exporter writes that, and
+/// no runtime multiplies by it.
+fn numeric_weight(graph: &Graph, t: &Target) -> Result<()> {
+    use crate::proto::tensor_proto::DataType as D;
+    let Some(init) = graph.initializer(t.weight) else {
+        return Ok(());
+    };
+    match D::try_from(init.elem_type()) {
+        Ok(D::Undefined | D::String | D::Bool | D::Complex64 | D::Complex128) | Err(_) => {
+            Err(Error::Usage(format!(
+                "{}: the weight of linear layer '{}' ({}) has element type {}, not a number; the model is not valid ONNX (re-export it)",
+                t.weight_name,
+                t.module,
+                t.node_name,
+                init.elem_type()
+            )))
+        }
+        Ok(_) => Ok(()),
+    }
+}
+
 /// Finds the targets of `graph` under `filters`.
 pub fn run(graph: &Graph, filters: &Filters) -> Result<Targeting> {
     let order = graph.topological_order()?;
@@ -315,6 +337,9 @@ pub fn run(graph: &Graph, filters: &Filters) -> Result<Targeting> {
         for t in &mut linears {
             t.module = t.module[p.len()..].to_string();
         }
+    }
+    for t in &linears {
+        numeric_weight(graph, t)?;
     }
     let all_linears = linears.clone();
     if found == 0 {
@@ -510,7 +535,9 @@ impl std::fmt::Display for Targeting {
             let padded: Vec<String> = cells
                 .iter()
                 .zip(&widths)
-                .map(|(c, w)| format!("{c:<w$}"))
+                // Padded by hand: a format width above u16::MAX panics, and names
+                // come from the model.
+                .map(|(c, w)| format!("{c}{}", " ".repeat(w - c.len())))
                 .collect();
             padded.join("  ").trim_end().to_string()
         };

@@ -110,7 +110,8 @@ impl LoadedAdapter {
             return Err(bad("the file holds no adapter tensor".into()));
         }
         let graft_meta =
-            GraftMeta::parse_or_default(file.metadata.get(GRAFT_KEY).map(String::as_str));
+            GraftMeta::parse_or_default(file.metadata.get(GRAFT_KEY).map(String::as_str))
+                .map_err(bad)?;
         let mut peft_settings = None;
         let (variant_name, mut req) = match file.metadata.get(CFG_KEY) {
             Some(text) => {

@@ -177,10 +177,15 @@ impl GraftMeta {
         serde_json::to_string(self).expect("serialisable")
     }
 
-    /// Parses the key; a file whose key is missing or unreadable gets the defaults.
-    pub fn parse_or_default(text: Option<&str>) -> GraftMeta {
-        text.and_then(|t| serde_json::from_str(t).ok())
-            .unwrap_or_default()
+    /// Parses the key; a file without it (lora-lite's, PEFT's) gets the defaults, and
+    /// one whose key is not this JSON the reason (its settings would be guessed).
+    pub fn parse_or_default(text: Option<&str>) -> std::result::Result<GraftMeta, String> {
+        match text {
+            None => Ok(GraftMeta::default()),
+            Some(t) => serde_json::from_str(t).map_err(|e| {
+                format!("metadata 'lora_graft' is not lora-graft's settings ({e}); remove the key or save the adapter again")
+            }),
+        }
     }
 }
 

@@ -107,6 +107,13 @@ pub fn calibrate(
     what: Statistic,
     req: &CalibrationRequest,
 ) -> Result<Calibration> {
+    let widest = targets.iter().map(|t| t.d_in).max().unwrap_or(1);
+    crate::jobs::check_batch_fits(
+        req.batch,
+        req.seq,
+        widest,
+        "--calibration-batch and --calibration-seq",
+    )?;
     match what {
         Statistic::InputGram { masked, .. } => input_statistics(model, targets, what, masked, req),
         Statistic::InputBasisL1 => input_statistics(model, targets, what, false, req),

@@ -6,6 +6,8 @@ use lora_graft::passes::target::{Filters, Role};
 use lora_graft::{Error, Result};
 use regex::Regex;
 
+use super::values::at_least_one;
+
 /// lora-lite's targeting knobs.
 #[derive(Args, Clone, Debug)]
 pub struct TargetArgs {
@@ -25,7 +27,7 @@ pub struct TargetArgs {
     #[arg(long)]
     pub strip_prefix: Option<String>,
     /// The residual width, when the model has no token embedding to tell it.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub d_model: Option<usize>,
     /// Role of square layers matching REGEX: `REGEX=reader` or `REGEX=writer` (repeatable).
     #[arg(long = "role", value_name = "REGEX=ROLE")]
@@ -37,7 +39,19 @@ pub struct TargetArgs {
 }
 
 fn regex(s: &str, flag: &str) -> Result<Regex> {
-    Regex::new(s).map_err(|e| Error::Usage(format!("{flag} '{s}' is not a valid regex: {e}")))
+    Regex::new(s).map_err(|e| {
+        // regex's message draws a caret under the pattern over several lines; its last
+        // line says what is wrong.
+        let why = e.to_string();
+        let why = why
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim();
+        let why = why.strip_prefix("error: ").unwrap_or(why);
+        Error::Usage(format!("{flag} '{s}' is not a valid regex: {why}"))
+    })
 }
 
 impl TargetArgs {

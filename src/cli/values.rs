@@ -28,6 +28,14 @@ pub(super) fn at_least_one(text: &str) -> Result<usize> {
     }
 }
 
+/// A finite number (`--lambda0`).
+pub(super) fn finite(text: &str) -> Result<f64> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(Error::Usage(format!("'{text}' is not a finite number"))),
+    }
+}
+
 /// A finite number above 0.
 pub(super) fn finite_positive(text: &str) -> Result<f64> {
     match text.parse::<f64>() {

@@ -15,7 +15,7 @@ use lora_graft::{Error, Result};
 
 use super::targets::TargetArgs;
 use super::values::{
-    at_least_one, every_core, finite_positive, parse_alpha, parse_variant, variant_names,
+    at_least_one, every_core, finite, finite_positive, parse_alpha, parse_variant, variant_names,
 };
 
 /// The variant and its settings (shared by grafting and `grad`).
@@ -35,7 +35,7 @@ pub struct VariantArgs {
     #[arg(long)]
     pub rslora: bool,
     /// DeLoRA's initial lambda.
-    #[arg(long, default_value_t = 15.0)]
+    #[arg(long, default_value_t = 15.0, value_parser = finite)]
     lambda0: f64,
     /// PiSSA: randomized SVD with N power iterations (PEFT's pissa_niter_N) instead of the exact SVD.
     #[arg(long, value_name = "N")]

@@ -14,3 +14,31 @@ pub use merge::merge;
 pub use output::{default_paths, write, OutputPlan};
 pub use request::{AdapterDtype, GraftRequest, TrainingRequest};
 pub use training_graph::{input_shapes, training_graph, training_graph_of, Training};
+
+/// This machine's memory in bytes (`MemTotal`), or unbounded where it cannot be read.
+pub fn machine_memory() -> u128 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(u64::MAX as u128)
+}
+
+/// Refuses, before anything is allocated for it, a batch of `batch` rows of `seq`
+/// tokens whose float32 input to the widest target (`width` values a token) alone
+/// exceeds this machine's memory; `flags` name the options that set it.
+pub fn check_batch_fits(batch: usize, seq: usize, width: usize, flags: &str) -> crate::Result<()> {
+    let need = batch as u128 * seq as u128 * width as u128 * 4;
+    let total = machine_memory();
+    if need > total {
+        return Err(crate::Error::Usage(format!(
+            "{flags}: a batch of {batch} rows of {seq} tokens needs {:.1} GiB for one layer's input alone ({width} values a token), more than this machine's {:.1} GiB; lower them",
+            need as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64
+        )));
+    }
+    Ok(())
+}

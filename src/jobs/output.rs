@@ -112,6 +112,12 @@ impl OutputPlan {
             crate::commit::recover(&parent_folder(path))?;
         }
         for (i, (what, path, source)) in self.outputs.iter().enumerate() {
+            if path.is_dir() {
+                return Err(Error::Usage(format!(
+                    "{}: the {what} would be written over a folder; choose a file path",
+                    path.display()
+                )));
+            }
             let target = resolve(path);
             for (input_what, input) in &self.inputs {
                 // A copy of an input's data file onto itself (an earlier run's) is kept.

@@ -103,6 +103,23 @@ pub fn training_graph(mut model: Model, req: &TrainingRequest) -> Result<Trainin
     training_graph_of(model, outcome, req)
 }
 
+/// An error naming the first bfloat16 tensor of `model`: tract, which runs the gradient
+/// pass's shapes and training, has no bfloat16.
+fn no_bfloat16(model: &Model) -> Result<()> {
+    use crate::proto::tensor_proto::DataType as D;
+    let g = &model.graph;
+    match g
+        .initializers()
+        .find(|(_, init)| init.elem_type() == D::Bfloat16 as i32)
+    {
+        Some((id, _)) => Err(Error::Usage(format!(
+            "{}: a bfloat16 tensor; training runs on tract, which has no bfloat16: convert the model to float32 (or float16) first",
+            g.value(id).name
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// The training graph of `model`, grafted already as `outcome` says (by
 /// [`graft`] with `req.graft`).
 pub fn training_graph_of(
@@ -134,6 +151,7 @@ pub fn training_graph_of(
         );
         grad::make_input(&mut probe.graph, t, init, req.graft.adapter_dtype.onnx());
     }
+    no_bfloat16(&probe)?;
     let facts = crate::runtime::value_facts(&probe, &probe_shapes)
         .map_err(|e| e.context("shapes for the gradient pass"))?;
     drop(probe);

@@ -61,9 +61,36 @@ pub struct ValueFact {
     pub shape: Vec<String>,
 }
 
-/// Runs `f`, turning a panic inside tract into an error (user models are untrusted).
+thread_local! {
+    /// How many [`guarded`] calls this thread is inside: the panic hook stays quiet
+    /// while any is, since their panics become errors.
+    static GUARDED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Runs `f`, turning a panic inside tract into an error (user models are untrusted),
+/// without the panic hook's message: the error says it once, on one line.
 fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+    static QUIET_HOOK: std::sync::Once = std::sync::Once::new();
+    QUIET_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDED.with(|g| g.get()) == 0 {
+                previous(info);
+            }
+        }));
+    });
+    /// Leaves the guarded region however `f` ends.
+    struct Region;
+    impl Drop for Region {
+        fn drop(&mut self) {
+            GUARDED.with(|g| g.set(g.get() - 1));
+        }
+    }
+    GUARDED.with(|g| g.set(g.get() + 1));
+    let region = Region;
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    drop(region);
+    caught.unwrap_or_else(|panic| {
         let msg = panic
             .downcast_ref::<String>()
             .map(String::as_str)

@@ -124,7 +124,15 @@ pub(super) fn resume_from(
 ) -> Result<()> {
     let file = AdapterFile::read(path)?; // completes a save a kill interrupted
     let adapter_bytes = crate::files::read_regular(path)?;
-    let state = AdapterFile::read(&optim_path(path))?;
+    let state_path = optim_path(path);
+    if !state_path.exists() {
+        return Err(Error::Usage(format!(
+            "{}: cannot resume: no optimizer state beside it ({}); --resume takes a checkpoint that train wrote (train saves both files)",
+            path.display(),
+            state_path.display()
+        )));
+    }
+    let state = AdapterFile::read(&state_path)?;
     let torn = match state.metadata.get(ADAPTER_HASH_KEY) {
         Some(hash) => *hash != fnv1a64(&adapter_bytes),
         None => state.metadata.get("step") != file.metadata.get("lora_graft_step"),

@@ -136,14 +136,7 @@ fn output_plan(model: &Model, opts: &TrainOptions, metrics: &Path) -> Result<Out
 fn check_logits_fit(batch: usize, seq: usize, vocab: usize) -> Result<()> {
     let (b, s) = (batch as u128, seq as u128);
     let need = b * s * (vocab as u128) * 12 + b * s * s * 4;
-    let total = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kib: u128 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kib * 1024)
-        })
-        .unwrap_or(u64::MAX as u128);
+    let total = jobs::machine_memory();
     if need > total {
         return Err(Error::Usage(format!(
             "--batch {batch} x --seq {seq} with a vocabulary of {vocab}: the logits and attention scores alone need {:.1} GiB, more than this machine's {:.1} GiB; lower --batch or --seq",
@@ -189,6 +182,13 @@ pub fn run(model_path: &Path, opts: &TrainOptions, stop: Arc<AtomicBool>) -> Res
     };
     let mut grafted = model;
     let mut outcome = jobs::graft(&mut grafted, &opts.training.graft)?;
+    let widest = outcome.targeting.targets.iter().map(|t| t.d_in).max();
+    jobs::check_batch_fits(
+        opts.training.batch,
+        opts.training.seq,
+        widest.unwrap_or(1),
+        "--batch and --seq",
+    )?;
     if let Some(resume) = &opts.resume {
         checkpoint::restore_frozen(resume, &mut grafted, &mut outcome)?;
     }
