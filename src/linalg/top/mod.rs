@@ -7,11 +7,12 @@ use faer::Mat;
 use tract_core::ndarray::{Array1, Array2, ArrayView2, CowArray};
 
 mod pass;
+mod ritz;
 
 use pass::{block_pass, BlockOp};
 
 use super::{from_faer, signed, svd_exact, thin_q, Svd};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::rng::Rng;
 
 /// How [`svd_top`] found the triplets.
@@ -151,18 +152,8 @@ fn krylov_top<T: Copy + Into<f64>>(
         if dim <= q || !checks.due(dim, step_flops, dim + block > max_dim) {
             continue;
         }
-        let ritz_pairs = ritz
-            .as_ref()
-            .submatrix(0, 0, dim, dim)
-            .self_adjoint_eigen(faer::Side::Lower)
-            .map_err(|e| {
-                Error::Usage(format!("the eigendecomposition did not converge ({e:?})"))
-            })?;
-        // Ascending: the largest q + 1 are the last.
-        let s: Vec<f64> = (0..=q)
-            .map(|i| ritz_pairs.S()[dim - 1 - i].max(0.0).sqrt())
-            .collect();
-        let top = Mat::from_fn(dim, q, |i, k| ritz_pairs.U()[(i, dim - 1 - k)]);
+        let (values, top) = ritz::top_eigen(ritz.as_ref().submatrix(0, 0, dim, dim), q)?;
+        let s: Vec<f64> = values.iter().map(|v| v.max(0.0).sqrt()).collect();
         let v = basis.as_ref().subcols(0, dim) * &top;
         let zw = gram_basis.as_ref().subcols(0, dim) * &top;
         // ‖Aᵀu − σv‖ = ‖Zw − σ²v‖/σ for each triplet; the vector's own gap is to its
