@@ -109,8 +109,8 @@ pub fn calibrate(
 ) -> Result<Calibration> {
     let widest = targets.iter().map(|t| t.d_in).max().unwrap_or(1);
     crate::jobs::check_batch_fits(
-        req.batch,
-        req.seq,
+        model,
+        (req.batch, req.seq),
         widest,
         "--calibration-batch and --calibration-seq",
     )?;

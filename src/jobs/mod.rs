@@ -28,14 +28,23 @@ pub fn machine_memory() -> u128 {
 }
 
 /// Refuses, before anything is allocated for it, a batch of `batch` rows of `seq`
-/// tokens whose float32 input to the widest target (`width` values a token) alone
-/// exceeds this machine's memory; `flags` name the options that set it.
-pub fn check_batch_fits(batch: usize, seq: usize, width: usize, flags: &str) -> crate::Result<()> {
-    let need = batch as u128 * seq as u128 * width as u128 * 4;
+/// tokens (when `model`'s inputs have a sequence axis) whose float32 input to the
+/// widest target (`width` values a position) alone exceeds this machine's memory;
+/// `flags` name the options that set it.
+pub fn check_batch_fits(
+    model: &crate::Model,
+    (batch, seq): (usize, usize),
+    width: usize,
+    flags: &str,
+) -> crate::Result<()> {
+    // A sequence axis is one whose size follows `seq`.
+    let shapes = |seq| input_shapes(model, 1, seq).ok();
+    let positions = if shapes(1) != shapes(2) { seq } else { 1 };
+    let need = batch as u128 * positions as u128 * width as u128 * 4;
     let total = machine_memory();
     if need > total {
         return Err(crate::Error::Usage(format!(
-            "{flags}: a batch of {batch} rows of {seq} tokens needs {:.1} GiB for one layer's input alone ({width} values a token), more than this machine's {:.1} GiB; lower them",
+            "{flags}: a batch of {batch} rows of {positions} positions needs {:.1} GiB for one layer's input alone ({width} values a position), more than this machine's {:.1} GiB; lower them",
             need as f64 / (1u64 << 30) as f64,
             total as f64 / (1u64 << 30) as f64
         )));

@@ -184,8 +184,8 @@ pub fn run(model_path: &Path, opts: &TrainOptions, stop: Arc<AtomicBool>) -> Res
     let mut outcome = jobs::graft(&mut grafted, &opts.training.graft)?;
     let widest = outcome.targeting.targets.iter().map(|t| t.d_in).max();
     jobs::check_batch_fits(
-        opts.training.batch,
-        opts.training.seq,
+        &grafted,
+        (opts.training.batch, opts.training.seq),
         widest.unwrap_or(1),
         "--batch and --seq",
     )?;
