@@ -149,7 +149,9 @@ fn krylov_top<T: Copy + Into<f64>>(
         dim += block;
         steps += 1;
         let step_flops = (4 * rows * cols * block + 8 * cols * dim * block) as f64;
-        if dim <= q || !checks.due(dim, step_flops, dim + block > max_dim) {
+        // The eigenpairs (the tridiagonalization), then v and Zw.
+        let check_flops = 10.0 * (dim as f64).powi(3) + (4 * cols * dim * q) as f64;
+        if dim <= q || !checks.due(dim, step_flops, check_flops, dim + block > max_dim) {
             continue;
         }
         let (values, top) = ritz::top_eigen(ritz.as_ref().submatrix(0, 0, dim, dim), q)?;
@@ -209,17 +211,21 @@ fn krylov_top<T: Copy + Into<f64>>(
     Ok((None, TopSvdPath::Full(steps)))
 }
 
-/// When [`krylov_top`] runs Rayleigh–Ritz (about `10·dim³` flops with the vectors).
-/// Once the certificate's log-ratio falls from one check to the next, the next check is
-/// where that rate of fall reaches the certificate: 60 % of the way there while it is
-/// more than four steps off (Krylov convergence speeds up, so the rate under-promises),
-/// half a step past it once it is closer (there a check costs more than a step), and
-/// at the latest once the steps since the last check cost three checks. Before that,
-/// once they cost one.
+/// When [`krylov_top`] runs Rayleigh–Ritz. Once the certificate's log-ratio falls
+/// from one check to the next, the next check is where that rate of fall reaches the
+/// certificate: 60 % of the way there while it is more than four steps off (Krylov
+/// convergence speeds up, so the rate under-promises), half a step past it once it is
+/// closer (there a check costs more than a step). Whatever the plan, a check comes once
+/// the steps since the last cost three checks and a quarter of all the work so far (so
+/// a plan that promised too little wastes at most a quarter; early on, when checks are
+/// cheap beside a step and their ratios noisy, they come at growing intervals, not at
+/// every step). Before a rate, once they cost one check and that quarter.
 #[derive(Default)]
 struct Checks {
     /// Flops spent on steps since the last check.
     unchecked: f64,
+    /// Flops spent on steps in all.
+    spent: f64,
     /// The last check: basis size and ln(worst residual / its bound).
     last: Option<(usize, f64)>,
     /// The basis size the falling rate points to, if any.
@@ -227,14 +233,15 @@ struct Checks {
 }
 
 impl Checks {
-    /// Whether to check at basis size `dim`, after a step of `step_flops`; `last`: the
-    /// basis cannot grow further.
-    fn due(&mut self, dim: usize, step_flops: f64, last: bool) -> bool {
+    /// Whether to check at basis size `dim`, after a step of `step_flops`, a check
+    /// costing `check_flops`; `last`: the basis cannot grow further.
+    fn due(&mut self, dim: usize, step_flops: f64, check_flops: f64, last: bool) -> bool {
         self.unchecked += step_flops;
-        let check_flops = 10.0 * (dim as f64).powi(3);
+        self.spent += step_flops;
+        let quarter = 0.25 * self.spent;
         last || match self.planned {
-            Some(planned) => dim >= planned || self.unchecked >= 3.0 * check_flops,
-            None => self.unchecked >= check_flops,
+            Some(planned) => dim >= planned || self.unchecked >= quarter.max(3.0 * check_flops),
+            None => self.unchecked >= quarter.max(check_flops),
         }
     }
 

@@ -104,21 +104,31 @@ fn svd_top_certifies_a_low_rank_matrix() {
 }
 
 /// Rayleigh–Ritz is planned where the certificate's rate of fall reaches it: 60 %
-/// of the way while far, just past it when near, never beyond three checks' cost.
+/// of the way while far, just past it when near; at the latest once the steps since
+/// the last check cost three checks and a quarter of all the work (before a rate: one
+/// check and that quarter).
 #[test]
 fn checks_follow_the_rate_of_convergence() {
+    let check = 1e7;
     let mut checks = Checks::default();
-    checks.record(100, 10.0, 8); // no rate yet: the cost rule
-    assert!(!checks.due(108, 1.0, false));
-    assert!(checks.due(108, 2e7, false)); // 10·108³ ≈ 1.26e7 flops
-    checks.record(116, 8.0, 8); // falls 0.125 a column: 64 to go, plan 116 + 38
-    assert!(!checks.due(150, 0.0, false));
-    assert!(checks.due(154, 0.0, false));
-    assert!(checks.due(120, 1e8, false)); // three checks' cost
-    assert!(checks.due(120, 0.0, true)); // the basis is full
-    checks.record(154, 2.0, 8); // 0.16 a column: 12.7 to go, plan 154 + 16
-    assert!(!checks.due(169, 0.0, false));
-    assert!(checks.due(170, 0.0, false));
+    assert!(checks.due(24, 4e8, check, false)); // no rate: 4e8 ≥ a quarter of 4e8
+    checks.record(24, 10.0, 8);
+    assert!(!checks.due(32, 5e7, check, false)); // 5e7 < a quarter of 4.5e8
+    assert!(checks.due(40, 1e8, check, false)); // 1.5e8 ≥ a quarter of 5.5e8
+    checks.record(40, 8.0, 8); // falls 0.125 a column: 64 to go, plan 40 + 38
+    assert!(!checks.due(77, 0.0, check, false));
+    assert!(checks.due(78, 0.0, check, false));
+    assert!(checks.due(48, 0.0, check, true)); // the basis is full
+    let mut capped = Checks::default();
+    capped.due(24, 4e8, check, false);
+    capped.record(24, 10.0, 8);
+    capped.due(40, 4e8, check, false);
+    capped.record(40, 8.0, 8); // plan 78
+    assert!(!capped.due(48, 2e8, check, false)); // 2e8 < a quarter of 1e9
+    assert!(capped.due(56, 1e8, check, false)); // 3e8 ≥ a quarter of 1.1e9
+    checks.record(78, 2.0, 8); // 0.158 a column: 12.7 to go, plan 78 + 16
+    assert!(!checks.due(93, 0.0, check, false));
+    assert!(checks.due(94, 0.0, check, false));
 }
 
 /// A value nearly repeated inside the top q (σ_4 = σ_3·(1 − 1e-7)): its residuals
