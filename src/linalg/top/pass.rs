@@ -31,7 +31,7 @@ pub(super) fn block_pass<T: Copy + Into<f64>>(
     y: &[BlockRow],
     out_len: usize,
 ) -> Vec<BlockRow> {
-    let mut out = vec![[0.0; TOP_SVD_BLOCK]; out_len];
+    let mut out = vec![BlockRow([0.0; TOP_SVD_BLOCK]); out_len];
     let mut pass = BlockPass {
         a,
         op,
@@ -95,13 +95,15 @@ const CHUNK: usize = 256;
 #[inline(always)]
 fn pass_in_groups<T: Copy + Into<f64>>(mut pass: BlockPass<'_, T>) {
     let rows = pass.a.nrows();
-    let mut wide = vec![0.0f64; GROUP * CHUNK];
+    // Aligned as block rows are: vector loads from it never straddle two lines.
+    let mut wide_rows = vec![BlockRow([0.0; TOP_SVD_BLOCK]); GROUP * CHUNK / TOP_SVD_BLOCK];
+    let wide = as_f64s_mut(&mut wide_rows);
     for i0 in (0..rows).step_by(GROUP) {
         if rows - i0 >= GROUP {
-            group_step::<GROUP, T>(&mut pass, i0, &mut wide);
+            group_step::<GROUP, T>(&mut pass, i0, wide);
         } else {
             for i in i0..rows {
-                group_step::<1, T>(&mut pass, i, &mut wide);
+                group_step::<1, T>(&mut pass, i, wide);
             }
         }
     }
@@ -124,7 +126,7 @@ fn group_step<const R: usize, T: Copy + Into<f64>>(
     let chunks = (0..cols)
         .step_by(CHUNK)
         .map(|c0| (c0, (c0 + CHUNK).min(cols)));
-    let mut t = [[0.0; TOP_SVD_BLOCK]; R];
+    let mut t = [BlockRow([0.0; TOP_SVD_BLOCK]); R];
     for (c0, c1) in chunks.clone() {
         widen(&src, wide, c0, c1);
         let a: [&[f64]; R] = std::array::from_fn(|r| &wide[r * (c1 - c0)..][..c1 - c0]);
@@ -145,6 +147,13 @@ fn group_step<const R: usize, T: Copy + Into<f64>>(
         }
         rows_axpy(a, &t, &mut pass.out[c0..c1]);
     }
+}
+
+/// The f64s of `rows`, in order.
+fn as_f64s_mut(rows: &mut [BlockRow]) -> &mut [f64] {
+    // SAFETY: a BlockRow is `repr(C)` over `[f64; TOP_SVD_BLOCK]` and its size is that
+    // array's (64 bytes, its alignment), so the rows are that many f64s back to back.
+    unsafe { std::slice::from_raw_parts_mut(rows.as_mut_ptr().cast(), rows.len() * TOP_SVD_BLOCK) }
 }
 
 /// The rows' columns `c0..c1` as f64, row after row in `wide`.
@@ -171,7 +180,7 @@ fn rows_dot<const R: usize>(a: [&[f64]; R], y: &[BlockRow], t: &mut [BlockRow; R
             // SAFETY: j < y.len() ≤ a[r].len(), asserted above (indexing would check
             // each of the R rows at every j, as many compares as multiply-adds).
             let x = unsafe { *a[r].get_unchecked(j) };
-            for (t, &y) in t.iter_mut().zip(yj) {
+            for (t, &y) in t.iter_mut().zip(yj.iter()) {
                 *t = x.mul_add(y, *t);
             }
         }
@@ -236,7 +245,7 @@ mod tests {
         let (rows, cols) = (2 * GROUP + 3, CHUNK + 37);
         let a = Array2::from_shape_fn((rows, cols), |_| rng.normal() as f32);
         let y: Vec<BlockRow> = (0..cols)
-            .map(|_| std::array::from_fn(|_| rng.normal()))
+            .map(|_| BlockRow(std::array::from_fn(|_| rng.normal())))
             .collect();
         let a64 = a.mapv(f64::from);
         let y64 = Array2::from_shape_fn((cols, TOP_SVD_BLOCK), |(i, k)| y[i][k]);
@@ -251,7 +260,7 @@ mod tests {
                     assert!(d <= 1e-12 * scale, "{i},{k}: {d:e}");
                 }
             }
-            let mut portable = vec![[0.0; TOP_SVD_BLOCK]; expected.nrows()];
+            let mut portable = vec![BlockRow([0.0; TOP_SVD_BLOCK]); expected.nrows()];
             pass_in_groups(BlockPass {
                 a: a.view(),
                 op,
