@@ -93,3 +93,16 @@ impl<T> ResultExt<T> for Result<T> {
         self.map_err(|e| e.context(context))
     }
 }
+
+/// A regex's error on one line: regex draws a caret under the pattern over several
+/// lines, and its last line says what is wrong.
+pub fn regex_reason(e: &regex::Error) -> String {
+    let text = e.to_string();
+    let last = text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    let last = last.trim();
+    last.strip_prefix("error: ").unwrap_or(last).to_string()
+}

@@ -217,3 +217,27 @@ fn two_concurrent_writers_leave_one_whole_set() {
         );
     }
 }
+
+/// A target that became a folder after it was staged (a race the command's own check
+/// cannot see) fails the commit before its journal: the error names it, the staged
+/// files are removed, and no journal or other target is written.
+#[test]
+fn a_target_turned_folder_fails_the_commit_and_leaves_nothing() {
+    use lora_graft::commit::Commit;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut commit = Commit::new();
+    commit.write(&d.join("a.safetensors"), b"adapter").unwrap();
+    commit.write(&d.join("m.onnx"), b"model").unwrap();
+    std::fs::create_dir(d.join("m.onnx")).unwrap();
+    let err = commit.commit().unwrap_err().to_string();
+    assert!(
+        err.contains("m.onnx") && err.contains("is a folder"),
+        "{err}"
+    );
+    assert_eq!(
+        listing(d),
+        vec!["m.onnx".to_string()],
+        "only the folder is left"
+    );
+}

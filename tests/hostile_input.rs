@@ -407,7 +407,7 @@ fn hostile_weights_get_one_line_errors_and_long_names_no_panic() {
             "-o",
             s(&d.join("g.onnx")),
         ],
-        "bfloat16",
+        "training runs on tract, which has no bfloat16",
     );
     // A module name longer than a format width may be (u16::MAX) is printed in full.
     let long = "w".repeat(70_000);

@@ -28,6 +28,22 @@ fn refused(dir: &Path, args: &[&str], needle: &str) {
     assert!(snapshot(dir) == before, "{args:?} changed the folder");
 }
 
+/// One short training run of the llama fixture's copy on `data.jsonl`, output not given.
+const TRAIN: [&str; 12] = [
+    "train",
+    "model.onnx",
+    "--variant",
+    "lora",
+    "--data",
+    "data.jsonl",
+    "--steps",
+    "1",
+    "--batch",
+    "2",
+    "--seq",
+    "8",
+];
+
 #[test]
 fn outputs_never_overwrite_inputs_or_each_other() {
     let (dir, _) = copy_fixture("llama");
@@ -125,21 +141,7 @@ fn outputs_never_overwrite_inputs_or_each_other() {
         over,
     );
     // Training.
-    let train = [
-        "train",
-        "model.onnx",
-        "--variant",
-        "lora",
-        "--data",
-        "data.jsonl",
-        "--steps",
-        "1",
-        "--batch",
-        "2",
-        "--seq",
-        "8",
-    ];
-    let t = |extra: &[&'static str]| [train.as_slice(), extra].concat();
+    let t = |extra: &[&'static str]| [TRAIN.as_slice(), extra].concat();
     refused(d, &t(&["-o", "model.onnx"]), over);
     refused(d, &t(&["-o", "data.jsonl"]), over);
     refused(d, &t(&["-o", "tok.json", "--tokenizer", "tok.json"]), over);
@@ -252,21 +254,9 @@ fn an_output_that_is_a_folder_is_refused_before_any_work() {
         folder,
     );
     refused(d, &with(&["-o", "o.onnx"]), folder);
-    let train = [
-        "train",
-        "model.onnx",
-        "--variant",
-        "lora",
-        "--data",
-        "data.jsonl",
-        "--steps",
-        "1",
-        "--batch",
-        "2",
-        "--seq",
-        "8",
-        "-o",
-        "t.safetensors",
-    ];
-    refused(d, &train, folder);
+    refused(
+        d,
+        &[TRAIN.as_slice(), &["-o", "t.safetensors"]].concat(),
+        folder,
+    );
 }

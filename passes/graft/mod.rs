@@ -173,7 +173,7 @@ fn graft_targets(
 ) -> Result<Grafted> {
     let groups = by_module(targets);
     for (module, group) in &groups {
-        check_module(module, group[0], opts)?;
+        check_module(module, group[0], &opts.for_module(module))?;
     }
     let dtypes = crate::ir::infer::value_dtypes(graph)?;
     // Shared tensors, once, for the widest layer.

@@ -307,7 +307,7 @@ fn numeric_weight(graph: &Graph, t: &Target) -> Result<()> {
                 t.weight_name,
                 t.module,
                 t.node_name,
-                init.elem_type()
+                crate::dtype::name(init.elem_type())
             )))
         }
         Ok(_) => Ok(()),

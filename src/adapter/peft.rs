@@ -202,7 +202,10 @@ impl PeftConfig {
             .collect::<Result<_>>()?;
         let keys = rank_pattern.iter().map(|(k, _)| k);
         for key in keys.chain(alpha_pattern.iter().map(|(k, _)| k)) {
-            pattern_regex(key).map_err(|e| bad(format!("pattern '{key}' is not a regex ({e})")))?;
+            pattern_regex(key).map_err(|e| {
+                let why = crate::error::regex_reason(&e);
+                bad(format!("pattern '{key}' is not a regex ({why})"))
+            })?;
         }
         Ok(PeftConfig {
             variant,

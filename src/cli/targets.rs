@@ -40,16 +40,7 @@ pub struct TargetArgs {
 
 fn regex(s: &str, flag: &str) -> Result<Regex> {
     Regex::new(s).map_err(|e| {
-        // regex's message draws a caret under the pattern over several lines; its last
-        // line says what is wrong.
-        let why = e.to_string();
-        let why = why
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim();
-        let why = why.strip_prefix("error: ").unwrap_or(why);
+        let why = lora_graft::error::regex_reason(&e);
         Error::Usage(format!("{flag} '{s}' is not a valid regex: {why}"))
     })
 }

@@ -65,10 +65,13 @@ thread_local! {
     /// How many [`guarded`] calls this thread is inside: the panic hook stays quiet
     /// while any is, since their panics become errors.
     static GUARDED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// Where the last quieted panic happened (`file:line`), for its error.
+    static PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
 }
 
-/// Runs `f`, turning a panic inside tract into an error (user models are untrusted),
-/// without the panic hook's message: the error says it once, on one line.
+/// Runs `f`, turning a panic inside tract (or in the kernels lora-graft runs in it)
+/// into an error (user models are untrusted), without the panic hook's message: the
+/// error says it once, on one line, with where it happened.
 fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     static QUIET_HOOK: std::sync::Once = std::sync::Once::new();
     QUIET_HOOK.call_once(|| {
@@ -77,6 +80,10 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
             if GUARDED.with(|g| g.get()) == 0 {
                 previous(info);
             }
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()));
+            PANIC_AT.with(|p| *p.borrow_mut() = at);
         }));
     });
     /// Leaves the guarded region however `f` ends.
@@ -96,7 +103,13 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
             .map(String::as_str)
             .or_else(|| panic.downcast_ref::<&str>().copied())
             .unwrap_or("unknown panic");
-        Err(Error::Runtime(format!("tract failed while {what}: {msg}")))
+        // One line (an assertion's message spans several).
+        let msg = msg.split_whitespace().collect::<Vec<_>>().join(" ");
+        let at = PANIC_AT.with(|p| p.borrow_mut().take());
+        let at = at.map(|at| format!(" (at {at})")).unwrap_or_default();
+        Err(Error::Runtime(format!(
+            "tract failed while {what}: {msg}{at}"
+        )))
     })
 }
 

@@ -114,6 +114,20 @@ pub(super) fn restore_frozen(path: &Path, model: &mut Model, outcome: &mut Outco
     Ok(())
 }
 
+/// Refuses, before any work, a `--resume` file without the optimizer state train saves
+/// beside its checkpoints.
+pub(super) fn check_resumable(path: &Path) -> Result<()> {
+    let state = optim_path(path);
+    if state.exists() {
+        return Ok(());
+    }
+    Err(Error::Usage(format!(
+        "{}: cannot resume: no optimizer state beside it ({}); --resume takes a checkpoint that train wrote (train saves both files)",
+        path.display(),
+        state.display()
+    )))
+}
+
 /// Loads a checkpoint: values and optimizer state; refuses one from another model or variant.
 pub(super) fn resume_from(
     path: &Path,
@@ -124,15 +138,7 @@ pub(super) fn resume_from(
 ) -> Result<()> {
     let file = AdapterFile::read(path)?; // completes a save a kill interrupted
     let adapter_bytes = crate::files::read_regular(path)?;
-    let state_path = optim_path(path);
-    if !state_path.exists() {
-        return Err(Error::Usage(format!(
-            "{}: cannot resume: no optimizer state beside it ({}); --resume takes a checkpoint that train wrote (train saves both files)",
-            path.display(),
-            state_path.display()
-        )));
-    }
-    let state = AdapterFile::read(&state_path)?;
+    let state = AdapterFile::read(&optim_path(path))?;
     let torn = match state.metadata.get(ADAPTER_HASH_KEY) {
         Some(hash) => *hash != fnv1a64(&adapter_bytes),
         None => state.metadata.get("step") != file.metadata.get("lora_graft_step"),

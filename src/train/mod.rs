@@ -152,6 +152,9 @@ pub fn run(model_path: &Path, opts: &TrainOptions, stop: Arc<AtomicBool>) -> Res
     let model = Model::load(model_path)?;
     let metrics_path = opts.output.with_extension("metrics.jsonl");
     output_plan(&model, opts, &metrics_path)?.check()?;
+    if let Some(resume) = &opts.resume {
+        checkpoint::check_resumable(resume)?;
+    }
     let tokenizer = opts
         .tokenizer
         .as_deref()

@@ -95,7 +95,8 @@ const CHUNK: usize = 256;
 #[inline(always)]
 fn pass_in_groups<T: Copy + Into<f64>>(mut pass: BlockPass<'_, T>) {
     let rows = pass.a.nrows();
-    // Aligned as block rows are: vector loads from it never straddle two lines.
+    // Block rows' storage: aligned to a cache line (each row's chunk starts on one
+    // while the chunks are whole).
     let mut wide_rows = vec![BlockRow([0.0; TOP_SVD_BLOCK]); GROUP * CHUNK / TOP_SVD_BLOCK];
     let wide = as_f64s_mut(&mut wide_rows);
     for i0 in (0..rows).step_by(GROUP) {
@@ -148,6 +149,10 @@ fn group_step<const R: usize, T: Copy + Into<f64>>(
         rows_axpy(a, &t, &mut pass.out[c0..c1]);
     }
 }
+
+// `as_f64s_mut` and the scratch's size rely on a block row being exactly its f64s.
+const _: () = assert!(std::mem::size_of::<BlockRow>() == TOP_SVD_BLOCK * 8);
+const _: () = assert!((GROUP * CHUNK).is_multiple_of(TOP_SVD_BLOCK));
 
 /// The f64s of `rows`, in order.
 fn as_f64s_mut(rows: &mut [BlockRow]) -> &mut [f64] {

@@ -126,6 +126,13 @@ fn checks_follow_the_rate_of_convergence() {
     capped.record(40, 8.0, 8); // plan 78
     assert!(!capped.due(48, 2e8, check, false)); // 2e8 < a quarter of 1e9
     assert!(capped.due(56, 1e8, check, false)); // 3e8 ≥ a quarter of 1.1e9
+    let mut costly = Checks::default(); // checks dearer than a quarter of the work
+    costly.due(24, 4e8, check, false);
+    costly.record(24, 10.0, 8);
+    costly.due(40, 4e8, check, false);
+    costly.record(40, 8.0, 8); // plan 78
+    assert!(!costly.due(48, 2e9, 1e9, false)); // past a quarter, short of three checks
+    assert!(costly.due(56, 1e9, 1e9, false)); // three checks' cost
     checks.record(78, 2.0, 8); // 0.158 a column: 12.7 to go, plan 78 + 16
     assert!(!checks.due(93, 0.0, check, false));
     assert!(checks.due(94, 0.0, check, false));
