@@ -172,7 +172,9 @@ fn krylov_top<T: Copy + Into<f64>>(
         if dim <= q || !checks.due(dim, step_flops, check_flops, dim + block > max_dim) {
             continue;
         }
-        let (values, top) = ritz::top_eigen(ritz.as_ref().submatrix(0, 0, dim, dim), q)?;
+        let Ok((values, top)) = ritz::top_eigen(ritz.as_ref().submatrix(0, 0, dim, dim), q) else {
+            break; // the tridiagonal QR did not converge: the full SVD decides
+        };
         let s: Vec<f64> = values.iter().map(|v| v.max(0.0).sqrt()).collect();
         let v = basis.as_ref().subcols(0, dim) * &top;
         let zw = gram_basis.as_ref().subcols(0, dim) * &top;
