@@ -107,4 +107,18 @@ fn main() {
         }
     }) * 10.0;
     println!("faer f32 product 512 x 512 x 512, hot: {rate:.0} GFLOP/s a core");
+    for (m, k, n) in [
+        (512, 512, 512),
+        (1024, 512, 512),
+        (512, 512, 1376),
+        (512, 1376, 512),
+    ] {
+        let a = faer::Mat::<f32>::from_fn(m, k, |i, j| ((i * 7 + j * 3) % 11) as f32 * 0.1);
+        let b = faer::Mat::<f32>::from_fn(k, n, |i, j| ((i * 5 + j * 3) % 13) as f32 * 0.1);
+        let mut c = faer::Mat::<f32>::zeros(m, n);
+        let rate = median_rate(2.0 * (m * n * k) as f64, || {
+            lora_graft::runtime::product_f32(c.as_mut(), a.as_ref(), b.as_ref())
+        });
+        println!("training kernel f32 product {m} x {k} x {n}, hot: {rate:.0} GFLOP/s a core");
+    }
 }

@@ -18,6 +18,7 @@ pub mod cross_entropy;
 mod kernel;
 mod masked_softmax;
 mod matmul;
+pub use matmul::product_f32;
 pub mod nbits;
 mod pattern;
 pub(crate) mod profile;

@@ -13,6 +13,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 mod accumulate;
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod attention;
 mod attention_grad;
 mod heads;
@@ -483,12 +485,30 @@ impl EvalOp for FaerMatMul {
                             ),
                         )
                     };
-                    matmul(cm.as_mut(), accum, am, bm, alpha, Par::Seq);
+                    product(cm.as_mut(), accum, am, bm, alpha);
                 }
             });
         }
         Ok(tvec!(c.into_tvalue()))
     }
+}
+
+/// `C = A·B` in f32 on one thread, on the kernel a training graph's products use (for
+/// benchmarks: `benches/fma_peak.rs`).
+pub fn product_f32(c: MatMut<f32>, a: MatRef<f32>, b: MatRef<f32>) {
+    product(c, Accum::Replace, a, b, 1.0);
+}
+
+/// `C = alpha·A·B` (or `C += alpha·A·B`) on one thread: on AMX tiles at f32 accuracy
+/// when asked for (`LORA_GRAFT_MATMUL=amx`, a CPU that has them, a product large enough),
+/// else on faer's kernels.
+fn product(c: MatMut<f32>, accum: Accum, a: MatRef<f32>, b: MatRef<f32>, alpha: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if amx::worth(a.nrows(), b.ncols(), a.ncols()) {
+        // SAFETY: `worth` checked the tiles are available; C is an output of its own.
+        return unsafe { amx::matmul(c, accum, a, b, alpha) };
+    }
+    matmul(c, accum, a, b, alpha, Par::Seq);
 }
 
 impl TypedOp for FaerMatMul {
