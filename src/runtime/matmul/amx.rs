@@ -430,6 +430,22 @@ mod tests {
         })
     }
 
+    /// `ours` (= A·B) is as accurate as faer's f32 product, both against f64: within
+    /// twice faer's error and f32's unit (the six part products drop terms below 2⁻²⁴).
+    fn assert_as_accurate_as_faer(what: &str, ours: MatRef<f32>, a: MatRef<f32>, b: MatRef<f32>) {
+        let mut faer = Mat::<f32>::zeros(a.nrows(), b.ncols());
+        faer::linalg::matmul::matmul(faer.as_mut(), Accum::Replace, a, b, 1.0, faer::Par::Seq);
+        let (e_ours, e_faer) = (
+            relative_error(ours, a, b),
+            relative_error(faer.as_ref(), a, b),
+        );
+        let (m, k, n) = (a.nrows(), a.ncols(), b.ncols());
+        assert!(
+            e_ours <= 2.0 * e_faer + 6e-8,
+            "{m}x{n}x{k}: {what} {e_ours:e}, faer {e_faer:e}"
+        );
+    }
+
     /// The tiles' product is as accurate as faer's f32 product (both against f64, within
     /// twice faer's error and f32's unit: the six part products drop terms below 2⁻²⁴),
     /// on shapes that are not whole tiles, operands read through strides (B transposed),
@@ -446,24 +462,8 @@ mod tests {
             let bt = random(n, k, 2 + n as u64);
             let b = bt.transpose();
             let mut ours = Mat::<f32>::zeros(m, n);
-            let mut faer = Mat::<f32>::zeros(m, n);
             unsafe { matmul(ours.as_mut(), Accum::Replace, a.as_ref(), b, 1.0) };
-            faer::linalg::matmul::matmul(
-                faer.as_mut(),
-                Accum::Replace,
-                a.as_ref(),
-                b,
-                1.0,
-                faer::Par::Seq,
-            );
-            let (e_ours, e_faer) = (
-                relative_error(ours.as_ref(), a.as_ref(), b),
-                relative_error(faer.as_ref(), a.as_ref(), b),
-            );
-            assert!(
-                e_ours <= 2.0 * e_faer + 6e-8,
-                "{m}x{n}x{k}: tiles {e_ours:e}, faer {e_faer:e}"
-            );
+            assert_as_accurate_as_faer("tiles", ours.as_ref(), a.as_ref(), b);
             // alpha and Add: C = C + 0.5·A·B, twice: A·B again.
             let mut twice = ours.clone();
             unsafe { matmul(twice.as_mut(), Accum::Add, a.as_ref(), b, 0.5) };
@@ -519,7 +519,6 @@ mod tests {
             let bt = random(n, k, 4 + n as u64);
             let b = bt.transpose();
             let mut ours = Mat::<f32>::full(m, n, 9.0);
-            let mut faer = Mat::<f32>::zeros(m, n);
             unsafe {
                 packed_product(
                     ours.as_mut(),
@@ -530,22 +529,7 @@ mod tests {
                     multiply_emulated,
                 )
             };
-            faer::linalg::matmul::matmul(
-                faer.as_mut(),
-                Accum::Replace,
-                a.as_ref(),
-                b,
-                1.0,
-                faer::Par::Seq,
-            );
-            let (e_ours, e_faer) = (
-                relative_error(ours.as_ref(), a.as_ref(), b),
-                relative_error(faer.as_ref(), a.as_ref(), b),
-            );
-            assert!(
-                e_ours <= 2.0 * e_faer + 6e-8,
-                "{m}x{n}x{k}: packed {e_ours:e}, faer {e_faer:e}"
-            );
+            assert_as_accurate_as_faer("packed", ours.as_ref(), a.as_ref(), b);
         }
     }
 
