@@ -351,6 +351,7 @@ fn softmax_family_before_opset_13() {
 #[test]
 fn matmul_and_gemm() {
     check("MatMul", vec![], vec![f(&[2, 3, 4]), f(&[4, 5])]);
+    check("MatMul", vec![], vec![f(&[2, 2, 3, 4]), f(&[4, 5])]);
     check("MatMul", vec![], vec![f(&[2, 3, 4]), f(&[2, 4, 2])]);
     check("MatMul", vec![], vec![f(&[2, 2, 3, 4]), f(&[1, 4, 2])]);
     check(

@@ -3,7 +3,7 @@
 //! gradient down to its input's shape (undoes broadcasting).
 
 use crate::error::{Error, Result};
-use crate::ir::build::{int_attr, Builder};
+use crate::ir::build::{int_attr, string_attr, Builder};
 use crate::ir::{Node, ValueId};
 use crate::proto::tensor_proto::DataType;
 
@@ -436,7 +436,24 @@ fn matmul(
         out[0] = Some(e.unbroadcast(ga, &sa)?);
     }
     if w[1] {
-        let gb = if sb.len() == 2 {
+        let lead = sa.len() - 1;
+        // (ONNX Runtime's CPU Einsum takes float and double.)
+        let einsum_type =
+            [DataType::Float as i32, DataType::Double as i32].contains(&e.dtype_of(a));
+        let gb = if sb.len() == 2 && lead > 1 && lead <= 24 && e.opset >= 12 && einsum_type {
+            // Σ over every leading axis as one Einsum (`aby,abz->yz`): runtimes read a
+            // and g in place. Flattened by Reshape, aᵀ needed a Transpose after it that
+            // tract copies every step (the activations, for LoRA's A).
+            let axes: String = ('a'..='x').take(lead).collect();
+            let equation = format!("{axes}y,{axes}z->yz");
+            let shape = vec![sa[lead], sg[sg.len() - 1]];
+            e.op_shaped(
+                "Einsum",
+                &[a, g],
+                vec![string_attr("equation", &equation)],
+                shape,
+            )?
+        } else if sb.len() == 2 {
             // Σ over every leading axis: flatten tokens, then aᵀ·g.
             let k = sa[sa.len() - 1];
             let m = sg[sg.len() - 1];

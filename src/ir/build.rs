@@ -342,6 +342,16 @@ pub fn ints_attr(name: &str, v: &[i64]) -> AttributeProto {
     }
 }
 
+/// A string attribute.
+pub fn string_attr(name: &str, v: &str) -> AttributeProto {
+    AttributeProto {
+        name: Some(name.into()),
+        s: Some(v.as_bytes().to_vec()),
+        r#type: Some(AttributeType::String as i32),
+        ..Default::default()
+    }
+}
+
 /// A tensor type proto of `dtype` and static `shape`.
 pub fn tensor_type(dtype: i32, shape: &[usize]) -> crate::proto::TypeProto {
     use crate::proto::tensor_shape_proto::{dimension::Value as Dim, Dimension};
