@@ -375,6 +375,12 @@ fn training_graphs_run_in_onnx_runtime_as_in_tract() {
             swiglu,
             "{name}: {rewritten:?}"
         );
+        // The dynamo exporter's RMS norms (Llama) take the one-pass RmsNormGrad.
+        assert_eq!(
+            rewritten.rms_norm_gradients > 0,
+            name == "llama",
+            "{name}: {rewritten:?}"
+        );
         // Attention's softmax (over its last axis) takes the one-pass SoftmaxGrad.
         assert_eq!(
             rewritten.softmax_gradients > 0,
@@ -395,8 +401,11 @@ fn training_graphs_run_in_onnx_runtime_as_in_tract() {
         common::write_io(&dir.path().join(format!("{stem}.io.safetensors")), f, out);
         // 1e-5 relative to max(1, |value|): the bound, scaled for the large
         // gradients DeLoRA's norm clamp gives; DeLoRA's paper init subtracts a frozen
-        // copy of its branch (two O(λ) terms cancel), which doubles the fp32 rounding.
-        let tol = if variant == "delora" { 2e-5 } else { 1e-5 };
+        // copy of its branch (two O(λ) terms cancel), which multiplies the fp32 rounding:
+        // layer 0's v_proj.lora_A differs by 1.98e-5 between the two runtimes with the
+        // op-by-op norm gradient and by 2.01e-5 with RmsNormGrad (which itself moves
+        // tract's value by 6e-7 and ONNX Runtime's by 5e-7), so 3e-5.
+        let tol = if variant == "delora" { 3e-5 } else { 1e-5 };
         manifest.push(serde_json::json!({
             "model": format!("{stem}.onnx"), "base": fixture(name), "io": format!("{stem}.io.safetensors"),
             "full_check": !int4, "tol": tol, "relative": true, "training": true,

@@ -135,10 +135,14 @@ fn variants_on_int8_weights_compute_what_they_do_on_the_dequantized_model() {
             let got = run_tract(&model, &inputs).remove(0);
             let want = run_tract(&float, &inputs).remove(0);
             // 1e-5 relative: the same float weights, read through the dequantization
-            // chain or stored; products summed in the same order.
+            // chain or stored; products summed in the same order. LoRA-GA's init is the
+            // top singular vectors of a calibration gradient, which differs between the
+            // two in its last bits (1e-6, MatMulNBits' gradient on the packed weight):
+            // the SVD turns that into up to 1/gap of it (2.0e-5 measured), so 5e-5.
+            let tol = if variant == "lora_ga" { 5e-5 } else { 1e-5 };
             let d = common::max_abs_diff(&got, &want) / common::max_abs(&want);
             assert!(
-                d <= 1e-5,
+                d <= tol,
                 "{name} {variant}: {d:e} from the dequantized model"
             );
             manifest.push(interop_entry(dir.path(), name, variant, &model, got));

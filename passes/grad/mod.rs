@@ -159,6 +159,15 @@ fn differentiate(
                 node.name()
             }
         );
+        // An RMS norm's `x·r`: the fused rule gives x its gradient through both factors,
+        // so r's chain gets none from here (other readers of r still give it theirs).
+        if let (Some(norm), Some(g)) = (fused::rms_norm(&emit, &node), out_grads[0]) {
+            if wanted[norm.x_slot] {
+                let dx = fused::rms_norm_grad(&mut emit, norm, g)?;
+                add_gradient(&mut emit, &mut grads, norm.x, dx)?;
+                continue;
+            }
+        }
         // A SwiGLU gate whose silu input wants a gradient: the fused rule gives the
         // gate's input its gradient directly, so the silu and sigmoid nodes get none
         // from here (and their outputs are not kept for the backward).

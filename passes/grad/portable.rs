@@ -6,6 +6,8 @@
 //! - `SwiGluGrad(g, x, u)` (`runtime::swiglu`) becomes its formula in elementwise ops;
 //! - `SoftmaxGrad(g, y)` (`runtime::softmax_grad`) becomes the softmax's op-by-op
 //!   gradient (`rules::softmax_grad`);
+//! - `RmsNormGrad(g, x, r)` (`runtime::rms_norm_grad`) becomes its formula,
+//!   `r·g − x·r³·Σ(g·x)/N`, in elementwise ops and a `ReduceSum`;
 //! - `SoftmaxCrossEntropyGrad` (`runtime::cross_entropy`) becomes the loss's
 //!   default-op form (`loss::log_softmax_at`).
 
@@ -14,6 +16,7 @@ use crate::ir::build::Builder;
 use crate::ir::{Graph, Initializer, Node, NodeId, ValueId};
 use crate::runtime::cross_entropy::CROSS_ENTROPY_GRAD_OP;
 use crate::runtime::nbits::{DOMAIN, INPUT_GRAD_OP};
+use crate::runtime::rms_norm_grad::RMS_NORM_GRAD_OP;
 use crate::runtime::softmax_grad::SOFTMAX_GRAD_OP;
 use crate::runtime::swiglu::SWIGLU_GRAD_OP;
 use crate::tensor::Array;
@@ -27,6 +30,8 @@ pub struct Rewritten {
     pub swiglu_gradients: usize,
     /// `SoftmaxGrad`s, now elementwise ops and a `ReduceSum`.
     pub softmax_gradients: usize,
+    /// `RmsNormGrad`s, now elementwise ops and a `ReduceSum`.
+    pub rms_norm_gradients: usize,
     /// `SoftmaxCrossEntropyGrad`s, now the loss's default ops.
     pub cross_entropies: usize,
 }
@@ -38,6 +43,7 @@ pub fn portable(graph: &mut Graph, opset: i64) -> Result<Rewritten> {
         packed_gradients: packed_gradients(graph)?,
         swiglu_gradients: swiglu_gradients(graph)?,
         softmax_gradients: softmax_gradients(graph, opset)?,
+        rms_norm_gradients: rms_norm_gradients(graph, opset)?,
         cross_entropies: cross_entropies(graph, opset)?,
     })
 }
@@ -71,6 +77,34 @@ fn softmax_gradients(graph: &mut Graph, opset: i64) -> Result<usize> {
         e.shapes.insert(g, shape.clone());
         e.shapes.insert(y, shape);
         Ok(vec![super::rules::softmax_grad(e, y, g, &[last])?])
+    })
+}
+
+/// Every `RmsNormGrad(g, x, r)` as `r·g − x·(r³·Σ(g·x)/N)` over the last axis; returns
+/// how many.
+fn rms_norm_gradients(graph: &mut Graph, opset: i64) -> Result<usize> {
+    let op = RMS_NORM_GRAD_OP;
+    rewrite_each(graph, opset, op, "shape", |e, node, shape| {
+        let [Some(g), Some(x), Some(r)] = node.inputs[..] else {
+            return Err(node_error(node, op, "needs its three inputs"));
+        };
+        let last = shape.len() - 1;
+        let mut row = shape.clone();
+        row[last] = 1;
+        let inv_n = 1.0 / shape[last] as f64;
+        e.shapes.insert(g, shape.clone());
+        e.shapes.insert(x, shape);
+        e.shapes.insert(r, row);
+        let gx = e.bin("Mul", g, x)?;
+        let sum = e.reduce_sum(gx, &[last], true)?;
+        let r2 = e.bin("Mul", r, r)?;
+        let r3 = e.bin("Mul", r2, r)?;
+        let c = e.bin("Mul", sum, r3)?;
+        let inv_n = e.scalar("c", inv_n);
+        let c = e.bin("Mul", c, inv_n)?;
+        let along_x = e.bin("Mul", x, c)?;
+        let along_g = e.bin("Mul", g, r)?;
+        Ok(vec![e.bin("Sub", along_g, along_x)?])
     })
 }
 

@@ -665,18 +665,24 @@ enum Reduce {
     Max,
 }
 
-fn reduce(e: &mut Builder, n: &Node, g: ValueId, kind: Reduce) -> Result<Vec<Option<ValueId>>> {
-    let x = n.inputs[0].unwrap();
-    let y = n.outputs[0].unwrap();
-    let xs = e.shape(x)?;
-    let rank = xs.len();
-    let axes: Vec<usize> = match n.inputs.get(1).copied().flatten() {
+/// The axes a Reduce node `n` names (an input from opset 13 or 18, else its attribute),
+/// in `0..rank`; empty when it names none.
+pub(super) fn reduce_axes(e: &Builder, n: &Node, rank: usize) -> Result<Vec<usize>> {
+    match n.inputs.get(1).copied().flatten() {
         Some(a) => const_ints(e, a)?,
         None => n.attr_ints("axes").map(<[i64]>::to_vec).unwrap_or_default(),
     }
     .into_iter()
     .map(|a| norm_axis(a, rank))
-    .collect::<Result<_>>()?;
+    .collect()
+}
+
+fn reduce(e: &mut Builder, n: &Node, g: ValueId, kind: Reduce) -> Result<Vec<Option<ValueId>>> {
+    let x = n.inputs[0].unwrap();
+    let y = n.outputs[0].unwrap();
+    let xs = e.shape(x)?;
+    let rank = xs.len();
+    let axes = reduce_axes(e, n, rank)?;
     let axes: Vec<usize> = if axes.is_empty() {
         if n.attr_int("noop_with_empty_axes", 0) != 0 {
             return Ok(vec![Some(g), None]);

@@ -11,8 +11,6 @@
 //! once and overwritten by `dx` when this op holds their only reference, which it does
 //! in tract: it is their one reader.
 
-use tract_onnx::model::ParsingContext;
-use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
 /// The op's name in the training graph (domain [`super::nbits::DOMAIN`]).
@@ -22,13 +20,7 @@ pub const CROSS_ENTROPY_GRAD_OP: &str = "SoftmaxCrossEntropyGrad";
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SoftmaxCrossEntropyGrad;
 
-impl Op for SoftmaxCrossEntropyGrad {
-    fn name(&self) -> StaticName {
-        CROSS_ENTROPY_GRAD_OP.into()
-    }
-
-    op_as_typed_op!();
-}
+super::kernel::kernel_op!(SoftmaxCrossEntropyGrad, CROSS_ENTROPY_GRAD_OP, inputs: 3, shapes: [1, 0]);
 
 impl EvalOp for SoftmaxCrossEntropyGrad {
     op_out_of_plan!();
@@ -150,17 +142,4 @@ impl TypedOp for SoftmaxCrossEntropyGrad {
     }
 
     as_op!();
-}
-
-/// [`CROSS_ENTROPY_GRAD_OP`], for tract's ONNX op register.
-pub fn parse(
-    _ctx: &ParsingContext,
-    _node: &NodeProto,
-) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let node = super::kernel::KernelNode {
-        op: SoftmaxCrossEntropyGrad,
-        inputs: 3,
-        shape_of: &[1, 0],
-    };
-    Ok((expand(node), vec![]))
 }

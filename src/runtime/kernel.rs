@@ -48,3 +48,32 @@ impl<O: TypedOp + Clone + std::hash::Hash> Expansion for KernelNode<O> {
         model.wire_node(prefix, self.op.clone(), inputs)
     }
 }
+
+/// The parts every kernel op of lora-graft's own shares: `Op` (its name, typed) and
+/// `parse` for tract's ONNX op register, a [`KernelNode`] of `inputs` inputs whose
+/// output `i` has the shape of input `shapes[i]`.
+macro_rules! kernel_op {
+    ($op:ident, $name:ident, inputs: $inputs:literal, shapes: [$($like:literal),+]) => {
+        impl Op for $op {
+            fn name(&self) -> StaticName {
+                $name.into()
+            }
+
+            op_as_typed_op!();
+        }
+
+        #[doc = concat!("[`", stringify!($name), "`], for tract's ONNX op register.")]
+        pub fn parse(
+            _ctx: &tract_onnx::model::ParsingContext,
+            _node: &tract_onnx::pb::NodeProto,
+        ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+            let node = super::kernel::KernelNode {
+                op: $op,
+                inputs: $inputs,
+                shape_of: &[$($like),+],
+            };
+            Ok((expand(node), vec![]))
+        }
+    };
+}
+pub(crate) use kernel_op;

@@ -22,14 +22,15 @@ pub use matmul::product_f32;
 pub mod nbits;
 mod pattern;
 pub(crate) mod profile;
+pub mod rms_norm_grad;
 pub mod softmax_grad;
 pub mod swiglu;
 mod vexp;
 
 /// tract's ONNX front end with lora-graft's kernels: `MatMulNBits` and its input
 /// gradient on the packed weight ([`nbits`]), the SwiGLU gate's gradient ([`swiglu`]),
-/// a softmax's gradient ([`softmax_grad`]) and the cross-entropy's value and gradient
-/// ([`cross_entropy`]).
+/// a softmax's gradient ([`softmax_grad`]), an RMS norm's gradient ([`rms_norm_grad`])
+/// and the cross-entropy's value and gradient ([`cross_entropy`]).
 fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
     onnx.op_register.insert("MatMulNBits", nbits::parse_forward);
@@ -39,6 +40,8 @@ fn onnx() -> tract_onnx::Onnx {
         .insert(swiglu::SWIGLU_GRAD_OP, swiglu::parse);
     onnx.op_register
         .insert(softmax_grad::SOFTMAX_GRAD_OP, softmax_grad::parse);
+    onnx.op_register
+        .insert(rms_norm_grad::RMS_NORM_GRAD_OP, rms_norm_grad::parse);
     onnx.op_register
         .insert(cross_entropy::CROSS_ENTROPY_GRAD_OP, cross_entropy::parse);
     onnx

@@ -7,8 +7,6 @@
 //! Here each row is read twice while it is in cache and overwritten: the incoming
 //! gradient's only reader is this op in tract, so it hands over its buffer.
 
-use tract_onnx::model::ParsingContext;
-use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
 /// The op's name in the training graph (domain [`super::nbits::DOMAIN`]):
@@ -19,13 +17,7 @@ pub const SOFTMAX_GRAD_OP: &str = "SoftmaxGrad";
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SoftmaxGrad;
 
-impl Op for SoftmaxGrad {
-    fn name(&self) -> StaticName {
-        SOFTMAX_GRAD_OP.into()
-    }
-
-    op_as_typed_op!();
-}
+super::kernel::kernel_op!(SoftmaxGrad, SOFTMAX_GRAD_OP, inputs: 2, shapes: [1]);
 
 impl EvalOp for SoftmaxGrad {
     op_out_of_plan!();
@@ -94,7 +86,7 @@ const LANES: usize = 8;
 
 /// `Σ g·y` in f64: [`LANES`] partial sums of the products in order, then their sum.
 #[inline(always)]
-fn dot_f64(g: &[f32], y: &[f32]) -> f64 {
+pub(crate) fn dot_f64(g: &[f32], y: &[f32]) -> f64 {
     let mut sums = [0.0f64; LANES];
     let (gc, yc) = (g.chunks_exact(LANES), y.chunks_exact(LANES));
     let tail: f64 = (gc.remainder().iter().zip(yc.remainder()))
@@ -121,19 +113,6 @@ impl TypedOp for SoftmaxGrad {
     }
 
     as_op!();
-}
-
-/// [`SOFTMAX_GRAD_OP`], for tract's ONNX op register.
-pub fn parse(
-    _ctx: &ParsingContext,
-    _node: &NodeProto,
-) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let node = super::kernel::KernelNode {
-        op: SoftmaxGrad,
-        inputs: 2,
-        shape_of: &[1],
-    };
-    Ok((expand(node), vec![]))
 }
 
 #[cfg(test)]

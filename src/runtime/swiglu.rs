@@ -13,8 +13,6 @@
 //! tract only; portable graphs get the default-domain ops instead
 //! (`passes::grad::portable`).
 
-use tract_onnx::model::ParsingContext;
-use tract_onnx::pb::NodeProto;
 use tract_onnx::tract_hir::internal::*;
 
 /// The op's name in the training graph (domain [`super::nbits::DOMAIN`]):
@@ -25,13 +23,7 @@ pub const SWIGLU_GRAD_OP: &str = "SwiGluGrad";
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct SwiGluGrad;
 
-impl Op for SwiGluGrad {
-    fn name(&self) -> StaticName {
-        SWIGLU_GRAD_OP.into()
-    }
-
-    op_as_typed_op!();
-}
+super::kernel::kernel_op!(SwiGluGrad, SWIGLU_GRAD_OP, inputs: 3, shapes: [1, 1]);
 
 impl EvalOp for SwiGluGrad {
     op_out_of_plan!();
@@ -125,19 +117,6 @@ impl TypedOp for SwiGluGrad {
     }
 
     as_op!();
-}
-
-/// [`SWIGLU_GRAD_OP`], for tract's ONNX op register.
-pub fn parse(
-    _ctx: &ParsingContext,
-    _node: &NodeProto,
-) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let node = super::kernel::KernelNode {
-        op: SwiGluGrad,
-        inputs: 3,
-        shape_of: &[1, 1],
-    };
-    Ok((expand(node), vec![]))
 }
 
 #[cfg(test)]
