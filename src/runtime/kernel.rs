@@ -1,5 +1,6 @@
 //! How tract's ONNX front end reads a node of one of lora-graft's elementwise-shaped
-//! kernels (`cross_entropy`, `swiglu`): inference rules from a table, then the typed op.
+//! kernels (`cross_entropy`, `swiglu`, `softmax_grad`, `rms_norm_grad`): inference rules
+//! from a table, then the typed op ([`kernel_op!`] writes each one's `Op` and `parse`).
 
 use tract_onnx::tract_hir::internal::*;
 
