@@ -4,7 +4,7 @@
 
 mod top;
 
-pub use top::{svd_top, TopSvdPath, TOP_SVD_BLOCK};
+pub use top::{svd_top, Stored, TopSvdPath, TOP_SVD_BLOCK};
 
 use faer::Mat;
 use tract_core::ndarray::{Array1, Array2};

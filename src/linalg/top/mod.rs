@@ -9,6 +9,7 @@ use tract_core::ndarray::{Array1, Array2, ArrayView2, CowArray};
 mod pass;
 mod ritz;
 
+pub use pass::Stored;
 use pass::{block_pass, BlockOp};
 
 use super::{from_faer, signed, svd_exact, thin_q, Svd};
@@ -26,28 +27,14 @@ pub enum TopSvdPath {
     Full(usize),
 }
 
-/// Columns [`svd_top`] adds to its Krylov basis a step: one 512-bit vector of f64.
-pub const TOP_SVD_BLOCK: usize = 8;
-
-/// A row of a Krylov block: one 512-bit vector of f64, aligned to a cache line (a
-/// vector load or store of a row then never straddles two lines, which cost the block
-/// pass a fifth of its time).
-#[derive(Clone, Copy, Debug, PartialEq)]
-#[repr(C, align(64))]
-pub(crate) struct BlockRow(pub [f64; TOP_SVD_BLOCK]);
-
-impl std::ops::Deref for BlockRow {
-    type Target = [f64; TOP_SVD_BLOCK];
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for BlockRow {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
+/// Columns [`svd_top`] adds to its Krylov basis a step. Two, the fewest that show a
+/// repeated singular value as a repeated Ritz value (one vector's Krylov space holds one
+/// direction of each eigenspace, so a single-vector Lanczos would certify a top `q`
+/// that misses a repeat); a wider block finds more per pass over the weight but needs
+/// more columns in all on a flat spectrum (on a Gaussian 2048² weight, 4: 1.3×, 8:
+/// 2.2×), and with fewer columns the basis's orthogonalization and Rayleigh–Ritz,
+/// which grow as their square, shrink.
+pub const TOP_SVD_BLOCK: usize = 2;
 
 /// The `q` largest singular triplets of `w` to f64 precision, each signed so that the
 /// left vector's entry of largest magnitude is positive, without a full SVD where the
@@ -68,7 +55,7 @@ impl std::ops::DerefMut for BlockRow {
 /// ([`Checks`]). A gap too small to certify (a singular value repeated, or nearly so,
 /// in the top `q` or at its boundary: the residuals reach round-off first), a basis
 /// reaching half the smaller side, or a small matrix, take the full SVD instead.
-pub fn svd_top<T: Copy + Into<f64>>(w: &Array2<T>, q: usize) -> Result<(Svd, TopSvdPath)> {
+pub fn svd_top<T: Stored>(w: &Array2<T>, q: usize) -> Result<(Svd, TopSvdPath)> {
     let small = w.nrows().min(w.ncols());
     if q == 0 || 2 * (q + 2 * TOP_SVD_BLOCK) > small {
         return Ok((signed(svd_exact(w, q.min(small))?), TopSvdPath::Full(0)));
@@ -126,10 +113,7 @@ fn transpose_rows<T: Copy>(stored: &[T], (m, n): (usize, usize)) -> Array2<T> {
 
 /// [`svd_top`]'s Krylov iteration on the tall, row-major `w` (`A`): the triplets
 /// (unsigned) when certified.
-fn krylov_top<T: Copy + Into<f64>>(
-    w: ArrayView2<'_, T>,
-    q: usize,
-) -> Result<(Option<Svd>, TopSvdPath)> {
+fn krylov_top<T: Stored>(w: ArrayView2<'_, T>, q: usize) -> Result<(Option<Svd>, TopSvdPath)> {
     let (rows, cols) = w.dim();
     debug_assert!(rows >= cols);
     let block = TOP_SVD_BLOCK;
@@ -150,18 +134,19 @@ fn krylov_top<T: Copy + Into<f64>>(
             next_on_basis.as_ref(),
             basis.as_ref().subcols(0, dim),
         );
-        let y_rows: Vec<BlockRow> = (0..cols)
-            .map(|i| BlockRow(std::array::from_fn(|k| y[(i, k)])))
-            .collect();
-        let z_rows = block_pass(w, BlockOp::Gram, &y_rows, cols);
-        let z = Mat::from_fn(cols, block, |i, k| z_rows[i][k]);
+        let z = block_pass(w, BlockOp::Gram, &y);
         basis.as_mut().subcols_mut(dim, block).copy_from(&y);
         gram_basis.as_mut().subcols_mut(dim, block).copy_from(&z);
-        let t_rows = y.transpose() * gram_basis.as_ref().subcols(0, dim + block);
+        // Zᵀy, y's row block of T.
+        let on_y = block_pass(
+            columns_as_rows(gram_basis.as_ref().subcols(0, dim + block)),
+            BlockOp::Times,
+            &y,
+        );
         ritz.as_mut()
             .submatrix_mut(dim, 0, block, dim + block)
-            .copy_from(&t_rows);
-        next_on_basis = Some(t_rows.transpose().to_owned());
+            .copy_from(on_y.transpose());
+        next_on_basis = Some(on_y);
         next = z;
         dim += block;
         steps += 1;
@@ -283,28 +268,40 @@ impl Checks {
     }
 }
 
+/// `m`'s transpose as a row-major view: its columns (each contiguous) as rows.
+fn columns_as_rows(m: faer::MatRef<'_, f64>) -> ArrayView2<'_, f64> {
+    use tract_core::ndarray::ShapeBuilder;
+    let m = m
+        .try_as_col_major()
+        .expect("a faer matrix's columns are contiguous");
+    let stride = m.col_stride().max(1) as usize;
+    // SAFETY: column k's nrows elements start at as_ptr + k·col_stride, inside m, which
+    // the view borrows.
+    unsafe { ArrayView2::from_shape_ptr((m.ncols(), m.nrows()).strides((stride, 1)), m.as_ptr()) }
+}
+
 /// `u = Av/σ` (`A` = `w`), a block of columns at a time.
-fn left_vectors<T: Copy + Into<f64>>(w: ArrayView2<'_, T>, v: &Mat<f64>, s: &[f64]) -> Mat<f64> {
+fn left_vectors<T: Stored>(w: ArrayView2<'_, T>, v: &Mat<f64>, s: &[f64]) -> Mat<f64> {
     let block = TOP_SVD_BLOCK;
     let (rows, cols) = w.dim();
     let mut u = Mat::<f64>::zeros(rows, s.len());
     for k0 in (0..s.len()).step_by(block) {
         let width = block.min(s.len() - k0);
-        let v_rows: Vec<BlockRow> = (0..cols)
-            .map(|i| {
-                BlockRow(std::array::from_fn(|k| {
-                    if k < width {
-                        v[(i, k0 + k)]
-                    } else {
-                        0.0
-                    }
-                }))
-            })
-            .collect();
-        let av = block_pass(w, BlockOp::Times, &v_rows, rows);
-        for (i, row) in av.iter().enumerate() {
-            for k in 0..width {
-                u[(i, k0 + k)] = row[k] / s[k0 + k];
+        let v_block = Mat::from_fn(
+            cols,
+            block,
+            |i, k| {
+                if k < width {
+                    v[(i, k0 + k)]
+                } else {
+                    0.0
+                }
+            },
+        );
+        let av = block_pass(w, BlockOp::Times, &v_block);
+        for k in 0..width {
+            for i in 0..rows {
+                u[(i, k0 + k)] = av[(i, k)] / s[k0 + k];
             }
         }
     }
@@ -322,10 +319,16 @@ fn orthonormalize(
     on_basis: Option<&Mat<f64>>,
     basis: faer::MatRef<'_, f64>,
 ) -> Mat<f64> {
+    let rows = columns_as_rows(basis);
+    // y − basis·coef, a pass over the basis as the Krylov step's over the weight.
+    let minus = |y: &Mat<f64>, coef: faer::MatRef<'_, f64>| {
+        let negated = Mat::from_fn(coef.nrows(), coef.ncols(), |i, k| -coef[(i, k)]);
+        block_pass(rows, BlockOp::PlusTransposedTimes(&negated), y)
+    };
     let project = |y: &mut Mat<f64>| {
         if basis.ncols() > 0 {
-            let coef = basis.transpose() * &*y;
-            *y -= basis * &coef;
+            let coef = block_pass(rows, BlockOp::Times, y);
+            *y = minus(y, coef.as_ref());
         }
     };
     let mut y = y.clone();
@@ -333,7 +336,7 @@ fn orthonormalize(
         .map(|k| y.col(k).norm_l2())
         .fold(0.0, f64::max);
     match on_basis {
-        Some(coef) if basis.ncols() > 0 => y -= basis * coef.as_ref().subrows(0, basis.ncols()),
+        Some(coef) if basis.ncols() > 0 => y = minus(&y, coef.as_ref().subrows(0, basis.ncols())),
         _ => project(&mut y),
     }
     project(&mut y);

@@ -1,237 +1,485 @@
 //! [`block_pass`]: a product of the weight, in its own precision, with a block of
 //! [`TOP_SVD_BLOCK`] f64 columns, one pass over it.
 
+use faer::Mat;
 use tract_core::ndarray::ArrayView2;
 
-use super::{BlockRow, TOP_SVD_BLOCK};
+use super::TOP_SVD_BLOCK as BLOCK;
 
 /// A product of a row-major matrix `a` `[rows, cols]`, read as f64, with a block of
 /// [`TOP_SVD_BLOCK`] columns.
 #[derive(Clone, Copy)]
-pub(super) enum BlockOp {
+pub(super) enum BlockOp<'a> {
     /// `aᵀa·y`, `y` `[cols]`: one pass, each group of rows' `t = a_g·y` then
     /// `z += a_gᵀ t` while the group is in cache.
     Gram,
     /// `a·y`, `y` `[cols]`.
     Times,
+    /// `y + aᵀ·t`, `y` `[cols]`, `t` `[rows]`.
+    PlusTransposedTimes(&'a Mat<f64>),
 }
 
-/// `op` on `a` and `y`, giving `out_len` rows. A group of [`GROUP`] rows of `a` is
-/// widened to f64 a chunk of columns at a time and used while in cache; `y`, the output
-/// and the per-row sums stay in cache too, so `a` is streamed once in its own precision
-/// (half the bytes of an f64 copy for a float32 weight), where library products would
-/// stream (and repack) an f64 copy twice.
+/// f64 lanes of a row's running dot products (one 512-bit vector, two 256-bit ones):
+/// column `j` adds to lane `j % LANES`, and the lanes are summed in one fixed tree.
+const LANES: usize = 8;
+
+/// `op` on `a` and `y` (`[cols, TOP_SVD_BLOCK]`). A group of rows of `a` is widened to
+/// f64 a chunk of columns at a time and used while in cache, each block column
+/// vectorized along `a`'s rows; `y` and the output stay in cache, so `a` is streamed
+/// once in its own precision (half the bytes of an f64 copy for a float32 weight).
+/// With a narrow block the pass is bound by that stream, not by its arithmetic.
 ///
-/// The arithmetic is plain Rust in a fixed order (a fused multiply-add per lane), so
-/// its bits are the same on every machine; it is compiled for AVX-512 and for AVX2 and
-/// picked at run time, only the speed differs.
-pub(super) fn block_pass<T: Copy + Into<f64>>(
+/// The arithmetic is plain in a fixed order (a fused multiply-add per lane, each
+/// output element's sum over rows in row order), so its bits are the same on every
+/// machine; it is compiled for AVX-512, for AVX2 and portably, picked at run time;
+/// only the speed differs.
+pub(super) fn block_pass<T: Stored>(
     a: ArrayView2<'_, T>,
-    op: BlockOp,
-    y: &[BlockRow],
-    out_len: usize,
-) -> Vec<BlockRow> {
-    let mut out = vec![BlockRow([0.0; TOP_SVD_BLOCK]); out_len];
-    let mut pass = BlockPass {
-        a,
-        op,
-        y,
-        out: &mut out,
-        avx512: false,
+    op: BlockOp<'_>,
+    y: &Mat<f64>,
+) -> Mat<f64> {
+    assert_eq!((y.nrows(), y.ncols()), (a.ncols(), BLOCK));
+    let out_len = match op {
+        BlockOp::Gram | BlockOp::PlusTransposedTimes(_) => a.ncols(),
+        BlockOp::Times => a.nrows(),
     };
+    let mut out = vec![0.0; out_len * BLOCK];
+    if let BlockOp::PlusTransposedTimes(t) = op {
+        assert_eq!((t.nrows(), t.ncols()), (a.nrows(), BLOCK));
+        for (k, out) in out.chunks_exact_mut(out_len.max(1)).enumerate() {
+            out.copy_from_slice(y.col_as_slice(k));
+        }
+    }
+    let mut pass = BlockPass::new(a, op, y, &mut out);
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            pass.avx512 = true;
             // SAFETY: the CPU has the features the function is compiled for.
-            unsafe { pass_avx512(pass) };
-            return out;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+            unsafe { pass_avx512(&mut pass) };
+        } else if std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: as above.
-            unsafe { pass_avx2(pass) };
-            return out;
+            unsafe { pass_avx2(&mut pass) };
+        } else {
+            pass_portable(&mut pass);
         }
     }
-    pass_in_groups(pass);
-    out
+    #[cfg(not(target_arch = "x86_64"))]
+    pass_portable(&mut pass);
+    Mat::from_fn(out_len, BLOCK, |i, k| out[k * out_len + i])
 }
 
-/// [`pass_in_groups`] compiled for AVX-512.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn pass_avx512<T: Copy + Into<f64>>(pass: BlockPass<'_, T>) {
-    pass_in_groups(pass)
-}
-
-/// [`pass_in_groups`] compiled for AVX2.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn pass_avx2<T: Copy + Into<f64>>(pass: BlockPass<'_, T>) {
-    pass_in_groups(pass)
-}
-
-/// [`block_pass`]'s operands.
+/// [`block_pass`]'s operands: the block's columns and the output's, each contiguous.
 pub(super) struct BlockPass<'a, T> {
     a: ArrayView2<'a, T>,
-    op: BlockOp,
-    y: &'a [BlockRow],
-    out: &'a mut [BlockRow],
-    /// Running in [`pass_avx512`]: [`rows_axpy_avx512`] may be called.
-    avx512: bool,
+    op: BlockOp<'a>,
+    y: [&'a [f64]; BLOCK],
+    out: [&'a mut [f64]; BLOCK],
 }
 
-/// Rows of `a` a group: `y`'s and the output's rows are read once per group (from L2),
-/// and the group's sums fill half of AVX-512's registers (all of AVX2's).
-const GROUP: usize = 8;
+impl<'a, T> BlockPass<'a, T> {
+    /// The pass of `op` on `a` and `y`, into `out` (the output's columns back to back).
+    fn new(a: ArrayView2<'a, T>, op: BlockOp<'a>, y: &'a Mat<f64>, out: &'a mut [f64]) -> Self {
+        let len = out.len() / BLOCK;
+        let mut columns = out.chunks_exact_mut(len.max(1));
+        BlockPass {
+            a,
+            op,
+            y: std::array::from_fn(|k| y.col_as_slice(k)),
+            out: std::array::from_fn(|_| columns.next().unwrap_or_default()),
+        }
+    }
+}
 
-/// Columns of a group of rows widened at a time: `GROUP · CHUNK` f64 stay in L1.
-const CHUNK: usize = 256;
+/// Rows of `a` a group with AVX-512: their running sums fill half its 32 registers.
+const AVX512_GROUP: usize = if BLOCK >= 16 { 1 } else { 16 / BLOCK };
 
-/// [`block_pass`] over groups of [`GROUP`] rows (the last rows one at a time), widened
-/// to f64 a chunk of columns at a time into L1 (twice for [`BlockOp::Gram`]: once for
-/// `t = a·y`, once for `z += aᵀt`; the group's stored rows are in L2 by then).
+/// Rows of `a` a group with AVX2: their running sums fill half its 16 registers.
+const AVX2_GROUP: usize = if BLOCK >= 4 { 1 } else { 4 / BLOCK };
+
+/// [`run`] compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn pass_avx512<T: Stored>(pass: &mut BlockPass<'_, T>) {
+    // SAFETY: the caller's CPU has AVX-512F.
+    unsafe { run::<x86::Avx512, AVX512_GROUP, T>(pass) }
+}
+
+/// [`run`] compiled for AVX2 (half the registers: two rows a group).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pass_avx2<T: Stored>(pass: &mut BlockPass<'_, T>) {
+    // SAFETY: the caller's CPU has AVX2 and FMA.
+    unsafe { run::<x86::Avx2, AVX2_GROUP, T>(pass) }
+}
+
+/// [`run`] in plain Rust: the reference the vectorized passes match bit for bit.
+fn pass_portable<T: Stored>(pass: &mut BlockPass<'_, T>) {
+    // SAFETY: `Portable`'s operations need no CPU feature.
+    unsafe { run::<Portable, 4, T>(pass) }
+}
+
+/// [`block_pass`] over groups of `GROUP` rows (the last rows one at a time).
+///
+/// # Safety
+/// The CPU has the features `V`'s operations use.
 #[inline(always)]
-fn pass_in_groups<T: Copy + Into<f64>>(mut pass: BlockPass<'_, T>) {
+unsafe fn run<V: F64x8, const GROUP: usize, T: Stored>(pass: &mut BlockPass<'_, T>) {
     let rows = pass.a.nrows();
-    // Block rows' storage: aligned to a cache line (each row's chunk starts on one
-    // while the chunks are whole).
-    let mut wide_rows = vec![BlockRow([0.0; TOP_SVD_BLOCK]); GROUP * CHUNK / TOP_SVD_BLOCK];
-    let wide = as_f64s_mut(&mut wide_rows);
     for i0 in (0..rows).step_by(GROUP) {
         if rows - i0 >= GROUP {
-            group_step::<GROUP, T>(&mut pass, i0, wide);
+            // SAFETY: the caller's.
+            unsafe { group_step::<V, GROUP, T>(pass, i0) };
         } else {
             for i in i0..rows {
-                group_step::<1, T>(&mut pass, i, wide);
+                // SAFETY: the caller's.
+                unsafe { group_step::<V, 1, T>(pass, i) };
             }
         }
     }
 }
 
-/// [`BlockOp`] on the `R` rows of `pass.a` from `i0`, `wide` a scratch of `R · CHUNK`.
+/// [`BlockOp`] on the `R` rows of `pass.a` from `i0`: their dot products with the
+/// block's columns (or the given ones), then (but for [`BlockOp::Times`]) their sum
+/// weighted by those, the rows read again from cache.
+///
+/// # Safety
+/// The CPU has the features `V`'s operations use.
 #[inline(always)]
-fn group_step<const R: usize, T: Copy + Into<f64>>(
-    pass: &mut BlockPass<'_, T>,
-    i0: usize,
-    wide: &mut [f64],
-) {
-    let cols = pass.a.ncols();
-    let src: [&[T]; R] = std::array::from_fn(|r| {
+unsafe fn group_step<V: F64x8, const R: usize, T: Stored>(pass: &mut BlockPass<'_, T>, i0: usize) {
+    let a: [&[T]; R] = std::array::from_fn(|r| {
         pass.a
             .row(i0 + r)
             .to_slice()
             .expect("a standard-layout matrix")
     });
-    let chunks = (0..cols)
-        .step_by(CHUNK)
-        .map(|c0| (c0, (c0 + CHUNK).min(cols)));
-    let mut t = [BlockRow([0.0; TOP_SVD_BLOCK]); R];
-    for (c0, c1) in chunks.clone() {
-        widen(&src, wide, c0, c1);
-        let a: [&[f64]; R] = std::array::from_fn(|r| &wide[r * (c1 - c0)..][..c1 - c0]);
-        rows_dot(a, &pass.y[c0..c1], &mut t);
-    }
+    let t: [[f64; BLOCK]; R] = match pass.op {
+        BlockOp::PlusTransposedTimes(t) => {
+            std::array::from_fn(|r| std::array::from_fn(|k| t[(i0 + r, k)]))
+        }
+        BlockOp::Gram | BlockOp::Times => {
+            // SAFETY (here and below): the caller's.
+            let sums = unsafe { rows_dot::<V, R, T>(a, pass.y) };
+            std::array::from_fn(|r| {
+                std::array::from_fn(|k| lane_sum(unsafe { sums[r][k].lanes() }))
+            })
+        }
+    };
     if let BlockOp::Times = pass.op {
-        pass.out[i0..i0 + R].copy_from_slice(&t);
+        for (k, out) in pass.out.iter_mut().enumerate() {
+            for (r, t) in t.iter().enumerate() {
+                out[i0 + r] = t[k];
+            }
+        }
         return;
     }
-    for (c0, c1) in chunks {
-        widen(&src, wide, c0, c1);
-        let a: [&[f64]; R] = std::array::from_fn(|r| &wide[r * (c1 - c0)..][..c1 - c0]);
-        #[cfg(target_arch = "x86_64")]
-        if pass.avx512 {
-            // SAFETY: `avx512` is set only where the CPU has AVX-512F.
-            unsafe { rows_axpy_avx512(a, &t, &mut pass.out[c0..c1]) };
-            continue;
-        }
-        rows_axpy(a, &t, &mut pass.out[c0..c1]);
-    }
+    unsafe { rows_axpy::<V, R, T>(a, t, &mut pass.out) };
 }
 
-// `as_f64s_mut` and the scratch's size rely on a block row being exactly its f64s.
-const _: () = assert!(std::mem::size_of::<BlockRow>() == TOP_SVD_BLOCK * 8);
-const _: () = assert!((GROUP * CHUNK).is_multiple_of(TOP_SVD_BLOCK));
-
-/// The f64s of `rows`, in order.
-fn as_f64s_mut(rows: &mut [BlockRow]) -> &mut [f64] {
-    // SAFETY: a BlockRow is `repr(C)` over `[f64; TOP_SVD_BLOCK]` and its size is that
-    // array's (64 bytes, its alignment), so the rows are that many f64s back to back.
-    unsafe { std::slice::from_raw_parts_mut(rows.as_mut_ptr().cast(), rows.len() * TOP_SVD_BLOCK) }
-}
-
-/// The rows' columns `c0..c1` as f64, row after row in `wide`.
+/// The lanes of a running dot product summed in one fixed tree.
 #[inline(always)]
-fn widen<const R: usize, T: Copy + Into<f64>>(
-    src: &[&[T]; R],
-    wide: &mut [f64],
-    c0: usize,
-    c1: usize,
-) {
-    for (row, src) in wide.chunks_exact_mut(c1 - c0).zip(src) {
-        for (d, &x) in row.iter_mut().zip(&src[c0..c1]) {
-            *d = x.into();
-        }
-    }
+fn lane_sum(l: [f64; LANES]) -> f64 {
+    ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
 }
 
-/// `t_r += a_r·y` for each of the `R` rows, in column order.
+/// `a_r · y_k` for each row and block column, lane-wise (column `j` into lane
+/// `j % LANES`), in column order.
+///
+/// # Safety
+/// The CPU has the features `V`'s operations use.
 #[inline(always)]
-fn rows_dot<const R: usize>(a: [&[f64]; R], y: &[BlockRow], t: &mut [BlockRow; R]) {
-    assert!(a.iter().all(|row| row.len() >= y.len()));
-    for (j, yj) in y.iter().enumerate() {
-        for (r, t) in t.iter_mut().enumerate() {
-            // SAFETY: j < y.len() ≤ a[r].len(), asserted above (indexing would check
-            // each of the R rows at every j, as many compares as multiply-adds).
-            let x = unsafe { *a[r].get_unchecked(j) };
-            for (t, &y) in t.iter_mut().zip(yj.iter()) {
-                *t = x.mul_add(y, *t);
-            }
-        }
-    }
-}
-
-/// `z += Σ_r a_rᵀ t_r`, the rows summed in four interleaved chains (one chain of `R`
-/// dependent multiply-adds a column would stall on their latency), then in pairs.
-#[inline(always)]
-fn rows_axpy<const R: usize>(a: [&[f64]; R], t: &[BlockRow; R], z: &mut [BlockRow]) {
-    const CHAINS: usize = 4;
-    assert!(a.iter().all(|row| row.len() >= z.len()));
-    for (j, zj) in z.iter_mut().enumerate() {
-        // SAFETY: j < z.len() ≤ a[r].len(), asserted above.
-        let x: [f64; R] = std::array::from_fn(|r| unsafe { *a[r].get_unchecked(j) });
-        for (k, z) in zj.iter_mut().enumerate() {
-            let mut acc = [*z, 0.0, 0.0, 0.0];
+unsafe fn rows_dot<V: F64x8, const R: usize, T: Stored>(
+    a: [&[T]; R],
+    y: [&[f64]; BLOCK],
+) -> [[V; BLOCK]; R] {
+    let len = y[0].len();
+    assert!(a.iter().all(|row| row.len() == len) && y.iter().all(|col| col.len() == len));
+    // SAFETY (here and below): the caller's CPU.
+    let mut sums = [[unsafe { V::zero() }; BLOCK]; R];
+    let whole = len - len % LANES;
+    for j in (0..whole).step_by(LANES) {
+        // SAFETY: j + LANES ≤ len, every slice's length (asserted).
+        unsafe {
+            let yj: [V; BLOCK] = std::array::from_fn(|k| V::load(y[k].as_ptr().add(j)));
             for r in 0..R {
-                acc[r % CHAINS] = x[r].mul_add(t[r][k], acc[r % CHAINS]);
+                let x = load_wide::<V, T>(a[r].as_ptr().add(j));
+                for k in 0..BLOCK {
+                    sums[r][k] = V::mul_add(x, yj[k], sums[r][k]);
+                }
             }
-            *z = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        }
+    }
+    for j in whole..len {
+        for r in 0..R {
+            for k in 0..BLOCK {
+                unsafe {
+                    let mut lanes = sums[r][k].lanes();
+                    lanes[j % LANES] = a[r][j].into().mul_add(y[k][j], lanes[j % LANES]);
+                    sums[r][k] = V::from_lanes(lanes);
+                }
+            }
+        }
+    }
+    sums
+}
+
+/// `z_k += Σ_r a_r t_rk` for each block column, each element's sum in row order.
+///
+/// # Safety
+/// The CPU has the features `V`'s operations use.
+#[inline(always)]
+unsafe fn rows_axpy<V: F64x8, const R: usize, T: Stored>(
+    a: [&[T]; R],
+    t: [[f64; BLOCK]; R],
+    z: &mut [&mut [f64]; BLOCK],
+) {
+    let len = z[0].len();
+    assert!(a.iter().all(|row| row.len() == len) && z.iter().all(|col| col.len() == len));
+    let whole = len - len % LANES;
+    // SAFETY (the loop): the caller's CPU.
+    let t_wide: [[V; BLOCK]; R] = t.map(|t| t.map(|t| unsafe { V::splat(t) }));
+    for j in (0..whole).step_by(LANES) {
+        // SAFETY: j + LANES ≤ len, every slice's length (asserted); the caller's CPU.
+        unsafe {
+            let mut s: [V; BLOCK] = std::array::from_fn(|k| V::load(z[k].as_ptr().add(j)));
+            for r in 0..R {
+                let x = load_wide::<V, T>(a[r].as_ptr().add(j));
+                for k in 0..BLOCK {
+                    s[k] = V::mul_add(x, t_wide[r][k], s[k]);
+                }
+            }
+            for k in 0..BLOCK {
+                s[k].store(z[k].as_mut_ptr().add(j));
+            }
+        }
+    }
+    for j in whole..len {
+        for k in 0..BLOCK {
+            let mut s = z[k][j];
+            for r in 0..R {
+                s = a[r][j].into().mul_add(t[r][k], s);
+            }
+            z[k][j] = s;
         }
     }
 }
 
-/// [`rows_axpy`] written for AVX-512 (the compiler's own vectorization of it gathers
-/// across rows): the same operations in the same order, so the same bits.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn rows_axpy_avx512<const R: usize>(a: [&[f64]; R], t: &[BlockRow; R], z: &mut [BlockRow]) {
-    use std::arch::x86_64::*;
-    const CHAINS: usize = 4;
-    assert!(a.iter().all(|row| row.len() >= z.len()));
-    let t: [__m512d; R] = std::array::from_fn(|r| unsafe { _mm512_loadu_pd(t[r].as_ptr()) });
-    for (j, zj) in z.iter_mut().enumerate() {
-        let zero = _mm512_setzero_pd();
-        // SAFETY: a BlockRow is 8 f64, one 512-bit vector.
-        let mut acc = [unsafe { _mm512_loadu_pd(zj.as_ptr()) }, zero, zero, zero];
-        for r in 0..R {
-            // SAFETY: j < z.len() ≤ a[r].len(), asserted above.
-            let x = _mm512_set1_pd(unsafe { *a[r].get_unchecked(j) });
-            acc[r % CHAINS] = _mm512_fmadd_pd(x, t[r], acc[r % CHAINS]);
+/// A weight's element type [`block_pass`] reads (f32 or f64), widened to f64 as read.
+pub trait Stored: Copy + Into<f64> + sealed::Sealed {}
+
+impl Stored for f32 {}
+impl Stored for f64 {}
+
+mod sealed {
+    /// Only the element types [`super::Stored`] is written for.
+    pub trait Sealed {
+        /// f32 (else f64).
+        const IS_F32: bool;
+    }
+    impl Sealed for f32 {
+        const IS_F32: bool = true;
+    }
+    impl Sealed for f64 {
+        const IS_F32: bool = false;
+    }
+}
+
+/// The eight elements of `T` from `p`, as f64.
+///
+/// # Safety
+/// `p` points at eight elements; the CPU has the features `V`'s operations use.
+#[inline(always)]
+unsafe fn load_wide<V: F64x8, T: Stored>(p: *const T) -> V {
+    // SAFETY: the caller's; `T` is f32 or f64 as `IS_F32` says (the trait is sealed).
+    unsafe {
+        if T::IS_F32 {
+            V::load_f32(p.cast())
+        } else {
+            V::load(p.cast())
         }
-        let sum = _mm512_add_pd(_mm512_add_pd(acc[0], acc[1]), _mm512_add_pd(acc[2], acc[3]));
-        // SAFETY: as the load.
-        unsafe { _mm512_storeu_pd(zj.as_mut_ptr(), sum) };
+    }
+}
+
+/// Eight f64 lanes, each operation lane by lane (a multiply-add fused), in some
+/// instruction set.
+trait F64x8: Copy {
+    /// All zeros.
+    unsafe fn zero() -> Self;
+    /// `x` in every lane.
+    unsafe fn splat(x: f64) -> Self;
+    /// The eight f64 from `p`.
+    unsafe fn load(p: *const f64) -> Self;
+    /// The eight f32 from `p`, widened.
+    unsafe fn load_f32(p: *const f32) -> Self;
+    /// The lanes to `p`.
+    unsafe fn store(self, p: *mut f64);
+    /// `a·b + c`, rounded once.
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self;
+    /// The lanes, in order.
+    unsafe fn lanes(self) -> [f64; LANES];
+    /// The vector of these lanes.
+    unsafe fn from_lanes(lanes: [f64; LANES]) -> Self;
+}
+
+/// [`F64x8`] in plain Rust.
+#[derive(Clone, Copy)]
+struct Portable([f64; LANES]);
+
+impl F64x8 for Portable {
+    unsafe fn zero() -> Self {
+        Portable([0.0; LANES])
+    }
+    unsafe fn splat(x: f64) -> Self {
+        Portable([x; LANES])
+    }
+    unsafe fn load(p: *const f64) -> Self {
+        // SAFETY: the caller's: p points at LANES f64.
+        Portable(unsafe { p.cast::<[f64; LANES]>().read_unaligned() })
+    }
+    unsafe fn load_f32(p: *const f32) -> Self {
+        // SAFETY: the caller's: p points at LANES f32.
+        let narrow = unsafe { p.cast::<[f32; LANES]>().read_unaligned() };
+        Portable(narrow.map(f64::from))
+    }
+    unsafe fn store(self, p: *mut f64) {
+        // SAFETY: as load.
+        unsafe { p.cast::<[f64; LANES]>().write_unaligned(self.0) }
+    }
+    unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+        Portable(std::array::from_fn(|l| a.0[l].mul_add(b.0[l], c.0[l])))
+    }
+    unsafe fn lanes(self) -> [f64; LANES] {
+        self.0
+    }
+    unsafe fn from_lanes(lanes: [f64; LANES]) -> Self {
+        Portable(lanes)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    //! [`F64x8`] in AVX-512 (one vector) and AVX2 (two).
+    use std::arch::x86_64::*;
+
+    use super::{F64x8, LANES};
+
+    /// One 512-bit vector.
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx512(__m512d);
+
+    impl F64x8 for Avx512 {
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn zero() -> Self {
+            Avx512(_mm512_setzero_pd())
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn splat(x: f64) -> Self {
+            Avx512(_mm512_set1_pd(x))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load(p: *const f64) -> Self {
+            // SAFETY: the caller's: p points at LANES f64.
+            Avx512(unsafe { _mm512_loadu_pd(p) })
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn load_f32(p: *const f32) -> Self {
+            // SAFETY: the caller's: p points at LANES f32.
+            Avx512(_mm512_cvtps_pd(unsafe { _mm256_loadu_ps(p) }))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn store(self, p: *mut f64) {
+            // SAFETY: as load.
+            unsafe { _mm512_storeu_pd(p, self.0) }
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+            Avx512(_mm512_fmadd_pd(a.0, b.0, c.0))
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn lanes(self) -> [f64; LANES] {
+            let mut lanes = [0.0; LANES];
+            // SAFETY: lanes holds LANES f64.
+            unsafe { _mm512_storeu_pd(lanes.as_mut_ptr(), self.0) };
+            lanes
+        }
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn from_lanes(lanes: [f64; LANES]) -> Self {
+            // SAFETY: as lanes.
+            Avx512(unsafe { _mm512_loadu_pd(lanes.as_ptr()) })
+        }
+    }
+
+    /// Two 256-bit vectors, lanes 0–3 and 4–7.
+    #[derive(Clone, Copy)]
+    pub(super) struct Avx2(__m256d, __m256d);
+
+    impl F64x8 for Avx2 {
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn zero() -> Self {
+            Avx2(_mm256_setzero_pd(), _mm256_setzero_pd())
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn splat(x: f64) -> Self {
+            Avx2(_mm256_set1_pd(x), _mm256_set1_pd(x))
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load(p: *const f64) -> Self {
+            // SAFETY: the caller's: p points at LANES f64.
+            unsafe { Avx2(_mm256_loadu_pd(p), _mm256_loadu_pd(p.add(4))) }
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn load_f32(p: *const f32) -> Self {
+            // SAFETY: the caller's: p points at LANES f32.
+            let narrow = unsafe { _mm256_loadu_ps(p) };
+            Avx2(
+                _mm256_cvtps_pd(_mm256_castps256_ps128(narrow)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps(narrow, 1)),
+            )
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn store(self, p: *mut f64) {
+            // SAFETY: as load.
+            unsafe {
+                _mm256_storeu_pd(p, self.0);
+                _mm256_storeu_pd(p.add(4), self.1);
+            }
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn mul_add(a: Self, b: Self, c: Self) -> Self {
+            Avx2(
+                _mm256_fmadd_pd(a.0, b.0, c.0),
+                _mm256_fmadd_pd(a.1, b.1, c.1),
+            )
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn lanes(self) -> [f64; LANES] {
+            let mut lanes = [0.0; LANES];
+            // SAFETY: lanes holds LANES f64.
+            unsafe { self.store(lanes.as_mut_ptr()) };
+            lanes
+        }
+        #[inline]
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn from_lanes(lanes: [f64; LANES]) -> Self {
+            // SAFETY: as lanes.
+            unsafe { Self::load(lanes.as_ptr()) }
+        }
     }
 }
 
@@ -242,38 +490,51 @@ mod tests {
     use tract_core::ndarray::Array2;
 
     /// The block pass against a plain f64 product, with rows that are not a whole
-    /// number of groups and columns that are not a whole number of chunks; and the
-    /// instruction set the machine picks gives the portable code's bits.
+    /// number of groups and columns that are not a whole number of chunks or lanes;
+    /// and every instruction set this machine has gives the portable code's bits.
     #[test]
     fn block_pass_is_the_product_with_the_same_bits_everywhere() {
         let mut rng = Rng::new(9);
-        let (rows, cols) = (2 * GROUP + 3, CHUNK + 37);
+        let (rows, cols) = (2 * 4 + 3, 8 * LANES + 5);
         let a = Array2::from_shape_fn((rows, cols), |_| rng.normal() as f32);
-        let y: Vec<BlockRow> = (0..cols)
-            .map(|_| BlockRow(std::array::from_fn(|_| rng.normal())))
-            .collect();
+        let y = Mat::from_fn(cols, BLOCK, |_, _| rng.normal());
         let a64 = a.mapv(f64::from);
-        let y64 = Array2::from_shape_fn((cols, TOP_SVD_BLOCK), |(i, k)| y[i][k]);
+        let y64 = Array2::from_shape_fn((cols, BLOCK), |(i, k)| y[(i, k)]);
         let times = a64.dot(&y64);
         let gram = a64.t().dot(&times);
         for (op, expected) in [(BlockOp::Times, &times), (BlockOp::Gram, &gram)] {
-            let got = block_pass(a.view(), op, &y, expected.nrows());
+            let got = block_pass(a.view(), op, &y);
             let scale = expected.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-            for (i, row) in got.iter().enumerate() {
-                for k in 0..TOP_SVD_BLOCK {
-                    let d = (row[k] - expected[[i, k]]).abs();
-                    assert!(d <= 1e-12 * scale, "{i},{k}: {d:e}");
+            for ((i, k), e) in expected.indexed_iter() {
+                let d = (got[(i, k)] - e).abs();
+                assert!(d <= 1e-12 * scale, "{i},{k}: {d:e}");
+            }
+            let run = |pass: fn(&mut BlockPass<'_, f32>)| {
+                let mut out = vec![0.0; expected.len()];
+                pass(&mut BlockPass::new(a.view(), op, &y, &mut out));
+                out
+            };
+            let portable = run(pass_portable);
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F.
+                    let avx512 = run(|p| unsafe { pass_avx512(p) });
+                    assert!(avx512 == portable, "AVX-512's bits differ");
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has AVX2 and FMA.
+                    let avx2 = run(|p| unsafe { pass_avx2(p) });
+                    assert!(avx2 == portable, "AVX2's bits differ");
                 }
             }
-            let mut portable = vec![BlockRow([0.0; TOP_SVD_BLOCK]); expected.nrows()];
-            pass_in_groups(BlockPass {
-                a: a.view(),
-                op,
-                y: &y,
-                out: &mut portable,
-                avx512: false,
-            });
-            assert!(got == portable, "the dispatched pass's bits differ");
+            let dispatched: Vec<f64> = (0..BLOCK)
+                .flat_map(|k| (0..expected.nrows()).map(move |i| (i, k)))
+                .map(|(i, k)| got[(i, k)])
+                .collect();
+            assert!(dispatched == portable, "the dispatched pass's bits differ");
         }
     }
 }
