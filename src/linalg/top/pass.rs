@@ -94,7 +94,9 @@ impl<'a, T> BlockPass<'a, T> {
     }
 }
 
-/// Rows of `a` a group with AVX-512: their running sums fill half its 32 registers.
+/// Rows of `a` a group with AVX-512: their running sums fill half its 32 registers. The
+/// group size sets only which rows share a sweep, never the order of any sum, so the
+/// bits do not depend on it.
 const AVX512_GROUP: usize = if BLOCK >= 16 { 1 } else { 16 / BLOCK };
 
 /// Rows of `a` a group with AVX2: their running sums fill half its 16 registers.
@@ -108,7 +110,7 @@ unsafe fn pass_avx512<T: Stored>(pass: &mut BlockPass<'_, T>) {
     unsafe { run::<x86::Avx512, AVX512_GROUP, T>(pass) }
 }
 
-/// [`run`] compiled for AVX2 (half the registers: two rows a group).
+/// [`run`] compiled for AVX2 ([`AVX2_GROUP`] rows a group).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn pass_avx2<T: Stored>(pass: &mut BlockPass<'_, T>) {
@@ -116,7 +118,8 @@ unsafe fn pass_avx2<T: Stored>(pass: &mut BlockPass<'_, T>) {
     unsafe { run::<x86::Avx2, AVX2_GROUP, T>(pass) }
 }
 
-/// [`run`] in plain Rust: the reference the vectorized passes match bit for bit.
+/// [`run`] in plain Rust, four rows a group: the reference the vectorized passes
+/// match bit for bit.
 fn pass_portable<T: Stored>(pass: &mut BlockPass<'_, T>) {
     // SAFETY: `Portable`'s operations need no CPU feature.
     unsafe { run::<Portable, 4, T>(pass) }
