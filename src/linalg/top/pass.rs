@@ -28,9 +28,10 @@ const LANES: usize = 8;
 /// then (for [`BlockOp::Gram`]) read again from cache for `z += a_gᵀ t`; `y` and the
 /// output stay in cache, so `a` is streamed once in its own precision (half the bytes
 /// of an f64 copy for a float32 weight). With a narrow block the pass is bound by that
-/// stream, not by its arithmetic. The update reads no memory, so while it runs the
-/// rows two groups on are fetched to L2 (a sweep that took one group's dot products
-/// and the previous group's update together measured 5–10 % slower).
+/// stream, not by its arithmetic; the rows two groups on are fetched to L2 in both
+/// phases, so the stream goes on while the update computes from cache (a sweep that
+/// took one group's dot products and the previous group's update together measured
+/// 5–10 % slower).
 ///
 /// The arithmetic is plain in a fixed order (a fused multiply-add per lane, each
 /// output element's sum over rows in row order), so its bits are the same on every
@@ -160,13 +161,26 @@ unsafe fn group_step<V: F64x8, const R: usize, T: Stored>(pass: &mut BlockPass<'
             .to_slice()
             .expect("a standard-layout matrix")
     });
+    // The rows two groups on, fetched into L2 as this group's are read from memory
+    // and again from cache: the update reads no memory of its own, so without this
+    // the stream would stall while it runs (in two passes at once on weights in
+    // memory, as the graft runs them: 1.35× the throughput).
+    let ahead_row = i0 + 2 * R;
+    let ahead = (ahead_row + R <= pass.a.nrows()).then(|| {
+        std::array::from_fn(|r| {
+            pass.a
+                .row(ahead_row + r)
+                .to_slice()
+                .expect("a standard-layout matrix")
+        })
+    });
     let t: [[f64; BLOCK]; R] = match pass.op {
         BlockOp::PlusTransposedTimes(t) => {
             std::array::from_fn(|r| std::array::from_fn(|k| t[(i0 + r, k)]))
         }
         BlockOp::Gram | BlockOp::Times => {
             // SAFETY (here and below): the caller's.
-            let sums = unsafe { rows_dot::<V, R, T>(a, pass.y) };
+            let sums = unsafe { rows_dot::<V, R, T>(a, pass.y, ahead) };
             std::array::from_fn(|r| {
                 std::array::from_fn(|k| lane_sum(unsafe { sums[r][k].lanes() }))
             })
@@ -180,18 +194,6 @@ unsafe fn group_step<V: F64x8, const R: usize, T: Stored>(pass: &mut BlockPass<'
         }
         return;
     }
-    // Two groups ahead, fetched into L2 while this group's update computes from cache:
-    // the update reads no memory of its own, so the stream would stall (in two
-    // passes at once on a weight in memory, 15–25 % more throughput).
-    let ahead_row = i0 + 2 * R;
-    let ahead = (ahead_row + R <= pass.a.nrows()).then(|| {
-        std::array::from_fn(|r| {
-            pass.a
-                .row(ahead_row + r)
-                .to_slice()
-                .expect("a standard-layout matrix")
-        })
-    });
     unsafe { rows_axpy::<V, R, T>(a, t, &mut pass.out, ahead) };
 }
 
@@ -202,7 +204,8 @@ fn lane_sum(l: [f64; LANES]) -> f64 {
 }
 
 /// `a_r · y_k` for each row and block column, lane-wise (column `j` into lane
-/// `j % LANES`), in column order.
+/// `j % LANES`), in column order; the `ahead` rows' cache lines fetched to L2 on the
+/// way.
 ///
 /// # Safety
 /// The CPU has the features `V`'s operations use.
@@ -210,6 +213,7 @@ fn lane_sum(l: [f64; LANES]) -> f64 {
 unsafe fn rows_dot<V: F64x8, const R: usize, T: Stored>(
     a: [&[T]; R],
     y: [&[f64]; BLOCK],
+    ahead: Option<[&[T]; R]>,
 ) -> [[V; BLOCK]; R] {
     let len = y[0].len();
     assert!(a.iter().all(|row| row.len() == len) && y.iter().all(|col| col.len() == len));
@@ -219,6 +223,7 @@ unsafe fn rows_dot<V: F64x8, const R: usize, T: Stored>(
     for j in (0..whole).step_by(LANES) {
         // SAFETY: j + LANES ≤ len, every slice's length (asserted).
         unsafe {
+            prefetch_lines(ahead, j);
             let yj: [V; BLOCK] = std::array::from_fn(|k| V::load(y[k].as_ptr().add(j)));
             for r in 0..R {
                 let x = load_wide::<V, T>(a[r].as_ptr().add(j));
@@ -262,13 +267,7 @@ unsafe fn rows_axpy<V: F64x8, const R: usize, T: Stored>(
     for j in (0..whole).step_by(LANES) {
         // SAFETY: j + LANES ≤ len, every slice's length (asserted); the caller's CPU.
         unsafe {
-            if let Some(ahead) = ahead {
-                if (j * std::mem::size_of::<T>()) % 64 == 0 {
-                    for row in ahead {
-                        prefetch(row.as_ptr().add(j));
-                    }
-                }
-            }
+            prefetch_lines(ahead, j);
             let mut s: [V; BLOCK] = std::array::from_fn(|k| V::load(z[k].as_ptr().add(j)));
             for r in 0..R {
                 let x = load_wide::<V, T>(a[r].as_ptr().add(j));
@@ -292,18 +291,25 @@ unsafe fn rows_axpy<V: F64x8, const R: usize, T: Stored>(
     }
 }
 
-/// Asks for the cache line at `p` in the L2 cache: a hint, which never faults (no
-/// effect off x86-64).
+/// Asks for the `ahead` rows' cache lines at column `j` in the L2 cache, once a line
+/// (when `j` starts one): a hint, which never faults (no effect off x86-64).
 #[inline(always)]
-fn prefetch<T>(p: *const T) {
+fn prefetch_lines<T, const R: usize>(ahead: Option<[&[T]; R]>, j: usize) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch never faults, and SSE is in every x86-64 CPU.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
-        _mm_prefetch::<_MM_HINT_T1>(p.cast());
+    if let Some(ahead) = ahead {
+        if (j * std::mem::size_of::<T>()).is_multiple_of(64) {
+            for row in ahead {
+                // SAFETY: a prefetch never faults (the address is in the row, or
+                // one past it), and SSE is in every x86-64 CPU.
+                unsafe {
+                    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+                    _mm_prefetch::<_MM_HINT_T1>(row.as_ptr().wrapping_add(j).cast());
+                }
+            }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
+    let _ = (ahead, j);
 }
 
 /// A weight's element type [`block_pass`] reads (f32 or f64), widened to f64 as read.
