@@ -4,13 +4,15 @@
 //! precision ([`block_pass`]).
 
 use faer::Mat;
-use tract_core::ndarray::{Array1, Array2, ArrayView2, CowArray};
+use tract_core::ndarray::{Array1, Array2, ArrayView2};
 
 mod pass;
 mod ritz;
+mod rows;
 
 pub use pass::Stored;
 use pass::{block_pass, BlockOp};
+use rows::PassRows;
 
 use super::{from_faer, signed, svd_exact, thin_q, Svd};
 use crate::error::Result;
@@ -65,21 +67,22 @@ pub fn svd_top<T: Stored>(w: &Array2<T>, q: usize) -> Result<(Svd, TopSvdPath)> 
     // weight reaches here as a column-major view), whose SVD is w's with U and V
     // swapped; that transposed once more (in cache-sized tiles) when it is wide (half
     // of a Llama MLP's weights): each Krylov step is then one pass over it, not two.
+    // Copied either way, into memory on huge pages (`PassRows`).
     let (stored, mut transposed) = if !w.is_standard_layout() && w.t().is_standard_layout() {
         (w.t(), true)
     } else {
         (w.view(), false)
     };
-    let x = match stored.as_slice() {
-        Some(elements) if stored.nrows() < stored.ncols() => {
-            transposed = !transposed;
-            CowArray::from(transpose_rows(elements, stored.dim()))
-        }
-        _ if stored.nrows() < stored.ncols() => {
-            transposed = !transposed;
-            CowArray::from(stored.t().as_standard_layout().into_owned())
-        }
-        _ => stored.as_standard_layout(),
+    let x = if stored.nrows() < stored.ncols() {
+        transposed = !transposed;
+        PassRows::new((stored.ncols(), stored.nrows()), |out| {
+            match stored.as_slice() {
+                Some(elements) => transpose_rows(elements, stored.dim(), out),
+                None => copy_rows(stored.t(), out),
+            }
+        })
+    } else {
+        PassRows::new(stored.dim(), |out| copy_rows(stored, out))
     };
     let (top, path) = krylov_top(x.view(), q)?;
     let svd = match top {
@@ -94,11 +97,11 @@ pub fn svd_top<T: Stored>(w: &Array2<T>, q: usize) -> Result<(Svd, TopSvdPath)> 
     Ok((signed(svd), path))
 }
 
-/// `wᵀ` `[n, m]` of the row-major `w` `[m, n]`, `stored` its elements, in tiles that
-/// stay in cache (ndarray's copy of a transposed view reads a column at a time).
-fn transpose_rows<T: Copy>(stored: &[T], (m, n): (usize, usize)) -> Array2<T> {
+/// `wᵀ` `[n, m]` of the row-major `w` `[m, n]` into `out`, `stored` its elements, in
+/// tiles that stay in cache (a transposed view read in order reads a column at a time).
+fn transpose_rows<T: Copy>(stored: &[T], (m, n): (usize, usize), out: &mut [T]) {
     const TILE: usize = 32;
-    let mut out = stored.to_vec();
+    assert_eq!((stored.len(), out.len()), (m * n, m * n));
     for i0 in (0..m).step_by(TILE) {
         for j0 in (0..n).step_by(TILE) {
             for j in j0..(j0 + TILE).min(n) {
@@ -108,7 +111,14 @@ fn transpose_rows<T: Copy>(stored: &[T], (m, n): (usize, usize)) -> Array2<T> {
             }
         }
     }
-    Array2::from_shape_vec((n, m), out).expect("n·m elements")
+}
+
+/// `w`'s elements in row-major order into `out`.
+fn copy_rows<T: Copy>(w: ArrayView2<'_, T>, out: &mut [T]) {
+    match w.as_slice() {
+        Some(elements) => out.copy_from_slice(elements),
+        None => out.iter_mut().zip(w.iter()).for_each(|(o, &x)| *o = x),
+    }
 }
 
 /// [`svd_top`]'s Krylov iteration on the tall, row-major `w` (`A`): the triplets

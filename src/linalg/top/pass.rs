@@ -313,7 +313,7 @@ fn prefetch_lines<T, const R: usize>(ahead: Option<[&[T]; R]>, j: usize) {
 }
 
 /// A weight's element type [`block_pass`] reads (f32 or f64), widened to f64 as read.
-pub trait Stored: Copy + Into<f64> + sealed::Sealed {}
+pub trait Stored: Copy + Default + Into<f64> + sealed::Sealed {}
 
 impl Stored for f32 {}
 impl Stored for f64 {}

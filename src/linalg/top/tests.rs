@@ -30,8 +30,9 @@ fn assert_top_matches_full(w: &Array2<f64>, q: usize, tol: f64) -> TopSvdPath {
     path
 }
 
-/// A decaying spectrum, tall, wide, and stored column-major (a transposed weight):
-/// certified in a few blocks, and the full SVD's triplets to 1e-9.
+/// A decaying spectrum, tall, wide, stored column-major (a transposed weight) and
+/// with a reversed axis (neither order: read element by element): certified in a
+/// few blocks, and the full SVD's triplets to 1e-9.
 #[test]
 fn svd_top_iterates_to_the_full_svds_triplets() {
     use tract_core::ndarray::ShapeBuilder;
@@ -40,7 +41,10 @@ fn svd_top_iterates_to_the_full_svds_triplets() {
         let w = planted(m, n, &s, 1);
         let mut column_major = Array2::zeros((m, n).f());
         column_major.assign(&w);
-        for w in [w, column_major] {
+        let mut reversed = w.clone();
+        reversed.invert_axis(tract_core::ndarray::Axis(1));
+        assert!(reversed.as_slice().is_none() && reversed.t().as_slice().is_none());
+        for w in [w, column_major, reversed] {
             let path = assert_top_matches_full(&w, 8, 1e-9);
             assert!(
                 matches!(path, TopSvdPath::Iterated(k) if k * TOP_SVD_BLOCK <= 64),
