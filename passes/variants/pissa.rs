@@ -39,7 +39,7 @@ impl Variant for Pissa {
         true
     }
 
-    // The f32 weight, plus the exact path's row-major copy of it when it is wide and
+    // The f32 weight, plus the exact path's row-major copy of it (on huge pages) and
     // its Krylov basis (at most 10·min(m, n)² bytes, see `linalg::svd_top`), or the
     // sketches of the randomized one (small).
     // The rare matrix whose spectrum sends the exact path to the full SVD holds about
