@@ -10,8 +10,9 @@ use super::Stored;
 /// A row-major matrix in anonymous memory advised for transparent huge pages (Linux),
 /// or on the heap where that mapping fails. Each Krylov step streams the whole weight;
 /// on 4 KiB pages every page of every pass misses the TLB and restarts the hardware
-/// prefetchers' streams (two such streams at once, as the graft runs them, measured
-/// 1.4× faster on huge pages at 16 MiB a weight, 1.2× at 32 MiB).
+/// prefetchers' streams (two such streams at once, as the graft runs them, in a C
+/// microbenchmark: 1.4–1.9× faster on huge pages at 16 MiB a weight, 1.0–1.5× at 32
+/// MiB; in the whole graft, with the pass prefetching, a few percent).
 pub(super) struct PassRows<T> {
     memory: Memory<T>,
     dim: (usize, usize),
