@@ -11,7 +11,7 @@ mod ritz;
 mod rows;
 
 pub use pass::Stored;
-use pass::{block_pass, BlockOp};
+use pass::{block_pass, block_project, BlockOp};
 use rows::PassRows;
 
 use super::{from_faer, signed, svd_exact, thin_q, Svd};
@@ -54,7 +54,10 @@ pub const TOP_SVD_BLOCK: usize = 2;
 /// `σ_q` from the rest in about the square root of the steps, so even a Gaussian
 /// matrix's flat top is certified well before the basis costs what a full SVD does.
 /// Rayleigh–Ritz runs where the certificate's rate of convergence says it may hold
-/// ([`Checks`]). A gap too small to certify (a singular value repeated, or nearly so,
+/// ([`Checks`]), on `T`'s band (block Lanczos makes it block tridiagonal: `O(dim²)`
+/// rotations make it tridiagonal, where a dense reduction costs `O(dim³)`), and reads
+/// the residuals first from the Lanczos relation (`O(dim)` a pair); the certificate's
+/// products with `V` and `Z` run only once those say it may hold. A gap too small to certify (a singular value repeated, or nearly so,
 /// in the top `q` or at its boundary: the residuals reach round-off first), a basis
 /// reaching half the smaller side, or a small matrix, take the full SVD instead.
 pub fn svd_top<T: Stored>(w: &Array2<T>, q: usize) -> Result<(Svd, TopSvdPath)> {
@@ -131,99 +134,160 @@ fn krylov_top<T: Stored>(w: ArrayView2<'_, T>, q: usize) -> Result<(Option<Svd>,
     let mut basis = Mat::<f64>::zeros(cols, max_dim); // V
     let mut gram_basis = Mat::<f64>::zeros(cols, max_dim); // Z = AᵀA V
     let mut ritz = Mat::<f64>::zeros(max_dim, max_dim); // T = VᵀZ, lower triangle
+    let mut band = Band::default();
     let mut rng = Rng::new(0x5EED_7095);
-    let mut next = Mat::from_fn(cols, block, |_, _| rng.normal());
-    // next = AᵀA y's coefficients on the basis, Vᵀ(AᵀA y) = (AᵀA V)ᵀ y: y's row block
-    // of T, known before next is orthogonalized.
-    let mut next_on_basis: Option<Mat<f64>> = None;
+    let start = Mat::from_fn(cols, block, |_, _| rng.normal());
+    let mut y = orthonormalize(&start, basis.as_ref().subcols(0, 0)).q;
     let (mut dim, mut steps) = (0, 0);
     let mut checks = Checks::default();
     while dim + block <= max_dim {
-        let y = orthonormalize(
-            &next,
-            next_on_basis.as_ref(),
-            basis.as_ref().subcols(0, dim),
-        );
         let z = block_pass(w, BlockOp::Gram, &y);
         basis.as_mut().subcols_mut(dim, block).copy_from(&y);
         gram_basis.as_mut().subcols_mut(dim, block).copy_from(&z);
-        // Zᵀy, y's row block of T.
-        let on_y = block_pass(
-            columns_as_rows(gram_basis.as_ref().subcols(0, dim + block)),
-            BlockOp::Times,
-            &y,
-        );
-        ritz.as_mut()
-            .submatrix_mut(dim, 0, block, dim + block)
-            .copy_from(on_y.transpose());
-        next_on_basis = Some(on_y);
-        next = z;
         dim += block;
         steps += 1;
+        // The next block, z made orthonormal to the basis (y included). Its first
+        // projection's coefficients, Vᵀz = VᵀAᵀAy, are y's row block of T; and z's
+        // part new to the basis, P = y_next·R, makes (the Lanczos relation AᵀAV = VT +
+        // P·(the last block's rows)) ‖AᵀAv − θv‖ = ‖R·(w's last rows)‖ for every Ritz
+        // pair (θ, v = Vw).
+        let last = dim + block > max_dim;
+        let next = orthonormalize(&z, basis.as_ref().subcols(0, dim));
+        ritz.as_mut()
+            .submatrix_mut(dim - block, 0, block, dim)
+            .copy_from(next.on_basis.transpose());
+        band.record(
+            ritz.as_ref().submatrix(dim - block, 0, block, dim),
+            dim - block,
+            block,
+        );
         let step_flops = (4 * rows * cols * block + 8 * cols * dim * block) as f64;
-        // The eigenpairs (the tridiagonalization: 4/3·dim³ flops at a third of the
-        // pass's rate, so weighed as 5·dim³ of the pass's), then v and Zw.
-        let check_flops = 5.0 * (dim as f64).powi(3) + (4 * cols * dim * q) as f64;
-        if dim <= q || !checks.due(dim, step_flops, check_flops, dim + block > max_dim) {
-            continue;
-        }
-        let Ok((values, top)) = ritz::top_eigen(ritz.as_ref().submatrix(0, 0, dim, dim), q) else {
-            break; // the tridiagonal QR did not converge: the full SVD decides
+        // The tridiagonal form (banded: rotations; else Householder's 4/3·dim³ flops at a
+        // third of the pass's rate, so weighed as 5·dim³ of the pass's) and its values.
+        let check_flops = match band.width(block) {
+            Some(_) => 500.0 * (dim * dim) as f64,
+            None => 5.0 * (dim as f64).powi(3),
         };
-        let s: Vec<f64> = values.iter().map(|v| v.max(0.0).sqrt()).collect();
-        let v = basis.as_ref().subcols(0, dim) * &top;
-        let zw = gram_basis.as_ref().subcols(0, dim) * &top;
-        // ‖Aᵀu − σv‖ = ‖Zw − σ²v‖/σ for each triplet; the vector's own gap is to its
-        // neighbours (Wedin bounds its angle by residual / gap).
-        let worst = (0..q)
-            .map(|k| {
-                let s2 = s[k] * s[k];
-                let r = (0..cols)
-                    .map(|i| (zw[(i, k)] - s2 * v[(i, k)]).powi(2))
-                    .sum::<f64>()
-                    .sqrt();
-                let below = s[k] - s[k + 1];
-                let gap = if k == 0 {
-                    below
-                } else {
-                    below.min(s[k - 1] - s[k])
-                };
-                let residual = r / s[k];
-                (residual, residual / (1e-11 * s[0]).min(1e-9 * gap))
-            })
-            .fold((0.0f64, 0.0f64), |(r0, w0), (r, w)| {
-                // A NaN stays (f64::max would drop it).
-                let worst = if w.is_nan() || w0.is_nan() {
-                    f64::NAN
-                } else {
-                    w0.max(w)
-                };
-                (r0.max(r), worst)
+        if dim > q && checks.due(dim, step_flops, check_flops, last) {
+            let eigen = ritz::top_eigen(
+                ritz.as_ref().submatrix(0, 0, dim, dim),
+                band.width(block),
+                q,
+            );
+            let s: Vec<f64> = eigen.values.iter().map(|v| v.max(0.0).sqrt()).collect();
+            let min_gap = (0..q)
+                .map(|k| s[k] - s[k + 1])
+                .fold(f64::INFINITY, f64::min);
+            if min_gap <= 1e-9 * s[0] {
+                break; // a repeated value in the top q or at its boundary (or a zero matrix)
+            }
+            // The Lanczos residuals first (O(dim) a pair): the certificate's own, on
+            // the weight, only once they say it may hold or have reached round-off.
+            let estimate = next.r.as_ref().filter(|_| !last).map(|r| {
+                let on_last = r * eigen.last_rows(block);
+                certificate(&s, q, |k| on_last.col(k).norm_l2())
             });
-        let (residual, worst) = worst;
-        let min_gap = (0..q)
-            .map(|k| s[k] - s[k + 1])
-            .fold(f64::INFINITY, f64::min);
-        if min_gap <= 1e-9 * s[0] || !worst.is_finite() {
-            break; // a repeated value in the top q or at its boundary (or a zero matrix)
+            match estimate {
+                Some((residual, worst)) if worst > 1.0 && residual > 1e-13 * s[0] => {
+                    checks.record(dim, worst.ln(), block);
+                }
+                _ => {
+                    let top = eigen.vectors();
+                    let v = basis.as_ref().subcols(0, dim) * &top;
+                    let zw = gram_basis.as_ref().subcols(0, dim) * &top;
+                    // ‖Aᵀu − σv‖ = ‖Zw − σ²v‖/σ for each triplet.
+                    let (residual, worst) = certificate(&s, q, |k| {
+                        let s2 = s[k] * s[k];
+                        (0..cols)
+                            .map(|i| (zw[(i, k)] - s2 * v[(i, k)]).powi(2))
+                            .sum::<f64>()
+                            .sqrt()
+                    });
+                    if !worst.is_finite() {
+                        break; // a zero or non-finite matrix: the full SVD decides
+                    }
+                    if worst <= 1.0 {
+                        let u = left_vectors(w, &v, &s[..q]);
+                        let svd = Svd {
+                            u: from_faer(u.as_ref()),
+                            s: Array1::from(s[..q].to_vec()),
+                            v: from_faer(v.as_ref()),
+                        };
+                        return Ok((Some(svd), TopSvdPath::Iterated(steps)));
+                    }
+                    if residual <= 1e-13 * s[0] {
+                        // The residuals are at round-off and still too large for some
+                        // gap: a value nearly repeated in the top q or at its boundary.
+                        break;
+                    }
+                    checks.record(dim, worst.ln(), block);
+                }
+            }
         }
-        if worst <= 1.0 {
-            let u = left_vectors(w, &v, &s[..q]);
-            let svd = Svd {
-                u: from_faer(u.as_ref()),
-                s: Array1::from(s[..q].to_vec()),
-                v: from_faer(v.as_ref()),
-            };
-            return Ok((Some(svd), TopSvdPath::Iterated(steps)));
-        }
-        if residual <= 1e-13 * s[0] {
-            // The residuals are at round-off and still too large for some gap: a
-            // value nearly repeated in the top q or at its boundary.
-            break;
-        }
-        checks.record(dim, worst.ln(), block);
+        y = next.q;
     }
     Ok((None, TopSvdPath::Full(steps)))
+}
+
+/// The largest of the top `q` triplets' residuals `‖Aᵀu − σv‖` (`norm(k)` is
+/// `σ_k` times triplet `k`'s) and the worst ratio of one to its bound: `1e-11·σ_1`, and
+/// `1e-9` of the triplet's own gap, to its neighbours (Wedin bounds its vector's
+/// angle by residual / gap). A NaN stays NaN.
+fn certificate(s: &[f64], q: usize, norm: impl Fn(usize) -> f64) -> (f64, f64) {
+    (0..q)
+        .map(|k| {
+            let below = s[k] - s[k + 1];
+            let gap = if k == 0 {
+                below
+            } else {
+                below.min(s[k - 1] - s[k])
+            };
+            let residual = norm(k) / s[k];
+            (residual, residual / (1e-11 * s[0]).min(1e-9 * gap))
+        })
+        .fold((0.0f64, 0.0f64), |(r0, w0), (r, w)| {
+            // f64::max would drop a NaN.
+            let worst = if w.is_nan() || w0.is_nan() {
+                f64::NAN
+            } else {
+                w0.max(w)
+            };
+            (r0.max(r), worst)
+        })
+}
+
+/// How far from banded `T` is: block Lanczos with full reorthogonalization makes it
+/// block tridiagonal, its `block` rows' subdiagonal blocks upper triangular (the R of
+/// the next block's QR), so every entry more than `block` below the diagonal is
+/// round-off (about 1e-16 of the largest on a Gaussian weight).
+#[derive(Default)]
+struct Band {
+    /// The largest entry's magnitude.
+    largest: f64,
+    /// The largest magnitude more than a block below the diagonal.
+    outside: f64,
+}
+
+impl Band {
+    /// T's row block `rows` (`[block, start + block]`, from row `start`).
+    fn record(&mut self, rows: faer::MatRef<'_, f64>, start: usize, block: usize) {
+        for i in 0..rows.nrows() {
+            for j in 0..rows.ncols() {
+                let a = rows[(i, j)].abs();
+                self.largest = self.largest.max(a);
+                if start + i > j + block {
+                    self.outside = self.outside.max(a);
+                }
+            }
+        }
+    }
+
+    /// `Some(block)` when the entries outside that band are at most `1e-13` of the
+    /// largest (dropping them moves the Ritz values by less than the certificate
+    /// notices; a NaN anywhere reads as not banded).
+    fn width(&self, block: usize) -> Option<usize> {
+        (self.outside <= 1e-13 * self.largest).then_some(block)
+    }
 }
 
 /// When [`krylov_top`] runs Rayleigh–Ritz. Once the certificate's log-ratio falls
@@ -318,38 +382,35 @@ fn left_vectors<T: Stored>(w: ArrayView2<'_, T>, v: &Mat<f64>, s: &[f64]) -> Mat
     u
 }
 
-/// The columns of `y` made orthonormal and orthogonal to the orthonormal `basis`
-/// (classical Gram–Schmidt twice): projected out with `on_basis` (`basisᵀy`, when the
-/// caller knows it) or computed coefficients, projected out again (one pass loses
-/// orthogonality when `y` lies mostly in the basis), then a thin QR; a `y` whose
+/// [`orthonormalize`]'s result.
+struct Orthonormalized {
+    /// The columns made orthonormal and orthogonal to the basis.
+    q: Mat<f64>,
+    /// `y`'s part new to the basis, `Q·R`: `R`, unless a third projection was needed.
+    r: Option<Mat<f64>>,
+    /// `y`'s coefficients on the basis, `basisᵀy` (from the first projection).
+    on_basis: Mat<f64>,
+}
+
+/// The columns of `y` made orthonormal and orthogonal to the orthonormal `basis`:
+/// projected out twice (each a pass of block modified Gram–Schmidt; one loses
+/// orthogonality when `y` lies mostly in the basis), then a thin QR `Q·R`; a `y` whose
 /// columns are (nearly) dependent, whose QR amplifies round-off or completes it
 /// arbitrarily, is projected out once more.
-fn orthonormalize(
-    y: &Mat<f64>,
-    on_basis: Option<&Mat<f64>>,
-    basis: faer::MatRef<'_, f64>,
-) -> Mat<f64> {
+fn orthonormalize(y: &Mat<f64>, basis: faer::MatRef<'_, f64>) -> Orthonormalized {
     let rows = columns_as_rows(basis);
-    // y − basis·coef, a pass over the basis as the Krylov step's over the weight.
-    let minus = |y: &Mat<f64>, coef: faer::MatRef<'_, f64>| {
-        let negated = Mat::from_fn(coef.nrows(), coef.ncols(), |i, k| -coef[(i, k)]);
-        block_pass(rows, BlockOp::PlusTransposedTimes(&negated), y)
-    };
-    let project = |y: &mut Mat<f64>| {
+    let project = |y: &Mat<f64>| {
         if basis.ncols() > 0 {
-            let coef = block_pass(rows, BlockOp::Times, y);
-            *y = minus(y, coef.as_ref());
+            block_project(rows, y)
+        } else {
+            (y.clone(), Mat::zeros(0, y.ncols()))
         }
     };
-    let mut y = y.clone();
     let scale = (0..y.ncols())
         .map(|k| y.col(k).norm_l2())
         .fold(0.0, f64::max);
-    match on_basis {
-        Some(coef) if basis.ncols() > 0 => y = minus(&y, coef.as_ref().subrows(0, basis.ncols())),
-        _ => project(&mut y),
-    }
-    project(&mut y);
+    let (once, on_basis) = project(y);
+    let (y, _) = project(&once);
     let q = thin_q(&y);
     // Each column's part new to the basis and to the columns before it, |r_kk|, beside
     // the block's size: where it is small the QR divided round-off by it, and the
@@ -359,11 +420,17 @@ fn orthonormalize(
         .map(|k| y.col(k).norm_l2())
         .fold(0.0, f64::max);
     if (0..r.ncols()).all(|k| r[(k, k)].abs() > (1e-4 * left).max(1e-10 * scale)) {
-        return q;
+        return Orthonormalized {
+            q,
+            r: Some(r),
+            on_basis,
+        };
     }
-    let mut q = q;
-    project(&mut q);
-    thin_q(&q)
+    Orthonormalized {
+        q: thin_q(&project(&q).0),
+        r: None,
+        on_basis,
+    }
 }
 
 #[cfg(test)]
