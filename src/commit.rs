@@ -60,6 +60,18 @@ impl Commit {
         Ok(temp)
     }
 
+    /// Takes `target` out of the set (a file staged in case it was needed), removing
+    /// its temporary file if one was made.
+    pub fn unstage(&mut self, target: &Path) {
+        self.staged.retain(|(temp, t)| {
+            let keep = t != target;
+            if !keep {
+                let _ = fs::remove_file(temp);
+            }
+            keep
+        });
+    }
+
     /// Renames every staged file over its target, as one set (see the module doc).
     pub fn commit(mut self) -> Result<()> {
         let staged = std::mem::take(&mut self.staged);

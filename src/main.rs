@@ -217,8 +217,13 @@ fn run(cli: Cli) -> Result<()> {
                 .read("adapter file", &adapter.path)
                 .write_model("output model", &m, &out)?
                 .check()?;
-            let merged = jobs::merge(&mut m, &adapter, pissa_base, quantized)?;
-            let report = m.save(&out, &SaveOptions::default())?;
+            // Merged weights go to the output's data file as they are made.
+            let mut commit = lora_graft::commit::Commit::new();
+            let sink = m.data_sink(&out, &mut commit)?;
+            let merged =
+                jobs::merge_writing_to(&mut m, &adapter, pissa_base, quantized, sink.as_ref())?;
+            let report = m.stage_save(&out, &SaveOptions::default(), &mut commit, sink.as_ref())?;
+            commit.commit()?;
             println!(
                 "merged {} modules of {} ({}) into their weights",
                 merged.modules,
@@ -437,7 +442,10 @@ fn graft(args: GraftArgs) -> Result<()> {
         .write_model("output model", &model, &out)?
         .write("adapter file", &adapter_path)
         .check()?;
-    let mut outcome = jobs::graft(&mut model, &req)?;
+    // Rewritten weights go to the output's data file as they are made.
+    let mut commit = lora_graft::commit::Commit::new();
+    let sink = model.data_sink(&out, &mut commit)?;
+    let mut outcome = jobs::graft_writing_to(&mut model, &req, sink.as_ref())?;
     if !outcome.calibration_report.is_empty() {
         println!("{}", outcome.calibration_report);
     }
@@ -454,7 +462,7 @@ fn graft(args: GraftArgs) -> Result<()> {
         );
     }
     let adapter = outcome.adapter_file(&req);
-    let report = jobs::write(&model, &adapter, &out, &adapter_path)?;
+    let report = jobs::write_staged(&model, &adapter, &out, &adapter_path, commit, sink.as_ref())?;
     let rank = if req.variant.uses_rank() {
         format!(" (r = {})", req.cfg.r)
     } else {

@@ -20,60 +20,109 @@ pub fn par_map<T: Sync, R: Send>(
     budget: usize,
     f: impl Fn(&T) -> R + Sync,
 ) -> Vec<R> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::{Condvar, Mutex};
+    par_map_then(items, cost, budget, f, |_, r| r)
+}
+
+/// [`par_map`], with `then` run on each result on the calling thread, in item order, as
+/// soon as the results before it are in (writing them out while later items are still
+/// computed); an item's `cost` stays in flight until `then` is done with it.
+pub fn par_map_then<T: Sync, R: Send, S>(
+    items: &[T],
+    cost: impl Fn(&T) -> usize + Sync,
+    budget: usize,
+    f: impl Fn(&T) -> R + Sync,
+    mut then: impl FnMut(usize, R) -> S,
+) -> Vec<S> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{mpsc, Condvar, Mutex};
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .min(items.len());
     if threads <= 1 {
-        return items.iter().map(f).collect();
+        return items
+            .iter()
+            .enumerate()
+            .map(|(i, t)| then(i, f(t)))
+            .collect();
     }
     let next = AtomicUsize::new(0);
+    // Items `then` is done with: the first of the others (the head) may always start,
+    // so that items waiting in order for it never hold it back from the budget.
+    let done = AtomicUsize::new(0);
     let in_flight = Mutex::new(0usize);
     let freed = Condvar::new();
-    /// Gives an item's bytes back when it is done (or panicked).
-    struct Release<'a>(&'a Mutex<usize>, &'a Condvar, usize);
-    impl Drop for Release<'_> {
+    // Set when a worker panicked: the others stop taking items (and waiting for bytes
+    // that its unfinished item would never give back).
+    let failed = AtomicBool::new(false);
+    let release = |c: usize| {
+        let mut used = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        *used -= c;
+        done.fetch_add(1, Ordering::Relaxed);
+        drop(used);
+        freed.notify_all();
+    };
+    /// Marks the run failed if its worker unwinds.
+    struct Guard<'a>(&'a AtomicBool, &'a Condvar);
+    impl Drop for Guard<'_> {
         fn drop(&mut self) {
-            *self.0.lock().unwrap_or_else(|e| e.into_inner()) -= self.2;
-            self.1.notify_all();
+            if std::thread::panicking() {
+                self.0.store(true, Ordering::Relaxed);
+                self.1.notify_all();
+            }
         }
     }
-    let done: Vec<Vec<(usize, R)>> = std::thread::scope(|scope| {
+    let (send, receive) = mpsc::channel::<(usize, R, usize)>();
+    std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
-                scope.spawn(|| {
-                    let mut out = Vec::new();
+                let send = send.clone();
+                let (next, done, in_flight, freed, failed, f, cost) =
+                    (&next, &done, &in_flight, &freed, &failed, &f, &cost);
+                scope.spawn(move || {
+                    let _guard = Guard(failed, freed);
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(item) = items.get(i) else { break out };
+                        let Some(item) = items.get(i) else { break };
                         let c = cost(item);
                         let mut used = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                        while *used > 0 && *used + c > budget {
+                        while *used > 0
+                            && *used + c > budget
+                            && done.load(Ordering::Relaxed) != i
+                            && !failed.load(Ordering::Relaxed)
+                        {
                             used = freed.wait(used).unwrap_or_else(|e| e.into_inner());
+                        }
+                        if failed.load(Ordering::Relaxed) {
+                            break;
                         }
                         *used += c;
                         drop(used);
-                        let _release = Release(&in_flight, &freed, c);
-                        out.push((i, f(item)));
+                        if send.send((i, f(item), c)).is_err() {
+                            break;
+                        }
                     }
                 })
             })
             .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    let mut slots: Vec<Option<R>> = std::iter::repeat_with(|| None).take(items.len()).collect();
-    for (i, r) in done.into_iter().flatten() {
-        slots[i] = Some(r);
-    }
-    slots
-        .into_iter()
-        .map(|r| r.expect("every item mapped"))
-        .collect()
+        drop(send);
+        let _guard = Guard(&failed, &freed);
+        // In order: results that arrive early wait here until those before them are in.
+        let mut early = std::collections::BTreeMap::new();
+        let mut out = Vec::with_capacity(items.len());
+        for (i, r, c) in receive.iter() {
+            early.insert(i, (r, c));
+            while let Some((r, c)) = early.remove(&out.len()) {
+                out.push(then(out.len(), r));
+                release(c);
+            }
+        }
+        for w in workers {
+            w.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        }
+        assert_eq!(out.len(), items.len(), "every item mapped");
+        out
+    })
 }
 
 thread_local! {
@@ -114,4 +163,63 @@ pub fn for_each_item<T: Send>(items: Vec<T>, threads: usize, f: impl Fn(usize, T
             f(i, item);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// Items of uneven cost and duration: `then` sees every result once, in item order,
+    /// while the bytes in flight (computing, or computed and waiting for `then`) stay
+    /// within the budget plus the head item's; an item over the budget alone still runs.
+    #[test]
+    fn then_runs_in_order_within_the_budget() {
+        let costs: Vec<usize> = (0..40).map(|i| [30, 5, 60, 10, 120][i % 5]).collect();
+        let budget = 100;
+        let (in_flight, peak) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let seen = Mutex::new(Vec::new());
+        let out = par_map_then(
+            &costs,
+            |&c| c,
+            budget,
+            |&c| {
+                let now = in_flight.fetch_add(c, Ordering::SeqCst) + c;
+                peak.fetch_max(now, Ordering::SeqCst);
+                // Later items often finish first: the short ones.
+                std::thread::sleep(std::time::Duration::from_micros(20 * c as u64));
+                c
+            },
+            |i, c| {
+                seen.lock().unwrap().push(i);
+                in_flight.fetch_sub(c, Ordering::SeqCst);
+                2 * c
+            },
+        );
+        assert_eq!(out, costs.iter().map(|c| 2 * c).collect::<Vec<_>>());
+        assert_eq!(*seen.lock().unwrap(), (0..costs.len()).collect::<Vec<_>>());
+        let peak = peak.load(Ordering::SeqCst);
+        assert!(peak <= budget + 120, "{peak} bytes in flight");
+    }
+
+    /// A panicking item is re-raised on the caller, and the other workers, waiting for
+    /// bytes it never gives back, stop instead of hanging.
+    #[test]
+    fn a_panicking_item_does_not_hang_the_others() {
+        let items: Vec<usize> = (0..16).collect();
+        let result = std::panic::catch_unwind(|| {
+            par_map_then(
+                &items,
+                |_| 60,
+                100,
+                |&i| {
+                    assert!(i != 3, "item 3 fails");
+                    i
+                },
+                |_, r| r,
+            )
+        });
+        assert!(result.is_err());
+    }
 }

@@ -176,3 +176,132 @@ fn large_new_tensors_are_spilled_and_streamed_to_the_output_data_file() {
         Array::F32(values)
     );
 }
+
+/// A pass that knows its output places its large new tensors in the output's data file
+/// as it makes them ([`Model::data_sink`]): saving points at them where they are (in
+/// placement order, 64-byte aligned), appends the rest after them, and writes the same
+/// bytes every run.
+#[test]
+fn tensors_placed_in_the_output_data_file_are_saved_in_place() {
+    use lora_graft::commit::Commit;
+    use lora_graft::ir::{Initializer, SPILL_BYTES};
+    use lora_graft::tensor::Array;
+    use tract_core::ndarray::{ArrayD, IxDyn};
+    let big =
+        |n: usize, k: f32| Array::F32(ArrayD::from_shape_fn(IxDyn(&[n]), |i| i[0] as f32 * k));
+    let (first, second, spilled) = (
+        big(SPILL_BYTES / 4 + 3, 0.5),
+        big(SPILL_BYTES / 4 + 5, -0.25),
+        big(SPILL_BYTES / 4, 2.0),
+    );
+    let write = |dir: &std::path::Path| {
+        let mut model = Model::load(&fixture("llama")).unwrap();
+        let out = dir.join("placed.onnx");
+        let mut commit = Commit::new();
+        let sink = model
+            .data_sink(&out, &mut commit)
+            .unwrap()
+            .expect("external data");
+        let mut offsets = Vec::new();
+        for (name, a) in [("extra.first", &first), ("extra.second", &second)] {
+            let init = Initializer::unplaced(a).place(Some(&sink)).unwrap();
+            assert!(init.proto.raw_data.is_none(), "{name} left memory");
+            offsets.push(sink.offset_of(init.external.as_ref().unwrap()).unwrap());
+            model.graph.add_initializer(name, init);
+        }
+        assert_eq!(offsets[0], 0);
+        assert_eq!(offsets[1], (4 * first.len() as u64).next_multiple_of(64));
+        let init = Initializer::from_array(&spilled).unwrap();
+        assert_eq!(sink.offset_of(init.external.as_ref().unwrap()), None);
+        model.graph.add_initializer("extra.spilled", init);
+        let report = model
+            .stage_save(&out, &SaveOptions::default(), &mut commit, Some(&sink))
+            .unwrap();
+        commit.commit().unwrap();
+        assert_eq!(report.own_data, Some(dir.join("placed.onnx.data")));
+        let back = Model::load(&out).unwrap();
+        for (name, a) in [
+            ("extra.first", &first),
+            ("extra.second", &second),
+            ("extra.spilled", &spilled),
+        ] {
+            let init = back
+                .graph
+                .initializer(back.graph.value_by_name(name).unwrap())
+                .unwrap();
+            assert_eq!(
+                &Array::from_proto(&init.proto, init.raw_bytes()).unwrap(),
+                a,
+                "{name}"
+            );
+            let offset = init.external.as_ref().map(|e| e.offset);
+            match name {
+                "extra.first" => assert_eq!(offset, Some(offsets[0] as usize)),
+                "extra.second" => assert_eq!(offset, Some(offsets[1] as usize)),
+                _ => assert!(offset.unwrap() > offsets[1] as usize, "appended after"),
+            }
+        }
+        let names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
+        (
+            std::fs::read(&out).unwrap(),
+            std::fs::read(dir.join("placed.onnx.data")).unwrap(),
+        )
+    };
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    assert!(
+        write(a.path()) == write(b.path()),
+        "the same bytes every run"
+    );
+}
+
+/// A sink nothing was placed in leaves no data file; one made for another output is
+/// refused by name, and the failed save leaves nothing behind.
+#[test]
+fn a_data_sink_is_for_its_own_output_only() {
+    use lora_graft::commit::Commit;
+    let model = Model::load(&fixture("llama")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("plain.onnx");
+    let mut commit = Commit::new();
+    let sink = model.data_sink(&out, &mut commit).unwrap().unwrap();
+    let report = model
+        .stage_save(&out, &SaveOptions::default(), &mut commit, Some(&sink))
+        .unwrap();
+    commit.commit().unwrap();
+    assert_eq!(report.own_data, None);
+    assert!(!dir.path().join("plain.onnx.data").exists());
+
+    let other = tempfile::tempdir().unwrap();
+    let mut commit = Commit::new();
+    let sink = model.data_sink(&out, &mut commit).unwrap().unwrap();
+    let elsewhere = other.path().join("elsewhere.onnx");
+    let err = model
+        .stage_save(
+            &elsewhere,
+            &SaveOptions::default(),
+            &mut commit,
+            Some(&sink),
+        )
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("save to the output the job was started for"),
+        "{err}"
+    );
+    drop(commit);
+    assert_eq!(std::fs::read_dir(other.path()).unwrap().count(), 0);
+    let mut left: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["model.onnx.data", "plain.onnx"],
+        "the first save's files only"
+    );
+}

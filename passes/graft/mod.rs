@@ -20,7 +20,7 @@ pub mod inputs;
 mod splice;
 mod weight;
 
-pub use crate::parallel::{par_map, PARALLEL_MEMORY_BUDGET};
+pub use crate::parallel::{par_map, par_map_then, PARALLEL_MEMORY_BUDGET};
 pub use splice::{bias, Bias};
 use splice::{compute_dtype, splice};
 pub use weight::{
@@ -45,6 +45,9 @@ pub struct GraftOptions<'a> {
     /// The calibration run's statistics, for a data-calibrated init (EVA, LoRA-GA);
     /// without them such a variant starts at its simple inits (values from a file).
     pub calibration: Option<&'a crate::calibrate::Calibration>,
+    /// The output's data file, for rewritten weights (PiSSA's `W_res`) to be written to
+    /// as they are made; without it they go to the scratch file until saved.
+    pub sink: Option<&'a crate::ir::DataSink>,
 }
 
 impl GraftOptions<'_> {
@@ -192,8 +195,9 @@ fn graft_targets(
         }
         shared
     };
-    // 1. Adapter tensors and rewritten weights, read-only on the graph, in parallel.
-    let prepared = par_map(
+    // 1. Adapter tensors and rewritten weights, read-only on the graph, in parallel;
+    //    the weights leave memory in module order (the sink's file is the same every run).
+    let prepared = par_map_then(
         &groups,
         |(_, group)| module_cost(group, opts),
         PARALLEL_MEMORY_BUDGET,
@@ -207,6 +211,15 @@ fn graft_targets(
                 &shared,
             )
             .map_err(|e| e.context(format!("grafting '{module}'")))
+        },
+        |i, prepared| {
+            let mut prepared = prepared?;
+            if let Some(patch) = prepared.weight.take() {
+                let placed = patch.place(opts.sink);
+                prepared.weight =
+                    Some(placed.map_err(|e| e.context(format!("grafting '{}'", groups[i].0)))?);
+            }
+            Ok(prepared)
         },
     );
     // 2. The edits, in graph order.
@@ -493,6 +506,7 @@ fn serve_module(
         adapter_inputs: None,
         adapter_slots: None,
         calibration: None,
+        sink: None,
     };
     let mut sites = Vec::new();
     for t in group {

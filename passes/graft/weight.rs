@@ -123,12 +123,13 @@ pub fn set_weight(
     w_res: Array2<f32>,
 ) -> Result<()> {
     let dtypes = crate::ir::infer::value_dtypes(graph)?;
-    let patch = weight_patch(graph, &dtypes, module, group, w_res)?;
+    let patch = weight_patch(graph, &dtypes, module, group, w_res)?.place(None)?;
     apply_weight(graph, module, group, patch);
     Ok(())
 }
 
-/// The patch that [`set_weight`] applies.
+/// The patch that [`set_weight`] applies, its tensors in memory until
+/// [`WeightPatch::place`]d.
 pub fn weight_patch(
     graph: &Graph,
     dtypes: &HashMap<ValueId, i32>,
@@ -167,11 +168,28 @@ pub fn weight_patch(
             seen
         };
         let array = Array::from_f32(values.into_dyn(), dtype).ok_or_else(not_float)?;
-        return Ok(WeightPatch::InPlace(root, Initializer::from_array(&array)?));
+        return Ok(WeightPatch::InPlace(root, Initializer::unplaced(&array)));
     }
     let dtype = compute_dtype(graph, dtypes, t0);
     let array = Array::from_f32(seen.into_dyn(), dtype).ok_or_else(not_float)?;
-    Ok(WeightPatch::Own(Initializer::from_array(&array)?))
+    Ok(WeightPatch::Own(Initializer::unplaced(&array)))
+}
+
+impl WeightPatch {
+    /// The patch with its large tensors' bytes moved out of memory, to `sink` (the
+    /// output's data file) or the scratch file ([`Initializer::place`]).
+    pub fn place(self, sink: Option<&crate::ir::DataSink>) -> Result<WeightPatch> {
+        Ok(match self {
+            WeightPatch::InPlace(root, init) => WeightPatch::InPlace(root, init.place(sink)?),
+            WeightPatch::Own(init) => WeightPatch::Own(init.place(sink)?),
+            WeightPatch::Requantized(inits) => WeightPatch::Requantized(
+                inits
+                    .into_iter()
+                    .map(|(v, init)| Ok((v, init.place(sink)?)))
+                    .collect::<Result<_>>()?,
+            ),
+        })
+    }
 }
 
 /// Applies a [`WeightPatch`] of `module`.

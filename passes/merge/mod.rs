@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 mod requantize;
 
 use super::graft::{
-    apply_weight, complete_start, effective_weight, par_map, weight_patch, WeightPatch,
+    apply_weight, complete_start, effective_weight, par_map_then, weight_patch, WeightPatch,
     PARALLEL_MEMORY_BUDGET,
 };
 use super::target::Target;
@@ -57,6 +57,9 @@ pub struct Merge<'a> {
     pub base: PissaBase,
     /// What to write into quantized weights.
     pub quantized: QuantizedWeights,
+    /// The output's data file, for the merged weights to be written to as they are
+    /// made; without it they go to the scratch file until saved.
+    pub sink: Option<&'a crate::ir::DataSink>,
     /// How many modules it merged.
     pub merged: usize,
     /// Per requantized module, `‖W_q − W‖ / ‖W‖`: the requantized weight against the
@@ -97,7 +100,7 @@ impl Merge<'_> {
                 })
                 .unwrap_or(0)
         };
-        let patches = par_map(
+        let patches = par_map_then(
             &modules,
             cost,
             PARALLEL_MEMORY_BUDGET,
@@ -107,6 +110,14 @@ impl Merge<'_> {
                     .merged_weight(graph, &dtypes, module, &group, params)
                     .map_err(|e| e.context(format!("merging '{module}'")))?;
                 Ok::<_, Error>((group, patch, error))
+            },
+            // Out of memory (to the output's data file), in module order.
+            |i, merged| {
+                let (group, patch, error) = merged?;
+                let placed = patch
+                    .place(self.sink)
+                    .map_err(|e| e.context(format!("merging '{}'", modules[i].0)))?;
+                Ok::<_, Error>((group, placed, error))
             },
         );
         // Biases the variant changes (IA3 scales them, ROAD rotates them): small, here.

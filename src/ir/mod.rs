@@ -14,7 +14,9 @@ mod storage;
 pub mod validate;
 
 pub use edit::Remap;
-pub use storage::{spill_f64, DataFile, ExternalBytes, Initializer, SPILL_BYTES};
+pub use storage::{
+    spill_f64, DataFile, DataSink, ExternalBytes, Initializer, DATA_ALIGN, SPILL_BYTES,
+};
 
 use std::collections::HashMap;
 

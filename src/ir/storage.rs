@@ -1,10 +1,13 @@
 //! Where tensor bytes live: an initializer's proto plus its external bytes (the model's
-//! memory-mapped data files), and scratch storage for large tensors made by passes
-//! (appended to one unlinked temporary file and mapped back, so they cost page cache,
-//! not resident memory).
+//! memory-mapped data files), and where large tensors made by passes go: appended to a
+//! file and mapped back, so they cost page cache, not resident memory. That file is one
+//! unlinked scratch file, or the output's own data file ([`DataSink`]) when the job
+//! knows its output: a tensor placed there is written to disk while the passes still
+//! compute, and saving only points at it.
 
 use std::fs::File;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
@@ -28,7 +31,9 @@ pub const SPILL_BYTES: usize = 1 << 20;
 #[derive(Debug)]
 pub struct DataFile {
     /// The file on disk.
-    pub path: std::path::PathBuf,
+    pub path: PathBuf,
+    /// The file position of the mapping's first byte.
+    pub start: u64,
     /// Its mapping (mapping reads nothing until a page is touched).
     pub map: memmap2::Mmap,
 }
@@ -57,24 +62,29 @@ impl Initializer {
     /// A new initializer holding `array`: in memory when small, spilled to the scratch
     /// file from [`SPILL_BYTES`] on.
     pub fn from_array(array: &crate::tensor::Array) -> Result<Initializer> {
-        let mut proto = array.to_proto("");
-        match proto.raw_data.take_if(|r| r.len() >= SPILL_BYTES) {
-            None => Ok(Initializer::new(proto)),
-            Some(raw) => {
-                Initializer::spilled(proto, &raw).map_err(|e| Error::io(std::env::temp_dir(), e))
-            }
-        }
+        Initializer::unplaced(array).place(None)
     }
 
-    /// A new initializer whose bytes go to a scratch file (memory-mapped back) rather
-    /// than memory: large rewritten weights, so grafting a large model streams.
-    pub fn spilled(proto: TensorProto, bytes: &[u8]) -> std::io::Result<Initializer> {
-        let external = write_scratch(bytes)?;
-        Ok(Initializer {
-            proto,
-            external: Some(external),
-            new: true,
-        })
+    /// A new initializer holding `array` in memory, whatever its size, for a worker
+    /// whose results are placed in order afterwards ([`Initializer::place`]).
+    pub fn unplaced(array: &crate::tensor::Array) -> Initializer {
+        Initializer::new(array.to_proto(""))
+    }
+
+    /// Moves the bytes of a new in-memory initializer of at least [`SPILL_BYTES`] to
+    /// `sink` (the output's data file), or to the scratch file without one; others are
+    /// returned as they are.
+    pub fn place(mut self, sink: Option<&DataSink>) -> Result<Initializer> {
+        let large = |r: &Vec<u8>| r.len() >= SPILL_BYTES;
+        let Some(raw) = self.proto.raw_data.take_if(|r| self.new && large(r)) else {
+            return Ok(self);
+        };
+        let external = match sink {
+            Some(sink) => sink.place(&raw)?,
+            None => write_scratch(&raw).map_err(|e| Error::io(std::env::temp_dir(), e))?,
+        };
+        self.external = Some(external);
+        Ok(self)
     }
 
     /// The proto with its bytes embedded when they live in a scratch file (for handing
@@ -138,10 +148,59 @@ impl ExternalBytes {
     }
 }
 
-/// Appends `bytes` to the scratch file and maps them back.
-static SCRATCH: Mutex<Option<File>> = Mutex::new(None);
+/// A file tensors are appended to and mapped back from.
+#[derive(Debug)]
+struct Appended {
+    file: File,
+    /// Where its mappings say they come from.
+    path: PathBuf,
+    /// Bytes written so far.
+    len: u64,
+}
 
-fn open_scratch() -> std::io::Result<File> {
+impl Appended {
+    /// Appends `length` bytes that `write` writes, from a multiple of `align` on (zeros
+    /// before); returns where they start.
+    fn append(
+        &mut self,
+        length: usize,
+        align: u64,
+        write: impl FnOnce(&mut File) -> std::io::Result<()>,
+    ) -> std::io::Result<u64> {
+        let offset = self.len.next_multiple_of(align);
+        self.file
+            .write_all(&vec![0u8; (offset - self.len) as usize])?;
+        self.len = offset;
+        write(&mut self.file)?;
+        self.len = offset + length as u64;
+        Ok(offset)
+    }
+
+    /// The written bytes `offset..offset + length`, mapped.
+    fn map(&self, offset: u64, length: usize) -> std::io::Result<ExternalBytes> {
+        // SAFETY: the region was written and is never written again.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(length)
+                .map(&self.file)?
+        };
+        Ok(ExternalBytes {
+            file: Arc::new(DataFile {
+                path: self.path.clone(),
+                start: offset,
+                map,
+            }),
+            offset: 0,
+            length,
+        })
+    }
+}
+
+/// The scratch file (unlinked), opened on first use.
+static SCRATCH: Mutex<Option<Appended>> = Mutex::new(None);
+
+fn open_scratch() -> std::io::Result<Appended> {
     let path = std::env::temp_dir().join(format!("lora-graft-{}-scratch", std::process::id()));
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -150,7 +209,11 @@ fn open_scratch() -> std::io::Result<File> {
         .open(&path)?;
     // Unlinked at once: the data lives as long as the file and its mappings.
     std::fs::remove_file(&path)?;
-    Ok(file)
+    Ok(Appended {
+        file,
+        path: std::env::temp_dir().join("lora-graft-scratch"),
+        len: 0,
+    })
 }
 
 fn write_scratch(bytes: &[u8]) -> std::io::Result<ExternalBytes> {
@@ -178,23 +241,122 @@ fn write_scratch_with(
     if guard.is_none() {
         *guard = Some(open_scratch()?);
     }
-    let file = guard.as_mut().expect("opened");
-    let offset = file.seek(SeekFrom::End(0))?;
-    write(file)?;
-    file.flush()?;
-    // SAFETY: the region was just written and is never written again.
-    let map = unsafe {
-        memmap2::MmapOptions::new()
-            .offset(offset)
-            .len(length)
-            .map(&*file)?
-    };
-    Ok(ExternalBytes {
-        file: Arc::new(DataFile {
-            path: std::env::temp_dir().join("lora-graft-scratch"),
-            map,
-        }),
-        offset: 0,
-        length,
-    })
+    let scratch = guard.as_mut().expect("opened");
+    let offset = scratch.append(length, 1, write)?;
+    scratch.map(offset, length)
+}
+
+/// Tensors in an output's own data file start at multiples of this many bytes.
+pub const DATA_ALIGN: u64 = 64;
+
+/// An output model's own data file, written before the model is saved: a pass's large
+/// new tensors are placed in it as they are made (in a fixed order, so the file is the
+/// same every run), the kernel writes them to disk while the passes go on, and saving
+/// appends the remaining new tensors and points at all of them. Written under the
+/// temporary name the output's [`crate::commit::Commit`] renames.
+#[derive(Debug)]
+pub struct DataSink {
+    /// The file it becomes.
+    target: PathBuf,
+    /// The name external-data entries give it (relative to the model's folder).
+    name: String,
+    /// The temporary file, created on the first write.
+    temp: PathBuf,
+    file: Mutex<Option<Appended>>,
+}
+
+impl DataSink {
+    /// A sink for `target`, written to `temp` and known to the model as `name`;
+    /// nothing is created until the first tensor.
+    pub fn new(target: PathBuf, name: String, temp: PathBuf) -> DataSink {
+        DataSink {
+            target,
+            name,
+            temp,
+            file: Mutex::new(None),
+        }
+    }
+
+    /// The name external-data entries give the file.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Appends `bytes` (aligned to [`DATA_ALIGN`]) and returns where they start; the
+    /// kernel is asked to start writing them to disk at once.
+    pub fn append(&self, bytes: &[u8]) -> Result<u64> {
+        self.with_file(|f| {
+            let offset = f.append(bytes.len(), DATA_ALIGN, |file| file.write_all(bytes))?;
+            start_writeback(&f.file, offset, bytes.len());
+            Ok(offset)
+        })
+    }
+
+    /// Appends `bytes` and maps them back: a tensor placed for good.
+    pub fn place(&self, bytes: &[u8]) -> Result<ExternalBytes> {
+        let offset = self.append(bytes)?;
+        self.with_file(|f| f.map(offset, bytes.len()))
+    }
+
+    /// Where `bytes` start in this file, when they were placed in it.
+    pub fn offset_of(&self, bytes: &ExternalBytes) -> Option<u64> {
+        (bytes.file.path == self.temp).then(|| bytes.file.start + bytes.offset as u64)
+    }
+
+    /// Writes everything to disk; false when nothing was ever written (no file exists).
+    pub fn finish(&self) -> Result<bool> {
+        let guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        match guard.as_ref() {
+            None => Ok(false),
+            Some(f) => f.file.sync_all().map(|_| true).map_err(|e| self.error(e)),
+        }
+    }
+
+    fn with_file<T>(&self, f: impl FnOnce(&mut Appended) -> std::io::Result<T>) -> Result<T> {
+        let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&self.temp)
+                .map_err(|e| self.error(e))?;
+            *guard = Some(Appended {
+                file,
+                path: self.temp.clone(),
+                len: 0,
+            });
+        }
+        f(guard.as_mut().expect("opened")).map_err(|e| self.error(e))
+    }
+
+    fn error(&self, e: std::io::Error) -> Error {
+        Error::io(&self.target, e)
+    }
+
+    /// The file it becomes.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+}
+
+/// Starts writing `length` bytes of `file` from `offset` to disk without waiting, so
+/// the final `fsync` finds little left to write.
+fn start_writeback(file: &File, offset: u64, length: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: the descriptor is open; the call only schedules writeback.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as libc::off64_t,
+                length as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, length);
 }

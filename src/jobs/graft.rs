@@ -70,6 +70,16 @@ pub fn expose_fused_projections(
 
 /// Targets and grafts `model` in memory.
 pub fn graft(model: &mut Model, req: &GraftRequest) -> Result<Outcome> {
+    graft_writing_to(model, req, None)
+}
+
+/// [`graft`], writing the weights it rewrites (PiSSA's `W_res`) to `sink`, the
+/// output's data file, as they are made ([`Model::data_sink`]).
+pub fn graft_writing_to(
+    model: &mut Model,
+    req: &GraftRequest,
+    sink: Option<&crate::ir::DataSink>,
+) -> Result<Outcome> {
     let variant = req.variant;
     req.cfg.check()?;
     expose_fused_projections(model, &req.filters)?;
@@ -123,6 +133,7 @@ pub fn graft(model: &mut Model, req: &GraftRequest) -> Result<Outcome> {
         },
         adapter_slots: req.adapter_slots,
         calibration: calibration.as_ref(),
+        sink,
     };
     let cx = PassContext {
         opset: graft::default_opset(&model.proto),

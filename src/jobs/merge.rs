@@ -15,6 +15,18 @@ pub fn merge(
     base: PissaBase,
     quantized: QuantizedWeights,
 ) -> Result<Merged> {
+    merge_writing_to(model, adapter, base, quantized, None)
+}
+
+/// [`merge`], writing the merged weights to `sink`, the output's data file, as they
+/// are made ([`Model::data_sink`]).
+pub fn merge_writing_to(
+    model: &mut Model,
+    adapter: &LoadedAdapter,
+    base: PissaBase,
+    quantized: QuantizedWeights,
+    sink: Option<&crate::ir::DataSink>,
+) -> Result<Merged> {
     crate::jobs::graft::expose_fused_projections(model, &adapter.req.filters)?;
     let targeting = adapter.targets(model)?;
     adapter.check(model, &targeting)?;
@@ -28,6 +40,7 @@ pub fn merge(
         adapter_dtype: adapter.req.adapter_dtype.onnx(),
         base,
         quantized,
+        sink,
         merged: 0,
         requantized: Vec::new(),
     };

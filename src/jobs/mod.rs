@@ -9,9 +9,11 @@ pub mod output;
 pub mod request;
 pub mod training_graph;
 
-pub use graft::{apply, expose_fused_projections, graft, lower, set_param, Outcome};
-pub use merge::merge;
-pub use output::{default_paths, write, OutputPlan};
+pub use graft::{
+    apply, expose_fused_projections, graft, graft_writing_to, lower, set_param, Outcome,
+};
+pub use merge::{merge, merge_writing_to};
+pub use output::{default_paths, write, write_staged, OutputPlan};
 pub use request::{AdapterDtype, GraftRequest, TrainingRequest};
 pub use training_graph::{input_shapes, training_graph, training_graph_of, Training};
 

@@ -7,6 +7,7 @@ use crate::adapter::AdapterFile;
 use crate::commit::Commit;
 use crate::error::{Error, Result};
 use crate::files::{parent_folder, same_file};
+use crate::ir::DataSink;
 use crate::model::{Model, SaveOptions, SaveReport};
 
 /// `<stem>.<variant>.onnx` beside the input, and the adapter file beside the model
@@ -177,14 +178,26 @@ pub fn write(
     out: &Path,
     adapter_path: &Path,
 ) -> Result<SaveReport> {
+    write_staged(model, adapter, out, adapter_path, Commit::new(), None)
+}
+
+/// [`write`] into `commit`, where the grafting already placed tensors in `sink` (the
+/// output's data file, [`Model::data_sink`]).
+pub fn write_staged(
+    model: &Model,
+    adapter: &AdapterFile,
+    out: &Path,
+    adapter_path: &Path,
+    mut commit: Commit,
+    sink: Option<&DataSink>,
+) -> Result<SaveReport> {
     OutputPlan::default()
         .read_model(model)?
         .write_model("output model", model, out)?
         .write("adapter file", adapter_path)
         .check()?;
-    let mut commit = Commit::new();
     commit.write(adapter_path, &adapter.to_bytes()?)?;
-    let report = model.stage_save(out, &SaveOptions::default(), &mut commit)?;
+    let report = model.stage_save(out, &SaveOptions::default(), &mut commit, sink)?;
     commit.commit()?;
     Ok(report)
 }

@@ -7,7 +7,6 @@ pub use save::{own_data_name, DataPlacement, SaveOptions, SaveReport};
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
-use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
@@ -176,7 +175,11 @@ impl DataFiles {
         // SAFETY: the mapping is read-only; lora-graft never writes its inputs, and a
         // file truncated by another process while mapped is outside what we guard.
         let map = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| Error::io(&path, e))?;
-        let file = Arc::new(DataFile { path, map });
+        let file = Arc::new(DataFile {
+            path,
+            start: 0,
+            map,
+        });
         self.open.insert(location.to_string(), file.clone());
         Ok(file)
     }

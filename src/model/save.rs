@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::commit::Commit;
+use crate::ir::DataSink;
 
 /// How [`Model::save`] treats external data.
 #[derive(Debug, Clone)]
@@ -56,7 +57,7 @@ impl Model {
     /// [`Model::stage_save`]).
     pub fn save(&self, out: &Path, opts: &SaveOptions) -> Result<SaveReport> {
         let mut commit = Commit::new();
-        let report = self.stage_save(out, opts, &mut commit)?;
+        let report = self.stage_save(out, opts, &mut commit, None)?;
         commit.commit()?;
         Ok(report)
     }
@@ -64,12 +65,14 @@ impl Model {
     /// Stages the model's files into `commit`, the model file last: external data stays
     /// in its files, referenced by the same relative location; when `out` is in another
     /// folder each data file is cloned or linked there; new tensors go to the output's
-    /// own data file. Nothing is visible until the commit.
+    /// own data file: `sink` when the passes placed tensors in it already (made by
+    /// [`Model::data_sink`] for `out` and `commit`). Nothing is visible until the commit.
     pub fn stage_save(
         &self,
         out: &Path,
         opts: &SaveOptions,
         commit: &mut Commit,
+        sink: Option<&DataSink>,
     ) -> Result<SaveReport> {
         let out_dir = crate::files::parent_folder(out);
         let out_dir_canonical = fs::canonicalize(&out_dir).map_err(|e| {
@@ -123,18 +126,67 @@ impl Model {
             }
         }
         // 2. New large tensors go to the output's own data file when the model keeps
-        //    its data externally.
+        //    its data externally: those a pass placed there already stay where they
+        //    are, the others are appended.
         let uses_external = self
             .graph
             .initializers()
             .any(|(_, i)| i.external.is_some() && !i.new);
-        let own_name = own_data_name(out, &self.external_files()?);
-        let own_path = out_dir.join(&own_name);
-        // Streamed: a rewritten weight of a large model (a merge, W_res) never sits in memory whole.
-        let mut own: Option<(std::io::BufWriter<fs::File>, u64)> = None;
+        let base = self.external_files()?;
+        let staged_here;
+        let (sink, own_name, own_path) = match sink {
+            Some(sink) => {
+                let fits = crate::files::parent_folder(sink.target()) == out_dir
+                    && !base.contains(sink.name());
+                if !fits {
+                    return Err(Error::Usage(format!(
+                        "{}: the tensors were placed in '{}', which is not this output's own data file; save to the output the job was started for",
+                        out.display(),
+                        sink.target().display()
+                    )));
+                }
+                (
+                    Some(sink),
+                    sink.name().to_string(),
+                    sink.target().to_path_buf(),
+                )
+            }
+            None => {
+                let own_name = own_data_name(out, &base);
+                let own_path = out_dir.join(&own_name);
+                let sink = if uses_external {
+                    let temp = commit.stage(&own_path)?;
+                    staged_here = DataSink::new(own_path.clone(), own_name.clone(), temp);
+                    Some(&staged_here)
+                } else {
+                    None
+                };
+                (sink, own_name, own_path)
+            }
+        };
         let mut write_error: Option<Error> = None;
         let proto = self.to_proto_with(|init| {
             let mut t = init.proto.clone();
+            let entries = |offset: u64, length: usize| {
+                let entry = |k: &str, v: String| crate::proto::StringStringEntryProto {
+                    key: Some(k.into()),
+                    value: Some(v),
+                };
+                vec![
+                    entry("location", own_name.clone()),
+                    entry("offset", offset.to_string()),
+                    entry("length", length.to_string()),
+                ]
+            };
+            let placed =
+                (init.external.as_ref()).and_then(|e| Some((sink?.offset_of(e)?, e.length)));
+            if let Some((offset, length)) = placed.filter(|_| init.new) {
+                t.raw_data = None;
+                t.external_data = entries(offset, length);
+                t.data_location = Some(DataLocation::External as i32);
+                init.release_pages();
+                return t;
+            }
             let Some(raw) = init.new.then(|| init.raw_bytes()).flatten() else {
                 return t;
             };
@@ -144,40 +196,24 @@ impl Model {
             // read external data. (Quantized weights, int8 / int4, may go out.)
             use crate::proto::tensor_proto::DataType;
             let integer = [DataType::Int64 as i32, DataType::Int32 as i32].contains(&t.data_type());
-            if !uses_external
-                || integer
-                || raw.len() < opts.new_data_threshold
-                || write_error.is_some()
-            {
-                t.raw_data = Some(raw.to_vec());
-                init.release_pages();
-                return t;
-            }
-            let appended = (|| -> Result<u64> {
-                if own.is_none() {
-                    own = Some((std::io::BufWriter::new(commit.create(&own_path)?), 0));
+            let sink = match sink {
+                Some(sink)
+                    if !integer
+                        && raw.len() >= opts.new_data_threshold
+                        && write_error.is_none() =>
+                {
+                    sink
                 }
-                let (w, len) = own.as_mut().expect("opened");
-                let pad = len.next_multiple_of(64) - *len;
-                w.write_all(&vec![0u8; pad as usize])
-                    .map_err(|e| Error::io(&own_path, e))?;
-                let offset = *len + pad;
-                w.write_all(raw).map_err(|e| Error::io(&own_path, e))?;
-                init.release_pages();
-                *len = offset + raw.len() as u64;
-                Ok(offset)
-            })();
-            match appended {
+                _ => {
+                    t.raw_data = Some(raw.to_vec());
+                    init.release_pages();
+                    return t;
+                }
+            };
+            match sink.append(raw) {
                 Ok(offset) => {
-                    let entry = |k: &str, v: String| crate::proto::StringStringEntryProto {
-                        key: Some(k.into()),
-                        value: Some(v),
-                    };
-                    t.external_data = vec![
-                        entry("location", own_name.clone()),
-                        entry("offset", offset.to_string()),
-                        entry("length", raw.len().to_string()),
-                    ];
+                    init.release_pages();
+                    t.external_data = entries(offset, raw.len());
                     t.data_location = Some(DataLocation::External as i32);
                 }
                 Err(e) => write_error = Some(e),
@@ -187,12 +223,12 @@ impl Model {
         if let Some(e) = write_error {
             return Err(e);
         }
-        if let Some((w, _)) = own {
-            let f = w
-                .into_inner()
-                .map_err(|e| Error::io(&own_path, e.into_error()))?;
-            f.sync_all().map_err(|e| Error::io(&own_path, e))?;
-            report.own_data = Some(own_path);
+        if let Some(sink) = sink {
+            if sink.finish()? {
+                report.own_data = Some(own_path);
+            } else {
+                commit.unstage(&own_path);
+            }
         }
         // 3. The model itself, last, so it never points at missing data.
         let bytes = proto.encode_to_vec();
@@ -204,6 +240,22 @@ impl Model {
         }
         commit.write(out, &bytes)?;
         Ok(report)
+    }
+}
+
+impl Model {
+    /// The own data file of `out` as a sink that passes place large new tensors in
+    /// while they run ([`crate::ir::Initializer::place`]), staged in `commit`; `None`
+    /// when the model keeps its data in the model file (so would its output).
+    pub fn data_sink(&self, out: &Path, commit: &mut Commit) -> Result<Option<DataSink>> {
+        let base = self.external_files()?;
+        if base.is_empty() {
+            return Ok(None);
+        }
+        let name = own_data_name(out, &base);
+        let target = crate::files::parent_folder(out).join(&name);
+        let temp = commit.stage(&target)?;
+        Ok(Some(DataSink::new(target, name, temp)))
     }
 }
 
