@@ -361,7 +361,7 @@ impl Variant for Served {
     }
 
     fn merged_weight(&self, w: &Array2<f32>, p: &Params, _cfg: &Config) -> Array2<f32> {
-        w + &self.low_rank(p, _cfg).expect("low rank").delta_w()
+        self.low_rank(p, _cfg).expect("low rank").added_to(w)
     }
 
     fn low_rank(&self, p: &Params, _cfg: &Config) -> std::result::Result<LowRank, String> {

@@ -346,7 +346,7 @@ fn prepare_module(
             Some(w) => w,
             None => effective_weight(graph, t0)?,
         };
-        res -= &super::variants::lora::Lora::start_low_rank(&params, cfg).delta_w();
+        super::variants::lora::Lora::start_low_rank(&params, cfg).subtract_from(&mut res);
         w_res = Some(res);
     }
     for p in params.values_mut() {

@@ -276,7 +276,7 @@ impl Variant for Antipasto {
     }
 
     fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
-        w + &self.update(p, cfg).delta_w()
+        self.update(p, cfg).added_to(w)
     }
 
     fn low_rank(&self, p: &Params, cfg: &Config) -> std::result::Result<LowRank, String> {

@@ -53,7 +53,11 @@ impl Variant for Lora {
     }
 
     fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
-        w + &Lora::delta_w(p, cfg)
+        let product = LowRank {
+            up: mat(p, "lora_B"),
+            down: mat(p, "lora_A"),
+        };
+        product.scaled_added_to(w, cfg.scale() as f32)
     }
 
     fn low_rank(&self, p: &Params, cfg: &Config) -> std::result::Result<LowRank, String> {

@@ -506,6 +506,30 @@ impl LowRank {
     pub fn delta_w(&self) -> Array2<f32> {
         self.up.dot(&self.down)
     }
+
+    /// `w + ΔW`, in `w`'s own memory order (a weight read in torch layout is the
+    /// transposed view of its ONNX bytes): one product accumulated into the copy, where
+    /// `w + ΔW` of a row-major `ΔW` would walk one of them across its rows.
+    pub fn added_to(&self, w: &Array2<f32>) -> Array2<f32> {
+        self.scaled_added_to(w, 1.0)
+    }
+
+    /// `w + s·ΔW` (the product scaled, as PEFT's `W + (B @ A) * s`), in `w`'s memory
+    /// order.
+    pub fn scaled_added_to(&self, w: &Array2<f32>, s: f32) -> Array2<f32> {
+        let mut out = w.to_owned();
+        self.accumulate(s, &mut out);
+        out
+    }
+
+    /// `w −= ΔW` in place, in `w`'s memory order (see [`LowRank::added_to`]).
+    pub fn subtract_from(&self, w: &mut Array2<f32>) {
+        self.accumulate(-1.0, w);
+    }
+
+    fn accumulate(&self, s: f32, w: &mut Array2<f32>) {
+        tract_core::ndarray::linalg::general_mat_mul(s, &self.up, &self.down, 1.0, w);
+    }
 }
 
 /// The leading slice of a shared tensor of `shape` (VeRA's `A[:, :d_in]`, `B[:d_out, :]`).

@@ -70,7 +70,7 @@ impl Variant for Olora {
 
     // W + s·B A − s·B₀ A₀ (= W_res + s·B A)
     fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
-        w + &Lora::from_start_low_rank(p, cfg).delta_w()
+        Lora::from_start_low_rank(p, cfg).added_to(w)
     }
 
     fn low_rank(&self, p: &Params, cfg: &Config) -> std::result::Result<super::LowRank, String> {
