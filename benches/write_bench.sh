@@ -12,22 +12,9 @@
 set -uo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
-ROOT="$(dirname "$HERE")"
-BIN="${BIN:-$ROOT/target/release/lora-graft}"
-OUT="${1:?usage: write_bench.sh OUT_DIR}"
-ROUNDS="${ROUNDS:-3}"
-BASE="${BASE:-}"
-TIME=/usr/bin/time
-[ -x "$BIN" ] || { echo "missing $BIN (build it with cargo build --release)" >&2; exit 1; }
-[ -x "$TIME" ] || { echo "missing $TIME (apt-get install -y time)" >&2; exit 1; }
-[ -z "$BASE" ] || [ -x "$BASE" ] || { echo "BASE=$BASE is not an executable" >&2; exit 1; }
-
-MODEL="$OUT/model.onnx"
-DATA="$OUT/model.onnx.data"
-if [ ! -f "$MODEL" ] || [ ! -f "$DATA" ]; then
-    python3 "$HERE/make_synthetic.py" "$OUT" --layers "${LAYERS:-24}" --hidden "${HIDDEN:-2048}" \
-        --vocab "${VOCAB:-32000}" --spectrum "${SPECTRUM:-flat}" || exit 1
-fi
+USAGE="write_bench.sh OUT_DIR"
+# shellcheck source=rounds.sh
+source "$HERE/rounds.sh"
 # The adapter: a LoRA graft's file with every lora_B set to small random values.
 ADAPTER="$OUT/bench-lora.safetensors"
 if [ ! -f "$ADAPTER" ]; then
@@ -50,18 +37,6 @@ EOF
 fi
 echo "machine: nproc $(nproc); model: $MODEL ($(du -m "$DATA" | cut -f1) MB data); $ROUNDS rounds"
 
-declare -A TIMES PEAKS
-# run NAME CMD...: wall seconds and peak RSS appended to TIMES[NAME], PEAKS[NAME]
-run() {
-    local name="$1"; shift
-    cat "$DATA" > /dev/null
-    "$TIME" -f "%e %M" -o "$OUT/time.txt" "$@" > "$OUT/$name.log" 2>&1 \
-        || { echo "$name failed; see $OUT/$name.log" >&2; exit 1; }
-    read -r wall kb < "$OUT/time.txt"
-    TIMES[$name]+="$wall "
-    PEAKS[$name]+="$((kb / 1024)) "
-    echo "  $name: $wall s, $((kb / 1024)) MB" >&2
-}
 both() {
     local name="$1" bin="$2"
     run "merge$name" "$bin" merge "$MODEL" "$ADAPTER" -o "$OUT/out.merge.onnx"
@@ -77,7 +52,6 @@ for round in $(seq "$ROUNDS"); do
     both "" "$BIN"
     [ -z "$BASE" ] || both "-base" "$BASE"
 done
-median() { tr ' ' '\n' | grep . | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 copy="$(echo "${TIMES[copy]}" | median)"
 printf '%-11s %12s %14s %9s\n' run "median s" "median RSS MB" "/ copy"
 for n in copy merge serve ${BASE:+merge-base serve-base}; do
