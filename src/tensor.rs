@@ -290,13 +290,39 @@ impl Array {
 }
 
 /// The little-endian bytes of `a`'s elements in logical (row-major) order.
-fn le_bytes<T: Copy, const N: usize>(a: &ArrayD<T>, bytes: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+fn le_bytes<T: Plain, const N: usize>(a: &ArrayD<T>, bytes: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    if let Some(values) = a.as_slice().filter(|_| cfg!(target_endian = "little")) {
+        if std::mem::size_of::<T>() == N {
+            // SAFETY: `T` is a plain number type (no padding, every byte initialized) whose
+            // memory on a little-endian machine is its little-endian bytes.
+            let raw = unsafe {
+                std::slice::from_raw_parts(
+                    values.as_ptr().cast::<u8>(),
+                    std::mem::size_of_val(values),
+                )
+            };
+            return raw.to_vec();
+        }
+    }
     let mut out = Vec::with_capacity(a.len() * N);
     for &v in a.iter() {
         out.extend_from_slice(&bytes(v));
     }
     out
 }
+
+/// Element types whose memory is their value's bytes: no padding, no pointers (a
+/// row-major array of them is written as one copy of its memory).
+trait Plain: Copy {}
+impl Plain for f32 {}
+impl Plain for f64 {}
+impl Plain for f16 {}
+impl Plain for bf16 {}
+impl Plain for i64 {}
+impl Plain for i32 {}
+impl Plain for i8 {}
+impl Plain for u8 {}
+impl Plain for bool {}
 
 /// The values of a small embedded tensor as text (`[1, 2, 3]`), or `None` when it has
 /// more than `max` elements or cannot be decoded.
