@@ -427,3 +427,30 @@ impl Array {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_core::ndarray::{Array2, IxDyn};
+
+    /// The bytes are the values in logical (row-major) order, little-endian, whether the
+    /// array's memory is row-major (copied in one piece) or not (element by element).
+    #[test]
+    fn raw_bytes_are_row_major_little_endian_in_every_memory_order() {
+        let rows = Array2::from_shape_fn((3, 5), |(i, j)| (i * 5 + j) as f32 - 0.5);
+        let columns = rows.t().as_standard_layout().to_owned().reversed_axes(); // column-major
+        assert!(columns.as_slice().is_none());
+        let want: Vec<u8> = rows.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for a in [rows.clone().into_dyn(), columns.into_dyn()] {
+            assert_eq!(Array::F32(a).to_proto("w").raw_data.unwrap(), want);
+        }
+        let halves = rows.mapv(f16::from_f32).into_dyn();
+        let want: Vec<u8> = halves.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(Array::F16(halves).to_proto("h").raw_data.unwrap(), want);
+        let flags = ArrayD::from_shape_vec(IxDyn(&[4]), vec![true, false, false, true]).unwrap();
+        assert_eq!(
+            Array::Bool(flags).to_proto("b").raw_data.unwrap(),
+            vec![1, 0, 0, 1]
+        );
+    }
+}
