@@ -6,7 +6,7 @@
 //! compute, and saving only points at it.
 
 use std::fs::File;
-use std::io::Write;
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -262,8 +262,19 @@ pub struct DataSink {
     name: String,
     /// The temporary file, created on the first write.
     temp: PathBuf,
-    file: Mutex<Option<Appended>>,
+    file: Mutex<Option<SinkFile>>,
 }
+
+/// A sink's open file: appended to through the page cache, and, where the filesystem
+/// allows it, placed tensors written past it (`O_DIRECT`).
+#[derive(Debug)]
+struct SinkFile {
+    appended: Appended,
+    direct: Option<File>,
+}
+
+/// `O_DIRECT` writes start, end and sit in memory at multiples of this many bytes.
+const DIRECT_ALIGN: u64 = 4096;
 
 impl DataSink {
     /// A sink for `target`, written to `temp` and known to the model as `name`;
@@ -285,17 +296,33 @@ impl DataSink {
     /// Appends `bytes` (aligned to [`DATA_ALIGN`]) and returns where they start; the
     /// kernel is asked to start writing them to disk at once.
     pub fn append(&self, bytes: &[u8]) -> Result<u64> {
-        self.with_file(|f| {
-            let offset = f.append(bytes.len(), DATA_ALIGN, |file| file.write_all(bytes))?;
-            start_writeback(&f.file, offset, bytes.len());
-            Ok(offset)
-        })
+        self.with_file(|f| append_buffered(&mut f.appended, bytes))
     }
 
-    /// Appends `bytes` and maps them back: a tensor placed for good.
+    /// Appends `bytes` and maps them back: a tensor placed for good. They go straight
+    /// to the disk where the filesystem allows it (no page-cache copy to make, reclaim
+    /// or write back: this thread waits for the disk while the workers compute).
     pub fn place(&self, bytes: &[u8]) -> Result<ExternalBytes> {
-        let offset = self.append(bytes)?;
-        self.with_file(|f| f.map(offset, bytes.len()))
+        self.with_file(|f| {
+            let direct = f.direct.as_ref().map(|direct| {
+                let offset = f.appended.len.next_multiple_of(DIRECT_ALIGN);
+                write_direct(direct, offset, bytes).map(|()| offset)
+            });
+            let offset = match direct {
+                Some(Ok(offset)) => {
+                    f.appended.len = offset + bytes.len() as u64;
+                    f.appended.file.seek(SeekFrom::Start(f.appended.len))?;
+                    offset
+                }
+                // Refused (an alignment the filesystem wants larger): through the page
+                // cache from now on, over whatever the refused write left.
+                Some(Err(_)) | None => {
+                    f.direct = None;
+                    append_buffered(&mut f.appended, bytes)?
+                }
+            };
+            f.appended.map(offset, bytes.len())
+        })
     }
 
     /// Where `bytes` start in this file, when they were placed in it.
@@ -306,13 +333,18 @@ impl DataSink {
     /// Writes everything to disk; false when nothing was ever written (no file exists).
     pub fn finish(&self) -> Result<bool> {
         let guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
-        match guard.as_ref() {
-            None => Ok(false),
-            Some(f) => f.file.sync_all().map(|_| true).map_err(|e| self.error(e)),
-        }
+        let Some(f) = guard.as_ref() else {
+            return Ok(false);
+        };
+        // A direct write's zero padding past the last tensor goes.
+        let file = &f.appended.file;
+        file.set_len(f.appended.len)
+            .and_then(|()| file.sync_all())
+            .map(|()| true)
+            .map_err(|e| self.error(e))
     }
 
-    fn with_file<T>(&self, f: impl FnOnce(&mut Appended) -> std::io::Result<T>) -> Result<T> {
+    fn with_file<T>(&self, f: impl FnOnce(&mut SinkFile) -> std::io::Result<T>) -> Result<T> {
         let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
         if guard.is_none() {
             let file = std::fs::OpenOptions::new()
@@ -322,10 +354,13 @@ impl DataSink {
                 .truncate(true)
                 .open(&self.temp)
                 .map_err(|e| self.error(e))?;
-            *guard = Some(Appended {
-                file,
-                path: self.temp.clone(),
-                len: 0,
+            *guard = Some(SinkFile {
+                appended: Appended {
+                    file,
+                    path: self.temp.clone(),
+                    len: 0,
+                },
+                direct: open_direct(&self.temp),
             });
         }
         f(guard.as_mut().expect("opened")).map_err(|e| self.error(e))
@@ -339,6 +374,50 @@ impl DataSink {
     pub fn target(&self) -> &Path {
         &self.target
     }
+}
+
+/// Appends `bytes` through the page cache and starts their writeback.
+fn append_buffered(f: &mut Appended, bytes: &[u8]) -> std::io::Result<u64> {
+    let offset = f.append(bytes.len(), DATA_ALIGN, |file| file.write_all(bytes))?;
+    start_writeback(&f.file, offset, bytes.len());
+    Ok(offset)
+}
+
+/// `path` opened again for writes that bypass the page cache, where the system has them.
+fn open_direct(path: &Path) -> Option<File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
+        None
+    }
+}
+
+/// Writes `bytes` at `offset` (a multiple of [`DIRECT_ALIGN`]) through an `O_DIRECT`
+/// descriptor: in aligned chunks copied into an aligned buffer, the last one padded
+/// with zeros.
+fn write_direct(file: &File, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    const CHUNK: usize = 8 << 20;
+    let align = DIRECT_ALIGN as usize;
+    let mut buffer = vec![0u8; CHUNK.min(bytes.len().next_multiple_of(align)) + align];
+    let start = buffer.as_ptr().align_offset(align);
+    let aligned = &mut buffer[start..start + CHUNK.min(bytes.len().next_multiple_of(align))];
+    for (k, chunk) in bytes.chunks(CHUNK).enumerate() {
+        let n = chunk.len().next_multiple_of(align);
+        aligned[..chunk.len()].copy_from_slice(chunk);
+        aligned[chunk.len()..n].fill(0);
+        file.write_all_at(&aligned[..n], offset + (k * CHUNK) as u64)?;
+    }
+    Ok(())
 }
 
 /// Starts writing `length` bytes of `file` from `offset` to disk without waiting, so
@@ -359,4 +438,45 @@ fn start_writeback(file: &File, offset: u64, length: usize) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (file, offset, length);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where writes past the page cache are refused (here: a descriptor that cannot
+    /// write), placing falls back to the page cache for that tensor and every later one,
+    /// over whatever the refused write left; the bytes map back and the file ends with
+    /// the last tensor.
+    #[test]
+    fn a_refused_direct_write_falls_back_to_the_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let temp = dir.path().join("d.data.tmp");
+        let sink = DataSink::new(dir.path().join("d.data"), "d.data".into(), temp.clone());
+        let first: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        sink.place(&first).unwrap();
+        sink.with_file(|f| {
+            f.direct = Some(File::open(&temp)?); // read-only: its writes fail
+            Ok(())
+        })
+        .unwrap();
+        let mut end = 0;
+        for k in 0..3u8 {
+            let bytes: Vec<u8> = (0..5_000u32)
+                .map(|i| (i as u8).wrapping_mul(k + 3))
+                .collect();
+            let placed = sink.place(&bytes).unwrap();
+            assert!(placed.bytes() == bytes.as_slice());
+            end = sink.offset_of(&placed).unwrap() + bytes.len() as u64;
+            assert!(sink.file.lock().unwrap().as_ref().unwrap().direct.is_none());
+        }
+        assert!(sink.finish().unwrap());
+        assert_eq!(std::fs::metadata(&temp).unwrap().len(), end);
+        let all = std::fs::read(&temp).unwrap();
+        assert_eq!(
+            &all[..first.len()],
+            first.as_slice(),
+            "the first tensor intact"
+        );
+    }
 }
