@@ -408,9 +408,10 @@ fn write_direct(file: &File, offset: u64, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::FileExt;
     const CHUNK: usize = 8 << 20;
     let align = DIRECT_ALIGN as usize;
-    let mut buffer = vec![0u8; CHUNK.min(bytes.len().next_multiple_of(align)) + align];
+    let size = CHUNK.min(bytes.len().next_multiple_of(align));
+    let mut buffer = vec![0u8; size + align];
     let start = buffer.as_ptr().align_offset(align);
-    let aligned = &mut buffer[start..start + CHUNK.min(bytes.len().next_multiple_of(align))];
+    let aligned = &mut buffer[start..start + size];
     for (k, chunk) in bytes.chunks(CHUNK).enumerate() {
         let n = chunk.len().next_multiple_of(align);
         aligned[..chunk.len()].copy_from_slice(chunk);

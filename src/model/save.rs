@@ -53,6 +53,20 @@ pub struct SaveReport {
 }
 
 impl Model {
+    /// The own data file of `out` as a sink that passes place large new tensors in
+    /// while they run ([`crate::ir::Initializer::place`]), staged in `commit`; `None`
+    /// when the model keeps its data in the model file (so would its output).
+    pub fn data_sink(&self, out: &Path, commit: &mut Commit) -> Result<Option<DataSink>> {
+        let base = self.external_files()?;
+        if base.is_empty() {
+            return Ok(None);
+        }
+        let name = own_data_name(out, &base);
+        let target = crate::files::parent_folder(out).join(&name);
+        let temp = commit.stage(&target)?;
+        Ok(Some(DataSink::new(target, name, temp)))
+    }
+
     /// Writes the model to `out` atomically, with the data files it needs (see
     /// [`Model::stage_save`]).
     pub fn save(&self, out: &Path, opts: &SaveOptions) -> Result<SaveReport> {
@@ -128,16 +142,11 @@ impl Model {
         // 2. New large tensors go to the output's own data file when the model keeps
         //    its data externally: those a pass placed there already stay where they
         //    are, the others are appended.
-        let uses_external = self
-            .graph
-            .initializers()
-            .any(|(_, i)| i.external.is_some() && !i.new);
-        let base = self.external_files()?;
         let staged_here;
-        let (sink, own_name, own_path) = match sink {
+        let sink = match sink {
             Some(sink) => {
                 let fits = crate::files::parent_folder(sink.target()) == out_dir
-                    && !base.contains(sink.name());
+                    && !self.external_files()?.contains(sink.name());
                 if !fits {
                     return Err(Error::Usage(format!(
                         "{}: the tensors were placed in '{}', which is not this output's own data file; save to the output the job was started for",
@@ -145,23 +154,11 @@ impl Model {
                         sink.target().display()
                     )));
                 }
-                (
-                    Some(sink),
-                    sink.name().to_string(),
-                    sink.target().to_path_buf(),
-                )
+                Some(sink)
             }
             None => {
-                let own_name = own_data_name(out, &base);
-                let own_path = out_dir.join(&own_name);
-                let sink = if uses_external {
-                    let temp = commit.stage(&own_path)?;
-                    staged_here = DataSink::new(own_path.clone(), own_name.clone(), temp);
-                    Some(&staged_here)
-                } else {
-                    None
-                };
-                (sink, own_name, own_path)
+                staged_here = self.data_sink(out, commit)?;
+                staged_here.as_ref()
             }
         };
         let mut write_error: Option<Error> = None;
@@ -172,8 +169,9 @@ impl Model {
                     key: Some(k.into()),
                     value: Some(v),
                 };
+                let own_name = sink.map_or("", |s| s.name()).to_string();
                 vec![
-                    entry("location", own_name.clone()),
+                    entry("location", own_name),
                     entry("offset", offset.to_string()),
                     entry("length", length.to_string()),
                 ]
@@ -225,9 +223,9 @@ impl Model {
         }
         if let Some(sink) = sink {
             if sink.finish()? {
-                report.own_data = Some(own_path);
+                report.own_data = Some(sink.target().to_path_buf());
             } else {
-                commit.unstage(&own_path);
+                commit.unstage(sink.target());
             }
         }
         // 3. The model itself, last, so it never points at missing data.
@@ -240,22 +238,6 @@ impl Model {
         }
         commit.write(out, &bytes)?;
         Ok(report)
-    }
-}
-
-impl Model {
-    /// The own data file of `out` as a sink that passes place large new tensors in
-    /// while they run ([`crate::ir::Initializer::place`]), staged in `commit`; `None`
-    /// when the model keeps its data in the model file (so would its output).
-    pub fn data_sink(&self, out: &Path, commit: &mut Commit) -> Result<Option<DataSink>> {
-        let base = self.external_files()?;
-        if base.is_empty() {
-            return Ok(None);
-        }
-        let name = own_data_name(out, &base);
-        let target = crate::files::parent_folder(out).join(&name);
-        let temp = commit.stage(&target)?;
-        Ok(Some(DataSink::new(target, name, temp)))
     }
 }
 

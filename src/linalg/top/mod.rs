@@ -6,6 +6,7 @@
 use faer::Mat;
 use tract_core::ndarray::{Array1, Array2, ArrayView2};
 
+mod lanes;
 mod pass;
 mod ritz;
 mod rows;
