@@ -30,14 +30,17 @@ pub enum TopSvdPath {
     Full(usize),
 }
 
-/// Columns [`svd_top`] adds to its Krylov basis a step. Two, the fewest that show a
-/// repeated singular value as a repeated Ritz value (one vector's Krylov space holds one
-/// direction of each eigenspace, so a single-vector Lanczos would certify a top `q`
-/// that misses a repeat); a wider block finds more per pass over the weight but needs
-/// more columns in all on a flat spectrum (on a Gaussian 2048² weight, 4: 1.3×, 8:
-/// 2.2×), and with fewer columns the basis's orthogonalization and Rayleigh–Ritz,
-/// which grow as their square, shrink.
-pub const TOP_SVD_BLOCK: usize = 2;
+/// Columns [`svd_top`] adds to its Krylov basis a step. At least two, the fewest that
+/// show a repeated singular value as a repeated Ritz value (one vector's Krylov space
+/// holds one direction of each eigenspace, so a single-vector Lanczos would certify a
+/// top `q` that misses a repeat). A wider block needs more columns in all on a flat
+/// spectrum (a Gaussian 2048² weight's top 16: 282 columns with 2, 321 with 3, 360
+/// with 4; `benches/krylov_columns.py`), but streams the weight fewer times for them:
+/// a pass costs 2·block f64 multiply-adds an element, and with two it leaves a fifth of
+/// the core's multiply-add rate idle, and the memory stream too when both cores run
+/// passes. Three fills both (the exact PiSSA graft of a flat 24 × 2048 model: 0.92×
+/// two's time); four only adds columns.
+pub const TOP_SVD_BLOCK: usize = 3;
 
 /// The `q` largest singular triplets of `w` to f64 precision, each signed so that the
 /// left vector's entry of largest magnitude is positive, without a full SVD where the
@@ -132,28 +135,33 @@ fn krylov_top<T: Stored>(w: ArrayView2<'_, T>, q: usize) -> Result<(Option<Svd>,
     debug_assert!(rows >= cols);
     let block = TOP_SVD_BLOCK;
     let max_dim = cols / 2;
-    let mut basis = Mat::<f64>::zeros(cols, max_dim); // V
-    let mut gram_basis = Mat::<f64>::zeros(cols, max_dim); // Z = AᵀA V
-    let mut ritz = Mat::<f64>::zeros(max_dim, max_dim); // T = VᵀZ, lower triangle
+    // Reserved, not zeroed: they grow a block at a time, and a flat spectrum's basis
+    // stops at a third of its room (zeroing it all cost a tenth of a 2048² weight's
+    // time, most of it in page faults).
+    let mut basis = Mat::<f64>::with_capacity(cols, max_dim); // V
+    let mut gram_basis = Mat::<f64>::with_capacity(cols, max_dim); // Z = AᵀA V
+    let mut ritz = Mat::<f64>::with_capacity(max_dim, max_dim); // T = VᵀZ, lower triangle
+    basis.resize_with(cols, 0, |_, _| 0.0);
     let mut band = Band::default();
     let mut rng = Rng::new(0x5EED_7095);
     let start = Mat::from_fn(cols, block, |_, _| rng.normal());
-    let mut y = orthonormalize(&start, basis.as_ref().subcols(0, 0)).q;
+    let mut y = orthonormalize(&start, basis.as_ref().subcols(0, 0), 0).q;
     let (mut dim, mut steps) = (0, 0);
     let mut checks = Checks::default();
     while dim + block <= max_dim {
         let z = block_pass(w, BlockOp::Gram, &y);
-        basis.as_mut().subcols_mut(dim, block).copy_from(&y);
-        gram_basis.as_mut().subcols_mut(dim, block).copy_from(&z);
+        basis.resize_with(cols, dim + block, |i, k| y[(i, k - dim)]);
+        gram_basis.resize_with(cols, dim + block, |i, k| z[(i, k - dim)]);
         dim += block;
+        ritz.resize_with(dim, dim, |_, _| 0.0);
         steps += 1;
-        // The next block, z made orthonormal to the basis (y included). Its first
-        // projection's coefficients, Vᵀz = VᵀAᵀAy, are y's row block of T; and z's
+        // The next block, z made orthonormal to the basis (y included). Its
+        // projections' coefficients, Vᵀz = VᵀAᵀAy, are y's row block of T; and z's
         // part new to the basis, P = y_next·R, makes (the Lanczos relation AᵀAV = VT +
         // P·(the last block's rows)) ‖AᵀAv − θv‖ = ‖R·(w's last rows)‖ for every Ritz
         // pair (θ, v = Vw).
         let last = dim + block > max_dim;
-        let next = orthonormalize(&z, basis.as_ref().subcols(0, dim));
+        let next = orthonormalize(&z, basis.as_ref().subcols(0, dim), 2 * block);
         ritz.as_mut()
             .submatrix_mut(dim - block, 0, block, dim)
             .copy_from(next.on_basis.transpose());
@@ -162,7 +170,7 @@ fn krylov_top<T: Stored>(w: ArrayView2<'_, T>, q: usize) -> Result<(Option<Svd>,
             dim - block,
             block,
         );
-        let step_flops = (4 * rows * cols * block + 8 * cols * dim * block) as f64;
+        let step_flops = (4 * rows * cols * block + 4 * cols * (dim + 2 * block) * block) as f64;
         // The tridiagonal form (banded: rotations; else Householder's 4/3·dim³ flops at a
         // third of the pass's rate, so weighed as 5·dim³ of the pass's) and its values.
         let check_flops = match band.width(block) {
@@ -389,20 +397,22 @@ struct Orthonormalized {
     q: Mat<f64>,
     /// `y`'s part new to the basis, `Q·R`: `R`, unless a third projection was needed.
     r: Option<Mat<f64>>,
-    /// `y`'s coefficients on the basis, `basisᵀy` (from the first projection).
+    /// `y`'s coefficients on the basis, `basisᵀy` (both projections').
     on_basis: Mat<f64>,
 }
 
 /// The columns of `y` made orthonormal and orthogonal to the orthonormal `basis`:
-/// projected out twice (each a pass of block modified Gram–Schmidt; one loses
-/// orthogonality when `y` lies mostly in the basis), then a thin QR `Q·R`; a `y` whose
-/// columns are (nearly) dependent, whose QR amplifies round-off or completes it
-/// arbitrarily, is projected out once more.
-fn orthonormalize(y: &Mat<f64>, basis: faer::MatRef<'_, f64>) -> Orthonormalized {
-    let rows = columns_as_rows(basis);
-    let project = |y: &Mat<f64>| {
+/// projected out twice, first on the basis's last `recent` columns (where the Krylov
+/// recurrence puts all of `AᵀA` times its last block but round-off), then on all of it
+/// (each a pass of block modified Gram–Schmidt; one pass on all of it would leave the
+/// round-off of a `y` lying mostly in the basis, and that compounds step by step), and
+/// once more if that second took more than round-off (a `y` leaning on older columns);
+/// then a thin QR `Q·R`; a `y` whose columns are (nearly) dependent, whose QR amplifies
+/// round-off or completes it arbitrarily, is projected out once more.
+fn orthonormalize(y: &Mat<f64>, basis: faer::MatRef<'_, f64>, recent: usize) -> Orthonormalized {
+    let project = |y: &Mat<f64>, basis: faer::MatRef<'_, f64>| {
         if basis.ncols() > 0 {
-            block_project(rows, y)
+            block_project(columns_as_rows(basis), y)
         } else {
             (y.clone(), Mat::zeros(0, y.ncols()))
         }
@@ -410,8 +420,31 @@ fn orthonormalize(y: &Mat<f64>, basis: faer::MatRef<'_, f64>) -> Orthonormalized
     let scale = (0..y.ncols())
         .map(|k| y.col(k).norm_l2())
         .fold(0.0, f64::max);
-    let (once, on_basis) = project(y);
-    let (y, _) = project(&once);
+    let norms = |y: &Mat<f64>| {
+        (0..y.ncols())
+            .map(|k| y.col(k).norm_l2())
+            .collect::<Vec<_>>()
+    };
+    let older = basis.ncols() - recent.min(basis.ncols());
+    let (once, on_recent) = project(y, basis.subcols(older, basis.ncols() - older));
+    let (mut y, mut on_basis) = project(&once, basis);
+    // The whole basis's projection took more than round-off from a column (it leaned
+    // on older columns, which a Krylov block does not): what is left is as far from
+    // orthogonal as round-off is from it, so it is projected out once more.
+    if norms(&y)
+        .iter()
+        .zip(norms(&once))
+        .any(|(after, before)| *after < std::f64::consts::FRAC_1_SQRT_2 * before)
+    {
+        let (again, more) = project(&y, basis);
+        y = again;
+        on_basis += more;
+    }
+    for k in 0..on_basis.ncols() {
+        for i in 0..on_recent.nrows() {
+            on_basis[(older + i, k)] += on_recent[(i, k)];
+        }
+    }
     let q = thin_q(&y);
     // Each column's part new to the basis and to the columns before it, |r_kk|, beside
     // the block's size: where it is small the QR divided round-off by it, and the
@@ -428,7 +461,7 @@ fn orthonormalize(y: &Mat<f64>, basis: faer::MatRef<'_, f64>) -> Orthonormalized
         };
     }
     Orthonormalized {
-        q: thin_q(&project(&q).0),
+        q: thin_q(&project(&q, basis).0),
         r: None,
         on_basis,
     }

@@ -28,8 +28,8 @@ pub(super) enum BlockOp {
 
 /// Rows of `a` a [`BlockOp::Project`] group: fixed, whatever the instruction set, as
 /// it decides which subtractions a coefficient sees (and so the bits); every kernel's
-/// group divides it.
-const PROJECT_GROUP: usize = 8;
+/// group divides it. AVX-512's group: its running sums fill half its 32 registers.
+const PROJECT_GROUP: usize = if BLOCK >= 16 { 1 } else { 16 / BLOCK };
 
 /// `op` on `a` and `y` (`[cols, TOP_SVD_BLOCK]`). A group of rows of `a` is widened to
 /// f64 as read, its dot products with each block column vectorized along the rows,
@@ -139,13 +139,25 @@ impl<'a, T> BlockPass<'a, T> {
     }
 }
 
-/// Rows of `a` a group with AVX-512: their running sums fill half its 32 registers. The
-/// group size sets only which rows share a sweep, never the order of any sum, so the
-/// bits do not depend on it.
-const AVX512_GROUP: usize = if BLOCK >= 16 { 1 } else { 16 / BLOCK };
+/// Rows of `a` a group with AVX-512: [`PROJECT_GROUP`]. The group size sets only which
+/// rows share a sweep, never the order of any sum, so the bits do not depend on it.
+const AVX512_GROUP: usize = PROJECT_GROUP;
 
 /// Rows of `a` a group with AVX2: their running sums fill half its 16 registers.
-const AVX2_GROUP: usize = if BLOCK >= 4 { 1 } else { 4 / BLOCK };
+const AVX2_GROUP: usize = group_for(4);
+
+/// Rows of `a` a group in plain Rust: eight running sums.
+const PORTABLE_GROUP: usize = group_for(8);
+
+/// The most rows, a divisor of [`PROJECT_GROUP`], whose running sums are at most `sums`
+/// (at least one row).
+const fn group_for(sums: usize) -> usize {
+    let mut rows = if BLOCK >= sums { 1 } else { sums / BLOCK };
+    while !PROJECT_GROUP.is_multiple_of(rows) {
+        rows -= 1;
+    }
+    rows
+}
 
 /// [`run`] compiled for AVX-512.
 #[cfg(target_arch = "x86_64")]
@@ -163,11 +175,11 @@ unsafe fn pass_avx2<T: Stored>(pass: &mut BlockPass<'_, T>) {
     unsafe { run::<x86::Avx2, AVX2_GROUP, T>(pass) }
 }
 
-/// [`run`] in plain Rust, four rows a group: the reference the vectorized passes
+/// [`run`] in plain Rust, [`PORTABLE_GROUP`] rows a group: the reference the vectorized passes
 /// match bit for bit.
 fn pass_portable<T: Stored>(pass: &mut BlockPass<'_, T>) {
     // SAFETY: `Portable`'s operations need no CPU feature.
-    unsafe { run::<Portable, 4, T>(pass) }
+    unsafe { run::<Portable, PORTABLE_GROUP, T>(pass) }
 }
 
 /// [`block_pass`] over groups of `GROUP` rows (the last rows one at a time).

@@ -193,3 +193,38 @@ fn svd_top_on_non_finite_weights_returns() {
     assert!(matches!(path, TopSvdPath::Full(_)), "{path:?}");
     assert!(svd.s.iter().all(|&s| s == 0.0));
 }
+
+/// A block lying almost wholly in the basis, on its older columns too (which a Krylov
+/// block does not, so the first projection, on the recent columns, leaves them): made
+/// orthonormal and orthogonal to the basis to round-off, with its coefficients on the
+/// basis.
+#[test]
+fn orthonormalize_handles_a_block_leaning_on_older_columns() {
+    let mut rng = Rng::new(11);
+    let (n, dim) = (300, 60);
+    let basis = Mat::from_fn(n, dim, {
+        let v = orthonormal_gaussian(n, dim, &mut rng);
+        move |i, k| v[[i, k]]
+    });
+    let c = Mat::from_fn(dim, TOP_SVD_BLOCK, |_, _| rng.normal());
+    let y = &basis * &c + Mat::from_fn(n, TOP_SVD_BLOCK, |_, _| 1e-6 * rng.normal());
+    let done = orthonormalize(&y, basis.as_ref(), 2 * TOP_SVD_BLOCK);
+    let off = basis.transpose() * &done.q;
+    let gram = done.q.transpose() * &done.q;
+    for k in 0..TOP_SVD_BLOCK {
+        for i in 0..dim {
+            assert!(
+                off[(i, k)].abs() <= 1e-14,
+                "basis {i}, column {k}: {:e}",
+                off[(i, k)]
+            );
+            let expected: f64 = (0..n).map(|j| basis[(j, i)] * y[(j, k)]).sum();
+            let d = (done.on_basis[(i, k)] - expected).abs();
+            assert!(d <= 1e-12, "coefficient {i},{k} off by {d:e}");
+        }
+        for l in 0..TOP_SVD_BLOCK {
+            let d = (gram[(k, l)] - if k == l { 1.0 } else { 0.0 }).abs();
+            assert!(d <= 1e-14, "QᵀQ {k},{l}: {d:e}");
+        }
+    }
+}
