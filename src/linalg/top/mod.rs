@@ -417,14 +417,12 @@ fn orthonormalize(y: &Mat<f64>, basis: faer::MatRef<'_, f64>, recent: usize) -> 
             (y.clone(), Mat::zeros(0, y.ncols()))
         }
     };
-    let scale = (0..y.ncols())
-        .map(|k| y.col(k).norm_l2())
-        .fold(0.0, f64::max);
     let norms = |y: &Mat<f64>| {
         (0..y.ncols())
             .map(|k| y.col(k).norm_l2())
             .collect::<Vec<_>>()
     };
+    let scale = norms(y).into_iter().fold(0.0, f64::max);
     let older = basis.ncols() - recent.min(basis.ncols());
     let (once, on_recent) = project(y, basis.subcols(older, basis.ncols() - older));
     let (mut y, mut on_basis) = project(&once, basis);
@@ -450,9 +448,7 @@ fn orthonormalize(y: &Mat<f64>, basis: faer::MatRef<'_, f64>, recent: usize) -> 
     // the block's size: where it is small the QR divided round-off by it, and the
     // column may lean on the basis.
     let r = q.transpose() * &y;
-    let left = (0..y.ncols())
-        .map(|k| y.col(k).norm_l2())
-        .fold(0.0, f64::max);
+    let left = norms(&y).into_iter().fold(0.0, f64::max);
     if (0..r.ncols()).all(|k| r[(k, k)].abs() > (1e-4 * left).max(1e-10 * scale)) {
         return Orthonormalized {
             q,

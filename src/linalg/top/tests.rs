@@ -197,7 +197,9 @@ fn svd_top_on_non_finite_weights_returns() {
 /// A block lying almost wholly in the basis, on its older columns too (which a Krylov
 /// block does not, so the first projection, on the recent columns, leaves them): made
 /// orthonormal and orthogonal to the basis to round-off, with its coefficients on the
-/// basis.
+/// basis (f64 unit vectors of 300 entries: round-off is about 1e-16 an entry, so 1e-14
+/// leaves room for sums of 300 but not for a missed projection, which leaves round-off
+/// divided by the 1e-6 left).
 #[test]
 fn orthonormalize_handles_a_block_leaning_on_older_columns() {
     let mut rng = Rng::new(11);
