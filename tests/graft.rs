@@ -89,8 +89,8 @@ fn the_adapter_really_acts_as_its_merged_weight() {
                 let group: Vec<_> = targets.iter().filter(|t| t.module == m.module).collect();
                 let w = effective_weight(&merged.graph, group[0]).unwrap();
                 let v = outcome.variant;
-                let now = v.merged_weight(&w, &m.params, &req.cfg);
-                let init = v.merged_weight(&w, &init_params[&m.module], &req.cfg);
+                let now = v.merged_weight(w.clone(), &m.params, &req.cfg);
+                let init = v.merged_weight(w.clone(), &init_params[&m.module], &req.cfg);
                 // AntiPaSTO does not start as the identity (δ ≈ 4e-4 by design): the
                 // adapted model is merged(W, now) itself.
                 let merged_w = match variant {

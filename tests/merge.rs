@@ -324,7 +324,7 @@ fn low_rank_updates_equal_the_merge_formula() {
         }
         match variant.low_rank(&p, &cfg) {
             Ok(lr) => {
-                let want = variant.merged_weight(&w, &p, &cfg) - &w;
+                let want = variant.merged_weight(w.clone(), &p, &cfg) - &w;
                 let got = lr.delta_w();
                 let err = (&got - &want)
                     .iter()

@@ -201,7 +201,7 @@ fn tv1(rslora: bool) -> (Array2<f64>, Array2<f64>) {
     let merged = outcome
         .variant
         .merged_weight(
-            &wm().t().to_owned(),
+            wm().t().to_owned(),
             &outcome.grafted.modules[0].params,
             &cfg,
         )
@@ -520,11 +520,7 @@ fn pissa_matches_peft_exact_and_fast_paths() {
 fn merged_wm(outcome: &Outcome, cfg: &Config) -> Array2<f64> {
     outcome
         .variant
-        .merged_weight(
-            &wm().t().to_owned(),
-            &outcome.grafted.modules[0].params,
-            cfg,
-        )
+        .merged_weight(wm().t().to_owned(), &outcome.grafted.modules[0].params, cfg)
         .t()
         .mapv(f64::from)
 }

@@ -322,8 +322,8 @@ impl Variant for Slotted {
         b.op("Reshape", &[d, back], vec![])
     }
 
-    fn merged_weight(&self, w: &Array2<f32>, _p: &Params, _cfg: &Config) -> Array2<f32> {
-        w.clone() // per row: nothing to merge
+    fn merged_weight(&self, w: Array2<f32>, _p: &Params, _cfg: &Config) -> Array2<f32> {
+        w // per row: nothing to merge
     }
 }
 
@@ -360,8 +360,8 @@ impl Variant for Served {
         b.op("MatMul", &[h, p["lora_B"]], vec![]) // [..., d_out]
     }
 
-    fn merged_weight(&self, w: &Array2<f32>, p: &Params, _cfg: &Config) -> Array2<f32> {
-        self.low_rank(p, _cfg).expect("low rank").added_to(w)
+    fn merged_weight(&self, w: Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
+        self.low_rank(p, cfg).expect("low rank").added_to(w)
     }
 
     fn low_rank(&self, p: &Params, _cfg: &Config) -> std::result::Result<LowRank, String> {

@@ -236,7 +236,7 @@ impl Merge<'_> {
         let merged_w =
             match (variant.frozen_start(), self.base) {
                 (true, PissaBase::Residual) => {
-                    Lora.merged_weight(&w, params, cfg) // W_res + s·BA
+                    Lora.merged_weight(w, params, cfg) // W_res + s·BA
                 }
                 (true, PissaBase::Original) => {
                     let dtype = self.adapter_dtype;
@@ -244,9 +244,9 @@ impl Merge<'_> {
                         complete_start(params.clone(), module, variant, cfg, dtype, || {
                             Ok(w.clone())
                         })?;
-                    variant.merged_weight(&w, &params, cfg)
+                    variant.merged_weight(w, &params, cfg)
                 }
-                _ => variant.merged_weight(&w, params, cfg),
+                _ => variant.merged_weight(w, params, cfg),
             };
         if merged_w.iter().any(|v| !v.is_finite()) {
             return Err(Error::Usage(format!(

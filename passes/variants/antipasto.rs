@@ -275,7 +275,7 @@ impl Variant for Antipasto {
         b.op("Sub", &[d, d0], vec![])
     }
 
-    fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
+    fn merged_weight(&self, w: Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
         self.update(p, cfg).added_to(w)
     }
 

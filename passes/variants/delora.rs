@@ -169,7 +169,7 @@ impl Variant for Delora {
     }
 
     // W + ΔW(A, B, λ) (− ΔW(A₀, B₀, λ₀) with the paper's init).
-    fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
+    fn merged_weight(&self, w: Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
         Delora::full_low_rank(p, cfg).added_to(w)
     }
 

@@ -106,7 +106,7 @@ impl Variant for Dora {
         Err("it rescales every output by m / ‖W + s·BA‖, which the adapter changes: serving it needs a per-output scale input beside A and B; serve the merged model instead".into())
     }
 
-    fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
+    fn merged_weight(&self, w: Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
         let v = Lora.merged_weight(w, p, cfg);
         let m = vec1(p, "lora_m");
         let c: Array1<f32> = norms(&v, 1)

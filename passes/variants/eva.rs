@@ -170,7 +170,7 @@ impl Variant for Eva {
         Lora.branch(b, x, y, p, cfg)
     }
 
-    fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
+    fn merged_weight(&self, w: Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
         Lora.merged_weight(w, p, cfg)
     }
 

@@ -96,9 +96,9 @@ impl Variant for Hra {
         Err("its update W·(H − I) has rank r but one factor is a product with the base weight, which lora-graft does not fold into A/B inputs yet; serve the merged model instead".into())
     }
 
-    fn merged_weight(&self, w: &Array2<f32>, p: &Params, _cfg: &Config) -> Array2<f32> {
+    fn merged_weight(&self, w: Array2<f32>, p: &Params, _cfg: &Config) -> Array2<f32> {
         let u = mat(p, "lora_U").mapv(f64::from);
-        let mut out = w.mapv(f64::from);
+        let mut out = w.mapv(f64::from); // f64 accumulation: a new buffer either way
         for row in u.rows() {
             let c = 2.0 / row.dot(&row).max(NORM2_EPS);
             let wu = out.dot(&row); // [d_out]

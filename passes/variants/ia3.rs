@@ -51,8 +51,8 @@ impl Variant for Ia3 {
         Err("it scales every output (y ⊙ g), a full-rank change: serving it needs a per-output gate input; serve the merged model instead".into())
     }
 
-    fn merged_weight(&self, w: &Array2<f32>, p: &Params, _cfg: &Config) -> Array2<f32> {
-        w * &vec1(p, "lora_g").insert_axis(Axis(1))
+    fn merged_weight(&self, w: Array2<f32>, p: &Params, _cfg: &Config) -> Array2<f32> {
+        w * &vec1(p, "lora_g").insert_axis(Axis(1)) // in w's buffer
     }
 
     // b' = b ⊙ g

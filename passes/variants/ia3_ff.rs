@@ -51,7 +51,7 @@ impl Variant for Ia3Ff {
         Err("it scales every input (x ⊙ g), a full-rank change: serving it needs a per-input gate input; serve the merged model instead".into())
     }
 
-    fn merged_weight(&self, w: &Array2<f32>, p: &Params, _cfg: &Config) -> Array2<f32> {
-        w * &vec1(p, "lora_g").insert_axis(Axis(0))
+    fn merged_weight(&self, w: Array2<f32>, p: &Params, _cfg: &Config) -> Array2<f32> {
+        w * &vec1(p, "lora_g").insert_axis(Axis(0)) // in w's buffer
     }
 }

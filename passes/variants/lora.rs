@@ -52,7 +52,7 @@ impl Variant for Lora {
         b.op("Mul", &[d, s], vec![])
     }
 
-    fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
+    fn merged_weight(&self, w: Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
         let product = LowRank {
             up: mat(p, "lora_B"),
             down: mat(p, "lora_A"),

@@ -170,7 +170,7 @@ impl Variant for LoraGa {
     }
 
     // W + s·B A − s·B₀ A₀ (= PEFT's W − s·B₀A₀ + s·B A)
-    fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
+    fn merged_weight(&self, w: Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
         Lora::from_start_low_rank(p, cfg).added_to(w)
     }
 

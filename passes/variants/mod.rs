@@ -451,8 +451,9 @@ pub trait Variant: Sync {
 
     /// The merged weight in torch layout `[d_out, d_in]` from the base weight `w` (for
     /// PiSSA and OLoRA, `W_res`): the model with it and no adapter computes what the
-    /// adapted model does.
-    fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32>;
+    /// adapted model does. Takes `w` by value: a variant that updates it in place writes
+    /// the merged weight into `w`'s own memory, in `w`'s memory order.
+    fn merged_weight(&self, w: Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32>;
 
     /// The merged bias, when the variant changes it (IA3 scales it, ROAD rotates it).
     fn merged_bias(&self, _b: &Array1<f32>, _p: &Params, _cfg: &Config) -> Option<Array1<f32>> {
@@ -507,19 +508,17 @@ impl LowRank {
         self.up.dot(&self.down)
     }
 
-    /// `w + ΔW`, in `w`'s own memory order (a weight read in torch layout is the
-    /// transposed view of its ONNX bytes): one product accumulated into the copy, where
+    /// `w + ΔW`, in `w`'s own memory and memory order (a weight read in torch layout is
+    /// the transposed view of its ONNX bytes): one product accumulated into `w`, where
     /// `w + ΔW` of a row-major `ΔW` would walk one of them across its rows.
-    pub fn added_to(&self, w: &Array2<f32>) -> Array2<f32> {
+    pub fn added_to(&self, w: Array2<f32>) -> Array2<f32> {
         self.scaled_added_to(w, 1.0)
     }
 
-    /// `w + s·ΔW` (the product scaled, as PEFT's `W + (B @ A) * s`), in `w`'s memory
-    /// order.
-    pub fn scaled_added_to(&self, w: &Array2<f32>, s: f32) -> Array2<f32> {
-        let mut out = w.to_owned();
-        self.accumulate(s, &mut out);
-        out
+    /// `w + s·ΔW` (the product scaled, as PEFT's `W + (B @ A) * s`), in `w`'s memory.
+    pub fn scaled_added_to(&self, mut w: Array2<f32>, s: f32) -> Array2<f32> {
+        self.accumulate(s, &mut w);
+        w
     }
 
     /// `w −= ΔW` in place, in `w`'s memory order (see [`LowRank::added_to`]).

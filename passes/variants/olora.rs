@@ -69,7 +69,7 @@ impl Variant for Olora {
     }
 
     // W + s·B A − s·B₀ A₀ (= W_res + s·B A)
-    fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
+    fn merged_weight(&self, w: Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
         Lora::from_start_low_rank(p, cfg).added_to(w)
     }
 

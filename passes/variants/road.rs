@@ -221,8 +221,8 @@ impl Variant for Road {
         Err("it rotates pairs of outputs (R y), a full-rank change: serving it needs rotation inputs; serve the merged model instead".into())
     }
 
-    fn merged_weight(&self, w: &Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
-        let mut out = w.clone();
+    fn merged_weight(&self, w: Array2<f32>, p: &Params, cfg: &Config) -> Array2<f32> {
+        let mut out = w.clone(); // each row mixes two rows of the original
         Road::rotate(p, cfg, w.nrows(), |j, c1, k, c2| {
             let row = w.row(j).mapv(|v| c1 as f32 * v) + w.row(k).mapv(|v| c2 as f32 * v);
             out.row_mut(j).assign(&row);

@@ -84,19 +84,22 @@ impl Variant for Vera {
     }
 
     // W + diag(λ_b) B_s diag(λ_d) A_s
-    fn merged_weight(&self, w: &Array2<f32>, p: &Params, _cfg: &Config) -> Array2<f32> {
-        let (a, bm) = (mat(p, "vera_A"), mat(p, "vera_B"));
-        let (ld, lb) = (vec1(p, "vera_lambda_d"), vec1(p, "vera_lambda_b"));
-        let b_scaled = &bm * &ld.insert_axis(Axis(0)) * &lb.insert_axis(Axis(1));
-        w + &b_scaled.dot(&a)
+    fn merged_weight(&self, w: Array2<f32>, p: &Params, _cfg: &Config) -> Array2<f32> {
+        Vera::update(p).added_to(w)
     }
 
-    // up = diag(λ_b) B_s diag(λ_d), down = A_s
     fn low_rank(&self, p: &Params, _cfg: &Config) -> std::result::Result<super::LowRank, String> {
+        Ok(Vera::update(p))
+    }
+}
+
+impl Vera {
+    /// The update as a product: up = diag(λ_b) B_s diag(λ_d), down = A_s.
+    fn update(p: &Params) -> super::LowRank {
         let (ld, lb) = (vec1(p, "vera_lambda_d"), vec1(p, "vera_lambda_b"));
-        Ok(super::LowRank {
+        super::LowRank {
             up: &mat(p, "vera_B") * &ld.insert_axis(Axis(0)) * &lb.insert_axis(Axis(1)),
             down: mat(p, "vera_A"),
-        })
+        }
     }
 }

@@ -61,8 +61,8 @@ impl Variant for WeightProbe {
         b.op("MatMul", &[x, p["lora_probe"]], vec![])
     }
 
-    fn merged_weight(&self, w: &Array2<f32>, _p: &Params, _cfg: &Config) -> Array2<f32> {
-        w.clone()
+    fn merged_weight(&self, w: Array2<f32>, _p: &Params, _cfg: &Config) -> Array2<f32> {
+        w
     }
 }
 
