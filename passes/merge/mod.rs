@@ -95,7 +95,8 @@ impl Merge<'_> {
                         d_in: t.d_in,
                         d_out: t.d_out,
                     };
-                    // The weight, its merged copy, and PiSSA's recomputed init.
+                    // The weight (merged in its own f32 buffer), its output bytes, and
+                    // PiSSA's recomputed init.
                     8 * t.d_in * t.d_out + variant.working_set(dims, &cfg.for_module(module))
                 })
                 .unwrap_or(0)

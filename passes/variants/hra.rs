@@ -99,6 +99,7 @@ impl Variant for Hra {
     fn merged_weight(&self, w: Array2<f32>, p: &Params, _cfg: &Config) -> Array2<f32> {
         let u = mat(p, "lora_U").mapv(f64::from);
         let mut out = w.mapv(f64::from); // f64 accumulation: a new buffer either way
+        drop(w);
         for row in u.rows() {
             let c = 2.0 / row.dot(&row).max(NORM2_EPS);
             let wu = out.dot(&row); // [d_out]

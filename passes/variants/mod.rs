@@ -560,7 +560,7 @@ pub fn vec1(p: &Params, name: &str) -> Array1<f32> {
         .expect("1-D parameter")
 }
 
-/// A 2-D view of a torch-layout parameter.
+/// A 2-D copy of a torch-layout parameter.
 pub fn mat(p: &Params, name: &str) -> Array2<f32> {
     p[name]
         .clone()
