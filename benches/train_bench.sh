@@ -17,7 +17,7 @@
 # so a rebuild during the run does not matter. Each tool runs once. lora-graft runs
 # data-parallel workers on a divisor of BATCH (THREADS 6, BATCH 8: 4 workers); PyTorch
 # uses THREADS intra-op threads. The tools take turns, REPEAT times each (default 3),
-# and the table gives each one's median run.
+# and the table gives each one's median run, then the median of the turn-by-turn ratios.
 #
 # GENAI=1 also trains onnxruntime-genai's builds of the same checkpoint (made on demand by
 # make_genai_builds.py: fp32 and int4, GroupQueryAttention, MatMulNBits 4 bits in blocks
@@ -185,6 +185,12 @@ def ratio_row(label, a, b):
 pt = meds[tools[-1][0]]
 for name, _ in tools[:-1]:
     ratio_row(f"{name} / pytorch", meds[name], pt)
+# Each turn against the PyTorch turn right after it: a slow spell of the machine falls on
+# both sides of a pair, so the pairs' median moves less than the ratio of two medians.
+pairs = [a["steady"] / b["steady"] for a, b in zip(lg_runs, pt_runs) if a["steady"] and b["steady"]]
+if pairs:
+    print(f"lora-graft / pytorch, turn by turn: {' '.join(f'{r:.3f}' for r in pairs)};"
+          f" median {statistics.median(pairs):.3f}")
 if genai:
     ratio_row("genai int4 / genai fp32", meds["lora-graft genai int4"], meds["lora-graft genai fp32"])
     if micro:
